@@ -1,0 +1,196 @@
+package keypool
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"math"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Classifier decides what an upstream answer says about the key that was
+// used: served, rate-limited, revoked, out of quota, failing, or a fault of
+// the request itself. Replace it to teach keypool an API's own signals.
+// resp is nil when err is not.
+type Classifier func(resp *http.Response, err error) Outcome
+
+// DefaultClassifier is [Classify] at the wall clock's now.
+func DefaultClassifier(resp *http.Response, err error) Outcome {
+	return Classify(resp, err, time.Now())
+}
+
+// peekLimit bounds how much of an error body Classify reads to find an
+// API's quota or invalid-key code.
+const peekLimit = 8 << 10
+
+// Classify is the default policy:
+//
+//   - 2xx and 3xx: OK.
+//   - 429: RateLimited with the wait the upstream asked for (see
+//     [ParseRetryAfter]), or Exhausted when the body says the quota or
+//     balance is spent (OpenAI's insufficient_quota and the like).
+//   - 401 and 403: Invalid, unless the body says the quota is spent.
+//   - 402: Exhausted.
+//   - 400 whose body says the key is invalid (Gemini's API_KEY_INVALID):
+//     Invalid.
+//   - 408, 500, 502, 503, 504, 529 and transport errors (resets, timeouts):
+//     Failure.
+//   - A canceled context: Canceled. Other 4xx: ClientError.
+//
+// To read an error body Classify consumes up to 8 KiB of it and puts back
+// a body that yields the same bytes.
+func Classify(resp *http.Response, err error, now time.Time) Outcome {
+	if err != nil {
+		if errors.Is(err, context.Canceled) {
+			return Outcome{Kind: Canceled, Reason: "canceled"}
+		}
+		return Outcome{Kind: Failure, Reason: transportReason(err)}
+	}
+	code := resp.StatusCode
+	switch {
+	case code < 400:
+		return Outcome{Kind: OK}
+	case code == http.StatusPaymentRequired:
+		return Outcome{Kind: Exhausted, Reason: "402 payment required", RetryAfter: retryAfterOrZero(resp.Header, now)}
+	case code == http.StatusTooManyRequests, code == http.StatusUnauthorized, code == http.StatusForbidden, code == http.StatusBadRequest:
+		body := peekBody(resp)
+		if reason := quotaSignal(body); reason != "" {
+			return Outcome{Kind: Exhausted, Reason: reason, RetryAfter: retryAfterOrZero(resp.Header, now)}
+		}
+		switch code {
+		case http.StatusTooManyRequests:
+			return Outcome{Kind: RateLimited, Reason: "429 rate limited", RetryAfter: retryAfterOrZero(resp.Header, now)}
+		case http.StatusBadRequest:
+			if invalidKeySignal(body) {
+				return Outcome{Kind: Invalid, Reason: "400 invalid api key"}
+			}
+			return Outcome{Kind: ClientError, Reason: "400"}
+		}
+		return Outcome{Kind: Invalid, Reason: strconv.Itoa(code) + " " + strings.ToLower(http.StatusText(code))}
+	case code == http.StatusRequestTimeout, code == 500, code == 502, code == 503, code == 504, code == 529:
+		return Outcome{Kind: Failure, Reason: strconv.Itoa(code) + " upstream error"}
+	case code >= 500:
+		return Outcome{Kind: Failure, Reason: strconv.Itoa(code) + " upstream error"}
+	}
+	return Outcome{Kind: ClientError, Reason: strconv.Itoa(code)}
+}
+
+func transportReason(err error) string {
+	var ne interface{ Timeout() bool }
+	if errors.As(err, &ne) && ne.Timeout() {
+		return "upstream timeout"
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		return "upstream timeout"
+	}
+	return "upstream unreachable"
+}
+
+func retryAfterOrZero(h http.Header, now time.Time) time.Duration {
+	d, _ := ParseRetryAfter(h, now)
+	return d
+}
+
+type peekedBody struct {
+	io.Reader
+	io.Closer
+}
+
+func peekBody(resp *http.Response) []byte {
+	if resp.Body == nil || resp.Body == http.NoBody {
+		return nil
+	}
+	buf := make([]byte, peekLimit)
+	n, err := io.ReadFull(resp.Body, buf)
+	buf = buf[:n]
+	if err != nil {
+		// The whole body fit (or the read failed): replay what was read.
+		_ = resp.Body.Close()
+		resp.Body = io.NopCloser(bytes.NewReader(buf))
+		return buf
+	}
+	resp.Body = peekedBody{io.MultiReader(bytes.NewReader(buf), resp.Body), resp.Body}
+	return buf
+}
+
+var quotaSignals = []string{
+	"insufficient_quota", "quota_exceeded", "exceeded your current quota",
+	"credit balance is too low", "insufficient credits", "insufficient_credits",
+	"billing_hard_limit_reached", "out of credits",
+}
+
+func quotaSignal(body []byte) string {
+	if len(body) == 0 {
+		return ""
+	}
+	lower := bytes.ToLower(body)
+	for _, s := range quotaSignals {
+		if bytes.Contains(lower, []byte(s)) {
+			return "quota exhausted (" + s + ")"
+		}
+	}
+	return ""
+}
+
+func invalidKeySignal(body []byte) bool {
+	lower := bytes.ToLower(body)
+	for _, s := range []string{"api_key_invalid", "api key not valid", "invalid_api_key", "invalid api key"} {
+		if bytes.Contains(lower, []byte(s)) {
+			return true
+		}
+	}
+	return false
+}
+
+// ParseRetryAfter returns how long the upstream asked to wait, from (in
+// order) retry-after-ms, Retry-After (seconds or an HTTP date),
+// x-ratelimit-reset-requests / x-ratelimit-reset-tokens (OpenAI-style
+// durations such as "1m30s" or "6ms"; the longer one) and the
+// anthropic-ratelimit-*-reset times (RFC 3339). It reports false when no
+// header gives a usable value: missing, malformed, negative or in the past.
+// Huge values are returned as they are; the pool caps them.
+func ParseRetryAfter(h http.Header, now time.Time) (time.Duration, bool) {
+	if v := h.Get("Retry-After-Ms"); v != "" {
+		if ms, err := strconv.ParseFloat(strings.TrimSpace(v), 64); err == nil && ms > 0 && !math.IsInf(ms, 0) && ms < 1e12 {
+			return time.Duration(ms * float64(time.Millisecond)), true
+		}
+	}
+	if v := strings.TrimSpace(h.Get("Retry-After")); v != "" {
+		if secs, err := strconv.ParseFloat(v, 64); err == nil {
+			if secs > 0 && secs < 1e9 {
+				return time.Duration(secs * float64(time.Second)), true
+			}
+		} else if t, err := http.ParseTime(v); err == nil {
+			if d := t.Sub(now); d > 0 {
+				return d, true
+			}
+		}
+	}
+	var best time.Duration
+	for _, name := range []string{"X-Ratelimit-Reset-Requests", "X-Ratelimit-Reset-Tokens"} {
+		if v := strings.TrimSpace(h.Get(name)); v != "" {
+			if d, err := time.ParseDuration(v); err == nil && d > best {
+				best = d
+			} else if err != nil {
+				if secs, err := strconv.ParseFloat(v, 64); err == nil && secs > 0 && secs < 1e9 {
+					best = max(best, time.Duration(secs*float64(time.Second)))
+				}
+			}
+		}
+	}
+	for _, name := range []string{"Anthropic-Ratelimit-Requests-Reset", "Anthropic-Ratelimit-Tokens-Reset", "Anthropic-Ratelimit-Input-Tokens-Reset", "Anthropic-Ratelimit-Output-Tokens-Reset"} {
+		if v := h.Get(name); v != "" {
+			if t, err := time.Parse(time.RFC3339, strings.TrimSpace(v)); err == nil {
+				best = max(best, t.Sub(now))
+			}
+		}
+	}
+	if best > 0 {
+		return best, true
+	}
+	return 0, false
+}

@@ -1,0 +1,1169 @@
+package keypool
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/time/rate"
+
+	"github.com/keypool/keypool/breaker"
+)
+
+// State is where a key stands in its life.
+type State uint8
+
+// Key states. Active and HalfOpen keys are in rotation; the others wait for
+// a time (Cooling, Open, Exhausted with a reset time) or for an admin or a
+// re-sync (Invalid, Exhausted without a reset time, Disabled).
+const (
+	StateActive    State = iota // in rotation
+	StateCooling                // rate-limited by the upstream until a time
+	StateOpen                   // circuit breaker open after upstream faults
+	StateHalfOpen               // breaker probing: a few requests at a time
+	StateInvalid                // revoked or unauthorised (401/403)
+	StateExhausted              // quota or balance spent (402, insufficient_quota)
+	StateDisabled               // taken out of rotation by an admin
+)
+
+var stateNames = [...]string{"active", "cooling", "open", "half_open", "invalid", "exhausted", "disabled"}
+
+// String returns the state's name as the admin API shows it.
+func (s State) String() string {
+	if int(s) < len(stateNames) {
+		return stateNames[s]
+	}
+	return fmt.Sprintf("state(%d)", s)
+}
+
+// MarshalText encodes the state's name.
+func (s State) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
+
+// ParseState returns the state named name.
+func ParseState(name string) (State, error) {
+	for i, n := range stateNames {
+		if n == name {
+			return State(i), nil
+		}
+	}
+	return 0, fmt.Errorf("%w: unknown key state %q", ErrInvalidConfig, name)
+}
+
+// Key is one upstream credential and its static settings. A Pool keeps its
+// own copy; change a key by calling [Pool.SetService] again.
+type Key struct {
+	// ID identifies the key; it is shown in listings, metrics and the
+	// X-Keypool-Key-Id header. Required and unique within the service.
+	ID string
+	// Secret is the credential.
+	Secret Secret
+	// Weight is the key's share for the weighted selector. If zero, 1.
+	Weight int
+	// Priority orders keys for the ordered selector: lower first.
+	Priority int
+	// RateLimitRPM is how many requests per minute the upstream allows this
+	// key. If zero, the service's; negative means unlimited.
+	RateLimitRPM int
+	// MaxInFlight caps concurrent requests on the key. If zero, the
+	// service's; zero there means unlimited.
+	MaxInFlight int
+	// Labels are free-form; labels["feature"] names a feature the key
+	// serves (see [Request.Feature]).
+	Labels map[string]string
+	// Features maps a feature the key serves to its requests per minute
+	// for that feature (zero: no per-feature limit).
+	Features map[string]int
+	// BalanceTotal, BalanceUsed and BalanceUnit describe the key's quota or
+	// prepaid balance; BalanceTotal zero means unknown or unlimited.
+	BalanceTotal float64
+	BalanceUsed  float64
+	BalanceUnit  string
+	// State is the state the key's owner recorded (Active, Invalid,
+	// Exhausted or Disabled). The pool applies it when it changes between
+	// two loads, so a re-sync or an admin can put a key back in rotation;
+	// an unchanged value leaves the live state the pool learned alone.
+	State State
+	// Reason says why State is not Active.
+	Reason string
+}
+
+// Service is an upstream API and the policy for its keys.
+type Service struct {
+	// Name identifies the service (the {service} in /v1/{service}/...).
+	Name string
+	// BaseURL is the upstream's base, e.g. https://api.openai.com.
+	BaseURL string
+	// Auth injects a key into a request. If nil, [Bearer].
+	Auth AuthScheme
+	// RateLimitRPM is the default per-key requests per minute (zero:
+	// unlimited).
+	RateLimitRPM int
+	// RateBurst is how many requests a rested key may send at once. If
+	// zero, a tenth of its RPM (at least 1), so that no minute sees more
+	// than 1.1 times the RPM.
+	RateBurst int
+	// MaxInFlight is the default per-key cap on concurrent requests (zero:
+	// unlimited).
+	MaxInFlight int
+	// Selector picks among available keys. If nil, [RoundRobin].
+	Selector Selector
+	// Headers are added to every upstream request (proxy_headers).
+	Headers map[string]string
+	// Breaker overrides the pool's breaker settings for this service.
+	Breaker *breaker.Settings
+}
+
+// OutcomeKind classifies what happened to a request made with a key.
+type OutcomeKind uint8
+
+// Outcome kinds. Only RateLimited, Invalid, Exhausted and Failure change a
+// key's state; ClientError and Canceled say nothing about the key.
+const (
+	OK          OutcomeKind = iota // the upstream served the request
+	RateLimited                    // 429: cool down until RetryAfter
+	Invalid                        // 401/403: the key is revoked or lacks access
+	Exhausted                      // 402, insufficient_quota: quota or balance spent
+	Failure                        // 5xx, timeout, reset: counts toward the breaker
+	ClientError                    // a 4xx caused by the request itself
+	Canceled                       // the client went away
+)
+
+var outcomeNames = [...]string{"ok", "rate_limited", "invalid", "exhausted", "error", "client_error", "canceled"}
+
+// String returns the outcome's name as used by the lease report API.
+func (k OutcomeKind) String() string {
+	if int(k) < len(outcomeNames) {
+		return outcomeNames[k]
+	}
+	return fmt.Sprintf("outcome(%d)", k)
+}
+
+// ParseOutcomeKind returns the kind named name ("ok", "rate_limited",
+// "invalid", "exhausted", "error", "client_error", "canceled").
+func ParseOutcomeKind(name string) (OutcomeKind, error) {
+	for i, n := range outcomeNames {
+		if n == name {
+			return OutcomeKind(i), nil
+		}
+	}
+	return 0, fmt.Errorf("%w: unknown outcome %q", ErrInvalidConfig, name)
+}
+
+// Outcome is what a lease reports when it is released.
+type Outcome struct {
+	Kind OutcomeKind
+	// RetryAfter is when a RateLimited or Exhausted key may be tried again,
+	// as the upstream said; zero or out of range means "use the backoff"
+	// (RateLimited) or "until an admin or re-sync" (Exhausted).
+	RetryAfter time.Duration
+	// Cost is spend to deduct from the key's balance, in its BalanceUnit.
+	Cost float64
+	// Reason is a short human explanation (an HTTP status, an error code).
+	Reason string
+}
+
+// Event is a change in a key's state. Events are delivered to
+// [Config.OnEvent] and can be applied to another pool with [Pool.Apply], so
+// that replicas can share what each learned.
+type Event struct {
+	Service string    `json:"service"`
+	KeyID   string    `json:"key_id"`
+	State   State     `json:"state"`
+	Until   time.Time `json:"until,omitzero"`
+	Reason  string    `json:"reason,omitempty"`
+	At      time.Time `json:"at"`
+}
+
+// Backoff returns how long a key cools down after its n-th 429 in a row
+// (n ≥ 1) when the upstream gave no usable Retry-After, capped at max.
+type Backoff func(n int, max time.Duration) time.Duration
+
+// DefaultBackoff doubles from one second (1 s, 2 s, 4 s, …) up to max, with
+// up to 20% random jitter.
+func DefaultBackoff(n int, max time.Duration) time.Duration {
+	if n < 1 {
+		n = 1
+	}
+	d := max
+	if n < 31 {
+		d = time.Second << (n - 1)
+	}
+	if d > max {
+		d = max
+	}
+	return d + time.Duration(rand.Int64N(int64(d)/5+1))
+}
+
+// Config configures a Pool. The zero value is ready to use.
+type Config struct {
+	// Now returns the current time. If nil, time.Now. Tests inject a fake
+	// clock here.
+	Now func() time.Time
+	// Backoff computes 429 cooldowns without a usable Retry-After. If nil,
+	// [DefaultBackoff].
+	Backoff Backoff
+	// MaxCooldown caps every cooldown, including Retry-After values. If
+	// zero, 5 minutes.
+	MaxCooldown time.Duration
+	// Breaker configures per-key circuit breakers. If zero,
+	// [breaker.DefaultSettings].
+	Breaker breaker.Settings
+	// OnEvent, if set, receives every key state change. It is called
+	// synchronously, without any pool lock held; it must not block for long.
+	OnEvent func(Event)
+}
+
+// Pool holds services and their keys, picks a key per request and learns
+// from each outcome. It is safe for concurrent use.
+type Pool struct {
+	cfg      Config
+	now      func() time.Time
+	services atomic.Pointer[map[string]*svcState]
+	mu       sync.Mutex // serialises SetService and RemoveService
+}
+
+// New returns an empty pool.
+func New(cfg Config) (*Pool, error) {
+	if cfg.Breaker == (breaker.Settings{}) {
+		cfg.Breaker = breaker.DefaultSettings()
+	}
+	if err := cfg.Breaker.Validate(); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+	}
+	if cfg.MaxCooldown <= 0 {
+		cfg.MaxCooldown = 5 * time.Minute
+	}
+	if cfg.Backoff == nil {
+		cfg.Backoff = DefaultBackoff
+	}
+	p := &Pool{cfg: cfg, now: cfg.Now}
+	if p.now == nil {
+		p.now = time.Now
+	}
+	m := map[string]*svcState{}
+	p.services.Store(&m)
+	return p, nil
+}
+
+// Now returns the pool's current time.
+func (p *Pool) Now() time.Time { return p.now() }
+
+// SetService adds or replaces a service and its keys. Keys that keep their
+// ID and Secret keep their live state (cooldowns, breakers, counters,
+// in-flight requests); their other settings are updated in place. Keys that
+// are gone are never picked again; leases already taken on them finish
+// normally and their reports are ignored.
+func (p *Pool) SetService(svc Service, keys []Key) error {
+	if svc.Name == "" {
+		return fmt.Errorf("%w: service name is empty", ErrInvalidConfig)
+	}
+	if svc.Auth == nil {
+		svc.Auth = Bearer
+	}
+	if svc.Selector == nil {
+		svc.Selector = &RoundRobin{}
+	}
+	bs := p.cfg.Breaker
+	if svc.Breaker != nil {
+		bs = *svc.Breaker
+		if err := bs.Validate(); err != nil {
+			return fmt.Errorf("%w: service %q: %w", ErrInvalidConfig, svc.Name, err)
+		}
+	}
+	seen := make(map[string]bool, len(keys))
+	for i := range keys {
+		k := &keys[i]
+		if k.ID == "" {
+			return fmt.Errorf("%w: service %q: key %d has no id", ErrInvalidConfig, svc.Name, i)
+		}
+		if seen[k.ID] {
+			return fmt.Errorf("%w: service %q: duplicate key id %q", ErrInvalidConfig, svc.Name, k.ID)
+		}
+		seen[k.ID] = true
+	}
+
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	old := *p.services.Load()
+	s := old[svc.Name]
+	fresh := s == nil
+	if fresh {
+		s = &svcState{pool: p, name: svc.Name, keys: map[string]*Candidate{}}
+	}
+	events := s.load(svc, bs, keys, p.now())
+	if fresh {
+		m := make(map[string]*svcState, len(old)+1)
+		for k, v := range old {
+			m[k] = v
+		}
+		m[svc.Name] = s
+		p.services.Store(&m)
+	}
+	p.emit(events)
+	return nil
+}
+
+// RemoveService removes a service; its keys are never picked again.
+func (p *Pool) RemoveService(name string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	old := *p.services.Load()
+	s, ok := old[name]
+	if !ok {
+		return
+	}
+	m := make(map[string]*svcState, len(old))
+	for k, v := range old {
+		if k != name {
+			m[k] = v
+		}
+	}
+	p.services.Store(&m)
+	s.mu.Lock()
+	for _, c := range s.all {
+		c.gen.Add(1)
+	}
+	s.all, s.avail, s.keys, s.heap = nil, nil, map[string]*Candidate{}, nil
+	s.mu.Unlock()
+}
+
+// Service returns a service's settings.
+func (p *Pool) Service(name string) (Service, bool) {
+	s, ok := (*p.services.Load())[name]
+	if !ok {
+		return Service{}, false
+	}
+	return *s.cfg.Load(), true
+}
+
+// Services returns the names of every service, sorted.
+func (p *Pool) Services() []string {
+	m := *p.services.Load()
+	names := make([]string, 0, len(m))
+	for n := range m {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// Request narrows which key [Pool.Acquire] may pick.
+type Request struct {
+	// Affinity keeps requests with the same value on the same key while it
+	// is healthy, with the sticky selector (a user, a session, a prompt
+	// cache key).
+	Affinity string
+	// Feature restricts the pick to keys serving that feature (labels
+	// ["feature"] or an entry in Key.Features), each within its
+	// per-feature rate.
+	Feature string
+	// Exclude lists key IDs not to pick, such as keys a retry already
+	// tried.
+	Exclude []string
+}
+
+// Acquire picks a key of the service for one request. The returned lease
+// must be released exactly once with the outcome. When no key can serve it
+// returns a *[NoKeyError]; for an unknown service, [ErrUnknownService].
+func (p *Pool) Acquire(service string, r Request) (Lease, error) {
+	s := (*p.services.Load())[service]
+	if s == nil {
+		return Lease{}, fmt.Errorf("%w: %q", ErrUnknownService, service)
+	}
+	now := p.now()
+	s.mu.Lock()
+	c := s.pick(r, now)
+	var l Lease
+	if c != nil {
+		l = s.take(c, now)
+	}
+	events := s.takeEvents()
+	var wait time.Time
+	if c == nil {
+		wait = s.nextWake(now)
+	}
+	s.mu.Unlock()
+	p.emit(events)
+	if c == nil {
+		return Lease{}, p.noKey(service, now, wait)
+	}
+	return l, nil
+}
+
+func (p *Pool) noKey(service string, now, until time.Time) error {
+	if until.IsZero() {
+		until = now.Add(p.cfg.MaxCooldown)
+	}
+	d := until.Sub(now)
+	if d < time.Second {
+		d = time.Second
+		until = now.Add(d)
+	}
+	return &NoKeyError{Service: service, RetryAfter: d, Until: until}
+}
+
+func (p *Pool) emit(events []Event) {
+	if p.cfg.OnEvent == nil {
+		return
+	}
+	for _, e := range events {
+		p.cfg.OnEvent(e)
+	}
+}
+
+// Apply sets a key's state from an event produced elsewhere (another
+// replica, an admin action, a lease report). It does not call OnEvent.
+// Unknown services and keys are ignored.
+func (p *Pool) Apply(e Event) {
+	s := (*p.services.Load())[e.Service]
+	if s == nil {
+		return
+	}
+	now := p.now()
+	s.mu.Lock()
+	if c := s.keys[e.KeyID]; c != nil {
+		s.setState(c, e.State, e.Until, e.Reason, now)
+	}
+	s.pending = s.pending[:0]
+	s.mu.Unlock()
+}
+
+// SetKeyState moves a key to a state, as an admin would: StateActive puts an
+// invalid, exhausted or disabled key back in rotation and closes its
+// breaker. It emits an event. It reports whether the key exists.
+func (p *Pool) SetKeyState(service, keyID string, st State, until time.Time, reason string) bool {
+	s := (*p.services.Load())[service]
+	if s == nil {
+		return false
+	}
+	now := p.now()
+	s.mu.Lock()
+	c := s.keys[keyID]
+	if c != nil {
+		s.setState(c, st, until, reason, now)
+	}
+	events := s.takeEvents()
+	s.mu.Unlock()
+	p.emit(events)
+	return c != nil
+}
+
+// Lease is one key taken for one request. Release it exactly once; a
+// second Release of the same value is a no-op. A Lease is small and
+// returned by value; copies share nothing, so release the one you hold.
+type Lease struct {
+	c        *Candidate
+	key      *Key
+	gen      uint64
+	start    time.Time
+	released bool
+}
+
+// Valid reports whether the lease holds a key.
+func (l *Lease) Valid() bool { return l.c != nil }
+
+// KeyID returns the key's id.
+func (l *Lease) KeyID() string { return l.key.ID }
+
+// Secret returns the key's credential.
+func (l *Lease) Secret() Secret { return l.key.Secret }
+
+// Key returns the key's settings. Do not modify it.
+func (l *Lease) Key() *Key { return l.key }
+
+// Service returns the service's settings at the time of the lease.
+func (l *Lease) Service() *Service { return l.c.svc.cfg.Load() }
+
+// Release reports the outcome of the request and returns the key. A report
+// for a key that was reloaded with a new secret or removed since the lease
+// was taken is ignored.
+func (l *Lease) Release(o Outcome) {
+	if l.c == nil || l.released {
+		return
+	}
+	l.released = true
+	c, s := l.c, l.c.svc
+	c.inFlight.Add(-1)
+	if c.gen.Load() != l.gen {
+		return
+	}
+	p := s.pool
+	now := p.now()
+	if o.Kind == OK || o.Kind == ClientError {
+		c.observeLatency(now.Sub(l.start))
+	}
+	if o.Kind != OK || o.Cost != 0 || c.capped.Load() || c.slow.Load() {
+		s.mu.Lock()
+		if c.gen.Load() == l.gen {
+			s.report(c, o, now)
+		}
+		events := s.takeEvents()
+		s.mu.Unlock()
+		p.emit(events)
+		return
+	}
+	if b := c.brk.Load(); b != nil {
+		b.Success()
+	}
+}
+
+// KeyStats is a snapshot of one key's live state.
+type KeyStats struct {
+	ID      string `json:"id"`
+	Service string `json:"service"`
+	Hint    string `json:"hint"`
+	State   State  `json:"state"`
+	Reason  string `json:"reason,omitempty"`
+	// Until is when a Cooling, Open or Exhausted key is expected back.
+	Until              time.Time     `json:"cooldown_until,omitzero"`
+	InFlight           int64         `json:"in_flight"`
+	RequestsLastMinute int           `json:"requests_last_minute"`
+	Requests           uint64        `json:"requests"`
+	Failures           uint64        `json:"failures"`
+	Latency            time.Duration `json:"latency_ewma_ns"`
+	Breaker            string        `json:"breaker"`
+	// Remaining is BalanceTotal less what is used; -1 when unknown.
+	Remaining float64 `json:"remaining"`
+	Spent     float64 `json:"spent"`
+}
+
+// Stats returns a snapshot of every key of a service, in load order.
+func (p *Pool) Stats(service string) ([]KeyStats, bool) {
+	s := (*p.services.Load())[service]
+	if s == nil {
+		return nil, false
+	}
+	now := p.now()
+	s.mu.Lock()
+	s.wake(now)
+	out := make([]KeyStats, 0, len(s.all))
+	for _, c := range s.all {
+		st := KeyStats{
+			ID: c.key.ID, Service: s.name, Hint: c.key.Secret.Hint(),
+			State: c.state, Reason: c.reason, Until: c.until,
+			InFlight: c.inFlight.Load(), RequestsLastMinute: c.lastMinute(now),
+			Requests: c.requests, Failures: c.failures,
+			Latency: time.Duration(c.ewma.Load()), Breaker: "closed",
+			Remaining: c.Remaining(), Spent: c.spent,
+		}
+		if math.IsInf(st.Remaining, 1) {
+			st.Remaining = -1
+		}
+		if b := c.brk.Load(); b != nil {
+			st.Breaker = b.State().String()
+		}
+		out = append(out, st)
+	}
+	events := s.takeEvents()
+	s.mu.Unlock()
+	p.emit(events)
+	return out, true
+}
+
+// Candidate is a key's live state as a [Selector] sees it. Its methods are
+// safe to call from Select (which runs under the service's lock).
+type Candidate struct {
+	svc      *svcState
+	gen      atomic.Uint64
+	inFlight atomic.Int64
+	ewma     atomic.Int64 // latency EWMA in nanoseconds
+	capped   atomic.Bool  // out of rotation because in-flight is at the cap
+	slow     atomic.Bool  // state is not Active: Release must take the lock
+	brk      atomic.Pointer[breaker.Breaker]
+	idHash   uint64
+
+	// The fields below are protected by svc.mu.
+	key        *Key
+	storedSt   State
+	state      State
+	reason     string
+	until      time.Time
+	limiter    *rate.Limiter
+	featLim    map[string]*rate.Limiter
+	maxIn      int64
+	availIdx   int
+	heapIdx    int
+	wakeAt     time.Time
+	throttled  bool
+	consec429  int
+	spent      float64
+	requests   uint64
+	failures   uint64
+	swrr       int64 // smooth weighted round robin's current weight
+	buckets    [12]uint32
+	bucketBase int64 // index of buckets[0]'s 5-second slot
+}
+
+// ID returns the key's id.
+func (c *Candidate) ID() string { return c.key.ID }
+
+// Key returns the key's settings. Do not modify it.
+func (c *Candidate) Key() *Key { return c.key }
+
+// InFlight returns how many requests are using the key now.
+func (c *Candidate) InFlight() int64 { return c.inFlight.Load() }
+
+// Weight returns the key's weight (at least 1).
+func (c *Candidate) Weight() int {
+	if c.key.Weight <= 0 {
+		return 1
+	}
+	return c.key.Weight
+}
+
+// Latency returns the key's latency EWMA; zero before its first answer.
+func (c *Candidate) Latency() time.Duration { return time.Duration(c.ewma.Load()) }
+
+// Remaining returns the key's balance or quota left, +Inf when unknown.
+func (c *Candidate) Remaining() float64 {
+	if c.key.BalanceTotal <= 0 {
+		return math.Inf(1)
+	}
+	return c.key.BalanceTotal - c.key.BalanceUsed - c.spent
+}
+
+// State returns the key's state (Active or HalfOpen for a candidate).
+func (c *Candidate) State() State { return c.state }
+
+func (c *Candidate) observeLatency(d time.Duration) {
+	if d <= 0 {
+		d = 1
+	}
+	for {
+		old := c.ewma.Load()
+		nv := int64(d)
+		if old != 0 {
+			nv = old + (int64(d)-old)/5
+		}
+		if c.ewma.CompareAndSwap(old, nv) {
+			return
+		}
+	}
+}
+
+const bucketWidth = 5 * time.Second
+
+func (c *Candidate) countRequest(now time.Time) {
+	c.requests++
+	slot := now.UnixNano() / int64(bucketWidth)
+	c.advance(slot)
+	c.buckets[slot%12]++
+}
+
+func (c *Candidate) advance(slot int64) {
+	if slot-c.bucketBase >= 12 {
+		if slot-c.bucketBase >= 24 {
+			c.buckets = [12]uint32{}
+		} else {
+			for i := c.bucketBase + 12; i <= slot; i++ {
+				c.buckets[i%12] = 0
+			}
+		}
+		c.bucketBase = slot - 11
+	}
+}
+
+func (c *Candidate) lastMinute(now time.Time) int {
+	slot := now.UnixNano() / int64(bucketWidth)
+	c.advance(slot)
+	n := 0
+	for i := slot - 11; i <= slot; i++ {
+		if i >= c.bucketBase {
+			n += int(c.buckets[i%12])
+		}
+	}
+	return n
+}
+
+// svcState is one service's keys and their live state. It must not be
+// copied.
+type svcState struct {
+	pool *Pool
+	name string
+	cfg  atomic.Pointer[Service]
+
+	mu      sync.Mutex // protects everything below
+	bs      breaker.Settings
+	keys    map[string]*Candidate
+	all     []*Candidate
+	avail   []*Candidate
+	heap    []*Candidate // min-heap on wakeAt
+	cands   Candidates
+	scratch []*Candidate
+	pending []Event
+}
+
+func (s *svcState) takeEvents() []Event {
+	if len(s.pending) == 0 {
+		return nil
+	}
+	ev := append([]Event(nil), s.pending...)
+	s.pending = s.pending[:0]
+	return ev
+}
+
+func (s *svcState) load(svc Service, bs breaker.Settings, keys []Key, now time.Time) []Event {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.cfg.Store(&svc)
+	s.bs = bs
+	next := make(map[string]*Candidate, len(keys))
+	all := make([]*Candidate, 0, len(keys))
+	for i := range keys {
+		k := keys[i]
+		c := s.keys[k.ID]
+		if c != nil && c.key.Secret != k.Secret {
+			s.retire(c)
+			c = nil
+		}
+		if c == nil {
+			c = &Candidate{svc: s, availIdx: -1, heapIdx: -1, idHash: hashString(k.ID)}
+			c.storedSt = StateActive
+			c.state = StateActive
+			c.key = &k
+			s.admit(c)
+		} else {
+			if d := k.BalanceUsed - c.key.BalanceUsed; d > 0 {
+				c.spent = math.Max(0, c.spent-d)
+			}
+			c.key = &k
+		}
+		c.limiter = s.limiterFor(&k, c.limiter)
+		c.featLim = nil
+		c.maxIn = int64(k.MaxInFlight)
+		if c.maxIn == 0 {
+			c.maxIn = int64(svc.MaxInFlight)
+		}
+		if k.State != c.storedSt {
+			c.storedSt = k.State
+			s.setState(c, k.State, time.Time{}, k.Reason, now)
+		}
+		s.checkCap(c)
+		next[k.ID] = c
+		all = append(all, c)
+	}
+	for id, c := range s.keys {
+		if next[id] == nil {
+			s.retire(c)
+		}
+	}
+	s.keys, s.all = next, all
+	s.cands = Candidates{}
+	return s.takeEvents()
+}
+
+func (s *svcState) limiterFor(k *Key, old *rate.Limiter) *rate.Limiter {
+	rpm := k.RateLimitRPM
+	if rpm == 0 {
+		rpm = s.cfg.Load().RateLimitRPM
+	}
+	if rpm <= 0 {
+		return nil
+	}
+	burst := s.cfg.Load().RateBurst
+	if burst <= 0 {
+		burst = max(1, rpm/10)
+	}
+	lim := rate.Limit(float64(rpm) / 60)
+	if old != nil {
+		old.SetLimit(lim)
+		old.SetBurst(burst)
+		return old
+	}
+	return rate.NewLimiter(lim, burst)
+}
+
+// retire takes a key out for good: reloaded with a new secret, or removed.
+func (s *svcState) retire(c *Candidate) {
+	c.gen.Add(1)
+	s.dropAvail(c)
+	s.unschedule(c)
+}
+
+func (s *svcState) admit(c *Candidate) {
+	if c.availIdx >= 0 || c.throttled || c.capped.Load() {
+		return
+	}
+	if c.state != StateActive && c.state != StateHalfOpen {
+		return
+	}
+	c.availIdx = len(s.avail)
+	s.avail = append(s.avail, c)
+}
+
+func (s *svcState) dropAvail(c *Candidate) {
+	i := c.availIdx
+	if i < 0 {
+		return
+	}
+	last := len(s.avail) - 1
+	s.avail[i] = s.avail[last]
+	s.avail[i].availIdx = i
+	s.avail[last] = nil
+	s.avail = s.avail[:last]
+	c.availIdx = -1
+}
+
+// checkCap takes a key out of rotation while its in-flight count is at the
+// cap (the breaker's probe count while half-open) and puts it back below.
+func (s *svcState) checkCap(c *Candidate) {
+	limit := c.maxIn
+	if c.state == StateHalfOpen {
+		probes := int64(s.bs.HalfOpenMaxRequests)
+		if limit == 0 || probes < limit {
+			limit = probes
+		}
+	}
+	if limit > 0 && c.inFlight.Load() >= limit {
+		if !c.capped.Load() {
+			c.capped.Store(true)
+			s.dropAvail(c)
+		}
+		return
+	}
+	if c.capped.Load() {
+		c.capped.Store(false)
+		s.admit(c)
+	}
+}
+
+// pick chooses a key for r at now, or nil.
+func (s *svcState) pick(r Request, now time.Time) *Candidate {
+	s.wake(now)
+	s.cands.affinity = r.Affinity
+	for range 3 {
+		if len(s.avail) == 0 {
+			return nil
+		}
+		s.cands.list = s.avail
+		c := s.cfg.Load().Selector.Select(&s.cands)
+		if c == nil || c.availIdx < 0 || !s.fits(c, r) {
+			break
+		}
+		if s.consume(c, r, now) {
+			return c
+		}
+	}
+	// Slow path: the selector's choice was excluded, filtered out or over
+	// its rate. Offer it only the keys that fit.
+	for range 3 {
+		s.scratch = s.scratch[:0]
+		for _, c := range s.avail {
+			if s.fits(c, r) && s.hasToken(c, r, now) {
+				s.scratch = append(s.scratch, c)
+			}
+		}
+		if len(s.scratch) == 0 {
+			return nil
+		}
+		s.cands.list = s.scratch
+		c := s.cfg.Load().Selector.Select(&s.cands)
+		if c == nil || c.availIdx < 0 {
+			c = s.scratch[0]
+		}
+		if s.consume(c, r, now) {
+			return c
+		}
+	}
+	return nil
+}
+
+func (s *svcState) fits(c *Candidate, r Request) bool {
+	for _, id := range r.Exclude {
+		if id == c.key.ID {
+			return false
+		}
+	}
+	if r.Feature != "" {
+		if c.key.Labels["feature"] != r.Feature {
+			if _, ok := c.key.Features[r.Feature]; !ok {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+func (s *svcState) featureLimiter(c *Candidate, f string) *rate.Limiter {
+	rpm := c.key.Features[f]
+	if rpm <= 0 {
+		return nil
+	}
+	if l := c.featLim[f]; l != nil {
+		return l
+	}
+	if c.featLim == nil {
+		c.featLim = map[string]*rate.Limiter{}
+	}
+	l := rate.NewLimiter(rate.Limit(float64(rpm)/60), max(1, rpm/10))
+	c.featLim[f] = l
+	return l
+}
+
+func (s *svcState) hasToken(c *Candidate, r Request, now time.Time) bool {
+	if c.limiter != nil && c.limiter.TokensAt(now) < 1 {
+		return false
+	}
+	if r.Feature != "" {
+		if l := s.featureLimiter(c, r.Feature); l != nil && l.TokensAt(now) < 1 {
+			return false
+		}
+	}
+	return true
+}
+
+// consume takes a request's worth of the key's rate, or throttles the key
+// until it has one.
+func (s *svcState) consume(c *Candidate, r Request, now time.Time) bool {
+	var fl *rate.Limiter
+	if r.Feature != "" {
+		if fl = s.featureLimiter(c, r.Feature); fl != nil && fl.TokensAt(now) < 1 {
+			return false
+		}
+	}
+	if c.limiter != nil && !c.limiter.AllowN(now, 1) {
+		// Out of rotation until the next token.
+		deficit := 1 - c.limiter.TokensAt(now)
+		wait := time.Duration(deficit / float64(c.limiter.Limit()) * float64(time.Second))
+		c.throttled = true
+		s.dropAvail(c)
+		s.schedule(c, now.Add(wait+time.Millisecond))
+		return false
+	}
+	if fl != nil {
+		fl.AllowN(now, 1)
+	}
+	return true
+}
+
+func (s *svcState) take(c *Candidate, now time.Time) Lease {
+	c.inFlight.Add(1)
+	c.countRequest(now)
+	s.checkCap(c)
+	return Lease{c: c, key: c.key, gen: c.gen.Load(), start: now}
+}
+
+// wake re-admits keys whose wait is over.
+func (s *svcState) wake(now time.Time) {
+	for len(s.heap) > 0 && !s.heap[0].wakeAt.After(now) {
+		c := s.heap[0]
+		s.unschedule(c)
+		if c.throttled {
+			c.throttled = false
+		}
+		switch c.state {
+		case StateCooling, StateExhausted:
+			s.setState(c, StateActive, time.Time{}, "", now)
+		case StateOpen:
+			if b := c.brk.Load(); b == nil || b.Ready(now) {
+				s.setState(c, StateHalfOpen, time.Time{}, "breaker probing", now)
+			} else {
+				s.schedule(c, b.OpenUntil())
+			}
+		default:
+			s.admit(c)
+		}
+	}
+}
+
+// nextWake returns when the first waiting key is due, or zero.
+func (s *svcState) nextWake(now time.Time) time.Time {
+	if len(s.heap) == 0 {
+		return time.Time{}
+	}
+	return s.heap[0].wakeAt
+}
+
+// report applies a released lease's outcome.
+func (s *svcState) report(c *Candidate, o Outcome, now time.Time) {
+	p := s.pool
+	if o.Cost != 0 {
+		c.spent += o.Cost
+	}
+	switch o.Kind {
+	case OK:
+		c.consec429 = 0
+		b := c.brk.Load()
+		closed := b == nil || b.Success() == breaker.Closed
+		if closed && c.state == StateHalfOpen {
+			s.setState(c, StateActive, time.Time{}, "", now)
+		}
+		if c.key.BalanceTotal > 0 && c.Remaining() <= 0 && c.state == StateActive {
+			s.setState(c, StateExhausted, time.Time{}, "balance spent", now)
+		}
+	case RateLimited:
+		c.consec429++
+		d := o.RetryAfter
+		if d <= 0 || d > p.cfg.MaxCooldown {
+			d = p.cfg.Backoff(c.consec429, p.cfg.MaxCooldown)
+		} else {
+			// Spread keys that were told the same time.
+			d += time.Duration(rand.Int64N(int64(d)/10 + int64(50*time.Millisecond)))
+		}
+		reason := o.Reason
+		if reason == "" {
+			reason = "rate limited"
+		}
+		s.setState(c, StateCooling, now.Add(d), reason, now)
+	case Invalid:
+		reason := o.Reason
+		if reason == "" {
+			reason = "rejected by upstream"
+		}
+		s.setState(c, StateInvalid, time.Time{}, reason, now)
+	case Exhausted:
+		var until time.Time
+		if o.RetryAfter > 0 {
+			until = now.Add(o.RetryAfter)
+		}
+		reason := o.Reason
+		if reason == "" {
+			reason = "quota exhausted"
+		}
+		s.setState(c, StateExhausted, until, reason, now)
+	case Failure:
+		c.failures++
+		b := c.brk.Load()
+		if b == nil {
+			b, _ = breaker.New(s.bs)
+			c.brk.Store(b)
+		}
+		if b.Failure(now) == breaker.Open && c.state != StateOpen {
+			reason := o.Reason
+			if reason == "" {
+				reason = "upstream failures"
+			}
+			s.setState(c, StateOpen, b.OpenUntil(), reason, now)
+		}
+	}
+	s.checkCap(c)
+}
+
+// setState moves a key to st and records an event.
+func (s *svcState) setState(c *Candidate, st State, until time.Time, reason string, now time.Time) {
+	switch st {
+	case StateActive:
+		if b := c.brk.Load(); b != nil && b.State() != breaker.Closed {
+			b.Reset()
+		}
+		reason, until = "", time.Time{}
+	case StateOpen:
+		if until.IsZero() {
+			until = now.Add(s.bs.OpenTimeout)
+		}
+	case StateCooling:
+		if until.IsZero() {
+			until = now.Add(time.Second)
+		}
+	case StateInvalid, StateDisabled, StateHalfOpen:
+		until = time.Time{}
+	}
+	if c.state == st && c.until.Equal(until) && c.reason == reason {
+		return
+	}
+	c.state, c.until, c.reason = st, until, reason
+	c.slow.Store(st != StateActive)
+	s.unschedule(c)
+	c.throttled = false
+	if st == StateActive || st == StateHalfOpen {
+		s.admit(c)
+		s.checkCap(c)
+	} else {
+		s.dropAvail(c)
+		if !until.IsZero() {
+			s.schedule(c, until)
+		}
+	}
+	if s.pool.cfg.OnEvent != nil {
+		s.pending = append(s.pending, Event{Service: s.name, KeyID: c.key.ID, State: st, Until: until, Reason: reason, At: now})
+	}
+}
+
+// The wait heap: a binary min-heap of candidates on wakeAt.
+
+func (s *svcState) schedule(c *Candidate, t time.Time) {
+	if c.heapIdx >= 0 {
+		c.wakeAt = t
+		s.heapFix(c.heapIdx)
+		return
+	}
+	c.wakeAt = t
+	c.heapIdx = len(s.heap)
+	s.heap = append(s.heap, c)
+	s.heapUp(c.heapIdx)
+}
+
+func (s *svcState) unschedule(c *Candidate) {
+	i := c.heapIdx
+	if i < 0 {
+		return
+	}
+	last := len(s.heap) - 1
+	if i != last {
+		s.heapSwap(i, last)
+	}
+	s.heap[last] = nil
+	s.heap = s.heap[:last]
+	c.heapIdx = -1
+	if i != last {
+		s.heapFix(i)
+	}
+}
+
+func (s *svcState) heapFix(i int) {
+	if !s.heapDown(i) {
+		s.heapUp(i)
+	}
+}
+
+func (s *svcState) heapSwap(i, j int) {
+	h := s.heap
+	h[i], h[j] = h[j], h[i]
+	h[i].heapIdx = i
+	h[j].heapIdx = j
+}
+
+func (s *svcState) heapUp(i int) {
+	for i > 0 {
+		parent := (i - 1) / 2
+		if !s.heap[i].wakeAt.Before(s.heap[parent].wakeAt) {
+			return
+		}
+		s.heapSwap(i, parent)
+		i = parent
+	}
+}
+
+func (s *svcState) heapDown(i int) bool {
+	start, n := i, len(s.heap)
+	for {
+		l := 2*i + 1
+		if l >= n {
+			break
+		}
+		m := l
+		if r := l + 1; r < n && s.heap[r].wakeAt.Before(s.heap[l].wakeAt) {
+			m = r
+		}
+		if !s.heap[m].wakeAt.Before(s.heap[i].wakeAt) {
+			break
+		}
+		s.heapSwap(i, m)
+		i = m
+	}
+	return i > start
+}
+
+// hashString is FNV-1a, 64 bit.
+func hashString(v string) uint64 {
+	h := uint64(14695981039346656037)
+	for i := 0; i < len(v); i++ {
+		h ^= uint64(v[i])
+		h *= 1099511628211
+	}
+	return h
+}

@@ -1,0 +1,477 @@
+package limit
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// RedisConfig configures a [Redis] backend. The zero value is ready to use.
+type RedisConfig struct {
+	// Prefix is prepended to every Redis key this backend writes. If
+	// empty, "keypool:limit:".
+	Prefix string `json:"prefix,omitempty"`
+	// Timeout bounds each call to Redis; a call that takes longer counts
+	// as Redis being unreachable. If zero, 250ms.
+	Timeout time.Duration `json:"timeout,omitempty"`
+	// FailClosedRate makes Allow refuse (Degraded, RetryAfter 1s) while
+	// Redis is unreachable. If false (the default), Allow admits.
+	FailClosedRate bool `json:"fail_closed_rate,omitempty"`
+	// FailClosedBudget makes Reserve refuse (Degraded, RetryAfter 1s)
+	// while Redis is unreachable. If false (the default), Reserve admits
+	// without recording a reservation.
+	FailClosedBudget bool `json:"fail_closed_budget,omitempty"`
+	// ReservationTTL is how long an unsettled reservation is held, so the
+	// reservations of a replica that crashed are released. A later Settle
+	// still charges its actual amount. If zero, 15 minutes.
+	ReservationTTL time.Duration `json:"reservation_ttl,omitempty"`
+	// Logger receives one warning when Redis becomes unreachable and one
+	// info line when it is back. If nil, [slog.Default].
+	Logger *slog.Logger `json:"-"`
+}
+
+// failRetry is the RetryAfter of a fail-closed refusal.
+const failRetry = time.Second
+
+// Redis is a [Backend] shared by every replica that uses the same Redis and
+// Prefix. Each Allow, Reserve and Settle is one atomic Lua script run
+// (EVALSHA, one round trip); now is passed to the script, Redis's own clock
+// is not read, so replicas should keep their clocks in sync (NTP). Keys of
+// one limit key share a hash tag, so Redis Cluster works.
+//
+// Data per key: Allow keeps a sorted set of the admissions of the last
+// minute (exact sliding-window log, expires a minute after the last
+// admission); a Counter keeps one float per calendar window (expiring an
+// hour after the window ends), a total, a hash of per-second amounts for
+// the sliding minute and a sorted set of reservations with their expiry.
+//
+// When Redis cannot be reached within Timeout, admission follows the fail
+// policy (default: admit) with Degraded set, and Settle, Add and Usage
+// return an error wrapping [ErrUnavailable]; a warning is logged once per
+// outage. Redis is safe for concurrent use and starts no goroutine.
+type Redis struct {
+	c      redis.UniversalClient
+	cfg    RedisConfig
+	log    *slog.Logger
+	idBase uint64
+	nextID atomic.Uint64
+	down   atomic.Bool // reports whether the last call failed
+}
+
+// NewRedis returns a [Redis] backend on client c, configured by cfg. For
+// Timeout to bound socket I/O as well as waiting, c should have
+// ContextTimeoutEnabled set; [NewRedisClient] does.
+func NewRedis(c redis.UniversalClient, cfg RedisConfig) (*Redis, error) {
+	if c == nil || cfg.Timeout < 0 || cfg.ReservationTTL < 0 {
+		return nil, errors.New("limit: invalid RedisConfig or nil client")
+	}
+	if cfg.Prefix == "" {
+		cfg.Prefix = "keypool:limit:"
+	}
+	if cfg.Timeout == 0 {
+		cfg.Timeout = 250 * time.Millisecond
+	}
+	if cfg.ReservationTTL == 0 {
+		cfg.ReservationTTL = 15 * time.Minute
+	}
+	r := &Redis{c: c, cfg: cfg, log: cfg.Logger, idBase: rand.Uint64()}
+	if r.log == nil {
+		r.log = slog.Default()
+	}
+	return r, nil
+}
+
+// NewRedisClient returns a go-redis client for url (redis://host:port/db
+// or rediss://…) with ContextTimeoutEnabled set, so that a [Redis]
+// backend's Timeout bounds every call, and a 1s dial timeout unless url
+// sets one.
+func NewRedisClient(url string) (*redis.Client, error) {
+	o, err := redis.ParseURL(url)
+	if err != nil {
+		return nil, fmt.Errorf("limit: redis url: %w", err)
+	}
+	o.ContextTimeoutEnabled = true
+	if o.DialTimeout == 0 { // not set in url
+		o.DialTimeout = time.Second
+	}
+	return redis.NewClient(o), nil
+}
+
+// Close implements [Backend]. It does not close the client passed to
+// [NewRedis].
+func (r *Redis) Close() error { return nil }
+
+// rateScript is the sliding-window log behind Allow.
+// KEYS[1] sorted set of admissions (score: Unix µs).
+// ARGV: now µs, window µs, limit, member. Returns {allowed, count, retry µs}.
+var rateScript = redis.NewScript(`
+local key = KEYS[1]
+local now = tonumber(ARGV[1])
+local win = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now - win)
+local n = redis.call('ZCARD', key)
+if n < limit then
+  redis.call('ZADD', key, now, ARGV[4])
+  redis.call('PEXPIRE', key, math.ceil(win / 1000) + 1000)
+  return {1, n + 1, 0}
+end
+local old = redis.call('ZRANGE', key, n - limit, n - limit, 'WITHSCORES')
+return {0, n, tonumber(old[2]) + win - now}
+`)
+
+// reserveScript checks limits and records a reservation.
+// KEYS: hour, day, month, total, minute hash, reserved sum, reservations.
+// ARGV: now ms, now s, amount, member, ttl ms, n, then n × (window, warn,
+// block, calendar retry ms). Returns {allowed, warn, limit index, used,
+// retry ms}.
+var reserveScript = redis.NewScript(`
+local now = tonumber(ARGV[1])
+local sec = tonumber(ARGV[2])
+local amount = tonumber(ARGV[3])
+local member = ARGV[4]
+local ttl = tonumber(ARGV[5])
+local n = tonumber(ARGV[6])
+
+local exp = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', now)
+if #exp > 0 then
+  local sum = 0
+  for _, m in ipairs(exp) do sum = sum + tonumber(string.match(m, ':([^:]*)$')) end
+  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now)
+  redis.call('INCRBYFLOAT', KEYS[6], -sum)
+end
+local reserved = 0
+if redis.call('ZCARD', KEYS[7]) == 0 then
+  redis.call('DEL', KEYS[6])
+else
+  reserved = tonumber(redis.call('GET', KEYS[6]) or '0')
+  if reserved < 0 then reserved = 0 end
+end
+
+local secs = nil
+local minute = 0
+local function usage(w)
+  if w ~= 1 then return tonumber(redis.call('GET', KEYS[w - 1]) or '0') end
+  if secs == nil then
+    secs = {}
+    local h = redis.call('HGETALL', KEYS[5])
+    for i = 1, #h, 2 do
+      local s = tonumber(h[i])
+      if s >= sec - 60 and s <= sec then
+        local v = tonumber(h[i + 1])
+        table.insert(secs, {s, v})
+        minute = minute + v
+      end
+    end
+    table.sort(secs, function(a, b) return a[1] < b[1] end)
+  end
+  return minute
+end
+
+local allowed, warn, warnIdx, warnUsed = 1, 0, 0, 0
+local tight, tightUsed, tightRoom = 0, 0, 0
+local pick, pickW, pickUsed, pickRetry = 0, 0, 0, 0
+for i = 1, n do
+  local b = 6 + (i - 1) * 4
+  local w = tonumber(ARGV[b + 1])
+  local wl = tonumber(ARGV[b + 2])
+  local bl = tonumber(ARGV[b + 3])
+  if wl > 0 or bl > 0 then
+    local u = usage(w)
+    local tot = u + reserved
+    if wl > 0 and tot + amount >= wl and warn == 0 then
+      warn, warnIdx, warnUsed = 1, i, tot + amount
+    end
+    if bl > 0 and (tot >= bl or tot + amount > bl) then
+      local ra = tonumber(ARGV[b + 4])
+      if w == 1 then
+        ra = 60000
+        local left = u
+        for _, e in ipairs(secs) do
+          left = left - e[2]
+          if e[2] ~= 0 and left + reserved < bl and left + reserved + amount <= bl then
+            ra = (e[1] + 61) * 1000 - now
+            break
+          end
+        end
+      end
+      if allowed == 1 or (pickW ~= 5 and (w == 5 or ra > pickRetry)) then
+        pick, pickW, pickUsed, pickRetry = i, w, tot, ra
+      end
+      allowed = 0
+    elseif bl > 0 and (tight == 0 or bl - (tot + amount) < tightRoom) then
+      tight, tightUsed, tightRoom = i, tot + amount, bl - (tot + amount)
+    end
+  end
+end
+if allowed == 0 then
+  if pickW == 5 then pickRetry = 0 end
+  return {0, warn, pick, tostring(pickUsed), pickRetry}
+end
+if amount > 0 then
+  redis.call('ZADD', KEYS[7], now + ttl, member)
+  redis.call('INCRBYFLOAT', KEYS[6], amount)
+  redis.call('PEXPIRE', KEYS[7], ttl + 60000)
+  redis.call('PEXPIRE', KEYS[6], ttl + 60000)
+end
+if warn == 1 then return {1, 1, warnIdx, tostring(warnUsed), 0} end
+return {1, 0, tight, tostring(tightUsed), 0}
+`)
+
+// settleScript releases a reservation (member, may be empty) and charges
+// actual. KEYS as reserveScript. ARGV: actual, member, now s, then the TTL
+// in ms of the hour, day and month keys.
+var settleScript = redis.NewScript(`
+local actual = tonumber(ARGV[1])
+local member = ARGV[2]
+local sec = tonumber(ARGV[3])
+if member ~= '' then
+  if redis.call('ZREM', KEYS[7], member) == 1 then
+    redis.call('INCRBYFLOAT', KEYS[6], -tonumber(string.match(member, ':([^:]*)$')))
+  end
+  if redis.call('ZCARD', KEYS[7]) == 0 then redis.call('DEL', KEYS[6]) end
+end
+if actual > 0 then
+  for i = 1, 3 do
+    redis.call('INCRBYFLOAT', KEYS[i], actual)
+    redis.call('PEXPIRE', KEYS[i], ARGV[3 + i])
+  end
+  redis.call('INCRBYFLOAT', KEYS[4], actual)
+  redis.call('HINCRBYFLOAT', KEYS[5], ARGV[3], actual)
+  for _, f in ipairs(redis.call('HKEYS', KEYS[5])) do
+    if tonumber(f) < sec - 60 then redis.call('HDEL', KEYS[5], f) end
+  end
+  redis.call('PEXPIRE', KEYS[5], 62000)
+end
+return 1
+`)
+
+func (r *Redis) rateKey(key string) string {
+	return r.cfg.Prefix + "{" + key + "}:rpm"
+}
+
+// counterKeys returns the keys of reserveScript and settleScript.
+func (r *Redis) counterKeys(key string, now time.Time) []string {
+	base := r.cfg.Prefix + "{" + key + "}:"
+	return []string{
+		base + "h:" + strconv.FormatInt(calStart(Hour, now), 10),
+		base + "d:" + strconv.FormatInt(calStart(Day, now), 10),
+		base + "m:" + strconv.FormatInt(calStart(Month, now), 10),
+		base + "t",
+		base + "s",
+		base + "rs",
+		base + "rz",
+	}
+}
+
+func (r *Redis) id() string {
+	return strconv.FormatUint(r.idBase+r.nextID.Add(1), 36)
+}
+
+// failed sorts out an error from Redis: the caller's own cancellation is
+// returned as is; anything else marks Redis down (logging once) and is
+// returned wrapped in ErrUnavailable.
+func (r *Redis) failed(parent context.Context, op string, err error) error {
+	if perr := parent.Err(); perr != nil {
+		return perr
+	}
+	if r.down.CompareAndSwap(false, true) {
+		r.log.Warn("limit: redis unreachable, applying fail policy",
+			"op", op, "err", err,
+			"fail_closed_rate", r.cfg.FailClosedRate, "fail_closed_budget", r.cfg.FailClosedBudget)
+	}
+	return fmt.Errorf("%w: %s: %w", ErrUnavailable, op, err)
+}
+
+func (r *Redis) ok() {
+	if r.down.Load() && r.down.CompareAndSwap(true, false) {
+		r.log.Info("limit: redis reachable again")
+	}
+}
+
+// Allow implements [Limiter] with an exact sliding-window log in Redis
+// (microsecond resolution). It returns an error only when ctx is done.
+func (r *Redis) Allow(ctx context.Context, key string, limit int, now time.Time) (Decision, error) {
+	if limit <= 0 {
+		return Decision{Allowed: true}, nil
+	}
+	lim := Limit{Window: Minute, Block: float64(limit)}
+	cctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
+	defer cancel()
+	us := now.UnixMicro()
+	res, err := rateScript.Run(cctx, r.c, []string{r.rateKey(key)},
+		us, RateWindow.Microseconds(), limit, strconv.FormatInt(us, 36)+"-"+r.id()).Int64Slice()
+	if err == nil && len(res) != 3 {
+		err = fmt.Errorf("unexpected reply %v", res)
+	}
+	if err != nil {
+		if err = r.failed(ctx, "allow", err); errors.Is(err, ErrUnavailable) {
+			if r.cfg.FailClosedRate {
+				return Decision{Degraded: true, Limit: lim, RetryAfter: failRetry}, nil
+			}
+			return Decision{Allowed: true, Degraded: true, Limit: lim}, nil
+		}
+		return Decision{}, err
+	}
+	r.ok()
+	d := Decision{Allowed: res[0] == 1, Limit: lim, Used: float64(res[1])}
+	if !d.Allowed {
+		d.RetryAfter = time.Duration(res[2]) * time.Microsecond
+	}
+	return d, nil
+}
+
+// Reserve implements [Counter]. It returns an error for an invalid limit
+// or amount, or when ctx is done.
+func (r *Redis) Reserve(ctx context.Context, key string, amount float64, limits []Limit, now time.Time) (Reservation, Decision, error) {
+	if err := validate(amount, limits); err != nil {
+		return Reservation{}, Decision{}, err
+	}
+	res := Reservation{key: key, amount: amount, done: new(atomic.Bool)}
+	member := ""
+	if amount > 0 {
+		member = r.id() + ":" + strconv.FormatFloat(amount, 'g', -1, 64)
+	}
+	args := make([]any, 0, 6+4*len(limits))
+	args = append(args, now.UnixMilli(), now.Unix(), amount, member, r.cfg.ReservationTTL.Milliseconds(), len(limits))
+	for _, l := range limits {
+		args = append(args, int(l.Window), l.Warn, l.Block, calRetry(l.Window, now).Milliseconds())
+	}
+	cctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
+	defer cancel()
+	out, err := reserveScript.Run(cctx, r.c, r.counterKeys(key, now), args...).Slice()
+	var d Decision
+	if err == nil {
+		d, err = parseReserve(out, limits)
+	}
+	if err != nil {
+		if err = r.failed(ctx, "reserve", err); errors.Is(err, ErrUnavailable) {
+			if r.cfg.FailClosedBudget {
+				return Reservation{}, Decision{Degraded: true, RetryAfter: failRetry}, nil
+			}
+			return res, Decision{Allowed: true, Degraded: true}, nil
+		}
+		return Reservation{}, Decision{}, err
+	}
+	r.ok()
+	if !d.Allowed {
+		return Reservation{}, d, nil
+	}
+	if amount > 0 {
+		res.recorded = true
+		res.member = member
+	}
+	return res, d, nil
+}
+
+func parseReserve(out []any, limits []Limit) (Decision, error) {
+	if len(out) != 5 {
+		return Decision{}, fmt.Errorf("unexpected reply %v", out)
+	}
+	allowed, _ := out[0].(int64)
+	warn, _ := out[1].(int64)
+	idx, _ := out[2].(int64)
+	usedS, _ := out[3].(string)
+	retry, _ := out[4].(int64)
+	used, err := strconv.ParseFloat(usedS, 64)
+	if err != nil {
+		return Decision{}, fmt.Errorf("unexpected reply %v", out)
+	}
+	d := Decision{Allowed: allowed == 1, Warn: warn == 1, Used: used, RetryAfter: time.Duration(retry) * time.Millisecond}
+	if idx >= 1 && int(idx) <= len(limits) {
+		d.Limit = limits[idx-1]
+	}
+	return d, nil
+}
+
+// Settle implements [Counter].
+func (r *Redis) Settle(ctx context.Context, res Reservation, actual float64, now time.Time) error {
+	if !res.settleOnce() {
+		return nil
+	}
+	if actual < 0 || actual != actual {
+		actual = 0
+	}
+	member := ""
+	if res.recorded {
+		member = res.member
+	}
+	if member == "" && actual == 0 {
+		return nil
+	}
+	return r.charge(ctx, "settle", res.key, member, actual, now)
+}
+
+// Add implements [Counter].
+func (r *Redis) Add(ctx context.Context, key string, amount float64, now time.Time) error {
+	if amount < 0 || amount != amount {
+		return fmt.Errorf("%w: amount %v", ErrInvalidLimit, amount)
+	}
+	if amount == 0 {
+		return nil
+	}
+	return r.charge(ctx, "add", key, "", amount, now)
+}
+
+// calendarGrace keeps a calendar window's key an hour past its end, for
+// replicas whose clocks lag.
+const calendarGrace = time.Hour
+
+func (r *Redis) charge(ctx context.Context, op, key, member string, actual float64, now time.Time) error {
+	args := []any{actual, member, now.Unix()}
+	for w := Hour; w <= Month; w++ {
+		args = append(args, (calRetry(w, now) + calendarGrace).Milliseconds())
+	}
+	cctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
+	defer cancel()
+	if err := settleScript.Run(cctx, r.c, r.counterKeys(key, now), args...).Err(); err != nil {
+		return r.failed(ctx, op, err)
+	}
+	r.ok()
+	return nil
+}
+
+// Usage implements [Counter].
+func (r *Redis) Usage(ctx context.Context, key string, w Window, now time.Time) (float64, error) {
+	if !w.valid() {
+		return 0, fmt.Errorf("%w: window %d", ErrInvalidLimit, uint8(w))
+	}
+	keys := r.counterKeys(key, now)
+	cctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
+	defer cancel()
+	if w != Minute {
+		v, err := r.c.Get(cctx, keys[w-Hour]).Float64()
+		if errors.Is(err, redis.Nil) {
+			return 0, nil
+		}
+		if err != nil {
+			return 0, r.failed(ctx, "usage", err)
+		}
+		r.ok()
+		return v, nil
+	}
+	h, err := r.c.HGetAll(cctx, keys[4]).Result()
+	if err != nil {
+		return 0, r.failed(ctx, "usage", err)
+	}
+	r.ok()
+	sec := now.Unix()
+	var u float64
+	for f, v := range h {
+		s, err1 := strconv.ParseInt(f, 10, 64)
+		a, err2 := strconv.ParseFloat(v, 64)
+		if err1 == nil && err2 == nil && s >= sec-60 && s <= sec {
+			u += a
+		}
+	}
+	return u, nil
+}
+
+var _ Backend = (*Redis)(nil)

@@ -1,0 +1,186 @@
+package meter
+
+import (
+	"encoding/json"
+	"net/http"
+	"reflect"
+	"testing"
+)
+
+func TestInspectRequest(t *testing.T) {
+	cases := []struct {
+		name string
+		body string
+		want RequestInfo
+	}{
+		{"chat stream", `{"model":"gpt-4o","messages":[{"role":"user","content":"hi \"model\":\"x\""}],"stream":true}`,
+			RequestInfo{Model: "gpt-4o", Stream: true, Object: true}},
+		{"include usage", `{"stream_options":{"include_usage":true},"model":"gpt-4o-mini","stream":true}`,
+			RequestInfo{Model: "gpt-4o-mini", Stream: true, IncludeUsage: true, Object: true}},
+		{"include usage false", `{"model":"m","stream":true,"stream_options":{"include_usage":false}}`,
+			RequestInfo{Model: "m", Stream: true, Object: true}},
+		{"not streaming", ` { "model" : "claude-sonnet-4-5" , "max_tokens": 1024, "stream": false } `,
+			RequestInfo{Model: "claude-sonnet-4-5", Object: true}},
+		{"escaped model", `{"model":"a\u002fb"}`, RequestInfo{Model: "a/b", Object: true}},
+		{"nested model ignored", `{"metadata":{"model":"x","stream":true}}`, RequestInfo{Object: true}},
+		{"gemini body", `{"contents":[{"parts":[{"text":"hi"}]}]}`, RequestInfo{Object: true}},
+		{"array", `[{"model":"x"}]`, RequestInfo{}},
+		{"truncated", `{"model":"gpt-4o","messages":[`, RequestInfo{}},
+		{"empty", ``, RequestInfo{}},
+		{"not json", `model=gpt-4o`, RequestInfo{}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := InspectRequest([]byte(tc.body)); got != tc.want {
+				t.Fatalf("got %+v, want %+v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestEnsureStreamUsage(t *testing.T) {
+	cases := []struct {
+		name  string
+		body  string
+		want  string // "" means unchanged
+		added bool
+	}{
+		{"absent", `{"model":"gpt-4o","messages":[],"stream":true}`,
+			`{"model":"gpt-4o","messages":[],"stream":true,"stream_options":{"include_usage":true}}`, true},
+		{"absent pretty", "{\n  \"model\": \"gpt-4o\",\n  \"stream\": true\n}\n",
+			"{\n  \"model\": \"gpt-4o\",\n  \"stream\": true,\"stream_options\":{\"include_usage\":true}\n}\n", true},
+		{"empty options", `{"stream":true,"stream_options":{}}`,
+			`{"stream":true,"stream_options":{"include_usage":true}}`, true},
+		{"other options", `{"stream":true,"stream_options":{"x":1}}`,
+			`{"stream":true,"stream_options":{"include_usage":true,"x":1}}`, true},
+		{"false", `{"stream":true,"stream_options":{"include_usage":false}}`,
+			`{"stream":true,"stream_options":{"include_usage":true}}`, true},
+		{"null options", `{"stream":true,"stream_options":null}`,
+			`{"stream":true,"stream_options":{"include_usage":true}}`, true},
+		{"already", `{"stream":true,"stream_options":{"include_usage":true}}`, "", false},
+		{"not streaming", `{"model":"gpt-4o","stream":false}`, "", false},
+		{"no stream field", `{"model":"gpt-4o"}`, "", false},
+		{"not an object", `[1,2]`, "", false},
+		{"truncated", `{"model":"gpt-4o","stream":true`, "", false},
+		{"garbage", `\x00\xff`, "", false},
+		{"options not object", `{"stream":true,"stream_options":"yes"}`, "", false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			in := []byte(tc.body)
+			orig := string(in)
+			got, added := EnsureStreamUsage(in)
+			if string(in) != orig {
+				t.Fatal("input modified")
+			}
+			want := tc.want
+			if want == "" {
+				want = tc.body
+			}
+			if added != tc.added || string(got) != want {
+				t.Fatalf("got %q, %v; want %q, %v", got, added, want, tc.added)
+			}
+			if added {
+				if !json.Valid(got) {
+					t.Fatalf("invalid JSON: %s", got)
+				}
+				if ri := InspectRequest(got); !ri.IncludeUsage || !ri.Stream {
+					t.Fatalf("InspectRequest after = %+v", ri)
+				}
+				var a, b map[string]any
+				json.Unmarshal(in, &a)
+				json.Unmarshal(got, &b)
+				delete(a, "stream_options")
+				delete(b, "stream_options")
+				if !reflect.DeepEqual(a, b) {
+					t.Fatalf("other fields changed: %v vs %v", a, b)
+				}
+			}
+		})
+	}
+}
+
+func TestModelFromPath(t *testing.T) {
+	cases := map[string]string{
+		"/v1beta/models/gemini-2.0-flash:generateContent":                                                      "gemini-2.0-flash",
+		"/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse":                                          "gemini-2.5-pro",
+		"/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-flash:streamGenerateContent": "gemini-2.5-flash",
+		"/v1beta/models/text-embedding-004:embedContent":                                                       "text-embedding-004",
+		"/v1beta/models":                   "",
+		"/v1/chat/completions":             "",
+		"/v1beta/tunedModels/abc:generate": "",
+		"":                                 "",
+	}
+	for path, want := range cases {
+		if got := ModelFromPath(path); got != want {
+			t.Errorf("ModelFromPath(%q) = %q, want %q", path, got, want)
+		}
+	}
+	if !IsStreamPath("/v1beta/models/g:streamGenerateContent") || IsStreamPath("/v1beta/models/g:generateContent") {
+		t.Error("IsStreamPath")
+	}
+}
+
+func TestAcceptsStreamOptions(t *testing.T) {
+	for path, want := range map[string]bool{
+		"/v1/chat/completions":             true,
+		"/openai/v1/chat/completions?x=1":  true,
+		"/v1/completions":                  true,
+		"/v1/responses":                    false,
+		"/v1/messages":                     false,
+		"/v1beta/openai/chat/completions/": true,
+	} {
+		if got := AcceptsStreamOptions(path); got != want {
+			t.Errorf("AcceptsStreamOptions(%q) = %v", path, got)
+		}
+	}
+}
+
+func TestDetectFamily(t *testing.T) {
+	cases := []struct {
+		base, path, ct string
+		want           Family
+	}{
+		{"https://api.openai.com", "/v1/chat/completions", "application/json", FamilyOpenAI},
+		{"https://api.groq.com", "/openai/v1/chat/completions", "text/event-stream", FamilyOpenAI},
+		{"https://api.openai.com", "/v1/responses", "", FamilyOpenAI},
+		{"https://api.anthropic.com", "/v1/messages", "application/json", FamilyAnthropic},
+		{"https://generativelanguage.googleapis.com", "/v1beta/models/gemini-2.0-flash:generateContent", "", FamilyGemini},
+		{"https://generativelanguage.googleapis.com", "/v1beta/openai/chat/completions", "", FamilyOpenAI},
+		{"https://api.openai.com", "/v1/audio/speech", "audio/mpeg", FamilyNone},
+		{"https://api.anthropic.com", "/v1/models", "", FamilyAnthropic},
+		{"https://api.exa.ai", "/search", "application/json", FamilyNone},
+	}
+	for _, tc := range cases {
+		if got := DetectFamily(tc.base, tc.path, tc.ct); got != tc.want {
+			t.Errorf("DetectFamily(%q, %q, %q) = %v, want %v", tc.base, tc.path, tc.ct, got, tc.want)
+		}
+	}
+}
+
+func TestParseFamily(t *testing.T) {
+	for s, want := range map[string]Family{"": FamilyNone, "OpenAI": FamilyOpenAI, "anthropic": FamilyAnthropic, "google": FamilyGemini} {
+		got, err := ParseFamily(s)
+		if err != nil || got != want {
+			t.Errorf("ParseFamily(%q) = %v, %v", s, got, err)
+		}
+	}
+	if _, err := ParseFamily("cohere"); err == nil {
+		t.Error("ParseFamily(cohere): no error")
+	}
+	var cfg struct{ Family Family }
+	if err := json.Unmarshal([]byte(`{"Family":"gemini"}`), &cfg); err != nil || cfg.Family != FamilyGemini {
+		t.Errorf("unmarshal: %v %v", cfg.Family, err)
+	}
+	if b, _ := json.Marshal(cfg); string(b) != `{"Family":"gemini"}` {
+		t.Errorf("marshal: %s", b)
+	}
+}
+
+func TestNegotiateIdentity(t *testing.T) {
+	h := http.Header{"Accept-Encoding": {"gzip, br"}}
+	NegotiateIdentity(h)
+	if h.Get("Accept-Encoding") != "identity" {
+		t.Fatal(h)
+	}
+}

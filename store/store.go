@@ -1,0 +1,262 @@
+// Package store defines where keypool's configuration and records live:
+// [Source], the read-only view that feeds a [keypool.Pool] (services and
+// their keys), and [Store], the read-write store behind keypoold's admin API
+// (services, keys, teams, users, team tokens and usage records).
+//
+// Implementations live in sub-packages: store/sqlstore (SQLite and
+// PostgreSQL through gorm) and store/external (a read-only credential table
+// owned by another system). store/storetest holds the conformance suite
+// every Store must pass.
+package store
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/keypool/keypool"
+)
+
+// Errors returned by every implementation, wrapped with %w; test them with
+// errors.Is.
+var (
+	// ErrNotFound means the record named by an id or name does not exist.
+	ErrNotFound = errors.New("store: not found")
+	// ErrConflict means a unique field (a service name, a team name, a key
+	// value within its service, a token hash) is already taken.
+	ErrConflict = errors.New("store: conflict")
+	// ErrInvalid means a record failed validation (a missing required field,
+	// a reference to a record that does not exist).
+	ErrInvalid = errors.New("store: invalid record")
+	// ErrReadOnly is returned by a Source that cannot write.
+	ErrReadOnly = errors.New("store: read only")
+)
+
+// Key statuses as stored. Live, transient states (cooling, open) are kept by
+// the pool, not the store.
+const (
+	StatusActive    = "active"
+	StatusDisabled  = "disabled"
+	StatusInvalid   = "invalid"
+	StatusExhausted = "exhausted"
+)
+
+// Limits are the client-side limits a service, team or token can carry,
+// named as in the systems keypool replaces. Zero means "no limit".
+type Limits struct {
+	RPMLimit        int   `json:"rpm_limit,omitempty"`
+	TPMLimit        int64 `json:"tpm_limit,omitempty"`
+	DailyTokenLimit int64 `json:"daily_token_limit,omitempty"`
+
+	LimitCostHourWarn   float64 `json:"limit_cost_hour_warn,omitempty"`
+	LimitCostHourBlock  float64 `json:"limit_cost_hour_block,omitempty"`
+	LimitCostDayWarn    float64 `json:"limit_cost_day_warn,omitempty"`
+	LimitCostDayBlock   float64 `json:"limit_cost_day_block,omitempty"`
+	LimitCostMonthWarn  float64 `json:"limit_cost_month_warn,omitempty"`
+	LimitCostMonthBlock float64 `json:"limit_cost_month_block,omitempty"`
+	LimitCostTotalBlock float64 `json:"limit_cost_total_block,omitempty"`
+
+	LimitTokensHourWarn   int64 `json:"limit_tokens_hour_warn,omitempty"`
+	LimitTokensHourBlock  int64 `json:"limit_tokens_hour_block,omitempty"`
+	LimitTokensDayWarn    int64 `json:"limit_tokens_day_warn,omitempty"`
+	LimitTokensDayBlock   int64 `json:"limit_tokens_day_block,omitempty"`
+	LimitTokensMonthWarn  int64 `json:"limit_tokens_month_warn,omitempty"`
+	LimitTokensMonthBlock int64 `json:"limit_tokens_month_block,omitempty"`
+	LimitTokensTotalBlock int64 `json:"limit_tokens_total_block,omitempty"`
+
+	// ModelsEnabled lists the models a client may call; empty means all.
+	ModelsEnabled []string `json:"models_enabled,omitempty"`
+}
+
+// Service is an upstream API as stored.
+type Service struct {
+	Name         string            `json:"name"`
+	DisplayName  string            `json:"display_name,omitempty"`
+	BaseURL      string            `json:"base_url"`
+	AuthScheme   string            `json:"auth_scheme"`
+	RateLimitRPM int               `json:"rate_limit_rpm,omitempty"`
+	MaxInFlight  int               `json:"max_in_flight,omitempty"`
+	ProxyHeaders map[string]string `json:"proxy_headers,omitempty"`
+	Selector     string            `json:"selector,omitempty"`
+	ExternalName string            `json:"external_name,omitempty"`
+	// Prices overrides the shipped price table for this service's models,
+	// as a JSON document (model → price); empty means none.
+	Prices string `json:"prices,omitempty"`
+	Limits
+	CreatedAt time.Time `json:"created_at"`
+	UpdatedAt time.Time `json:"updated_at"`
+}
+
+// Key is an upstream credential as stored. Secret holds the plaintext in
+// memory only; implementations seal it at rest.
+type Key struct {
+	ID           string            `json:"id"`
+	Service      string            `json:"service"`
+	Secret       keypool.Secret    `json:"-"`
+	Hint         string            `json:"hint"`
+	Weight       int               `json:"weight,omitempty"`
+	Priority     int               `json:"priority,omitempty"`
+	RateLimitRPM int               `json:"rate_limit_rpm,omitempty"`
+	MaxInFlight  int               `json:"max_in_flight,omitempty"`
+	Labels       map[string]string `json:"labels,omitempty"`
+	BalanceTotal float64           `json:"balance_total,omitempty"`
+	BalanceUsed  float64           `json:"balance_used,omitempty"`
+	BalanceUnit  string            `json:"balance_unit,omitempty"`
+	AccountEmail string            `json:"account_email,omitempty"`
+	// Status is one of the Status constants; StatusReason says why.
+	Status       string `json:"status"`
+	StatusReason string `json:"status_reason,omitempty"`
+	// Origin is "local" for keys written through the Store, "external" for
+	// keys read from an external credential table.
+	Origin    string    `json:"origin,omitempty"`
+	CreatedAt time.Time `json:"created_at"`
+	UpdatedAt time.Time `json:"updated_at"`
+}
+
+// Team is a group of clients sharing limits.
+type Team struct {
+	ID              string   `json:"id"`
+	Name            string   `json:"name"`
+	AllowedServices []string `json:"allowed_services,omitempty"`
+	Limits
+	CreatedAt time.Time `json:"created_at"`
+	UpdatedAt time.Time `json:"updated_at"`
+}
+
+// User is a person or system in a team.
+type User struct {
+	ID         string    `json:"id"`
+	ExternalID string    `json:"external_id"`
+	TeamID     string    `json:"team_id"`
+	CreatedAt  time.Time `json:"created_at"`
+	UpdatedAt  time.Time `json:"updated_at"`
+}
+
+// Token is a client credential. Only its hash is stored; the plaintext is
+// shown once, when it is created.
+type Token struct {
+	ID     string `json:"id"`
+	Name   string `json:"name"`
+	TeamID string `json:"team_id"`
+	UserID string `json:"user_id,omitempty"`
+	// Prefix is the first characters of the token, for listings.
+	Prefix string `json:"prefix"`
+	// Hash is the SHA-256 of the token; it is unique.
+	Hash      []byte     `json:"-"`
+	Scopes    []string   `json:"scopes,omitempty"`
+	ExpiresAt *time.Time `json:"expires_at,omitempty"`
+	IsActive  bool       `json:"is_active"`
+	Limits
+	LastUsedAt *time.Time `json:"last_used_at,omitempty"`
+	CreatedAt  time.Time  `json:"created_at"`
+	UpdatedAt  time.Time  `json:"updated_at"`
+}
+
+// UsageRecord is one proxied or leased request.
+type UsageRecord struct {
+	Time         time.Time `json:"time"`
+	RequestID    string    `json:"request_id,omitempty"`
+	TeamID       string    `json:"team_id,omitempty"`
+	TokenID      string    `json:"token_id,omitempty"`
+	Service      string    `json:"service"`
+	KeyID        string    `json:"key_id,omitempty"`
+	Model        string    `json:"model,omitempty"`
+	Status       int       `json:"status"`
+	TokensIn     int64     `json:"tokens_in"`
+	TokensOut    int64     `json:"tokens_out"`
+	CachedTokens int64     `json:"cached_tokens,omitempty"`
+	Cost         float64   `json:"cost"`
+	LatencyMS    int64     `json:"latency_ms"`
+}
+
+// Usage grouping dimensions for [UsageQuery.GroupBy].
+const (
+	GroupTeam    = "team"
+	GroupToken   = "token"
+	GroupService = "service"
+	GroupKey     = "key"
+	GroupModel   = "model"
+	GroupDay     = "day"
+)
+
+// UsageQuery filters and groups usage records. Empty filters match all;
+// Since is inclusive, Until exclusive; zero times are open-ended.
+type UsageQuery struct {
+	Team, Token, Service, Key, Model string
+	Since, Until                     time.Time
+	GroupBy                          []string
+}
+
+// UsageRow is one group of a usage query. Group maps each GroupBy dimension
+// to its value (an id, a service name, a model, or a day as 2006-01-02).
+type UsageRow struct {
+	Group     map[string]string `json:"group"`
+	Requests  int64             `json:"requests"`
+	TokensIn  int64             `json:"tokens_in"`
+	TokensOut int64             `json:"tokens_out"`
+	Cost      float64           `json:"cost"`
+}
+
+// Source is a read-only view of services and their keys: what a
+// [keypool.Pool] is loaded from.
+type Source interface {
+	// Services returns every service.
+	Services(ctx context.Context) ([]Service, error)
+	// Keys returns the keys of one service, or of all services when
+	// service is "". Secrets are decrypted.
+	Keys(ctx context.Context, service string) ([]Key, error)
+	// Version returns a token that changes whenever a service or key
+	// changes; it must be cheap (one small query).
+	Version(ctx context.Context) (string, error)
+}
+
+// Store is the read-write store behind keypoold.
+type Store interface {
+	Source
+
+	CreateService(ctx context.Context, s *Service) error
+	GetService(ctx context.Context, name string) (Service, error)
+	UpdateService(ctx context.Context, s *Service) error
+	// DeleteService deletes a service and its keys.
+	DeleteService(ctx context.Context, name string) error
+
+	// CreateKeys inserts keys all or nothing, assigning ids.
+	CreateKeys(ctx context.Context, keys []*Key) error
+	GetKey(ctx context.Context, id string) (Key, error)
+	UpdateKey(ctx context.Context, k *Key) error
+	// SetKeyStatus changes only a key's status and reason.
+	SetKeyStatus(ctx context.Context, id, status, reason string) error
+	// AddKeySpend adds amount to a key's BalanceUsed.
+	AddKeySpend(ctx context.Context, id string, amount float64) error
+	DeleteKey(ctx context.Context, id string) error
+
+	CreateTeam(ctx context.Context, t *Team) error
+	GetTeam(ctx context.Context, id string) (Team, error)
+	ListTeams(ctx context.Context) ([]Team, error)
+	UpdateTeam(ctx context.Context, t *Team) error
+	// DeleteTeam deletes a team with its users and tokens.
+	DeleteTeam(ctx context.Context, id string) error
+
+	CreateUser(ctx context.Context, u *User) error
+	GetUser(ctx context.Context, id string) (User, error)
+	ListUsers(ctx context.Context, teamID string) ([]User, error)
+	UpdateUser(ctx context.Context, u *User) error
+	// DeleteUser deletes a user and its tokens.
+	DeleteUser(ctx context.Context, id string) error
+
+	CreateToken(ctx context.Context, t *Token) error
+	GetToken(ctx context.Context, id string) (Token, error)
+	GetTokenByHash(ctx context.Context, hash []byte) (Token, error)
+	ListTokens(ctx context.Context, teamID string) ([]Token, error)
+	UpdateToken(ctx context.Context, t *Token) error
+	DeleteToken(ctx context.Context, id string) error
+
+	AppendUsage(ctx context.Context, recs []UsageRecord) error
+	QueryUsage(ctx context.Context, q UsageQuery) ([]UsageRow, error)
+	// PruneUsage deletes usage records older than before.
+	PruneUsage(ctx context.Context, before time.Time) (int64, error)
+
+	// Ping reports whether the database answers.
+	Ping(ctx context.Context) error
+	Close() error
+}

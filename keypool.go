@@ -931,7 +931,7 @@ func (s *svcState) consume(c *Candidate, r Request, now time.Time) bool {
 		wait := time.Duration(deficit / float64(c.limiter.Limit()) * float64(time.Second))
 		c.throttled = true
 		s.dropAvail(c)
-		s.schedule(c, now.Add(wait+time.Millisecond))
+		s.schedule(c, now.Add(wait))
 		return false
 	}
 	if fl != nil {

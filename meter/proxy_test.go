@@ -21,7 +21,7 @@ import (
 func TestReverseProxy(t *testing.T) {
 	events := bytes.SplitAfter(readFixture(t, "openai_chat_stream.sse"), []byte("\n\n"))
 	events = events[:len(events)-1] // SplitAfter leaves an empty tail
-	next := make(chan struct{})     // the client lets the upstream send the next event
+	next := make(chan struct{}, 1)  // the client lets the upstream send the next event
 	gotBody := make(chan []byte, 1)
 	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		b, _ := io.ReadAll(r.Body)
@@ -73,7 +73,7 @@ func TestReverseProxy(t *testing.T) {
 	req, _ := http.NewRequest("POST", proxy.URL+"/v1/chat/completions",
 		strings.NewReader(`{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"stream":true}`))
 	req.Header.Set("Accept-Encoding", "gzip")
-	next <- struct{}{}
+	next <- struct{}{} // buffered: the upstream may send the first event
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)

@@ -67,11 +67,15 @@ func drain(t testing.TB, r io.Reader, bufSize int) []byte {
 
 func readFixture(t testing.TB, name string) []byte {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join("testdata", name))
+	b, err := readFixtureErr(name)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return b
+}
+
+func readFixtureErr(name string) ([]byte, error) {
+	return os.ReadFile(filepath.Join("testdata", name))
 }
 
 type fixture struct {

@@ -1,0 +1,192 @@
+package keypool
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestAuthSchemes(t *testing.T) {
+	const key = "sk-test-0123456789"
+	tests := []struct {
+		name   string
+		header string
+		want   string
+		query  string
+	}{
+		{"bearer", "Authorization", "Bearer " + key, ""},
+		{"x-api-key", "X-Api-Key", key, ""},
+		{"xi-api-key", "Xi-Api-Key", key, ""},
+		{"authorization-raw", "Authorization", key, ""},
+		{"authorization-token", "Authorization", "Token " + key, ""},
+		{"query-param", "", "", "api_key"},
+		{"header:x-goog-api-key", "X-Goog-Api-Key", key, ""},
+		{"query:key", "", "", "key"},
+		{"basic", "Authorization", "Basic c2stdGVzdC0wMTIzNDU2Nzg5Og==", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a, err := ParseAuthScheme(tt.name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if a.Name() != tt.name {
+				t.Errorf("Name() = %q", a.Name())
+			}
+			r := httptest.NewRequest("GET", "http://up/x?api_key=client&key=client&q=1", nil)
+			r.Header.Set(tt.header+"X", "keep")
+			if tt.header != "" {
+				r.Header.Set(tt.header, "client-value")
+			}
+			a.Inject(r, key)
+			if tt.header != "" {
+				if got := r.Header.Values(tt.header); len(got) != 1 || got[0] != tt.want {
+					t.Fatalf("%s = %q, want only %q", tt.header, got, tt.want)
+				}
+			}
+			if tt.query != "" {
+				q := r.URL.Query()
+				if got := q[tt.query]; len(got) != 1 || got[0] != key {
+					t.Fatalf("query %s = %q", tt.query, got)
+				}
+				if q.Get("q") != "1" {
+					t.Fatal("other query values lost")
+				}
+			}
+		})
+	}
+	for _, bad := range []string{"nope", "header:", "header:bad name", "query:", "query:a b"} {
+		if _, err := ParseAuthScheme(bad); !errors.Is(err, ErrInvalidConfig) || !strings.Contains(err.Error(), "bearer") {
+			t.Errorf("ParseAuthScheme(%q) = %v, want a clear error", bad, err)
+		}
+	}
+}
+
+func TestSecretNeverPrints(t *testing.T) {
+	s := Secret("sk-live-supersecret-9f2c")
+	type cfg struct {
+		Name string
+		Key  Secret
+	}
+	var logBuf strings.Builder
+	slog.New(slog.NewJSONHandler(&logBuf, nil)).Info("x", "key", s, "cfg", cfg{"a", s})
+	js, _ := json.Marshal(cfg{"a", s})
+	outs := []string{
+		s.String(), fmt.Sprint(s), fmt.Sprintf("%v %+v %#v %s %q %x", s, s, s, s, s, s),
+		fmt.Sprintf("%+v %#v", cfg{"a", s}, cfg{"a", s}), string(js), logBuf.String(),
+		fmt.Errorf("wrap: %v", s).Error(),
+	}
+	for _, o := range outs {
+		if strings.Contains(o, "supersecret") {
+			t.Fatalf("secret leaked: %s", o)
+		}
+	}
+	if s.Reveal() != "sk-live-supersecret-9f2c" {
+		t.Fatal("Reveal")
+	}
+	for in, want := range map[string]string{"sk-abcdefghijklmnf9c2": "sk-a…f9c2", "short-key-12": "…12", "abc": "…", "": ""} {
+		if got := MaskSecret(in); got != want {
+			t.Errorf("MaskSecret(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestParseRetryAfter(t *testing.T) {
+	now := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+	tests := []struct {
+		name    string
+		headers map[string]string
+		want    time.Duration
+		ok      bool
+	}{
+		{"seconds", map[string]string{"Retry-After": "30"}, 30 * time.Second, true},
+		{"fractional seconds", map[string]string{"Retry-After": "1.5"}, 1500 * time.Millisecond, true},
+		{"http date", map[string]string{"Retry-After": now.Add(90 * time.Second).Format(http.TimeFormat)}, 90 * time.Second, true},
+		{"retry-after-ms wins", map[string]string{"Retry-After-Ms": "250", "Retry-After": "30"}, 250 * time.Millisecond, true},
+		{"openai reset requests", map[string]string{"X-Ratelimit-Reset-Requests": "1m30s"}, 90 * time.Second, true},
+		{"openai reset tokens ms", map[string]string{"X-Ratelimit-Reset-Tokens": "6ms"}, 6 * time.Millisecond, true},
+		{"longer openai reset", map[string]string{"X-Ratelimit-Reset-Requests": "2s", "X-Ratelimit-Reset-Tokens": "7.5s"}, 7500 * time.Millisecond, true},
+		{"anthropic reset", map[string]string{"Anthropic-Ratelimit-Requests-Reset": now.Add(45 * time.Second).Format(time.RFC3339)}, 45 * time.Second, true},
+		{"negative", map[string]string{"Retry-After": "-5"}, 0, false},
+		{"garbage", map[string]string{"Retry-After": "soon"}, 0, false},
+		{"past date", map[string]string{"Retry-After": now.Add(-time.Hour).Format(http.TimeFormat)}, 0, false},
+		{"none", nil, 0, false},
+		{"huge is returned for the pool to cap", map[string]string{"Retry-After": "86400"}, 24 * time.Hour, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := http.Header{}
+			for k, v := range tt.headers {
+				h.Set(k, v)
+			}
+			got, ok := ParseRetryAfter(h, now)
+			if got != tt.want || ok != tt.ok {
+				t.Fatalf("got %v, %v; want %v, %v", got, ok, tt.want, tt.ok)
+			}
+		})
+	}
+}
+
+func TestClassify(t *testing.T) {
+	now := time.Now()
+	long := strings.Repeat("x", 20000)
+	tests := []struct {
+		name   string
+		status int
+		body   string
+		hdr    map[string]string
+		want   OutcomeKind
+		after  time.Duration
+	}{
+		{"ok", 200, "{}", nil, OK, 0},
+		{"redirect", 302, "", nil, OK, 0},
+		{"429", 429, `{"error":{"code":"rate_limit_exceeded"}}`, map[string]string{"Retry-After": "7"}, RateLimited, 7 * time.Second},
+		{"429 insufficient_quota", 429, `{"error":{"type":"insufficient_quota","code":"insufficient_quota"}}`, nil, Exhausted, 0},
+		{"401", 401, `{}`, nil, Invalid, 0},
+		{"403", 403, `{}`, nil, Invalid, 0},
+		{"402", 402, `{}`, nil, Exhausted, 0},
+		{"400 gemini bad key", 400, `{"error":{"status":"INVALID_ARGUMENT","details":[{"reason":"API_KEY_INVALID"}]}}`, nil, Invalid, 0},
+		{"400 client", 400, `{"error":{"message":"bad model"}}`, nil, ClientError, 0},
+		{"400 long body", 400, long, nil, ClientError, 0},
+		{"404", 404, ``, nil, ClientError, 0},
+		{"500", 500, ``, nil, Failure, 0},
+		{"503", 503, ``, nil, Failure, 0},
+		{"529 overloaded", 529, ``, nil, Failure, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			rec := httptest.NewRecorder()
+			for k, v := range tt.hdr {
+				rec.Header().Set(k, v)
+			}
+			rec.WriteHeader(tt.status)
+			rec.WriteString(tt.body)
+			resp := rec.Result()
+			o := Classify(resp, nil, now)
+			if o.Kind != tt.want || o.RetryAfter != tt.after {
+				t.Fatalf("Classify = %v/%v, want %v/%v", o.Kind, o.RetryAfter, tt.want, tt.after)
+			}
+			var sb strings.Builder
+			buf := make([]byte, 1000)
+			for {
+				n, err := resp.Body.Read(buf)
+				sb.Write(buf[:n])
+				if err != nil {
+					break
+				}
+			}
+			if sb.String() != tt.body {
+				t.Fatalf("body changed by Classify: %d bytes, want %d", sb.Len(), len(tt.body))
+			}
+		})
+	}
+	if o := Classify(nil, fmt.Errorf("dial: %w", errors.New("connection refused")), now); o.Kind != Failure {
+		t.Fatalf("transport error: %v", o.Kind)
+	}
+}

@@ -1,0 +1,65 @@
+// Package keypool pools upstream API keys and spends them well.
+//
+// A [Pool] holds services (an upstream API and how to authenticate to it)
+// and their keys. For each request it picks a key with the service's
+// [Selector], and learns from the answer reported back through the
+// [Lease]: a 429 cools the key down until the upstream's Retry-After, a
+// 401/403 takes it out of rotation as invalid, a 402 or an exhausted quota
+// marks it exhausted, and repeated 5xx or connection failures open its
+// circuit breaker (package breaker) until half-open probes succeed. The
+// next request is routed around every key that cannot serve.
+//
+// Most programs do not call [Pool.Acquire] themselves: they put a
+// proxy.Transport under an http.Client, which picks a key, injects it with
+// the service's [AuthScheme], and retries on another key when one is
+// rate-limited, revoked or failing:
+//
+//	pool, _ := keypool.New(keypool.Config{})
+//	pool.SetService(keypool.Service{
+//		Name: "openai", BaseURL: "https://api.openai.com",
+//		Auth: keypool.Bearer, RateLimitRPM: 60,
+//	}, []keypool.Key{
+//		{ID: "a", Secret: keypool.Secret(os.Getenv("OPENAI_KEY_A"))},
+//		{ID: "b", Secret: keypool.Secret(os.Getenv("OPENAI_KEY_B"))},
+//	})
+//	client := &http.Client{Transport: &proxy.Transport{Pool: pool, Service: "openai"}}
+//
+// keypoold, the server in cmd/keypoold, does the same for any SDK pointed
+// at it with a team token.
+//
+// # Choosing keys
+//
+// Selectors see only keys in rotation, so a pool where 99% of keys are
+// cooling down costs no more per pick than a small one: each service keeps
+// a set of available keys, updated on the rare state changes, and a
+// min-heap of cooldown expiries that Acquire checks against its clock to
+// re-admit keys lazily. Built-ins: [RoundRobin] (the default), [Weighted],
+// [Random], [LeastInFlight], [LeastUsed], [Latency], [Sticky] and
+// [Ordered]; [ParseSelector] maps config names to them, and
+// [SelectorFunc] adapts a function.
+//
+// Per-key limits ([Key.RateLimitRPM], [Key.MaxInFlight]) take a key out of
+// rotation while it is at its limit, so the pool never picks a key over
+// either while another key has room.
+//
+// # Reloads and replicas
+//
+// [Pool.SetService] replaces a service's keys; keys that keep their ID and
+// Secret keep their live state, so a reload never resets a cooldown, a
+// breaker or a counter. State changes are reported as [Event] values to
+// [Config.OnEvent], and [Pool.Apply] applies an event from elsewhere, so
+// replicas can share what each learned.
+//
+// # Concurrency
+//
+// A Pool is safe for concurrent use. Acquire and Release allocate nothing
+// in steady state and take a per-service lock for a few hundred
+// nanoseconds at most. Time comes from [Config.Now], so tests can use a
+// fake clock.
+//
+// # Secrets
+//
+// A [Secret] prints as "[redacted]" through fmt, encoding/json and
+// log/slog; only [Secret.Reveal] returns the value, and [Secret.Hint]
+// gives a masked form for listings.
+package keypool

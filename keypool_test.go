@@ -1,0 +1,577 @@
+package keypool
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/keypool/keypool/breaker"
+)
+
+// clock is a fake clock for tests; it never sleeps.
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func newClock() *clock { return &clock{t: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)} }
+
+func (c *clock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *clock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+func keysN(n int) []Key {
+	ks := make([]Key, n)
+	for i := range ks {
+		ks[i] = Key{ID: fmt.Sprintf("k%d", i), Secret: Secret(fmt.Sprintf("sk-secret-%04d", i))}
+	}
+	return ks
+}
+
+func newTestPool(t *testing.T, clk *clock, svc Service, keys []Key, events *[]Event) *Pool {
+	t.Helper()
+	var mu sync.Mutex
+	cfg := Config{Now: clk.Now, Breaker: breaker.Settings{ConsecutiveFailures: 2, OpenTimeout: 30 * time.Second, HalfOpenMaxRequests: 1}}
+	if events != nil {
+		cfg.OnEvent = func(e Event) { mu.Lock(); *events = append(*events, e); mu.Unlock() }
+	}
+	p, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if svc.Name == "" {
+		svc.Name = "svc"
+	}
+	if err := p.SetService(svc, keys); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func acquire(t *testing.T, p *Pool, r Request) Lease {
+	t.Helper()
+	l, err := p.Acquire("svc", r)
+	if err != nil {
+		t.Fatalf("Acquire: %v", err)
+	}
+	return l
+}
+
+func counts(t *testing.T, p *Pool, n int, r Request) map[string]int {
+	t.Helper()
+	got := map[string]int{}
+	for i := 0; i < n; i++ {
+		l := acquire(t, p, r)
+		got[l.KeyID()]++
+		l.Release(Outcome{})
+	}
+	return got
+}
+
+func TestDistribution(t *testing.T) {
+	const picks = 100000
+	t.Run("round robin within 2%", func(t *testing.T) {
+		p := newTestPool(t, newClock(), Service{}, keysN(7), nil)
+		got := counts(t, p, picks, Request{})
+		for id, n := range got {
+			want := float64(picks) / 7
+			if math.Abs(float64(n)-want)/want > 0.02 {
+				t.Errorf("%s: %d picks, want %.0f ±2%%", id, n, want)
+			}
+		}
+		if len(got) != 7 {
+			t.Fatalf("picked %d keys, want 7", len(got))
+		}
+	})
+	t.Run("weighted within 2% of weights", func(t *testing.T) {
+		keys := keysN(4)
+		weights := []int{1, 2, 3, 10}
+		for i := range keys {
+			keys[i].Weight = weights[i]
+		}
+		p := newTestPool(t, newClock(), Service{Selector: Weighted{}}, keys, nil)
+		got := counts(t, p, picks, Request{})
+		for i, k := range keys {
+			want := float64(picks) * float64(weights[i]) / 16
+			if math.Abs(float64(got[k.ID])-want)/want > 0.02 {
+				t.Errorf("%s weight %d: %d picks, want %.0f ±2%%", k.ID, weights[i], got[k.ID], want)
+			}
+		}
+	})
+	t.Run("random covers all keys", func(t *testing.T) {
+		p := newTestPool(t, newClock(), Service{Selector: Random{}}, keysN(5), nil)
+		got := counts(t, p, 10000, Request{})
+		for id, n := range got {
+			if n < 1600 || n > 2400 {
+				t.Errorf("%s: %d of 10000", id, n)
+			}
+		}
+	})
+}
+
+func TestSticky(t *testing.T) {
+	p := newTestPool(t, newClock(), Service{Selector: &Sticky{}}, keysN(10), nil)
+	first := map[string]string{}
+	for i := 0; i < 50; i++ {
+		a := fmt.Sprintf("user-%d", i)
+		l := acquire(t, p, Request{Affinity: a})
+		first[a] = l.KeyID()
+		l.Release(Outcome{})
+	}
+	spread := map[string]bool{}
+	for a, id := range first {
+		spread[id] = true
+		for j := 0; j < 5; j++ {
+			l := acquire(t, p, Request{Affinity: a})
+			if l.KeyID() != id {
+				t.Fatalf("affinity %s moved from %s to %s", a, id, l.KeyID())
+			}
+			l.Release(Outcome{})
+		}
+	}
+	if len(spread) < 5 {
+		t.Errorf("50 affinities landed on only %d keys", len(spread))
+	}
+	// When a key becomes unhealthy its clients move, and come back after.
+	var a, id string
+	for a, id = range first {
+		break
+	}
+	l := acquire(t, p, Request{Affinity: a})
+	l.Release(Outcome{Kind: Invalid})
+	l2 := acquire(t, p, Request{Affinity: a})
+	if l2.KeyID() == id {
+		t.Fatal("sticky kept an invalid key")
+	}
+	l2.Release(Outcome{})
+	p.SetKeyState("svc", id, StateActive, time.Time{}, "")
+	l3 := acquire(t, p, Request{Affinity: a})
+	if l3.KeyID() != id {
+		t.Fatalf("affinity did not return to %s after recovery, got %s", id, l3.KeyID())
+	}
+	l3.Release(Outcome{})
+}
+
+func TestLeastInFlightPicksIdle(t *testing.T) {
+	p := newTestPool(t, newClock(), Service{Selector: &LeastInFlight{}}, keysN(3), nil)
+	busy := []Lease{acquire(t, p, Request{}), acquire(t, p, Request{})}
+	l := acquire(t, p, Request{})
+	for _, b := range busy {
+		if b.KeyID() == l.KeyID() {
+			t.Fatalf("picked busy key %s", l.KeyID())
+		}
+	}
+	// Hold three on k-any; with two more busy the idle one must win.
+	for i := 0; i < 10; i++ {
+		n := acquire(t, p, Request{})
+		if n.c.InFlight() > 2 {
+			t.Fatalf("least_in_flight picked a key with %d in flight", n.c.InFlight())
+		}
+		n.Release(Outcome{})
+	}
+}
+
+func TestLeastUsedAndOrdered(t *testing.T) {
+	keys := keysN(3)
+	keys[0].BalanceTotal, keys[0].BalanceUsed = 10, 9
+	keys[1].BalanceTotal, keys[1].BalanceUsed = 10, 2
+	keys[2].BalanceTotal, keys[2].BalanceUsed = 10, 5
+	p := newTestPool(t, newClock(), Service{Selector: &LeastUsed{}}, keys, nil)
+	if l := acquire(t, p, Request{}); l.KeyID() != "k1" {
+		t.Fatalf("least_used picked %s, want k1 (most left)", l.KeyID())
+	}
+	keys = keysN(3)
+	keys[0].Priority, keys[1].Priority, keys[2].Priority = 2, 0, 1
+	p = newTestPool(t, newClock(), Service{Selector: &Ordered{}}, keys, nil)
+	l := acquire(t, p, Request{})
+	if l.KeyID() != "k1" {
+		t.Fatalf("ordered picked %s, want k1", l.KeyID())
+	}
+	l.Release(Outcome{Kind: RateLimited, RetryAfter: time.Minute})
+	if l := acquire(t, p, Request{}); l.KeyID() != "k2" {
+		t.Fatalf("ordered fallback picked %s, want k2", l.KeyID())
+	}
+}
+
+func TestLatencySelectorPrefersFast(t *testing.T) {
+	clk := newClock()
+	p := newTestPool(t, clk, Service{Selector: Latency{}}, keysN(2), nil)
+	// Teach it: k0 slow, k1 fast.
+	for i := 0; i < 20; i++ {
+		l := acquire(t, p, Request{})
+		if l.KeyID() == "k0" {
+			clk.Advance(500 * time.Millisecond)
+		} else {
+			clk.Advance(10 * time.Millisecond)
+		}
+		l.Release(Outcome{})
+	}
+	got := map[string]int{}
+	for i := 0; i < 1000; i++ {
+		l := acquire(t, p, Request{})
+		got[l.KeyID()]++
+		if l.KeyID() == "k0" {
+			clk.Advance(500 * time.Millisecond)
+		} else {
+			clk.Advance(10 * time.Millisecond)
+		}
+		l.Release(Outcome{})
+	}
+	if got["k1"] < 700 {
+		t.Fatalf("fast key got %d of 1000", got["k1"])
+	}
+}
+
+func TestKeyLifecycle(t *testing.T) {
+	clk := newClock()
+	var events []Event
+	p := newTestPool(t, clk, Service{}, keysN(2), &events)
+
+	// 429 with Retry-After: out until then, back after.
+	l := acquire(t, p, Request{Exclude: []string{"k1"}})
+	l.Release(Outcome{Kind: RateLimited, RetryAfter: 30 * time.Second})
+	for i := 0; i < 10; i++ {
+		if l := acquire(t, p, Request{}); l.KeyID() != "k1" {
+			t.Fatalf("cooling key k0 picked")
+		} else {
+			l.Release(Outcome{})
+		}
+	}
+	st, _ := p.Stats("svc")
+	if st[0].State != StateCooling || st[0].Until.Before(clk.Now().Add(30*time.Second)) {
+		t.Fatalf("k0 stats = %+v, want cooling ≥ 30s", st[0])
+	}
+	clk.Advance(29 * time.Second)
+	if got := counts(t, p, 10, Request{}); got["k0"] != 0 {
+		t.Fatal("k0 back before its Retry-After")
+	}
+	clk.Advance(5 * time.Second)
+	if got := counts(t, p, 10, Request{}); got["k0"] == 0 {
+		t.Fatal("k0 not back after its Retry-After")
+	}
+
+	// 401: never again until an admin says so.
+	l = acquire(t, p, Request{Exclude: []string{"k1"}})
+	l.Release(Outcome{Kind: Invalid})
+	clk.Advance(24 * time.Hour)
+	if got := counts(t, p, 10, Request{}); got["k0"] != 0 {
+		t.Fatal("invalid key picked")
+	}
+	p.SetKeyState("svc", "k0", StateActive, time.Time{}, "")
+	if got := counts(t, p, 10, Request{}); got["k0"] == 0 {
+		t.Fatal("re-activated key not picked")
+	}
+
+	// Failures trip the breaker (2 in a row), half-open admits one probe.
+	for i := 0; i < 2; i++ {
+		l = acquire(t, p, Request{Exclude: []string{"k1"}})
+		l.Release(Outcome{Kind: Failure})
+	}
+	st, _ = p.Stats("svc")
+	if st[0].State != StateOpen {
+		t.Fatalf("k0 state %v after 2 failures, want open", st[0].State)
+	}
+	clk.Advance(31 * time.Second)
+	probe := acquire(t, p, Request{Exclude: []string{"k1"}})
+	if probe.KeyID() != "k0" {
+		t.Fatal("no probe on k0")
+	}
+	if _, err := p.Acquire("svc", Request{Exclude: []string{"k1"}}); !errors.Is(err, ErrNoKeyAvailable) {
+		t.Fatalf("second probe admitted while half-open (max 1): %v", err)
+	}
+	probe.Release(Outcome{})
+	st, _ = p.Stats("svc")
+	if st[0].State != StateActive || st[0].Breaker != "closed" {
+		t.Fatalf("after a good probe: %v/%s", st[0].State, st[0].Breaker)
+	}
+
+	// Exhausted with a reset time comes back; without one it stays out.
+	l = acquire(t, p, Request{Exclude: []string{"k1"}})
+	l.Release(Outcome{Kind: Exhausted, RetryAfter: time.Hour})
+	clk.Advance(time.Hour + time.Second)
+	if got := counts(t, p, 10, Request{}); got["k0"] == 0 {
+		t.Fatal("exhausted key not back after its reset")
+	}
+
+	// Client errors and cancellations do not touch the key.
+	for i := 0; i < 10; i++ {
+		l = acquire(t, p, Request{Exclude: []string{"k1"}})
+		l.Release(Outcome{Kind: ClientError})
+		l = acquire(t, p, Request{Exclude: []string{"k1"}})
+		l.Release(Outcome{Kind: Canceled})
+	}
+	if st, _ = p.Stats("svc"); st[0].State != StateActive {
+		t.Fatalf("client errors moved k0 to %v", st[0].State)
+	}
+
+	wantSeq := []State{StateCooling, StateActive, StateInvalid, StateActive, StateOpen, StateHalfOpen, StateActive, StateExhausted, StateActive}
+	var seq []State
+	for _, e := range events {
+		if e.KeyID == "k0" {
+			seq = append(seq, e.State)
+		}
+	}
+	if fmt.Sprint(seq) != fmt.Sprint(wantSeq) {
+		t.Fatalf("events %v, want %v", seq, wantSeq)
+	}
+}
+
+func TestNoKeyErrorSaysWhen(t *testing.T) {
+	clk := newClock()
+	p := newTestPool(t, clk, Service{}, keysN(2), nil)
+	for _, ra := range []time.Duration{40 * time.Second, 20 * time.Second} {
+		l := acquire(t, p, Request{})
+		l.Release(Outcome{Kind: RateLimited, RetryAfter: ra})
+	}
+	_, err := p.Acquire("svc", Request{})
+	var nk *NoKeyError
+	if !errors.As(err, &nk) || !errors.Is(err, ErrNoKeyAvailable) {
+		t.Fatalf("err = %v, want *NoKeyError", err)
+	}
+	if nk.RetryAfter < 20*time.Second || nk.RetryAfter > 23*time.Second {
+		t.Fatalf("RetryAfter = %v, want ≈20s (the first key back)", nk.RetryAfter)
+	}
+	if _, err := p.Acquire("nope", Request{}); !errors.Is(err, ErrUnknownService) {
+		t.Fatalf("unknown service: %v", err)
+	}
+}
+
+func TestBackoffWithoutRetryAfter(t *testing.T) {
+	clk := newClock()
+	p := newTestPool(t, clk, Service{}, keysN(1), nil)
+	var last time.Duration
+	for i := 1; i <= 12; i++ {
+		l := acquire(t, p, Request{})
+		l.Release(Outcome{Kind: RateLimited, RetryAfter: -time.Second}) // bad value → backoff
+		st, _ := p.Stats("svc")
+		d := st[0].Until.Sub(clk.Now())
+		if d > 5*time.Minute+time.Minute {
+			t.Fatalf("attempt %d: cooldown %v exceeds the cap", i, d)
+		}
+		if i > 1 && i < 8 && d < last {
+			t.Fatalf("attempt %d: backoff shrank %v → %v", i, last, d)
+		}
+		last = d
+		clk.Advance(d + time.Millisecond)
+	}
+	// A huge Retry-After is capped too.
+	l := acquire(t, p, Request{})
+	l.Release(Outcome{Kind: RateLimited, RetryAfter: 1000 * time.Hour})
+	st, _ := p.Stats("svc")
+	if d := st[0].Until.Sub(clk.Now()); d > 6*time.Minute {
+		t.Fatalf("huge Retry-After not capped: %v", d)
+	}
+}
+
+func TestRateLimitPerKey(t *testing.T) {
+	clk := newClock()
+	keys := keysN(2)
+	keys[1].RateLimitRPM = -1 // unlimited
+	p := newTestPool(t, clk, Service{RateLimitRPM: 60, RateBurst: 2}, keys, nil)
+	got := counts(t, p, 20, Request{})
+	if got["k0"] != 2 || got["k1"] != 18 {
+		t.Fatalf("with k0 at burst 2: %v", got)
+	}
+	clk.Advance(time.Second)
+	got = counts(t, p, 10, Request{})
+	if got["k0"] != 1 {
+		t.Fatalf("k0 after one second (1 rps): %v", got)
+	}
+	// Only the limited key: no key → retry after about a second.
+	p2 := newTestPool(t, clk, Service{RateLimitRPM: 60, RateBurst: 1}, keysN(1), nil)
+	counts(t, p2, 1, Request{})
+	_, err := p2.Acquire("svc", Request{})
+	var nk *NoKeyError
+	if !errors.As(err, &nk) || nk.RetryAfter > 2*time.Second {
+		t.Fatalf("err %v", err)
+	}
+}
+
+func TestMaxInFlight(t *testing.T) {
+	p := newTestPool(t, newClock(), Service{MaxInFlight: 2}, keysN(2), nil)
+	var ls []Lease
+	for i := 0; i < 4; i++ {
+		ls = append(ls, acquire(t, p, Request{}))
+	}
+	if _, err := p.Acquire("svc", Request{}); !errors.Is(err, ErrNoKeyAvailable) {
+		t.Fatalf("fifth request admitted over max in flight: %v", err)
+	}
+	ls[0].Release(Outcome{})
+	l := acquire(t, p, Request{})
+	if l.KeyID() != ls[0].KeyID() {
+		t.Fatalf("freed slot on %s, picked %s", ls[0].KeyID(), l.KeyID())
+	}
+}
+
+func TestFeatures(t *testing.T) {
+	keys := keysN(3)
+	keys[0].Labels = map[string]string{"feature": "image-gen"}
+	keys[1].Features = map[string]int{"image-gen": 60, "chat": 0}
+	p := newTestPool(t, newClock(), Service{}, keys, nil)
+	got := counts(t, p, 30, Request{Feature: "image-gen"})
+	if got["k2"] != 0 || got["k0"] == 0 {
+		t.Fatalf("feature picks %v", got)
+	}
+	if got["k1"] > 6 {
+		t.Fatalf("k1's image-gen rate (60/min, burst 6) exceeded: %v", got)
+	}
+	if _, err := p.Acquire("svc", Request{Feature: "video"}); !errors.Is(err, ErrNoKeyAvailable) {
+		t.Fatalf("unknown feature: %v", err)
+	}
+}
+
+func TestReloadKeepsLiveState(t *testing.T) {
+	clk := newClock()
+	keys := keysN(3)
+	p := newTestPool(t, clk, Service{}, keys, nil)
+	l := acquire(t, p, Request{Exclude: []string{"k1", "k2"}})
+	l.Release(Outcome{Kind: RateLimited, RetryAfter: time.Minute})
+	inflight := acquire(t, p, Request{Exclude: []string{"k0", "k2"}}) // k1
+	removed := acquire(t, p, Request{Exclude: []string{"k0", "k1"}})  // k2
+
+	// Reload: k0 unchanged (weight edit), k1 unchanged, k2 removed, k3 new.
+	next := []Key{keys[0], keys[1], {ID: "k3", Secret: "sk-new-key-0003"}}
+	next[0].Weight = 5
+	if err := p.SetService(Service{Name: "svc"}, next); err != nil {
+		t.Fatal(err)
+	}
+	st, _ := p.Stats("svc")
+	byID := map[string]KeyStats{}
+	for _, s := range st {
+		byID[s.ID] = s
+	}
+	if byID["k0"].State != StateCooling {
+		t.Fatalf("reload reset k0's cooldown: %v", byID["k0"].State)
+	}
+	if byID["k1"].InFlight != 1 {
+		t.Fatalf("reload lost k1's in-flight count: %d", byID["k1"].InFlight)
+	}
+	if _, ok := byID["k2"]; ok {
+		t.Fatal("removed key still listed")
+	}
+	got := counts(t, p, 20, Request{})
+	if got["k2"] != 0 || got["k0"] != 0 || got["k3"] == 0 {
+		t.Fatalf("after reload: %v", got)
+	}
+	// A late release of the removed key is ignored; in-flight releases fine.
+	removed.Release(Outcome{Kind: Invalid})
+	removed.Release(Outcome{Kind: Invalid}) // idempotent
+	inflight.Release(Outcome{})
+	if st, _ := p.Stats("svc"); st[1].InFlight != 0 {
+		t.Fatalf("k1 in flight %d after release", st[1].InFlight)
+	}
+	// Changing a key's secret starts it fresh, and a stale lease is ignored.
+	l = acquire(t, p, Request{Exclude: []string{"k0", "k3"}}) // k1
+	next[1].Secret = "sk-rotated-0001"
+	_ = p.SetService(Service{Name: "svc"}, next)
+	l.Release(Outcome{Kind: Invalid})
+	if st, _ := p.Stats("svc"); st[1].State != StateActive {
+		t.Fatalf("stale report applied to rotated key: %v", st[1].State)
+	}
+	// A stored state change (an admin in another replica) is applied.
+	next[1].State, next[1].Reason = StateDisabled, "admin"
+	_ = p.SetService(Service{Name: "svc"}, next)
+	if got := counts(t, p, 10, Request{}); got["k1"] != 0 {
+		t.Fatal("disabled key picked")
+	}
+	p.RemoveService("svc")
+	if _, err := p.Acquire("svc", Request{}); !errors.Is(err, ErrUnknownService) {
+		t.Fatalf("removed service: %v", err)
+	}
+}
+
+func TestBalanceSpend(t *testing.T) {
+	keys := keysN(2)
+	keys[0].BalanceTotal = 1.0
+	p := newTestPool(t, newClock(), Service{}, keys, nil)
+	for i := 0; i < 4; i++ {
+		l := acquire(t, p, Request{Exclude: []string{"k1"}})
+		l.Release(Outcome{Cost: 0.3})
+	}
+	st, _ := p.Stats("svc")
+	if st[0].State != StateExhausted || st[0].Spent < 1.19 {
+		t.Fatalf("after spending 1.2 of 1.0: %+v", st[0])
+	}
+}
+
+func TestApplyEvent(t *testing.T) {
+	clk := newClock()
+	var events []Event
+	a := newTestPool(t, clk, Service{}, keysN(2), &events)
+	b := newTestPool(t, clk, Service{}, keysN(2), nil)
+	l := acquire(t, a, Request{Exclude: []string{"k1"}})
+	l.Release(Outcome{Kind: RateLimited, RetryAfter: time.Minute})
+	for _, e := range events {
+		b.Apply(e)
+	}
+	if got := counts(t, b, 10, Request{}); got["k0"] != 0 {
+		t.Fatal("replica b picked k0 after applying its cooldown")
+	}
+	clk.Advance(2 * time.Minute)
+	if got := counts(t, b, 10, Request{}); got["k0"] == 0 {
+		t.Fatal("replica b did not re-admit k0")
+	}
+}
+
+func TestConcurrentUse(t *testing.T) {
+	clk := newClock()
+	p := newTestPool(t, clk, Service{MaxInFlight: 3}, keysN(8), nil)
+	var wg sync.WaitGroup
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			kinds := []OutcomeKind{OK, OK, OK, RateLimited, Failure, OK, ClientError}
+			for i := 0; i < 2000; i++ {
+				l, err := p.Acquire("svc", Request{})
+				if err != nil {
+					clk.Advance(time.Second)
+					continue
+				}
+				l.Release(Outcome{Kind: kinds[(i+g)%len(kinds)], RetryAfter: time.Second})
+				if i%100 == 0 {
+					_, _ = p.Stats("svc")
+				}
+				if i%500 == 0 && g == 0 {
+					_ = p.SetService(Service{Name: "svc", MaxInFlight: 3}, keysN(8))
+				}
+			}
+		}(g)
+	}
+	wg.Wait()
+	st, _ := p.Stats("svc")
+	for _, s := range st {
+		if s.InFlight != 0 {
+			t.Fatalf("%s: %d in flight after all released", s.ID, s.InFlight)
+		}
+	}
+}
+
+func TestConfigErrors(t *testing.T) {
+	if _, err := New(Config{Breaker: breaker.Settings{ConsecutiveFailures: 3}}); !errors.Is(err, ErrInvalidConfig) {
+		t.Fatalf("zero half-open probes accepted: %v", err)
+	}
+	p, _ := New(Config{})
+	for name, keys := range map[string][]Key{
+		"empty id":  {{Secret: "x"}},
+		"duplicate": {{ID: "a", Secret: "x"}, {ID: "a", Secret: "y"}},
+	} {
+		if err := p.SetService(Service{Name: "s"}, keys); !errors.Is(err, ErrInvalidConfig) {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	if err := p.SetService(Service{}, nil); !errors.Is(err, ErrInvalidConfig) {
+		t.Errorf("empty service name: %v", err)
+	}
+}

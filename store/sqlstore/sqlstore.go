@@ -101,6 +101,7 @@ type Store struct {
 	fpKey   []byte // HMAC key of key fingerprints; nil without a keyring
 	log     *slog.Logger
 	now     func() time.Time
+	dsn     string // PostgreSQL only, for Listen's own connection; may hold a password: never log it
 }
 
 // Open opens (creating it if needed) the database named by dsn, migrates
@@ -146,6 +147,7 @@ func open(ctx context.Context, dsn string, opts Options, target int) (*Store, er
 
 func (s *Store) openPostgres(dsn string, opts Options, cfg *gorm.Config) error {
 	s.kind = kindPostgres
+	s.dsn = dsn
 	db, err := sql.Open("pgx", dsn)
 	if err != nil {
 		return fmt.Errorf("sqlstore: open postgres: %w", redactURLError(err))
@@ -348,7 +350,8 @@ func (s *Store) Close() error {
 }
 
 // write runs fn in a write transaction. When bump is true it also bumps
-// the change counter that [Store.Version] reads, in the same transaction.
+// the change counter that [Store.Version] reads, in the same transaction,
+// and on PostgreSQL sends a NOTIFY on [NotifyChannel] (see [Store.Listen]).
 // A failure because the database is read only (a PostgreSQL failover) drops
 // the pooled connections and retries once. Errors are mapped to the store
 // sentinels and prefixed with op.
@@ -359,7 +362,13 @@ func (s *Store) write(ctx context.Context, op string, bump bool, fn func(tx *gor
 				return err
 			}
 			if bump {
-				return tx.Exec("UPDATE meta SET counter = counter + 1 WHERE name = ?", metaVersion).Error
+				if err := tx.Exec("UPDATE meta SET counter = counter + 1 WHERE name = ?", metaVersion).Error; err != nil {
+					return err
+				}
+				if s.kind == kindPostgres {
+					// Delivered on commit only; see Listen.
+					return tx.Exec("SELECT pg_notify(?, '')", NotifyChannel).Error
+				}
 			}
 			return nil
 		})

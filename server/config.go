@@ -1,0 +1,385 @@
+package server
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/keypool/keypool"
+	"github.com/keypool/keypool/store"
+	"github.com/keypool/keypool/store/external"
+)
+
+// Defaults applied by [New] to zero [Config] fields.
+const (
+	DefaultListen       = ":8080"
+	DefaultDatabase     = "sqlite:./data/keypool.db"
+	DefaultDrainTimeout = 30 * time.Second
+	DefaultMaxBodyBytes = 32 << 20
+	DefaultLeaseTTL     = 10 * time.Minute
+	DefaultSyncInterval = 5 * time.Second
+)
+
+// Names of the files [New] writes to [Config.DataDir] when it generates a
+// secret (each created with mode 0600).
+const (
+	AdminTokenFile    = "admin_token"
+	EncryptionKeyFile = "encryption.key"
+)
+
+// Duration is a time.Duration that reads from JSON and YAML as a duration
+// string ("30s", "1m") or a number of seconds.
+type Duration = external.Duration
+
+// Config is every setting of a keypoold server. The zero value is a working
+// server: SQLite under ./data, generated secrets (see [New]), JSON logs at
+// info level, listening on :8080.
+//
+// Secret-bearing fields are typed so that printing a Config (%v, %+v, JSON,
+// slog) never shows them: [keypool.Secret] always prints "[redacted]" and
+// [SecretURL] hides a URL's password.
+type Config struct {
+	// Listen is the address [Server.Run] listens on. If empty, ":8080".
+	Listen string `json:"listen,omitempty" yaml:"listen,omitempty"`
+	// Database is "sqlite:PATH" (also "file:PATH" or a bare path) or a
+	// "postgres://" URL. If empty, "sqlite:./data/keypool.db".
+	Database SecretURL `json:"database,omitempty" yaml:"database,omitempty"`
+	// DataDir is where generated secrets are kept (AdminTokenFile,
+	// EncryptionKeyFile). If empty, the directory of a SQLite database, or
+	// "./data" with PostgreSQL.
+	DataDir string `json:"data_dir,omitempty" yaml:"data_dir,omitempty"`
+	// AdminToken is the admin bearer token. If empty, it is read from
+	// DataDir/admin_token, or generated there (mode 0600) and announced
+	// once on Output.
+	AdminToken keypool.Secret `json:"admin_token,omitempty" yaml:"admin_token,omitempty"`
+	// EncryptionKey is a comma-separated list of 64-hex-character AES-256
+	// keys; the first seals, all open (rotation). If empty, it is read
+	// from DataDir/encryption.key, or generated there, with a warning on
+	// every start: a key beside the database protects nothing against
+	// whoever can read the database.
+	EncryptionKey keypool.Secret `json:"encryption_key,omitempty" yaml:"encryption_key,omitempty"`
+	// RedisURL, when set, makes rate limits shared by every replica using
+	// the same Redis (redis://host:port/db).
+	RedisURL SecretURL `json:"redis_url,omitempty" yaml:"redis_url,omitempty"`
+	// ExternalDatabase is "sqlite:PATH" or a "postgres://" URL of an
+	// external credential table, opened read only. Empty: none.
+	ExternalDatabase SecretURL `json:"external_database,omitempty" yaml:"external_database,omitempty"`
+	// External describes the external credential table (table and column
+	// names, refresh interval, service mapping).
+	External external.Config `json:"external,omitzero" yaml:"external,omitempty"`
+	// Services declares services and their keys as code; [New] creates
+	// or updates them in the store at start (see [ServiceSpec]).
+	Services []ServiceSpec `json:"services,omitempty" yaml:"services,omitempty"`
+
+	// LogLevel is debug, info, warn or error. If empty, info.
+	LogLevel string `json:"log_level,omitempty" yaml:"log_level,omitempty"`
+	// LogFormat is json or text. If empty, json.
+	LogFormat string `json:"log_format,omitempty" yaml:"log_format,omitempty"`
+
+	// DrainTimeout bounds how long a shutdown waits for in-flight
+	// requests before closing their connections. If zero, 30s.
+	DrainTimeout Duration `json:"drain_timeout,omitempty" yaml:"drain_timeout,omitempty"`
+	// MaxBodyBytes caps proxied request bodies (413 request_too_large).
+	// If zero, 32 MiB.
+	MaxBodyBytes int64 `json:"max_body_bytes,omitempty" yaml:"max_body_bytes,omitempty"`
+	// LeaseTTL is how long a key leased by GET /key stays taken before it
+	// is returned without a report. If zero, 10 minutes.
+	LeaseTTL Duration `json:"lease_ttl,omitempty" yaml:"lease_ttl,omitempty"`
+	// SyncInterval is how often the store is polled for changes (a
+	// cheap version query); PostgreSQL also pushes changes with LISTEN. If
+	// zero, 5s.
+	SyncInterval Duration `json:"sync_interval,omitempty" yaml:"sync_interval,omitempty"`
+	// AuthCacheTTL bounds how long a revoked or expired token keeps
+	// working. If zero, the auth package's default (at most 5s).
+	AuthCacheTTL Duration `json:"auth_cache_ttl,omitempty" yaml:"auth_cache_ttl,omitempty"`
+	// Usage configures the batching of usage records.
+	Usage store.UsageWriterOptions `json:"usage,omitzero" yaml:"usage,omitempty"`
+
+	// Logger, if set, is used instead of one built from LogLevel,
+	// LogFormat and LogOutput.
+	Logger *slog.Logger `json:"-" yaml:"-"`
+	// LogOutput is where logs are written. If nil, os.Stderr.
+	LogOutput io.Writer `json:"-" yaml:"-"`
+	// Output receives the one-time notice of a generated admin token and
+	// the generated-encryption-key warning: never the logs, so the token
+	// is not shipped to a log pipeline. If nil, os.Stderr.
+	Output io.Writer `json:"-" yaml:"-"`
+	// Upstream is the transport used to reach upstreams. If nil, a clone
+	// of http.DefaultTransport tuned for many connections per host.
+	Upstream http.RoundTripper `json:"-" yaml:"-"`
+}
+
+// ServiceSpec is a service declared in the configuration file. Its fields
+// mirror POST /admin/services; Keys mirror POST /admin/keys. At start the
+// service is created, or updated to match; each key is added unless the
+// service already holds the same value. Keys removed from the file are
+// not deleted from the store.
+type ServiceSpec struct {
+	Name         string            `json:"name" yaml:"name"`
+	DisplayName  string            `json:"display_name,omitempty" yaml:"display_name,omitempty"`
+	BaseURL      string            `json:"base_url" yaml:"base_url"`
+	AuthScheme   string            `json:"auth_scheme,omitempty" yaml:"auth_scheme,omitempty"`
+	RateLimitRPM int               `json:"rate_limit_rpm,omitempty" yaml:"rate_limit_rpm,omitempty"`
+	MaxInFlight  int               `json:"max_in_flight,omitempty" yaml:"max_in_flight,omitempty"`
+	ProxyHeaders map[string]string `json:"proxy_headers,omitempty" yaml:"proxy_headers,omitempty"`
+	Selector     string            `json:"selector,omitempty" yaml:"selector,omitempty"`
+	ExternalName string            `json:"external_name,omitempty" yaml:"external_name,omitempty"`
+	// RPMLimit limits every client of the service together (requests per
+	// minute), like a team's rpm_limit.
+	RPMLimit int       `json:"rpm_limit,omitempty" yaml:"rpm_limit,omitempty"`
+	Keys     []KeySpec `json:"keys,omitempty" yaml:"keys,omitempty"`
+}
+
+// KeySpec is an upstream key declared in the configuration file. Write its
+// value as a ${ENV} reference, not inline.
+type KeySpec struct {
+	KeyValue     keypool.Secret    `json:"key_value" yaml:"key_value"`
+	Weight       int               `json:"weight,omitempty" yaml:"weight,omitempty"`
+	Priority     int               `json:"priority,omitempty" yaml:"priority,omitempty"`
+	RateLimitRPM int               `json:"rate_limit_rpm,omitempty" yaml:"rate_limit_rpm,omitempty"`
+	MaxInFlight  int               `json:"max_in_flight,omitempty" yaml:"max_in_flight,omitempty"`
+	Labels       map[string]string `json:"labels,omitempty" yaml:"labels,omitempty"`
+	BalanceTotal float64           `json:"balance_total,omitempty" yaml:"balance_total,omitempty"`
+	BalanceUnit  string            `json:"balance_unit,omitempty" yaml:"balance_unit,omitempty"`
+	AccountEmail string            `json:"account_email,omitempty" yaml:"account_email,omitempty"`
+}
+
+// Environment variables read by [Config.ApplyEnv].
+const (
+	EnvListen           = "KEYPOOL_LISTEN"
+	EnvDatabase         = "KEYPOOL_DATABASE"
+	EnvAdminToken       = "KEYPOOL_ADMIN_TOKEN"
+	EnvEncryptionKey    = "KEYPOOL_ENCRYPTION_KEY"
+	EnvRedisURL         = "KEYPOOL_REDIS_URL"
+	EnvConfig           = "KEYPOOL_CONFIG"
+	EnvLogLevel         = "KEYPOOL_LOG_LEVEL"
+	EnvLogFormat        = "KEYPOOL_LOG_FORMAT"
+	EnvExternalDatabase = "KEYPOOL_EXTERNAL_DATABASE"
+	EnvDataDir          = "KEYPOOL_DATA_DIR"
+	EnvDrainTimeout     = "KEYPOOL_DRAIN_TIMEOUT"
+)
+
+// ApplyEnv overrides c with the KEYPOOL_* variables that lookup finds set
+// and non-empty (pass os.LookupEnv). KEYPOOL_CONFIG is not read here: the
+// caller loads the file first (see [LoadFile]) and applies the
+// environment over it.
+func (c *Config) ApplyEnv(lookup func(string) (string, bool)) error {
+	get := func(name string) (string, bool) {
+		v, ok := lookup(name)
+		if !ok || strings.TrimSpace(v) == "" {
+			return "", false
+		}
+		return strings.TrimSpace(v), true
+	}
+	if v, ok := get(EnvListen); ok {
+		c.Listen = v
+	}
+	if v, ok := get(EnvDatabase); ok {
+		c.Database = SecretURL(v)
+	}
+	if v, ok := get(EnvAdminToken); ok {
+		c.AdminToken = keypool.Secret(v)
+	}
+	if v, ok := get(EnvEncryptionKey); ok {
+		c.EncryptionKey = keypool.Secret(v)
+	}
+	if v, ok := get(EnvRedisURL); ok {
+		c.RedisURL = SecretURL(v)
+	}
+	if v, ok := get(EnvExternalDatabase); ok {
+		c.ExternalDatabase = SecretURL(v)
+	}
+	if v, ok := get(EnvLogLevel); ok {
+		c.LogLevel = v
+	}
+	if v, ok := get(EnvLogFormat); ok {
+		c.LogFormat = v
+	}
+	if v, ok := get(EnvDataDir); ok {
+		c.DataDir = v
+	}
+	if v, ok := get(EnvDrainTimeout); ok {
+		var d Duration
+		if err := d.UnmarshalText([]byte(v)); err != nil {
+			return fmt.Errorf("server: %s: %w", EnvDrainTimeout, err)
+		}
+		c.DrainTimeout = d
+	}
+	return nil
+}
+
+// withDefaults returns c with its zero fields set to their defaults.
+func (c Config) withDefaults() Config {
+	if c.Listen == "" {
+		c.Listen = DefaultListen
+	}
+	if c.Database == "" {
+		c.Database = DefaultDatabase
+	}
+	if c.DataDir == "" {
+		c.DataDir = "./data"
+		if p, ok := sqlitePath(c.Database.Reveal()); ok {
+			c.DataDir = filepath.Dir(p)
+		}
+	}
+	if c.LogLevel == "" {
+		c.LogLevel = "info"
+	}
+	if c.LogFormat == "" {
+		c.LogFormat = "json"
+	}
+	if c.DrainTimeout <= 0 {
+		c.DrainTimeout = Duration(DefaultDrainTimeout)
+	}
+	if c.MaxBodyBytes <= 0 {
+		c.MaxBodyBytes = DefaultMaxBodyBytes
+	}
+	if c.LeaseTTL <= 0 {
+		c.LeaseTTL = Duration(DefaultLeaseTTL)
+	}
+	if c.SyncInterval <= 0 {
+		c.SyncInterval = Duration(DefaultSyncInterval)
+	}
+	return c
+}
+
+// Validate reports the first setting that cannot work. [New] calls it.
+func (c *Config) Validate() error {
+	if _, err := parseLevel(c.LogLevel); c.LogLevel != "" && err != nil {
+		return err
+	}
+	switch strings.ToLower(c.LogFormat) {
+	case "", "json", "text":
+	default:
+		return fmt.Errorf("server: log format %q: want json or text", c.LogFormat)
+	}
+	if c.MaxBodyBytes < 0 {
+		return fmt.Errorf("server: max_body_bytes must not be negative")
+	}
+	seen := map[string]bool{}
+	for i, s := range c.Services {
+		if err := s.validate(); err != nil {
+			return fmt.Errorf("server: services[%d]: %w", i, err)
+		}
+		if seen[s.Name] {
+			return fmt.Errorf("server: services[%d]: service %q declared twice", i, s.Name)
+		}
+		seen[s.Name] = true
+	}
+	return nil
+}
+
+func (s *ServiceSpec) validate() error {
+	if s.Name == "" {
+		return fmt.Errorf("name is required")
+	}
+	u, err := url.Parse(s.BaseURL)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return fmt.Errorf("service %q: base_url must be an http(s) URL", s.Name)
+	}
+	if s.AuthScheme != "" {
+		if _, err := keypool.ParseAuthScheme(s.AuthScheme); err != nil {
+			return fmt.Errorf("service %q: auth_scheme: %w", s.Name, err)
+		}
+	}
+	if s.Selector != "" {
+		if _, err := keypool.ParseSelector(s.Selector); err != nil {
+			return fmt.Errorf("service %q: selector: %w", s.Name, err)
+		}
+	}
+	for j, k := range s.Keys {
+		if k.KeyValue.IsZero() {
+			return fmt.Errorf("service %q: keys[%d]: key_value is empty (is its ${ENV} variable set?)", s.Name, j)
+		}
+	}
+	return nil
+}
+
+func parseLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(strings.ToUpper(s))); err != nil {
+		return 0, fmt.Errorf("server: log level %q: want debug, info, warn or error", s)
+	}
+	return l, nil
+}
+
+// sqlitePath returns the file path of a SQLite DSN, and false for a
+// PostgreSQL URL or an in-memory database.
+func sqlitePath(dsn string) (string, bool) {
+	if strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://") {
+		return "", false
+	}
+	p := strings.TrimPrefix(strings.TrimPrefix(dsn, "sqlite:"), "file:")
+	if i := strings.IndexByte(p, '?'); i >= 0 {
+		p = p[:i]
+	}
+	if p == "" || p == ":memory:" {
+		return "", false
+	}
+	return p, true
+}
+
+// SecretURL is a connection string that may carry a password (a database
+// or Redis URL). Printing it in any way (String, Format, JSON, slog) hides
+// the password; [SecretURL.Reveal] returns it whole.
+type SecretURL string
+
+// Reveal returns the full connection string.
+func (u SecretURL) Reveal() string { return string(u) }
+
+// String returns the connection string with its password, if any,
+// replaced by "xxxxx". A key=value connection string is shown only as
+// "[redacted]" when it names a password.
+func (u SecretURL) String() string {
+	s := string(u)
+	if !strings.Contains(s, "://") {
+		if strings.Contains(strings.ToLower(s), "password") {
+			return "[redacted]"
+		}
+		return s
+	}
+	p, err := url.Parse(s)
+	if err != nil {
+		return "[redacted]"
+	}
+	q := p.Query()
+	changed := false
+	for k := range q {
+		lk := strings.ToLower(k)
+		if strings.Contains(lk, "password") || strings.Contains(lk, "token") || strings.Contains(lk, "secret") {
+			q.Set(k, "xxxxx")
+			changed = true
+		}
+	}
+	if changed {
+		p.RawQuery = q.Encode()
+	}
+	if p.User != nil {
+		if _, ok := p.User.Password(); !ok && p.User.Username() != "" && p.Scheme == "redis" {
+			// redis://secret@host: go-redis reads a lone user as a password.
+			p.User = url.UserPassword("xxxxx", "")
+		}
+	}
+	return p.Redacted()
+}
+
+// GoString returns the same as String.
+func (u SecretURL) GoString() string { return strconv.Quote(u.String()) }
+
+// Format writes String for every verb.
+func (u SecretURL) Format(f fmt.State, _ rune) { _, _ = io.WriteString(f, u.String()) }
+
+// MarshalText encodes String.
+func (u SecretURL) MarshalText() ([]byte, error) { return []byte(u.String()), nil }
+
+// UnmarshalText reads the full connection string.
+func (u *SecretURL) UnmarshalText(b []byte) error { *u = SecretURL(b); return nil }
+
+// LogValue makes log/slog print String.
+func (u SecretURL) LogValue() slog.Value { return slog.StringValue(u.String()) }

@@ -55,18 +55,18 @@ func BenchmarkAppendUsage(b *testing.B) {
 	b.ReportMetric(float64(n)/time.Since(start).Seconds(), "rows/s")
 }
 
-// BenchmarkKeys100k measures loading 100 000 keys (opening every secret)
-// from SQLite.
-func BenchmarkKeys100k(b *testing.B) {
+// seed100k returns a SQLite store holding 100 000 keys over four services.
+func seed100k(b *testing.B) *Store {
+	b.Helper()
 	const n = 100_000
 	ctx := context.Background()
 	s := openAt(b, sqliteDSN(b), Options{Keyring: testKeyring(b)})
-	for _, name := range []string{"openai", "groq", "exa", "tavily"} {
+	services := []string{"openai", "groq", "exa", "tavily"}
+	for _, name := range services {
 		if err := s.CreateService(ctx, &store.Service{Name: name, BaseURL: "https://" + name}); err != nil {
 			b.Fatal(err)
 		}
 	}
-	services := []string{"openai", "groq", "exa", "tavily"}
 	for off := 0; off < n; off += 10_000 {
 		keys := make([]*store.Key, 10_000)
 		for i := range keys {
@@ -80,14 +80,40 @@ func BenchmarkKeys100k(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+	return s
+}
+
+// BenchmarkKeys100k measures loading 100 000 keys (opening every secret)
+// from SQLite.
+func BenchmarkKeys100k(b *testing.B) {
+	s := seed100k(b)
 	b.ReportAllocs()
 	for b.Loop() {
-		ks, err := s.Keys(ctx, "")
+		ks, err := s.Keys(context.Background(), "")
 		if err != nil {
 			b.Fatal(err)
 		}
-		if len(ks) != n {
+		if len(ks) != 100_000 {
 			b.Fatalf("%d keys", len(ks))
+		}
+	}
+}
+
+// BenchmarkLoadPool100k measures a cold start: 100 000 keys from SQLite
+// into a fresh keypool.Pool through the Syncer.
+func BenchmarkLoadPool100k(b *testing.B) {
+	s := seed100k(b)
+	b.ReportAllocs()
+	for b.Loop() {
+		pool, err := keypool.New(keypool.Config{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := store.NewSyncer(pool, s, store.SyncerOptions{}).Load(context.Background()); err != nil {
+			b.Fatal(err)
+		}
+		if st, _ := pool.Stats("exa"); len(st) != 25_000 {
+			b.Fatalf("exa has %d keys", len(st))
 		}
 	}
 }

@@ -38,6 +38,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -171,6 +172,9 @@ type Authenticator struct {
 	// cached, so a revocation cannot be undone by a read that began
 	// before it.
 	gen atomic.Uint64
+	// mu orders cache additions against invalidations (a gen check and
+	// the Add it guards happen together); no I/O runs under it.
+	mu sync.Mutex
 }
 
 // New returns an Authenticator reading tokens from st.
@@ -306,9 +310,14 @@ func (a *Authenticator) load(ctx context.Context, sum [sha256.Size]byte) (entry,
 }
 
 func (a *Authenticator) add(sum [sha256.Size]byte, e entry, gen uint64) {
-	if a.cache != nil && a.gen.Load() == gen {
+	if a.cache == nil {
+		return
+	}
+	a.mu.Lock()
+	if a.gen.Load() == gen {
 		a.cache.Add(sum, e)
 	}
+	a.mu.Unlock()
 }
 
 // Invalidate drops the cached token with this id, so that a change to it
@@ -324,8 +333,10 @@ func (a *Authenticator) InvalidateHash(hash []byte) {
 	if a.cache == nil || len(hash) != sha256.Size {
 		return
 	}
+	a.mu.Lock()
 	a.gen.Add(1)
 	a.cache.Remove([sha256.Size]byte(hash))
+	a.mu.Unlock()
 }
 
 // InvalidateTeam drops every cached token of a team (after its limits
@@ -342,8 +353,10 @@ func (a *Authenticator) InvalidateUser(userID string) {
 // Purge empties the cache.
 func (a *Authenticator) Purge() {
 	if a.cache != nil {
+		a.mu.Lock()
 		a.gen.Add(1)
 		a.cache.Purge()
+		a.mu.Unlock()
 	}
 }
 
@@ -354,6 +367,8 @@ func (a *Authenticator) invalidateWhere(match func(*Principal) bool) {
 	if a.cache == nil {
 		return
 	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
 	a.gen.Add(1)
 	for _, k := range a.cache.Keys() {
 		if e, ok := a.cache.Peek(k); ok && e.p != nil && match(e.p) {

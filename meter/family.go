@@ -88,6 +88,8 @@ func DetectFamily(baseURL, path, respContentType string) Family {
 		strings.Contains(p, "/responses"),
 		strings.HasSuffix(p, "/embeddings"):
 		return FamilyOpenAI
+	case strings.Contains(p, "/threads/"): // OpenAI Assistants
+		return FamilyOpenAI
 	case strings.HasSuffix(p, "/messages"), strings.Contains(p, "/messages?"):
 		return FamilyAnthropic
 	case strings.Contains(p, ":generatecontent"), strings.Contains(p, ":streamgeneratecontent"):

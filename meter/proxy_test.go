@@ -3,6 +3,7 @@ package meter
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -112,4 +113,17 @@ func TestReverseProxy(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("OnDone not called")
 	}
+}
+
+type optsKey struct{}
+
+// withOptions carries a request's metering options from Rewrite to
+// ModifyResponse, as a proxy would.
+func withOptions(ctx context.Context, o Options) context.Context {
+	return context.WithValue(ctx, optsKey{}, o)
+}
+
+func optionsFrom(ctx context.Context) Options {
+	o, _ := ctx.Value(optsKey{}).(Options)
+	return o
 }

@@ -29,7 +29,10 @@ type Options struct {
 	// (the event whose JSON has "choices":[] and a usage object) from the
 	// bytes handed to the caller. Set it when [EnsureStreamUsage] added
 	// include_usage to the request, so the client gets the stream it
-	// asked for. Usage is still metered from the removed chunk.
+	// asked for. Usage is still metered from the removed chunk. It only
+	// applies to FamilyOpenAI with a text/event-stream ContentType; every
+	// other event passes byte for byte, each as soon as its blank line
+	// has arrived.
 	StripUsageChunk bool
 	// OnDone, if not nil, is called exactly once with the final usage:
 	// when a Read returns io.EOF, or else at the first Close. It is called
@@ -38,9 +41,11 @@ type Options struct {
 }
 
 // Reader wraps a response body and meters it as the proxy's copy loop
-// reads it. Read hands out the same bytes the body produced (minus the
-// stripped usage chunk, when asked), as soon as it gets them; the Reader
-// keeps no copy of the body. Usage is ready after EOF or Close.
+// reads it. Read hands out the same bytes the body produced, in the
+// caller's buffer, as soon as it gets them; the Reader keeps no copy of
+// the body, only a usage object that straddles two reads. When stripping
+// (see [Options.StripUsageChunk]) the stream goes through a pooled buffer
+// instead, one SSE event at a time. Usage is ready after EOF or Close.
 //
 // Read and Close may be called from different goroutines; Read must not be
 // called concurrently with itself. A Reader must not be copied.
@@ -70,7 +75,7 @@ func NewReader(body io.ReadCloser, opts Options) *Reader {
 		fam = FamilyNone
 	}
 	r.sn.init(fam)
-	r.strip = opts.StripUsageChunk && fam != FamilyNone && IsEventStream(opts.ContentType)
+	r.strip = opts.StripUsageChunk && fam == FamilyOpenAI && IsEventStream(opts.ContentType)
 	return r
 }
 
@@ -109,21 +114,24 @@ func (r *Reader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// observe feeds b to the sniffer and finishes on io.EOF.
-func (r *Reader) observe(b []byte, err error) {
+// observe feeds b to the sniffer and finishes on io.EOF. It returns how
+// many usage objects the sniffer has seen.
+func (r *Reader) observe(b []byte, err error) int {
 	r.mu.Lock()
 	if !r.done {
 		r.sn.feed(b)
 	}
+	objs := r.sn.objs
 	if err != io.EOF {
 		r.mu.Unlock()
-		return
+		return objs
 	}
 	fire, u := r.finishLocked(true)
 	r.mu.Unlock()
 	if fire != nil {
 		fire(u)
 	}
+	return objs
 }
 
 // finishLocked settles the usage once; it returns the callback to call, if
@@ -181,6 +189,29 @@ type stripBuf struct {
 	lineStart int // start of the current line
 	err       error
 	pass      bool // stripping gave up: hand everything out
+	objs      int  // usage objects the sniffer had seen at the last read
+	check     bool // a usage object arrived: look at each event
+}
+
+// readyAll marks every complete event ready without looking into them:
+// until the sniffer sees a usage object, no event can be a usage chunk.
+// It only searches bytes it has not searched before (s.scan on).
+func (s *stripBuf) readyAll() {
+	from := max(s.rd, s.scan-2)
+	b := (*s.buf)[from:s.w]
+	s.scan = s.w
+	for end := len(b); end > 0; {
+		k := bytes.LastIndexByte(b[:end], '\n')
+		if k < 1 {
+			return
+		}
+		// Is the line ending at b[k] empty?
+		if b[k-1] == '\n' || b[k-1] == '\r' && k >= 2 && b[k-2] == '\n' {
+			s.rd = from + k + 1
+			return
+		}
+		end = k
+	}
 }
 
 func (r *Reader) readStrip(p []byte) (int, error) {
@@ -228,13 +259,22 @@ func (r *Reader) readStrip(p []byte) (int, error) {
 		}
 		b := *s.buf
 		n, err := r.src.Read(b[s.w:])
-		r.observe(b[s.w:s.w+n], err)
+		if objs := r.observe(b[s.w:s.w+n], err); objs != s.objs {
+			if !s.check { // look at the pending event from its start
+				s.scan, s.lineStart = s.rd, s.rd
+			}
+			s.objs, s.check = objs, true
+		}
 		s.w += n
 		s.err = err
-		if s.pass {
+		switch {
+		case s.pass:
 			s.rd = s.w
-		} else {
+		case s.check:
 			s.events()
+			s.check = s.rd < s.w // the usage chunk may still be incomplete
+		default:
+			s.readyAll()
 		}
 	}
 }

@@ -348,3 +348,36 @@ func TestFamilyNonePassesThrough(t *testing.T) {
 		t.Fatal("OnDone not called with Found == false")
 	}
 }
+
+// TestConcurrentClose closes a Reader while another goroutine is blocked
+// in Read, as a server does when a client hangs up (run with -race).
+func TestConcurrentClose(t *testing.T) {
+	for _, strip := range []bool{false, true} {
+		pr, pw := io.Pipe()
+		done := make(chan Usage, 2)
+		r := NewReader(pr, Options{Family: FamilyOpenAI, ContentType: "text/event-stream",
+			StripUsageChunk: strip, OnDone: func(u Usage) { done <- u }})
+		readErr := make(chan error, 1)
+		go func() {
+			_, err := io.Copy(io.Discard, r)
+			readErr <- err
+		}()
+		pw.Write([]byte("data: {\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":7}}\n\n"))
+		// A pipe write returns once a Read took the bytes, so when this
+		// second one returns, the first Read has been observed.
+		pw.Write([]byte("data: {\"cho"))
+		r.Close()
+		if err := <-readErr; err == nil {
+			t.Fatal("Read after Close returned no error")
+		}
+		u := <-done
+		if u.Complete || u.InputTokens != 7 || u.Model != "gpt-4o" {
+			t.Fatalf("strip=%v: usage = %+v", strip, u)
+		}
+		select {
+		case <-done:
+			t.Fatal("OnDone called twice")
+		default:
+		}
+	}
+}

@@ -14,9 +14,11 @@ import (
 // two chunks, and then only that value, up to a bound.
 //
 // The first string-valued model key wins (a response names its model
-// before its content); every usage object is decoded and its fields
-// override earlier ones, so the last (final) counts win. A usage key
-// inside a string cannot match: its closing quote would be escaped.
+// before its content), except for Gemini, whose modelVersion follows the
+// candidates, where the last one wins; every usage object is decoded and its fields
+// override earlier ones, so the last (final) counts win. A key only
+// counts where JSON allows one, after '{' or ',', so a key-like text inside
+// a string (where its quotes are escaped) never matches.
 
 const (
 	maxUsageValue = 16 << 10 // a usage object larger than this is ignored
@@ -59,13 +61,14 @@ type sniffer struct {
 	cap     *[]byte
 
 	partial   [2]int  // bytes of each key that ended the previous chunk
-	pesc      [2]bool // whether that key's opening quote was escaped
-	tailOdd   bool    // the stream so far ends in an odd run of backslashes
+	pctx      [2]bool // whether that key's opening quote can open a key
+	lastByte  byte    // the last byte of the stream so far that is not white space
 	lastModel bool    // the last model value wins (Gemini), not the first
 
 	c     counts
+	objs  int // usage objects seen
 	found bool
-	model []byte // raw model value, quotes included; points into modelBuf
+	model []byte // raw model value, quotes included; points into mbuf or its own copy
 	mbuf  [64]byte
 }
 
@@ -97,13 +100,13 @@ func (s *sniffer) feed(c []byte) {
 	for i < len(c) {
 		switch s.st {
 		case stIdle:
-			j, k := s.nextKey(c, i)
-			if j < 0 {
+			p, k := s.nextKey(c, i, idleFrom)
+			if p < 0 {
 				i = len(c)
 				continue
 			}
-			s.cur, s.st = k, stAfterKey
-			i = j + len(s.keys[k])
+			s.cur, s.st = k, stBeforeVal
+			i = p + 1
 		case stAfterKey:
 			i = skipSpace(c, i)
 			if i == len(c) {
@@ -163,38 +166,36 @@ func (s *sniffer) feed(c []byte) {
 			i, idleFrom = end, end
 		}
 	}
-	if s.st == stIdle {
+	if s.st == stIdle && !s.keyAtEnd(c, idleFrom) {
 		s.notePartials(c, idleFrom)
 	}
 	s.noteTail(c)
 }
 
-// noteTail records the parity of the backslashes that end the stream, so
-// that a quote at the start of the next chunk is known escaped or not.
+// noteTail records the last byte of the stream that is not white space.
 func (s *sniffer) noteTail(c []byte) {
-	n := 0
-	for n < len(c) && c[len(c)-1-n] == '\\' {
-		n++
+	for j := len(c) - 1; j >= 0; j-- {
+		if !isSpace(c[j]) {
+			s.lastByte = c[j]
+			return
+		}
 	}
-	if n == len(c) {
-		s.tailOdd = s.tailOdd != (n%2 == 1)
-		return
-	}
-	s.tailOdd = n%2 == 1
 }
 
-// escapedAt reports whether c[p] is preceded by an odd number of
-// backslashes, counting those that ended the previous chunks.
-func (s *sniffer) escapedAt(c []byte, p int) bool {
-	n := 0
-	for j := p - 1; j >= 0 && c[j] == '\\'; j-- {
-		n++
+// keyContext reports whether the quote at c[p] can open an object key:
+// only '{' or ',' (and white space) may come before it. That also rules
+// out a quote inside a string, which would be escaped, and the closing
+// quote of another string.
+func (s *sniffer) keyContext(c []byte, p int) bool {
+	j := p - 1
+	for j >= 0 && isSpace(c[j]) {
+		j--
 	}
-	odd := n%2 == 1
-	if n == p && s.tailOdd {
-		odd = !odd
+	b := s.lastByte
+	if j >= 0 {
+		b = c[j]
 	}
-	return odd
+	return b == '{' || b == ','
 }
 
 // notePartials remembers, for each key, how much of it the end of c (from
@@ -217,7 +218,7 @@ func (s *sniffer) notePartials(c []byte, from int) {
 			continue
 		}
 		s.partial[k] = len(c) - q
-		s.pesc[k] = s.escapedAt(c, q)
+		s.pctx[k] = s.keyContext(c, q)
 	}
 }
 
@@ -234,7 +235,7 @@ func (s *sniffer) junction(c []byte) (next int, done bool) {
 		s.partial[k] = 0
 		need := key[p:]
 		if len(c) >= len(need) {
-			if bytes.HasPrefix(c, []byte(need)) && !s.pesc[k] {
+			if bytes.HasPrefix(c, []byte(need)) && s.pctx[k] {
 				s.partial = [2]int{}
 				s.cur, s.st = k, stAfterKey
 				return len(need), false
@@ -249,54 +250,94 @@ func (s *sniffer) junction(c []byte) (next int, done bool) {
 	return 0, ext[0] || ext[1]
 }
 
-// nextKey returns the position in c (from i) of the earliest key still
-// wanted, and which key it is; -1 when there is none.
-func (s *sniffer) nextKey(c []byte, i int) (int, int) {
-	best, bestK := -1, 0
+// nextKey finds the next member whose key is one the sniffer wants: it
+// looks at each colon from c[i] on (one IndexByte pass finds both keys)
+// and checks the quoted key before it, which must start at or after lo.
+// It returns the colon's index and which key, or -1.
+func (s *sniffer) nextKey(c []byte, i, lo int) (int, int) {
+	for i < len(c) {
+		q := bytes.IndexByte(c[i:], ':')
+		if q < 0 {
+			return -1, 0
+		}
+		q += i
+		i = q + 1
+		if k := s.keyBefore(c, q, lo); k >= 0 {
+			return q, k
+		}
+	}
+	return -1, 0
+}
+
+// keyBefore returns which wanted key ends just before c[end] (white space
+// allowed in between) and starts at or after lo, or -1.
+func (s *sniffer) keyBefore(c []byte, end, lo int) int {
+	j := end - 1
+	for j >= lo && isSpace(c[j]) {
+		j--
+	}
+	if j < lo || c[j] != '"' {
+		return -1
+	}
 	for k, key := range s.keys {
 		if k == keyModel && s.modelDone {
 			continue
 		}
-		from := i
-		for from < len(c) {
-			p := bytes.Index(c[from:], []byte(key))
-			if p < 0 {
-				break
-			}
-			p += from
-			if s.escapedAt(c, p) {
-				from = p + 1
-				continue
-			}
-			if best < 0 || p < best {
-				best, bestK = p, k
-			}
-			break
+		st := j + 1 - len(key)
+		if st >= lo && string(c[st:j+1]) == key && s.keyContext(c, st) {
+			return k
 		}
 	}
-	return best, bestK
+	return -1
+}
+
+// keyAtEnd reports whether c ends with a wanted key (and perhaps white
+// space) whose colon is still to come; if so it waits for the colon.
+func (s *sniffer) keyAtEnd(c []byte, lo int) bool {
+	k := s.keyBefore(c, len(c), lo)
+	if k < 0 {
+		return false
+	}
+	s.cur, s.st = k, stAfterKey
+	s.partial = [2]int{}
+	return true
 }
 
 // scanValue follows the value from c[i]; it returns the index just past the
 // value's end, or -1 when the value goes on past c.
 func (s *sniffer) scanValue(c []byte, i int) int {
-	for ; i < len(c); i++ {
-		ch := c[i]
+	for i < len(c) {
 		if s.inStr {
-			switch {
-			case s.esc:
+			if s.esc {
 				s.esc = false
-			case ch == '\\':
+				i++
+				continue
+			}
+			for i < len(c) && !strSpecial[c[i]] {
+				i++
+			}
+			if i == len(c) {
+				return -1
+			}
+			if c[i] == '\\' {
 				s.esc = true
-			case ch == '"':
-				s.inStr = false
-				if s.depth == 0 {
-					return i + 1
-				}
+				i++
+				continue
+			}
+			s.inStr = false
+			i++
+			if s.depth == 0 {
+				return i
 			}
 			continue
 		}
-		switch ch {
+		for i < len(c) && !structural[c[i]] {
+			i++
+		}
+		if i == len(c) {
+			return -1
+		}
+		switch c[i] {
 		case '"':
 			s.inStr = true
 		case '{', '[':
@@ -307,9 +348,18 @@ func (s *sniffer) scanValue(c []byte, i int) int {
 				return i + 1
 			}
 		}
+		i++
 	}
 	return -1
 }
+
+var structural, strSpecial = func() (a, b [256]bool) {
+	for _, c := range `"{}[]` {
+		a[c] = true
+	}
+	b['"'], b['\\'] = true, true
+	return
+}()
 
 // handle takes in a complete value of the current key.
 func (s *sniffer) handle(val []byte) {
@@ -322,6 +372,7 @@ func (s *sniffer) handle(val []byte) {
 		s.modelDone = s.model != nil && !s.lastModel
 		return
 	}
+	s.objs++
 	if decodeUsage(s.family, val, &s.c) {
 		s.found = true
 	}

@@ -104,7 +104,8 @@ type Config struct {
 	// Logger, if set, is used instead of one built from LogLevel,
 	// LogFormat and LogOutput.
 	Logger *slog.Logger `json:"-" yaml:"-"`
-	// LogOutput is where logs are written. If nil, os.Stderr.
+	// LogOutput is where logs are written. If nil, os.Stderr. Lines are
+	// buffered and written at least every 100 ms, and at shutdown.
 	LogOutput io.Writer `json:"-" yaml:"-"`
 	// Output receives the one-time notice of a generated admin token and
 	// the generated-encryption-key warning: never the logs, so the token

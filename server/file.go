@@ -2,11 +2,16 @@ package server
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"strings"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/keypool/keypool/store"
 )
 
 // LoadFile reads a YAML configuration file (KEYPOOL_CONFIG) into a Config.
@@ -157,4 +162,60 @@ func validEnvName(n string) bool {
 		}
 	}
 	return true
+}
+
+// applyServices creates or updates the services declared in the
+// configuration and adds their keys. A key whose value its service
+// already holds is left as it is.
+func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, log *slog.Logger) error {
+	for _, sp := range specs {
+		rec := store.Service{
+			Name: sp.Name, DisplayName: sp.DisplayName, BaseURL: sp.BaseURL,
+			AuthScheme: sp.AuthScheme, RateLimitRPM: sp.RateLimitRPM, MaxInFlight: sp.MaxInFlight,
+			ProxyHeaders: sp.ProxyHeaders, Selector: sp.Selector, ExternalName: sp.ExternalName,
+		}
+		if rec.AuthScheme == "" {
+			rec.AuthScheme = "bearer"
+		}
+		old, err := st.GetService(ctx, sp.Name)
+		switch {
+		case errors.Is(err, store.ErrNotFound):
+			rec.Limits.RPMLimit = sp.RPMLimit
+			if err := st.CreateService(ctx, &rec); err != nil {
+				return fmt.Errorf("server: config service %q: %w", sp.Name, err)
+			}
+			log.Info("config: service created", "service", sp.Name)
+		case err != nil:
+			return fmt.Errorf("server: config service %q: %w", sp.Name, err)
+		default:
+			rec.Limits = old.Limits
+			rec.Limits.RPMLimit = sp.RPMLimit
+			rec.Prices = old.Prices
+			rec.CreatedAt = old.CreatedAt
+			if err := st.UpdateService(ctx, &rec); err != nil {
+				return fmt.Errorf("server: config service %q: %w", sp.Name, err)
+			}
+		}
+		added := 0
+		for i, ks := range sp.Keys {
+			k := &store.Key{
+				Service: sp.Name, Secret: ks.KeyValue, Weight: ks.Weight, Priority: ks.Priority,
+				RateLimitRPM: ks.RateLimitRPM, MaxInFlight: ks.MaxInFlight, Labels: ks.Labels,
+				BalanceTotal: ks.BalanceTotal, BalanceUnit: ks.BalanceUnit, AccountEmail: ks.AccountEmail,
+				Status: store.StatusActive,
+			}
+			err := st.CreateKeys(ctx, []*store.Key{k})
+			switch {
+			case errors.Is(err, store.ErrConflict):
+			case err != nil:
+				return fmt.Errorf("server: config service %q: keys[%d]: %w", sp.Name, i, err)
+			default:
+				added++
+			}
+		}
+		if added > 0 {
+			log.Info("config: keys added", "service", sp.Name, "keys", added)
+		}
+	}
+	return nil
 }

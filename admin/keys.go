@@ -1,0 +1,368 @@
+package admin
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/keypool/keypool"
+	"github.com/keypool/keypool/internal/httpx"
+	"github.com/keypool/keypool/store"
+)
+
+// keyInput is the body of POST and PATCH /admin/keys, and one element of
+// a JSON import.
+type keyInput struct {
+	Service      opt[string]            `json:"service"`
+	KeyValue     opt[keypool.Secret]    `json:"key_value"`
+	BalanceTotal opt[float64]           `json:"balance_total"`
+	BalanceUsed  opt[float64]           `json:"balance_used"`
+	BalanceUnit  opt[string]            `json:"balance_unit"`
+	AccountEmail opt[string]            `json:"account_email"`
+	Weight       opt[int]               `json:"weight"`
+	Priority     opt[int]               `json:"priority"`
+	RateLimitRPM opt[int]               `json:"rate_limit_rpm"`
+	MaxInFlight  opt[int]               `json:"max_in_flight"`
+	Labels       opt[map[string]string] `json:"labels"`
+	// Status is "active" or "disabled".
+	Status opt[string] `json:"status"`
+}
+
+// checkKeyValue validates an upstream key value. Its errors never include
+// the value.
+func checkKeyValue(v keypool.Secret) error {
+	s := v.Reveal()
+	switch {
+	case s == "":
+		return badRequest("key_value is required and must not be empty")
+	case len(s) > 8192:
+		return badRequest("key_value is longer than 8192 bytes")
+	case strings.TrimSpace(s) != s:
+		return badRequest("key_value must not start or end with white space")
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x21 || c == 0x7f {
+			return badRequest("key_value must not contain spaces or control characters")
+		}
+	}
+	return nil
+}
+
+// apply validates the present fields other than service and copies them
+// into k.
+func (in *keyInput) apply(k *store.Key) error {
+	if in.KeyValue.Set {
+		if err := checkKeyValue(in.KeyValue.V); err != nil {
+			return err
+		}
+		k.Secret = in.KeyValue.V
+	}
+	if in.BalanceTotal.Set {
+		if in.BalanceTotal.V < 0 {
+			return badRequest("balance_total must not be negative (0 means unknown or unlimited)")
+		}
+		k.BalanceTotal = in.BalanceTotal.V
+	}
+	if in.BalanceUsed.Set {
+		if in.BalanceUsed.V < 0 {
+			return badRequest("balance_used must not be negative")
+		}
+		k.BalanceUsed = in.BalanceUsed.V
+	}
+	if in.BalanceUnit.Set {
+		v := strings.ToLower(strings.TrimSpace(in.BalanceUnit.V))
+		if err := checkText("balance_unit", v, 32, false); err != nil {
+			return err
+		}
+		k.BalanceUnit = v
+	}
+	if in.AccountEmail.Set {
+		v := strings.TrimSpace(in.AccountEmail.V)
+		if err := checkText("account_email", v, 320, false); err != nil {
+			return err
+		}
+		k.AccountEmail = v
+	}
+	if in.Weight.Set {
+		if in.Weight.V < 0 {
+			return badRequest("weight must not be negative (0 means 1)")
+		}
+		k.Weight = in.Weight.V
+	}
+	if in.Priority.Set {
+		k.Priority = in.Priority.V
+	}
+	if in.RateLimitRPM.Set {
+		if in.RateLimitRPM.V < -1 {
+			return badRequest("rate_limit_rpm must be -1 (unlimited), 0 (the service's) or positive")
+		}
+		k.RateLimitRPM = in.RateLimitRPM.V
+	}
+	if in.MaxInFlight.Set {
+		if in.MaxInFlight.V < 0 {
+			return badRequest("max_in_flight must not be negative (0 means the service's)")
+		}
+		k.MaxInFlight = in.MaxInFlight.V
+	}
+	if in.Labels.Set {
+		if err := checkLabels(in.Labels.V); err != nil {
+			return err
+		}
+		k.Labels = in.Labels.V
+		if len(k.Labels) == 0 {
+			k.Labels = nil
+		}
+	}
+	if in.Status.Set {
+		switch st := strings.TrimSpace(in.Status.V); st {
+		case store.StatusActive, store.StatusDisabled:
+			k.Status = st
+			k.StatusReason = ""
+			if st == store.StatusDisabled {
+				k.StatusReason = "disabled by admin"
+			}
+		default:
+			return badRequest("status must be %q or %q, not %q", store.StatusActive, store.StatusDisabled, in.Status.V)
+		}
+	}
+	return nil
+}
+
+// keyView is a key as the API shows it: stored settings merged with the
+// pool's live state. It has no field for the key's value.
+type keyView struct {
+	ID      string `json:"id"`
+	Service string `json:"service"`
+	Hint    string `json:"hint"`
+	// State is the live state: active, cooling, open (half-open breakers
+	// included), invalid, exhausted or disabled.
+	State string `json:"state"`
+	// Breaker is the circuit breaker's state: closed, open or half-open.
+	Breaker            string     `json:"breaker,omitempty"`
+	Reason             string     `json:"reason,omitempty"`
+	CooldownUntil      *time.Time `json:"cooldown_until"`
+	InFlight           int64      `json:"in_flight"`
+	RequestsLastMinute int        `json:"requests_last_minute"`
+	// Status is the stored status, which survives restarts.
+	Status       string            `json:"status"`
+	StatusReason string            `json:"status_reason,omitempty"`
+	Weight       int               `json:"weight"`
+	Priority     int               `json:"priority"`
+	RateLimitRPM int               `json:"rate_limit_rpm,omitempty"`
+	MaxInFlight  int               `json:"max_in_flight,omitempty"`
+	Labels       map[string]string `json:"labels,omitempty"`
+	BalanceTotal float64           `json:"balance_total"`
+	BalanceUsed  float64           `json:"balance_used"`
+	BalanceUnit  string            `json:"balance_unit,omitempty"`
+	// BalanceRemaining is the pool's view of what is left (stored balance
+	// less live spend), when the key has a balance.
+	BalanceRemaining *float64  `json:"balance_remaining,omitempty"`
+	AccountEmail     string    `json:"account_email,omitempty"`
+	Origin           string    `json:"origin,omitempty"`
+	CreatedAt        time.Time `json:"created_at"`
+	UpdatedAt        time.Time `json:"updated_at"`
+}
+
+// liveStats returns the pool's stats of a service's keys by id.
+func (a *API) liveStats(service string) map[string]keypool.KeyStats {
+	if a.pool == nil {
+		return nil
+	}
+	st, ok := a.pool.Stats(service)
+	if !ok {
+		return nil
+	}
+	m := make(map[string]keypool.KeyStats, len(st))
+	for _, s := range st {
+		m[s.ID] = s
+	}
+	return m
+}
+
+// stateName maps a pool state to the API's names: half-open shows as
+// "open" (the breaker field tells them apart).
+func stateName(s keypool.State) string {
+	if s == keypool.StateHalfOpen {
+		return keypool.StateOpen.String()
+	}
+	return s.String()
+}
+
+func viewKey(k *store.Key, live map[string]keypool.KeyStats) keyView {
+	v := keyView{
+		ID: k.ID, Service: k.Service, Hint: k.Hint, State: k.Status,
+		Status: k.Status, StatusReason: k.StatusReason, Weight: k.Weight, Priority: k.Priority,
+		RateLimitRPM: k.RateLimitRPM, MaxInFlight: k.MaxInFlight, Labels: k.Labels,
+		BalanceTotal: k.BalanceTotal, BalanceUsed: k.BalanceUsed, BalanceUnit: k.BalanceUnit,
+		AccountEmail: k.AccountEmail, Origin: k.Origin, CreatedAt: k.CreatedAt, UpdatedAt: k.UpdatedAt,
+	}
+	if v.Hint == "" {
+		v.Hint = k.Secret.Hint()
+	}
+	if s, ok := live[k.ID]; ok {
+		v.State, v.Reason, v.Breaker = stateName(s.State), s.Reason, s.Breaker
+		if !s.Until.IsZero() {
+			u := s.Until.UTC()
+			v.CooldownUntil = &u
+		}
+		v.InFlight, v.RequestsLastMinute = s.InFlight, s.RequestsLastMinute
+		if s.Remaining >= 0 && k.BalanceTotal > 0 {
+			rem := s.Remaining
+			v.BalanceRemaining = &rem
+		}
+	}
+	return v
+}
+
+// service returns a service, with a 400 naming the field when it does
+// not exist.
+func (a *API) serviceForKey(ctx context.Context, name string) error {
+	if name == "" {
+		return badRequest("service is required")
+	}
+	if _, err := a.st.GetService(ctx, name); err != nil {
+		if errors.Is(err, store.ErrNotFound) {
+			return badRequest("service %q does not exist; create it first", name)
+		}
+		return err
+	}
+	return nil
+}
+
+func (a *API) createKey(w http.ResponseWriter, r *http.Request) error {
+	if err := checkQuery(r); err != nil {
+		return err
+	}
+	var in keyInput
+	if err := decode(w, r, &in); err != nil {
+		return err
+	}
+	if !in.KeyValue.has() {
+		return badRequest("key_value is required")
+	}
+	k := store.Key{Service: strings.TrimSpace(in.Service.V), Status: store.StatusActive}
+	if err := in.apply(&k); err != nil {
+		return err
+	}
+	if err := a.serviceForKey(r.Context(), k.Service); err != nil {
+		return err
+	}
+	if err := a.st.CreateKeys(r.Context(), []*store.Key{&k}); err != nil {
+		switch {
+		case errors.Is(err, store.ErrConflict):
+			return conflict("this key_value is already in service %q", k.Service)
+		case errors.Is(err, store.ErrInvalid):
+			return badRequest("service %q does not exist", k.Service)
+		}
+		return err
+	}
+	a.log.InfoContext(r.Context(), "admin: key created", "service", k.Service, "key_id", k.ID, "hint", k.Hint)
+	a.changed()
+	httpx.WriteJSON(w, http.StatusCreated, viewKey(&k, a.liveStats(k.Service)))
+	return nil
+}
+
+func (a *API) listKeys(w http.ResponseWriter, r *http.Request) error {
+	if err := checkQuery(r, "service"); err != nil {
+		return err
+	}
+	service := r.URL.Query().Get("service")
+	if service != "" {
+		if _, err := a.st.GetService(r.Context(), service); err != nil {
+			return orNotFound(err, "service %q not found", service)
+		}
+	}
+	ks, err := a.st.Keys(r.Context(), service)
+	if err != nil {
+		return err
+	}
+	live := map[string]map[string]keypool.KeyStats{}
+	out := make([]keyView, len(ks))
+	for i := range ks {
+		m, ok := live[ks[i].Service]
+		if !ok {
+			m = a.liveStats(ks[i].Service)
+			live[ks[i].Service] = m
+		}
+		out[i] = viewKey(&ks[i], m)
+		ks[i].Secret = ""
+	}
+	httpx.WriteJSON(w, http.StatusOK, map[string]any{"keys": out})
+	return nil
+}
+
+func (a *API) getKey(w http.ResponseWriter, r *http.Request) error {
+	id := r.PathValue("id")
+	k, err := a.st.GetKey(r.Context(), id)
+	if err != nil {
+		return orNotFound(err, "key %q not found", id)
+	}
+	httpx.WriteJSON(w, http.StatusOK, viewKey(&k, a.liveStats(k.Service)))
+	return nil
+}
+
+func (a *API) patchKey(w http.ResponseWriter, r *http.Request) error {
+	id := r.PathValue("id")
+	var in keyInput
+	if err := decode(w, r, &in); err != nil {
+		return err
+	}
+	k, err := a.st.GetKey(r.Context(), id)
+	if err != nil {
+		return orNotFound(err, "key %q not found", id)
+	}
+	if in.Service.Set && strings.TrimSpace(in.Service.V) != k.Service {
+		return badRequest("service cannot be changed; add the key to the other service instead")
+	}
+	if in.KeyValue.Null {
+		return badRequest("key_value cannot be removed")
+	}
+	oldStatus := k.Status
+	k.Secret = "" // keep the stored value unless key_value is given
+	if err := in.apply(&k); err != nil {
+		return err
+	}
+	if err := a.st.UpdateKey(r.Context(), &k); err != nil {
+		switch {
+		case errors.Is(err, store.ErrConflict):
+			return conflict("this key_value is already in service %q", k.Service)
+		}
+		return orNotFound(err, "key %q not found", id)
+	}
+	rotated := in.KeyValue.has()
+	k.Secret = ""
+	if a.pool != nil && in.Status.Set {
+		switch {
+		case k.Status == store.StatusActive:
+			a.pool.SetKeyState(k.Service, k.ID, keypool.StateActive, time.Time{}, "enabled by admin")
+		case k.Status == store.StatusDisabled:
+			a.pool.SetKeyState(k.Service, k.ID, keypool.StateDisabled, time.Time{}, "disabled by admin")
+		}
+	}
+	a.log.InfoContext(r.Context(), "admin: key updated", "service", k.Service, "key_id", k.ID,
+		"status", k.Status, "previous_status", oldStatus, "rotated", rotated)
+	a.changed()
+	httpx.WriteJSON(w, http.StatusOK, viewKey(&k, a.liveStats(k.Service)))
+	return nil
+}
+
+func (a *API) deleteKey(w http.ResponseWriter, r *http.Request) error {
+	id := r.PathValue("id")
+	k, err := a.st.GetKey(r.Context(), id)
+	if err != nil {
+		return orNotFound(err, "key %q not found", id)
+	}
+	if err := a.st.DeleteKey(r.Context(), id); err != nil {
+		return orNotFound(err, "key %q not found", id)
+	}
+	if a.pool != nil {
+		// Out of rotation at once, even before the server reloads.
+		a.pool.SetKeyState(k.Service, k.ID, keypool.StateDisabled, time.Time{}, "deleted")
+	}
+	a.log.InfoContext(r.Context(), "admin: key deleted", "service", k.Service, "key_id", k.ID)
+	a.changed()
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}

@@ -1,0 +1,533 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/keypool/keypool/server"
+)
+
+// Environment variables of the CLI.
+const (
+	envURL = "KEYPOOL_URL"
+)
+
+// client calls a running keypoold's admin API.
+type client struct {
+	base  string
+	token string
+	http  *http.Client
+}
+
+func newClient(e env) (*client, error) {
+	base := e.get(envURL)
+	if base == "" {
+		base = "http://127.0.0.1:8080"
+		if l := e.get(server.EnvListen); l != "" {
+			host, port, ok := strings.Cut(l, ":")
+			if ok && port != "" {
+				if host == "" || host == "0.0.0.0" || host == "[::]" {
+					host = "127.0.0.1"
+				}
+				base = "http://" + host + ":" + port
+			}
+		}
+	}
+	tok := e.get(server.EnvAdminToken)
+	if tok == "" {
+		dir := e.get(server.EnvDataDir)
+		if dir == "" {
+			dir = "data"
+		}
+		if b, err := os.ReadFile(filepath.Join(dir, server.AdminTokenFile)); err == nil {
+			tok = strings.TrimSpace(string(b))
+		}
+	}
+	if tok == "" {
+		return nil, errors.New("set KEYPOOL_ADMIN_TOKEN to the server's admin token")
+	}
+	return &client{base: strings.TrimRight(base, "/"), token: tok, http: &http.Client{Timeout: 60 * time.Second}}, nil
+}
+
+// call sends a request and decodes a JSON answer into out (if not nil).
+// A non-2xx answer is an error carrying the server's message.
+func (c *client) call(ctx context.Context, method, path, contentType string, body io.Reader, out any) error {
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Authorization", "Bearer "+c.token)
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("%s %s: %w", method, path, err)
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode/100 != 2 {
+		var e struct {
+			Error struct{ Message, Code string } `json:"error"`
+		}
+		if json.Unmarshal(raw, &e) == nil && e.Error.Message != "" {
+			return fmt.Errorf("%s %s: %d %s: %s", method, path, resp.StatusCode, e.Error.Code, e.Error.Message)
+		}
+		return fmt.Errorf("%s %s: %s", method, path, resp.Status)
+	}
+	if out != nil && len(raw) > 0 {
+		return json.Unmarshal(raw, out)
+	}
+	return nil
+}
+
+func (c *client) json(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	ct := ""
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body, ct = bytes.NewReader(b), "application/json"
+	}
+	return c.call(ctx, method, path, ct, body, out)
+}
+
+// kv collects repeated k=v flags.
+type kv map[string]string
+
+func (m kv) String() string { return fmt.Sprint(map[string]string(m)) }
+
+func (m kv) Set(s string) error {
+	k, v, ok := strings.Cut(s, "=")
+	if !ok || k == "" {
+		return fmt.Errorf("want key=value, got %q", s)
+	}
+	m[k] = v
+	return nil
+}
+
+func list(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// runCLI runs an admin command: "service add", "key list", ….
+func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Reader, stdout io.Writer) error {
+	verb := ""
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		verb, args = args[0], args[1:]
+	}
+	switch noun {
+	case "service", "services", "key", "keys", "team", "teams", "user", "users", "token", "tokens", "usage", "health":
+	default:
+		return fmt.Errorf("%w: unknown command %q", errUsage, noun)
+	}
+	c, err := newClient(e)
+	if err != nil {
+		return err
+	}
+	fs := flag.NewFlagSet("keypoold "+noun+" "+verb, flag.ContinueOnError)
+	fs.SetOutput(stdout)
+	cmd := strings.TrimSuffix(noun, "s") + " " + verb
+	if noun == "usage" || noun == "health" {
+		cmd = noun
+		if verb != "" {
+			args = append([]string{verb}, args...)
+		}
+	}
+	switch cmd {
+	case "service add":
+		name := fs.String("name", "", "service name, the {service} in /v1/{service}/… (required)")
+		display := fs.String("display-name", "", "display name")
+		baseURL := fs.String("base-url", "", "upstream base URL, e.g. https://api.openai.com (required)")
+		scheme := fs.String("auth-scheme", "bearer", "bearer, x-api-key, xi-api-key, authorization-raw, authorization-token, query-param, header:<Name>, query:<name>")
+		rpm := fs.Int("rate-limit-rpm", 0, "requests per minute the upstream allows each key")
+		clientRPM := fs.Int("rpm-limit", 0, "requests per minute for all clients of the service together")
+		selector := fs.String("selector", "", "round_robin (default), weighted, random, least_in_flight, least_used, latency, sticky, ordered")
+		ext := fs.String("external-name", "", "service name in the external credential table")
+		headers := kv{}
+		fs.Var(headers, "header", "header added to every upstream request, Name=Value (repeatable)")
+		if err := parse(fs, args); err != nil {
+			return err
+		}
+		body := map[string]any{"name": *name, "base_url": *baseURL, "auth_scheme": *scheme}
+		setIf(body, "display_name", *display)
+		setIf(body, "selector", *selector)
+		setIf(body, "external_name", *ext)
+		if *rpm != 0 {
+			body["rate_limit_rpm"] = *rpm
+		}
+		if *clientRPM != 0 {
+			body["rpm_limit"] = *clientRPM
+		}
+		if len(headers) > 0 {
+			body["proxy_headers"] = map[string]string(headers)
+		}
+		return printJSON(ctx, c, stdout, "POST", "/admin/services", body)
+	case "service list":
+		if err := parse(fs, args); err != nil {
+			return err
+		}
+		var out struct{ Services []map[string]any }
+		if err := c.json(ctx, "GET", "/admin/services", nil, &out); err != nil {
+			return err
+		}
+		return table(stdout, out.Services, "name", "base_url", "auth_scheme", "rate_limit_rpm", "selector", "external_name")
+	case "service get", "service delete":
+		if len(args) != 1 {
+			return fmt.Errorf("%w: keypoold %s NAME", errUsage, cmd)
+		}
+		if verb == "get" {
+			return printJSON(ctx, c, stdout, "GET", "/admin/services/"+url.PathEscape(args[0]), nil)
+		}
+		if err := c.json(ctx, "DELETE", "/admin/services/"+url.PathEscape(args[0]), nil, nil); err != nil {
+			return err
+		}
+		fmt.Fprintln(stdout, "deleted service", args[0])
+		return nil
+
+	case "key add":
+		service := fs.String("service", "", "service name (required)")
+		value := fs.String("value", "", "the key; if empty, read from the first line of stdin (keeps it out of shell history)")
+		weight := fs.Int("weight", 0, "weight for the weighted selector")
+		priority := fs.Int("priority", 0, "priority for the ordered selector (lower first)")
+		rpm := fs.Int("rate-limit-rpm", 0, "requests per minute the upstream allows this key")
+		total := fs.Float64("balance-total", 0, "quota or balance of the key")
+		unit := fs.String("balance-unit", "", "unit of the balance: usd, requests, credits, …")
+		email := fs.String("email", "", "account email")
+		labels := kv{}
+		fs.Var(labels, "label", "label k=v, e.g. feature=image-gen (repeatable)")
+		if err := parse(fs, args); err != nil {
+			return err
+		}
+		v := *value
+		if v == "" {
+			line, err := bufio.NewReader(stdin).ReadString('\n')
+			if err != nil && line == "" {
+				return errors.New("no key value: pass --value or write it on stdin")
+			}
+			v = strings.TrimSpace(line)
+		}
+		body := map[string]any{"service": *service, "key_value": v}
+		setIf(body, "balance_unit", *unit)
+		setIf(body, "account_email", *email)
+		for k, n := range map[string]int{"weight": *weight, "priority": *priority, "rate_limit_rpm": *rpm} {
+			if n != 0 {
+				body[k] = n
+			}
+		}
+		if *total != 0 {
+			body["balance_total"] = *total
+		}
+		if len(labels) > 0 {
+			body["labels"] = map[string]string(labels)
+		}
+		var out map[string]any
+		if err := c.json(ctx, "POST", "/admin/keys", body, &out); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "added key %v (%v) to %v\n", out["id"], out["hint"], out["service"])
+		return nil
+	case "key import":
+		service := fs.String("service", "", "service the keys belong to (required)")
+		if err := parse(fs, args); err != nil {
+			return err
+		}
+		if *service == "" {
+			return fmt.Errorf("%w: --service is required", errUsage)
+		}
+		var out map[string]any
+		if err := c.call(ctx, "POST", "/admin/keys/import?service="+url.QueryEscape(*service), "text/plain", stdin, &out); err != nil {
+			return err
+		}
+		return writeJSON(stdout, out)
+	case "key list":
+		service := fs.String("service", "", "only keys of this service")
+		if err := parse(fs, args); err != nil {
+			return err
+		}
+		path := "/admin/keys"
+		if *service != "" {
+			path += "?service=" + url.QueryEscape(*service)
+		}
+		var out struct{ Keys []map[string]any }
+		if err := c.json(ctx, "GET", path, nil, &out); err != nil {
+			return err
+		}
+		return table(stdout, out.Keys, "id", "service", "hint", "state", "status", "in_flight", "requests_last_minute", "cooldown_until")
+	case "key delete":
+		if len(args) != 1 {
+			return fmt.Errorf("%w: keypoold key delete ID", errUsage)
+		}
+		if err := c.json(ctx, "DELETE", "/admin/keys/"+url.PathEscape(args[0]), nil, nil); err != nil {
+			return err
+		}
+		fmt.Fprintln(stdout, "deleted key", args[0])
+		return nil
+
+	case "team add":
+		name := fs.String("name", "", "team name (required)")
+		rpm := fs.Int("rpm-limit", 0, "requests per minute for the whole team")
+		tpm := fs.Int64("tpm-limit", 0, "LLM tokens per minute for the whole team")
+		daily := fs.Int64("daily-token-limit", 0, "LLM tokens per day for the whole team")
+		allowed := fs.String("allowed-services", "", "comma-separated services the team may use (empty: all)")
+		if err := parse(fs, args); err != nil {
+			return err
+		}
+		body := map[string]any{"name": *name}
+		if *rpm != 0 {
+			body["rpm_limit"] = *rpm
+		}
+		if *tpm != 0 {
+			body["tpm_limit"] = *tpm
+		}
+		if *daily != 0 {
+			body["daily_token_limit"] = *daily
+		}
+		if l := list(*allowed); len(l) > 0 {
+			body["allowed_services"] = l
+		}
+		return printJSON(ctx, c, stdout, "POST", "/admin/teams", body)
+	case "team list":
+		if err := parse(fs, args); err != nil {
+			return err
+		}
+		var out struct{ Teams []map[string]any }
+		if err := c.json(ctx, "GET", "/admin/teams", nil, &out); err != nil {
+			return err
+		}
+		return table(stdout, out.Teams, "id", "name", "rpm_limit", "allowed_services")
+
+	case "user add":
+		ext := fs.String("external-id", "", "the user's id elsewhere, e.g. an email (required)")
+		team := fs.String("team", "", "team id or name (required)")
+		if err := parse(fs, args); err != nil {
+			return err
+		}
+		teamID, err := c.teamID(ctx, *team)
+		if err != nil {
+			return err
+		}
+		return printJSON(ctx, c, stdout, "POST", "/admin/users", map[string]any{"external_id": *ext, "team_id": teamID})
+	case "user list":
+		team := fs.String("team", "", "only users of this team (id or name)")
+		if err := parse(fs, args); err != nil {
+			return err
+		}
+		path := "/admin/users"
+		if *team != "" {
+			id, err := c.teamID(ctx, *team)
+			if err != nil {
+				return err
+			}
+			path += "?team_id=" + url.QueryEscape(id)
+		}
+		var out struct{ Users []map[string]any }
+		if err := c.json(ctx, "GET", path, nil, &out); err != nil {
+			return err
+		}
+		return table(stdout, out.Users, "id", "external_id", "team_id")
+
+	case "token create":
+		name := fs.String("name", "", "token name, e.g. dev-laptop (required)")
+		team := fs.String("team", "", "team id or name (or --user)")
+		user := fs.String("user", "", "user id: the token counts against the user's team")
+		scopes := fs.String("scopes", "", "comma-separated scopes; \"lease\" allows GET /key")
+		rpm := fs.Int("rpm-limit", 0, "requests per minute for this token")
+		expires := fs.Duration("expires-in", 0, "lifetime, e.g. 720h (default: never expires)")
+		if err := parse(fs, args); err != nil {
+			return err
+		}
+		body := map[string]any{"name": *name}
+		switch {
+		case *user != "":
+			body["user_id"] = *user
+		case *team != "":
+			id, err := c.teamID(ctx, *team)
+			if err != nil {
+				return err
+			}
+			body["team_id"] = id
+		default:
+			return fmt.Errorf("%w: --team or --user is required", errUsage)
+		}
+		if l := list(*scopes); len(l) > 0 {
+			body["scopes"] = l
+		}
+		if *rpm != 0 {
+			body["rpm_limit"] = *rpm
+		}
+		if *expires > 0 {
+			body["expires_at"] = time.Now().Add(*expires).UTC().Format(time.RFC3339)
+		}
+		var out map[string]any
+		if err := c.json(ctx, "POST", "/admin/tokens", body, &out); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "created token %v (%v); it is shown only once:\n%v\n", out["id"], out["prefix"], out["token"])
+		return nil
+	case "token list":
+		team := fs.String("team", "", "only tokens of this team (id or name)")
+		if err := parse(fs, args); err != nil {
+			return err
+		}
+		path := "/admin/tokens"
+		if *team != "" {
+			id, err := c.teamID(ctx, *team)
+			if err != nil {
+				return err
+			}
+			path += "?team_id=" + url.QueryEscape(id)
+		}
+		var out struct{ Tokens []map[string]any }
+		if err := c.json(ctx, "GET", path, nil, &out); err != nil {
+			return err
+		}
+		return table(stdout, out.Tokens, "id", "name", "prefix", "team_id", "scopes", "is_active", "expires_at")
+	case "token revoke":
+		if len(args) != 1 {
+			return fmt.Errorf("%w: keypoold token revoke ID", errUsage)
+		}
+		if err := c.json(ctx, "PATCH", "/admin/tokens/"+url.PathEscape(args[0]), map[string]any{"is_active": false}, nil); err != nil {
+			return err
+		}
+		fmt.Fprintln(stdout, "revoked token", args[0])
+		return nil
+
+	case "usage":
+		groupBy := fs.String("group-by", "service", "comma-separated: team, token, service, key, model, day")
+		since := fs.String("since", "", "start (RFC 3339 or 2006-01-02)")
+		until := fs.String("until", "", "end, exclusive")
+		service := fs.String("service", "", "only this service")
+		if err := parse(fs, args); err != nil {
+			return err
+		}
+		q := url.Values{"group_by": {*groupBy}}
+		for k, v := range map[string]string{"since": *since, "until": *until, "service": *service} {
+			if v != "" {
+				q.Set(k, v)
+			}
+		}
+		return printJSON(ctx, c, stdout, "GET", "/admin/usage?"+q.Encode(), nil)
+	case "health":
+		if err := parse(fs, args); err != nil {
+			return err
+		}
+		return printJSON(ctx, c, stdout, "GET", "/admin/health", nil)
+	}
+	return fmt.Errorf("%w: unknown command %q", errUsage, strings.TrimSpace(noun+" "+verb))
+}
+
+func parse(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
+	}
+	return nil
+}
+
+func setIf(m map[string]any, k, v string) {
+	if v != "" {
+		m[k] = v
+	}
+}
+
+// teamID resolves a team given by id or by name.
+func (c *client) teamID(ctx context.Context, team string) (string, error) {
+	if team == "" {
+		return "", fmt.Errorf("%w: --team is required", errUsage)
+	}
+	var out struct{ Teams []map[string]any }
+	if err := c.json(ctx, "GET", "/admin/teams", nil, &out); err != nil {
+		return "", err
+	}
+	for _, t := range out.Teams {
+		if t["id"] == team {
+			return team, nil
+		}
+	}
+	for _, t := range out.Teams {
+		if t["name"] == team {
+			return fmt.Sprint(t["id"]), nil
+		}
+	}
+	return "", fmt.Errorf("no team %q", team)
+}
+
+func printJSON(ctx context.Context, c *client, w io.Writer, method, path string, body any) error {
+	var out any
+	if err := c.json(ctx, method, path, body, &out); err != nil {
+		return err
+	}
+	return writeJSON(w, out)
+}
+
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.SetEscapeHTML(false)
+	return enc.Encode(v)
+}
+
+// table prints rows with the given columns.
+func table(w io.Writer, rows []map[string]any, cols ...string) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, strings.ToUpper(strings.Join(cols, "\t")))
+	sort.SliceStable(rows, func(i, j int) bool { return fmt.Sprint(rows[i][cols[0]]) < fmt.Sprint(rows[j][cols[0]]) })
+	for _, r := range rows {
+		cells := make([]string, len(cols))
+		for i, c := range cols {
+			cells[i] = cell(r[c])
+		}
+		fmt.Fprintln(tw, strings.Join(cells, "\t"))
+	}
+	return tw.Flush()
+}
+
+func cell(v any) string {
+	switch x := v.(type) {
+	case nil:
+		return "-"
+	case string:
+		if x == "" {
+			return "-"
+		}
+		return x
+	case float64:
+		return strconv.FormatFloat(x, 'f', -1, 64)
+	case []any:
+		parts := make([]string, len(x))
+		for i, p := range x {
+			parts[i] = fmt.Sprint(p)
+		}
+		return strings.Join(parts, ",")
+	}
+	return fmt.Sprint(v)
+}

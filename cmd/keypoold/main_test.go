@@ -1,0 +1,258 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/keypool/keypool/server"
+)
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func mapEnv(m map[string]string) env {
+	return env{lookup: func(k string) (string, bool) { v, ok := m[k]; return v, ok }}
+}
+
+func TestLoadConfigPrecedence(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "keypool.yaml")
+	yaml := `
+listen: ":7000"
+log_level: debug
+log_format: text
+database: sqlite:/from/file.db
+services:
+  - name: openai
+    base_url: https://api.openai.com
+    keys:
+      - key_value: ${OPENAI_KEY}
+`
+	if err := os.WriteFile(file, []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	base := map[string]string{
+		"KEYPOOL_CONFIG":   file,
+		"OPENAI_KEY":       "sk-env-secret-value-123",
+		"KEYPOOL_LISTEN":   ":7001",
+		"KEYPOOL_DATABASE": "postgres://k:pw@db/keypool",
+	}
+	cases := []struct {
+		name       string
+		env        map[string]string
+		args       []string
+		listen, db string
+		level      string
+		wantErr    string
+	}{
+		{"file then env", base, nil, ":7001", "postgres://k:pw@db/keypool", "debug", ""},
+		{"flags win", base, []string{"-listen", ":7002", "--log-level", "warn"}, ":7002", "postgres://k:pw@db/keypool", "warn", ""},
+		{"file only", map[string]string{"OPENAI_KEY": "x"}, []string{"-config", file}, ":7000", "sqlite:/from/file.db", "debug", ""},
+		{"nothing", map[string]string{}, nil, "", "", "", ""},
+		{"unset secret", map[string]string{"KEYPOOL_CONFIG": file}, nil, "", "", "", "OPENAI_KEY is not set"},
+		{"bad level", map[string]string{"KEYPOOL_LOG_LEVEL": "loud"}, nil, "", "", "", "log level"},
+		{"stray argument", map[string]string{}, []string{"extra"}, "", "", "", "unexpected argument"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg, err := loadConfig(tc.args, mapEnv(tc.env), io.Discard)
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("error %v, want %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if cfg.Listen != tc.listen || cfg.Database.Reveal() != tc.db || cfg.LogLevel != tc.level {
+				t.Errorf("listen %q db %q level %q", cfg.Listen, cfg.Database.Reveal(), cfg.LogLevel)
+			}
+		})
+	}
+	cfg, _ := loadConfig(nil, mapEnv(base), io.Discard)
+	if len(cfg.Services) != 1 || cfg.Services[0].Keys[0].KeyValue.Reveal() != "sk-env-secret-value-123" {
+		t.Errorf("services from the file: %+v", cfg.Services)
+	}
+	if strings.Contains(strings.Join([]string{cfg.Database.String()}, ""), "pw") {
+		t.Error("database password printed")
+	}
+}
+
+// startServe runs "keypoold serve" in dir until the test ends and returns
+// its base URL and output buffers.
+func startServe(t *testing.T, dir string, e map[string]string) (url string, stdout, stderr *syncBuffer, stop func() int) {
+	t.Helper()
+	stdout, stderr = &syncBuffer{}, &syncBuffer{}
+	ctx, cancel := context.WithCancel(context.Background())
+	code := make(chan int, 1)
+	go func() {
+		code <- run(ctx, []string{"serve", "-listen", "127.0.0.1:0", "-log-format", "text"}, mapEnv(e), strings.NewReader(""), stdout, stderr)
+	}()
+	re := regexp.MustCompile(`msg=listening addr=(\S+)`)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if m := re.FindStringSubmatch(stderr.String()); m != nil {
+			url = "http://" + m[1]
+			break
+		}
+		select {
+		case c := <-code:
+			t.Fatalf("serve exited with %d: %s", c, stderr.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("serve did not start: %s", stderr.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	var once sync.Once
+	result := 0
+	stop = func() int {
+		once.Do(func() { cancel(); result = <-code })
+		return result
+	}
+	t.Cleanup(func() { stop() })
+	return url, stdout, stderr, stop
+}
+
+func TestZeroConfigServe(t *testing.T) {
+	dir := t.TempDir()
+	t.Chdir(dir)
+	url, stdout, stderr, stop := startServe(t, dir, map[string]string{})
+	resp, err := http.Get(url + "/healthz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	tokenFile, err := os.ReadFile(filepath.Join(dir, "data", server.AdminTokenFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok := strings.TrimSpace(string(tokenFile))
+	if strings.Count(stdout.String(), tok) != 1 {
+		t.Errorf("admin token printed %d times on first start", strings.Count(stdout.String(), tok))
+	}
+	if strings.Contains(stderr.String(), tok) {
+		t.Error("admin token in the logs")
+	}
+	if !strings.Contains(stdout.String(), "WARNING") {
+		t.Error("no warning about the generated encryption key")
+	}
+	if c := stop(); c != 0 {
+		t.Fatalf("exit code %d", c)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "data", "keypool.db")); err != nil {
+		t.Error(err)
+	}
+
+	_, stdout2, _, stop2 := startServe(t, dir, map[string]string{})
+	if strings.Contains(stdout2.String(), tok) {
+		t.Error("admin token printed again on the second start")
+	}
+	if c := stop2(); c != 0 {
+		t.Fatalf("second exit code %d", c)
+	}
+}
+
+func TestCLI(t *testing.T) {
+	dir := t.TempDir()
+	upstream := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(w, `{"key":"`+r.Header.Get("Authorization")+`"}`)
+	})}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go upstream.Serve(ln)
+	defer upstream.Close()
+
+	admin := "kpadm_cli_test_token_abcdefghijklmnop"
+	url, _, _, _ := startServe(t, dir, map[string]string{
+		"KEYPOOL_ADMIN_TOKEN":    admin,
+		"KEYPOOL_ENCRYPTION_KEY": strings.Repeat("ab", 32),
+		"KEYPOOL_DATABASE":       "sqlite:" + filepath.Join(dir, "k.db"),
+	})
+	e := map[string]string{"KEYPOOL_URL": url, "KEYPOOL_ADMIN_TOKEN": admin}
+	cli := func(stdin string, args ...string) string {
+		t.Helper()
+		var out, errb bytes.Buffer
+		if c := run(context.Background(), args, mapEnv(e), strings.NewReader(stdin), &out, &errb); c != 0 {
+			t.Fatalf("keypoold %s: exit %d: %s%s", strings.Join(args, " "), c, errb.String(), out.String())
+		}
+		return out.String()
+	}
+	cli("", "service", "add", "--name", "openai", "--base-url", "http://"+ln.Addr().String(), "--auth-scheme", "bearer", "--header", "OpenAI-Beta=x")
+	out := cli("sk-cli-key-from-stdin-000001\n", "key", "add", "--service", "openai")
+	if !strings.Contains(out, "added key") || strings.Contains(out, "sk-cli-key-from-stdin-000001") {
+		t.Errorf("key add: %q", out)
+	}
+	out = cli("sk-cli-import-1\n\nsk-cli-import-2\n", "key", "import", "--service", "openai")
+	if !strings.Contains(out, "2") {
+		t.Errorf("import: %q", out)
+	}
+	out = cli("", "key", "list", "--service", "openai")
+	if strings.Count(out, "openai") != 3 || strings.Contains(out, "sk-cli-import-1") {
+		t.Errorf("key list: %q", out)
+	}
+	cli("", "team", "add", "--name", "eng", "--rpm-limit", "100")
+	if out := cli("", "team", "list"); !strings.Contains(out, "eng") {
+		t.Errorf("team list: %q", out)
+	}
+	out = cli("", "token", "create", "--name", "laptop", "--team", "eng")
+	tok := regexp.MustCompile(`kp_[0-9A-Za-z]{43}`).FindString(out)
+	if tok == "" {
+		t.Fatalf("token create: %q", out)
+	}
+	if out := cli("", "token", "list"); !strings.Contains(out, "laptop") || strings.Contains(out, tok) {
+		t.Errorf("token list: %q", out)
+	}
+	if out := cli("", "service", "list"); !strings.Contains(out, "openai") {
+		t.Errorf("service list: %q", out)
+	}
+
+	req, _ := http.NewRequest("GET", url+"/v1/openai/v1/models", nil)
+	req.Header.Set("Authorization", "Bearer "+tok)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(body), "Bearer sk-cli-") {
+		t.Errorf("proxy with the CLI's token: %d %s", resp.StatusCode, body)
+	}
+
+	var errb bytes.Buffer
+	if c := run(context.Background(), []string{"key", "add", "--service", "nope", "--value", "x"}, mapEnv(e), nil, io.Discard, &errb); c != 1 || !strings.Contains(errb.String(), "400") {
+		t.Errorf("bad key add: exit %d %q", c, errb.String())
+	}
+	if c := run(context.Background(), []string{"frobnicate"}, mapEnv(e), nil, io.Discard, io.Discard); c != 2 {
+		t.Errorf("unknown command: exit %d", c)
+	}
+}

@@ -1,0 +1,45 @@
+// Package proxy sends HTTP requests with keys from a [keypool.Pool]: a
+// [Transport] (an http.RoundTripper) for Go clients, and a [Handler] (a
+// reverse proxy serving /v1/{service}/...) for keypoold's data plane.
+//
+// # Transport
+//
+// Put a Transport under any http.Client; every request to the service's
+// base URL gets a pooled key, and a request that is rate-limited, rejected
+// (401/403), out of quota (402) or failing (5xx, resets, timeouts) on one
+// key is retried on another:
+//
+//	pool, _ := keypool.New(keypool.Config{})
+//	_ = pool.SetService(keypool.Service{Name: "openai", BaseURL: "https://api.openai.com", Auth: keypool.Bearer}, keys)
+//	client := &http.Client{Transport: &proxy.Transport{Pool: pool, Service: "openai"}}
+//	resp, err := client.Post("https://api.openai.com/v1/chat/completions", "application/json", body)
+//
+// Relative URLs ("/v1/models") are resolved against the base URL. When no
+// key can serve the first attempt, the error is a *keypool.NoKeyError
+// saying when to come back; when keys were tried and failed, the last
+// upstream answer is returned as it is. Per-request choices ride on the
+// context: [WithService], [WithAffinity], [WithFeature].
+//
+// # Handler
+//
+// A Handler serves ANY /v1/{service}/{rest} → {base_url}/{rest} with the
+// client's team token taken from wherever its SDK puts an API key
+// ([Credential]), checked by Handler.Authorize, and removed before the
+// request leaves, together with cookies and forwarding headers. Bodies are
+// buffered (up to MaxBodyBytes) so that failover replays them byte for
+// byte before anything is written to the client; streams (SSE) are flushed
+// as they arrive and WebSocket upgrades pass through.
+//
+// # Secrets
+//
+// A key's secret is only ever set on the Transport's private copy of a
+// request sent to the service's origin. It is scrubbed from response
+// headers and error bodies (replaced by [Redacted]) and from errors
+// (including a *url.Error's URL, which carries query-parameter keys), and
+// it is never logged.
+//
+// # Concurrency
+//
+// Transport and Handler are safe for concurrent use once configured; do not
+// change their fields while they serve requests.
+package proxy

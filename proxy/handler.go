@@ -1,0 +1,578 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/keypool/keypool"
+	"github.com/keypool/keypool/internal/httpx"
+)
+
+// DefaultMaxBodyBytes is the request body limit of a [Handler] whose
+// MaxBodyBytes is zero.
+const DefaultMaxBodyBytes = 32 << 20
+
+// Handler is keypoold's data plane: it serves ANY /v1/{service}/{rest} by
+// forwarding to {base_url}/{rest} (query kept, the base URL's own path
+// prefix kept) with a pooled key. It is built on [httputil.ReverseProxy]
+// (with Rewrite) over a [Transport], so failover to another key happens
+// before anything is written to the client.
+//
+// For each request, before any key is picked, it:
+//
+//  1. checks the request target and rejects with 400 bad_request CONNECT,
+//     absolute-form and asterisk-form targets, control characters, dot
+//     segments ("." and "..", percent-encoded too), encoded slashes and
+//     backslashes (%2f, %5c, double-encoded too), backslashes and empty
+//     segments, so a key never reaches another host or path than the
+//     service's;
+//  2. reads the inbound credential with [Credential] (two different ones
+//     are a 400) and calls Authorize (with the service name as written in
+//     the path); only then is an unknown service answered 404
+//     unknown_service, so that unauthenticated callers cannot probe which
+//     services exist;
+//  3. reads the body, up to MaxBodyBytes (413 request_too_large above it),
+//     so that it can be replayed byte for byte on another key.
+//
+// The forwarded request carries none of the client's credentials. The
+// headers removed are a deny-list, because SDKs send many vendor headers
+// the upstream needs (OpenAI-Beta, anthropic-version, anthropic-beta,
+// Cartesia-Version, X-Stainless-*, Idempotency-Key, …) that an allow-list
+// would have to chase: Authorization, X-Api-Key, Xi-Api-Key,
+// X-Goog-Api-Key, Cookie, Proxy-Authorization, Forwarded, every
+// X-Forwarded-* and X-Keypool-* header, and the client-address headers
+// X-Real-Ip, X-Client-Ip, True-Client-Ip, Cf-Connecting-Ip,
+// Fastly-Client-Ip and X-Cluster-Client-Ip; the query parameters api_key
+// and key; and the "token, <t>" entries of Sec-WebSocket-Protocol (other
+// subprotocols are kept; when none is left and the upstream picks none, the
+// 101 answer names "token" so that browsers accept it). Hop-by-hop headers
+// are removed by ReverseProxy. No X-Forwarded-For is added: the client's
+// address is not the upstream's business. The Transport then injects the
+// key and sets the service's Headers (proxy_headers), replacing client
+// headers of the same name.
+//
+// Answers: the upstream's own answers (its 4xx and 5xx included) pass
+// through unchanged, except that the key's secret is scrubbed from
+// response headers and error bodies, and [HeaderKeyID] is set. Redirects
+// are returned to the client, never followed. Streams are flushed as they
+// arrive and WebSocket upgrades pass through with the pooled key. Errors
+// keypool itself answers are JSON ({"error":{"message","type","code"}}),
+// mapped in one place: no key available → 429 no_key_available with
+// Retry-After; upstream unreachable → 502 upstream_unreachable; upstream
+// timeout → 504 upstream_timeout. A client that goes away cancels the
+// upstream request without penalising the key; nothing is written and the
+// [Result] has status 499 and code "canceled".
+//
+// Set the fields before the first request and do not change them after;
+// a Handler must not be copied after first use. It is safe for concurrent
+// use.
+type Handler struct {
+	// Pool supplies services and keys. Required.
+	Pool *keypool.Pool
+	// Transport sends requests with keys. Its Pool and Service fields are
+	// ignored: the Handler uses its own Pool and the service named in the
+	// path. If nil, a zero Transport (3 attempts over
+	// http.DefaultTransport).
+	Transport *Transport
+	// Authorize is called with the inbound credential ("" when the client
+	// sent none) before any key is picked. It returns the request to go on
+	// with (for example with the caller's identity in its context; nil
+	// means r) or an error: an *httpx.Error is written as it is, any other
+	// error as 500 internal_error. If nil, every request is let through:
+	// only for embedding behind another authenticating layer.
+	Authorize func(r *http.Request, service, credential string) (*http.Request, error)
+	// MaxBodyBytes caps request bodies, which are buffered for replay. If
+	// zero, [DefaultMaxBodyBytes] (32 MiB). A larger Content-Length, or a
+	// chunked body that grows larger, is answered 413 request_too_large
+	// before any key is picked.
+	MaxBodyBytes int64
+	// ModifyResponse, if set, is called with every upstream response after
+	// keypool's own changes (for metering, say). resp.Request's context is
+	// the one Authorize returned. An error is answered 502.
+	ModifyResponse func(*http.Response) error
+	// OnDone, if set, is called once per request, after the response is
+	// finished (or the handler gave up), with what happened. r is the
+	// request Authorize returned, if it was called.
+	OnDone func(r *http.Request, res Result)
+	// Logger receives errors (never a secret). If nil, slog.Default().
+	Logger *slog.Logger
+	// FlushInterval is passed to ReverseProxy: how often to flush a
+	// response of known length while copying it. Zero means no periodic
+	// flush for those; whatever the value, ReverseProxy flushes after
+	// every write (-1) for text/event-stream responses and responses of
+	// unknown length, so SSE and other streams reach the client as they
+	// arrive. Negative flushes after every write for all responses.
+	FlushInterval time.Duration
+
+	once sync.Once
+	rp   *httputil.ReverseProxy
+	tr   *Transport
+}
+
+// Result says what happened to one request the [Handler] served.
+type Result struct {
+	// Service is the service named in the path ("" if the path was bad).
+	Service string
+	// KeyID is the last key tried ("" if none was picked).
+	KeyID string
+	// Status is the status sent to the client (101 for an upgrade, 499
+	// when the client went away first).
+	Status int
+	// Attempts is how many keys were tried.
+	Attempts int
+	// BytesIn is the request body's size.
+	BytesIn int64
+	// BytesOut is how many response body bytes were written.
+	BytesOut int64
+	// Duration is the time from the request's arrival to the end of its
+	// response.
+	Duration time.Duration
+	// Code is the error code when keypool answered itself (bad_request,
+	// unknown_service, no_key_available, upstream_unreachable, …, or
+	// "canceled"); "" when the upstream's answer was relayed.
+	Code string
+	// Err is the error behind Code, if any; it never holds a secret.
+	Err error
+}
+
+// reqState is one request's state, on its context under trackerKey. The
+// Handler writes it before forwarding; the Transport writes keyID and
+// attempts from the goroutine running RoundTrip; the Handler reads them
+// after RoundTrip returned (ReverseProxy.ServeHTTP orders these).
+type reqState struct {
+	keyID    string
+	attempts int
+
+	start    time.Time
+	service  string
+	target   *url.URL
+	body     []byte
+	hasBody  bool
+	wsToken  bool      // the client sent its token as a WebSocket subprotocol
+	upstream int       // the upstream's status
+	upgraded io.Closer // the upstream connection of a 101 answer
+	status   int       // set when the client went away
+	code     string
+	err      error
+}
+
+func (h *Handler) init() {
+	h.tr = h.Transport
+	if h.tr == nil {
+		h.tr = &Transport{}
+	}
+	h.rp = &httputil.ReverseProxy{
+		Rewrite:        h.rewrite,
+		Transport:      handlerTransport{h},
+		FlushInterval:  h.FlushInterval,
+		ErrorHandler:   h.errorHandler,
+		ModifyResponse: h.modifyResponse,
+		ErrorLog:       slog.NewLogLogger(h.logger().Handler(), slog.LevelWarn),
+		BufferPool:     &copyBuffers,
+	}
+}
+
+// copyBuffers recycles the 32 KiB buffers ReverseProxy copies bodies with,
+// which would otherwise be allocated per request.
+var copyBuffers bufferPool
+
+type bufferPool struct{ p sync.Pool }
+
+func (b *bufferPool) Get() []byte {
+	if v, ok := b.p.Get().(*[]byte); ok {
+		return *v
+	}
+	return make([]byte, 32<<10)
+}
+
+func (b *bufferPool) Put(buf []byte) {
+	if cap(buf) < 32<<10 {
+		return
+	}
+	buf = buf[:32<<10]
+	b.p.Put(&buf)
+}
+
+func (h *Handler) logger() *slog.Logger {
+	if h.Logger != nil {
+		return h.Logger
+	}
+	return slog.Default()
+}
+
+// ServeHTTP proxies r; see [Handler].
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	h.once.Do(h.init)
+	st := &reqState{start: time.Now()}
+	rec := &responseRecorder{ResponseWriter: w}
+	if h.OnDone != nil {
+		defer func() { h.OnDone(r, st.result(rec)) }()
+	}
+	service, restRaw, err := parseTarget(r)
+	if err != nil {
+		h.reject(rec, st, err)
+		return
+	}
+	st.service = service
+	cred, err := Credential(r)
+	if err != nil {
+		h.reject(rec, st, err)
+		return
+	}
+	if h.Authorize != nil {
+		r2, err := h.Authorize(r, service, cred)
+		if err != nil {
+			h.reject(rec, st, err)
+			return
+		}
+		if r2 != nil {
+			r = r2
+		}
+	}
+	// Authorize runs first so that unauthenticated callers cannot probe
+	// which services exist.
+	svc, ok := h.Pool.Service(service)
+	if !ok {
+		h.reject(rec, st, httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", service))
+		return
+	}
+
+	max := h.MaxBodyBytes
+	if max <= 0 {
+		max = DefaultMaxBodyBytes
+	}
+	if r.ContentLength > max {
+		h.reject(rec, st, httpx.Errorf(http.StatusRequestEntityTooLarge, httpx.CodeRequestTooLarge, "request body is larger than %d bytes", max))
+		return
+	}
+	if r.Body != nil && r.Body != http.NoBody && r.ContentLength != 0 {
+		var b bytes.Buffer
+		if r.ContentLength > 0 {
+			b.Grow(int(r.ContentLength) + bytes.MinRead)
+		}
+		_, err := b.ReadFrom(http.MaxBytesReader(w, r.Body, max))
+		if err != nil {
+			var mbe *http.MaxBytesError
+			if errors.As(err, &mbe) {
+				h.reject(rec, st, httpx.Errorf(http.StatusRequestEntityTooLarge, httpx.CodeRequestTooLarge, "request body is larger than %d bytes", max))
+			} else {
+				h.reject(rec, st, httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "reading the request body failed"))
+			}
+			return
+		}
+		st.body, st.hasBody = b.Bytes(), true
+	}
+
+	target, err := targetURL(svc.BaseURL, restRaw, r.URL.RawQuery)
+	if err != nil {
+		h.reject(rec, st, err)
+		return
+	}
+	st.target = target
+	_, st.wsToken = wsToken(r.Header)
+	h.rp.ServeHTTP(rec, r.WithContext(context.WithValue(r.Context(), trackerKey, st)))
+	if st.upgraded != nil {
+		// ReverseProxy closes the upstream connection from a goroutine;
+		// close it now so the key is released before OnDone.
+		_ = st.upgraded.Close()
+	}
+}
+
+// reject answers with err before anything was forwarded.
+func (h *Handler) reject(w http.ResponseWriter, st *reqState, err error) {
+	var e *httpx.Error
+	if errors.As(err, &e) {
+		st.code = e.Code
+	} else {
+		st.code = httpx.CodeInternal
+		h.logger().Error("proxy: authorize failed", "service", st.service, "error", err)
+	}
+	st.err = err
+	httpx.WriteError(w, err)
+}
+
+func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
+	st := pr.In.Context().Value(trackerKey).(*reqState)
+	out := pr.Out
+	out.URL = st.target
+	out.Host = ""
+	stripInbound(out.Header)
+	out.TransferEncoding = nil
+	out.Trailer = nil
+	switch {
+	case !st.hasBody:
+		out.Body, out.GetBody, out.ContentLength = nil, nil, 0
+	case len(st.body) == 0:
+		out.Body, out.GetBody, out.ContentLength = http.NoBody, nil, 0
+	default:
+		body := st.body
+		out.Body = io.NopCloser(bytes.NewReader(body))
+		out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
+		out.ContentLength = int64(len(body))
+	}
+}
+
+// handlerTransport sends a Handler's requests through its Transport with
+// the service the path named.
+type handlerTransport struct{ h *Handler }
+
+func (t handlerTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	st := req.Context().Value(trackerKey).(*reqState)
+	return t.h.tr.roundTrip(req, t.h.Pool, st.service)
+}
+
+func (h *Handler) modifyResponse(resp *http.Response) error {
+	if resp.Request != nil {
+		if st, ok := resp.Request.Context().Value(trackerKey).(*reqState); ok {
+			st.upstream = resp.StatusCode
+			if st.keyID != "" {
+				resp.Header.Set(HeaderKeyID, st.keyID)
+			}
+			if resp.StatusCode == http.StatusSwitchingProtocols {
+				st.upgraded = resp.Body
+				if st.wsToken && resp.Header.Get("Sec-WebSocket-Protocol") == "" {
+					resp.Header.Set("Sec-WebSocket-Protocol", "token")
+				}
+			}
+		}
+	}
+	if h.ModifyResponse != nil {
+		return h.ModifyResponse(resp)
+	}
+	return nil
+}
+
+// errorHandler maps every error of a forwarded request to its answer.
+func (h *Handler) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
+	st, _ := r.Context().Value(trackerKey).(*reqState)
+	if st == nil {
+		st = &reqState{}
+	}
+	st.err = err
+	var nk *keypool.NoKeyError
+	var e *httpx.Error
+	switch {
+	case errors.As(err, &nk):
+		e = &httpx.Error{Status: http.StatusTooManyRequests, Code: httpx.CodeNoKeyAvailable, RetryAfter: nk.RetryAfter,
+			Message: fmt.Sprintf("no key available for service %q; retry after %d s", st.service, int64((nk.RetryAfter+time.Second-1)/time.Second))}
+	case errors.Is(err, keypool.ErrUnknownService):
+		e = httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", st.service)
+	case r.Context().Err() != nil:
+		// The client went away: nobody to answer.
+		st.code, st.status = "canceled", 499
+		h.logger().Debug("proxy: client went away", "service", st.service, "key_id", st.keyID, "attempts", st.attempts)
+		return
+	case isTimeout(err):
+		e = httpx.Errorf(http.StatusGatewayTimeout, httpx.CodeUpstreamTimeout, "upstream of service %q timed out", st.service)
+	default:
+		e = httpx.Errorf(http.StatusBadGateway, httpx.CodeUpstreamUnreachable, "upstream of service %q unreachable", st.service)
+	}
+	st.code = e.Code
+	h.logger().Warn("proxy: request failed", "service", st.service, "key_id", st.keyID,
+		"attempts", st.attempts, "code", e.Code, "error", err.Error())
+	if st.keyID != "" {
+		w.Header().Set(HeaderKeyID, st.keyID)
+	}
+	httpx.WriteError(w, e)
+}
+
+func isTimeout(err error) bool {
+	if errors.Is(err, context.DeadlineExceeded) {
+		return true
+	}
+	var te interface{ Timeout() bool }
+	return errors.As(err, &te) && te.Timeout()
+}
+
+func (st *reqState) result(rec *responseRecorder) Result {
+	res := Result{
+		Service: st.service, KeyID: st.keyID, Attempts: st.attempts,
+		BytesIn: int64(len(st.body)), BytesOut: rec.bytes,
+		Duration: time.Since(st.start), Code: st.code, Err: st.err,
+		Status: rec.status,
+	}
+	switch {
+	case st.status != 0:
+		res.Status = st.status
+	case res.Status == 0 && st.upstream != 0:
+		res.Status = st.upstream // a hijacked upgrade
+	}
+	return res
+}
+
+// responseRecorder records the status and body size written. It unwraps
+// to the ResponseWriter it wraps, so http.ResponseController (flushing,
+// hijacking for upgrades, deadlines) reaches the real one.
+type responseRecorder struct {
+	http.ResponseWriter
+	status int
+	bytes  int64
+}
+
+func (w *responseRecorder) WriteHeader(code int) {
+	if w.status == 0 && (code >= 200 || code == http.StatusSwitchingProtocols) {
+		w.status = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *responseRecorder) Write(p []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	n, err := w.ResponseWriter.Write(p)
+	w.bytes += int64(n)
+	return n, err
+}
+
+// Flush flushes the underlying writer, if it can.
+func (w *responseRecorder) Flush() { _ = http.NewResponseController(w.ResponseWriter).Flush() }
+
+// Unwrap returns the wrapped ResponseWriter.
+func (w *responseRecorder) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// parseTarget splits /v1/{service}/{rest} and rejects targets that could
+// leave the service's base path.
+func parseTarget(r *http.Request) (service, restRaw string, err error) {
+	bad := func(msg string) (string, string, error) {
+		return "", "", httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "%s", msg)
+	}
+	if r.Method == http.MethodConnect {
+		return bad("CONNECT is not supported")
+	}
+	raw := r.RequestURI
+	if raw == "" {
+		raw = r.URL.RequestURI()
+	}
+	if !strings.HasPrefix(raw, "/") {
+		return bad("the request target must be a path (origin-form)")
+	}
+	if hasControl(raw) {
+		return bad("the request target holds a control character")
+	}
+	p, _, _ := strings.Cut(raw, "?")
+	const prefix = "/v1/"
+	if !strings.HasPrefix(p, prefix) {
+		return "", "", httpx.Errorf(http.StatusNotFound, httpx.CodeNotFound, "no such route; use /v1/{service}/...")
+	}
+	if msg := checkPath(p); msg != "" {
+		return bad(msg)
+	}
+	service, rest, slash := strings.Cut(p[len(prefix):], "/")
+	if service == "" || strings.IndexByte(service, '%') >= 0 {
+		return "", "", httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", service)
+	}
+	if slash {
+		rest = "/" + rest
+	}
+	return service, rest, nil
+}
+
+// checkPath returns why an escaped path is unsafe to forward, or "". It
+// looks at the path as sent and decoded up to twice more, so
+// double-encoded tricks are caught too.
+func checkPath(p string) string {
+	s := p
+	for range 3 {
+		if strings.IndexByte(s, '\\') >= 0 {
+			return "backslashes are not allowed in the path"
+		}
+		if hasControl(s) {
+			return "the path holds a control character"
+		}
+		if msg := checkSegments(s); msg != "" {
+			return msg
+		}
+		for i := 0; i+2 < len(s); i++ {
+			if s[i] == '%' {
+				if c, ok := unhex2(s[i+1], s[i+2]); ok && (c == '/' || c == '\\') {
+					return "encoded slashes (%2f, %5c) are not allowed in the path"
+				}
+			}
+		}
+		dec, err := url.PathUnescape(s)
+		if err != nil {
+			return "the path has malformed percent-encoding"
+		}
+		if dec == s {
+			break
+		}
+		s = dec
+	}
+	return ""
+}
+
+// checkSegments rejects dot segments and empty segments (a trailing slash
+// is fine).
+func checkSegments(s string) string {
+	s = strings.TrimPrefix(s, "/")
+	for s != "" {
+		seg, rest, more := strings.Cut(s, "/")
+		switch {
+		case seg == "." || seg == "..":
+			return "dot segments (. and ..) are not allowed in the path"
+		case seg == "" && more:
+			return "empty path segments (//) are not allowed"
+		}
+		s = rest
+	}
+	return ""
+}
+
+func hasControl(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c == 0x7f {
+			return true
+		}
+	}
+	return false
+}
+
+func unhex2(a, b byte) (byte, bool) {
+	x, ok1 := unhex(a)
+	y, ok2 := unhex(b)
+	return x<<4 | y, ok1 && ok2
+}
+
+func unhex(c byte) (byte, bool) {
+	switch {
+	case '0' <= c && c <= '9':
+		return c - '0', true
+	case 'a' <= c && c <= 'f':
+		return c - 'a' + 10, true
+	case 'A' <= c && c <= 'F':
+		return c - 'A' + 10, true
+	}
+	return 0, false
+}
+
+// targetURL is base's URL with restRaw appended to its path and rawQuery
+// without inbound credentials.
+func targetURL(base, restRaw, rawQuery string) (*url.URL, error) {
+	b, err := url.Parse(base)
+	if err != nil || b.Host == "" || (b.Scheme != "http" && b.Scheme != "https") {
+		return nil, httpx.Errorf(http.StatusInternalServerError, httpx.CodeInternal, "the service's base URL is not valid")
+	}
+	u := *b
+	raw := strings.TrimSuffix(b.EscapedPath(), "/") + restRaw
+	if raw == "" {
+		raw = "/"
+	}
+	if u.Path, err = url.PathUnescape(raw); err != nil {
+		return nil, httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "the path has malformed percent-encoding")
+	}
+	u.RawPath = raw
+	u.RawQuery = stripCredentialParams(rawQuery)
+	u.Fragment, u.RawFragment = "", ""
+	return &u, nil
+}

@@ -1,0 +1,228 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/keypool/keypool/auth"
+	"github.com/keypool/keypool/internal/httpx"
+	"github.com/keypool/keypool/meter"
+	"github.com/keypool/keypool/proxy"
+	"github.com/keypool/keypool/store"
+)
+
+// call is what the server knows about one authorized proxied request. It
+// rides on the request's context from Authorize to OnDone; the metering
+// callback (which may run on another goroutine, at the body's EOF) fills
+// usage before OnDone reads it, because ReverseProxy closes the body
+// before ServeHTTP returns.
+type call struct {
+	principal *auth.Principal
+	usage     meter.Usage
+	metered   bool
+}
+
+type callKey struct{}
+
+func callFrom(ctx context.Context) *call {
+	c, _ := ctx.Value(callKey{}).(*call)
+	return c
+}
+
+var prices = meter.DefaultPrices()
+
+// authenticate turns a client credential into a principal, answering as
+// the contract says: 401 invalid_token (and counting a failure for the
+// address), 429 rate_limited for an address with too many failures, 503
+// when the token store cannot be read. The admin token is not a client
+// token. lease reports whether the admin token is welcome (key leasing).
+func (s *Server) authenticate(r *http.Request, cred string, adminOK bool) (*auth.Principal, error) {
+	addr := remoteIP(r.RemoteAddr)
+	now := time.Now()
+	if d, ok := s.fails.Check(addr, now); !ok {
+		s.metrics.limiterRejections.WithLabelValues("auth_failures").Inc()
+		return nil, &httpx.Error{Status: http.StatusTooManyRequests, Code: httpx.CodeRateLimited, RetryAfter: d,
+			Message: "too many requests with invalid credentials from this address; retry later"}
+	}
+	if cred == "" {
+		return nil, httpx.Errorf(http.StatusUnauthorized, httpx.CodeInvalidToken,
+			"missing token: send your keypool team token as the API key (Authorization: Bearer kp_...)")
+	}
+	if s.auth.IsAdmin(cred) {
+		if adminOK {
+			return &auth.Principal{Admin: true}, nil
+		}
+		return nil, httpx.Errorf(http.StatusUnauthorized, httpx.CodeInvalidToken,
+			"the admin token cannot be used here; use a team token (POST /admin/tokens)")
+	}
+	p, err := s.auth.Authenticate(r.Context(), cred)
+	switch {
+	case err == nil:
+		return p, nil
+	case errors.Is(err, auth.ErrExpired):
+		s.fails.Fail(addr, now)
+		return nil, httpx.Errorf(http.StatusUnauthorized, httpx.CodeInvalidToken, "token expired")
+	case errors.Is(err, auth.ErrInactive):
+		s.fails.Fail(addr, now)
+		return nil, httpx.Errorf(http.StatusUnauthorized, httpx.CodeInvalidToken, "token revoked")
+	case errors.Is(err, auth.ErrInvalidToken):
+		s.fails.Fail(addr, now)
+		return nil, httpx.Errorf(http.StatusUnauthorized, httpx.CodeInvalidToken, "invalid token")
+	case r.Context().Err() != nil:
+		return nil, r.Context().Err()
+	}
+	s.log.Error("token lookup failed", "request_id", RequestID(r.Context()), "err", err)
+	return nil, httpx.Errorf(http.StatusServiceUnavailable, httpx.CodeUnavailable, "token store unavailable; retry shortly")
+}
+
+// admit checks a principal's access to a service and its rpm limits:
+// 403 forbidden for a service outside the team's allowed_services, 429
+// rate_limited with Retry-After when the token's, the team's or the
+// service's rpm_limit is reached. The admin is not limited.
+func (s *Server) admit(ctx context.Context, p *auth.Principal, service string) error {
+	if p.Admin {
+		return nil
+	}
+	if !p.AllowsService(service) {
+		return httpx.Errorf(http.StatusForbidden, httpx.CodeForbidden, "team %q may not use service %q", p.Team.Name, service)
+	}
+	now := time.Now()
+	checks := [...]struct {
+		scope, key string
+		rpm        int
+	}{
+		{"token", "token:" + p.Token.ID, p.Token.RPMLimit},
+		{"team", "team:" + p.Team.ID, p.Team.RPMLimit},
+		{"service", "service:" + service, s.serviceLimits(service).RPMLimit},
+	}
+	for _, c := range checks {
+		if c.rpm <= 0 {
+			continue
+		}
+		d, err := s.limiter.Allow(ctx, c.key, c.rpm, now)
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			s.log.Warn("rate limiter failed; admitting", "scope", c.scope, "err", err)
+			continue
+		}
+		if !d.Allowed {
+			s.metrics.limiterRejections.WithLabelValues(c.scope).Inc()
+			ra := max(d.RetryAfter, time.Second)
+			return &httpx.Error{Status: http.StatusTooManyRequests, Code: httpx.CodeRateLimited, RetryAfter: ra,
+				Message: fmt.Sprintf("rate limit reached: %s rpm_limit is %d per minute; retry after %d s", c.scope, c.rpm, int64((ra+time.Second-1)/time.Second))}
+		}
+	}
+	return nil
+}
+
+// authorize is the proxy's Authorize hook.
+func (s *Server) authorize(r *http.Request, service, cred string) (*http.Request, error) {
+	ri := infoFrom(r.Context())
+	if ri != nil {
+		ri.service = service
+	}
+	p, err := s.authenticate(r, cred, false)
+	if err == nil {
+		if ri != nil {
+			ri.teamID, ri.tokenID = p.Team.ID, p.Token.ID
+		}
+		err = s.admit(r.Context(), p, service)
+	}
+	if err != nil {
+		var e *httpx.Error
+		if ri != nil && errors.As(err, &e) {
+			ri.code = e.Code
+		}
+		return nil, err
+	}
+	return r.WithContext(context.WithValue(r.Context(), callKey{}, &call{principal: p})), nil
+}
+
+// onAttempt feeds the per-attempt metrics.
+func (s *Server) onAttempt(a proxy.AttemptInfo) {
+	m := s.metrics.service(a.Service)
+	m.upstream.Observe(a.Latency.Seconds())
+	if a.Retry {
+		m.retries.Inc()
+	}
+}
+
+// modifyResponse meters LLM token usage as the body streams past, for
+// successful JSON and SSE answers of OpenAI-compatible, Anthropic and
+// Gemini APIs.
+func (s *Server) modifyResponse(resp *http.Response) error {
+	if resp.StatusCode < 200 || resp.StatusCode > 299 || resp.Request == nil {
+		return nil
+	}
+	c := callFrom(resp.Request.Context())
+	if c == nil {
+		return nil
+	}
+	fam := meter.DetectFamily(resp.Request.URL.Host, resp.Request.URL.Path, resp.Header.Get("Content-Type"))
+	if fam == meter.FamilyNone {
+		return nil
+	}
+	c.metered = true
+	meter.WrapResponse(resp, meter.Options{Family: fam, OnDone: func(u meter.Usage) { c.usage = u }})
+	return nil
+}
+
+// onProxyDone records metrics, access-log fields and a usage record for
+// every proxied request that reached an upstream key.
+func (s *Server) onProxyDone(r *http.Request, res proxy.Result) {
+	svc := res.Service
+	if svc == "" || (res.Code == httpx.CodeUnknownService) {
+		svc = "unknown" // keep label values bounded: never a client-chosen name
+	}
+	s.metrics.request(svc, res.Status, res.Code)
+	if res.KeyID != "" {
+		s.metrics.service(svc).duration.Observe(res.Duration.Seconds())
+	}
+	if ri := infoFrom(r.Context()); ri != nil {
+		ri.service, ri.keyID = res.Service, res.KeyID
+		if res.Code != "" {
+			ri.code = res.Code
+		}
+		if res.Attempts > 1 {
+			ri.retries = res.Attempts - 1
+		}
+	}
+	c := callFrom(r.Context())
+	if c == nil || res.KeyID == "" {
+		return
+	}
+	rec := store.UsageRecord{
+		Time:      time.Now().UTC(),
+		RequestID: RequestID(r.Context()),
+		TeamID:    c.principal.Team.ID,
+		TokenID:   c.principal.Token.ID,
+		Service:   res.Service,
+		KeyID:     res.KeyID,
+		Status:    res.Status,
+		LatencyMS: res.Duration.Milliseconds(),
+	}
+	if c.metered && c.usage.Found {
+		u := c.usage
+		rec.Model, rec.TokensIn, rec.TokensOut, rec.CachedTokens = u.Model, u.InputTokens, u.OutputTokens, u.CachedTokens
+		if cost, ok := prices.Cost(u); ok {
+			rec.Cost = cost
+		}
+	}
+	s.usage.Add(rec)
+}
+
+// bearer returns the credential of an Authorization: Bearer header (the
+// lease endpoints take only that, or any place the proxy accepts).
+func bearer(r *http.Request) string {
+	v := r.Header.Get("Authorization")
+	if len(v) > 7 && strings.EqualFold(v[:7], "bearer ") {
+		return strings.TrimSpace(v[7:])
+	}
+	return ""
+}

@@ -1,0 +1,284 @@
+package server_test
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/keypool/keypool/server"
+	"github.com/keypool/keypool/store"
+)
+
+func TestWebSocketClosedOnShutdown(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		c, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		_, _ = brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+		_ = brw.Flush()
+		_, _ = io.Copy(c, brw) // echo until closed
+	})
+	k := startKP(t)
+	tok, _ := setup(t, k, up, nil, keyA)
+
+	conn, err := net.Dial("tcp", strings.TrimPrefix(k.url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	fmt.Fprintf(conn, "GET /v1/openai/realtime HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: token, %s\r\n\r\n", tok)
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != 101 {
+		t.Fatalf("upgrade: %d", resp.StatusCode)
+	}
+	if got := up.last().Header.Get("Authorization"); got != "Bearer "+keyA {
+		t.Errorf("upstream upgrade carried Authorization %q", got)
+	}
+	if strings.Contains(up.last().Header.Get("Sec-Websocket-Protocol"), tok) {
+		t.Error("the token reached the upstream in Sec-WebSocket-Protocol")
+	}
+	_, _ = io.WriteString(conn, "ping")
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(br, buf); err != nil || string(buf) != "ping" {
+		t.Fatalf("echo: %q %v", buf, err)
+	}
+	start := time.Now()
+	if err := k.stop(); err != nil {
+		t.Fatalf("shutdown: %v", err)
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := br.ReadByte(); err == nil {
+		t.Error("the WebSocket is still open after shutdown")
+	}
+	if d := time.Since(start); d > 4*time.Second {
+		t.Errorf("shutdown with an open WebSocket took %v; it should not wait for it", d)
+	}
+}
+
+func TestZeroConfigSecrets(t *testing.T) {
+	dir := t.TempDir()
+	t.Chdir(dir)
+	out := &syncBuffer{}
+	logs := &syncBuffer{}
+	start := func() *server.Server {
+		s, err := server.New(context.Background(), server.Config{Output: out, LogOutput: logs})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	s := start()
+	tok := s.AdminToken().Reveal()
+	if tok == "" || !strings.Contains(out.String(), tok) {
+		t.Fatalf("generated admin token not announced: %q", out.String())
+	}
+	if !strings.Contains(out.String(), "WARNING") || !strings.Contains(out.String(), server.EncryptionKeyFile) {
+		t.Errorf("no warning about the generated encryption key: %q", out.String())
+	}
+	if strings.Contains(logs.String(), tok) {
+		t.Error("the admin token reached the logs")
+	}
+	for _, f := range []string{"data/keypool.db", "data/" + server.AdminTokenFile, "data/" + server.EncryptionKeyFile} {
+		fi, err := os.Stat(filepath.Join(dir, f))
+		if err != nil {
+			t.Fatalf("%s: %v", f, err)
+		}
+		if strings.HasPrefix(f, "data/"+server.AdminTokenFile) || strings.HasPrefix(f, "data/"+server.EncryptionKeyFile) {
+			if fi.Mode().Perm() != 0o600 {
+				t.Errorf("%s mode %v, want 0600", f, fi.Mode().Perm())
+			}
+		}
+	}
+	// Add a key so that the second start must open it with the same
+	// encryption key.
+	st := s.Store()
+	if err := st.CreateService(context.Background(), &store.Service{Name: "exa", BaseURL: "https://api.exa.ai", AuthScheme: "x-api-key"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.CreateKeys(context.Background(), []*store.Key{{Service: "exa", Secret: "exa-secret-123456789", Status: "active"}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+
+	before := len(out.String())
+	s2 := start()
+	defer s2.Shutdown(context.Background())
+	if s2.AdminToken().Reveal() != tok {
+		t.Error("the admin token changed across restarts")
+	}
+	if strings.Contains(out.String()[before:], tok) {
+		t.Error("the admin token was printed again on restart")
+	}
+	if got := len(s2.Pool().Services()); got != 1 {
+		t.Errorf("restart loaded %d services", got)
+	}
+	// The admin API answers to the persisted token.
+	srv := httpServe(t, s2)
+	req, _ := http.NewRequest("GET", srv+"/admin/services", nil)
+	req.Header.Set("Authorization", "Bearer "+tok)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Errorf("admin with the persisted token: %d", resp.StatusCode)
+	}
+}
+
+// httpServe serves s on a loopback port until the test ends.
+func httpServe(t *testing.T, s *server.Server) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = s.Serve(ctx, ln); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return "http://" + ln.Addr().String()
+}
+
+func TestParseConfig(t *testing.T) {
+	env := map[string]string{"OPENAI_KEY_1": "sk-from-env-1: not yaml {", "PORT_RPM": "90", "EXA": "exa-key"}
+	lookup := func(n string) (string, bool) { v, ok := env[n]; return v, ok }
+	doc := `
+listen: 127.0.0.1:9999
+log_format: text
+drain_timeout: 10s
+services:
+  - name: openai
+    base_url: https://api.openai.com
+    auth_scheme: bearer
+    rate_limit_rpm: ${PORT_RPM}
+    proxy_headers: {OpenAI-Beta: "assistants=v2"}
+    keys:
+      - key_value: ${OPENAI_KEY_1}
+        labels: {tier: pro}
+      - key_value: "literal-$${NOT_EXPANDED}"
+  - name: exa
+    base_url: https://api.exa.ai
+    auth_scheme: x-api-key
+    external_name: exaai
+    keys: [{key_value: "${EXA}"}]
+external:
+  table: creds
+  refresh: 45s
+  columns: {api_key: secret}
+  services: {exa: exaai}
+`
+	cfg, err := server.ParseConfig([]byte(doc), lookup)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Listen != "127.0.0.1:9999" || cfg.LogFormat != "text" || time.Duration(cfg.DrainTimeout) != 10*time.Second {
+		t.Errorf("settings: %+v", cfg)
+	}
+	if len(cfg.Services) != 2 || cfg.Services[0].RateLimitRPM != 90 || cfg.Services[0].ProxyHeaders["OpenAI-Beta"] != "assistants=v2" {
+		t.Fatalf("services: %+v", cfg.Services)
+	}
+	if got := cfg.Services[0].Keys[0].KeyValue.Reveal(); got != env["OPENAI_KEY_1"] {
+		t.Errorf("key 1 = %q", got)
+	}
+	if got := cfg.Services[0].Keys[1].KeyValue.Reveal(); got != "literal-${NOT_EXPANDED}" {
+		t.Errorf("escaped key = %q", got)
+	}
+	if cfg.External.Table != "creds" || time.Duration(cfg.External.Refresh) != 45*time.Second || cfg.External.Columns.APIKey != "secret" {
+		t.Errorf("external: %+v", cfg.External)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Error(err)
+	}
+	// Printing the config shows no secret.
+	j, _ := json.Marshal(cfg)
+	for _, text := range []string{fmt.Sprintf("%v %+v %#v", cfg, cfg, cfg), string(j)} {
+		if strings.Contains(text, "sk-from-env") || strings.Contains(text, "exa-key") {
+			t.Errorf("config printed a secret: %s", text)
+		}
+	}
+
+	for _, tc := range []struct{ name, doc, want string }{
+		{"unset variable", "services: [{name: a, base_url: 'http://x', keys: [{key_value: '${NOPE}'}]}]", "NOPE is not set"},
+		{"unknown field", "listen: x\nlisten_addr: y\n", "listen_addr"},
+		{"bad scheme", "services: [{name: a, base_url: 'http://x', auth_scheme: weird}]", "auth_scheme"},
+		{"bad url", "services: [{name: a, base_url: 'ftp://x'}]", "base_url"},
+		{"empty key", "services: [{name: a, base_url: 'http://x', keys: [{key_value: ''}]}]", "key_value is empty"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg, err := server.ParseConfig([]byte(tc.doc), lookup)
+			if err == nil {
+				err = cfg.Validate()
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %v, want one mentioning %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestSecretURLRedacts(t *testing.T) {
+	for _, tc := range []struct{ in, hidden string }{
+		{"postgres://keypool:hunter2@db:5432/keypool?sslmode=disable", "hunter2"},
+		{"redis://:s3cret@127.0.0.1:6379/0", "s3cret"},
+		{"redis://s3cret@127.0.0.1:6379/0", "s3cret"},
+		{"host=db user=k password=hunter2", "hunter2"},
+		{"postgres://db/k?password=hunter2", "hunter2"},
+	} {
+		u := server.SecretURL(tc.in)
+		j, _ := json.Marshal(u)
+		for _, s := range []string{u.String(), fmt.Sprintf("%v %s %+v %#v", u, u, u, u), string(j)} {
+			if strings.Contains(s, tc.hidden) {
+				t.Errorf("%q printed as %q", tc.in, s)
+			}
+		}
+		if u.Reveal() != tc.in {
+			t.Errorf("Reveal lost the value")
+		}
+	}
+}
+
+func TestDeclaredServicesApplied(t *testing.T) {
+	up := newUpstream(t, okJSON)
+	spec := server.ServiceSpec{Name: "groq", BaseURL: up.URL, AuthScheme: "bearer",
+		Keys: []server.KeySpec{{KeyValue: keyA}, {KeyValue: keyB, Weight: 2}}}
+	var dbPath string
+	k := startKP(t, func(c *server.Config) { c.Services = []server.ServiceSpec{spec}; dbPath = c.Database.Reveal() })
+	if got, _ := k.srv.Pool().Stats("groq"); len(got) != 2 {
+		t.Fatalf("declared keys in the pool: %d", len(got))
+	}
+	team := k.addTeam("t", nil)
+	tok := k.addToken(team, nil)
+	if code, m, _ := k.do("POST", "/v1/groq/openai/v1/chat/completions", tok, map[string]any{}); code != 200 {
+		t.Fatalf("%d %v", code, m)
+	}
+	if up.last().Path != "/openai/v1/chat/completions" {
+		t.Errorf("path %q", up.last().Path)
+	}
+	if err := k.stop(); err != nil {
+		t.Fatal(err)
+	}
+	// Starting again with the same declaration adds nothing twice.
+	k2 := startKP(t, func(c *server.Config) { c.Services = []server.ServiceSpec{spec}; c.Database = server.SecretURL(dbPath) })
+	if got, _ := k2.srv.Pool().Stats("groq"); len(got) != 2 {
+		t.Errorf("after restart: %d keys", len(got))
+	}
+}

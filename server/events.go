@@ -1,0 +1,80 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"time"
+
+	"github.com/keypool/keypool"
+	"github.com/keypool/keypool/store"
+	"github.com/keypool/keypool/store/external"
+)
+
+// onEvent is the pool's OnEvent hook. It runs on the request path, so it
+// only counts and queues: the store is written by persistEvents.
+func (s *Server) onEvent(e keypool.Event) {
+	s.metrics.onEvent(e)
+	if !persistent(e) {
+		return
+	}
+	select {
+	case s.events <- e:
+	default:
+		s.metrics.eventsDropped.Inc()
+		s.log.Warn("key state change not persisted: queue full", "service", e.Service, "key_id", e.KeyID, "state", e.State.String())
+	}
+}
+
+// persistent reports whether a state change must survive a restart: a key
+// found invalid, or exhausted with no known reset. Transient states
+// (cooling, breaker open) live in the pool only. Keys of an external
+// credential table are read only: their owner decides.
+func persistent(e keypool.Event) bool {
+	if strings.HasPrefix(e.KeyID, external.KeyIDPrefix) {
+		return false
+	}
+	return e.State == keypool.StateInvalid || (e.State == keypool.StateExhausted && e.Until.IsZero())
+}
+
+// persistEvents writes queued key state changes to the store until ctx
+// ends, then writes whatever is still queued.
+func (s *Server) persistEvents(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case e := <-s.events:
+			s.persist(ctx, e)
+		}
+	}
+}
+
+// drainEvents writes the events still queued (at shutdown).
+func (s *Server) drainEvents(ctx context.Context) {
+	for {
+		select {
+		case e := <-s.events:
+			s.persist(ctx, e)
+		default:
+			return
+		}
+	}
+}
+
+func (s *Server) persist(ctx context.Context, e keypool.Event) {
+	status := store.StatusInvalid
+	if e.State == keypool.StateExhausted {
+		status = store.StatusExhausted
+	}
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	err := s.st.SetKeyStatus(wctx, e.KeyID, status, e.Reason)
+	switch {
+	case err == nil:
+		s.log.Info("key status persisted", "service", e.Service, "key_id", e.KeyID, "status", status, "reason", e.Reason)
+	case errors.Is(err, store.ErrNotFound):
+	default:
+		s.log.Warn("persisting key status failed", "service", e.Service, "key_id", e.KeyID, "status", status, "err", err)
+	}
+}

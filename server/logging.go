@@ -1,0 +1,292 @@
+package server
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// newLogger builds the server's logger from its settings.
+func newLogger(cfg Config, w io.Writer) (*slog.Logger, error) {
+	level, err := parseLevel(cfg.LogLevel)
+	if err != nil {
+		return nil, err
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	if strings.EqualFold(cfg.LogFormat, "text") {
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	}
+	return slog.New(slog.NewJSONHandler(w, opts)), nil
+}
+
+// RequestIDHeader carries a request's id in and out.
+const RequestIDHeader = "X-Request-Id"
+
+type ctxKey int
+
+const (
+	ctxRequestID ctxKey = iota
+	ctxInfo
+)
+
+// RequestID returns the id of the request ctx belongs to, or "".
+func RequestID(ctx context.Context) string {
+	id, _ := ctx.Value(ctxRequestID).(string)
+	return id
+}
+
+// reqInfo collects what handlers learn about a request for its access
+// line. It is filled by the goroutine serving the request and read after
+// the handler returns.
+type reqInfo struct {
+	service string
+	keyID   string
+	teamID  string
+	tokenID string
+	code    string // keypool error code, if any
+	retries int
+}
+
+func infoFrom(ctx context.Context) *reqInfo {
+	ri, _ := ctx.Value(ctxInfo).(*reqInfo)
+	return ri
+}
+
+// validRequestID accepts a client's id when it is short and plain.
+func validRequestID(s string) bool {
+	if s == "" || len(s) > 128 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c <= ' ' || c > '~' || c == '"' || c == '\\' {
+			return false
+		}
+	}
+	return true
+}
+
+// idPrefix makes request ids unique across processes; a counter makes
+// them unique within one, without a crypto/rand read per request.
+var (
+	idPrefix  = func() string { var b [6]byte; _, _ = rand.Read(b[:]); return hex.EncodeToString(b[:]) }()
+	idCounter atomic.Uint64
+)
+
+// newRequestID returns a 24-character id: 12 hex of process prefix, 12 of
+// counter.
+func newRequestID() string {
+	var b [24]byte
+	copy(b[:12], idPrefix)
+	n := idCounter.Add(1)
+	const digits = "0123456789abcdef"
+	for i := 23; i >= 12; i-- {
+		b[i] = digits[n&0xf]
+		n >>= 4
+	}
+	return string(b[:])
+}
+
+// statusWriter records the status and size of a response. It keeps the
+// underlying writer reachable (Unwrap) so http.ResponseController,
+// flushing and WebSocket hijacking still work, and registers hijacked
+// connections with the server so a shutdown can close them.
+type statusWriter struct {
+	http.ResponseWriter
+	srv      *Server
+	status   int
+	bytes    int64
+	hijacked net.Conn
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if w.status == 0 && code >= 200 || code == http.StatusSwitchingProtocols {
+		w.status = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Write(b []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	n, err := w.ResponseWriter.Write(b)
+	w.bytes += int64(n)
+	return n, err
+}
+
+// Flush sends buffered data to the client.
+func (w *statusWriter) Flush() {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	_ = http.NewResponseController(w.ResponseWriter).Flush()
+}
+
+// Hijack takes over the connection (WebSocket upgrades) and registers it
+// so that a shutdown closes it after the drain.
+func (w *statusWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	c, rw, err := http.NewResponseController(w.ResponseWriter).Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	if w.status == 0 {
+		w.status = http.StatusSwitchingProtocols
+	}
+	w.hijacked = c
+	if w.srv != nil {
+		w.srv.trackConn(c, true)
+	}
+	return c, rw, nil
+}
+
+// Unwrap returns the underlying writer.
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// connSet tracks hijacked connections.
+type connSet struct {
+	mu    sync.Mutex // protects conns and closed
+	conns map[net.Conn]struct{}
+	// closed is set once a shutdown closed the set: connections hijacked
+	// later are closed at once.
+	closed bool
+}
+
+func (s *Server) trackConn(c net.Conn, add bool) {
+	s.hijacked.mu.Lock()
+	if add && s.hijacked.closed {
+		s.hijacked.mu.Unlock()
+		_ = c.Close()
+		return
+	}
+	if s.hijacked.conns == nil {
+		s.hijacked.conns = map[net.Conn]struct{}{}
+	}
+	if add {
+		s.hijacked.conns[c] = struct{}{}
+	} else {
+		delete(s.hijacked.conns, c)
+	}
+	s.hijacked.mu.Unlock()
+}
+
+// closeHijacked closes every hijacked connection (WebSockets) and returns
+// how many there were.
+func (s *Server) closeHijacked() int {
+	s.hijacked.mu.Lock()
+	s.hijacked.closed = true
+	conns := s.hijacked.conns
+	s.hijacked.conns = nil
+	s.hijacked.mu.Unlock()
+	for c := range conns {
+		_ = c.Close()
+	}
+	return len(conns)
+}
+
+// observe wraps h with request ids, panic safety, hijack tracking and the
+// access log: one line per request, naming no secret (the query string is
+// never logged: it may carry ?api_key=).
+func (s *Server) observe(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		id := r.Header.Get(RequestIDHeader)
+		if !validRequestID(id) {
+			id = newRequestID()
+			r.Header.Set(RequestIDHeader, id)
+		}
+		w.Header().Set(RequestIDHeader, id)
+		ri := &reqInfo{}
+		ctx := context.WithValue(context.WithValue(r.Context(), ctxRequestID, id), ctxInfo, ri)
+		r = r.WithContext(ctx)
+		sw := &statusWriter{ResponseWriter: w, srv: s}
+		s.inflight.Add(1)
+		defer func() {
+			s.inflight.Add(-1)
+			if sw.hijacked != nil {
+				s.trackConn(sw.hijacked, false)
+			}
+			if p := recover(); p != nil {
+				if p == http.ErrAbortHandler {
+					s.access(r, sw, ri, id, start)
+					panic(p)
+				}
+				s.log.Error("panic serving request", "request_id", id, "path", r.URL.Path, "panic", redactPanic(p))
+				if sw.status == 0 {
+					writeError(sw, errInternal)
+				}
+			}
+			s.access(r, sw, ri, id, start)
+		}()
+		h.ServeHTTP(sw, r)
+	})
+}
+
+func (s *Server) access(r *http.Request, sw *statusWriter, ri *reqInfo, id string, start time.Time) {
+	status := sw.status
+	if status == 0 {
+		status = http.StatusOK
+		if r.Context().Err() != nil {
+			status = 499 // client closed the request before an answer
+		}
+	}
+	attrs := make([]slog.Attr, 0, 14)
+	attrs = append(attrs,
+		slog.String("request_id", id),
+		slog.String("method", r.Method),
+		slog.String("path", safePath(r.URL.Path)),
+		slog.Int("status", status),
+		slog.Int64("bytes", sw.bytes),
+		slog.Float64("duration_ms", float64(time.Since(start).Microseconds())/1000),
+		slog.String("remote", remoteIP(r.RemoteAddr)),
+	)
+	if ri.service != "" {
+		attrs = append(attrs, slog.String("service", ri.service))
+	}
+	if ri.keyID != "" {
+		attrs = append(attrs, slog.String("key_id", ri.keyID))
+	}
+	if ri.teamID != "" {
+		attrs = append(attrs, slog.String("team_id", ri.teamID))
+	}
+	if ri.tokenID != "" {
+		attrs = append(attrs, slog.String("token_id", ri.tokenID))
+	}
+	if ri.code != "" {
+		attrs = append(attrs, slog.String("code", ri.code))
+	}
+	if ri.retries > 0 {
+		attrs = append(attrs, slog.Int("retries", ri.retries))
+	}
+	s.log.LogAttrs(context.Background(), slog.LevelInfo, "request", attrs...)
+}
+
+// safePath bounds a logged path. Paths are not expected to hold secrets;
+// query strings (which may) are never logged.
+func safePath(p string) string {
+	if len(p) > 256 {
+		return p[:256] + "…"
+	}
+	return p
+}
+
+func remoteIP(addr string) string {
+	if h, _, err := net.SplitHostPort(addr); err == nil {
+		return h
+	}
+	return addr
+}
+
+// redactPanic names a panic value's type only: its message might quote a
+// request.
+func redactPanic(p any) string { return fmt.Sprintf("%T", p) }

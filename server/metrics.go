@@ -1,0 +1,193 @@
+package server
+
+import (
+	"strconv"
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/keypool/keypool"
+)
+
+// metrics are keypoold's Prometheus collectors, on a registry of their
+// own. Labels carry service names, key ids, error codes and limit scopes:
+// never a secret, a token or a team name typed by a client.
+type metrics struct {
+	reg *prometheus.Registry
+
+	requests          *prometheus.CounterVec   // service, status, code
+	upstreamLatency   *prometheus.HistogramVec // service
+	requestLatency    *prometheus.HistogramVec // service
+	retries           *prometheus.CounterVec   // service
+	cooldowns         *prometheus.CounterVec   // service, key_id
+	stateChanges      *prometheus.CounterVec   // service, state
+	limiterRejections *prometheus.CounterVec   // scope
+	leases            *prometheus.CounterVec   // service, result
+	reports           *prometheus.CounterVec   // outcome
+	usageDropped      prometheus.CounterFunc
+	eventsDropped     prometheus.Counter
+
+	// Caches of metric children on the request path. Their keys are
+	// service names the pool knows (bounded by configuration), statuses
+	// and error codes.
+	requestCache sync.Map // requestLabels → prometheus.Counter
+	serviceCache sync.Map // service name → *perService
+}
+
+func newMetrics(pool *keypool.Pool, usageDropped func() float64) *metrics {
+	m := &metrics{reg: prometheus.NewRegistry()}
+	m.requests = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "keypool_requests_total",
+		Help: "Proxied requests by service, HTTP status and keypool error code (empty when the upstream answered).",
+	}, []string{"service", "status", "code"})
+	m.upstreamLatency = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    "keypool_upstream_duration_seconds",
+		Help:    "Time from sending a request upstream to its response headers, per attempt.",
+		Buckets: prometheus.ExponentialBuckets(0.005, 2, 14), // 5ms … 41s
+	}, []string{"service"})
+	m.requestLatency = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    "keypool_request_duration_seconds",
+		Help:    "Time to serve a proxied request, retries included, until the response ended.",
+		Buckets: prometheus.ExponentialBuckets(0.005, 2, 14),
+	}, []string{"service"})
+	m.retries = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "keypool_retries_total",
+		Help: "Requests retried on another key after a failed attempt.",
+	}, []string{"service"})
+	m.cooldowns = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "keypool_key_cooldowns_total",
+		Help: "Times a key started cooling down after an upstream 429.",
+	}, []string{"service", "key_id"})
+	m.stateChanges = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "keypool_key_state_changes_total",
+		Help: "Key state transitions by the state entered.",
+	}, []string{"service", "state"})
+	m.limiterRejections = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "keypool_limiter_rejections_total",
+		Help: "Client requests refused by a team, token or service rpm_limit.",
+	}, []string{"scope"})
+	m.leases = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "keypool_leases_total",
+		Help: "GET /key leases by service and result (ok, no_key_available, unknown_service).",
+	}, []string{"service", "result"})
+	m.reports = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "keypool_lease_reports_total",
+		Help: "POST /key/{id}/report calls by outcome.",
+	}, []string{"outcome"})
+	m.usageDropped = prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "keypool_usage_records_dropped_total",
+		Help: "Usage records lost because the store could not take them.",
+	}, usageDropped)
+	m.eventsDropped = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "keypool_key_events_dropped_total",
+		Help: "Key state changes not persisted because the persistence queue was full.",
+	})
+	m.reg.MustRegister(
+		m.requests, m.upstreamLatency, m.requestLatency, m.retries, m.cooldowns,
+		m.stateChanges, m.limiterRejections, m.leases, m.reports,
+		m.usageDropped, m.eventsDropped,
+		&keyCollector{pool: pool},
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	return m
+}
+
+// onEvent counts a key state change.
+func (m *metrics) onEvent(e keypool.Event) {
+	m.stateChanges.WithLabelValues(e.Service, e.State.String()).Inc()
+	if e.State == keypool.StateCooling {
+		m.cooldowns.WithLabelValues(e.Service, e.KeyID).Inc()
+	}
+}
+
+type requestLabels struct {
+	service string
+	status  int
+	code    string
+}
+
+// request counts one proxied request. Children are cached: looking one up
+// by its labels hashes them and formats the status on every call.
+func (m *metrics) request(service string, status int, code string) {
+	l := requestLabels{service, status, code}
+	if c, ok := m.requestCache.Load(l); ok {
+		c.(prometheus.Counter).Inc()
+		return
+	}
+	c := m.requests.WithLabelValues(service, strconv.Itoa(status), code)
+	m.requestCache.Store(l, c)
+	c.Inc()
+}
+
+// perService holds a service's cached metric children.
+type perService struct {
+	upstream prometheus.Observer
+	duration prometheus.Observer
+	retries  prometheus.Counter
+}
+
+func (m *metrics) service(name string) *perService {
+	if p, ok := m.serviceCache.Load(name); ok {
+		return p.(*perService)
+	}
+	p := &perService{
+		upstream: m.upstreamLatency.WithLabelValues(name),
+		duration: m.requestLatency.WithLabelValues(name),
+		retries:  m.retries.WithLabelValues(name),
+	}
+	m.serviceCache.Store(name, p)
+	return p
+}
+
+var (
+	keyStateDesc = prometheus.NewDesc("keypool_key_state",
+		"1 for the state each key is in (active, cooling, open, half_open, invalid, exhausted, disabled), 0 for the others.",
+		[]string{"service", "key_id", "state"}, nil)
+	keyInFlightDesc = prometheus.NewDesc("keypool_key_in_flight",
+		"Requests using the key now.", []string{"service", "key_id"}, nil)
+	keyRPMDesc = prometheus.NewDesc("keypool_key_requests_last_minute",
+		"Requests sent with the key in the last minute.", []string{"service", "key_id"}, nil)
+	keyRemainingDesc = prometheus.NewDesc("keypool_key_balance_remaining",
+		"The key's balance or quota left, in its unit; absent when unknown.", []string{"service", "key_id"}, nil)
+)
+
+var allStates = []keypool.State{
+	keypool.StateActive, keypool.StateCooling, keypool.StateOpen, keypool.StateHalfOpen,
+	keypool.StateInvalid, keypool.StateExhausted, keypool.StateDisabled,
+}
+
+// keyCollector reports every key's live state at scrape time, from
+// Pool.Stats (ids and hints only; the hint is not exported either).
+type keyCollector struct{ pool *keypool.Pool }
+
+func (c *keyCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- keyStateDesc
+	ch <- keyInFlightDesc
+	ch <- keyRPMDesc
+	ch <- keyRemainingDesc
+}
+
+func (c *keyCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, svc := range c.pool.Services() {
+		stats, ok := c.pool.Stats(svc)
+		if !ok {
+			continue
+		}
+		for _, k := range stats {
+			for _, st := range allStates {
+				v := 0.0
+				if k.State == st {
+					v = 1
+				}
+				ch <- prometheus.MustNewConstMetric(keyStateDesc, prometheus.GaugeValue, v, svc, k.ID, st.String())
+			}
+			ch <- prometheus.MustNewConstMetric(keyInFlightDesc, prometheus.GaugeValue, float64(k.InFlight), svc, k.ID)
+			ch <- prometheus.MustNewConstMetric(keyRPMDesc, prometheus.GaugeValue, float64(k.RequestsLastMinute), svc, k.ID)
+			if k.Remaining >= 0 {
+				ch <- prometheus.MustNewConstMetric(keyRemainingDesc, prometheus.GaugeValue, k.Remaining, svc, k.ID)
+			}
+		}
+	}
+}

@@ -1,0 +1,67 @@
+package server_test
+
+import (
+	"os"
+	"testing"
+	"time"
+
+	"github.com/keypool/keypool/server"
+	"github.com/keypool/keypool/store/storetest"
+)
+
+// TestRedisSharedRateLimit runs two replicas on one database and one
+// Redis: a team's rpm_limit holds across both.
+func TestRedisSharedRateLimit(t *testing.T) {
+	redisURL := os.Getenv("KEYPOOL_TEST_REDIS")
+	if redisURL == "" {
+		t.Skip("KEYPOOL_TEST_REDIS is not set; skipping Redis test")
+	}
+	up := newUpstream(t, okJSON)
+	var db server.SecretURL
+	k1 := startKP(t, func(c *server.Config) { c.RedisURL = server.SecretURL(redisURL); db = c.Database })
+	k2 := startKP(t, func(c *server.Config) { c.RedisURL = server.SecretURL(redisURL); c.Database = db })
+	tok, _ := setup(t, k1, up, map[string]any{"rpm_limit": 3}, keyA)
+	k2.srv.Syncer().Trigger()
+	eventually(t, "replica 2 loads the service", func() bool { _, ok := k2.srv.Pool().Service("openai"); return ok })
+
+	for i, k := range []*kp{k1, k2, k1} {
+		if code, m, _ := k.do("GET", "/v1/openai/v1/models", tok, nil); code != 200 {
+			t.Fatalf("request %d: %d %v", i, code, m)
+		}
+	}
+	code, m, resp := k2.do("GET", "/v1/openai/v1/models", tok, nil)
+	if code != 429 || m["error"].(map[string]any)["code"] != "rate_limited" || resp.Header.Get("Retry-After") == "" {
+		t.Fatalf("4th request across replicas: %d %v, want 429 rate_limited", code, m)
+	}
+}
+
+// TestPostgres runs keypoold on PostgreSQL: two replicas share the
+// database, and a change made through one reaches the other by NOTIFY,
+// long before its polling interval.
+func TestPostgres(t *testing.T) {
+	dsn := storetest.PostgresDSN(t)
+	up := newUpstream(t, okJSON)
+	slow := func(c *server.Config) {
+		c.Database = server.SecretURL(dsn)
+		c.SyncInterval = server.Duration(time.Hour)
+	}
+	k1 := startKP(t, slow)
+	k2 := startKP(t, slow)
+	tok, ids := setup(t, k1, up, nil, keyA)
+	eventually(t, "replica 2 sees the new key through NOTIFY", func() bool {
+		st, ok := k2.srv.Pool().Stats("openai")
+		return ok && len(st) == 1 && st[0].ID == ids[0]
+	})
+	code, m, resp := k2.do("POST", "/v1/openai/v1/chat/completions", tok, map[string]any{"model": "gpt-4o-mini"})
+	if code != 200 || resp.Header.Get("X-Keypool-Key-Id") != ids[0] {
+		t.Fatalf("proxy on replica 2: %d %v", code, m)
+	}
+	if bearerKey(up.last().Header) != keyA {
+		t.Error("upstream did not get the pooled key")
+	}
+	if code, m, _ := k2.do("GET", "/readyz", "", nil); code != 200 {
+		t.Errorf("readyz: %d %v", code, m)
+	}
+	k2.checkLogs()
+	k1.checkLogs()
+}

@@ -1,0 +1,520 @@
+// Package server assembles keypoold: the store, the key pool and its
+// syncer, client authentication and limits, the /v1/{service}/… proxy,
+// the admin API, key leasing, health, metrics, access logs, usage records
+// and graceful shutdown, behind one [http.Handler].
+//
+// The HTTP contract it serves is the one in DESIGN.md; cmd/keypoold only
+// reads configuration and calls [New] and [Server.Run]. Embed it the same
+// way:
+//
+//	srv, err := server.New(ctx, server.Config{Database: "sqlite:./data/keypool.db"})
+//	if err != nil { … }
+//	err = srv.Run(ctx) // until ctx is done; then drains and returns nil
+//
+// # Endpoints
+//
+//	ANY  /v1/{service}/{rest}   proxy with a pooled key (team token)
+//	     /admin/…               admin API (admin token)
+//	GET  /key?service=&feature= lease a raw key (admin token, or a token with scope "lease")
+//	POST /key/{key_id}/report   report what a leased key met
+//	GET  /healthz               liveness
+//	GET  /readyz                store reachable and pools loaded
+//	GET  /metrics               Prometheus
+//
+// # Client limits
+//
+// A team's and a token's rpm_limit (and a service's own rpm_limit, shared
+// by all its clients) are enforced per minute through a [limit.Limiter]:
+// in process, or in Redis when [Config.RedisURL] is set so that several
+// replicas share them. A refusal is 429 rate_limited with Retry-After,
+// distinct from 429 no_key_available (every upstream key busy). A team
+// with allowed_services may use only those (403 forbidden). Every client
+// token may use the proxy; leasing raw keys needs the "lease" scope.
+// Clients that keep presenting bad tokens are refused (429 rate_limited)
+// per address, without a store lookup.
+//
+// # Shutdown
+//
+// [Server.Shutdown] (and [Server.Run] when its context ends) stops
+// accepting connections, lets in-flight requests finish for up to
+// [Config.DrainTimeout] (30 s by default) and then closes the connections
+// left, closes hijacked connections (WebSockets), stops background work,
+// writes every pending usage record and key state change, and closes the
+// store.
+//
+// A Server is safe for concurrent use.
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/keypool/keypool"
+	"github.com/keypool/keypool/admin"
+	"github.com/keypool/keypool/auth"
+	"github.com/keypool/keypool/internal/httpx"
+	"github.com/keypool/keypool/limit"
+	"github.com/keypool/keypool/proxy"
+	"github.com/keypool/keypool/store"
+	"github.com/keypool/keypool/store/external"
+	"github.com/keypool/keypool/store/seal"
+	"github.com/keypool/keypool/store/sqlstore"
+)
+
+// Server is a keypoold server. Create it with [New]; serve it with
+// [Server.Run] or [Server.Serve], or mount [Server.Handler] yourself; stop
+// it with [Server.Shutdown]. It must not be copied.
+type Server struct {
+	cfg     Config
+	log     *slog.Logger
+	st      *sqlstore.Store
+	ext     *external.Source
+	pool    *keypool.Pool
+	syncer  *store.Syncer
+	auth    *auth.Authenticator
+	fails   *auth.FailureLimiter
+	admin   *admin.API
+	proxy   *proxy.Handler
+	limiter limit.Backend
+	rdb     *redis.Client
+	usage   *store.UsageWriter
+	metrics *metrics
+	leases  *leaseBook
+	events  chan keypool.Event
+	handler http.Handler
+	logBuf  *logBuffer    // nil when Config.Logger was given
+	logStop func()        // stops the log flusher
+	logDone chan struct{} // closed when the log flusher has stopped
+
+	svcLimits atomic.Pointer[map[string]store.Limits]
+	inflight  atomic.Int64
+	draining  atomic.Bool
+	hijacked  connSet
+
+	bgCancel context.CancelFunc
+	bg       sync.WaitGroup
+
+	mu       sync.Mutex // protects httpSrvs
+	httpSrvs []*http.Server
+
+	shutdownOnce sync.Once
+	shutdownErr  error
+	done         chan struct{} // closed when Shutdown has finished
+}
+
+// New opens the store, loads the pool and prepares every handler; it
+// starts the background work (store sync, key state persistence, lease
+// expiry, usage batching) but does not listen. See [Config] for the
+// defaults of a zero Config. Call [Server.Shutdown] to release what it
+// opened.
+func New(ctx context.Context, cfg Config) (*Server, error) {
+	cfg = cfg.withDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	out := cfg.Output
+	if out == nil {
+		out = os.Stderr
+	}
+	log := cfg.Logger
+	var logBuf *logBuffer
+	if log == nil {
+		w := cfg.LogOutput
+		if w == nil {
+			w = os.Stderr
+		}
+		logBuf = newLogBuffer(w)
+		var err error
+		if log, err = newLogger(cfg, logBuf); err != nil {
+			return nil, err
+		}
+	}
+	generated, err := resolveSecrets(&cfg, out)
+	if err != nil {
+		return nil, err
+	}
+	if generated {
+		log.Warn("using a generated encryption key stored beside the database; set KEYPOOL_ENCRYPTION_KEY for production",
+			"file", EncryptionKeyFile, "data_dir", cfg.DataDir)
+	}
+	keyring, err := seal.ParseKeyring(cfg.EncryptionKey.Reveal())
+	if err != nil {
+		return nil, fmt.Errorf("server: KEYPOOL_ENCRYPTION_KEY: %w", err)
+	}
+
+	s := &Server{cfg: cfg, log: log, logBuf: logBuf, done: make(chan struct{}), events: make(chan keypool.Event, 4096)}
+	ok := false
+	defer func() {
+		if !ok {
+			_ = s.closeResources()
+			if logBuf != nil {
+				_ = logBuf.Flush()
+			}
+		}
+	}()
+
+	if s.st, err = sqlstore.Open(ctx, cfg.Database.Reveal(), sqlstore.Options{Keyring: keyring, Logger: log}); err != nil {
+		return nil, fmt.Errorf("server: open database %s: %w", cfg.Database, err)
+	}
+	if err := applyServices(ctx, s.st, cfg.Services, log); err != nil {
+		return nil, err
+	}
+	if cfg.ExternalDatabase != "" {
+		if s.ext, err = external.Open(ctx, cfg.ExternalDatabase.Reveal(), cfg.External); err != nil {
+			return nil, fmt.Errorf("server: open external database %s: %w", cfg.ExternalDatabase, err)
+		}
+	}
+
+	s.pool, err = keypool.New(keypool.Config{OnEvent: s.onEvent})
+	if err != nil {
+		return nil, err
+	}
+	s.metrics = newMetrics(s.pool, func() float64 {
+		if s.usage == nil {
+			return 0
+		}
+		return float64(s.usage.Dropped())
+	})
+
+	opts := store.SyncerOptions{Interval: time.Duration(cfg.SyncInterval), Notify: s.st, Logger: log}
+	if s.ext != nil {
+		opts.External = s.ext
+		if r := time.Duration(cfg.External.Refresh); r > 0 {
+			opts.ExternalInterval = r
+		}
+	}
+	s.syncer = store.NewSyncer(s.pool, s.st, opts)
+	if err := s.syncer.Load(ctx); err != nil {
+		return nil, fmt.Errorf("server: load services and keys: %w", err)
+	}
+	if err := s.refreshServiceLimits(ctx); err != nil {
+		return nil, err
+	}
+
+	s.auth = auth.New(s.st, auth.Config{AdminToken: cfg.AdminToken.Reveal(), CacheTTL: time.Duration(cfg.AuthCacheTTL)})
+	s.fails = auth.NewFailureLimiter(auth.FailureConfig{})
+
+	if cfg.RedisURL != "" {
+		if s.rdb, err = limit.NewRedisClient(cfg.RedisURL.Reveal()); err != nil {
+			return nil, fmt.Errorf("server: KEYPOOL_REDIS_URL %s: %w", cfg.RedisURL, err)
+		}
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		perr := s.rdb.Ping(pctx).Err()
+		cancel()
+		if perr != nil {
+			// Not fatal: the Redis limiter fails open and says so.
+			log.Warn("redis unreachable at start; rate limits fail open until it answers", "redis", cfg.RedisURL, "err", perr)
+		}
+		if s.limiter, err = limit.NewRedis(s.rdb, limit.RedisConfig{Logger: log}); err != nil {
+			return nil, err
+		}
+	} else if s.limiter, err = limit.NewLocal(limit.LocalConfig{}); err != nil {
+		return nil, err
+	}
+
+	uopts := cfg.Usage
+	if uopts.Logger == nil {
+		uopts.Logger = log
+	}
+	s.usage = store.NewUsageWriter(s.st, uopts)
+	s.leases = newLeaseBook(time.Duration(cfg.LeaseTTL), s.pool.Now)
+
+	if s.admin, err = admin.New(admin.Config{
+		Store: s.st, Pool: s.pool, Auth: s.auth, Failures: s.fails,
+		OnChange: s.onAdminChange, Logger: log,
+	}); err != nil {
+		return nil, err
+	}
+
+	upstream := cfg.Upstream
+	if upstream == nil {
+		upstream = DefaultUpstream()
+	}
+	s.proxy = &proxy.Handler{
+		Pool:           s.pool,
+		Transport:      &proxy.Transport{Base: upstream, OnAttempt: s.onAttempt},
+		Authorize:      s.authorize,
+		MaxBodyBytes:   cfg.MaxBodyBytes,
+		ModifyResponse: s.modifyResponse,
+		OnDone:         s.onProxyDone,
+		Logger:         log,
+	}
+	s.handler = s.observe(s.routes())
+
+	bgctx, cancel := context.WithCancel(context.Background())
+	s.bgCancel = cancel
+	s.bg.Go(func() { _ = s.syncer.Run(bgctx) })
+	s.bg.Go(func() { s.persistEvents(bgctx) })
+	s.bg.Go(func() { s.leases.run(bgctx) })
+	s.bg.Go(func() { s.watchServiceLimits(bgctx) })
+	if logBuf != nil {
+		lctx, lcancel := context.WithCancel(context.Background())
+		s.logStop = lcancel
+		s.logDone = make(chan struct{})
+		go func() { defer close(s.logDone); logBuf.run(lctx) }()
+	}
+	ok = true
+	log.Info("keypoold ready", "database", cfg.Database, "services", len(s.pool.Services()),
+		"redis", cfg.RedisURL != "", "external", cfg.ExternalDatabase != "")
+	return s, nil
+}
+
+// DefaultUpstream returns the transport keypoold uses to reach upstreams
+// when [Config.Upstream] is nil: http.DefaultTransport's settings with
+// room for many idle connections per upstream host.
+func DefaultUpstream() *http.Transport {
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.MaxIdleConns = 4096
+	t.MaxIdleConnsPerHost = 1024
+	t.IdleConnTimeout = 90 * time.Second
+	return t
+}
+
+// Handler returns the server's HTTP handler: every endpoint, wrapped with
+// request ids and the access log.
+func (s *Server) Handler() http.Handler { return s.handler }
+
+// Pool returns the server's key pool.
+func (s *Server) Pool() *keypool.Pool { return s.pool }
+
+// Store returns the server's store.
+func (s *Server) Store() store.Store { return s.st }
+
+// Syncer returns the syncer that keeps the pool in step with the store.
+func (s *Server) Syncer() *store.Syncer { return s.syncer }
+
+// AdminToken returns the admin token in use (configured, read from the
+// data directory, or generated).
+func (s *Server) AdminToken() keypool.Secret { return s.cfg.AdminToken }
+
+// Config returns the configuration in use, defaults and resolved secrets
+// included.
+func (s *Server) Config() Config { return s.cfg }
+
+func (s *Server) routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", s.healthz)
+	mux.HandleFunc("/readyz", s.readyz)
+	mux.Handle("/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{
+		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
+	}))
+	mux.Handle("/v1/", s.proxy)
+	mux.Handle("/admin/", s.admin)
+	mux.Handle("/admin", s.admin)
+	mux.HandleFunc("/key", s.leaseKey)
+	mux.HandleFunc("/key/{id}/report", s.reportKey)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, httpx.Errorf(http.StatusNotFound, httpx.CodeNotFound, "no endpoint %s; the proxy serves /v1/{service}/...", safePath(r.URL.Path)))
+	})
+	return mux
+}
+
+// Run listens on [Config.Listen] and serves until ctx is done, then shuts
+// down gracefully (see [Server.Shutdown]) and returns nil. It returns an
+// error when it cannot listen or serving fails.
+func (s *Server) Run(ctx context.Context) error {
+	ln, err := net.Listen("tcp", s.cfg.Listen)
+	if err != nil {
+		_ = s.Shutdown(context.Background())
+		return fmt.Errorf("server: listen: %w", err)
+	}
+	return s.Serve(ctx, ln)
+}
+
+// Serve serves on ln until ctx is done, then shuts down gracefully and
+// returns nil (or Shutdown's error). It returns serving errors other than
+// a shutdown.
+func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	hs := &http.Server{
+		Handler:           s.handler,
+		ReadHeaderTimeout: 30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+	}
+	s.mu.Lock()
+	s.httpSrvs = append(s.httpSrvs, hs)
+	s.mu.Unlock()
+	s.log.Info("listening", "addr", ln.Addr().String())
+	errc := make(chan error, 1)
+	go func() { errc <- hs.Serve(ln) }()
+	select {
+	case err := <-errc:
+		if errors.Is(err, http.ErrServerClosed) {
+			<-s.done // someone else called Shutdown: wait for it
+			return s.shutdownErr
+		}
+		_ = s.Shutdown(context.Background())
+		return fmt.Errorf("server: serve: %w", err)
+	case <-ctx.Done():
+		err := s.Shutdown(context.Background())
+		<-errc
+		return err
+	}
+}
+
+// Shutdown stops the server gracefully: listeners close at once; requests
+// in flight get up to [Config.DrainTimeout] (or until ctx is done) to
+// finish, after which their connections are closed; hijacked connections
+// (WebSockets) are closed; background work stops; pending usage records
+// and key state changes are written; the store is closed. It may be called
+// more than once and from several goroutines; every call waits for the
+// first to finish and returns its result.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.shutdownOnce.Do(func() {
+		defer close(s.done)
+		s.shutdownErr = s.shutdown(ctx)
+	})
+	<-s.done
+	return s.shutdownErr
+}
+
+func (s *Server) shutdown(ctx context.Context) error {
+	start := time.Now()
+	s.draining.Store(true)
+	s.log.Info("shutting down: draining in-flight requests", "in_flight", s.inflight.Load(), "drain_timeout", time.Duration(s.cfg.DrainTimeout).String())
+	dctx, cancel := context.WithTimeout(ctx, time.Duration(s.cfg.DrainTimeout))
+	defer cancel()
+	s.mu.Lock()
+	srvs := s.httpSrvs
+	s.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, hs := range srvs {
+		wg.Go(func() {
+			if err := hs.Shutdown(dctx); err != nil {
+				s.log.Warn("drain timeout reached; closing remaining connections", "err", err)
+				_ = hs.Close()
+			}
+		})
+	}
+	wg.Wait()
+	if n := s.closeHijacked(); n > 0 {
+		s.log.Info("closed upgraded connections", "count", n)
+	}
+	// Wait (briefly) for the handlers of closed connections to return, so
+	// their usage records are written below.
+	for deadline := time.Now().Add(5 * time.Second); s.inflight.Load() > 0 && time.Now().Before(deadline); {
+		time.Sleep(5 * time.Millisecond)
+	}
+
+	s.bgCancel()
+	_ = s.syncer.Close()
+	s.bg.Wait() // persistEvents writes what is queued before it returns
+	s.leases.releaseAll()
+
+	var errs []error
+	fctx, fcancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer fcancel()
+	if err := s.usage.Close(fctx); err != nil {
+		errs = append(errs, err)
+	}
+	s.drainEvents(fctx)
+	errs = append(errs, s.closeResources())
+	err := errors.Join(errs...)
+	s.log.Info("shutdown complete", "took", time.Since(start).Round(time.Millisecond).String(),
+		"usage_written", s.usage.Written(), "usage_dropped", s.usage.Dropped(), "error", errString(err))
+	if s.logStop != nil {
+		s.logStop()
+		<-s.logDone
+	}
+	return err
+}
+
+// closeResources closes what New opened (safe on a partly built Server).
+func (s *Server) closeResources() error {
+	var errs []error
+	if s.limiter != nil {
+		errs = append(errs, s.limiter.Close())
+	}
+	if s.rdb != nil {
+		errs = append(errs, s.rdb.Close())
+	}
+	if s.ext != nil {
+		errs = append(errs, s.ext.Close())
+	}
+	if s.st != nil {
+		errs = append(errs, s.st.Close())
+	}
+	return errors.Join(errs...)
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}
+
+// onAdminChange reloads the pool at once after an admin write, so the
+// next request sees the change.
+func (s *Server) onAdminChange() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := s.syncer.Sync(ctx); err != nil {
+		s.log.Warn("reload after admin change failed; the periodic sync will retry", "err", err)
+		s.syncer.Trigger()
+	}
+	if err := s.refreshServiceLimits(ctx); err != nil {
+		s.log.Warn("reading service limits failed", "err", err)
+	}
+}
+
+// refreshServiceLimits reads each service's client limits (rpm_limit).
+func (s *Server) refreshServiceLimits(ctx context.Context) error {
+	svcs, err := s.st.Services(ctx)
+	if err != nil {
+		return fmt.Errorf("server: read services: %w", err)
+	}
+	m := make(map[string]store.Limits, len(svcs))
+	for _, sv := range svcs {
+		m[sv.Name] = sv.Limits
+	}
+	s.svcLimits.Store(&m)
+	return nil
+}
+
+// watchServiceLimits keeps service limits in step with the store.
+func (s *Server) watchServiceLimits(ctx context.Context) {
+	t := time.NewTicker(time.Duration(s.cfg.SyncInterval))
+	defer t.Stop()
+	last, _ := s.st.Version(ctx)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		v, err := s.st.Version(ctx)
+		if err != nil || v == last {
+			continue
+		}
+		if err := s.refreshServiceLimits(ctx); err == nil {
+			last = v
+		}
+	}
+}
+
+func (s *Server) serviceLimits(name string) store.Limits {
+	if m := s.svcLimits.Load(); m != nil {
+		return (*m)[name]
+	}
+	return store.Limits{}
+}
+
+var errInternal = httpx.Errorf(http.StatusInternalServerError, httpx.CodeInternal, "internal error")
+
+// writeError writes an API error in the contract's JSON shape and notes
+// its code for the access log.
+func writeError(w http.ResponseWriter, err error) {
+	httpx.WriteError(w, err)
+}

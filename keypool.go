@@ -452,6 +452,27 @@ func (p *Pool) SetKeyState(service, keyID string, st State, until time.Time, rea
 	return c != nil
 }
 
+// Spend deducts amount from a key's balance, in its BalanceUnit, for spend
+// learned after its lease was released (metered usage at the end of a
+// stream). A key whose balance runs out becomes Exhausted. It reports
+// whether the key exists.
+func (p *Pool) Spend(service, keyID string, amount float64) bool {
+	s := (*p.services.Load())[service]
+	if s == nil {
+		return false
+	}
+	now := p.now()
+	s.mu.Lock()
+	c := s.keys[keyID]
+	if c != nil && amount != 0 {
+		s.report(c, Outcome{Kind: ClientError, Cost: amount}, now)
+	}
+	events := s.takeEvents()
+	s.mu.Unlock()
+	p.emit(events)
+	return c != nil
+}
+
 // Lease is one key taken for one request. Release it exactly once; a
 // second Release of the same value is a no-op. A Lease is small and
 // returned by value; copies share nothing, so release the one you hold.
@@ -983,6 +1004,9 @@ func (s *svcState) report(c *Candidate, o Outcome, now time.Time) {
 	p := s.pool
 	if o.Cost != 0 {
 		c.spent += o.Cost
+		if c.key.BalanceTotal > 0 && c.Remaining() <= 0 && (c.state == StateActive || c.state == StateHalfOpen) {
+			defer s.setState(c, StateExhausted, time.Time{}, "balance spent", now)
+		}
 	}
 	switch o.Kind {
 	case OK:
@@ -991,9 +1015,6 @@ func (s *svcState) report(c *Candidate, o Outcome, now time.Time) {
 		closed := b == nil || b.Success() == breaker.Closed
 		if closed && c.state == StateHalfOpen {
 			s.setState(c, StateActive, time.Time{}, "", now)
-		}
-		if c.key.BalanceTotal > 0 && c.Remaining() <= 0 && c.state == StateActive {
-			s.setState(c, StateExhausted, time.Time{}, "balance spent", now)
 		}
 	case RateLimited:
 		c.consec429++

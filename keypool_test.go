@@ -503,6 +503,15 @@ func TestBalanceSpend(t *testing.T) {
 	if st[0].State != StateExhausted || st[0].Spent < 1.19 {
 		t.Fatalf("after spending 1.2 of 1.0: %+v", st[0])
 	}
+	// Spend reported after the lease (metered at the end of a stream).
+	keys[1].BalanceTotal = 0.5
+	_ = p.SetService(Service{Name: "svc"}, keys)
+	if !p.Spend("svc", "k1", 0.6) || p.Spend("svc", "nope", 1) {
+		t.Fatal("Spend did not find its key")
+	}
+	if st, _ := p.Stats("svc"); st[1].State != StateExhausted || st[1].Remaining > -0.09 {
+		t.Fatalf("after Spend: %+v", st[1])
+	}
 }
 
 func TestApplyEvent(t *testing.T) {

@@ -3,6 +3,7 @@ package keypool
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"math"
@@ -31,12 +32,18 @@ const peekLimit = 8 << 10
 //
 //   - 2xx and 3xx: OK.
 //   - 429: RateLimited with the wait the upstream asked for (see
-//     [ParseRetryAfter]), or Exhausted when the body says the quota or
-//     balance is spent (OpenAI's insufficient_quota and the like).
-//   - 401 and 403: Invalid, unless the body says the quota is spent.
+//     [ParseRetryAfter]), or Exhausted when the body's error code says
+//     the quota or balance is spent (OpenAI's insufficient_quota and the
+//     like).
+//   - 401 and 403: Invalid, unless the error code says the quota is spent.
 //   - 402: Exhausted.
-//   - 400 whose body says the key is invalid (Gemini's API_KEY_INVALID):
-//     Invalid.
+//   - 400 whose error code says the key is invalid (Gemini's
+//     API_KEY_INVALID) or the quota is spent: Invalid or Exhausted; any
+//     other 400: ClientError.
+//
+// Codes are read from the error body's structured fields only, never from
+// its free text, so a client cannot steer a key's state through an
+// upstream that echoes its request.
 //   - 408, 500, 502, 503, 504, 529 and transport errors (resets, timeouts):
 //     Failure.
 //   - A canceled context: Canceled. Other 4xx: ClientError.
@@ -117,29 +124,93 @@ func peekBody(resp *http.Response) []byte {
 	return buf
 }
 
-var quotaSignals = []string{
-	"insufficient_quota", "quota_exceeded", "exceeded your current quota",
-	"credit balance is too low", "insufficient credits", "insufficient_credits",
-	"billing_hard_limit_reached", "out of credits",
+// Quota and invalid-key signals are read only from an error body's
+// structured code fields (error.code, error.type, error.status,
+// error.details[].reason, detail.status, and the same at the top level),
+// never from free text: an upstream that echoes the client's request in
+// its error would otherwise let any client mark keys exhausted or invalid.
+var (
+	quotaCodes = map[string]bool{
+		"insufficient_quota": true, "quota_exceeded": true, "billing_hard_limit_reached": true,
+		"insufficient_credits": true, "insufficient_balance": true, "credits_exhausted": true,
+	}
+	invalidCodes = map[string]bool{"api_key_invalid": true, "invalid_api_key": true}
+)
+
+// errorCodes returns the lower-cased values of an error body's code fields.
+func errorCodes(body []byte) (codes []string, message string) {
+	if len(body) == 0 || body[0] != '{' && bytes.IndexByte(body, '{') < 0 {
+		return nil, ""
+	}
+	type detail struct {
+		Reason string `json:"reason"`
+		Status string `json:"status"`
+	}
+	type inner struct {
+		Code    json.RawMessage `json:"code"`
+		Type    string          `json:"type"`
+		Status  string          `json:"status"`
+		Message string          `json:"message"`
+		Details []detail        `json:"details"`
+	}
+	var doc struct {
+		inner
+		Error   *inner          `json:"error"`
+		Detail  json.RawMessage `json:"detail"`
+		ErrCode string          `json:"err_code"`
+	}
+	if json.Unmarshal(body, &doc) != nil {
+		return nil, ""
+	}
+	add := func(v string) {
+		if v != "" {
+			codes = append(codes, strings.ToLower(v))
+		}
+	}
+	addInner := func(in *inner) {
+		var code string
+		if json.Unmarshal(in.Code, &code) == nil {
+			add(code)
+		}
+		add(in.Type)
+		add(in.Status)
+		for _, d := range in.Details {
+			add(d.Reason)
+			add(d.Status)
+		}
+	}
+	addInner(&doc.inner)
+	message = doc.Message
+	if doc.Error != nil {
+		addInner(doc.Error)
+		message = doc.Error.Message
+	}
+	var d detail
+	if json.Unmarshal(doc.Detail, &d) == nil {
+		add(d.Status)
+	}
+	add(doc.ErrCode)
+	return codes, message
 }
 
 func quotaSignal(body []byte) string {
-	if len(body) == 0 {
-		return ""
-	}
-	lower := bytes.ToLower(body)
-	for _, s := range quotaSignals {
-		if bytes.Contains(lower, []byte(s)) {
-			return "quota exhausted (" + s + ")"
+	codes, msg := errorCodes(body)
+	for _, c := range codes {
+		if quotaCodes[c] {
+			return "quota exhausted (" + c + ")"
 		}
+	}
+	// Anthropic says so only in prose, at the start of its own message.
+	if strings.HasPrefix(msg, "Your credit balance is too low") {
+		return "quota exhausted (credit balance too low)"
 	}
 	return ""
 }
 
 func invalidKeySignal(body []byte) bool {
-	lower := bytes.ToLower(body)
-	for _, s := range []string{"api_key_invalid", "api key not valid", "invalid_api_key", "invalid api key"} {
-		if bytes.Contains(lower, []byte(s)) {
+	codes, _ := errorCodes(body)
+	for _, c := range codes {
+		if invalidCodes[c] {
 			return true
 		}
 	}

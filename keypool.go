@@ -2,6 +2,7 @@ package keypool
 
 import (
 	"fmt"
+	"maps"
 	"math"
 	"math/rand/v2"
 	"sort"
@@ -337,7 +338,9 @@ func (p *Pool) Service(name string) (Service, bool) {
 	if !ok {
 		return Service{}, false
 	}
-	return *s.cfg.Load(), true
+	svc := *s.cfg.Load()
+	svc.Headers = maps.Clone(svc.Headers)
+	return svc, true
 }
 
 // Services returns the names of every service, sorted.
@@ -385,6 +388,10 @@ func (p *Pool) Acquire(service string, r Request) (Lease, error) {
 	var wait time.Time
 	if c == nil {
 		wait = s.nextWake(now)
+		if s.capped > 0 && (wait.IsZero() || wait.After(now.Add(time.Second))) {
+			// A key at its in-flight cap is back as soon as a request ends.
+			wait = now.Add(time.Second)
+		}
 	}
 	s.mu.Unlock()
 	p.emit(events)
@@ -496,7 +503,7 @@ func (l *Lease) Secret() Secret { return l.key.Secret }
 // Key returns the key's settings. Do not modify it.
 func (l *Lease) Key() *Key { return l.key }
 
-// Service returns the service's settings at the time of the lease.
+// Service returns the service's current settings. Do not modify them.
 func (l *Lease) Service() *Service { return l.c.svc.cfg.Load() }
 
 // Release reports the outcome of the request and returns the key. A report
@@ -716,6 +723,7 @@ type svcState struct {
 	cands   Candidates
 	scratch []*Candidate
 	pending []Event
+	capped  int // keys out of rotation at their in-flight cap
 }
 
 func (s *svcState) takeEvents() []Event {
@@ -753,8 +761,12 @@ func (s *svcState) load(svc Service, bs breaker.Settings, keys []Key, now time.T
 			}
 			c.key = &k
 		}
-		c.limiter = s.limiterFor(&k, c.limiter)
-		c.featLim = nil
+		c.limiter = s.limiterFor(&k, c.limiter, now)
+		for f, l := range c.featLim {
+			if rpm := k.Features[f]; rpm <= 0 || float64(l.Limit()) != float64(rpm)/60 {
+				delete(c.featLim, f)
+			}
+		}
 		c.maxIn = int64(k.MaxInFlight)
 		if c.maxIn == 0 {
 			c.maxIn = int64(svc.MaxInFlight)
@@ -762,6 +774,9 @@ func (s *svcState) load(svc Service, bs breaker.Settings, keys []Key, now time.T
 		if k.State != c.storedSt {
 			c.storedSt = k.State
 			s.setState(c, k.State, time.Time{}, k.Reason, now)
+		} else if c.state == StateExhausted && c.until.IsZero() && k.BalanceTotal > 0 && c.Remaining() > 0 {
+			// Topped up, or the quota was reset by its owner.
+			s.setState(c, StateActive, time.Time{}, "", now)
 		}
 		s.checkCap(c)
 		next[k.ID] = c
@@ -777,7 +792,7 @@ func (s *svcState) load(svc Service, bs breaker.Settings, keys []Key, now time.T
 	return s.takeEvents()
 }
 
-func (s *svcState) limiterFor(k *Key, old *rate.Limiter) *rate.Limiter {
+func (s *svcState) limiterFor(k *Key, old *rate.Limiter, now time.Time) *rate.Limiter {
 	rpm := k.RateLimitRPM
 	if rpm == 0 {
 		rpm = s.cfg.Load().RateLimitRPM
@@ -791,8 +806,12 @@ func (s *svcState) limiterFor(k *Key, old *rate.Limiter) *rate.Limiter {
 	}
 	lim := rate.Limit(float64(rpm) / 60)
 	if old != nil {
-		old.SetLimit(lim)
-		old.SetBurst(burst)
+		if old.Limit() != lim {
+			old.SetLimitAt(now, lim)
+		}
+		if old.Burst() != burst {
+			old.SetBurstAt(now, burst)
+		}
 		return old
 	}
 	return rate.NewLimiter(lim, burst)
@@ -801,6 +820,10 @@ func (s *svcState) limiterFor(k *Key, old *rate.Limiter) *rate.Limiter {
 // retire takes a key out for good: reloaded with a new secret, or removed.
 func (s *svcState) retire(c *Candidate) {
 	c.gen.Add(1)
+	if c.capped.Load() {
+		c.capped.Store(false)
+		s.capped--
+	}
 	s.dropAvail(c)
 	s.unschedule(c)
 }
@@ -842,12 +865,14 @@ func (s *svcState) checkCap(c *Candidate) {
 	if limit > 0 && c.inFlight.Load() >= limit {
 		if !c.capped.Load() {
 			c.capped.Store(true)
+			s.capped++
 			s.dropAvail(c)
 		}
 		return
 	}
 	if c.capped.Load() {
 		c.capped.Store(false)
+		s.capped--
 		s.admit(c)
 	}
 }
@@ -883,7 +908,7 @@ func (s *svcState) pick(r Request, now time.Time) *Candidate {
 		}
 		s.cands.list = s.scratch
 		c := s.cfg.Load().Selector.Select(&s.cands)
-		if c == nil || c.availIdx < 0 {
+		if c == nil || c.availIdx < 0 || !s.fits(c, r) {
 			c = s.scratch[0]
 		}
 		if s.consume(c, r, now) {
@@ -1011,6 +1036,7 @@ func (s *svcState) report(c *Candidate, o Outcome, now time.Time) {
 	switch o.Kind {
 	case OK:
 		c.consec429 = 0
+		c.slow.Store(c.state != StateActive)
 		b := c.brk.Load()
 		closed := b == nil || b.Success() == breaker.Closed
 		if closed && c.state == StateHalfOpen {
@@ -1024,6 +1050,7 @@ func (s *svcState) report(c *Candidate, o Outcome, now time.Time) {
 		} else {
 			// Spread keys that were told the same time.
 			d += time.Duration(rand.Int64N(int64(d)/10 + int64(50*time.Millisecond)))
+			d = min(d, p.cfg.MaxCooldown)
 		}
 		reason := o.Reason
 		if reason == "" {
@@ -1080,14 +1107,21 @@ func (s *svcState) setState(c *Candidate, st State, until time.Time, reason stri
 		if until.IsZero() {
 			until = now.Add(time.Second)
 		}
-	case StateInvalid, StateDisabled, StateHalfOpen:
+	case StateHalfOpen:
+		// Another replica may report the probe period before this one's
+		// breaker saw it end: start probing with a fresh breaker.
+		if b := c.brk.Load(); b != nil && b.State() == breaker.Open {
+			b.Reset()
+		}
+		until = time.Time{}
+	case StateInvalid, StateDisabled:
 		until = time.Time{}
 	}
 	if c.state == st && c.until.Equal(until) && c.reason == reason {
 		return
 	}
 	c.state, c.until, c.reason = st, until, reason
-	c.slow.Store(st != StateActive)
+	c.slow.Store(st != StateActive || c.consec429 > 0)
 	s.unschedule(c)
 	c.throttled = false
 	if st == StateActive || st == StateHalfOpen {

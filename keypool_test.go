@@ -584,3 +584,79 @@ func TestConfigErrors(t *testing.T) {
 		t.Errorf("empty service name: %v", err)
 	}
 }
+
+func TestReviewRegressions(t *testing.T) {
+	t.Run("isolated 429s do not escalate the backoff", func(t *testing.T) {
+		clk := newClock()
+		var ns []int
+		p, _ := New(Config{Now: clk.Now, Backoff: func(n int, max time.Duration) time.Duration {
+			ns = append(ns, n)
+			return time.Second
+		}})
+		_ = p.SetService(Service{Name: "svc"}, keysN(1))
+		for i := 0; i < 4; i++ {
+			l := acquire(t, p, Request{})
+			l.Release(Outcome{Kind: RateLimited})
+			clk.Advance(2 * time.Second)
+			for j := 0; j < 5; j++ {
+				l := acquire(t, p, Request{})
+				l.Release(Outcome{})
+			}
+		}
+		if fmt.Sprint(ns) != "[1 1 1 1]" {
+			t.Fatalf("backoff attempts %v, want [1 1 1 1]", ns)
+		}
+	})
+	t.Run("half-open from another replica while this breaker is open", func(t *testing.T) {
+		clk := newClock()
+		p := newTestPool(t, clk, Service{}, keysN(1), nil)
+		for i := 0; i < 2; i++ {
+			l := acquire(t, p, Request{})
+			l.Release(Outcome{Kind: Failure})
+		}
+		p.Apply(Event{Service: "svc", KeyID: "k0", State: StateHalfOpen})
+		l := acquire(t, p, Request{})
+		l.Release(Outcome{})
+		if st, _ := p.Stats("svc"); st[0].State != StateActive {
+			t.Fatalf("after a good probe: %v (breaker %s)", st[0].State, st[0].Breaker)
+		}
+	})
+	t.Run("a topped-up key returns", func(t *testing.T) {
+		keys := keysN(1)
+		keys[0].BalanceTotal = 1
+		p := newTestPool(t, newClock(), Service{}, keys, nil)
+		l := acquire(t, p, Request{})
+		l.Release(Outcome{Cost: 1.5})
+		keys[0].BalanceTotal = 100
+		_ = p.SetService(Service{Name: "svc"}, keys)
+		if st, _ := p.Stats("svc"); st[0].State != StateActive {
+			t.Fatalf("topped-up key: %v", st[0].State)
+		}
+	})
+	t.Run("keys at their in-flight cap: retry in a second", func(t *testing.T) {
+		p := newTestPool(t, newClock(), Service{MaxInFlight: 1}, keysN(1), nil)
+		l := acquire(t, p, Request{})
+		defer l.Release(Outcome{})
+		_, err := p.Acquire("svc", Request{})
+		var nk *NoKeyError
+		if !errors.As(err, &nk) || nk.RetryAfter != time.Second {
+			t.Fatalf("err %v", err)
+		}
+	})
+	t.Run("a selector returning an excluded key is overruled", func(t *testing.T) {
+		var first *Candidate
+		sel := SelectorFunc(func(c *Candidates) *Candidate {
+			if first == nil {
+				first = c.At(0)
+			}
+			return first
+		})
+		p := newTestPool(t, newClock(), Service{Selector: sel}, keysN(2), nil)
+		l := acquire(t, p, Request{})
+		ex := l.KeyID()
+		l.Release(Outcome{})
+		if l := acquire(t, p, Request{Exclude: []string{ex}}); l.KeyID() == ex {
+			t.Fatal("excluded key picked")
+		}
+	})
+}

@@ -361,10 +361,11 @@ func TestServices(t *testing.T) {
 			"selector": "weighted", "external_name": "openai", "max_in_flight": 8, "models_enabled": []string{"gpt-4o"},
 			"rpm_limit": 100, "tpm_limit": 1000, "daily_token_limit": 10000, "limit_cost_day_warn": 5.5, "limit_cost_day_block": 10,
 			"limit_tokens_month_block": 1e6, "prices": map[string]any{"gpt-4o": map[string]any{"input": 2.5, "output": 10}},
+			"llm_family": "OpenAI-Compatible",
 		}
 		got := e.must(201, "POST", "/admin/services", svc).json(t)
 		for k, want := range map[string]any{
-			"name": "openai", "base_url": "https://api.openai.com", "auth_scheme": "bearer", "selector": "weighted",
+			"llm_family": "openai", "name": "openai", "base_url": "https://api.openai.com", "auth_scheme": "bearer", "selector": "weighted",
 			"rate_limit_rpm": 60.0, "max_in_flight": 8.0, "rpm_limit": 100.0, "limit_cost_day_warn": 5.5,
 		} {
 			if got[k] != want {
@@ -450,6 +451,7 @@ func TestServices(t *testing.T) {
 			{"bad header value", "POST", "/admin/services", `{"name":"a","base_url":"http://a","proxy_headers":{"X-A":"1\r\nX-B: 2"}}`, nil, 400, "bad_request", "proxy_headers"},
 			{"negative price", "POST", "/admin/services", `{"name":"a","base_url":"http://a","prices":{"m":{"input":-1}}}`, nil, 400, "bad_request", "prices"},
 			{"unknown price field", "POST", "/admin/services", `{"name":"a","base_url":"http://a","prices":{"m":{"inptu":1}}}`, nil, 400, "bad_request", "prices"},
+			{"bad llm_family", "POST", "/admin/services", `{"name":"a","base_url":"http://a","llm_family":"cohere"}`, nil, 400, "bad_request", "llm_family"},
 			{"prices not object", "POST", "/admin/services", `{"name":"a","base_url":"http://a","prices":[1]}`, nil, 400, "bad_request", "prices"},
 			{"unknown query", "POST", "/admin/services?x=1", `{"name":"a","base_url":"http://a"}`, nil, 400, "bad_request", "x"},
 			{"get missing", "GET", "/admin/services/nope", nil, nil, 404, "not_found", "nope"},

@@ -30,6 +30,9 @@ type serviceInput struct {
 	// Prices is a JSON object of model → price (or {"models": {…}}), as
 	// meter.ParsePrices reads.
 	Prices opt[json.RawMessage] `json:"prices"`
+	// LLMFamily is the metered wire format: openai, anthropic, gemini,
+	// none, or empty for detection per request.
+	LLMFamily opt[string] `json:"llm_family"`
 	limitsInput
 }
 
@@ -102,6 +105,17 @@ func (in *serviceInput) apply(s *store.Service, allowMD bool) error {
 			return err
 		}
 		s.ExternalName = v
+	}
+	if in.LLMFamily.Set {
+		v := strings.TrimSpace(in.LLMFamily.V)
+		if v != "" {
+			f, err := meter.ParseFamily(v)
+			if err != nil {
+				return badRequest("llm_family %q: want openai, anthropic, gemini, none, or empty to detect it", v)
+			}
+			v = f.String()
+		}
+		s.LLMFamily = v
 	}
 	if in.Prices.Set {
 		p, err := checkPrices(in.Prices.V)

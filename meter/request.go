@@ -15,14 +15,20 @@ type RequestInfo struct {
 	Stream bool
 	// IncludeUsage reports whether "stream_options.include_usage" is true.
 	IncludeUsage bool
+	// MaxTokens is the output token cap the request sets: the top-level
+	// "max_tokens", "max_completion_tokens" or "max_output_tokens", or
+	// Gemini's "generationConfig.maxOutputTokens" (the largest when
+	// several are set); 0 when none is a positive integer.
+	MaxTokens int64
 	// Object reports whether the body is a JSON object at all. When it is
 	// false the other fields are zero.
 	Object bool
 }
 
-// InspectRequest reads model, stream and stream_options.include_usage from
-// a buffered JSON request body in one pass over its top level, skipping
-// large members such as "messages" without decoding them. A body that is
+// InspectRequest reads model, stream, stream_options.include_usage and the
+// output token cap from a buffered JSON request body in one pass over its
+// top level, skipping large members such as "messages" without decoding
+// them. A body that is
 // not a JSON object yields a zero RequestInfo; InspectRequest never panics.
 func InspectRequest(body []byte) RequestInfo {
 	var ri RequestInfo
@@ -40,6 +46,15 @@ func InspectRequest(body []byte) RequestInfo {
 				}
 				return true
 			})
+		case "max_tokens", "max_completion_tokens", "max_output_tokens":
+			ri.MaxTokens = max(ri.MaxTokens, jsonInt(val))
+		case "generationConfig", "generation_config":
+			eachMember(val, func(k, v []byte, _, _, _ int) bool {
+				if string(k) == "maxOutputTokens" || string(k) == "max_output_tokens" {
+					ri.MaxTokens = max(ri.MaxTokens, jsonInt(v))
+				}
+				return true
+			})
 		}
 		return true
 	})
@@ -48,6 +63,22 @@ func InspectRequest(body []byte) RequestInfo {
 	}
 	ri.Object = true
 	return ri
+}
+
+// jsonInt returns a raw JSON value as a positive integer, or 0 when it is
+// not a plain non-negative integer (or would overflow).
+func jsonInt(val []byte) int64 {
+	if len(val) == 0 || len(val) > 18 {
+		return 0
+	}
+	var n int64
+	for _, c := range val {
+		if c < '0' || c > '9' {
+			return 0
+		}
+		n = n*10 + int64(c-'0')
+	}
+	return n
 }
 
 // jsonString returns the Go string of a raw JSON string value, or "" when

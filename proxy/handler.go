@@ -96,6 +96,14 @@ type Handler struct {
 	// chunked body that grows larger, is answered 413 request_too_large
 	// before any key is picked.
 	MaxBodyBytes int64
+	// Prepare, if set, is called for every authorized request to a known
+	// service once its body has been read (body is nil when the request
+	// has none), before a key is picked: to look into the body (for
+	// metering), rewrite it, set request headers, or refuse the request.
+	// It returns the request to go on with (nil means r), the body to
+	// forward instead (nil keeps body; it is replayed on a retry like the
+	// original), or an error, answered as Authorize's errors are.
+	Prepare func(r *http.Request, svc *keypool.Service, body []byte) (*http.Request, []byte, error)
 	// ModifyResponse, if set, is called with every upstream response after
 	// keypool's own changes (for metering, say). resp.Request's context is
 	// the one Authorize returned. An error is answered 502.
@@ -125,6 +133,10 @@ type Result struct {
 	Service string
 	// KeyID is the last key tried ("" if none was picked).
 	KeyID string
+	// BalanceUnit is the balance unit of the key KeyID names ("usd",
+	// "tokens", "requests", …), so that metered spend can be charged to
+	// it; "" when it has none or no key was picked.
+	BalanceUnit string
 	// Status is the status sent to the client (101 for an upgrade, 499
 	// when the client went away first).
 	Status int
@@ -151,6 +163,7 @@ type Result struct {
 // after RoundTrip returned (ReverseProxy.ServeHTTP orders these).
 type reqState struct {
 	keyID    string
+	keyUnit  string
 	attempts int
 
 	start    time.Time
@@ -271,6 +284,20 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		st.body, st.hasBody = b.Bytes(), true
+	}
+
+	if h.Prepare != nil {
+		r2, body, err := h.Prepare(r, &svc, st.body)
+		if err != nil {
+			h.reject(rec, st, err)
+			return
+		}
+		if r2 != nil {
+			r = r2
+		}
+		if body != nil && st.hasBody {
+			st.body = body
+		}
 	}
 
 	target, err := targetURL(svc.BaseURL, restRaw, r.URL.RawQuery)
@@ -396,7 +423,7 @@ func isTimeout(err error) bool {
 
 func (st *reqState) result(rec *responseRecorder) Result {
 	res := Result{
-		Service: st.service, KeyID: st.keyID, Attempts: st.attempts,
+		Service: st.service, KeyID: st.keyID, BalanceUnit: st.keyUnit, Attempts: st.attempts,
 		BytesIn: int64(len(st.body)), BytesOut: rec.bytes,
 		Duration: time.Since(st.start), Code: st.code, Err: st.err,
 		Status: rec.status,

@@ -389,7 +389,7 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 		}
 		id := lease.KeyID()
 		if tr != nil {
-			tr.keyID, tr.attempts = id, attempt
+			tr.keyID, tr.keyUnit, tr.attempts = id, lease.Key().BalanceUnit, attempt
 		}
 		retry := retryable(outcome.Kind) && attempt < maxAttempts && ctx.Err() == nil
 		if err != nil {

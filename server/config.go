@@ -1,6 +1,7 @@
 package server
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/keypool/keypool"
+	"github.com/keypool/keypool/meter"
 	"github.com/keypool/keypool/store"
 	"github.com/keypool/keypool/store/external"
 )
@@ -24,6 +26,9 @@ const (
 	DefaultMaxBodyBytes = 32 << 20
 	DefaultLeaseTTL     = 10 * time.Minute
 	DefaultSyncInterval = 5 * time.Second
+	// DefaultOutputTokens is the output token estimate of a metered
+	// request that sets no max_tokens.
+	DefaultOutputTokens = 1024
 )
 
 // Names of the files [New] writes to [Config.DataDir] when it generates a
@@ -100,6 +105,20 @@ type Config struct {
 	AuthCacheTTL Duration `json:"auth_cache_ttl,omitempty" yaml:"auth_cache_ttl,omitempty"`
 	// Usage configures the batching of usage records.
 	Usage store.UsageWriterOptions `json:"usage,omitzero" yaml:"usage,omitempty"`
+	// PricesFile is a YAML or JSON price file (the format of the shipped
+	// meter/prices.yaml, or a bare map of model to price) whose entries
+	// replace or add to the shipped table for every service; a service's
+	// own prices (admin API) override both. Empty: the shipped table only.
+	PricesFile string `json:"prices_file,omitempty" yaml:"prices_file,omitempty"`
+	// DefaultOutputTokens is the output estimate reserved against token
+	// and cost budgets for a request that sets no max_tokens (nor
+	// max_completion_tokens, max_output_tokens, maxOutputTokens). If zero,
+	// 1024 (see README, "Budgets and limits").
+	DefaultOutputTokens int64 `json:"default_output_tokens,omitempty" yaml:"default_output_tokens,omitempty"`
+
+	// Now returns the current time for client limits, budgets and usage
+	// records (tests fake it to cross a UTC day). If nil, time.Now.
+	Now func() time.Time `json:"-" yaml:"-"`
 
 	// Logger, if set, is used instead of one built from LogLevel,
 	// LogFormat and LogOutput.
@@ -133,8 +152,17 @@ type ServiceSpec struct {
 	ExternalName string            `json:"external_name,omitempty" yaml:"external_name,omitempty"`
 	// RPMLimit limits every client of the service together (requests per
 	// minute), like a team's rpm_limit.
-	RPMLimit int       `json:"rpm_limit,omitempty" yaml:"rpm_limit,omitempty"`
-	Keys     []KeySpec `json:"keys,omitempty" yaml:"keys,omitempty"`
+	RPMLimit int `json:"rpm_limit,omitempty" yaml:"rpm_limit,omitempty"`
+	// LLMFamily is the metered wire format: openai, anthropic, gemini,
+	// none, or empty to detect it per request. Kept as stored when empty.
+	LLMFamily string `json:"llm_family,omitempty" yaml:"llm_family,omitempty"`
+	// Prices overrides prices for this service's models (model → price).
+	// Kept as stored when empty.
+	Prices map[string]meter.Price `json:"prices,omitempty" yaml:"prices,omitempty"`
+	// ModelsEnabled lists the models clients may call; kept as stored
+	// when empty.
+	ModelsEnabled []string  `json:"models_enabled,omitempty" yaml:"models_enabled,omitempty"`
+	Keys          []KeySpec `json:"keys,omitempty" yaml:"keys,omitempty"`
 }
 
 // KeySpec is an upstream key declared in the configuration file. Write its
@@ -164,6 +192,7 @@ const (
 	EnvExternalDatabase = "KEYPOOL_EXTERNAL_DATABASE"
 	EnvDataDir          = "KEYPOOL_DATA_DIR"
 	EnvDrainTimeout     = "KEYPOOL_DRAIN_TIMEOUT"
+	EnvPrices           = "KEYPOOL_PRICES"
 )
 
 // ApplyEnv overrides c with the KEYPOOL_* variables that lookup finds set
@@ -204,6 +233,9 @@ func (c *Config) ApplyEnv(lookup func(string) (string, bool)) error {
 	}
 	if v, ok := get(EnvDataDir); ok {
 		c.DataDir = v
+	}
+	if v, ok := get(EnvPrices); ok {
+		c.PricesFile = v
 	}
 	if v, ok := get(EnvDrainTimeout); ok {
 		var d Duration
@@ -246,6 +278,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.SyncInterval <= 0 {
 		c.SyncInterval = Duration(DefaultSyncInterval)
+	}
+	if c.DefaultOutputTokens <= 0 {
+		c.DefaultOutputTokens = DefaultOutputTokens
 	}
 	return c
 }
@@ -293,6 +328,14 @@ func (s *ServiceSpec) validate() error {
 		if _, err := keypool.ParseSelector(s.Selector); err != nil {
 			return fmt.Errorf("service %q: selector: %w", s.Name, err)
 		}
+	}
+	if s.LLMFamily != "" {
+		if _, err := meter.ParseFamily(s.LLMFamily); err != nil {
+			return fmt.Errorf("service %q: llm_family: %w", s.Name, err)
+		}
+	}
+	if _, err := json.Marshal(s.Prices); err != nil {
+		return fmt.Errorf("service %q: prices: %w", s.Name, err)
 	}
 	for j, k := range s.Keys {
 		if k.KeyValue.IsZero() {

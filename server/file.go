@@ -3,6 +3,7 @@ package server
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -11,6 +12,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/keypool/keypool/meter"
 	"github.com/keypool/keypool/store"
 )
 
@@ -177,10 +179,22 @@ func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, log
 		if rec.AuthScheme == "" {
 			rec.AuthScheme = "bearer"
 		}
+		if sp.LLMFamily != "" {
+			f, _ := meter.ParseFamily(sp.LLMFamily) // validated
+			rec.LLMFamily = f.String()
+		}
+		if len(sp.Prices) > 0 {
+			b, err := json.Marshal(sp.Prices)
+			if err != nil {
+				return fmt.Errorf("server: config service %q: prices: %w", sp.Name, err)
+			}
+			rec.Prices = string(b)
+		}
 		old, err := st.GetService(ctx, sp.Name)
 		switch {
 		case errors.Is(err, store.ErrNotFound):
 			rec.Limits.RPMLimit = sp.RPMLimit
+			rec.Limits.ModelsEnabled = sp.ModelsEnabled
 			if err := st.CreateService(ctx, &rec); err != nil {
 				return fmt.Errorf("server: config service %q: %w", sp.Name, err)
 			}
@@ -190,7 +204,15 @@ func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, log
 		default:
 			rec.Limits = old.Limits
 			rec.Limits.RPMLimit = sp.RPMLimit
-			rec.Prices = old.Prices
+			if len(sp.ModelsEnabled) > 0 {
+				rec.Limits.ModelsEnabled = sp.ModelsEnabled
+			}
+			if rec.Prices == "" {
+				rec.Prices = old.Prices
+			}
+			if rec.LLMFamily == "" {
+				rec.LLMFamily = old.LLMFamily
+			}
 			rec.CreatedAt = old.CreatedAt
 			if err := st.UpdateService(ctx, &rec); err != nil {
 				return fmt.Errorf("server: config service %q: %w", sp.Name, err)

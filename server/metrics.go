@@ -27,6 +27,10 @@ type metrics struct {
 	reports           *prometheus.CounterVec   // outcome
 	usageDropped      prometheus.CounterFunc
 	eventsDropped     prometheus.Counter
+	budgetWarnings    *prometheus.CounterVec // scope, window, unit
+	budgetRejections  *prometheus.CounterVec // scope, window, unit
+	meteredTokens     *prometheus.CounterVec // service, direction
+	meteredCost       *prometheus.CounterVec // service
 
 	// Caches of metric children on the request path. Their keys are
 	// service names the pool knows (bounded by configuration), statuses
@@ -83,7 +87,24 @@ func newMetrics(pool *keypool.Pool, usageDropped func() float64) *metrics {
 		Name: "keypool_key_events_dropped_total",
 		Help: "Key state changes not persisted because the persistence queue was full.",
 	})
+	m.budgetWarnings = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "keypool_budget_warnings_total",
+		Help: "Requests admitted past a budget's warn threshold, by scope (token, team, service), window and unit (tokens, cost).",
+	}, []string{"scope", "window", "unit"})
+	m.budgetRejections = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "keypool_budget_rejections_total",
+		Help: "Requests refused 429 budget_exceeded, by scope, window and unit.",
+	}, []string{"scope", "window", "unit"})
+	m.meteredTokens = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "keypool_metered_tokens_total",
+		Help: "LLM tokens metered on proxied responses, by service and direction (input, output).",
+	}, []string{"service", "direction"})
+	m.meteredCost = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "keypool_metered_cost_usd_total",
+		Help: "Cost in USD of the LLM usage metered on proxied responses, by service.",
+	}, []string{"service"})
 	m.reg.MustRegister(
+		m.budgetWarnings, m.budgetRejections, m.meteredTokens, m.meteredCost,
 		m.requests, m.upstreamLatency, m.requestLatency, m.retries, m.cooldowns,
 		m.stateChanges, m.limiterRejections, m.leases, m.reports,
 		m.usageDropped, m.eventsDropped,
@@ -123,9 +144,12 @@ func (m *metrics) request(service string, status int, code string) {
 
 // perService holds a service's cached metric children.
 type perService struct {
-	upstream prometheus.Observer
-	duration prometheus.Observer
-	retries  prometheus.Counter
+	upstream  prometheus.Observer
+	duration  prometheus.Observer
+	retries   prometheus.Counter
+	tokensIn  prometheus.Counter
+	tokensOut prometheus.Counter
+	cost      prometheus.Counter
 }
 
 func (m *metrics) service(name string) *perService {
@@ -133,9 +157,12 @@ func (m *metrics) service(name string) *perService {
 		return p.(*perService)
 	}
 	p := &perService{
-		upstream: m.upstreamLatency.WithLabelValues(name),
-		duration: m.requestLatency.WithLabelValues(name),
-		retries:  m.retries.WithLabelValues(name),
+		upstream:  m.upstreamLatency.WithLabelValues(name),
+		duration:  m.requestLatency.WithLabelValues(name),
+		retries:   m.retries.WithLabelValues(name),
+		tokensIn:  m.meteredTokens.WithLabelValues(name, "input"),
+		tokensOut: m.meteredTokens.WithLabelValues(name, "output"),
+		cost:      m.meteredCost.WithLabelValues(name),
 	}
 	m.serviceCache.Store(name, p)
 	return p

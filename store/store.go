@@ -82,6 +82,10 @@ type Service struct {
 	// Prices overrides the shipped price table for this service's models,
 	// as a JSON document (model → price); empty means none.
 	Prices string `json:"prices,omitempty"`
+	// LLMFamily is the wire format metered on the service's responses:
+	// "openai", "anthropic", "gemini" or "none" (no metering); empty means
+	// detected per request from the base URL and path.
+	LLMFamily string `json:"llm_family,omitempty"`
 	Limits
 	CreatedAt time.Time `json:"created_at"`
 	UpdatedAt time.Time `json:"updated_at"`

@@ -188,6 +188,32 @@ func TestMigrations(t *testing.T) {
 				t.Fatalf("duplicate of a v1 key: %v, want conflict", err)
 			}
 		})
+		t.Run("upgrade from v2 adds llm_family", func(t *testing.T) {
+			d := dsn(t)
+			kr := testKeyring(t)
+			old, err := open(ctx, d, Options{Keyring: kr, Logger: quiet}, 2)
+			if err != nil {
+				t.Fatal(err)
+			}
+			now := time.Now().UTC()
+			if err := old.w.Exec(`INSERT INTO services (name, base_url, prices, created_at, updated_at)
+				VALUES ('llm', 'https://x', '{"m":{"input":1}}', ?, ?)`, now, now).Error; err != nil {
+				t.Fatal(err)
+			}
+			_ = old.Close()
+			s := openAt(t, d, Options{Keyring: kr})
+			sv, err := s.GetService(ctx, "llm")
+			if err != nil || sv.LLMFamily != "" || sv.Prices != `{"m":{"input":1}}` {
+				t.Fatalf("upgraded service: %+v, %v", sv, err)
+			}
+			sv.LLMFamily = "anthropic"
+			if err := s.UpdateService(ctx, &sv); err != nil {
+				t.Fatal(err)
+			}
+			if got, _ := s.GetService(ctx, "llm"); got.LLMFamily != "anthropic" {
+				t.Fatalf("llm_family after update = %q", got.LLMFamily)
+			}
+		})
 		t.Run("newer schema is refused", func(t *testing.T) {
 			d := dsn(t)
 			s := openAt(t, d, Options{})

@@ -99,7 +99,7 @@ func (s *Store) UpdateService(ctx context.Context, sv *store.Service) error {
 			"display_name": row.DisplayName, "base_url": row.BaseURL, "auth_scheme": row.AuthScheme,
 			"rate_limit_rpm": row.RateLimitRPM, "max_in_flight": row.MaxInFlight,
 			"proxy_headers": row.ProxyHeaders, "selector": row.Selector,
-			"external_name": row.ExternalName, "prices": row.Prices, "limits": row.Limits,
+			"external_name": row.ExternalName, "prices": row.Prices, "llm_family": row.LLMFamily, "limits": row.Limits,
 			"updated_at": now,
 		})
 		return affected(res)

@@ -120,6 +120,9 @@ var migrations = []migration{
 		`CREATE INDEX usage_team_ts ON usage_records (team_id, ts)`,
 		`CREATE INDEX usage_service_ts ON usage_records (service, ts)`,
 	}},
+	{3, "service llm_family", []string{
+		`ALTER TABLE services ADD COLUMN llm_family TEXT NOT NULL DEFAULT ''`,
+	}},
 }
 
 // latestVersion is the schema version this package writes.

@@ -23,6 +23,7 @@ type serviceRow struct {
 	Selector     string    `gorm:"column:selector"`
 	ExternalName string    `gorm:"column:external_name"`
 	Prices       string    `gorm:"column:prices"`
+	LLMFamily    string    `gorm:"column:llm_family"`
 	Limits       string    `gorm:"column:limits"`
 	CreatedAt    time.Time `gorm:"column:created_at;autoCreateTime:false"`
 	UpdatedAt    time.Time `gorm:"column:updated_at;autoUpdateTime:false"`
@@ -151,7 +152,7 @@ func serviceToRow(s *store.Service) (serviceRow, error) {
 	r := serviceRow{
 		Name: s.Name, DisplayName: s.DisplayName, BaseURL: s.BaseURL, AuthScheme: s.AuthScheme,
 		RateLimitRPM: s.RateLimitRPM, MaxInFlight: s.MaxInFlight, Selector: s.Selector,
-		ExternalName: s.ExternalName, Prices: s.Prices, CreatedAt: s.CreatedAt, UpdatedAt: s.UpdatedAt,
+		ExternalName: s.ExternalName, Prices: s.Prices, LLMFamily: s.LLMFamily, CreatedAt: s.CreatedAt, UpdatedAt: s.UpdatedAt,
 	}
 	var err error
 	if r.ProxyHeaders, err = encodeJSON(s.ProxyHeaders, len(s.ProxyHeaders) == 0); err != nil {
@@ -167,7 +168,7 @@ func serviceFromRow(r *serviceRow) (store.Service, error) {
 	s := store.Service{
 		Name: r.Name, DisplayName: r.DisplayName, BaseURL: r.BaseURL, AuthScheme: r.AuthScheme,
 		RateLimitRPM: r.RateLimitRPM, MaxInFlight: r.MaxInFlight, Selector: r.Selector,
-		ExternalName: r.ExternalName, Prices: r.Prices,
+		ExternalName: r.ExternalName, Prices: r.Prices, LLMFamily: r.LLMFamily,
 		CreatedAt: r.CreatedAt.UTC(), UpdatedAt: r.UpdatedAt.UTC(),
 	}
 	if err := decodeJSON(r.ProxyHeaders, &s.ProxyHeaders); err != nil {

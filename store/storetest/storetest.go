@@ -102,7 +102,7 @@ func testServices(t *testing.T, s store.Store) {
 	sv := store.Service{
 		Name: "openai", DisplayName: "OpenAI", BaseURL: "https://api.openai.com", AuthScheme: "bearer",
 		RateLimitRPM: 60, MaxInFlight: 4, ProxyHeaders: map[string]string{"Cartesia-Version": "2024-06-10"},
-		Selector: "round_robin", ExternalName: "openai-ext", Prices: `{"gpt-4o":{"in":2.5}}`,
+		Selector: "round_robin", ExternalName: "openai-ext", Prices: `{"gpt-4o":{"in":2.5}}`, LLMFamily: "openai",
 		Limits: store.Limits{RPMLimit: 100, LimitCostDayBlock: 12.5, ModelsEnabled: []string{"gpt-4o"}},
 	}
 	must(t, s.CreateService(ctx, &sv))
@@ -115,7 +115,7 @@ func testServices(t *testing.T, s store.Store) {
 	must(t, err)
 	if got.DisplayName != sv.DisplayName || got.BaseURL != sv.BaseURL || got.RateLimitRPM != 60 || got.MaxInFlight != 4 ||
 		got.ProxyHeaders["Cartesia-Version"] != "2024-06-10" || got.Selector != "round_robin" ||
-		got.ExternalName != "openai-ext" || got.Prices != sv.Prices || got.Limits.RPMLimit != 100 ||
+		got.ExternalName != "openai-ext" || got.Prices != sv.Prices || got.LLMFamily != "openai" || got.Limits.RPMLimit != 100 ||
 		got.Limits.LimitCostDayBlock != 12.5 || !slices.Equal(got.ModelsEnabled, []string{"gpt-4o"}) {
 		t.Fatalf("GetService = %+v, want %+v", got, sv)
 	}

@@ -1,0 +1,625 @@
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/keypool/keypool"
+	"github.com/keypool/keypool/auth"
+	"github.com/keypool/keypool/internal/httpx"
+	"github.com/keypool/keypool/limit"
+	"github.com/keypool/keypool/meter"
+	"github.com/keypool/keypool/store"
+)
+
+// HeaderBudgetWarning is set on a proxied response when the request was
+// admitted past a budget's warn threshold, e.g. "team day cost 81%"
+// (scope, window, unit, and the share of the block threshold, or of the
+// warn threshold when there is none, used with this request's estimate).
+// Several warnings are separated by ", ".
+const HeaderBudgetWarning = "X-Keypool-Budget-Warning"
+
+// svcMeta is what the server keeps per service beside the pool: its
+// client limits, its metering family and its price table. It is
+// immutable once built.
+type svcMeta struct {
+	limits store.Limits
+	family meter.Family
+	detect bool // llm_family "": detect per request
+	prices *meter.PriceTable
+	budget scopeLimits
+}
+
+// scopeLimits are one scope's budgets as limit.Limits, per unit.
+type scopeLimits struct {
+	tpm  []limit.Limit // Minute, reserved with a zero estimate
+	tok  []limit.Limit // Hour, Day, Month, Total in tokens
+	cost []limit.Limit // Hour, Day, Month, Total in USD
+}
+
+func (l *scopeLimits) empty() bool { return len(l.tpm) == 0 && len(l.tok) == 0 && len(l.cost) == 0 }
+
+// budgetLimits turns the limit fields of a service, team or token into
+// limit.Limits. It allocates only when budgets are set.
+func budgetLimits(l *store.Limits) scopeLimits {
+	var s scopeLimits
+	if l.TPMLimit > 0 {
+		s.tpm = []limit.Limit{{Window: limit.Minute, Block: float64(l.TPMLimit)}}
+	}
+	tok := func(w limit.Window, warn, block int64) {
+		if warn > 0 || block > 0 {
+			s.tok = append(s.tok, limit.Limit{Window: w, Warn: float64(warn), Block: float64(block)})
+		}
+	}
+	tok(limit.Hour, l.LimitTokensHourWarn, l.LimitTokensHourBlock)
+	tok(limit.Day, l.LimitTokensDayWarn, l.LimitTokensDayBlock)
+	tok(limit.Day, 0, l.DailyTokenLimit)
+	tok(limit.Month, l.LimitTokensMonthWarn, l.LimitTokensMonthBlock)
+	tok(limit.Total, 0, l.LimitTokensTotalBlock)
+	cost := func(w limit.Window, warn, block float64) {
+		if warn > 0 || block > 0 {
+			s.cost = append(s.cost, limit.Limit{Window: w, Warn: warn, Block: block})
+		}
+	}
+	cost(limit.Hour, l.LimitCostHourWarn, l.LimitCostHourBlock)
+	cost(limit.Day, l.LimitCostDayWarn, l.LimitCostDayBlock)
+	cost(limit.Month, l.LimitCostMonthWarn, l.LimitCostMonthBlock)
+	cost(limit.Total, 0, l.LimitCostTotalBlock)
+	return s
+}
+
+// Budget units and their counter key prefixes.
+const (
+	unitTPM uint8 = iota
+	unitTokens
+	unitCost
+)
+
+var unitPrefix = [...]string{"tpm:", "tok:", "usd:"}
+
+func unitName(u uint8) string {
+	if u == unitCost {
+		return "cost"
+	}
+	return "tokens"
+}
+
+// Scopes, in the order budgets are checked.
+const (
+	scopeToken uint8 = iota
+	scopeTeam
+	scopeService
+)
+
+var scopeNames = [...]string{"token", "team", "service"}
+
+// hold is one reservation a request holds until it settles.
+type hold struct {
+	r    limit.Reservation
+	unit uint8
+}
+
+// unheld is a counter a request charges without a reservation (a scope
+// with no budget in that unit), so that its usage is known when a budget
+// is set later.
+type unheld struct {
+	key  string
+	unit uint8
+}
+
+// buildMeta reads the per-service metering settings of svcs.
+func (s *Server) buildMeta(svcs []store.Service) map[string]*svcMeta {
+	m := make(map[string]*svcMeta, len(svcs))
+	for _, sv := range svcs {
+		meta := &svcMeta{limits: sv.Limits, prices: s.basePrices, detect: sv.LLMFamily == ""}
+		if !meta.detect {
+			f, err := meter.ParseFamily(sv.LLMFamily)
+			if err != nil {
+				s.log.Warn("service has an unknown llm_family; not metering it", "service", sv.Name, "llm_family", sv.LLMFamily)
+			}
+			meta.family = f
+		}
+		if sv.Prices != "" {
+			p, err := meter.ParsePrices([]byte(sv.Prices))
+			if err != nil {
+				s.log.Warn("service prices unreadable; using the default table", "service", sv.Name, "err", err)
+			} else {
+				meta.prices = s.basePrices.Merge(p)
+			}
+		}
+		meta.budget = budgetLimits(&meta.limits)
+		m[sv.Name] = meta
+	}
+	return m
+}
+
+func (s *Server) meta(name string) *svcMeta {
+	if m := s.svcMeta.Load(); m != nil {
+		if v := (*m)[name]; v != nil {
+			return v
+		}
+	}
+	return &svcMeta{prices: s.basePrices, detect: true}
+}
+
+// loadPrices returns the shipped price table merged with the price file.
+func loadPrices(file string) (*meter.PriceTable, error) {
+	t := meter.DefaultPrices()
+	if file == "" {
+		return t, nil
+	}
+	p, err := meter.LoadPriceFile(file)
+	if err != nil {
+		return nil, fmt.Errorf("server: prices file: %w", err)
+	}
+	return t.Merge(p), nil
+}
+
+// prepare is the proxy's Prepare hook: with the request body buffered, it
+// enforces model allow-lists, and for metered requests (an LLM family)
+// reads model and stream, asks OpenAI-compatible streams for their usage
+// chunk, turns compression off, and admits the request against its
+// token and cost budgets with a reservation.
+func (s *Server) prepare(r *http.Request, svc *keypool.Service, body []byte) (*http.Request, []byte, error) {
+	c := callFrom(r.Context())
+	if c == nil {
+		return nil, nil, nil
+	}
+	meta := s.meta(svc.Name)
+	fam := meta.family
+	if meta.detect {
+		fam = meter.DetectFamily(svc.BaseURL, r.URL.Path, "")
+	}
+	p := c.principal
+	lists := len(meta.limits.ModelsEnabled) > 0 || len(p.Team.ModelsEnabled) > 0 || len(p.Token.ModelsEnabled) > 0
+	if fam == meter.FamilyNone && !lists {
+		return nil, nil, nil
+	}
+	var info meter.RequestInfo
+	if len(body) > 0 {
+		info = meter.InspectRequest(body)
+	}
+	model := info.Model
+	stream := info.Stream
+	if fam == meter.FamilyGemini || model == "" {
+		if m := meter.ModelFromPath(r.URL.Path); m != "" && model == "" {
+			model = m
+		}
+		if fam == meter.FamilyGemini && meter.IsStreamPath(r.URL.Path) {
+			stream = true
+		}
+	}
+	if model != "" && lists && !modelAllowed(meta, p, model) {
+		return nil, nil, httpx.Errorf(http.StatusForbidden, httpx.CodeForbidden, "model %q is not enabled for this service, team or token", model)
+	}
+	if fam == meter.FamilyNone {
+		return nil, nil, nil
+	}
+	c.family, c.model, c.prices = fam, model, meta.prices
+	var newBody []byte
+	if fam == meter.FamilyOpenAI && stream && !info.IncludeUsage && meter.AcceptsStreamOptions(r.URL.Path) {
+		if b, added := meter.EnsureStreamUsage(body); added {
+			newBody, c.strip = b, true
+		}
+	}
+	meter.NegotiateIdentity(r.Header)
+
+	out := info.MaxTokens
+	if out <= 0 {
+		out = s.cfg.DefaultOutputTokens
+	}
+	in := int64(len(body)+3) / 4
+	estTok := float64(in + out)
+	var estCost float64
+	if pr, ok := meta.prices.Lookup(model); ok {
+		estCost = meter.Cost(meter.Usage{Model: model, InputTokens: in, OutputTokens: out}, pr)
+	}
+	if err := s.reserve(r.Context(), c, svc.Name, meta, estTok, estCost); err != nil {
+		return nil, nil, err
+	}
+	return nil, newBody, nil
+}
+
+// modelAllowed reports whether every non-empty allow-list (service, team,
+// token) holds model.
+func modelAllowed(meta *svcMeta, p *auth.Principal, model string) bool {
+	if l := meta.limits.ModelsEnabled; len(l) > 0 && !slices.Contains(l, model) {
+		return false
+	}
+	return p.AllowsModel(model)
+}
+
+// reserve admits a metered request against the budgets of its token, its
+// team and its service, holding its estimate on each, and records the
+// holds on c. A refusal releases what was held and is 429
+// budget_exceeded with Retry-After at the end of the refusing window.
+func (s *Server) reserve(ctx context.Context, c *call, service string, meta *svcMeta, estTok, estCost float64) error {
+	p := c.principal
+	if p.Admin {
+		return nil
+	}
+	now := s.now()
+	scopes := [...]struct {
+		id string
+		l  scopeLimits
+	}{
+		{p.Token.ID, budgetLimits(&p.Token.Limits)},
+		{p.Team.ID, budgetLimits(&p.Team.Limits)},
+		{service, meta.budget},
+	}
+	var warn []string
+	for si, sc := range scopes {
+		if sc.id == "" {
+			continue
+		}
+		base := scopeNames[si] + ":" + sc.id
+		for u, lims := range [...][]limit.Limit{sc.l.tpm, sc.l.tok, sc.l.cost} {
+			unit := uint8(u)
+			key := unitPrefix[unit] + base
+			if len(lims) == 0 {
+				if unit != unitTPM && c.nUnheld < len(c.unheld) {
+					c.unheld[c.nUnheld] = unheld{key, unit}
+					c.nUnheld++
+				}
+				continue
+			}
+			amount := estTok
+			switch unit {
+			case unitTPM:
+				amount = 0 // tpm_limit: admitted while the minute's usage is under it
+			case unitCost:
+				amount = estCost
+			}
+			r, d, err := s.limiter.Reserve(ctx, key, amount, lims, now)
+			if err != nil {
+				if ctx.Err() != nil {
+					s.release(c, now)
+					return ctx.Err()
+				}
+				s.log.Warn("budget check failed; admitting", "scope", scopeNames[si], "err", err)
+				continue
+			}
+			if !d.Allowed {
+				s.release(c, now)
+				s.metrics.budgetRejections.WithLabelValues(scopeNames[si], d.Limit.Window.String(), unitName(unit)).Inc()
+				return budgetError(scopeNames[si], unit, d)
+			}
+			if c.nHolds < len(c.holds) {
+				c.holds[c.nHolds] = hold{r, unit}
+				c.nHolds++
+			}
+			if d.Warn {
+				w := warningText(scopeNames[si], unit, d)
+				warn = append(warn, w)
+				s.metrics.budgetWarnings.WithLabelValues(scopeNames[si], d.Limit.Window.String(), unitName(unit)).Inc()
+				s.log.Warn("budget warning", "scope", scopeNames[si], "id", sc.id, "window", d.Limit.Window.String(),
+					"unit", unitName(unit), "used", d.Used, "warn", d.Limit.Warn, "block", d.Limit.Block)
+			}
+		}
+	}
+	if len(warn) > 0 {
+		c.warning = strings.Join(warn, ", ")
+	}
+	return nil
+}
+
+// release cancels every hold of c (a refused or failed admission).
+func (s *Server) release(c *call, now time.Time) {
+	for i := range c.nHolds {
+		_ = s.limiter.Settle(context.Background(), c.holds[i].r, 0, now)
+	}
+	c.nHolds, c.nUnheld = 0, 0
+}
+
+// settle charges a finished request's metered tokens and cost to every
+// counter it was admitted on (0 when nothing was metered: an upstream
+// error, a client that went away before usage arrived).
+func (s *Server) settle(c *call, tokens, cost float64, now time.Time) {
+	ctx := context.Background()
+	for i := range c.nHolds {
+		h := c.holds[i]
+		actual := tokens
+		if h.unit == unitCost {
+			actual = cost
+		}
+		if err := s.limiter.Settle(ctx, h.r, actual, now); err != nil {
+			s.log.Warn("budget settle failed", "err", err)
+		}
+	}
+	for i := range c.nUnheld {
+		h := c.unheld[i]
+		actual := tokens
+		if h.unit == unitCost {
+			actual = cost
+		}
+		if actual > 0 {
+			if err := s.limiter.Add(ctx, h.key, actual, now); err != nil {
+				s.log.Warn("budget charge failed", "err", err)
+			}
+		}
+	}
+	c.nHolds, c.nUnheld = 0, 0
+}
+
+func windowWord(w limit.Window) string {
+	switch w {
+	case limit.Minute:
+		return "per-minute"
+	case limit.Hour:
+		return "hourly"
+	case limit.Day:
+		return "daily"
+	case limit.Month:
+		return "monthly"
+	}
+	return "total"
+}
+
+func amount(unit uint8, v float64) string {
+	if unit == unitCost {
+		return "$" + strconv.FormatFloat(v, 'f', 2, 64)
+	}
+	return strconv.FormatFloat(math.Round(v), 'f', 0, 64) + " tokens"
+}
+
+// budgetError is the 429 budget_exceeded answer for a refusal.
+func budgetError(scope string, unit uint8, d limit.Decision) error {
+	name := unitName(unit)
+	if unit == unitTPM {
+		name = "tokens-per-minute"
+	}
+	msg := fmt.Sprintf("budget exceeded: %s %s %s limit is %s, %s used or reserved", scope, windowWord(d.Limit.Window), name,
+		amount(unit, d.Limit.Block), amount(unit, d.Used))
+	ra := d.RetryAfter
+	if d.Limit.Window == limit.Total {
+		msg += "; a total limit never resets"
+		ra = 0
+	} else {
+		ra = max(ra, time.Second)
+		msg += fmt.Sprintf("; retry after %d s", int64((ra+time.Second-1)/time.Second))
+	}
+	return &httpx.Error{Status: http.StatusTooManyRequests, Code: httpx.CodeBudgetExceeded, RetryAfter: ra, Message: msg}
+}
+
+// warningText is one HeaderBudgetWarning entry: "team day cost 81%".
+func warningText(scope string, unit uint8, d limit.Decision) string {
+	of := d.Limit.Block
+	if of <= 0 {
+		of = d.Limit.Warn
+	}
+	pct := 0.0
+	if of > 0 {
+		pct = math.Floor(d.Used * 100 / of)
+	}
+	return fmt.Sprintf("%s %s %s %.0f%%", scope, d.Limit.Window, unitName(unit), pct)
+}
+
+// chargeKey deducts a finished request's metered spend from the serving
+// key's balance, in the key's balance unit: USD for "usd", tokens for
+// "tokens", one per successful request for "requests". The pool learns
+// it at once (a spent key turns exhausted); the store gets it in batches.
+func (s *Server) chargeKey(service, keyID, unit string, status int, tokens, cost float64) {
+	var amt float64
+	switch strings.ToLower(unit) {
+	case "usd", "$", "dollars":
+		amt = cost
+	case "tokens", "token":
+		amt = tokens
+	case "requests", "request", "calls":
+		if status >= 200 && status < 300 {
+			amt = 1
+		}
+	}
+	if amt <= 0 {
+		return
+	}
+	s.pool.Spend(service, keyID, amt)
+	s.spend.add(keyID, amt)
+}
+
+// spendBook batches key spend for the store, off the request path.
+type spendBook struct {
+	mu sync.Mutex // protects m
+	m  map[string]float64
+}
+
+func (b *spendBook) add(keyID string, amt float64) {
+	b.mu.Lock()
+	if b.m == nil {
+		b.m = make(map[string]float64)
+	}
+	b.m[keyID] += amt
+	b.mu.Unlock()
+}
+
+// flush writes the spend gathered so far; what fails to write is kept
+// for the next flush.
+func (b *spendBook) flush(ctx context.Context, st store.Store) error {
+	b.mu.Lock()
+	m := b.m
+	b.m = nil
+	b.mu.Unlock()
+	var first error
+	for id, amt := range m {
+		if err := st.AddKeySpend(ctx, id, amt); err != nil {
+			if first == nil {
+				first = err
+			}
+			if ctx.Err() == nil {
+				b.add(id, amt)
+			}
+		}
+	}
+	return first
+}
+
+// runSpend flushes key spend every second until ctx is done.
+func (s *Server) runSpend(ctx context.Context) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if err := s.spend.flush(ctx, s.st); err != nil && ctx.Err() == nil {
+			s.log.Warn("writing key spend failed; will retry", "err", err)
+		}
+	}
+}
+
+// seedCounters charges the local budget counters with the stored usage
+// of the current hour, day and month (UTC) and of all stored time, so a
+// restart does not reset a budget. Only the local backend needs it:
+// Redis keeps its counts across restarts. Usage older than the usage
+// retention (30 days by default) is gone from the store, so a total
+// limit counts from then.
+func (s *Server) seedCounters(ctx context.Context) error {
+	now := s.now()
+	hourStart, _ := limit.WindowBounds(limit.Hour, now)
+	dayStart, _ := limit.WindowBounds(limit.Day, now)
+	monthStart, _ := limit.WindowBounds(limit.Month, now)
+	type sums struct{ tok, cost [4]float64 } // total, month, day, hour
+	since := [4]time.Time{{}, monthStart, dayStart, hourStart}
+	groups := [...]string{store.GroupToken, store.GroupTeam, store.GroupService}
+	n := 0
+	for gi, g := range groups {
+		per := map[string]*sums{}
+		for wi, from := range since {
+			rows, err := s.st.QueryUsage(ctx, store.UsageQuery{Since: from, Until: now.Add(time.Second), GroupBy: []string{g}})
+			if err != nil {
+				return fmt.Errorf("server: seed budgets from usage: %w", err)
+			}
+			for _, row := range rows {
+				id := row.Group[g]
+				if id == "" {
+					continue
+				}
+				sm := per[id]
+				if sm == nil {
+					sm = &sums{}
+					per[id] = sm
+				}
+				sm.tok[wi] = float64(row.TokensIn + row.TokensOut)
+				sm.cost[wi] = row.Cost
+			}
+		}
+		// Charge oldest first, each part at a time inside its own
+		// window: before this month, this month before today, today
+		// before this hour, this hour.
+		at := [4]time.Time{monthStart.Add(-time.Second), dayStart.Add(-time.Second), hourStart.Add(-time.Second), hourStart}
+		for id, sm := range per {
+			base := scopeNames[gi] + ":" + id
+			for i := range 4 {
+				tok, cost := sm.tok[i], sm.cost[i]
+				if i < 3 {
+					tok -= sm.tok[i+1]
+					cost -= sm.cost[i+1]
+				}
+				if tok > 0.5 {
+					_ = s.limiter.Add(ctx, unitPrefix[unitTokens]+base, tok, at[i])
+				}
+				if cost > 1e-9 {
+					_ = s.limiter.Add(ctx, unitPrefix[unitCost]+base, cost, at[i])
+				}
+			}
+			n++
+		}
+	}
+	if n > 0 {
+		s.log.Info("budgets seeded from stored usage", "counters", n)
+	}
+	return nil
+}
+
+// modelsPath reports whether path is a model listing, GET
+// /v1/{service}/models or /v1/{service}/v1/models, and names the service.
+func modelsPath(path string) (string, bool) {
+	rest, ok := strings.CutPrefix(path, "/v1/")
+	if !ok {
+		return "", false
+	}
+	svc, tail, ok := strings.Cut(rest, "/")
+	if !ok || svc == "" || (tail != "models" && tail != "v1/models") {
+		return "", false
+	}
+	return svc, true
+}
+
+// serveV1 answers model listings of services with an allow-list itself,
+// and hands everything else to the proxy.
+func (s *Server) serveV1(w http.ResponseWriter, r *http.Request) {
+	if r.Method == http.MethodGet {
+		if name, ok := modelsPath(r.URL.Path); ok {
+			if meta := s.meta(name); len(meta.limits.ModelsEnabled) > 0 {
+				s.serveModels(w, r, name, meta)
+				return
+			}
+		}
+	}
+	s.proxy.ServeHTTP(w, r)
+}
+
+type modelEntry struct {
+	ID      string `json:"id"`
+	Object  string `json:"object"`
+	Created int64  `json:"created"`
+	OwnedBy string `json:"owned_by"`
+}
+
+// serveModels answers the OpenAI-style list of the models enabled for
+// the caller: the service's allow-list, narrowed by the team's and the
+// token's.
+func (s *Server) serveModels(w http.ResponseWriter, r *http.Request, service string, meta *svcMeta) {
+	ri := infoFrom(r.Context())
+	if ri != nil {
+		ri.service = service
+	}
+	fail := func(err error) {
+		if e, ok := err.(*httpx.Error); ok && ri != nil {
+			ri.code = e.Code
+		}
+		writeError(w, err)
+	}
+	cred, err := proxyCredential(r)
+	if err != nil {
+		fail(err)
+		return
+	}
+	p, err := s.authenticate(r, cred, false)
+	if err != nil {
+		fail(err)
+		return
+	}
+	if ri != nil {
+		ri.teamID, ri.tokenID = p.Team.ID, p.Token.ID
+	}
+	if err := s.admit(r.Context(), p, service); err != nil {
+		fail(err)
+		return
+	}
+	if _, ok := s.pool.Service(service); !ok {
+		fail(httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", service))
+		return
+	}
+	data := make([]modelEntry, 0, len(meta.limits.ModelsEnabled))
+	for _, m := range meta.limits.ModelsEnabled {
+		if p.AllowsModel(m) {
+			data = append(data, modelEntry{ID: m, Object: "model", OwnedBy: service})
+		}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(struct {
+		Object string       `json:"object"`
+		Data   []modelEntry `json:"data"`
+	}{"list", data})
+}

@@ -197,6 +197,7 @@ func New(st store.Store, cfg Config) *Authenticator {
 	}
 	if cfg.AdminToken != "" {
 		a.adminSum, a.hasAdmin = sha256.Sum256([]byte(cfg.AdminToken)), true
+		a.cfg.AdminToken = "" // only its hash is needed from here on
 	}
 	if cfg.CacheTTL > 0 {
 		a.cache = expirable.NewLRU[[sha256.Size]byte, entry](cfg.CacheSize, nil, cfg.CacheTTL)
@@ -229,7 +230,11 @@ func (a *Authenticator) Authenticate(ctx context.Context, token string) (*Princi
 	e, ok := a.cached(sum, now)
 	if !ok {
 		v, err, _ := a.group.Do(string(sum[:]), func() (any, error) {
-			return a.load(ctx, sum)
+			// Shared by every caller waiting on this token: one caller
+			// going away must not fail the others.
+			lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+			defer cancel()
+			return a.load(lctx, sum)
 		})
 		if err != nil {
 			return nil, err

@@ -95,7 +95,8 @@ func NewRedis(c redis.UniversalClient, cfg RedisConfig) (*Redis, error) {
 func NewRedisClient(url string) (*redis.Client, error) {
 	o, err := redis.ParseURL(url)
 	if err != nil {
-		return nil, fmt.Errorf("limit: redis url: %w", err)
+		// The parse error can quote the URL, password included.
+		return nil, errors.New("limit: redis url is malformed (want redis://[user:password@]host:port/db)")
 	}
 	o.ContextTimeoutEnabled = true
 	if o.DialTimeout == 0 { // not set in url

@@ -24,6 +24,17 @@ type call struct {
 	principal *auth.Principal
 	usage     meter.Usage
 	metered   bool
+
+	// Set by prepare, for metered requests.
+	family  meter.Family
+	model   string
+	strip   bool // include_usage was added: hide the usage chunk
+	prices  *meter.PriceTable
+	warning string // HeaderBudgetWarning value
+	holds   [9]hold
+	nHolds  int
+	unheld  [6]unheld
+	nUnheld int
 }
 
 type callKey struct{}
@@ -33,8 +44,6 @@ func callFrom(ctx context.Context) *call {
 	return c
 }
 
-var prices = meter.DefaultPrices()
-
 // authenticate turns a client credential into a principal, answering as
 // the contract says: 401 invalid_token (and counting a failure for the
 // address), 429 rate_limited for an address with too many failures, 503
@@ -42,7 +51,7 @@ var prices = meter.DefaultPrices()
 // token. lease reports whether the admin token is welcome (key leasing).
 func (s *Server) authenticate(r *http.Request, cred string, adminOK bool) (*auth.Principal, error) {
 	addr := remoteIP(r.RemoteAddr)
-	now := time.Now()
+	now := s.now()
 	if d, ok := s.fails.Check(addr, now); !ok {
 		s.metrics.limiterRejections.WithLabelValues("auth_failures").Inc()
 		return nil, &httpx.Error{Status: http.StatusTooManyRequests, Code: httpx.CodeRateLimited, RetryAfter: d,
@@ -90,7 +99,7 @@ func (s *Server) admit(ctx context.Context, p *auth.Principal, service string) e
 	if !p.AllowsService(service) {
 		return httpx.Errorf(http.StatusForbidden, httpx.CodeForbidden, "team %q may not use service %q", p.Team.Name, service)
 	}
-	now := time.Now()
+	now := s.now()
 	checks := [...]struct {
 		scope, key string
 		rpm        int
@@ -153,23 +162,31 @@ func (s *Server) onAttempt(a proxy.AttemptInfo) {
 	}
 }
 
-// modifyResponse meters LLM token usage as the body streams past, for
-// successful JSON and SSE answers of OpenAI-compatible, Anthropic and
-// Gemini APIs.
+// modifyResponse sets the budget warning header and meters LLM token
+// usage as the body streams past, for successful JSON and SSE answers of
+// metered requests (see prepare), hiding the usage chunk keypool asked
+// for on behalf of a client that did not.
 func (s *Server) modifyResponse(resp *http.Response) error {
-	if resp.StatusCode < 200 || resp.StatusCode > 299 || resp.Request == nil {
+	if resp.Request == nil {
 		return nil
 	}
 	c := callFrom(resp.Request.Context())
 	if c == nil {
 		return nil
 	}
-	fam := meter.DetectFamily(resp.Request.URL.Host, resp.Request.URL.Path, resp.Header.Get("Content-Type"))
-	if fam == meter.FamilyNone {
+	if c.warning != "" {
+		resp.Header.Set(HeaderBudgetWarning, c.warning)
+	}
+	if c.family == meter.FamilyNone || resp.StatusCode < 200 || resp.StatusCode > 299 {
 		return nil
 	}
+	ct := resp.Header.Get("Content-Type")
+	if !strings.Contains(strings.ToLower(ct), "json") && !meter.IsEventStream(ct) {
+		return nil // audio, images: not metered
+	}
 	c.metered = true
-	meter.WrapResponse(resp, meter.Options{Family: fam, OnDone: func(u meter.Usage) { c.usage = u }})
+	meter.WrapResponse(resp, meter.Options{Family: c.family, Model: c.model, ContentType: ct,
+		StripUsageChunk: c.strip, OnDone: func(u meter.Usage) { c.usage = u }})
 	return nil
 }
 
@@ -194,11 +211,32 @@ func (s *Server) onProxyDone(r *http.Request, res proxy.Result) {
 		}
 	}
 	c := callFrom(r.Context())
-	if c == nil || res.KeyID == "" {
+	if c == nil {
 		return
 	}
+	now := s.now()
+	var u meter.Usage
+	var cost float64
+	if c.metered && c.usage.Found {
+		u = c.usage
+		if c.prices != nil {
+			cost, _ = c.prices.Cost(u)
+		}
+	}
+	tokens := float64(max(u.InputTokens, 0) + max(u.OutputTokens, 0))
+	s.settle(c, tokens, cost, now)
+	if res.KeyID == "" {
+		return
+	}
+	if u.Found {
+		m := s.metrics.service(svc)
+		m.tokensIn.Add(float64(max(u.InputTokens, 0)))
+		m.tokensOut.Add(float64(max(u.OutputTokens, 0)))
+		m.cost.Add(cost)
+	}
+	s.chargeKey(res.Service, res.KeyID, res.BalanceUnit, res.Status, tokens, cost)
 	rec := store.UsageRecord{
-		Time:      time.Now().UTC(),
+		Time:      now.UTC(),
 		RequestID: RequestID(r.Context()),
 		TeamID:    c.principal.Team.ID,
 		TokenID:   c.principal.Token.ID,
@@ -207,12 +245,12 @@ func (s *Server) onProxyDone(r *http.Request, res proxy.Result) {
 		Status:    res.Status,
 		LatencyMS: res.Duration.Milliseconds(),
 	}
-	if c.metered && c.usage.Found {
-		u := c.usage
-		rec.Model, rec.TokensIn, rec.TokensOut, rec.CachedTokens = u.Model, u.InputTokens, u.OutputTokens, u.CachedTokens
-		if cost, ok := prices.Cost(u); ok {
-			rec.Cost = cost
+	rec.Model = c.model
+	if u.Found {
+		if u.Model != "" {
+			rec.Model = u.Model
 		}
+		rec.TokensIn, rec.TokensOut, rec.CachedTokens, rec.Cost = u.InputTokens, u.OutputTokens, u.CachedTokens, cost
 	}
 	s.usage.Add(rec)
 }

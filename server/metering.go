@@ -17,6 +17,7 @@ import (
 	"github.com/keypool/keypool/internal/httpx"
 	"github.com/keypool/keypool/limit"
 	"github.com/keypool/keypool/meter"
+	"github.com/keypool/keypool/proxy"
 	"github.com/keypool/keypool/store"
 )
 
@@ -590,7 +591,7 @@ func (s *Server) serveModels(w http.ResponseWriter, r *http.Request, service str
 		}
 		writeError(w, err)
 	}
-	cred, err := proxyCredential(r)
+	cred, err := proxy.Credential(r)
 	if err != nil {
 		fail(err)
 		return

@@ -65,6 +65,7 @@ import (
 	"github.com/keypool/keypool/auth"
 	"github.com/keypool/keypool/internal/httpx"
 	"github.com/keypool/keypool/limit"
+	"github.com/keypool/keypool/meter"
 	"github.com/keypool/keypool/proxy"
 	"github.com/keypool/keypool/store"
 	"github.com/keypool/keypool/store/external"
@@ -97,7 +98,10 @@ type Server struct {
 	logStop func()        // stops the log flusher
 	logDone chan struct{} // closed when the log flusher has stopped
 
-	svcLimits atomic.Pointer[map[string]store.Limits]
+	svcMeta    atomic.Pointer[map[string]*svcMeta]
+	basePrices *meter.PriceTable // shipped table merged with Config.PricesFile
+	spend      spendBook
+	now        func() time.Time
 	inflight  atomic.Int64
 	draining  atomic.Bool
 	hijacked  connSet
@@ -153,7 +157,13 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("server: KEYPOOL_ENCRYPTION_KEY: %w", err)
 	}
 
-	s := &Server{cfg: cfg, log: log, logBuf: logBuf, done: make(chan struct{}), events: make(chan keypool.Event, 4096)}
+	s := &Server{cfg: cfg, log: log, logBuf: logBuf, done: make(chan struct{}), events: make(chan keypool.Event, 4096), now: cfg.Now}
+	if s.now == nil {
+		s.now = time.Now
+	}
+	if s.basePrices, err = loadPrices(cfg.PricesFile); err != nil {
+		return nil, err
+	}
 	ok := false
 	defer func() {
 		if !ok {
@@ -219,8 +229,13 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		if s.limiter, err = limit.NewRedis(s.rdb, limit.RedisConfig{Logger: log}); err != nil {
 			return nil, err
 		}
-	} else if s.limiter, err = limit.NewLocal(limit.LocalConfig{}); err != nil {
-		return nil, err
+	} else {
+		if s.limiter, err = limit.NewLocal(limit.LocalConfig{}); err != nil {
+			return nil, err
+		}
+		if err := s.seedCounters(ctx); err != nil {
+			return nil, err
+		}
 	}
 
 	uopts := cfg.Usage
@@ -245,6 +260,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		Pool:           s.pool,
 		Transport:      &proxy.Transport{Base: upstream, OnAttempt: s.onAttempt},
 		Authorize:      s.authorize,
+		Prepare:        s.prepare,
 		MaxBodyBytes:   cfg.MaxBodyBytes,
 		ModifyResponse: s.modifyResponse,
 		OnDone:         s.onProxyDone,
@@ -258,6 +274,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	s.bg.Go(func() { s.persistEvents(bgctx) })
 	s.bg.Go(func() { s.leases.run(bgctx) })
 	s.bg.Go(func() { s.watchServiceLimits(bgctx) })
+	s.bg.Go(func() { s.runSpend(bgctx) })
 	if logBuf != nil {
 		lctx, lcancel := context.WithCancel(context.Background())
 		s.logStop = lcancel
@@ -309,7 +326,7 @@ func (s *Server) routes() http.Handler {
 	mux.Handle("/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 	}))
-	mux.Handle("/v1/", s.proxy)
+	mux.HandleFunc("/v1/", s.serveV1)
 	mux.Handle("/admin/", s.admin)
 	mux.Handle("/admin", s.admin)
 	mux.HandleFunc("/key", s.leaseKey)
@@ -419,6 +436,9 @@ func (s *Server) shutdown(ctx context.Context) error {
 		errs = append(errs, err)
 	}
 	s.drainEvents(fctx)
+	if err := s.spend.flush(fctx, s.st); err != nil {
+		errs = append(errs, fmt.Errorf("server: write key spend: %w", err))
+	}
 	errs = append(errs, s.closeResources())
 	err := errors.Join(errs...)
 	s.log.Info("shutdown complete", "took", time.Since(start).Round(time.Millisecond).String(),
@@ -469,17 +489,15 @@ func (s *Server) onAdminChange() {
 	}
 }
 
-// refreshServiceLimits reads each service's client limits (rpm_limit).
+// refreshServiceLimits reads each service's client limits, metering
+// family and prices.
 func (s *Server) refreshServiceLimits(ctx context.Context) error {
 	svcs, err := s.st.Services(ctx)
 	if err != nil {
 		return fmt.Errorf("server: read services: %w", err)
 	}
-	m := make(map[string]store.Limits, len(svcs))
-	for _, sv := range svcs {
-		m[sv.Name] = sv.Limits
-	}
-	s.svcLimits.Store(&m)
+	m := s.buildMeta(svcs)
+	s.svcMeta.Store(&m)
 	return nil
 }
 
@@ -505,10 +523,7 @@ func (s *Server) watchServiceLimits(ctx context.Context) {
 }
 
 func (s *Server) serviceLimits(name string) store.Limits {
-	if m := s.svcLimits.Load(); m != nil {
-		return (*m)[name]
-	}
-	return store.Limits{}
+	return s.meta(name).limits
 }
 
 var errInternal = httpx.Errorf(http.StatusInternalServerError, httpx.CodeInternal, "internal error")

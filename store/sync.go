@@ -439,7 +439,9 @@ func (s *Syncer) reloadExternal(ctx context.Context, names map[string]string, fo
 			}
 		}
 		changed := !maps.Equal(names, d.extNames)
-		d.extNames = maps.Clone(names)
+		// Forget the version so the next check re-reads every mapped
+		// service, including any mapped during the outage.
+		d.extVersion = ""
 		return changed
 	}
 	s.externalOK()

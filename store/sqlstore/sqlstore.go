@@ -104,6 +104,17 @@ type Store struct {
 	dsn     string // PostgreSQL only, for Listen's own connection; may hold a password: never log it
 }
 
+// String names the database kind only: a Store holds a DSN that may carry
+// a password and the key-fingerprint HMAC key, which never print.
+func (s *Store) String() string { return "sqlstore.Store{" + s.kind + "}" }
+
+// GoString is String.
+func (s *Store) GoString() string { return s.String() }
+
+// Format prints String for every verb, so %+v and %#v cannot reveal the
+// DSN or key material.
+func (s *Store) Format(f fmt.State, _ rune) { _, _ = f.Write([]byte(s.String())) }
+
 // Open opens (creating it if needed) the database named by dsn, migrates
 // its schema to the latest version and checks that opts.Keyring can open
 // every sealed value kind in use. See the package documentation for dsn
@@ -309,10 +320,19 @@ func (s *Store) loadFingerprintKey(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		if err := tx.Exec("INSERT INTO meta (name, counter, value) VALUES (?, 0, ?)", metaFingerprintKey, v).Error; err != nil {
+		// Another replica starting at the same time may insert first:
+		// keep whichever row won and read it back.
+		if err := tx.Exec("INSERT INTO meta (name, counter, value) VALUES (?, 0, ?) ON CONFLICT (name) DO NOTHING", metaFingerprintKey, v).Error; err != nil {
 			return err
 		}
-		sealed = v
+		rows = nil
+		if err := tx.Raw("SELECT value FROM meta WHERE name = ?", metaFingerprintKey).Scan(&rows).Error; err != nil {
+			return err
+		}
+		if len(rows) != 1 || len(rows[0]) == 0 {
+			return errors.New("fingerprint key row missing after insert")
+		}
+		sealed = rows[0]
 		return nil
 	})
 	if err != nil {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -340,8 +341,8 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			}
 			break
 		}
-		if lastResp != nil {
-			drainClose(lastResp.Body)
+		if lastResp != nil && !bufferBody(lastResp) {
+			// Too large to keep while the next key is tried.
 			lastResp = nil
 		}
 		lastErr = nil
@@ -412,6 +413,12 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 				tried = append(tried, id)
 				continue
 			}
+			if lastResp != nil {
+				// An earlier key's own answer (a 429 with its Retry-After,
+				// say) tells the client more than this connection error.
+				scrubBody(lastResp, lastSecret)
+				return lastResp, nil
+			}
 			return nil, err
 		}
 		resp.Request = req
@@ -444,6 +451,33 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 	}
 	return nil, lastErr
 }
+
+// keptBodyLimit bounds the error body kept in memory while another key is
+// tried, so the earlier answer can still be returned.
+const keptBodyLimit = 64 << 10
+
+// bufferBody replaces resp's body with an in-memory copy, reporting false
+// (and closing the body) when it is larger than keptBodyLimit.
+func bufferBody(resp *http.Response) bool {
+	if _, ok := resp.Body.(keptBody); ok {
+		return true
+	}
+	b, err := io.ReadAll(io.LimitReader(resp.Body, keptBodyLimit+1))
+	drainClose(resp.Body)
+	if err != nil || len(b) > keptBodyLimit {
+		return false
+	}
+	resp.Body = keptBody{bytes.NewReader(b)}
+	resp.ContentLength = int64(len(b))
+	resp.Header.Set("Content-Length", strconv.Itoa(len(b)))
+	resp.Header.Del("Transfer-Encoding")
+	resp.TransferEncoding = nil
+	return true
+}
+
+type keptBody struct{ *bytes.Reader }
+
+func (keptBody) Close() error { return nil }
 
 // outRequest returns the copy of req that is sent with the lease's key.
 func outRequest(req *http.Request, target *url.URL, body io.ReadCloser, svc *keypool.Service, lease *keypool.Lease) *http.Request {

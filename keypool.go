@@ -464,6 +464,15 @@ func (p *Pool) SetKeyState(service, keyID string, st State, until time.Time, rea
 // stream). A key whose balance runs out becomes Exhausted. It reports
 // whether the key exists.
 func (p *Pool) Spend(service, keyID string, amount float64) bool {
+	return p.Report(service, keyID, Outcome{Kind: ClientError, Cost: amount})
+}
+
+// Report applies an outcome to a key as if a lease on it had been
+// released with it: a 429 cools it down (with the same backoff), a failure
+// counts toward its breaker, and so on. It serves callers that used a key
+// without holding its lease (a leased raw key reported after its lease
+// expired). It reports whether the key exists.
+func (p *Pool) Report(service, keyID string, o Outcome) bool {
 	s := (*p.services.Load())[service]
 	if s == nil {
 		return false
@@ -471,8 +480,8 @@ func (p *Pool) Spend(service, keyID string, amount float64) bool {
 	now := p.now()
 	s.mu.Lock()
 	c := s.keys[keyID]
-	if c != nil && amount != 0 {
-		s.report(c, Outcome{Kind: ClientError, Cost: amount}, now)
+	if c != nil {
+		s.report(c, o, now)
 	}
 	events := s.takeEvents()
 	s.mu.Unlock()

@@ -272,22 +272,7 @@ func (s *Server) serveReport(w http.ResponseWriter, r *http.Request) error {
 		if service == "" {
 			return httpx.Errorf(http.StatusNotFound, httpx.CodeNotFound, "no key %q", keyID)
 		}
-		now := s.pool.Now()
-		switch kind {
-		case keypool.RateLimited:
-			if retry <= 0 {
-				retry = time.Minute
-			}
-			s.pool.SetKeyState(service, keyID, keypool.StateCooling, now.Add(retry), o.Reason)
-		case keypool.Invalid:
-			s.pool.SetKeyState(service, keyID, keypool.StateInvalid, time.Time{}, o.Reason)
-		case keypool.Exhausted:
-			var until time.Time
-			if retry > 0 {
-				until = now.Add(retry)
-			}
-			s.pool.SetKeyState(service, keyID, keypool.StateExhausted, until, o.Reason)
-		}
+		s.pool.Report(service, keyID, o)
 	}
 	if ri := infoFrom(r.Context()); ri != nil {
 		ri.service = service

@@ -28,11 +28,18 @@ type NoKeyError struct {
 	RetryAfter time.Duration
 	// Until is the time RetryAfter points at.
 	Until time.Time
+	// Reason says why, for people: "the service has no keys", or what its
+	// keys are doing ("3 keys: 2 cooling, 1 invalid").
+	Reason string
 }
 
 // Error says which service had no key and when to come back.
 func (e *NoKeyError) Error() string {
-	return fmt.Sprintf("keypool: no key available for service %q, retry after %s", e.Service, e.RetryAfter.Round(time.Second))
+	msg := fmt.Sprintf("keypool: no key available for service %q, retry after %s", e.Service, e.RetryAfter.Round(time.Second))
+	if e.Reason != "" {
+		msg += " (" + e.Reason + ")"
+	}
+	return msg
 }
 
 // Unwrap returns [ErrNoKeyAvailable].

@@ -6,6 +6,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -386,7 +387,9 @@ func (p *Pool) Acquire(service string, r Request) (Lease, error) {
 	}
 	events := s.takeEvents()
 	var wait time.Time
+	var reason string
 	if c == nil {
+		reason = s.describe()
 		wait = s.nextWake(now)
 		if s.capped > 0 && (wait.IsZero() || wait.After(now.Add(time.Second))) {
 			// A key at its in-flight cap is back as soon as a request ends.
@@ -396,12 +399,45 @@ func (p *Pool) Acquire(service string, r Request) (Lease, error) {
 	s.mu.Unlock()
 	p.emit(events)
 	if c == nil {
-		return Lease{}, p.noKey(service, now, wait)
+		return Lease{}, p.noKey(service, now, wait, reason)
 	}
 	return l, nil
 }
 
-func (p *Pool) noKey(service string, now, until time.Time) error {
+// describe summarises why no key is available, for the error a person
+// reads; it counts states only in small pools, to stay cheap.
+func (s *svcState) describe() string {
+	n := len(s.all)
+	switch {
+	case n == 0:
+		return "the service has no keys"
+	case n > 256:
+		return fmt.Sprintf("%d keys, none available", n)
+	}
+	var byState [len(stateNames)]int
+	for _, c := range s.all {
+		byState[c.state]++
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "%d keys:", n)
+	sep := " "
+	if s.capped > 0 {
+		fmt.Fprintf(&b, " %d at their in-flight limit", s.capped)
+		sep = ", "
+	}
+	for st, k := range byState {
+		if k > 0 && State(st) != StateActive {
+			fmt.Fprintf(&b, "%s%d %s", sep, k, State(st))
+			sep = ", "
+		}
+	}
+	if sep == " " {
+		b.WriteString(" all at their rate limits or excluded")
+	}
+	return b.String()
+}
+
+func (p *Pool) noKey(service string, now, until time.Time, reason string) error {
 	if until.IsZero() {
 		until = now.Add(p.cfg.MaxCooldown)
 	}
@@ -410,7 +446,7 @@ func (p *Pool) noKey(service string, now, until time.Time) error {
 		d = time.Second
 		until = now.Add(d)
 	}
-	return &NoKeyError{Service: service, RetryAfter: d, Until: until}
+	return &NoKeyError{Service: service, RetryAfter: d, Until: until, Reason: reason}
 }
 
 func (p *Pool) emit(events []Event) {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -341,6 +342,13 @@ func TestNoKeyErrorSaysWhen(t *testing.T) {
 	}
 	if nk.RetryAfter < 20*time.Second || nk.RetryAfter > 23*time.Second {
 		t.Fatalf("RetryAfter = %v, want ≈20s (the first key back)", nk.RetryAfter)
+	}
+	if nk.Reason != "2 keys: 2 cooling" || !strings.Contains(err.Error(), "2 cooling") {
+		t.Fatalf("Reason = %q, error %q", nk.Reason, err)
+	}
+	_ = p.SetService(Service{Name: "empty"}, nil)
+	if _, err := p.Acquire("empty", Request{}); !errors.As(err, &nk) || nk.Reason != "the service has no keys" {
+		t.Fatalf("empty service: %v", err)
 	}
 	if _, err := p.Acquire("nope", Request{}); !errors.Is(err, ErrUnknownService) {
 		t.Fatalf("unknown service: %v", err)

@@ -392,6 +392,9 @@ func (h *Handler) errorHandler(w http.ResponseWriter, r *http.Request, err error
 	case errors.As(err, &nk):
 		e = &httpx.Error{Status: http.StatusTooManyRequests, Code: httpx.CodeNoKeyAvailable, RetryAfter: nk.RetryAfter,
 			Message: fmt.Sprintf("no key available for service %q; retry after %d s", st.service, int64((nk.RetryAfter+time.Second-1)/time.Second))}
+		if nk.Reason != "" {
+			e.Message += " (" + nk.Reason + ")"
+		}
 	case errors.Is(err, keypool.ErrUnknownService):
 		e = httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", st.service)
 	case r.Context().Err() != nil:

@@ -190,6 +190,10 @@ func (s *Server) serveLease(w http.ResponseWriter, r *http.Request) error {
 				msg += " and feature %q"
 				args = append(args, feature)
 			}
+			if nk.Reason != "" {
+				msg += " (%s)"
+				args = append(args, nk.Reason)
+			}
 			e := httpx.Errorf(http.StatusTooManyRequests, httpx.CodeNoKeyAvailable, msg, args...)
 			e.RetryAfter = nk.RetryAfter
 			return e

@@ -47,12 +47,17 @@ func (s State) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
 
 // ParseState returns the state named name.
 func ParseState(name string) (State, error) {
-	for i, n := range stateNames {
+	return parseName[State](stateNames[:], name, "key state")
+}
+
+// parseName returns the index of name in names as a T.
+func parseName[T ~uint8](names []string, name, what string) (T, error) {
+	for i, n := range names {
 		if n == name {
-			return State(i), nil
+			return T(i), nil
 		}
 	}
-	return 0, fmt.Errorf("%w: unknown key state %q", ErrInvalidConfig, name)
+	return 0, fmt.Errorf("%w: unknown %s %q (want one of %s)", ErrInvalidConfig, what, name, strings.Join(names, ", "))
 }
 
 // Key is one upstream credential and its static settings. A Pool keeps its
@@ -147,12 +152,7 @@ func (k OutcomeKind) String() string {
 // ParseOutcomeKind returns the kind named name ("ok", "rate_limited",
 // "invalid", "exhausted", "error", "client_error", "canceled").
 func ParseOutcomeKind(name string) (OutcomeKind, error) {
-	for i, n := range outcomeNames {
-		if n == name {
-			return OutcomeKind(i), nil
-		}
-	}
-	return 0, fmt.Errorf("%w: unknown outcome %q", ErrInvalidConfig, name)
+	return parseName[OutcomeKind](outcomeNames[:], name, "outcome")
 }
 
 // Outcome is what a lease reports when it is released.

@@ -105,12 +105,17 @@ type LeastUsed struct{ n atomic.Uint64 }
 
 // Select returns the key with the most left.
 func (l *LeastUsed) Select(c *Candidates) *Candidate {
+	return bestFrom(c, &l.n, func(k, best *Candidate) bool { return k.Remaining() > best.Remaining() })
+}
+
+// bestFrom scans the candidates from a rotating start and returns the
+// first that no later one beats, so ties take turns.
+func bestFrom(c *Candidates, turn *atomic.Uint64, better func(k, best *Candidate) bool) *Candidate {
 	n := c.Len()
-	start := int(l.n.Add(1)-1) % n
+	start := int(turn.Add(1)-1) % n
 	best := c.At(start)
 	for i := 1; i < n; i++ {
-		k := c.At((start + i) % n)
-		if k.Remaining() > best.Remaining() {
+		if k := c.At((start + i) % n); better(k, best) {
 			best = k
 		}
 	}
@@ -175,16 +180,7 @@ type Ordered struct{ n atomic.Uint64 }
 
 // Select returns the first key by priority.
 func (o *Ordered) Select(c *Candidates) *Candidate {
-	n := c.Len()
-	start := int(o.n.Add(1)-1) % n
-	best := c.At(start)
-	for i := 1; i < n; i++ {
-		k := c.At((start + i) % n)
-		if k.key.Priority < best.key.Priority {
-			best = k
-		}
-	}
-	return best
+	return bestFrom(c, &o.n, func(k, best *Candidate) bool { return k.key.Priority < best.key.Priority })
 }
 
 // mix64 is the splitmix64 finaliser.

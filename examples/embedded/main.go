@@ -13,9 +13,11 @@ import (
 	"errors"
 	"fmt"
 	"log"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 	"time"
 
@@ -26,22 +28,34 @@ import (
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	ln, err := net.Listen("tcp", "127.0.0.1:8090")
+	if err != nil {
+		log.Fatal(err)
+	}
+	log.Printf("serving on http://%s (try /hello, /healthz, /v1/openai/v1/models)", ln.Addr())
+	if err := run(ctx, ln, "./data-embedded", os.Getenv("OPENAI_API_KEY")); err != nil {
+		log.Fatal(err)
+	}
+}
 
+// run serves keypoold and one route of its own on ln until ctx ends, then
+// shuts both down gracefully.
+func run(ctx context.Context, ln net.Listener, dataDir, openaiKey string) error {
 	cfg := server.Config{
-		Database:  "sqlite:./data-embedded/keypool.db",
+		Database:  server.SecretURL("sqlite:" + filepath.Join(dataDir, "keypool.db")),
 		LogFormat: "text",
 	}
-	if k := os.Getenv("OPENAI_API_KEY"); k != "" {
+	if openaiKey != "" {
 		cfg.Services = []server.ServiceSpec{{
 			Name:       "openai",
 			BaseURL:    "https://api.openai.com",
 			AuthScheme: "bearer",
-			Keys:       []server.KeySpec{{KeyValue: keypool.Secret(k)}},
+			Keys:       []server.KeySpec{{KeyValue: keypool.Secret(openaiKey)}},
 		}}
 	}
 	srv, err := server.New(ctx, cfg)
 	if err != nil {
-		log.Fatal(err)
+		return err
 	}
 
 	// keypoold's routes (/v1/, /admin/, /key, /healthz, /readyz, /metrics)
@@ -51,18 +65,17 @@ func main() {
 	mux.HandleFunc("GET /hello", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "keypool embedded: services %v\n", srv.Pool().Services())
 	})
-	hs := &http.Server{Addr: "127.0.0.1:8090", Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	done := make(chan error, 1)
 	go func() {
 		<-ctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		_ = hs.Shutdown(sctx)  // drain our listener first
-		_ = srv.Shutdown(sctx) // then flush usage records, close the store
+		_ = hs.Shutdown(sctx)      // drain our listener first
+		done <- srv.Shutdown(sctx) // then flush usage records, close the store
 	}()
-	log.Printf("serving on http://%s (try /hello, /healthz, /v1/openai/v1/models)", hs.Addr)
-	if err := hs.ListenAndServe(); !errors.Is(err, http.ErrServerClosed) {
-		log.Fatal(err)
+	if err := hs.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+		return err
 	}
-	<-ctx.Done()
-	_ = srv.Shutdown(context.Background()) // waits for the shutdown above
+	return <-done
 }

@@ -238,7 +238,7 @@ func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	if !a.auth.IsAdmin(bearer(r)) {
+	if tok := bearer(r); !a.auth.IsAdmin(tok) {
 		if a.failures != nil {
 			a.failures.Fail(ip, a.now())
 		}
@@ -246,8 +246,13 @@ func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// answer; never read an unbounded amount.
 		_, _ = io.CopyN(io.Discard, r.Body, 64<<10)
 		w.Header().Set("WWW-Authenticate", `Bearer realm="keypool admin"`)
-		httpx.WriteError(w, httpx.Errorf(http.StatusUnauthorized, httpx.CodeInvalidToken,
-			"the admin API requires Authorization: Bearer <admin token>"))
+		msg := "the admin API requires Authorization: Bearer <admin token>"
+		if strings.HasPrefix(tok, auth.TokenPrefix) {
+			// Only the shape is looked at, never the store: this says
+			// nothing about whether such a team token exists.
+			msg = "this is a team token; the admin API needs the admin token"
+		}
+		httpx.WriteError(w, httpx.Errorf(http.StatusUnauthorized, httpx.CodeInvalidToken, "%s", msg))
 		return
 	}
 	a.mux.ServeHTTP(w, r)

@@ -2,6 +2,7 @@ package admin
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"strings"
@@ -35,7 +36,29 @@ func (o opt[T]) has() bool { return o.Set && !o.Null }
 
 // decode reads a JSON object body into dst (strict; 1 MiB).
 func decode(w http.ResponseWriter, r *http.Request, dst any) error {
-	return httpx.DecodeJSON(w, r, dst, MaxBody)
+	err := httpx.DecodeJSON(w, r, dst, MaxBody)
+	// A body that is not an object reads as `field "(body)" must be
+	// admin.keyInput, not array`: say what was expected instead.
+	var he *httpx.Error
+	if errors.As(err, &he) {
+		if rest, ok := strings.CutPrefix(he.Message, `field "(body)" must be `); ok {
+			if i := strings.LastIndex(rest, ", not "); i >= 0 {
+				he.Message = "expected a JSON object, not " + withArticle(rest[i+len(", not "):])
+			}
+		}
+	}
+	return err
+}
+
+// errNotObject is the message of decode for a JSON array body.
+const errNotObject = "expected a JSON object, not an array"
+
+// withArticle returns "an array", "a string", ….
+func withArticle(kind string) string {
+	if kind != "" && strings.ContainsRune("aeiou", rune(kind[0])) {
+		return "an " + kind
+	}
+	return "a " + kind
 }
 
 // limitsInput is the limit fields shared by services, teams and tokens.

@@ -195,7 +195,7 @@ func viewKey(k *store.Key, live map[string]keypool.KeyStats) keyView {
 		ID: k.ID, Service: k.Service, Hint: k.Hint, State: k.Status,
 		Status: k.Status, StatusReason: k.StatusReason, Weight: k.Weight, Priority: k.Priority,
 		RateLimitRPM: k.RateLimitRPM, MaxInFlight: k.MaxInFlight, Labels: k.Labels,
-		BalanceTotal: k.BalanceTotal, BalanceUsed: k.BalanceUsed, BalanceUnit: k.BalanceUnit,
+		BalanceTotal: k.BalanceTotal, BalanceUsed: roundCost(k.BalanceUsed), BalanceUnit: k.BalanceUnit,
 		AccountEmail: k.AccountEmail, Origin: k.Origin, CreatedAt: k.CreatedAt, UpdatedAt: k.UpdatedAt,
 	}
 	if v.Hint == "" {
@@ -209,7 +209,7 @@ func viewKey(k *store.Key, live map[string]keypool.KeyStats) keyView {
 		}
 		v.InFlight, v.RequestsLastMinute = s.InFlight, s.RequestsLastMinute
 		if s.Remaining >= 0 && k.BalanceTotal > 0 {
-			rem := s.Remaining
+			rem := roundCost(s.Remaining)
 			v.BalanceRemaining = &rem
 		}
 	}
@@ -237,6 +237,10 @@ func (a *API) createKey(w http.ResponseWriter, r *http.Request) error {
 	}
 	var in keyInput
 	if err := decode(w, r, &in); err != nil {
+		var he *httpx.Error
+		if errors.As(err, &he) && he.Message == errNotObject {
+			he.Message += "; to add many keys use POST /admin/keys/import"
+		}
 		return err
 	}
 	if !in.KeyValue.has() {

@@ -189,7 +189,10 @@ func checkBaseURL(raw string, allowMD bool) (string, error) {
 	}
 	switch {
 	case u.Scheme != "http" && u.Scheme != "https":
-		return "", badRequest("base_url must be an http:// or https:// URL, not %q", u.Scheme+":")
+		if !strings.Contains(raw, "://") && !strings.HasPrefix(raw, "/") {
+			return "", badRequest("base_url must be an http:// or https:// URL, not %q; did you mean %q?", raw, "https://"+raw)
+		}
+		return "", badRequest("base_url must be an http:// or https:// URL, not %q", raw)
 	case u.Opaque != "" || u.Host == "":
 		return "", badRequest("base_url must name a host (http://host[:port][/path])")
 	case u.User != nil:

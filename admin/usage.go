@@ -2,6 +2,7 @@ package admin
 
 import (
 	"encoding/csv"
+	"math"
 	"mime"
 	"net/http"
 	"strconv"
@@ -163,7 +164,7 @@ func (a *API) usage(w http.ResponseWriter, r *http.Request) error {
 	}
 	out := make([]usageRow, len(rows))
 	for i, row := range rows {
-		u := usageRow{Requests: row.Requests, TokensIn: row.TokensIn, TokensOut: row.TokensOut, Cost: row.Cost}
+		u := usageRow{Requests: row.Requests, TokensIn: row.TokensIn, TokensOut: row.TokensOut, Cost: roundCost(row.Cost)}
 		for _, d := range q.GroupBy {
 			v := row.Group[d]
 			switch d {
@@ -244,6 +245,15 @@ func writeUsageCSV(w http.ResponseWriter, groupBy []string, rows []usageRow) {
 		_ = cw.Write(rec)
 	}
 	cw.Flush()
+}
+
+// roundCost rounds a summed cost to 1e-9, so that float sums print as
+// 0.0000102, not 0.000010199999999999999.
+func roundCost(c float64) float64 {
+	if r := math.Round(c*1e9) / 1e9; !math.IsInf(r, 0) && !math.IsNaN(r) {
+		return r
+	}
+	return c
 }
 
 // csvSafe keeps spreadsheets from reading a cell as a formula.

@@ -27,11 +27,26 @@ const (
 	envURL = "KEYPOOL_URL"
 )
 
-// client calls a running keypoold's admin API.
+// client calls a running keypoold's admin API. It finds the server and
+// the admin token on its first call, so that -h works without them.
 type client struct {
+	env   env
 	base  string
 	token string
 	http  *http.Client
+}
+
+// connect sets the server URL and the admin token from the environment.
+func (c *client) connect() error {
+	if c.token != "" {
+		return nil
+	}
+	n, err := newClient(c.env)
+	if err != nil {
+		return err
+	}
+	c.base, c.token, c.http = n.base, n.token, n.http
+	return nil
 }
 
 func newClient(e env) (*client, error) {
@@ -61,12 +76,15 @@ func newClient(e env) (*client, error) {
 	if tok == "" {
 		return nil, errors.New("set KEYPOOL_ADMIN_TOKEN to the server's admin token")
 	}
-	return &client{base: strings.TrimRight(base, "/"), token: tok, http: &http.Client{Timeout: 60 * time.Second}}, nil
+	return &client{env: e, base: strings.TrimRight(base, "/"), token: tok, http: &http.Client{Timeout: 60 * time.Second}}, nil
 }
 
 // call sends a request and decodes a JSON answer into out (if not nil).
 // A non-2xx answer is an error carrying the server's message.
 func (c *client) call(ctx context.Context, method, path, contentType string, body io.Reader, out any) error {
+	if err := c.connect(); err != nil {
+		return err
+	}
 	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
 	if err != nil {
 		return err
@@ -87,9 +105,18 @@ func (c *client) call(ctx context.Context, method, path, contentType string, bod
 	if resp.StatusCode/100 != 2 {
 		var e struct {
 			Error struct{ Message, Code string } `json:"error"`
+			// Lines are the rejected lines of a key import.
+			Lines []struct {
+				Line          int
+				Code, Message string
+			} `json:"lines"`
 		}
 		if json.Unmarshal(raw, &e) == nil && e.Error.Message != "" {
-			return fmt.Errorf("%s %s: %d %s: %s", method, path, resp.StatusCode, e.Error.Code, e.Error.Message)
+			msg := fmt.Sprintf("%s %s: %d %s: %s", method, path, resp.StatusCode, e.Error.Code, e.Error.Message)
+			for _, l := range e.Lines {
+				msg += fmt.Sprintf("\n  line %d: %s: %s", l.Line, l.Code, l.Message)
+			}
+			return errors.New(msg)
 		}
 		return fmt.Errorf("%s %s: %s", method, path, resp.Status)
 	}
@@ -138,41 +165,52 @@ func list(s string) []string {
 
 // runCLI runs an admin command: "service add", "key list", ….
 func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Reader, stdout io.Writer) error {
+	def := findCommand(noun)
+	if def == nil {
+		return &usageError{msg: fmt.Sprintf("keypoold: unknown command %q", noun), help: shortUsage}
+	}
+	noun = def.name
+	cmd, synopsis, summary := noun, def.args, def.summary
 	verb := ""
-	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
-		verb, args = args[0], args[1:]
-	}
-	switch noun {
-	case "service", "services", "key", "keys", "team", "teams", "user", "users", "token", "tokens", "usage", "health":
-	default:
-		return fmt.Errorf("%w: unknown command %q", errUsage, noun)
-	}
-	c, err := newClient(e)
-	if err != nil {
-		return err
-	}
-	fs := flag.NewFlagSet("keypoold "+noun+" "+verb, flag.ContinueOnError)
-	fs.SetOutput(stdout)
-	cmd := strings.TrimSuffix(noun, "s") + " " + verb
-	if noun == "usage" || noun == "health" {
-		cmd = noun
-		if verb != "" {
-			args = append([]string{verb}, args...)
+	if len(def.subs) > 0 {
+		if len(args) == 0 || strings.HasPrefix(args[0], "-") {
+			if len(args) > 0 && (args[0] == "-h" || args[0] == "-help" || args[0] == "--help") {
+				def.usage(stdout)
+				return flag.ErrHelp
+			}
+			return &usageError{msg: fmt.Sprintf("keypoold %s: missing subcommand (%s)", noun, def.verbs()), help: def.usage}
 		}
+		verb, args = args[0], args[1:]
+		if verb == "help" {
+			def.usage(stdout)
+			return flag.ErrHelp
+		}
+		sub := def.sub(verb)
+		if sub == nil {
+			return &usageError{msg: fmt.Sprintf("keypoold %s: unknown subcommand %q (%s)", noun, verb, def.verbs()), help: def.usage}
+		}
+		cmd, synopsis, summary = noun+" "+verb, sub.args, sub.summary
+	}
+	c := &client{env: e}
+	fs := flag.NewFlagSet("keypoold "+cmd, flag.ContinueOnError)
+	fs.Usage = flagUsage(fs, synopsis, summary)
+	parse := func(args []string) error {
+		_, err := parseArgs(fs, args, 0, "", stdout)
+		return err
 	}
 	switch cmd {
 	case "service add":
 		name := fs.String("name", "", "service name, the {service} in /v1/{service}/… (required)")
 		display := fs.String("display-name", "", "display name")
 		baseURL := fs.String("base-url", "", "upstream base URL, e.g. https://api.openai.com (required)")
-		scheme := fs.String("auth-scheme", "bearer", "bearer, x-api-key, xi-api-key, authorization-raw, authorization-token, query-param, header:<Name>, query:<name>")
+		scheme := fs.String("auth-scheme", "bearer", "how the key is sent: "+authSchemeHelp)
 		rpm := fs.Int("rate-limit-rpm", 0, "requests per minute the upstream allows each key")
 		clientRPM := fs.Int("rpm-limit", 0, "requests per minute for all clients of the service together")
-		selector := fs.String("selector", "", "round_robin (default), weighted, random, least_in_flight, least_used, latency, sticky, ordered")
+		selector := fs.String("selector", "", "how a key is picked: "+selectorHelp+" (default round_robin)")
 		ext := fs.String("external-name", "", "service name in the external credential table")
 		headers := kv{}
 		fs.Var(headers, "header", "header added to every upstream request, Name=Value (repeatable)")
-		if err := parse(fs, args); err != nil {
+		if err := parse(args); err != nil {
 			return err
 		}
 		body := map[string]any{"name": *name, "base_url": *baseURL, "auth_scheme": *scheme}
@@ -190,7 +228,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		}
 		return printJSON(ctx, c, stdout, "POST", "/admin/services", body)
 	case "service list":
-		if err := parse(fs, args); err != nil {
+		if err := parse(args); err != nil {
 			return err
 		}
 		var out struct{ Services []map[string]any }
@@ -199,8 +237,9 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		}
 		return table(stdout, out.Services, "name", "base_url", "auth_scheme", "rate_limit_rpm", "selector", "external_name")
 	case "service get", "service delete":
-		if len(args) != 1 {
-			return fmt.Errorf("%w: keypoold %s NAME", errUsage, cmd)
+		args, err := parseArgs(fs, args, 1, "one argument, the service NAME", stdout)
+		if err != nil {
+			return err
 		}
 		if verb == "get" {
 			return printJSON(ctx, c, stdout, "GET", "/admin/services/"+url.PathEscape(args[0]), nil)
@@ -222,7 +261,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		email := fs.String("email", "", "account email")
 		labels := kv{}
 		fs.Var(labels, "label", "label k=v, e.g. feature=image-gen (repeatable)")
-		if err := parse(fs, args); err != nil {
+		if err := parse(args); err != nil {
 			return err
 		}
 		v := *value
@@ -255,11 +294,11 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		return nil
 	case "key import":
 		service := fs.String("service", "", "service the keys belong to (required)")
-		if err := parse(fs, args); err != nil {
+		if err := parse(args); err != nil {
 			return err
 		}
 		if *service == "" {
-			return fmt.Errorf("%w: --service is required", errUsage)
+			return &usageError{msg: "keypoold key import: --service is required", help: func(w io.Writer) { fs.SetOutput(w); fs.Usage() }}
 		}
 		var out map[string]any
 		if err := c.call(ctx, "POST", "/admin/keys/import?service="+url.QueryEscape(*service), "text/plain", stdin, &out); err != nil {
@@ -268,7 +307,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		return writeJSON(stdout, out)
 	case "key list":
 		service := fs.String("service", "", "only keys of this service")
-		if err := parse(fs, args); err != nil {
+		if err := parse(args); err != nil {
 			return err
 		}
 		path := "/admin/keys"
@@ -281,8 +320,9 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		}
 		return table(stdout, out.Keys, "id", "service", "hint", "state", "status", "in_flight", "requests_last_minute", "cooldown_until")
 	case "key delete":
-		if len(args) != 1 {
-			return fmt.Errorf("%w: keypoold key delete ID", errUsage)
+		args, err := parseArgs(fs, args, 1, "one argument, the key ID", stdout)
+		if err != nil {
+			return err
 		}
 		if err := c.json(ctx, "DELETE", "/admin/keys/"+url.PathEscape(args[0]), nil, nil); err != nil {
 			return err
@@ -296,7 +336,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		tpm := fs.Int64("tpm-limit", 0, "LLM tokens per minute for the whole team")
 		daily := fs.Int64("daily-token-limit", 0, "LLM tokens per day for the whole team")
 		allowed := fs.String("allowed-services", "", "comma-separated services the team may use (empty: all)")
-		if err := parse(fs, args); err != nil {
+		if err := parse(args); err != nil {
 			return err
 		}
 		body := map[string]any{"name": *name}
@@ -314,7 +354,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		}
 		return printJSON(ctx, c, stdout, "POST", "/admin/teams", body)
 	case "team list":
-		if err := parse(fs, args); err != nil {
+		if err := parse(args); err != nil {
 			return err
 		}
 		var out struct{ Teams []map[string]any }
@@ -326,7 +366,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 	case "user add":
 		ext := fs.String("external-id", "", "the user's id elsewhere, e.g. an email (required)")
 		team := fs.String("team", "", "team id or name (required)")
-		if err := parse(fs, args); err != nil {
+		if err := parse(args); err != nil {
 			return err
 		}
 		teamID, err := c.teamID(ctx, *team)
@@ -336,7 +376,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		return printJSON(ctx, c, stdout, "POST", "/admin/users", map[string]any{"external_id": *ext, "team_id": teamID})
 	case "user list":
 		team := fs.String("team", "", "only users of this team (id or name)")
-		if err := parse(fs, args); err != nil {
+		if err := parse(args); err != nil {
 			return err
 		}
 		path := "/admin/users"
@@ -360,7 +400,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		scopes := fs.String("scopes", "", "comma-separated scopes; \"lease\" allows GET /key")
 		rpm := fs.Int("rpm-limit", 0, "requests per minute for this token")
 		expires := fs.Duration("expires-in", 0, "lifetime, e.g. 720h (default: never expires)")
-		if err := parse(fs, args); err != nil {
+		if err := parse(args); err != nil {
 			return err
 		}
 		body := map[string]any{"name": *name}
@@ -374,7 +414,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 			}
 			body["team_id"] = id
 		default:
-			return fmt.Errorf("%w: --team or --user is required", errUsage)
+			return &usageError{msg: "keypoold token create: --team or --user is required", help: func(w io.Writer) { fs.SetOutput(w); fs.Usage() }}
 		}
 		if l := list(*scopes); len(l) > 0 {
 			body["scopes"] = l
@@ -393,7 +433,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		return nil
 	case "token list":
 		team := fs.String("team", "", "only tokens of this team (id or name)")
-		if err := parse(fs, args); err != nil {
+		if err := parse(args); err != nil {
 			return err
 		}
 		path := "/admin/tokens"
@@ -410,8 +450,9 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		}
 		return table(stdout, out.Tokens, "id", "name", "prefix", "team_id", "scopes", "is_active", "expires_at")
 	case "token revoke":
-		if len(args) != 1 {
-			return fmt.Errorf("%w: keypoold token revoke ID", errUsage)
+		args, err := parseArgs(fs, args, 1, "one argument, the token ID", stdout)
+		if err != nil {
+			return err
 		}
 		if err := c.json(ctx, "PATCH", "/admin/tokens/"+url.PathEscape(args[0]), map[string]any{"is_active": false}, nil); err != nil {
 			return err
@@ -424,7 +465,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		since := fs.String("since", "", "start (RFC 3339 or 2006-01-02)")
 		until := fs.String("until", "", "end, exclusive")
 		service := fs.String("service", "", "only this service")
-		if err := parse(fs, args); err != nil {
+		if err := parse(args); err != nil {
 			return err
 		}
 		q := url.Values{"group_by": {*groupBy}}
@@ -435,22 +476,12 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		}
 		return printJSON(ctx, c, stdout, "GET", "/admin/usage?"+q.Encode(), nil)
 	case "health":
-		if err := parse(fs, args); err != nil {
+		if err := parse(args); err != nil {
 			return err
 		}
 		return printJSON(ctx, c, stdout, "GET", "/admin/health", nil)
 	}
-	return fmt.Errorf("%w: unknown command %q", errUsage, strings.TrimSpace(noun+" "+verb))
-}
-
-func parse(fs *flag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
-	}
-	return nil
+	return &usageError{msg: fmt.Sprintf("keypoold: unknown command %q", cmd), help: shortUsage}
 }
 
 func setIf(m map[string]any, k, v string) {
@@ -462,7 +493,7 @@ func setIf(m map[string]any, k, v string) {
 // teamID resolves a team given by id or by name.
 func (c *client) teamID(ctx context.Context, team string) (string, error) {
 	if team == "" {
-		return "", fmt.Errorf("%w: --team is required", errUsage)
+		return "", &usageError{msg: "keypoold: --team is required"}
 	}
 	var out struct{ Teams []map[string]any }
 	if err := c.json(ctx, "GET", "/admin/teams", nil, &out); err != nil {

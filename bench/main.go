@@ -9,6 +9,14 @@
 //	go run ./bench                          # throughput at 1 and 64 connections, then 512 streams
 //	go run ./bench -mode throughput -conns 1,16,64 -duration 5s -rounds 5
 //	go run ./bench -mode streams -streams 512
+//	go run ./bench -mode throughput -meter   # also keypoold with LLM metering and budgets on
+//
+// keypoold serves two services on the same upstream: "bench" with
+// llm_family none (metering off) and "bench-llm" with llm_family openai
+// (usage read from each answer, priced, a team daily token budget and a
+// service cost budget reserved and settled, usage records written). With
+// -meter the throughput mode measures both in the same rounds and prints
+// the metered/unmetered ratio.
 //
 // Rounds alternate the order of the two proxies and the figures reported
 // are medians over rounds, so that a noisy, shared machine skews both
@@ -58,6 +66,7 @@ func main() {
 		waves     = flag.Int("waves", 3, "waves of concurrent streams")
 		logLevel  = flag.String("log-level", "info", "keypoold's log level (its logs go to a file, as in production)")
 		timeout   = flag.Duration("timeout", 10*time.Minute, "bound on the whole run")
+		meterFlag = flag.Bool("meter", false, "throughput mode: also measure keypoold with LLM metering and budgets on")
 	)
 	flag.Parse()
 	if *role != "" {
@@ -71,6 +80,10 @@ func main() {
 	defer cancel()
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if !validMode(*mode) {
+		fmt.Fprintf(os.Stderr, "bench: bad -mode %q: want %s\n", *mode, strings.Join(modes, ", "))
+		os.Exit(2)
+	}
 	var conns []int
 	for _, s := range strings.Split(*connsFlag, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(s))
@@ -80,7 +93,7 @@ func main() {
 		}
 		conns = append(conns, n)
 	}
-	if err := harness(ctx, *mode, conns, *duration, *rounds, *streams, *waves, *logLevel); err != nil {
+	if err := harness(ctx, *mode, conns, *duration, *rounds, *streams, *waves, *logLevel, *meterFlag); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
@@ -204,17 +217,24 @@ func runRole(role, target, logLevel string) error {
 // a token, and returns the token.
 func seed(ctx context.Context, s *server.Server, upstream string) (string, error) {
 	st := s.Store()
-	if err := st.CreateService(ctx, &store.Service{Name: "bench", BaseURL: upstream, AuthScheme: "bearer"}); err != nil {
+	if err := st.CreateService(ctx, &store.Service{Name: "bench", BaseURL: upstream, AuthScheme: "bearer", LLMFamily: "none"}); err != nil {
+		return "", err
+	}
+	if err := st.CreateService(ctx, &store.Service{Name: "bench-llm", BaseURL: upstream, AuthScheme: "bearer", LLMFamily: "openai",
+		Limits: store.Limits{LimitCostDayWarn: 1e6, LimitCostDayBlock: 2e6}}); err != nil {
 		return "", err
 	}
 	var keys []*store.Key
-	for i := range 4 {
-		keys = append(keys, &store.Key{Service: "bench", Secret: keypool.Secret("sk-bench-key-" + strconv.Itoa(i) + "-0123456789abcdef"), Status: store.StatusActive})
+	for _, svc := range []string{"bench", "bench-llm"} {
+		for i := range 4 {
+			keys = append(keys, &store.Key{Service: svc, Secret: keypool.Secret("sk-" + svc + "-key-" + strconv.Itoa(i) + "-0123456789abcdef"),
+				Status: store.StatusActive, BalanceTotal: 1e9, BalanceUnit: "usd"})
+		}
 	}
 	if err := st.CreateKeys(ctx, keys); err != nil {
 		return "", err
 	}
-	team := &store.Team{Name: "bench"}
+	team := &store.Team{Name: "bench", Limits: store.Limits{DailyTokenLimit: 1e12, TPMLimit: 1e12}}
 	if err := st.CreateTeam(ctx, team); err != nil {
 		return "", err
 	}
@@ -225,7 +245,7 @@ func seed(ctx context.Context, s *server.Server, upstream string) (string, error
 	if err := st.CreateToken(ctx, &store.Token{Name: "bench", TeamID: team.ID, Prefix: prefix, Hash: hash, IsActive: true}); err != nil {
 		return "", err
 	}
-	return tok, s.Syncer().Sync(ctx)
+	return tok, s.Reload(ctx)
 }
 
 type child struct {
@@ -469,7 +489,7 @@ func median[T int | float64 | time.Duration](xs []T) T {
 
 func ms(d time.Duration) string { return fmt.Sprintf("%.3fms", float64(d)/1e6) }
 
-func harness(ctx context.Context, mode string, conns []int, d time.Duration, rounds, nStreams, waves int, logLevel string) error {
+func harness(ctx context.Context, mode string, conns []int, d time.Duration, rounds, nStreams, waves int, logLevel string, metered bool) error {
 	up, err := startChild(ctx, "upstream", "", logLevel)
 	if err != nil {
 		return err
@@ -490,19 +510,26 @@ func harness(ctx context.Context, mode string, conns []int, d time.Duration, rou
 	direct := target{name: "direct", url: upURL + "/v1/chat/completions"}
 	tBare := target{name: "bare", url: "http://" + bare.addr + "/v1/chat/completions", proc: bare}
 	tKP := target{name: "keypoold", url: "http://" + kp.addr + "/v1/bench/v1/chat/completions", token: kp.token, proc: kp}
+	tMeter := target{name: "kp+meter", url: "http://" + kp.addr + "/v1/bench-llm/v1/chat/completions", token: kp.token, proc: kp}
 
-	fmt.Printf("keypool load harness: %d CPUs, %s per measurement, %d rounds (medians), keypoold log level %s\n",
-		numCPU(), d, rounds, logLevel)
+	fmt.Println(header(mode, numCPU(), conns, d, rounds, nStreams, waves, metered, logLevel))
 	fmt.Printf("upstream %s, bare proxy %s, keypoold %s (1 service, 4 keys, team token)\n\n", up.addr, bare.addr, kp.addr)
 
 	if mode == "all" || mode == "throughput" {
 		for _, c := range conns {
-			var rb, rk, rd []result
+			var rb, rk, rm, rd []result
 			for r := range rounds {
 				order := []*[]result{&rb, &rk}
 				ts := []target{tBare, tKP}
+				if metered {
+					order = append(order, &rm)
+					ts = append(ts, tMeter)
+				}
 				if r%2 == 1 {
-					order[0], order[1], ts[0], ts[1] = order[1], order[0], ts[1], ts[0]
+					// Reverse the order every other round.
+					for i, j := 0, len(ts)-1; i < j; i, j = i+1, j-1 {
+						order[i], order[j], ts[i], ts[j] = order[j], order[i], ts[j], ts[i]
+					}
 				}
 				for i, t := range ts {
 					*order[i] = append(*order[i], load(ctx, t, c, d))
@@ -514,7 +541,7 @@ func harness(ctx context.Context, mode string, conns []int, d time.Duration, rou
 					return ctx.Err()
 				}
 			}
-			printConns(c, rb, rk, rd)
+			printConns(c, rb, rk, rm, rd)
 		}
 	}
 	if mode == "all" || mode == "streams" {
@@ -534,7 +561,7 @@ func harness(ctx context.Context, mode string, conns []int, d time.Duration, rou
 	return nil
 }
 
-func printConns(c int, rb, rk, rd []result) {
+func printConns(c int, rb, rk, rm, rd []result) {
 	get := func(rs []result, f func(result) float64) float64 {
 		xs := make([]float64, len(rs))
 		for i, r := range rs {
@@ -558,7 +585,13 @@ func printConns(c int, rb, rk, rd []result) {
 	}
 	row("bare", rb)
 	row("keypoold", rk)
+	if len(rm) > 0 {
+		row("kp+meter", rm)
+	}
 	fmt.Printf("ratio keypoold/bare: throughput %.3f, cpu/req %.3f", get(rk, rps)/get(rb, rps), get(rk, cpu)/get(rb, cpu))
+	if len(rm) > 0 {
+		fmt.Printf("\nratio metered/unmetered keypoold: throughput %.3f, cpu/req %.3f", get(rm, rps)/get(rk, rps), get(rm, cpu)/get(rk, cpu))
+	}
 	if len(rd) > 0 {
 		addB := get(rb, p50) - get(rd, p50)
 		addK := get(rk, p50) - get(rd, p50)

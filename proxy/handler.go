@@ -42,7 +42,9 @@ const DefaultMaxBodyBytes = 32 << 20
 //     unknown_service, so that unauthenticated callers cannot probe which
 //     services exist;
 //  3. reads the body, up to MaxBodyBytes (413 request_too_large above it),
-//     so that it can be replayed byte for byte on another key.
+//     so that it can be replayed byte for byte on another key;
+//  4. calls Prepare, if set, with the buffered body (keypoold meters,
+//     checks model allow-lists and admits budgets there).
 //
 // The forwarded request carries none of the client's credentials. The
 // headers removed are a deny-list, because SDKs send many vendor headers

@@ -36,7 +36,7 @@ type svcMeta struct {
 	family meter.Family
 	detect bool // llm_family "": detect per request
 	prices *meter.PriceTable
-	budget scopeLimits
+	budget *scopeBudget
 }
 
 // scopeLimits are one scope's budgets as limit.Limits, per unit.
@@ -48,8 +48,27 @@ type scopeLimits struct {
 
 func (l *scopeLimits) empty() bool { return len(l.tpm) == 0 && len(l.tok) == 0 && len(l.cost) == 0 }
 
+// budgetFields are the budget fields of [store.Limits], comparable.
+type budgetFields struct {
+	tpm, daily                   int64
+	tokHW, tokHB, tokDW, tokDB   int64
+	tokMW, tokMB, tokTB          int64
+	costHW, costHB, costDW       float64
+	costDB, costMW, costMB, cTot float64
+}
+
+func fieldsOf(l *store.Limits) budgetFields {
+	return budgetFields{
+		l.TPMLimit, l.DailyTokenLimit,
+		l.LimitTokensHourWarn, l.LimitTokensHourBlock, l.LimitTokensDayWarn, l.LimitTokensDayBlock,
+		l.LimitTokensMonthWarn, l.LimitTokensMonthBlock, l.LimitTokensTotalBlock,
+		l.LimitCostHourWarn, l.LimitCostHourBlock, l.LimitCostDayWarn,
+		l.LimitCostDayBlock, l.LimitCostMonthWarn, l.LimitCostMonthBlock, l.LimitCostTotalBlock,
+	}
+}
+
 // budgetLimits turns the limit fields of a service, team or token into
-// limit.Limits. It allocates only when budgets are set.
+// limit.Limits.
 func budgetLimits(l *store.Limits) scopeLimits {
 	var s scopeLimits
 	if l.TPMLimit > 0 {
@@ -75,6 +94,45 @@ func budgetLimits(l *store.Limits) scopeLimits {
 	cost(limit.Month, l.LimitCostMonthWarn, l.LimitCostMonthBlock)
 	cost(limit.Total, 0, l.LimitCostTotalBlock)
 	return s
+}
+
+// scopeBudget is one scope's budgets and counter keys, cached per team,
+// token and service so that admission allocates nothing for them.
+type scopeBudget struct {
+	fields budgetFields
+	limits scopeLimits
+	keys   [3]string // per unit: "tpm:team:<id>", "tok:…", "usd:…"
+}
+
+func newScopeBudget(scope uint8, id string, l *store.Limits) *scopeBudget {
+	b := &scopeBudget{fields: fieldsOf(l), limits: budgetLimits(l)}
+	for u := range b.keys {
+		b.keys[u] = unitPrefix[u] + scopeNames[scope] + ":" + id
+	}
+	return b
+}
+
+// budgetCache holds the scopeBudget of every team and token seen, keyed
+// by id, rebuilt when its limits change. Its size is bounded by the
+// teams and tokens in the store; it is cleared on admin changes.
+type budgetCache struct{ m [2]sync.Map } // scopeToken, scopeTeam
+
+func (c *budgetCache) get(scope uint8, id string, l *store.Limits) *scopeBudget {
+	f := fieldsOf(l)
+	if v, ok := c.m[scope].Load(id); ok {
+		if b := v.(*scopeBudget); b.fields == f {
+			return b
+		}
+	}
+	b := newScopeBudget(scope, id, l)
+	c.m[scope].Store(id, b)
+	return b
+}
+
+func (c *budgetCache) clear() {
+	for i := range c.m {
+		c.m[i].Clear()
+	}
 }
 
 // Budget units and their counter key prefixes.
@@ -136,7 +194,7 @@ func (s *Server) buildMeta(svcs []store.Service) map[string]*svcMeta {
 				meta.prices = s.basePrices.Merge(p)
 			}
 		}
-		meta.budget = budgetLimits(&meta.limits)
+		meta.budget = newScopeBudget(scopeService, sv.Name, &meta.limits)
 		m[sv.Name] = meta
 	}
 	return m
@@ -148,7 +206,7 @@ func (s *Server) meta(name string) *svcMeta {
 			return v
 		}
 	}
-	return &svcMeta{prices: s.basePrices, detect: true}
+	return &svcMeta{prices: s.basePrices, detect: true, budget: newScopeBudget(scopeService, name, &store.Limits{})}
 }
 
 // loadPrices returns the shipped price table merged with the price file.
@@ -248,23 +306,22 @@ func (s *Server) reserve(ctx context.Context, c *call, service string, meta *svc
 		return nil
 	}
 	now := s.now()
-	scopes := [...]struct {
-		id string
-		l  scopeLimits
-	}{
-		{p.Token.ID, budgetLimits(&p.Token.Limits)},
-		{p.Team.ID, budgetLimits(&p.Team.Limits)},
-		{service, meta.budget},
+	var scopes [3]*scopeBudget
+	if p.Token.ID != "" {
+		scopes[scopeToken] = s.budgets.get(scopeToken, p.Token.ID, &p.Token.Limits)
 	}
+	if p.Team.ID != "" {
+		scopes[scopeTeam] = s.budgets.get(scopeTeam, p.Team.ID, &p.Team.Limits)
+	}
+	scopes[scopeService] = meta.budget
 	var warn []string
 	for si, sc := range scopes {
-		if sc.id == "" {
+		if sc == nil {
 			continue
 		}
-		base := scopeNames[si] + ":" + sc.id
-		for u, lims := range [...][]limit.Limit{sc.l.tpm, sc.l.tok, sc.l.cost} {
+		for u, lims := range [...][]limit.Limit{sc.limits.tpm, sc.limits.tok, sc.limits.cost} {
 			unit := uint8(u)
-			key := unitPrefix[unit] + base
+			key := sc.keys[unit]
 			if len(lims) == 0 {
 				if unit != unitTPM && c.nUnheld < len(c.unheld) {
 					c.unheld[c.nUnheld] = unheld{key, unit}
@@ -301,7 +358,7 @@ func (s *Server) reserve(ctx context.Context, c *call, service string, meta *svc
 				w := warningText(scopeNames[si], unit, d)
 				warn = append(warn, w)
 				s.metrics.budgetWarnings.WithLabelValues(scopeNames[si], d.Limit.Window.String(), unitName(unit)).Inc()
-				s.log.Warn("budget warning", "scope", scopeNames[si], "id", sc.id, "window", d.Limit.Window.String(),
+				s.log.Warn("budget warning", "scope", scopeNames[si], "counter", key, "window", d.Limit.Window.String(),
 					"unit", unitName(unit), "used", d.Used, "warn", d.Limit.Warn, "block", d.Limit.Block)
 			}
 		}

@@ -33,6 +33,38 @@
 // Clients that keep presenting bad tokens are refused (429 rate_limited)
 // per address, without a store lookup.
 //
+// # Metering, budgets and model allow-lists
+//
+// Requests to a service of an LLM family (its llm_family, or detected from
+// the path when empty) are metered: the buffered request body gives the
+// model, stream flag and output cap; OpenAI-compatible streams are asked
+// for their usage chunk, which is hidden again from a client that did not
+// ask for it; the answer is read as it streams past (package meter) and
+// priced with the shipped table, [Config.PricesFile] and the service's own
+// prices. Each finished request writes a usage record, settles its budget
+// reservations and charges the serving key's balance in its unit (usd,
+// tokens or requests; a spent key turns exhausted).
+//
+// Token and cost budgets (tpm_limit, daily_token_limit, limit_tokens_*,
+// limit_cost_*) on the token, the team and the service are checked through
+// the [limit.Counter] before a key is picked: each request reserves an
+// estimate (request body bytes / 4 input tokens plus its max_tokens, or
+// [Config.DefaultOutputTokens]; its cost at the model's prices) and
+// settles with the metered actuals, also on errors and cancellations. A
+// block threshold refuses with 429 budget_exceeded and Retry-After at the
+// end of the UTC window; a warn threshold sets [HeaderBudgetWarning], logs
+// and counts, and never refuses. Windows are calendar-aligned in UTC
+// (hour, day, month) or total; tpm_limit is a sliding minute. Admitted
+// estimates never exceed a budget; it is overspent by at most the sum, over
+// concurrently admitted requests, of their actual usage above their
+// estimate. The in-process counters are seeded from stored usage at start.
+//
+// models_enabled on a service, team or token restricts the models a
+// request may name (403 forbidden naming the model), and GET
+// /v1/{service}/models and /v1/{service}/v1/models list the caller's
+// enabled models when the service has an allow-list. README.md has the
+// details.
+//
 // # Shutdown
 //
 // [Server.Shutdown] (and [Server.Run] when its context ends) stops
@@ -101,10 +133,11 @@ type Server struct {
 	svcMeta    atomic.Pointer[map[string]*svcMeta]
 	basePrices *meter.PriceTable // shipped table merged with Config.PricesFile
 	spend      spendBook
+	budgets    budgetCache
 	now        func() time.Time
-	inflight  atomic.Int64
-	draining  atomic.Bool
-	hijacked  connSet
+	inflight   atomic.Int64
+	draining   atomic.Bool
+	hijacked   connSet
 
 	bgCancel context.CancelFunc
 	bg       sync.WaitGroup
@@ -475,6 +508,17 @@ func errString(err error) string {
 	return err.Error()
 }
 
+// Reload reads services, keys and service settings (limits, metering
+// family, prices) from the store now, for a caller that wrote to
+// [Server.Store] directly; admin API writes reload by themselves, and
+// other changes are picked up within [Config.SyncInterval].
+func (s *Server) Reload(ctx context.Context) error {
+	if err := s.syncer.Sync(ctx); err != nil {
+		return err
+	}
+	return s.refreshServiceLimits(ctx)
+}
+
 // onAdminChange reloads the pool at once after an admin write, so the
 // next request sees the change.
 func (s *Server) onAdminChange() {
@@ -487,6 +531,7 @@ func (s *Server) onAdminChange() {
 	if err := s.refreshServiceLimits(ctx); err != nil {
 		s.log.Warn("reading service limits failed", "err", err)
 	}
+	s.budgets.clear()
 }
 
 // refreshServiceLimits reads each service's client limits, metering

@@ -298,6 +298,12 @@ func (c *Config) Validate() error {
 	if c.MaxBodyBytes < 0 {
 		return fmt.Errorf("server: max_body_bytes must not be negative")
 	}
+	if err := checkDatabase(c.Database, false); err != nil {
+		return fmt.Errorf("server: %w", err)
+	}
+	if err := checkDatabase(c.ExternalDatabase, true); err != nil {
+		return fmt.Errorf("server: %w", err)
+	}
 	seen := map[string]bool{}
 	for i, s := range c.Services {
 		if err := s.validate(); err != nil {
@@ -427,3 +433,55 @@ func (u *SecretURL) UnmarshalText(b []byte) error { *u = SecretURL(b); return ni
 
 // LogValue makes log/slog print String.
 func (u SecretURL) LogValue() slog.Value { return slog.StringValue(u.String()) }
+
+// checkDatabase rejects a database setting the stores would misread: the
+// main store treats anything but a postgres:// URL as a SQLite path, so
+// "mysql://host/db" would silently become the file ./mysql:/host/db. It
+// accepts sqlite:PATH (also sqlite://, file:), a plain path and a
+// postgres:// or postgresql:// URL; external (the external credential
+// table) takes sqlite:PATH or a PostgreSQL URL only.
+func checkDatabase(dsn SecretURL, external bool) error {
+	s := dsn.Reveal()
+	if s == "" {
+		return nil
+	}
+	what, want := "database", "sqlite:PATH, a file path, or a postgres:// URL"
+	if external {
+		what, want = "external database", "sqlite:PATH or a postgres:// URL"
+	}
+	for _, p := range []string{"postgres://", "postgresql://", "sqlite:"} {
+		if strings.HasPrefix(s, p) {
+			return nil
+		}
+	}
+	if scheme, _, ok := strings.Cut(s, "://"); ok && isScheme(scheme) {
+		if scheme != strings.ToLower(scheme) {
+			return fmt.Errorf("%s %s: write the scheme %q in lower case; want %s", what, dsn, scheme, want)
+		}
+		if !external && scheme == "file" {
+			return nil
+		}
+		return fmt.Errorf("%s %s: unsupported scheme %q; want %s", what, dsn, scheme, want)
+	}
+	if external {
+		return fmt.Errorf("%s %s: want %s", what, dsn, want)
+	}
+	return nil
+}
+
+// isScheme reports whether s is a URL scheme: a letter, then letters,
+// digits, '+', '-' or '.'.
+func isScheme(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i, r := range s {
+		switch {
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z':
+		case i > 0 && (r >= '0' && r <= '9' || r == '+' || r == '-' || r == '.'):
+		default:
+			return false
+		}
+	}
+	return true
+}

@@ -85,6 +85,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"reflect"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -217,6 +218,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		if s.ext, err = external.Open(ctx, cfg.ExternalDatabase.Reveal(), cfg.External); err != nil {
 			return nil, fmt.Errorf("server: open external database %s: %w", cfg.ExternalDatabase, err)
 		}
+	} else if named := externalNamed(cfg); len(named) > 0 || !reflect.ValueOf(cfg.External).IsZero() {
+		log.Warn("the config has an external: section or services with external_name, but no external database is set; "+
+			"set KEYPOOL_EXTERNAL_DATABASE or -external-database (external keys are not loaded)", "services", named)
 	}
 
 	s.pool, err = keypool.New(keypool.Config{OnEvent: s.onEvent})
@@ -577,4 +581,15 @@ var errInternal = httpx.Errorf(http.StatusInternalServerError, httpx.CodeInterna
 // its code for the access log.
 func writeError(w http.ResponseWriter, err error) {
 	httpx.WriteError(w, err)
+}
+
+// externalNamed returns the services declared with an external_name.
+func externalNamed(cfg Config) []string {
+	var named []string
+	for _, sp := range cfg.Services {
+		if sp.ExternalName != "" {
+			named = append(named, sp.Name)
+		}
+	}
+	return named
 }

@@ -253,65 +253,7 @@ func loadConfig(args []string, e env, w io.Writer) (server.Config, error) {
 	if set["drain-timeout"] {
 		cfg.DrainTimeout = server.Duration(*f.drainTimeout)
 	}
-	if err := checkDatabase(cfg.Database, false); err != nil {
-		return server.Config{}, err
-	}
-	if err := checkDatabase(cfg.ExternalDatabase, true); err != nil {
-		return server.Config{}, err
-	}
 	return cfg, cfg.Validate()
-}
-
-// checkDatabase rejects a database setting the stores would misread: the
-// main store treats anything but a postgres:// URL as a SQLite path, so
-// "mysql://host/db" would silently become the file ./mysql:/host/db. It
-// accepts sqlite:PATH (also sqlite://, file:), a plain path and a
-// postgres:// or postgresql:// URL; external (the external credential
-// table) takes sqlite:PATH or a PostgreSQL URL only.
-func checkDatabase(dsn server.SecretURL, external bool) error {
-	s := dsn.Reveal()
-	if s == "" {
-		return nil
-	}
-	what, want := "database", "sqlite:PATH, a file path, or a postgres:// URL"
-	if external {
-		what, want = "external database", "sqlite:PATH or a postgres:// URL"
-	}
-	for _, p := range []string{"postgres://", "postgresql://", "sqlite:"} {
-		if strings.HasPrefix(s, p) {
-			return nil
-		}
-	}
-	if scheme, _, ok := strings.Cut(s, "://"); ok && isScheme(scheme) {
-		if scheme != strings.ToLower(scheme) {
-			return fmt.Errorf("%s %s: write the scheme %q in lower case; want %s", what, dsn, scheme, want)
-		}
-		if !external && scheme == "file" {
-			return nil
-		}
-		return fmt.Errorf("%s %s: unsupported scheme %q; want %s", what, dsn, scheme, want)
-	}
-	if external {
-		return fmt.Errorf("%s %s: want %s", what, dsn, want)
-	}
-	return nil
-}
-
-// isScheme reports whether s is a URL scheme: a letter, then letters,
-// digits, '+', '-' or '.'.
-func isScheme(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i, r := range s {
-		switch {
-		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z':
-		case i > 0 && (r >= '0' && r <= '9' || r == '+' || r == '-' || r == '.'):
-		default:
-			return false
-		}
-	}
-	return true
 }
 
 // serve runs the server until ctx is done (SIGINT, SIGTERM).

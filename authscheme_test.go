@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -193,5 +194,32 @@ func TestClassify(t *testing.T) {
 	}
 	if o := Classify(nil, fmt.Errorf("dial: %w", errors.New("connection refused")), now); o.Kind != Failure {
 		t.Fatalf("transport error: %v", o.Kind)
+	}
+}
+
+type failingBody struct{ n int }
+
+func (f *failingBody) Read(p []byte) (int, error) {
+	if f.n == 0 {
+		return 0, errors.New("connection reset")
+	}
+	k := min(len(p), f.n)
+	for i := range p[:k] {
+		p[i] = 'x'
+	}
+	f.n -= k
+	return k, nil
+}
+
+func (f *failingBody) Close() error { return nil }
+
+func TestClassifyKeepsReadErrors(t *testing.T) {
+	resp := &http.Response{StatusCode: 429, Header: http.Header{}, Body: &failingBody{n: 100}}
+	if o := Classify(resp, nil, time.Now()); o.Kind != RateLimited {
+		t.Fatalf("kind %v", o.Kind)
+	}
+	b, err := io.ReadAll(resp.Body)
+	if len(b) != 100 || err == nil || !strings.Contains(err.Error(), "reset") {
+		t.Fatalf("read %d bytes, err %v; want 100 and the reset", len(b), err)
 	}
 }

@@ -102,6 +102,10 @@ func retryAfterOrZero(h http.Header, now time.Time) time.Duration {
 	return d
 }
 
+type errReader struct{ err error }
+
+func (e errReader) Read([]byte) (int, error) { return 0, e.err }
+
 type peekedBody struct {
 	io.Reader
 	io.Closer
@@ -114,10 +118,16 @@ func peekBody(resp *http.Response) []byte {
 	buf := make([]byte, peekLimit)
 	n, err := io.ReadFull(resp.Body, buf)
 	buf = buf[:n]
-	if err != nil {
-		// The whole body fit (or the read failed): replay what was read.
+	switch {
+	case err == io.EOF || err == io.ErrUnexpectedEOF:
+		// The whole body fit: replay it.
 		_ = resp.Body.Close()
 		resp.Body = io.NopCloser(bytes.NewReader(buf))
+		return buf
+	case err != nil:
+		// The read failed: replay what was read, then the same error, so
+		// the reader cannot mistake a truncated body for a whole one.
+		resp.Body = peekedBody{io.MultiReader(bytes.NewReader(buf), errReader{err}), resp.Body}
 		return buf
 	}
 	resp.Body = peekedBody{io.MultiReader(bytes.NewReader(buf), resp.Body), resp.Body}

@@ -156,7 +156,10 @@ func jsonError(err error, max int64) *Error {
 		if field == "" {
 			field = "(body)"
 		}
-		return Errorf(http.StatusBadRequest, CodeBadRequest, "field %q must be %s, not %s", field, te.Type, te.Value)
+		// Value reads "number 1234" for numbers: name the kind, never the
+		// value, which may be a secret sent in the wrong field.
+		kind, _, _ := strings.Cut(te.Value, " ")
+		return Errorf(http.StatusBadRequest, CodeBadRequest, "field %q must be %s, not %s", field, te.Type, kind)
 	case strings.HasPrefix(err.Error(), "json: unknown field "):
 		return Errorf(http.StatusBadRequest, CodeBadRequest, "unknown field %s", strings.TrimPrefix(err.Error(), "json: unknown field "))
 	}

@@ -28,6 +28,7 @@ func TestDecodeJSON(t *testing.T) {
 		{"syntax", `{"name" "a"}`, "", 0, 400, "malformed JSON at byte"},
 		{"unknown field", `{"nam":"a"}`, "", 0, 400, `unknown field "nam"`},
 		{"wrong type", `{"count":"two"}`, "", 0, 400, `field "count" must be int`},
+		{"number never echoed", `{"name":12345678901234}`, "", 0, 400, `must be string, not number`},
 		{"trailing data", `{"name":"a"} {"name":"b"}`, "", 0, 400, "single JSON value"},
 		{"too large", `{"name":"` + strings.Repeat("x", 100) + `"}`, "", 50, 413, "larger than 50 bytes"},
 		{"wrong content type", `name=a`, "application/x-www-form-urlencoded", 0, 400, "Content-Type"},
@@ -47,7 +48,7 @@ func TestDecodeJSON(t *testing.T) {
 				return
 			}
 			var e *Error
-			if !errors.As(err, &e) || e.Status != tt.status || !strings.Contains(e.Message, tt.msg) {
+			if !errors.As(err, &e) || e.Status != tt.status || !strings.Contains(e.Message, tt.msg) || strings.Contains(e.Message, "12345678901234") {
 				t.Fatalf("err = %#v, want %d containing %q", err, tt.status, tt.msg)
 			}
 		})

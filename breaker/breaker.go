@@ -193,8 +193,11 @@ func (b *Breaker) Failure(now time.Time) State {
 	if b.State() == Open {
 		return Open
 	}
+	st := b.report(errFailure, now)
+	// Marked after the failure is counted, so a concurrent Success that
+	// clears the mark cannot leave a counted failure unmarked.
 	b.dirty.Store(true)
-	return b.report(errFailure, now)
+	return st
 }
 
 // Reset closes the breaker and forgets every count.

@@ -130,6 +130,11 @@ type Config struct {
 	// the generated-encryption-key warning: never the logs, so the token
 	// is not shipped to a log pipeline. If nil, os.Stderr.
 	Output io.Writer `json:"-" yaml:"-"`
+	// AllowMetadataUpstreams lets services reach link-local and cloud
+	// metadata addresses (169.254.169.254 and the like), which are refused
+	// by default, both in base_url and at connect time.
+	AllowMetadataUpstreams bool `json:"allow_metadata_upstreams,omitempty" yaml:"allow_metadata_upstreams,omitempty"`
+
 	// Upstream is the transport used to reach upstreams. If nil, a clone
 	// of http.DefaultTransport tuned for many connections per host.
 	Upstream http.RoundTripper `json:"-" yaml:"-"`

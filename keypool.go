@@ -45,6 +45,16 @@ func (s State) String() string {
 // MarshalText encodes the state's name.
 func (s State) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
 
+// UnmarshalText decodes a state's name.
+func (s *State) UnmarshalText(b []byte) error {
+	v, err := ParseState(string(b))
+	if err != nil {
+		return err
+	}
+	*s = v
+	return nil
+}
+
 // ParseState returns the state named name.
 func ParseState(name string) (State, error) {
 	return parseName[State](stateNames[:], name, "key state")

@@ -15,6 +15,9 @@ import (
 // only counts and queues: the store is written by persistEvents.
 func (s *Server) onEvent(e keypool.Event) {
 	s.metrics.onEvent(e)
+	if s.share != nil {
+		s.share.offer(e)
+	}
 	if !persistent(e) {
 		return
 	}

@@ -1,10 +1,12 @@
 package server_test
 
 import (
+	"net/http"
 	"os"
 	"testing"
 	"time"
 
+	"github.com/keypool/keypool"
 	"github.com/keypool/keypool/server"
 	"github.com/keypool/keypool/store/storetest"
 )
@@ -64,4 +66,59 @@ func TestPostgres(t *testing.T) {
 	}
 	k2.checkLogs()
 	k1.checkLogs()
+}
+
+// TestRedisSharedKeyState runs two replicas on one database and one Redis:
+// a key that replica 1 sees rate-limited is routed around by replica 2
+// too, without replica 2 spending a request to find out.
+func TestRedisSharedKeyState(t *testing.T) {
+	redisURL := os.Getenv("KEYPOOL_TEST_REDIS")
+	if redisURL == "" {
+		t.Skip("KEYPOOL_TEST_REDIS is not set; skipping Redis test")
+	}
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		if bearerKey(r.Header) == keyA {
+			w.Header().Set("Retry-After", "120")
+			w.WriteHeader(http.StatusTooManyRequests)
+			return
+		}
+		okJSON(w, r)
+	})
+	var db server.SecretURL
+	k1 := startKP(t, func(c *server.Config) { c.RedisURL = server.SecretURL(redisURL); db = c.Database })
+	k2 := startKP(t, func(c *server.Config) { c.RedisURL = server.SecretURL(redisURL); c.Database = db })
+	tok, ids := setup(t, k1, up, nil, keyA, keyB)
+	k2.srv.Syncer().Trigger()
+	eventually(t, "replica 2 loads both keys", func() bool { st, _ := k2.srv.Pool().Stats("openai"); return len(st) == 2 })
+
+	// Replica 1 meets the 429 on key A (and fails over to key B).
+	for range 2 {
+		if code, m, _ := k1.do("POST", "/v1/openai/v1/chat/completions", tok, map[string]any{"model": "gpt-4o-mini"}); code != 200 {
+			t.Fatalf("replica 1: %d %v", code, m)
+		}
+	}
+	stateOn := func(k *kp, id string) keypool.State {
+		st, _ := k.srv.Pool().Stats("openai")
+		for _, s := range st {
+			if s.ID == id {
+				return s.State
+			}
+		}
+		return keypool.StateDisabled
+	}
+	if stateOn(k1, ids[0]) != keypool.StateCooling {
+		t.Fatalf("replica 1: key A is %v", stateOn(k1, ids[0]))
+	}
+	eventually(t, "replica 2 learns key A is cooling", func() bool { return stateOn(k2, ids[0]) == keypool.StateCooling })
+	before := len(up.seen())
+	for range 4 {
+		if code, m, resp := k2.do("POST", "/v1/openai/v1/chat/completions", tok, map[string]any{"model": "gpt-4o-mini"}); code != 200 || resp.Header.Get("X-Keypool-Key-Id") != ids[1] {
+			t.Fatalf("replica 2: %d %v", code, m)
+		}
+	}
+	if n := len(up.seen()) - before; n != 4 {
+		t.Fatalf("replica 2 sent %d upstream requests for 4 calls: it retried key A", n)
+	}
+	k1.checkLogs()
+	k2.checkLogs()
 }

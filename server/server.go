@@ -125,6 +125,7 @@ type Server struct {
 	proxy   *proxy.Handler
 	limiter limit.Backend
 	rdb     *redis.Client
+	share   *sharer // nil without Redis
 	usage   *store.UsageWriter
 	metrics *metrics
 	leases  *leaseBook
@@ -269,6 +270,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		if s.limiter, err = limit.NewRedis(s.rdb, limit.RedisConfig{Logger: log}); err != nil {
 			return nil, err
 		}
+		s.share = newSharer(s.rdb, s.pool, log)
 	} else {
 		if s.limiter, err = limit.NewLocal(limit.LocalConfig{}); err != nil {
 			return nil, err
@@ -315,6 +317,12 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	s.bg.Go(func() { s.leases.run(bgctx) })
 	s.bg.Go(func() { s.watchServiceLimits(bgctx) })
 	s.bg.Go(func() { s.runSpend(bgctx) })
+	if s.share != nil {
+		subscribed := make(chan struct{})
+		s.bg.Go(func() { s.share.subscribe(bgctx, subscribed) })
+		s.bg.Go(func() { s.share.publish(bgctx) })
+		<-subscribed
+	}
 	if logBuf != nil {
 		lctx, lcancel := context.WithCancel(context.Background())
 		s.logStop = lcancel

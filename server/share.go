@@ -1,0 +1,107 @@
+package server
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"log/slog"
+	"sync/atomic"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/keypool/keypool"
+)
+
+// shareChannel is the Redis pub/sub channel on which replicas tell each
+// other what they learned about keys.
+const shareChannel = "keypool:key-events"
+
+// sharedEvent is one key state change as published.
+type sharedEvent struct {
+	Replica string        `json:"replica"`
+	Event   keypool.Event `json:"event"`
+}
+
+// sharer shares key state changes between replicas through Redis: a key
+// that one replica saw rate-limited, failing, revoked or spent is routed
+// around by every replica at once, instead of each finding out with a
+// failed request of its own. Half-open probing stays local (each replica
+// probes with its own traffic). Events carry key ids and states, never
+// secrets. A replica that starts later learns only the changes that
+// happen after it subscribed.
+type sharer struct {
+	rdb     *redis.Client
+	pool    *keypool.Pool
+	log     *slog.Logger
+	id      string
+	out     chan keypool.Event
+	dropped atomic.Uint64
+}
+
+func newSharer(rdb *redis.Client, pool *keypool.Pool, log *slog.Logger) *sharer {
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	return &sharer{rdb: rdb, pool: pool, log: log, id: hex.EncodeToString(b), out: make(chan keypool.Event, 1024)}
+}
+
+// offer queues an event for publishing without blocking the request path.
+func (sh *sharer) offer(e keypool.Event) {
+	if e.State == keypool.StateHalfOpen {
+		return
+	}
+	select {
+	case sh.out <- e:
+	default:
+		sh.dropped.Add(1)
+	}
+}
+
+// publish sends queued events until ctx ends.
+func (sh *sharer) publish(ctx context.Context) {
+	down := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case e := <-sh.out:
+			msg, _ := json.Marshal(sharedEvent{Replica: sh.id, Event: e})
+			err := sh.rdb.Publish(ctx, shareChannel, msg).Err()
+			switch {
+			case err != nil && ctx.Err() == nil && !down:
+				down = true
+				sh.log.Warn("cannot share key state with other replicas: redis unreachable", "error", err.Error())
+			case err == nil && down:
+				down = false
+				sh.log.Info("sharing key state with other replicas again")
+			}
+		}
+	}
+}
+
+// subscribe applies other replicas' events until ctx ends. go-redis
+// re-subscribes by itself after a lost connection.
+func (sh *sharer) subscribe(ctx context.Context, ready chan<- struct{}) {
+	ps := sh.rdb.Subscribe(ctx, shareChannel)
+	defer ps.Close()
+	if _, err := ps.Receive(ctx); err != nil && ctx.Err() == nil {
+		sh.log.Warn("cannot subscribe to other replicas' key state", "error", err.Error())
+	}
+	close(ready)
+	ch := ps.Channel()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case m, ok := <-ch:
+			if !ok {
+				return
+			}
+			var se sharedEvent
+			if err := json.Unmarshal([]byte(m.Payload), &se); err != nil || se.Replica == sh.id {
+				continue
+			}
+			sh.pool.Apply(se.Event)
+		}
+	}
+}

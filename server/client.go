@@ -194,8 +194,10 @@ func (s *Server) modifyResponse(resp *http.Response) error {
 // every proxied request that reached an upstream key.
 func (s *Server) onProxyDone(r *http.Request, res proxy.Result) {
 	svc := res.Service
-	if svc == "" || (res.Code == httpx.CodeUnknownService) {
-		svc = "unknown" // keep label values bounded: never a client-chosen name
+	if _, ok := s.pool.Service(svc); !ok {
+		// Keep label values bounded: a request refused before its service
+		// was checked still names a client-chosen one.
+		svc = "unknown"
 	}
 	s.metrics.request(svc, res.Status, res.Code)
 	if res.KeyID != "" {

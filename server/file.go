@@ -203,7 +203,9 @@ func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, log
 			return fmt.Errorf("server: config service %q: %w", sp.Name, err)
 		default:
 			rec.Limits = old.Limits
-			rec.Limits.RPMLimit = sp.RPMLimit
+			if sp.RPMLimit != 0 {
+				rec.Limits.RPMLimit = sp.RPMLimit
+			}
 			if len(sp.ModelsEnabled) > 0 {
 				rec.Limits.ModelsEnabled = sp.ModelsEnabled
 			}

@@ -156,7 +156,7 @@ func (s *Server) leaseKey(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) serveLease(w http.ResponseWriter, r *http.Request) error {
-	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+	if r.Method != http.MethodGet { // not HEAD: a lease would be taken and never delivered
 		w.Header().Set("Allow", "GET")
 		return httpx.Errorf(http.StatusMethodNotAllowed, httpx.CodeMethodNotAllowed, "use GET /key?service=...")
 	}
@@ -206,7 +206,7 @@ func (s *Server) serveLease(w http.ResponseWriter, r *http.Request) error {
 		ri.keyID = l.KeyID()
 	}
 	s.usage.Add(store.UsageRecord{
-		Time: time.Now().UTC(), RequestID: RequestID(r.Context()),
+		Time: s.now().UTC(), RequestID: RequestID(r.Context()),
 		TeamID: p.Team.ID, TokenID: p.Token.ID, Service: service, KeyID: l.KeyID(), Status: http.StatusOK,
 	})
 	w.Header().Set("Cache-Control", "no-store")
@@ -239,7 +239,7 @@ func (s *Server) serveReport(w http.ResponseWriter, r *http.Request) error {
 		w.Header().Set("Allow", "POST")
 		return httpx.Errorf(http.StatusMethodNotAllowed, httpx.CodeMethodNotAllowed, "use POST /key/{key_id}/report")
 	}
-	_, holder, err := s.leaseAuth(r)
+	p, holder, err := s.leaseAuth(r)
 	if err != nil {
 		return err
 	}
@@ -273,7 +273,8 @@ func (s *Server) serveReport(w http.ResponseWriter, r *http.Request) error {
 		// No lease outstanding (expired, or the key was used without
 		// one): apply what the state machine would.
 		service = s.findKey(keyID)
-		if service == "" {
+		if service == "" || !p.Admin && !p.AllowsService(service) {
+			// A team may report only on keys of services it may use.
 			return httpx.Errorf(http.StatusNotFound, httpx.CodeNotFound, "no key %q", keyID)
 		}
 		s.pool.Report(service, keyID, o)

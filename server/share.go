@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"log/slog"
 	"sync/atomic"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 
@@ -84,9 +85,13 @@ func (sh *sharer) publish(ctx context.Context) {
 func (sh *sharer) subscribe(ctx context.Context, ready chan<- struct{}) {
 	ps := sh.rdb.Subscribe(ctx, shareChannel)
 	defer ps.Close()
-	if _, err := ps.Receive(ctx); err != nil && ctx.Err() == nil {
-		sh.log.Warn("cannot subscribe to other replicas' key state", "error", err.Error())
+	// Bounded: a Redis that accepts connections and never answers must
+	// not hold up start-up (go-redis keeps trying in the background).
+	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	if _, err := ps.Receive(rctx); err != nil && ctx.Err() == nil {
+		sh.log.Warn("cannot subscribe to other replicas' key state yet", "error", err.Error())
 	}
+	cancel()
 	close(ready)
 	ch := ps.Channel()
 	for {

@@ -3,14 +3,27 @@ package meter
 import (
 	"bytes"
 	"encoding/json"
+	"io"
+	"mime"
+	"mime/multipart"
 	"net/http"
+	"net/url"
+	pathpkg "path"
 	"strings"
 )
 
 // RequestInfo is what metering needs from an LLM request body.
 type RequestInfo struct {
-	// Model is the top-level "model" field, or "" when there is none.
+	// Model is the model the body names: its top-level "model" member
+	// (the last one when repeated, as most JSON decoders read it), else
+	// "model_id" or "modelId"; "" when there is none. Member names are
+	// compared with their escapes decoded ("mod\u0065l" is "model").
 	Model string
+	// ModelAmbiguous reports that the body's model cannot be told for
+	// sure: a top-level model member ("model", "model_id", "modelId")
+	// whose value is not a non-empty string, or several naming different
+	// models. An allow-list must then refuse the request.
+	ModelAmbiguous bool
 	// Stream reports whether the top-level "stream" field is true.
 	Stream bool
 	// IncludeUsage reports whether "stream_options.include_usage" is true.
@@ -25,23 +38,67 @@ type RequestInfo struct {
 	Object bool
 }
 
+// ModelParams are the names under which a request may name its model:
+// top-level JSON members, query parameters and form fields ("model" for
+// OpenAI-style APIs and Deepgram, "model_id" for ElevenLabs and
+// Cartesia).
+var ModelParams = [...]string{"model", "model_id", "modelId"}
+
+// IsModelParam reports whether name is one of [ModelParams].
+func IsModelParam(name string) bool {
+	return name == "model" || name == "model_id" || name == "modelId"
+}
+
+// memberName returns a raw JSON member name with its escapes decoded, so
+// that "mod\u0065l" compares equal to "model". A name without a
+// backslash (the common case) is returned as it is, without allocating.
+func memberName(key []byte) []byte {
+	if bytes.IndexByte(key, '\\') < 0 {
+		return key
+	}
+	q := make([]byte, 0, len(key)+2)
+	q = append(append(append(q, '"'), key...), '"')
+	var s string
+	if json.Unmarshal(q, &s) != nil {
+		return key // an invalid escape: no JSON decoder accepts the body
+	}
+	return []byte(s)
+}
+
+// utf8BOM is a byte order mark, which some JSON decoders skip.
+const utf8BOM = "\xef\xbb\xbf"
+
 // InspectRequest reads model, stream, stream_options.include_usage and the
 // output token cap from a buffered JSON request body in one pass over its
 // top level, skipping large members such as "messages" without decoding
-// them. A body that is
-// not a JSON object yields a zero RequestInfo; InspectRequest never panics.
+// them. Member names are compared with their escapes decoded. A body that
+// is not a JSON object yields a zero RequestInfo; InspectRequest never
+// panics.
 func InspectRequest(body []byte) RequestInfo {
 	var ri RequestInfo
+	body = bytes.TrimPrefix(body, []byte(utf8BOM))
+	var named, idModel string // the last "model"; the last "model_id"/"modelId"
 	ok := eachMember(body, func(key, val []byte, _, _, _ int) bool {
-		switch string(key) {
-		case "model":
-			ri.Model = jsonString(val)
+		switch k := memberName(key); string(k) {
+		case "model", "model_id", "modelId":
+			m := jsonString(val)
+			switch {
+			case m == "":
+				ri.ModelAmbiguous = true
+			case named != "" && m != named, idModel != "" && m != idModel:
+				ri.ModelAmbiguous = true
+			}
+			if string(k) == "model" {
+				named = m
+			} else {
+				idModel = m
+			}
 		case "stream":
 			ri.Stream = string(val) == "true"
 		case "stream_options":
 			ri.IncludeUsage = false
 			eachMember(val, func(k, v []byte, _, _, _ int) bool {
-				if string(k) == "include_usage" {
+				if string(memberName(k)) == "include_usage" {
 					ri.IncludeUsage = string(v) == "true"
 				}
 				return true
@@ -50,7 +107,7 @@ func InspectRequest(body []byte) RequestInfo {
 			ri.MaxTokens = max(ri.MaxTokens, jsonInt(val))
 		case "generationConfig", "generation_config":
 			eachMember(val, func(k, v []byte, _, _, _ int) bool {
-				if string(k) == "maxOutputTokens" || string(k) == "max_output_tokens" {
+				if k := memberName(k); string(k) == "maxOutputTokens" || string(k) == "max_output_tokens" {
 					ri.MaxTokens = max(ri.MaxTokens, jsonInt(v))
 				}
 				return true
@@ -60,6 +117,10 @@ func InspectRequest(body []byte) RequestInfo {
 	})
 	if !ok {
 		return RequestInfo{}
+	}
+	ri.Model = named
+	if ri.Model == "" {
+		ri.Model = idModel
 	}
 	ri.Object = true
 	return ri
@@ -124,7 +185,7 @@ func EnsureStreamUsage(body []byte) (newBody []byte, added bool) {
 	)
 	ok := eachMember(body, func(key, val []byte, _, vs, ve int) bool {
 		lastValEnd = ve
-		switch string(key) {
+		switch string(memberName(key)) {
 		case "stream":
 			stream = string(val) == "true"
 		case "stream_options":
@@ -155,7 +216,7 @@ func EnsureStreamUsage(body []byte) (newBody []byte, added bool) {
 		optsObjectEmpty = true
 		if !eachMember(opts, func(k, v []byte, _, vs, ve int) bool {
 			optsObjectEmpty = false
-			if string(k) == "include_usage" {
+			if string(memberName(k)) == "include_usage" {
 				includeVS, includeVE = optsVS+vs, optsVS+ve
 				includeOK = string(v) == "true"
 			}
@@ -234,3 +295,144 @@ func IsStreamPath(path string) bool {
 func NegotiateIdentity(h http.Header) {
 	h.Set("Accept-Encoding", "identity")
 }
+
+// EachPathModel calls fn with every model a path names in a "models/{m}"
+// segment (Gemini, Vertex AI: ".../models/gemini-2.0-flash:generateContent"),
+// matched without regard to case. [ModelFromPath] returns the last one.
+func EachPathModel(path string, fn func(model string)) {
+	if i := strings.IndexByte(path, '?'); i >= 0 {
+		path = path[:i]
+	}
+	const seg = "models/"
+	lower := strings.ToLower(path)
+	for off := 0; ; {
+		i := strings.Index(lower[off:], seg)
+		if i < 0 {
+			return
+		}
+		i += off
+		off = i + len(seg)
+		if i > 0 && path[i-1] != '/' {
+			continue
+		}
+		m := path[off:]
+		if j := strings.IndexAny(m, ":/"); j >= 0 {
+			m = m[:j]
+		}
+		fn(m)
+	}
+}
+
+// maxFormParts bounds how many parts [EachFormModel] reads.
+const maxFormParts = 1000
+
+// EachFormModel calls fn with the value of every field named as in
+// [ModelParams] of a buffered multipart/form-data or
+// application/x-www-form-urlencoded body (such as an OpenAI
+// /audio/transcriptions upload), by the request's Content-Type. form
+// reports whether the Content-Type is one of those; ok reports whether
+// the whole body could be read as such (at most 1000 parts; a model
+// value is cut at 1 KiB). Other bodies give form == false.
+func EachFormModel(contentType string, body []byte, fn func(model string)) (form, ok bool) {
+	if contentType == "" {
+		return false, true
+	}
+	mt, params, err := mime.ParseMediaType(contentType)
+	if err != nil {
+		lt := strings.ToLower(contentType)
+		if strings.Contains(lt, "multipart/") || strings.Contains(lt, "form-urlencoded") {
+			return true, false
+		}
+		return false, true
+	}
+	switch {
+	case mt == "application/x-www-form-urlencoded":
+		q, err := url.ParseQuery(string(body))
+		for _, name := range ModelParams {
+			for _, v := range q[name] {
+				fn(v)
+			}
+		}
+		return true, err == nil
+	case strings.HasPrefix(mt, "multipart/"):
+		boundary := params["boundary"]
+		if boundary == "" {
+			return true, false
+		}
+		mr := multipart.NewReader(bytes.NewReader(body), boundary)
+		var buf [1024]byte
+		for range maxFormParts {
+			part, err := mr.NextRawPart()
+			if err == io.EOF {
+				return true, true
+			}
+			if err != nil {
+				return true, false
+			}
+			if IsModelParam(part.FormName()) {
+				n, _ := io.ReadFull(part, buf[:])
+				fn(string(buf[:n]))
+			}
+		}
+		return true, false
+	}
+	return false, true
+}
+
+// RequiresModel reports whether a request to path, which an allow-list
+// applies to, must name its model (keypoold refuses it otherwise):
+//   - never on the endpoints of resources that take no model: files,
+//     uploads, batches, vector stores, threads, conversations,
+//     containers;
+//   - always on endpoints that take the model in the query and may have
+//     no body: OpenAI Realtime (/realtime), Deepgram /listen and /speak,
+//     ElevenLabs /text-to-speech/…;
+//   - when it has a body: on a metered service (metered), and on every
+//     known model endpoint (chat and legacy completions, responses,
+//     embeddings, messages, moderations, audio, images, rerank, Gemini
+//     and Vertex AI ":generateContent" and friends, speech-to-text and
+//     text-to-speech APIs).
+//
+// The path is compared cleaned and without regard to case.
+func RequiresModel(path string, hasBody, metered bool) bool {
+	if i := strings.IndexByte(path, '?'); i >= 0 {
+		path = path[:i]
+	}
+	p := pathpkg.Clean("/" + strings.ToLower(path))
+	for _, seg := range modelFreeSegments {
+		if strings.Contains(p+"/", seg) {
+			return false
+		}
+	}
+	for _, s := range queryModelEndpoints {
+		if strings.HasSuffix(p, s) || strings.Contains(p, s+"/") {
+			return true
+		}
+	}
+	if !hasBody {
+		return false
+	}
+	if metered {
+		return true
+	}
+	for _, s := range modelEndpoints {
+		if strings.HasSuffix(p, s) {
+			return true
+		}
+	}
+	return strings.Contains(p, "/text-to-speech/") || strings.Contains(p, "/speech-to-speech/")
+}
+
+var modelFreeSegments = [...]string{"/files/", "/uploads/", "/batches/", "/vector_stores/",
+	"/threads/", "/conversations/", "/containers/"}
+
+var queryModelEndpoints = [...]string{"/realtime", "/listen", "/speak", "/text-to-speech"}
+
+var modelEndpoints = [...]string{"/chat/completions", "/completions", "/responses", "/embeddings",
+	"/messages", "/messages/count_tokens", "/moderations", "/audio/transcriptions",
+	"/audio/translations", "/audio/speech", "/images/generations", "/images/edits",
+	"/images/variations", "/rerank", "/realtime/sessions", "/realtime/transcription_sessions",
+	"/realtime/client_secrets", "/fine_tuning/jobs", "/assistants", "/speech-to-text",
+	"/sound-generation", "/tts/bytes", "/tts/sse", "/stt",
+	":generatecontent", ":streamgeneratecontent", ":counttokens", ":embedcontent",
+	":batchembedcontents", ":predict", ":rawpredict", ":streamrawpredict"}

@@ -1,9 +1,12 @@
 package meter
 
 import (
+	"bytes"
 	"encoding/json"
+	"mime/multipart"
 	"net/http"
 	"reflect"
+	"strings"
 	"testing"
 )
 
@@ -187,5 +190,118 @@ func TestNegotiateIdentity(t *testing.T) {
 	NegotiateIdentity(h)
 	if h.Get("Accept-Encoding") != "identity" {
 		t.Fatal(h)
+	}
+}
+
+func TestInspectRequestModelNames(t *testing.T) {
+	cases := []struct {
+		name, body string
+		model      string
+		ambiguous  bool
+	}{
+		{"escaped key", `{"mod\u0065l":"gpt-4o","messages":[]}`, "gpt-4o", false},
+		{"escaped key upper hex", `{"\u006D\u006f\u0064\u0065\u006c":"gpt-4o"}`, "gpt-4o", false},
+		{"escaped stream key", `{"model":"m","str\u0065am":true}`, "m", false},
+		{"repeated same", `{"model":"a","model":"a"}`, "a", false},
+		{"repeated different", `{"model":"a","model":"b"}`, "b", true},
+		{"escaped repeat", `{"model":"a","mod\u0065l":"b"}`, "b", true},
+		{"null", `{"model":null}`, "", true},
+		{"number", `{"model":4}`, "", true},
+		{"empty", `{"model":""}`, "", true},
+		{"model_id", `{"text":"hi","model_id":"eleven_turbo_v2"}`, "eleven_turbo_v2", false},
+		{"model and model_id differ", `{"model":"a","model_id":"b"}`, "a", true},
+		{"bom", "\xef\xbb\xbf{\"model\":\"gpt-4o\"}", "gpt-4o", false},
+		{"bad escape", `{"mod\x":"gpt-4o"}`, "", false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			got := InspectRequest([]byte(tc.body))
+			if got.Model != tc.model || got.ModelAmbiguous != tc.ambiguous {
+				t.Fatalf("got %+v, want model %q ambiguous %v", got, tc.model, tc.ambiguous)
+			}
+		})
+	}
+	if ri := InspectRequest([]byte(`{"model":"m","str\u0065am":true,"stream_\u006fptions":{"include_\u0075sage":true},"max_\u0074okens":9}`)); !ri.Stream || !ri.IncludeUsage || ri.MaxTokens != 9 {
+		t.Errorf("escaped member names: %+v", ri)
+	}
+	if b, added := EnsureStreamUsage([]byte(`{"model":"m","str\u0065am":true}`)); !added || string(b) != `{"model":"m","str\u0065am":true,"stream_options":{"include_usage":true}}` {
+		t.Errorf("EnsureStreamUsage with an escaped stream key: %s %v", b, added)
+	}
+}
+
+func TestEachPathModel(t *testing.T) {
+	for path, want := range map[string]string{
+		"/v1beta/models/gemini-2.5-pro:generateContent":                                              "gemini-2.5-pro",
+		"/v1/projects/p/locations/l/publishers/google/models/gemini-2.0-flash:streamGenerateContent": "gemini-2.0-flash",
+		"/v1beta/Models/gemini-2.5-pro:generateContent":                                              "gemini-2.5-pro",
+		"/v1beta/models/a:generateContent/models/b":                                                  "a,b",
+		"/v1beta/tunedModels/mine:generateContent":                                                   "",
+		"/v1/chat/completions?x=/models/y":                                                           "",
+	} {
+		var got []string
+		EachPathModel(path, func(m string) { got = append(got, m) })
+		if strings.Join(got, ",") != want {
+			t.Errorf("%s: %v, want %s", path, got, want)
+		}
+	}
+}
+
+func TestEachFormModel(t *testing.T) {
+	var buf bytes.Buffer
+	mw := multipart.NewWriter(&buf)
+	fw, _ := mw.CreateFormFile("file", "a.wav")
+	_, _ = fw.Write([]byte("RIFF"))
+	_ = mw.WriteField("model", "whisper-1")
+	_ = mw.WriteField("model_id", "scribe_v1")
+	_ = mw.Close()
+	cases := []struct {
+		name, ct, body string
+		want           string
+		form, ok       bool
+	}{
+		{"multipart", mw.FormDataContentType(), buf.String(), "whisper-1,scribe_v1", true, true},
+		{"urlencoded", "application/x-www-form-urlencoded", "prompt=hi&model=gpt-4o&model=o3", "gpt-4o,o3", true, true},
+		{"json", "application/json", `{"model":"x"}`, "", false, true},
+		{"no boundary", "multipart/form-data", "x", "", true, false},
+		{"truncated", mw.FormDataContentType(), buf.String()[:buf.Len()-20], "whisper-1,scribe_v1", true, false},
+		{"bad media type", "multipart/form-data; boundary", "x", "", true, false},
+	}
+	for _, tc := range cases {
+		var got []string
+		form, ok := EachFormModel(tc.ct, []byte(tc.body), func(m string) { got = append(got, m) })
+		if strings.Join(got, ",") != tc.want || form != tc.form || ok != tc.ok {
+			t.Errorf("%s: %v form=%v ok=%v, want %s %v %v", tc.name, got, form, ok, tc.want, tc.form, tc.ok)
+		}
+	}
+}
+
+func TestRequiresModel(t *testing.T) {
+	cases := []struct {
+		path             string
+		hasBody, metered bool
+		want             bool
+	}{
+		{"/v1/chat/completions", true, true, true},
+		{"/v1/chat/completions", true, false, true},
+		{"/V1/Chat/Completions/", true, false, true},
+		{"/v1/chat/completions", false, true, false}, // GET: list stored completions
+		{"/v1/models", false, true, false},
+		{"/v1/files", true, true, false},
+		{"/v1/batches", true, true, false},
+		{"/v1/threads/t1/messages", true, true, false},
+		{"/v1/threads/../chat/completions", true, true, true},
+		{"/v1/realtime", false, true, true},
+		{"/v1/listen", true, false, true},
+		{"/v1/listen", false, false, true},
+		{"/v1/text-to-speech/voice1", true, false, true},
+		{"/v1beta/tunedModels/x:generateContent", true, false, true},
+		{"/v1/audio/transcriptions", true, false, true},
+		{"/search", true, false, false},
+		{"/v1/anything", true, true, true},
+	}
+	for _, tc := range cases {
+		if got := RequiresModel(tc.path, tc.hasBody, tc.metered); got != tc.want {
+			t.Errorf("RequiresModel(%q, %v, %v) = %v", tc.path, tc.hasBody, tc.metered, got)
+		}
 	}
 }

@@ -35,6 +35,12 @@ type call struct {
 	nHolds  int
 	unheld  [6]unheld
 	nUnheld int
+
+	// The admission estimate: input and output tokens, and cost. A
+	// request that reached an upstream key but did not end with its
+	// usage is charged at least this (see chargedUsage).
+	estIn, estOut int64
+	estCost       float64
 }
 
 type callKey struct{}
@@ -217,14 +223,7 @@ func (s *Server) onProxyDone(r *http.Request, res proxy.Result) {
 		return
 	}
 	now := s.now()
-	var u meter.Usage
-	var cost float64
-	if c.metered && c.usage.Found {
-		u = c.usage
-		if c.prices != nil {
-			cost, _ = c.prices.Cost(u)
-		}
-	}
+	u, cost := chargedUsage(c, res)
 	tokens := float64(max(u.InputTokens, 0) + max(u.OutputTokens, 0))
 	s.settle(c, tokens, cost, now)
 	if res.KeyID == "" {

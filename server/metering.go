@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"net/http"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -248,16 +249,22 @@ func (s *Server) prepare(r *http.Request, svc *keypool.Service, body []byte) (*h
 	}
 	model := info.Model
 	stream := info.Stream
-	if fam == meter.FamilyGemini || model == "" {
-		if m := meter.ModelFromPath(r.URL.Path); m != "" && model == "" {
-			model = m
-		}
-		if fam == meter.FamilyGemini && meter.IsStreamPath(r.URL.Path) {
-			stream = true
-		}
+	// A model in the path (Gemini, Vertex AI) is the one the upstream
+	// serves, whatever the body says: it is checked and priced.
+	if m := meter.ModelFromPath(r.URL.Path); m != "" {
+		model = m
 	}
-	if model != "" && lists && !modelAllowed(meta, p, model) {
-		return nil, nil, httpx.Errorf(http.StatusForbidden, httpx.CodeForbidden, "model %q is not enabled for this service, team or token", model)
+	if fam == meter.FamilyGemini && meter.IsStreamPath(r.URL.Path) {
+		stream = true
+	}
+	if lists {
+		named, err := checkModels(r, meta, p, fam, body, &info)
+		if err != nil {
+			return nil, nil, err
+		}
+		if model == "" {
+			model = named
+		}
 	}
 	if fam == meter.FamilyNone {
 		return nil, nil, nil
@@ -281,10 +288,77 @@ func (s *Server) prepare(r *http.Request, svc *keypool.Service, body []byte) (*h
 	if pr, ok := meta.prices.Lookup(model); ok {
 		estCost = meter.Cost(meter.Usage{Model: model, InputTokens: in, OutputTokens: out}, pr)
 	}
+	c.estIn, c.estOut, c.estCost = in, out, estCost
 	if err := s.reserve(r.Context(), c, svc.Name, meta, estTok, estCost); err != nil {
 		return nil, nil, err
 	}
 	return nil, newBody, nil
+}
+
+// errModelRequired is the refusal of a request that must name a model
+// (see [meter.RequiresModel]) and names none, or names it ambiguously,
+// while an allow-list applies.
+func errModelRequired() error {
+	return httpx.Errorf(http.StatusForbidden, httpx.CodeForbidden,
+		"models_enabled is set: the request must name an enabled model")
+}
+
+// checkModels enforces the model allow-lists that apply to a request
+// (service, team, token). It fails closed: every model the request names
+// — in the path (".../models/{m}"), in a query parameter or a JSON member
+// or form field named "model", "model_id" or "modelId" (JSON names
+// compared unescaped, every occurrence) — must be on every list; a
+// model member that is not a plain string, JSON members naming different
+// models, or a form or query that cannot be read are refused; and a
+// request that names no model is refused when [meter.RequiresModel] says
+// it must name one. It returns the first model named, for pricing.
+func checkModels(r *http.Request, meta *svcMeta, p *auth.Principal, fam meter.Family, body []byte, info *meter.RequestInfo) (string, error) {
+	var first string
+	found := false
+	var refused error
+	check := func(m string) {
+		if refused != nil {
+			return
+		}
+		if !found {
+			first, found = m, true
+		}
+		// Gemini bodies (cachedContents) name "models/gemini-…".
+		if m2 := strings.TrimPrefix(m, "models/"); !modelAllowed(meta, p, m2) {
+			refused = httpx.Errorf(http.StatusForbidden, httpx.CodeForbidden, "model %q is not enabled for this service, team or token", m2)
+		}
+	}
+	meter.EachPathModel(r.URL.Path, check)
+	if raw := r.URL.RawQuery; raw != "" {
+		q, err := url.ParseQuery(raw)
+		if err != nil && strings.Contains(strings.ToLower(raw), "model") {
+			return "", errModelRequired() // a query an upstream may read otherwise
+		}
+		for _, name := range meter.ModelParams {
+			for _, v := range q[name] {
+				check(v)
+			}
+		}
+	}
+	if info.ModelAmbiguous {
+		return "", errModelRequired()
+	}
+	if info.Model != "" {
+		check(info.Model)
+	}
+	if len(body) > 0 {
+		if form, ok := meter.EachFormModel(r.Header.Get("Content-Type"), body, check); form && !ok && refused == nil {
+			return "", httpx.Errorf(http.StatusForbidden, httpx.CodeForbidden,
+				"models_enabled is set: the request's form could not be read to check its model")
+		}
+	}
+	if refused != nil {
+		return "", refused
+	}
+	if !found && meter.RequiresModel(r.URL.Path, len(body) > 0, fam != meter.FamilyNone) {
+		return "", errModelRequired()
+	}
+	return strings.TrimPrefix(first, "models/"), nil
 }
 
 // modelAllowed reports whether every non-empty allow-list (service, team,
@@ -428,6 +502,10 @@ func amount(unit uint8, v float64) string {
 	return strconv.FormatFloat(math.Round(v), 'f', 0, 64) + " tokens"
 }
 
+// totalRetryAfter is the Retry-After of a refusal by a total limit,
+// which never resets: a day, so that a client polls rarely.
+const totalRetryAfter = 24 * time.Hour
+
 // budgetError is the 429 budget_exceeded answer for a refusal.
 func budgetError(scope string, unit uint8, d limit.Decision) error {
 	name := unitName(unit)
@@ -438,8 +516,10 @@ func budgetError(scope string, unit uint8, d limit.Decision) error {
 		amount(unit, d.Limit.Block), amount(unit, d.Used))
 	ra := d.RetryAfter
 	if d.Limit.Window == limit.Total {
-		msg += "; a total limit never resets"
-		ra = 0
+		// A total limit never resets: Retry-After is only how long a
+		// client should wait before asking again.
+		msg += "; a total limit never resets: this stays refused until an admin raises or removes it (retry after 86400 s)"
+		ra = totalRetryAfter
 	} else {
 		ra = max(ra, time.Second)
 		msg += fmt.Sprintf("; retry after %d s", int64((ra+time.Second-1)/time.Second))
@@ -680,4 +760,44 @@ func (s *Server) serveModels(w http.ResponseWriter, r *http.Request, service str
 		Object string       `json:"object"`
 		Data   []modelEntry `json:"data"`
 	}{"list", data})
+}
+
+// chargedUsage returns the usage and cost to charge for a finished
+// request: its metered usage, raised to at least the admission estimate
+// (input and output tokens, and cost) when the request reached an
+// upstream key but did not end cleanly with its usage — a metered 2xx
+// answer read short of its end or without usage (a stream the client
+// hung up on before the usage chunk), or a client that went away (499)
+// after the request was sent. The upstream bills such requests; without
+// the floor, hanging up before the usage chunk would spend budgets for
+// free. Requests with neither a model nor a body (listings) have no
+// floor. Found is true on the result when anything is charged.
+func chargedUsage(c *call, res proxy.Result) (meter.Usage, float64) {
+	var u meter.Usage
+	var cost float64
+	if c.metered && c.usage.Found {
+		u = c.usage
+		if c.prices != nil {
+			cost, _ = c.prices.Cost(u)
+		}
+	}
+	if c.family == meter.FamilyNone || res.KeyID == "" || (c.model == "" && c.estIn == 0) {
+		return u, cost // not an LLM call: no model and no body (GET /v1/models)
+	}
+	cut := (c.metered && (!c.usage.Found || !c.usage.Complete)) || res.Status == 499
+	if !cut {
+		return u, cost
+	}
+	if u.Model == "" {
+		u.Model = c.model
+	}
+	u.InputTokens = max(u.InputTokens, c.estIn)
+	u.OutputTokens = max(u.OutputTokens, c.estOut)
+	u.Found = u.InputTokens > 0 || u.OutputTokens > 0
+	if c.prices != nil {
+		if fc, ok := c.prices.Cost(u); ok {
+			cost = max(cost, fc)
+		}
+	}
+	return u, max(cost, c.estCost)
 }

@@ -271,7 +271,8 @@ func (s *Server) prepare(r *http.Request, svc *keypool.Service, body []byte) (*h
 	}
 	c.family, c.model, c.prices = fam, model, meta.prices
 	var newBody []byte
-	if fam == meter.FamilyOpenAI && stream && !info.IncludeUsage && meter.AcceptsStreamOptions(r.URL.Path) {
+	if fam == meter.FamilyOpenAI && stream && !info.IncludeUsage && meter.AcceptsStreamOptions(r.URL.Path) &&
+		(!meta.detect || acceptsStreamOptions(svc.BaseURL)) {
 		if b, added := meter.EnsureStreamUsage(body); added {
 			newBody, c.strip = b, true
 		}
@@ -800,4 +801,26 @@ func chargedUsage(c *call, res proxy.Result) (meter.Usage, float64) {
 		}
 	}
 	return u, max(cost, c.estCost)
+}
+
+// streamOptionsHosts are OpenAI-compatible APIs known to accept
+// stream_options.include_usage. With llm_family "openai" set explicitly,
+// keypoold adds it for any upstream; with the family detected, only for
+// these, because some OpenAI-compatible servers reject unknown fields
+// (a stream whose usage is not reported is charged its estimate).
+var streamOptionsHosts = []string{"api.openai.com", "openai.azure.com", "api.groq.com", "api.together.xyz", "api.together.ai",
+	"api.deepseek.com", "openrouter.ai", "api.fireworks.ai", "api.x.ai", "api.cerebras.ai"}
+
+func acceptsStreamOptions(baseURL string) bool {
+	u, err := url.Parse(baseURL)
+	if err != nil {
+		return false
+	}
+	host := strings.ToLower(u.Hostname())
+	for _, h := range streamOptionsHosts {
+		if host == h || strings.HasSuffix(host, "."+h) {
+			return true
+		}
+	}
+	return false
 }

@@ -317,6 +317,10 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	s.bg.Go(func() { s.leases.run(bgctx) })
 	s.bg.Go(func() { s.watchServiceLimits(bgctx) })
 	s.bg.Go(func() { s.runSpend(bgctx) })
+	if len(keyring.Versions()) > 1 {
+		// A rotation: re-seal what older keys sealed, online.
+		s.bg.Go(func() { s.rewrap(bgctx) })
+	}
 	if s.share != nil {
 		subscribed := make(chan struct{})
 		s.bg.Go(func() { s.share.subscribe(bgctx, subscribed) })
@@ -637,4 +641,20 @@ func externalNamed(cfg Config) []string {
 		}
 	}
 	return named
+}
+
+// rewrap re-seals every stored secret with the current encryption key
+// after a rotation (KEYPOOL_ENCRYPTION_KEY=new,old), while serving. When
+// it reports done, the old key can be dropped from the list.
+func (s *Server) rewrap(ctx context.Context) {
+	start := time.Now()
+	n, err := s.st.Rewrap(ctx)
+	if err != nil {
+		if ctx.Err() == nil {
+			s.log.Error("re-sealing stored keys with the current encryption key failed; the old keys are still needed", "error", err.Error(), "rewrapped", n)
+		}
+		return
+	}
+	s.log.Info("stored keys re-sealed with the current encryption key; older keys can be removed from KEYPOOL_ENCRYPTION_KEY",
+		"rewrapped", n, "took", time.Since(start).Round(time.Millisecond).String())
 }

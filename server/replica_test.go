@@ -1,10 +1,14 @@
 package server_test
 
 import (
+	"context"
 	"net/http"
 	"os"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/keypool/keypool"
 	"github.com/keypool/keypool/server"
@@ -121,4 +125,47 @@ func TestRedisSharedKeyState(t *testing.T) {
 	}
 	k1.checkLogs()
 	k2.checkLogs()
+}
+
+// TestRedisSharedKeyStateLateReplica: a replica that starts after a key
+// was rate-limited elsewhere still routes around it.
+func TestRedisSharedKeyStateLateReplica(t *testing.T) {
+	redisURL := os.Getenv("KEYPOOL_TEST_REDIS")
+	if redisURL == "" {
+		t.Skip("KEYPOOL_TEST_REDIS is not set; skipping Redis test")
+	}
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		if bearerKey(r.Header) == keyA {
+			w.Header().Set("Retry-After", "120")
+			w.WriteHeader(http.StatusTooManyRequests)
+			return
+		}
+		okJSON(w, r)
+	})
+	var db server.SecretURL
+	k1 := startKP(t, func(c *server.Config) { c.RedisURL = server.SecretURL(redisURL); db = c.Database })
+	tok, ids := setup(t, k1, up, nil, keyA, keyB)
+	for range 2 {
+		if code, m, _ := k1.do("POST", "/v1/openai/v1/chat/completions", tok, map[string]any{"model": "gpt-4o-mini"}); code != 200 {
+			t.Fatalf("replica 1: %d %v", code, m)
+		}
+	}
+	// Give the publisher a moment to write the state.
+	opt, err := redis.ParseURL(redisURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rdb := redis.NewClient(opt)
+	defer rdb.Close()
+	eventually(t, "the state reaches Redis", func() bool {
+		v, _ := rdb.HGet(context.Background(), "keypool:key-state", "openai\x00"+ids[0]).Result()
+		return strings.Contains(v, `"cooling"`)
+	})
+	k2 := startKP(t, func(c *server.Config) { c.RedisURL = server.SecretURL(redisURL); c.Database = db })
+	st, _ := k2.srv.Pool().Stats("openai")
+	for _, s := range st {
+		if s.ID == ids[0] && s.State != keypool.StateCooling {
+			t.Fatalf("late replica: key A is %v, want cooling", s.State)
+		}
+	}
 }

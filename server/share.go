@@ -15,8 +15,13 @@ import (
 )
 
 // shareChannel is the Redis pub/sub channel on which replicas tell each
-// other what they learned about keys.
-const shareChannel = "keypool:key-events"
+// other what they learned about keys; shareState is a hash of the timed
+// states still in force (cooling, open, exhausted until a reset), read by
+// a replica when it starts.
+const (
+	shareChannel = "keypool:key-events"
+	shareState   = "keypool:key-state"
+)
 
 // sharedEvent is one key state change as published.
 type sharedEvent struct {
@@ -29,8 +34,8 @@ type sharedEvent struct {
 // around by every replica at once, instead of each finding out with a
 // failed request of its own. Half-open probing stays local (each replica
 // probes with its own traffic). Events carry key ids and states, never
-// secrets. A replica that starts later learns only the changes that
-// happen after it subscribed.
+// secrets. A replica that starts later reads the timed states still in
+// force from a Redis hash; invalid and spent keys come from the store.
 type sharer struct {
 	rdb     *redis.Client
 	pool    *keypool.Pool
@@ -67,7 +72,16 @@ func (sh *sharer) publish(ctx context.Context) {
 			return
 		case e := <-sh.out:
 			msg, _ := json.Marshal(sharedEvent{Replica: sh.id, Event: e})
-			err := sh.rdb.Publish(ctx, shareChannel, msg).Err()
+			field := e.Service + "\x00" + e.KeyID
+			_, err := sh.rdb.TxPipelined(ctx, func(p redis.Pipeliner) error {
+				p.Publish(ctx, shareChannel, msg)
+				if e.Until.IsZero() {
+					p.HDel(ctx, shareState, field)
+				} else {
+					p.HSet(ctx, shareState, field, msg)
+				}
+				return nil
+			})
 			switch {
 			case err != nil && ctx.Err() == nil && !down:
 				down = true
@@ -92,6 +106,7 @@ func (sh *sharer) subscribe(ctx context.Context, ready chan<- struct{}) {
 		sh.log.Warn("cannot subscribe to other replicas' key state yet", "error", err.Error())
 	}
 	cancel()
+	sh.catchUp(ctx)
 	close(ready)
 	ch := ps.Channel()
 	for {
@@ -108,5 +123,24 @@ func (sh *sharer) subscribe(ctx context.Context, ready chan<- struct{}) {
 			}
 			sh.pool.Apply(se.Event)
 		}
+	}
+}
+
+// catchUp applies the timed states other replicas recorded before this
+// one subscribed.
+func (sh *sharer) catchUp(ctx context.Context) {
+	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	all, err := sh.rdb.HGetAll(rctx, shareState).Result()
+	if err != nil {
+		return
+	}
+	now := sh.pool.Now()
+	for _, v := range all {
+		var se sharedEvent
+		if json.Unmarshal([]byte(v), &se) != nil || !se.Event.Until.After(now) {
+			continue // over; the hash holds one field per key, so it stays small
+		}
+		sh.pool.Apply(se.Event)
 	}
 }

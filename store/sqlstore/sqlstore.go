@@ -102,6 +102,8 @@ type Store struct {
 	log     *slog.Logger
 	now     func() time.Time
 	dsn     string // PostgreSQL only, for Listen's own connection; may hold a password: never log it
+
+	usageStmts usageStmts
 }
 
 // String names the database kind only: a Store holds a DSN that may carry
@@ -152,6 +154,14 @@ func open(ctx context.Context, dsn string, opts Options, target int) (*Store, er
 	if err := s.init(ctx, target); err != nil {
 		_ = s.Close()
 		return nil, err
+	}
+	if target == latestVersion {
+		// Before any write transaction: on SQLite the one writer
+		// connection would be taken.
+		if err := s.prepareUsage(ctx); err != nil {
+			_ = s.Close()
+			return nil, fmt.Errorf("sqlstore: prepare usage insert: %w", err)
+		}
 	}
 	return s, nil
 }
@@ -357,6 +367,11 @@ func (s *Store) Ping(ctx context.Context) error {
 // Close closes the database connections.
 func (s *Store) Close() error {
 	var errs []error
+	for _, st := range []*sql.Stmt{s.usageStmts.chunk, s.usageStmts.one} {
+		if st != nil {
+			errs = append(errs, st.Close())
+		}
+	}
 	if s.wsql != nil {
 		errs = append(errs, s.wsql.Close())
 	}

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
 	"gorm.io/gorm"
@@ -38,8 +39,101 @@ func (s *Store) AppendUsage(ctx context.Context, recs []store.UsageRecord) error
 		}
 	}
 	return s.write(ctx, "append usage", false, func(tx *gorm.DB) error {
+		if sqlTx, ok := tx.Statement.ConnPool.(*sql.Tx); ok {
+			return s.insertUsage(ctx, sqlTx, rows)
+		}
 		return tx.CreateInBatches(&rows, usageBatch).Error
 	})
+}
+
+// usageChunk is how many rows one prepared multi-row INSERT carries.
+const usageChunk = 64
+
+const usageColumns = 13
+
+// usageStmts holds the prepared usage INSERTs: parsing a statement costs
+// more than the rows it inserts, so it is prepared once, when the Store
+// opens (on SQLite, preparing inside a write transaction would wait for
+// the one writer connection that transaction holds).
+type usageStmts struct {
+	once       sync.Once
+	chunk, one *sql.Stmt
+	err        error
+}
+
+func (s *Store) prepareUsage(ctx context.Context) error {
+	u := &s.usageStmts
+	u.once.Do(func() {
+		if u.chunk, u.err = s.wsql.PrepareContext(ctx, s.usageInsertSQL(usageChunk)); u.err != nil {
+			return
+		}
+		u.one, u.err = s.wsql.PrepareContext(ctx, s.usageInsertSQL(1))
+	})
+	return u.err
+}
+
+func (s *Store) usageInsertSQL(rows int) string {
+	var b strings.Builder
+	b.WriteString("INSERT INTO usage_records (ts, request_id, team_id, token_id, service, key_id, model, status, tokens_in, tokens_out, cached_tokens, cost, latency_ms) VALUES ")
+	n := 0
+	for r := 0; r < rows; r++ {
+		if r > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteByte('(')
+		for c := 0; c < usageColumns; c++ {
+			if c > 0 {
+				b.WriteByte(',')
+			}
+			n++
+			if s.kind == kindPostgres {
+				fmt.Fprintf(&b, "$%d", n)
+			} else {
+				b.WriteByte('?')
+			}
+		}
+		b.WriteByte(')')
+	}
+	return b.String()
+}
+
+// insertUsage writes rows through the prepared statements, usageChunk
+// rows at a time.
+func (s *Store) insertUsage(ctx context.Context, tx *sql.Tx, rows []usageRow) error {
+	if s.usageStmts.chunk == nil || s.usageStmts.one == nil {
+		return fmt.Errorf("usage insert not prepared (schema older than this build?)")
+	}
+	args := make([]any, 0, usageChunk*usageColumns)
+	add := func(r *usageRow) {
+		args = append(args, r.Ts, r.RequestID, r.TeamID, r.TokenID, r.Service, r.KeyID, r.Model,
+			r.Status, r.TokensIn, r.TokensOut, r.CachedTokens, r.Cost, r.LatencyMS)
+	}
+	if len(rows) >= usageChunk {
+		chunk := tx.StmtContext(ctx, s.usageStmts.chunk)
+		defer chunk.Close()
+		for len(rows) >= usageChunk {
+			args = args[:0]
+			for i := range rows[:usageChunk] {
+				add(&rows[i])
+			}
+			if _, err := chunk.ExecContext(ctx, args...); err != nil {
+				return err
+			}
+			rows = rows[usageChunk:]
+		}
+	}
+	if len(rows) > 0 {
+		one := tx.StmtContext(ctx, s.usageStmts.one)
+		defer one.Close()
+		for i := range rows {
+			args = args[:0]
+			add(&rows[i])
+			if _, err := one.ExecContext(ctx, args...); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // groupColumn returns the SQL expression of a grouping dimension.

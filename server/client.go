@@ -56,7 +56,7 @@ func callFrom(ctx context.Context) *call {
 // when the token store cannot be read. The admin token is not a client
 // token. lease reports whether the admin token is welcome (key leasing).
 func (s *Server) authenticate(r *http.Request, cred string, adminOK bool) (*auth.Principal, error) {
-	addr := remoteIP(r.RemoteAddr)
+	addr := s.clients.of(r)
 	now := s.now()
 	if d, ok := s.fails.Check(addr, now); !ok {
 		s.metrics.limiterRejections.WithLabelValues("auth_failures").Inc()

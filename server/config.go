@@ -135,6 +135,13 @@ type Config struct {
 	// by default, both in base_url and at connect time.
 	AllowMetadataUpstreams bool `json:"allow_metadata_upstreams,omitempty" yaml:"allow_metadata_upstreams,omitempty"`
 
+	// TrustedProxies lists the addresses or CIDR ranges of load balancers
+	// in front of keypoold. A request from one of them is attributed to
+	// the right-most X-Forwarded-For address that is not itself trusted
+	// (for the failed-token slowdown and the access log); from anywhere
+	// else, X-Forwarded-For is ignored. Empty: the peer address counts.
+	TrustedProxies []string `json:"trusted_proxies,omitempty" yaml:"trusted_proxies,omitempty"`
+
 	// Upstream is the transport used to reach upstreams. If nil, a clone
 	// of http.DefaultTransport tuned for many connections per host.
 	Upstream http.RoundTripper `json:"-" yaml:"-"`
@@ -198,6 +205,7 @@ const (
 	EnvDataDir          = "KEYPOOL_DATA_DIR"
 	EnvDrainTimeout     = "KEYPOOL_DRAIN_TIMEOUT"
 	EnvPrices           = "KEYPOOL_PRICES"
+	EnvTrustedProxies   = "KEYPOOL_TRUSTED_PROXIES"
 )
 
 // ApplyEnv overrides c with the KEYPOOL_* variables that lookup finds set
@@ -232,6 +240,9 @@ func (c *Config) ApplyEnv(lookup func(string) (string, bool)) error {
 	}
 	if v, ok := get(EnvLogLevel); ok {
 		c.LogLevel = v
+	}
+	if v, ok := get(EnvTrustedProxies); ok {
+		c.TrustedProxies = strings.Split(v, ",")
 	}
 	if v, ok := get(EnvLogFormat); ok {
 		c.LogFormat = v
@@ -308,6 +319,9 @@ func (c *Config) Validate() error {
 	}
 	if err := checkDatabase(c.ExternalDatabase, true); err != nil {
 		return fmt.Errorf("server: %w", err)
+	}
+	if _, err := parsePrefixes(c.TrustedProxies); err != nil {
+		return fmt.Errorf("server: trusted_proxies: %w", err)
 	}
 	seen := map[string]bool{}
 	for i, s := range c.Services {

@@ -248,7 +248,7 @@ func (s *Server) access(r *http.Request, sw *statusWriter, ri *reqInfo, id strin
 		slog.Int("status", status),
 		slog.Int64("bytes", sw.bytes),
 		slog.Float64("duration_ms", float64(time.Since(start).Microseconds())/1000),
-		slog.String("remote", remoteIP(r.RemoteAddr)),
+		slog.String("remote", s.clients.of(r)),
 	)
 	if ri.service != "" {
 		attrs = append(attrs, slog.String("service", ri.service))

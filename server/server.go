@@ -126,6 +126,7 @@ type Server struct {
 	limiter limit.Backend
 	rdb     *redis.Client
 	share   *sharer // nil without Redis
+	clients clientIPs
 	usage   *store.UsageWriter
 	metrics *metrics
 	leases  *leaseBook
@@ -255,6 +256,11 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 
 	s.auth = auth.New(s.st, auth.Config{AdminToken: cfg.AdminToken.Reveal(), CacheTTL: time.Duration(cfg.AuthCacheTTL)})
 	s.fails = auth.NewFailureLimiter(auth.FailureConfig{})
+	trusted, err := parsePrefixes(cfg.TrustedProxies)
+	if err != nil {
+		return nil, fmt.Errorf("server: trusted_proxies: %w", err)
+	}
+	s.clients = clientIPs{trusted: trusted}
 
 	if cfg.RedisURL != "" {
 		if s.rdb, err = limit.NewRedisClient(cfg.RedisURL.Reveal()); err != nil {
@@ -290,6 +296,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if s.admin, err = admin.New(admin.Config{
 		Store: s.st, Pool: s.pool, Auth: s.auth, Failures: s.fails,
 		OnChange: s.onAdminChange, Logger: log, AllowMetadataUpstreams: cfg.AllowMetadataUpstreams,
+		ClientIP: s.clients.of,
 	}); err != nil {
 		return nil, err
 	}

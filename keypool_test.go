@@ -10,27 +10,13 @@ import (
 	"time"
 
 	"github.com/keypool/keypool/breaker"
+	"github.com/keypool/keypool/internal/testutil"
 )
 
 // clock is a fake clock for tests; it never sleeps.
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
-}
+type clock = testutil.Clock
 
-func newClock() *clock { return &clock{t: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)} }
-
-func (c *clock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *clock) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
+func newClock() *clock { return testutil.NewClock(time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)) }
 
 func keysN(n int) []Key {
 	ks := make([]Key, n)

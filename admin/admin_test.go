@@ -18,6 +18,7 @@ import (
 	"github.com/keypool/keypool"
 	"github.com/keypool/keypool/admin"
 	"github.com/keypool/keypool/auth"
+	"github.com/keypool/keypool/internal/testutil"
 	"github.com/keypool/keypool/store"
 	"github.com/keypool/keypool/store/seal"
 	"github.com/keypool/keypool/store/sqlstore"
@@ -27,22 +28,7 @@ import (
 const adminToken = "test-admin-token-0123456789"
 
 // syncBuffer is a log sink safe for concurrent writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+type syncBuffer = testutil.SyncBuffer
 
 // env is an admin API over a real store and pool, behind httptest.
 type env struct {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/keypool/keypool"
+	"github.com/keypool/keypool/internal/testutil"
 )
 
 // Test secrets: long enough to be scrubbed, distinct enough to grep for.
@@ -22,24 +23,9 @@ const (
 var secretID = map[string]string{badSecret: "bad", goodSecret: "good"}
 
 // fakeClock is a settable clock for the pool.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
+type fakeClock = testutil.Clock
 
-func newClock() *fakeClock { return &fakeClock{t: time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC)} }
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) Add(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
+func newClock() *fakeClock { return testutil.NewClock(time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC)) }
 
 // hit is one request an upstream received.
 type hit struct {

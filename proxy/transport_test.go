@@ -201,20 +201,20 @@ func TestTransportFailover(t *testing.T) {
 					if got := st.Until.Sub(clock.Now()); got < fs.wait || got > fs.wait+fs.wait/10+time.Second {
 						t.Errorf("cooldown %s, want about %s", got, fs.wait)
 					}
-					clock.Add(fs.wait - time.Second)
+					clock.Advance(fs.wait - time.Second)
 					resp, _ := client.Get(up.URL + "/v1/again")
 					resp.Body.Close()
 					if up.Count("bad") != before {
 						t.Fatalf("bad key used before its Retry-After")
 					}
-					clock.Add(fs.wait/10 + 2*time.Second) // past the jitter
+					clock.Advance(fs.wait/10 + 2*time.Second) // past the jitter
 					resp, _ = client.Get(up.URL + "/v1/again")
 					resp.Body.Close()
 					if up.Count("bad") != before+1 || resp.Header.Get(HeaderKeyID) != "bad" {
 						t.Fatalf("bad key not back after its Retry-After")
 					}
 				case keypool.StateInvalid:
-					clock.Add(24 * time.Hour)
+					clock.Advance(24 * time.Hour)
 					for range 5 {
 						resp, _ := client.Get(up.URL + "/v1/again")
 						resp.Body.Close()

@@ -76,18 +76,7 @@ func TestPostgres(t *testing.T) {
 // a key that replica 1 sees rate-limited is routed around by replica 2
 // too, without replica 2 spending a request to find out.
 func TestRedisSharedKeyState(t *testing.T) {
-	redisURL := os.Getenv("KEYPOOL_TEST_REDIS")
-	if redisURL == "" {
-		t.Skip("KEYPOOL_TEST_REDIS is not set; skipping Redis test")
-	}
-	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
-		if bearerKey(r.Header) == keyA {
-			w.Header().Set("Retry-After", "120")
-			w.WriteHeader(http.StatusTooManyRequests)
-			return
-		}
-		okJSON(w, r)
-	})
+	redisURL, up := redisAndLimitedUpstream(t)
 	var db server.SecretURL
 	k1 := startKP(t, func(c *server.Config) { c.RedisURL = server.SecretURL(redisURL); db = c.Database })
 	k2 := startKP(t, func(c *server.Config) { c.RedisURL = server.SecretURL(redisURL); c.Database = db })
@@ -96,11 +85,7 @@ func TestRedisSharedKeyState(t *testing.T) {
 	eventually(t, "replica 2 loads both keys", func() bool { st, _ := k2.srv.Pool().Stats("openai"); return len(st) == 2 })
 
 	// Replica 1 meets the 429 on key A (and fails over to key B).
-	for range 2 {
-		if code, m, _ := k1.do("POST", "/v1/openai/v1/chat/completions", tok, map[string]any{"model": "gpt-4o-mini"}); code != 200 {
-			t.Fatalf("replica 1: %d %v", code, m)
-		}
-	}
+	meetRateLimit(t, k1, tok)
 	stateOn := func(k *kp, id string) keypool.State {
 		st, _ := k.srv.Pool().Stats("openai")
 		for _, s := range st {
@@ -130,26 +115,11 @@ func TestRedisSharedKeyState(t *testing.T) {
 // TestRedisSharedKeyStateLateReplica: a replica that starts after a key
 // was rate-limited elsewhere still routes around it.
 func TestRedisSharedKeyStateLateReplica(t *testing.T) {
-	redisURL := os.Getenv("KEYPOOL_TEST_REDIS")
-	if redisURL == "" {
-		t.Skip("KEYPOOL_TEST_REDIS is not set; skipping Redis test")
-	}
-	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
-		if bearerKey(r.Header) == keyA {
-			w.Header().Set("Retry-After", "120")
-			w.WriteHeader(http.StatusTooManyRequests)
-			return
-		}
-		okJSON(w, r)
-	})
+	redisURL, up := redisAndLimitedUpstream(t)
 	var db server.SecretURL
 	k1 := startKP(t, func(c *server.Config) { c.RedisURL = server.SecretURL(redisURL); db = c.Database })
 	tok, ids := setup(t, k1, up, nil, keyA, keyB)
-	for range 2 {
-		if code, m, _ := k1.do("POST", "/v1/openai/v1/chat/completions", tok, map[string]any{"model": "gpt-4o-mini"}); code != 200 {
-			t.Fatalf("replica 1: %d %v", code, m)
-		}
-	}
+	meetRateLimit(t, k1, tok)
 	// Give the publisher a moment to write the state.
 	opt, err := redis.ParseURL(redisURL)
 	if err != nil {
@@ -166,6 +136,35 @@ func TestRedisSharedKeyStateLateReplica(t *testing.T) {
 	for _, s := range st {
 		if s.ID == ids[0] && s.State != keypool.StateCooling {
 			t.Fatalf("late replica: key A is %v, want cooling", s.State)
+		}
+	}
+}
+
+// redisAndLimitedUpstream skips without Redis, and returns its URL and an
+// upstream that rate-limits keyA (Retry-After 120) and serves keyB.
+func redisAndLimitedUpstream(t *testing.T) (string, *upstream) {
+	t.Helper()
+	redisURL := os.Getenv("KEYPOOL_TEST_REDIS")
+	if redisURL == "" {
+		t.Skip("KEYPOOL_TEST_REDIS is not set; skipping Redis test")
+	}
+	return redisURL, newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		if bearerKey(r.Header) == keyA {
+			w.Header().Set("Retry-After", "120")
+			w.WriteHeader(http.StatusTooManyRequests)
+			return
+		}
+		okJSON(w, r)
+	})
+}
+
+// meetRateLimit sends two requests through k, so that (round robin over
+// keyA and keyB) one meets keyA's 429 and fails over.
+func meetRateLimit(t *testing.T, k *kp, tok string) {
+	t.Helper()
+	for range 2 {
+		if code, m, _ := k.do("POST", "/v1/openai/v1/chat/completions", tok, map[string]any{"model": "gpt-4o-mini"}); code != 200 {
+			t.Fatalf("replica 1: %d %v", code, m)
 		}
 	}
 }

@@ -14,25 +14,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keypool/keypool/internal/testutil"
 	"github.com/keypool/keypool/server"
 )
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+// syncBuffer is a log sink safe for concurrent writes.
+type syncBuffer = testutil.SyncBuffer
 
 func mapEnv(m map[string]string) env {
 	return env{lookup: func(k string) (string, bool) { v, ok := m[k]; return v, ok }}

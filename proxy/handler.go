@@ -174,6 +174,8 @@ type reqState struct {
 	body     []byte
 	hasBody  bool
 	wsToken  bool      // the client sent its token as a WebSocket subprotocol
+	tokenSet *patternSet // the spellings of the client's credential, scrubbed from answers
+	relaying bool        // ReverseProxy is serving; still set if it panicked
 	upstream int       // the upstream's status
 	upgraded io.Closer // the upstream connection of a 101 answer
 	status   int       // set when the client went away
@@ -231,7 +233,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	st := &reqState{start: time.Now()}
 	rec := &responseRecorder{ResponseWriter: w}
 	if h.OnDone != nil {
-		defer func() { h.OnDone(r, st.result(rec)) }()
+		defer func() {
+			if st.relaying && st.status == 0 && r.Context().Err() != nil {
+				// ReverseProxy gave up copying the answer (it panics with
+				// http.ErrAbortHandler): the client went away mid-response.
+				st.status, st.code = 499, "canceled"
+			}
+			h.OnDone(r, st.result(rec))
+		}()
 	}
 	service, restRaw, err := parseTarget(r)
 	if err != nil {
@@ -241,6 +250,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	st.service = service
 	cred, err := Credential(r)
 	if err != nil {
+		h.reject(rec, st, err)
+		return
+	}
+	st.tokenSet = setFor(cred)
+	if err := checkTokenInPath(restRaw, st.tokenSet); err != nil {
 		h.reject(rec, st, err)
 		return
 	}
@@ -286,6 +300,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		st.body, st.hasBody = b.Bytes(), true
+		if err := checkTokenInBody(st.body, st.tokenSet); err != nil {
+			h.reject(rec, st, err)
+			return
+		}
 	}
 
 	if h.Prepare != nil {
@@ -302,14 +320,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 
-	target, err := targetURL(svc.BaseURL, restRaw, r.URL.RawQuery)
+	target, err := targetURL(svc.BaseURL, restRaw, r.URL.RawQuery, st.tokenSet)
 	if err != nil {
 		h.reject(rec, st, err)
 		return
 	}
 	st.target = target
 	_, st.wsToken = wsToken(r.Header)
+	st.relaying = true
 	h.rp.ServeHTTP(rec, r.WithContext(context.WithValue(r.Context(), trackerKey, st)))
+	st.relaying = false
 	if st.upgraded != nil {
 		// ReverseProxy closes the upstream connection from a goroutine;
 		// close it now so the key is released before OnDone.
@@ -336,6 +356,9 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 	out.URL = st.target
 	out.Host = ""
 	stripInbound(out.Header)
+	stripTokenHeaders(out.Header, st.tokenSet)
+	// Answers come back unencoded, so that the scrubber can read them.
+	out.Header.Set("Accept-Encoding", "identity")
 	out.TransferEncoding = nil
 	out.Trailer = nil
 	switch {
@@ -364,6 +387,10 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 	if resp.Request != nil {
 		if st, ok := resp.Request.Context().Value(trackerKey).(*reqState); ok {
 			st.upstream = resp.StatusCode
+			if st.tokenSet != nil {
+				m := newMatcher(st.tokenSet, nil)
+				scrubHeaderWith(resp.Header, &m)
+			}
 			if st.keyID != "" {
 				resp.Header.Set(HeaderKeyID, st.keyID)
 			}
@@ -550,8 +577,11 @@ func checkSegments(s string) string {
 	s = strings.TrimPrefix(s, "/")
 	for s != "" {
 		seg, rest, more := strings.Cut(s, "/")
+		// A segment's ;parameters do not hide a dot segment from servers
+		// that strip them (Tomcat, Spring: "..;x=y" is "..").
+		name, _, _ := strings.Cut(seg, ";")
 		switch {
-		case seg == "." || seg == "..":
+		case name == "." || name == "..":
 			return "dot segments (. and ..) are not allowed in the path"
 		case seg == "" && more:
 			return "empty path segments (//) are not allowed"
@@ -589,8 +619,9 @@ func unhex(c byte) (byte, bool) {
 }
 
 // targetURL is base's URL with restRaw appended to its path and rawQuery
-// without inbound credentials.
-func targetURL(base, restRaw, rawQuery string) (*url.URL, error) {
+// without inbound credentials (by name, and by value: any parameter that
+// holds a spelling of token).
+func targetURL(base, restRaw, rawQuery string, token *patternSet) (*url.URL, error) {
 	b, err := url.Parse(base)
 	if err != nil || b.Host == "" || (b.Scheme != "http" && b.Scheme != "https") {
 		return nil, httpx.Errorf(http.StatusInternalServerError, httpx.CodeInternal, "the service's base URL is not valid")
@@ -604,7 +635,7 @@ func targetURL(base, restRaw, rawQuery string) (*url.URL, error) {
 		return nil, httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "the path has malformed percent-encoding")
 	}
 	u.RawPath = raw
-	u.RawQuery = stripCredentialParams(rawQuery)
+	u.RawQuery = stripCredentialParams(rawQuery, token)
 	u.Fragment, u.RawFragment = "", ""
 	return &u, nil
 }

@@ -428,6 +428,7 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 		resp.Header.Set(HeaderKeyID, id)
 		scrubHeader(resp.Header, secret)
 		if outcome.Kind == keypool.OK {
+			scrubBody(resp, secret)
 			wrapBody(resp, lease, ctx, cancel)
 			return resp, nil
 		}

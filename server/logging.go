@@ -218,6 +218,9 @@ func (s *Server) observe(h http.Handler) http.Handler {
 			}
 			if p := recover(); p != nil {
 				if p == http.ErrAbortHandler {
+					if r.Context().Err() != nil {
+						sw.status = 499 // the client went away mid-response
+					}
 					s.access(r, sw, ri, id, start)
 					panic(p)
 				}

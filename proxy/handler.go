@@ -173,12 +173,12 @@ type reqState struct {
 	target   *url.URL
 	body     []byte
 	hasBody  bool
-	wsToken  bool      // the client sent its token as a WebSocket subprotocol
+	wsToken  bool        // the client sent its token as a WebSocket subprotocol
 	tokenSet *patternSet // the spellings of the client's credential, scrubbed from answers
 	relaying bool        // ReverseProxy is serving; still set if it panicked
-	upstream int       // the upstream's status
-	upgraded io.Closer // the upstream connection of a 101 answer
-	status   int       // set when the client went away
+	upstream int         // the upstream's status
+	upgraded io.Closer   // the upstream connection of a 101 answer
+	status   int         // set when the client went away
 	code     string
 	err      error
 }

@@ -448,11 +448,11 @@ type scrubReader struct {
 	buf  []byte // from copyBuffers; returned when the body ends
 	off  int    // buf[off:end] is read and not yet handed out
 	end  int
-	safe int    // buf[off:safe] can be handed out as it is
-	cut  int    // when > 0, a match spans buf[safe:cut]: the marker goes out instead
-	mark int    // bytes of the marker still to hand out
-	err  error  // the upstream's error (io.EOF at the end), returned once all is out
-	done bool   // the end was handed out and buf returned
+	safe int   // buf[off:safe] can be handed out as it is
+	cut  int   // when > 0, a match spans buf[safe:cut]: the marker goes out instead
+	mark int   // bytes of the marker still to hand out
+	err  error // the upstream's error (io.EOF at the end), returned once all is out
+	done bool  // the end was handed out and buf returned
 }
 
 func (s *scrubReader) Read(p []byte) (int, error) {

@@ -173,14 +173,15 @@ type reqState struct {
 	target   *url.URL
 	body     []byte
 	hasBody  bool
-	wsToken  bool        // the client sent its token as a WebSocket subprotocol
-	tokenSet *patternSet // the spellings of the client's credential, scrubbed from answers
-	relaying bool        // ReverseProxy is serving; still set if it panicked
-	upstream int         // the upstream's status
-	upgraded io.Closer   // the upstream connection of a 101 answer
-	status   int         // set when the client went away
+	wsToken  bool      // the client sent its token as a WebSocket subprotocol
+	upstream int       // the upstream's status
+	upgraded io.Closer // the upstream connection of a 101 answer
+	status   int       // set when the client went away
 	code     string
 	err      error
+
+	tokenSet *patternSet // the spellings of the client's credential, scrubbed from answers
+	relaying bool        // ReverseProxy is serving; still set if it panicked
 }
 
 func (h *Handler) init() {
@@ -254,10 +255,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	st.tokenSet = setFor(cred)
-	if err := checkTokenInPath(restRaw, st.tokenSet); err != nil {
-		h.reject(rec, st, err)
-		return
-	}
 	if h.Authorize != nil {
 		r2, err := h.Authorize(r, service, cred)
 		if err != nil {
@@ -267,6 +264,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if r2 != nil {
 			r = r2
 		}
+	}
+	if err := checkTokenInPath(restRaw, st.tokenSet); err != nil {
+		h.reject(rec, st, err)
+		return
 	}
 	// Authorize runs first so that unauthenticated callers cannot probe
 	// which services exist.

@@ -69,6 +69,25 @@ func TestAuthSchemes(t *testing.T) {
 	}
 }
 
+// TestAuthSchemeRejectsHeadersTheTransportDrops: a key put in Host,
+// Content-Length, or a hop-by-hop or framing header would be dropped or
+// would break the request, so such schemes are refused with a clear
+// message (issue 16 item 10).
+func TestAuthSchemeRejectsHeadersTheTransportDrops(t *testing.T) {
+	for _, name := range []string{"Host", "host", "Content-Length", "Transfer-Encoding", "Connection", "Upgrade", "TE",
+		"Trailer", "Keep-Alive", "Proxy-Authorization", "Proxy-Connection", "proxy-foo"} {
+		_, err := ParseAuthScheme("header:" + name)
+		if !errors.Is(err, ErrInvalidConfig) || !strings.Contains(err.Error(), "cannot carry a key") || !strings.Contains(err.Error(), name) {
+			t.Errorf("header:%s: %v, want a clear refusal", name, err)
+		}
+	}
+	for _, name := range []string{"X-Api-Key", "Authorization", "Api-Key", "Hostname", "X-Host"} {
+		if _, err := ParseAuthScheme("header:" + name); err != nil {
+			t.Errorf("header:%s refused: %v", name, err)
+		}
+	}
+}
+
 func TestSecretNeverPrints(t *testing.T) {
 	s := Secret("sk-live-supersecret-9f2c")
 	type cfg struct {

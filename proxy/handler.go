@@ -254,7 +254,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.reject(rec, st, err)
 		return
 	}
-	st.tokenSet = setFor(cred)
 	if h.Authorize != nil {
 		r2, err := h.Authorize(r, service, cred)
 		if err != nil {
@@ -265,6 +264,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			r = r2
 		}
 	}
+	// Only a credential Authorize accepted is searched for (and cached).
+	st.tokenSet = setFor(cred)
 	if err := checkTokenInPath(restRaw, st.tokenSet); err != nil {
 		h.reject(rec, st, err)
 		return

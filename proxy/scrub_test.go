@@ -1,21 +1,16 @@
 package proxy
 
 import (
-	"bytes"
 	"context"
-	"encoding/base64"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
-	"net/url"
-	"regexp"
-	"sort"
 	"strings"
 	"testing"
 	"testing/iotest"
 
 	"github.com/keypool/keypool"
+	"github.com/keypool/keypool/internal/testutil"
 )
 
 // Secrets with every character class an encoding treats specially.
@@ -25,119 +20,12 @@ const (
 	querySecret   = "sk-rt-query/0123+456789==abcdef"
 )
 
-// spellingsFor returns, by name, how an upstream might echo s: raw,
-// URL-escaped (query and path forms, upper and lower hex, JavaScript's
-// encodeURIComponent), JSON-escaped (Go's HTML-safe form with lower and
-// upper hex, the plain form, PHP's escaped slashes) and base64 (standard
-// and URL alphabets, padded and not) of s at each alignment and of the
-// basic-auth spellings user:s and s:. It is written independently of the
-// scrubber's own list.
-func spellingsFor(s string) map[string]string {
-	m := map[string]string{
-		"raw":         s,
-		"query":       url.QueryEscape(s),
-		"path":        url.PathEscape(s),
-		"query lower": lowerHex(url.QueryEscape(s)),
-		"path lower":  lowerHex(url.PathEscape(s)),
-		"component":   encodeURIComponent(s),
-	}
-	j, _ := json.Marshal(s)
-	m["json html"] = string(j[1 : len(j)-1])
-	m["json html upper"] = regexp.MustCompile(`\\u[0-9a-f]{4}`).ReplaceAllStringFunc(m["json html"], func(e string) string { return `\u` + strings.ToUpper(e[2:]) })
-	var buf bytes.Buffer
-	enc := json.NewEncoder(&buf)
-	enc.SetEscapeHTML(false)
-	_ = enc.Encode(s)
-	plain := strings.TrimSpace(buf.String())
-	m["json"] = plain[1 : len(plain)-1]
-	m["json slash"] = strings.ReplaceAll(m["json"], "/", `\/`)
-	for _, v := range []struct{ name, val string }{
-		{"", s}, {"x+", "x" + s}, {"xy+", "xy" + s}, {"user:", "user:" + s}, {":", s + ":"}, {"+tail", s + "tail"},
-	} {
-		for _, e := range []struct {
-			name string
-			enc  *base64.Encoding
-		}{{"std", base64.StdEncoding}, {"rawstd", base64.RawStdEncoding}, {"url", base64.URLEncoding}, {"rawurl", base64.RawURLEncoding}} {
-			m["base64 "+e.name+" "+v.name] = e.enc.EncodeToString([]byte(v.val))
-		}
-	}
-	return m
-}
-
-func lowerHex(s string) string {
-	return regexp.MustCompile(`%[0-9A-F]{2}`).ReplaceAllStringFunc(s, strings.ToLower)
-}
-
-func encodeURIComponent(s string) string {
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte("-_.!~*'()", c) >= 0 {
-			b.WriteByte(c)
-		} else {
-			fmt.Fprintf(&b, "%%%02X", c)
-		}
-	}
-	return b.String()
-}
-
-var b64Run = regexp.MustCompile(`[A-Za-z0-9+/_-]{4,}`)
-
-// leakOf names the spelling of secret that text still holds, or "". For
-// base64 it decodes every run of base64 characters at each offset and
-// looks for the secret's middle (all but two bytes at each end, which a
-// redacted base64 run may leave half-encoded at its edges).
-func leakOf(text, secret string) string {
-	names := make([]string, 0, 32)
-	sp := spellingsFor(secret)
-	for n := range sp {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	for _, n := range names {
-		if strings.Contains(text, sp[n]) {
-			return n
-		}
-	}
-	core := []byte(secret[2 : len(secret)-2])
-	for _, run := range b64Run.FindAllString(text, -1) {
-		std := strings.NewReplacer("-", "+", "_", "/").Replace(run)
-		for off := 0; off < 4 && off < len(std); off++ {
-			r := std[off:]
-			r = r[:len(r)/4*4]
-			dec, err := base64.StdEncoding.DecodeString(r)
-			if err == nil && bytes.Contains(dec, core) {
-				return "base64 at offset " + fmt.Sprint(off) + " in " + run
-			}
-		}
-	}
-	return ""
-}
-
-// echoAll writes every spelling of each secret, each between markers, so
-// that base64 runs are delimited and prefixes vary.
-func echoAll(secrets ...string) string {
-	var b strings.Builder
-	for _, s := range secrets {
-		sp := spellingsFor(s)
-		names := make([]string, 0, len(sp))
-		for n := range sp {
-			names = append(names, n)
-		}
-		sort.Strings(names)
-		for _, n := range names {
-			fmt.Fprintf(&b, "%s: [%s] %s|\n", n, sp[n], sp[n])
-		}
-	}
-	return b.String()
-}
-
 func TestScrubSpellings(t *testing.T) {
 	for _, secret := range []string{specialSecret, basicSecret, querySecret, goodSecret, teamToken} {
-		in := "start " + echoAll(secret) + " end"
+		in := "start " + testutil.EchoAll(secret) + " end"
 		for _, mode := range []string{"known length", "streamed", "one byte"} {
 			t.Run(fmt.Sprintf("%.12s/%s", secret, mode), func(t *testing.T) {
-				if leakOf(in, secret) == "" {
+				if testutil.Leak(in, secret) == "" {
 					t.Fatal("the input holds no secret: the test cannot fail")
 				}
 				var r io.Reader = strings.NewReader(in)
@@ -154,7 +42,7 @@ func TestScrubSpellings(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				if l := leakOf(string(got), secret); l != "" {
+				if l := testutil.Leak(string(got), secret); l != "" {
 					t.Errorf("%s leaked:\n%s", l, got)
 				}
 				if !strings.HasPrefix(string(got), "start ") || !strings.HasSuffix(string(got), " end") || !strings.Contains(string(got), Redacted) {
@@ -171,11 +59,11 @@ func TestScrubSpellings(t *testing.T) {
 func TestScrubHeaderSpellings(t *testing.T) {
 	for _, secret := range []string{specialSecret, basicSecret, querySecret} {
 		h := http.Header{}
-		for n, v := range spellingsFor(secret) {
+		for n, v := range testutil.Spellings(secret) {
 			h.Set("X-Echo-"+strings.NewReplacer(" ", "-", ":", "c", "+", "p").Replace(n), "a "+v+" b")
 		}
 		scrubHeader(h, secret)
-		if l := leakOf(fmt.Sprint(h), secret); l != "" {
+		if l := testutil.Leak(fmt.Sprint(h), secret); l != "" {
 			t.Errorf("%.12s: %s leaked: %v", secret, l, h)
 		}
 	}
@@ -234,13 +122,13 @@ func TestHandlerScrubsEveryEncoding(t *testing.T) {
 						// What the upstream received, as it received it.
 						w.Header().Set("Www-Authenticate", "echo "+r.Header.Get("Authorization"))
 						w.Header().Set("X-Echo-Uri", r.RequestURI)
-						for n, v := range spellingsFor(sc.secret) {
+						for n, v := range testutil.Spellings(sc.secret) {
 							w.Header().Add("X-Echo", n+"="+v)
 						}
-						for n, v := range spellingsFor(teamToken) {
+						for n, v := range testutil.Spellings(teamToken) {
 							w.Header().Add("X-Echo-Token", n+"="+v)
 						}
-						body := "auth=" + r.Header.Get("Authorization") + " uri=" + r.RequestURI + "\n" + echoAll(sc.secret, teamToken)
+						body := "auth=" + r.Header.Get("Authorization") + " uri=" + r.RequestURI + "\n" + testutil.EchoAll(sc.secret, teamToken)
 						if mode == "fixed" {
 							w.Header().Set("Content-Type", "application/json")
 							w.WriteHeader(status)
@@ -263,14 +151,14 @@ func TestHandlerScrubsEveryEncoding(t *testing.T) {
 					if resp.StatusCode != status {
 						t.Fatalf("status %d: %.300s", resp.StatusCode, b)
 					}
-					if hits := up.Hits(); len(hits) == 0 || !strings.Contains(fmt.Sprint(hits[0].header)+hits[0].uri, spellingsFor(sc.secret)[map[string]string{"bearer": "raw", "basic": "base64 std ", "query": "query"}[sc.name]]) {
+					if hits := up.Hits(); len(hits) == 0 || !strings.Contains(fmt.Sprint(hits[0].header)+hits[0].uri, testutil.Spellings(sc.secret)[map[string]string{"bearer": "raw", "basic": "base64 std ", "query": "query"}[sc.name]]) {
 						t.Fatalf("the upstream did not get the key as expected: %+v", hits)
 					}
 					res := waitFor(t, e.done, "OnDone")
 					all := string(b) + "\n" + fmt.Sprint(resp.Header) + "\n" + e.logs.String() + fmt.Sprintf("\n%v %+v", res.Err, res)
 					for _, s := range []string{sc.secret, teamToken} {
-						if l := leakOf(all, s); l != "" {
-							i := strings.Index(all, spellingsFor(s)[l])
+						if l := testutil.Leak(all, s); l != "" {
+							i := strings.Index(all, testutil.Spellings(s)[l])
 							t.Errorf("%.10s… leaked as %s: …%s…", s, l, all[max(0, i-80):min(len(all), max(i, 0)+120)])
 						}
 					}

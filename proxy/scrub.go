@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/base64"
+	"encoding/binary"
 	"errors"
 	"io"
 	"net/http"
@@ -29,11 +30,57 @@ const smallBody = 64 << 10
 
 // patternSet is every spelling of one secret the scrubber searches for.
 // It is immutable once built.
+//
+// Bodies are searched with a sampled multi-pattern filter (Rabin–Karp with
+// a fixed 8-byte window): every pattern is at least stride+7 bytes long, so
+// any occurrence covers an 8-byte window starting at a multiple of stride
+// at one of its first stride offsets. The hashes of those windows are
+// bits in win; a body is read 8 bytes every stride bytes, and only a
+// window whose bit is set is checked against the patterns ents names.
+// The cost is one load, multiply and bit test per stride bytes, whatever
+// the number of patterns.
 type patternSet struct {
 	pats   [][]byte
 	spats  []string // pats as strings, for headers
 	maxLen int
-	first  [256]bool // first[c]: some pattern begins with c
+	minLen int
+	stride int
+	first  [256]bool    // first[c]: some pattern begins with c
+	in     [256]bool    // in[c]: some pattern holds c
+	pair   [1024]uint64 // bit c0<<8|c1: some pattern begins with c0 c1
+	win    [256]uint64  // bit winHash(w): w is a sampled window of a pattern
+	ents   map[uint16][]winEntry
+}
+
+// winEntry says that pattern pat has, at offset off, a window of some hash.
+type winEntry struct{ pat, off uint16 }
+
+// window is the filter's window length.
+const window = 8
+
+func winHash(x uint64) uint16 { return uint16((x * 0x9E3779B97F4A7C15) >> 50) }
+
+// index builds the filter once every pattern is in.
+func (ps *patternSet) index() {
+	ps.minLen = len(ps.pats[0])
+	for _, p := range ps.pats {
+		ps.minLen = min(ps.minLen, len(p))
+	}
+	ps.stride = min(ps.minLen-window+1, window)
+	ps.ents = make(map[uint16][]winEntry)
+	for i, p := range ps.pats {
+		ps.first[p[0]] = true
+		for _, c := range p {
+			ps.in[c] = true
+		}
+		pr := uint16(p[0])<<8 | uint16(p[1])
+		ps.pair[pr>>6] |= 1 << (pr & 63)
+		for off := 0; off < ps.stride; off++ {
+			h := winHash(binary.LittleEndian.Uint64(p[off:]))
+			ps.win[h>>6] |= 1 << (h & 63)
+			ps.ents[h] = append(ps.ents[h], winEntry{uint16(i), uint16(off)})
+		}
+	}
 }
 
 // sets caches the pattern sets of the secrets seen (keys and team tokens),
@@ -61,11 +108,10 @@ func setFor(secret string) *patternSet {
 	add := func(s string) {
 		for _, sp := range spellings(s) {
 			p := []byte(sp)
-			if !containsBytes(ps.pats, p) {
+			if len(p) >= window && !containsBytes(ps.pats, p) {
 				ps.pats = append(ps.pats, p)
 				ps.spats = append(ps.spats, sp)
 				ps.maxLen = max(ps.maxLen, len(p))
-				ps.first[p[0]] = true
 			}
 		}
 	}
@@ -74,6 +120,7 @@ func setFor(secret string) *patternSet {
 	if _, pw, ok := strings.Cut(secret, ":"); ok && len(pw) >= minScrubLen {
 		add(pw)
 	}
+	ps.index()
 	sets.mu.Lock()
 	if sets.m == nil || len(sets.m) >= setCacheMax {
 		sets.m = make(map[string]*patternSet)
@@ -245,41 +292,77 @@ func (m *matcher) maxLen() int {
 	return n
 }
 
-// find returns the leftmost match in b, the longest of those starting at
-// the same byte, as b[i:j]; i is -1 when there is none. Each pattern is
-// searched for with bytes.Index, whose vectorised scan for the pattern's
-// first bytes beats a byte-at-a-time automaton for the few dozen
-// patterns a request carries, and needs nothing built per request.
-func (m *matcher) find(b []byte) (i, j int) {
-	i, j = -1, -1
+// stride is the sampling step of the filter: the smallest of the sets'.
+func (m *matcher) stride() int {
+	st := window
 	for _, s := range m.sets {
-		if s == nil {
-			continue
-		}
-		for _, p := range s.pats {
-			hay := b
-			if i >= 0 {
-				// Only a match starting at or before i can win.
-				hay = b[:min(len(b), i+len(p))]
-			}
-			k := bytes.Index(hay, p)
-			if k >= 0 && (i < 0 || k < i || k+len(p) > j) {
-				i, j = k, k+len(p)
-			}
+		if s != nil {
+			st = min(st, s.stride)
 		}
 	}
-	return i, j
+	return st
+}
+
+// find returns the leftmost match in b, the longest of those starting at
+// the same byte, as b[i:j]; i is -1 when there is none. See [patternSet]
+// for the filter: a match starting at st is seen at the first sample at
+// or after st, so the first sample that verifies holds the leftmost
+// match.
+func (m *matcher) find(b []byte) (i, j int) {
+	stride := m.stride()
+	s0, s1 := m.sets[0], m.sets[1]
+	for k := 0; k+window <= len(b); k += stride {
+		h := winHash(binary.LittleEndian.Uint64(b[k:]))
+		bit := uint64(1) << (h & 63)
+		if (s0 == nil || s0.win[h>>6]&bit == 0) && (s1 == nil || s1.win[h>>6]&bit == 0) {
+			continue
+		}
+		i, j = -1, -1
+		for _, s := range m.sets {
+			if s == nil {
+				continue
+			}
+			for _, e := range s.ents[h] {
+				p := s.pats[e.pat]
+				st := k - int(e.off)
+				if st < 0 || st+len(p) > len(b) || (i >= 0 && (st > i || st == i && st+len(p) <= j)) {
+					continue
+				}
+				if bytes.Equal(b[st:st+len(p)], p) {
+					i, j = st, st+len(p)
+				}
+			}
+		}
+		if i >= 0 {
+			return i, j
+		}
+	}
+	return -1, -1
 }
 
 // pending returns where the longest suffix of b that is a proper prefix of
 // some pattern begins, or len(b): the bytes from there on cannot be
 // decided yet. Everything before it can be handed out.
 func (m *matcher) pending(b []byte) int {
-	for k := max(0, len(b)-m.maxLen()+1); k < len(b); k++ {
+	// A pending tail holds only bytes some pattern holds: start after the
+	// last byte that none does (an SSE event's closing newline, say).
+	lo := max(0, len(b)-m.maxLen()+1)
+	for k := len(b) - 1; k >= lo; k-- {
+		if c := b[k]; (m.sets[0] == nil || !m.sets[0].in[c]) && (m.sets[1] == nil || !m.sets[1].in[c]) {
+			lo = k + 1
+			break
+		}
+	}
+	for k := lo; k < len(b); k++ {
 		tail := b[k:]
 		for _, s := range m.sets {
 			if s == nil || !s.first[tail[0]] {
 				continue
+			}
+			if len(tail) > 1 {
+				if pr := uint16(tail[0])<<8 | uint16(tail[1]); s.pair[pr>>6]&(1<<(pr&63)) == 0 {
+					continue
+				}
 			}
 			for _, p := range s.pats {
 				if len(p) > len(tail) && bytes.Equal(p[:len(tail)], tail) {

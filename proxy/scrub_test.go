@@ -1,10 +1,12 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"testing/iotest"
@@ -208,3 +210,74 @@ func TestHandlerClientDisconnectMidStream(t *testing.T) {
 		t.Errorf("key after the client left: %+v", st)
 	}
 }
+
+// BenchmarkScrubBody measures scrubbing answers for a key and a team token
+// against reading them as they are: a 1 KiB JSON answer (in memory), a
+// 64 KiB body of unknown length and an SSE stream of 200 small events
+// (streamed).
+func BenchmarkScrubBody(b *testing.B) {
+	json := []byte(`{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"` +
+		strings.Repeat("lorem ipsum dolor sit amet ", 34) + `"}}],"usage":{"prompt_tokens":11,"completion_tokens":7}}`)
+	big := bytes.Repeat([]byte("data: {\"choices\":[{\"delta\":{\"content\":\"some streamed text\"}}]}\n\n"), 64<<10/64)
+	var sse [][]byte
+	for i := 0; i < 200; i++ {
+		sse = append(sse, []byte(fmt.Sprintf("data: {\"choices\":[{\"delta\":{\"content\":\"tok%d\"}}]}\n\n", i)))
+	}
+	req := httptest.NewRequest("POST", "/v1/svc/x", nil)
+	req = req.WithContext(context.WithValue(req.Context(), trackerKey, &reqState{tokenSet: setFor(teamToken)}))
+	cases := []struct {
+		name   string
+		chunks [][]byte
+		known  bool
+	}{{"json-1KiB", [][]byte{json}, true}, {"stream-64KiB", [][]byte{big}, false}, {"sse-200-events", sse, false}}
+	buf := make([]byte, 32<<10)
+	for _, c := range cases {
+		n := 0
+		for _, ch := range c.chunks {
+			n += len(ch)
+		}
+		for _, scrub := range []bool{false, true} {
+			name := c.name + "/plain"
+			if scrub {
+				name = c.name + "/scrubbed"
+			}
+			b.Run(name, func(b *testing.B) {
+				b.ReportAllocs()
+				b.SetBytes(int64(n))
+				for b.Loop() {
+					cl := int64(-1)
+					if c.known {
+						cl = int64(n)
+					}
+					resp := &http.Response{StatusCode: 200, Header: http.Header{}, ContentLength: cl, Body: &chunkReader{chunks: c.chunks}, Request: req}
+					if scrub {
+						scrubBody(resp, goodSecret)
+					}
+					for {
+						if _, err := resp.Body.Read(buf); err != nil {
+							break
+						}
+					}
+					resp.Body.Close()
+				}
+			})
+		}
+	}
+}
+
+// chunkReader returns one chunk per Read, as a streaming upstream does.
+type chunkReader struct {
+	chunks [][]byte
+	i      int
+}
+
+func (c *chunkReader) Read(p []byte) (int, error) {
+	if c.i >= len(c.chunks) {
+		return 0, io.EOF
+	}
+	n := copy(p, c.chunks[c.i])
+	c.i++
+	return n, nil
+}
+
+func (c *chunkReader) Close() error { return nil }

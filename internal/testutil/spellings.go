@@ -117,4 +117,3 @@ func EchoAll(secrets ...string) string {
 	}
 	return b.String()
 }
-

@@ -32,7 +32,8 @@ const DefaultMaxBodyBytes = 32 << 20
 //
 //  1. checks the request target and rejects with 400 bad_request CONNECT,
 //     absolute-form and asterisk-form targets, control characters, dot
-//     segments ("." and "..", percent-encoded too), encoded slashes and
+//     segments ("." and "..", percent-encoded too, and with ;parameters
+//     such as "..;x=y", which Tomcat-style servers read as ".."), encoded slashes and
 //     backslashes (%2f, %5c, double-encoded too), backslashes and empty
 //     segments, so a key never reaches another host or path than the
 //     service's;
@@ -45,6 +46,13 @@ const DefaultMaxBodyBytes = 32 << 20
 //     so that it can be replayed byte for byte on another key;
 //  4. calls Prepare, if set, with the buffered body (keypoold meters,
 //     checks model allow-lists and admits budgets there).
+//
+// A credential Authorize accepted (the team token) must not travel on:
+// a path or a body that holds it in any spelling (as is, percent-encoded,
+// JSON-escaped, base64) is refused with 400 bad_request before a key is
+// picked, since keypoold forwards those as they are; every other header
+// and query parameter that holds it is removed, whatever its name (api-key,
+// X-Auth-Token, Ocp-Apim-Subscription-Key, ?access_token=, …).
 //
 // The forwarded request carries none of the client's credentials. The
 // headers removed are a deny-list, because SDKs send many vendor headers
@@ -64,8 +72,10 @@ const DefaultMaxBodyBytes = 32 << 20
 // headers of the same name.
 //
 // Answers: the upstream's own answers (its 4xx and 5xx included) pass
-// through unchanged, except that the key's secret is scrubbed from
-// response headers and error bodies, and [HeaderKeyID] is set. Redirects
+// through unchanged, except that every spelling of the key's secret and of
+// the team token is scrubbed from their headers, bodies and trailers (see
+// [Transport]; requests ask for Accept-Encoding: identity so that bodies
+// can be read), and [HeaderKeyID] is set. Redirects
 // are returned to the client, never followed. Streams are flushed as they
 // arrive and WebSocket upgrades pass through with the pooled key. Errors
 // keypool itself answers are JSON ({"error":{"message","type","code"}}),
@@ -73,7 +83,8 @@ const DefaultMaxBodyBytes = 32 << 20
 // Retry-After; upstream unreachable → 502 upstream_unreachable; upstream
 // timeout → 504 upstream_timeout. A client that goes away cancels the
 // upstream request without penalising the key; nothing is written and the
-// [Result] has status 499 and code "canceled".
+// [Result] has status 499 and code "canceled" — also when it goes away in
+// the middle of a streamed answer.
 //
 // Set the fields before the first request and do not change them after;
 // a Handler must not be copied after first use. It is safe for concurrent

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/base64"
 	"encoding/binary"
@@ -304,15 +305,22 @@ func (m *matcher) stride() int {
 }
 
 // find returns the leftmost match in b, the longest of those starting at
-// the same byte, as b[i:j]; i is -1 when there is none. See [patternSet]
-// for the filter: a match starting at st is seen at the first sample at
-// or after st, so the first sample that verifies holds the leftmost
-// match.
-func (m *matcher) find(b []byte) (i, j int) {
+// the same byte, as b[i:j]; i is -1 when there is none.
+func (m *matcher) find(b []byte) (i, j int) { return findIn(m, b) }
+
+// findString is find for a string.
+func (m *matcher) findString(b string) (i, j int) { return findIn(m, b) }
+
+// findIn is find for a string or a byte slice. See [patternSet] for the
+// filter: a match starting at st is seen at the first sample at or after
+// st, so the first sample that verifies holds the leftmost match.
+func findIn[T string | []byte](m *matcher, b T) (i, j int) {
 	stride := m.stride()
 	s0, s1 := m.sets[0], m.sets[1]
 	for k := 0; k+window <= len(b); k += stride {
-		h := winHash(binary.LittleEndian.Uint64(b[k:]))
+		x := uint64(b[k]) | uint64(b[k+1])<<8 | uint64(b[k+2])<<16 | uint64(b[k+3])<<24 |
+			uint64(b[k+4])<<32 | uint64(b[k+5])<<40 | uint64(b[k+6])<<48 | uint64(b[k+7])<<56
+		h := winHash(x)
 		bit := uint64(1) << (h & 63)
 		if (s0 == nil || s0.win[h>>6]&bit == 0) && (s1 == nil || s1.win[h>>6]&bit == 0) {
 			continue
@@ -323,12 +331,12 @@ func (m *matcher) find(b []byte) (i, j int) {
 				continue
 			}
 			for _, e := range s.ents[h] {
-				p := s.pats[e.pat]
+				p := s.spats[e.pat]
 				st := k - int(e.off)
 				if st < 0 || st+len(p) > len(b) || (i >= 0 && (st > i || st == i && st+len(p) <= j)) {
 					continue
 				}
-				if bytes.Equal(b[st:st+len(p)], p) {
+				if string(b[st:st+len(p)]) == p {
 					i, j = st, st+len(p)
 				}
 			}
@@ -389,27 +397,6 @@ func (m *matcher) replace(b []byte) []byte {
 		i, j = m.find(b)
 	}
 	return append(out, b...)
-}
-
-// findString is find for a string.
-func (m *matcher) findString(b string) (i, j int) {
-	i, j = -1, -1
-	for _, s := range m.sets {
-		if s == nil {
-			continue
-		}
-		for _, p := range s.spats {
-			hay := b
-			if i >= 0 {
-				hay = b[:min(len(b), i+len(p))]
-			}
-			k := strings.Index(hay, p)
-			if k >= 0 && (i < 0 || k < i || k+len(p) > j) {
-				i, j = k, k+len(p)
-			}
-		}
-	}
-	return i, j
 }
 
 // replaceString returns s with every match replaced by Redacted.
@@ -476,6 +463,14 @@ func scrubBody(resp *http.Response, secret string) {
 		(resp.Request != nil && resp.Request.Method == http.MethodHead) {
 		return
 	}
+	if enc := strings.ToLower(strings.TrimSpace(resp.Header.Get("Content-Encoding"))); enc == "gzip" || enc == "x-gzip" {
+		// Sent although identity was asked for: scrub (and send) it
+		// decoded.
+		resp.Body = &gunzipBody{rc: resp.Body}
+		resp.Header.Del("Content-Encoding")
+		resp.ContentLength = -1
+		resp.Uncompressed = true
+	}
 	if resp.ContentLength >= 0 && resp.ContentLength <= smallBody {
 		b := make([]byte, resp.ContentLength)
 		n, err := io.ReadFull(resp.Body, b)
@@ -494,23 +489,48 @@ func scrubBody(resp *http.Response, secret string) {
 		}
 		_ = resp.Body.Close()
 		b = m.replace(b)
-		var r io.Reader = bytes.NewReader(b)
-		if err != nil {
-			r = io.MultiReader(r, errReader{err})
-		} else {
-			resp.ContentLength = int64(len(b))
-			if resp.Header.Get("Content-Length") != "" {
-				resp.Header.Set("Content-Length", strconv.Itoa(len(b)))
-			}
-		}
 		scrubHeaderWith(resp.Trailer, &m)
-		resp.Body = io.NopCloser(r)
+		if err != nil {
+			resp.Body = io.NopCloser(io.MultiReader(bytes.NewReader(b), errReader{err}))
+			return
+		}
+		mb := &memBody{}
+		mb.Reset(b)
+		resp.Body = mb
+		resp.ContentLength = int64(len(b))
+		if resp.Header.Get("Content-Length") != "" {
+			resp.Header.Set("Content-Length", strconv.Itoa(len(b)))
+		}
 		return
 	}
 	resp.Body = &scrubReader{rc: resp.Body, m: m, trailer: resp.Trailer}
 	resp.ContentLength = -1
 	resp.Header.Del("Content-Length")
 }
+
+// gunzipBody decodes a gzip body, reading its header on the first Read.
+type gunzipBody struct {
+	rc  io.ReadCloser
+	zr  *gzip.Reader
+	err error
+}
+
+func (g *gunzipBody) Read(p []byte) (int, error) {
+	if g.zr == nil && g.err == nil {
+		g.zr, g.err = gzip.NewReader(g.rc)
+	}
+	if g.err != nil {
+		return 0, g.err
+	}
+	return g.zr.Read(p)
+}
+
+func (g *gunzipBody) Close() error { return g.rc.Close() }
+
+// memBody is a scrubbed body held in memory.
+type memBody struct{ bytes.Reader }
+
+func (*memBody) Close() error { return nil }
 
 type errReader struct{ err error }
 

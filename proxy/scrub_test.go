@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"fmt"
 	"io"
@@ -68,6 +69,21 @@ func TestScrubHeaderSpellings(t *testing.T) {
 		if l := testutil.Leak(fmt.Sprint(h), secret); l != "" {
 			t.Errorf("%.12s: %s leaked: %v", secret, l, h)
 		}
+	}
+}
+
+// TestScrubGzipAnswer: an upstream that gzips its answer although
+// keypoold asked for identity is scrubbed (and sent) decoded.
+func TestScrubGzipAnswer(t *testing.T) {
+	var zb bytes.Buffer
+	zw := gzip.NewWriter(&zb)
+	io.WriteString(zw, "echo "+goodSecret+" end")
+	zw.Close()
+	resp := &http.Response{StatusCode: 200, Header: http.Header{"Content-Encoding": {"gzip"}}, ContentLength: int64(zb.Len()), Body: io.NopCloser(&zb)}
+	scrubBody(resp, goodSecret)
+	got, err := io.ReadAll(resp.Body)
+	if err != nil || string(got) != "echo "+Redacted+" end" || resp.Header.Get("Content-Encoding") != "" {
+		t.Errorf("got %q %v, headers %v", got, err, resp.Header)
 	}
 }
 

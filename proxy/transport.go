@@ -68,10 +68,13 @@ const drainLimit = 64 << 10
 // return an error: the *[keypool.NoKeyError] from the pool, which says when
 // to come back (or an error wrapping [keypool.ErrUnknownService]).
 //
-// Every response carries [HeaderKeyID]. Response headers that contain the
-// key's secret, and the bodies of error responses (status ≥ 400) that
-// contain it, have it replaced by "[redacted]"; resp.Request is the
-// caller's request, not the copy that carried the key. Errors never
+// Every response carries [HeaderKeyID]. Every spelling of the key's secret
+// (see the package documentation) is replaced by "[redacted]" in the
+// response's headers, body and trailers, whatever the status: a body of
+// known length up to 64 KiB is scrubbed in memory (Content-Length
+// corrected), any other as it streams (Content-Length dropped; only the
+// bytes that could begin a secret are held back between reads). resp.Request
+// is the caller's request, not the copy that carried the key. Errors never
 // contain the secret: a *url.Error's URL, which holds a query-parameter
 // key, is redacted.
 //

@@ -265,7 +265,7 @@ func (s *Server) access(r *http.Request, sw *statusWriter, ri *reqInfo, id strin
 	attrs = append(attrs,
 		slog.String("request_id", id),
 		slog.String("method", r.Method),
-		slog.String("path", safePath(r.URL.Path)),
+		slog.String("path", safePath(redactCredential(r, r.URL.Path))),
 		slog.Int("status", status),
 		slog.Int64("bytes", sw.bytes),
 		slog.Float64("duration_ms", float64(time.Since(start).Microseconds())/1000),
@@ -290,6 +290,16 @@ func (s *Server) access(r *http.Request, sw *statusWriter, ri *reqInfo, id strin
 		attrs = append(attrs, slog.Int("retries", ri.retries))
 	}
 	s.log.LogAttrs(context.Background(), slog.LevelInfo, "request", attrs...)
+}
+
+// redactCredential returns s with the credential r carries replaced: a
+// client that put its token in the path (refused by the proxy) must not
+// have it logged.
+func redactCredential(r *http.Request, s string) string {
+	if cred, _ := proxy.Credential(r); len(cred) >= 8 && strings.Contains(s, cred) {
+		return strings.ReplaceAll(s, cred, proxy.Redacted)
+	}
+	return s
 }
 
 // safePath bounds a logged path. Paths are not expected to hold secrets;

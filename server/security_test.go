@@ -143,6 +143,14 @@ func TestTokenNeverForwardedOrLogged(t *testing.T) {
 		t.Errorf("the request with the token in its body reached the upstream")
 	}
 
+	// In the path: refused, and not logged (checkLogs below).
+	if code, m, _ := k.do("GET", "/v1/openai/v1/files/"+tok, tok, nil); code != 400 || strings.Contains(fmt.Sprint(m), tok) {
+		t.Errorf("token in path: %d %v", code, m)
+	}
+	if len(up.seen()) != n {
+		t.Errorf("the request with the token in its path reached the upstream")
+	}
+
 	// Request ids: sane ones are kept, others replaced.
 	for _, tc := range []struct {
 		id   string

@@ -297,3 +297,37 @@ func (c *chunkReader) Read(p []byte) (int, error) {
 }
 
 func (c *chunkReader) Close() error { return nil }
+
+// TestScrubTrailers: trailers, known only once the body has ended, are
+// scrubbed then, in memory and streamed.
+func TestScrubTrailers(t *testing.T) {
+	for _, cl := range []int64{4, -1} {
+		tr := http.Header{"X-Echo": nil}
+		body := &trailerBody{r: strings.NewReader("body"), tr: tr, v: "key=" + goodSecret}
+		resp := &http.Response{StatusCode: 200, Header: http.Header{}, ContentLength: cl, Body: body, Trailer: tr}
+		scrubBody(resp, goodSecret)
+		if _, err := io.ReadAll(resp.Body); err != nil {
+			t.Fatal(err)
+		}
+		if got := resp.Trailer.Get("X-Echo"); got != "key="+Redacted {
+			t.Errorf("length %d: trailer %q", cl, got)
+		}
+	}
+}
+
+// trailerBody fills in its trailer at EOF, as net/http does.
+type trailerBody struct {
+	r  io.Reader
+	tr http.Header
+	v  string
+}
+
+func (b *trailerBody) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
+	if err == io.EOF {
+		b.tr.Set("X-Echo", b.v)
+	}
+	return n, err
+}
+
+func (b *trailerBody) Close() error { return nil }

@@ -28,6 +28,7 @@ func TestHandlerStripsTokenByValue(t *testing.T) {
 		"X-Escaped", url.QueryEscape("t=" + teamToken),
 		"X-Request-Id", "req-" + teamToken,
 		"X-Kept", "a value",
+		"Accept-Encoding", "gzip, br",
 	}
 	query := "?alt=sse&access_token=" + teamToken + "&token=" + teamToken + "&API_KEY=" + teamToken +
 		"&b=" + url.QueryEscape(b64) + "&n=1&z=last"
@@ -41,6 +42,9 @@ func TestHandlerStripsTokenByValue(t *testing.T) {
 	}
 	if h.uri != "/x?alt=sse&n=1&z=last" {
 		t.Errorf("uri %q, want the other parameters kept in order", h.uri)
+	}
+	if h.header.Get("Accept-Encoding") != "identity" {
+		t.Errorf("Accept-Encoding %q, want identity (answers must be readable to be scrubbed)", h.header.Get("Accept-Encoding"))
 	}
 	if h.header.Get("X-Kept") != "a value" || h.header.Get("Authorization") != "Bearer "+goodSecret {
 		t.Errorf("headers %v", h.header)

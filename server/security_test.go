@@ -151,6 +151,16 @@ func TestTokenNeverForwardedOrLogged(t *testing.T) {
 		t.Errorf("the request with the token in its path reached the upstream")
 	}
 
+	// The admin token as a request id is replaced too.
+	req, _ = http.NewRequest("GET", k.url+"/admin/services", nil)
+	req.Header.Set("Authorization", "Bearer "+k.admin)
+	req.Header.Set("X-Request-Id", k.admin)
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.Header.Get("X-Request-Id") == k.admin {
+		t.Errorf("the admin token was kept as the request id (%v)", err)
+	} else {
+		resp.Body.Close()
+	}
+
 	// Request ids: sane ones are kept, others replaced.
 	for _, tc := range []struct {
 		id   string

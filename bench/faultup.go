@@ -1,0 +1,311 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// maxKeys bounds the keys a scenario may give the stand-in upstream.
+const maxKeys = 64
+
+// keySecret is the upstream key value of key i; the stand-in upstream
+// tells keys apart by it.
+func keySecret(i int) string { return fmt.Sprintf("sk-fault-%02d-0123456789abcdef", i) }
+
+// keyIndex returns the index of the key an upstream request carries, or
+// -1.
+func keyIndex(r *http.Request) int {
+	v := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !strings.HasPrefix(v, "sk-fault-") || len(v) < len("sk-fault-00") {
+		return -1
+	}
+	i, err := strconv.Atoi(v[len("sk-fault-") : len("sk-fault-")+2])
+	if err != nil || i < 0 || i >= maxKeys {
+		return -1
+	}
+	return i
+}
+
+// behaviour answers one upstream attempt for key k. It reports whether
+// the answer was a 2xx that was fully written.
+type behaviour func(w http.ResponseWriter, r *http.Request, k int) bool
+
+// upstream is the stand-in provider: a real HTTP server on loopback whose
+// answers a scenario scripts, and which counts what reached it. It must
+// not be copied.
+type upstream struct {
+	url      string
+	srv      *http.Server
+	behave   behaviour
+	attempts atomic.Int64 // every request that reached it
+	noID     atomic.Int64 // requests without X-Request-Id
+	perKey   [maxKeys]atomic.Int64
+
+	mu     sync.Mutex     // protects served and seen
+	served map[string]int // request id → 2xx answers fully written
+	seen   map[string]int // request id → attempts
+}
+
+// startUpstream serves b on a loopback port until close.
+func startUpstream(b behaviour) (*upstream, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	u := &upstream{url: "http://" + ln.Addr().String(), behave: b, served: map[string]int{}, seen: map[string]int{}}
+	u.srv = &http.Server{Handler: u, ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = u.srv.Serve(ln) }()
+	return u, nil
+}
+
+func (u *upstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	_, _ = io.Copy(io.Discard, r.Body)
+	u.attempts.Add(1)
+	id := r.Header.Get("X-Request-Id")
+	if id == "" {
+		u.noID.Add(1)
+	}
+	k := keyIndex(r)
+	if k < 0 {
+		w.WriteHeader(http.StatusUnauthorized)
+		_, _ = io.WriteString(w, `{"error":{"message":"unknown key","type":"invalid_request_error","code":"invalid_api_key"}}`)
+		return
+	}
+	u.perKey[k].Add(1)
+	u.mu.Lock()
+	u.seen[id]++
+	u.mu.Unlock()
+	if u.behave(w, r, k) && id != "" {
+		u.mu.Lock()
+		u.served[id]++
+		u.mu.Unlock()
+	}
+}
+
+// servedIDs returns a copy of the request ids answered with a 2xx.
+func (u *upstream) servedIDs() map[string]int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	m := make(map[string]int, len(u.served))
+	for k, v := range u.served {
+		m[k] = v
+	}
+	return m
+}
+
+// sawID reports whether a request with id reached the upstream.
+func (u *upstream) sawID(id string) bool {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.seen[id] > 0
+}
+
+// closeIdle closes the upstream's idle keep-alive connections, so that
+// keypoold's idle upstream connections do not count as leaks, and keeps
+// keep-alives on for later requests.
+func (u *upstream) closeIdle() {
+	u.srv.SetKeepAlivesEnabled(false)
+	u.srv.SetKeepAlivesEnabled(true)
+}
+
+func (u *upstream) close() { _ = u.srv.Close() }
+
+// ---- answers ----
+
+// okChat writes the chat completion after delay, unless the request is
+// cancelled first; it reports whether the whole answer was written.
+func okChat(w http.ResponseWriter, r *http.Request, delay time.Duration) bool {
+	if delay > 0 {
+		t := time.NewTimer(delay)
+		defer t.Stop()
+		select {
+		case <-t.C:
+		case <-r.Context().Done():
+			return false
+		}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(chatBody)))
+	if _, err := io.WriteString(w, chatBody); err != nil {
+		return false
+	}
+	return http.NewResponseController(w).Flush() == nil
+}
+
+// errorAnswer writes an OpenAI-shaped error.
+func errorAnswer(w http.ResponseWriter, status int, typ, code string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_, _ = fmt.Fprintf(w, `{"error":{"message":"stand-in upstream: %s","type":%q,"code":%q}}`, http.StatusText(status), typ, code)
+}
+
+// ---- the 429 storm: every key enforces its own limit ----
+
+// retryForms are the ways a 429 says when to come back, in rotation.
+var retryForms = []string{"Retry-After seconds", "Retry-After HTTP-date", "retry-after-ms", "x-ratelimit-reset-requests"}
+
+// rateKey is one key's limit in the storm: limit requests per fixed
+// window, and what the last 429 announced.
+type rateKey struct {
+	limit  int
+	win    int64     // index of the current window
+	count  int       // requests in it
+	until  time.Time // when the last 429 said to come back
+	issued time.Time // when that 429 was written
+}
+
+// limiter is the storm's upstream: fixed windows of length window since
+// t0, per key. Its 429s rotate through retryForms, each announcing the
+// window's end rounded up to the form's resolution. A request that
+// arrives before the announced time, more than grace after the 429 was
+// written (so not already on the wire), is an early request. It must not
+// be copied.
+type limiter struct {
+	window time.Duration
+	grace  time.Duration
+	t0     time.Time
+
+	mu      sync.Mutex // protects the fields below
+	keys    []rateKey
+	form    int
+	early   int
+	earlyAt int // early requests counted with no grace at all
+	by429   [4]int
+	limited int
+	ok      int
+}
+
+func newLimiter(limits []int, window, grace time.Duration) *limiter {
+	l := &limiter{window: window, grace: grace, t0: time.Now(), keys: make([]rateKey, len(limits))}
+	for i, n := range limits {
+		l.keys[i].limit = n
+	}
+	return l
+}
+
+func (l *limiter) behave(w http.ResponseWriter, r *http.Request, k int) bool {
+	now := time.Now()
+	l.mu.Lock()
+	if k >= len(l.keys) {
+		l.mu.Unlock()
+		errorAnswer(w, http.StatusUnauthorized, "invalid_request_error", "invalid_api_key")
+		return false
+	}
+	key := &l.keys[k]
+	if now.Before(key.until) {
+		l.earlyAt++
+		if now.Sub(key.issued) > l.grace {
+			l.early++
+		}
+	}
+	win := int64(now.Sub(l.t0) / l.window)
+	if win != key.win {
+		key.win, key.count = win, 0
+	}
+	key.count++
+	if key.count <= key.limit {
+		l.ok++
+		l.mu.Unlock()
+		return okChat(w, r, 0)
+	}
+	reset := l.t0.Add(time.Duration(win+1) * l.window)
+	form := l.form
+	l.form = (l.form + 1) % len(retryForms)
+	l.by429[form]++
+	l.limited++
+	h := w.Header()
+	wait := reset.Sub(now)
+	var until time.Time
+	switch form {
+	case 0:
+		secs := int64((wait + time.Second - 1) / time.Second)
+		h.Set("Retry-After", strconv.FormatInt(secs, 10))
+		until = now.Add(time.Duration(secs) * time.Second)
+	case 1:
+		date := reset.Truncate(time.Second)
+		if date.Before(reset) {
+			date = date.Add(time.Second)
+		}
+		h.Set("Retry-After", date.UTC().Format(http.TimeFormat))
+		until = date
+	case 2:
+		ms := int64((wait + time.Millisecond - 1) / time.Millisecond)
+		h.Set("Retry-After-Ms", strconv.FormatInt(ms, 10))
+		until = now.Add(time.Duration(ms) * time.Millisecond)
+	case 3:
+		ms := int64((wait + time.Millisecond - 1) / time.Millisecond)
+		h.Set("X-Ratelimit-Remaining-Requests", "0")
+		h.Set("X-Ratelimit-Reset-Requests", strconv.FormatInt(ms, 10)+"ms")
+		until = now.Add(time.Duration(ms) * time.Millisecond)
+	}
+	key.until, key.issued = until, now
+	l.mu.Unlock()
+	errorAnswer(w, http.StatusTooManyRequests, "requests", "rate_limit_exceeded")
+	return false
+}
+
+// ---- SSE streams ----
+
+// sseStream answers a streamed chat completion: events chunks gap apart,
+// then a usage chunk and [DONE]. It counts the streams whose client
+// (keypoold) went away before the end.
+type sseStream struct {
+	events int
+	gap    time.Duration
+	cut    atomic.Int64
+	done   atomic.Int64
+}
+
+func (s *sseStream) behave(w http.ResponseWriter, r *http.Request, _ int) bool {
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("Cache-Control", "no-cache")
+	rc := http.NewResponseController(w)
+	t := time.NewTicker(s.gap)
+	defer t.Stop()
+	for i := range s.events {
+		if _, err := fmt.Fprintf(w, "data: {\"id\":\"chatcmpl-f\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"tok%d \"}}]}\n\n", i); err != nil {
+			s.cut.Add(1)
+			return false
+		}
+		if err := rc.Flush(); err != nil {
+			s.cut.Add(1)
+			return false
+		}
+		select {
+		case <-t.C:
+		case <-r.Context().Done():
+			s.cut.Add(1)
+			return false
+		}
+	}
+	_, _ = io.WriteString(w, "data: {\"id\":\"chatcmpl-f\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":20,\"total_tokens\":32}}\n\n")
+	_, err := io.WriteString(w, "data: [DONE]\n\n")
+	if err != nil || rc.Flush() != nil {
+		s.cut.Add(1)
+		return false
+	}
+	s.done.Add(1)
+	return true
+}
+
+// errClosed tells a worker that keypoold was not listening.
+var errClosed = errors.New("connection refused")
+
+// waitCtx sleeps d or until ctx ends.
+func waitCtx(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-ctx.Done():
+	}
+}

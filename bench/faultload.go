@@ -20,10 +20,12 @@ type outcome struct {
 	id      string
 	start   time.Duration // since the load began
 	latency time.Duration
-	status  int    // 0 when no answer arrived
-	ok      bool   // 200 with the whole expected body
-	refused bool   // the connection was refused: keypoold was not listening
-	err     string // transport error, if any
+	end     time.Time // when the whole answer was read
+	status  int       // 0 when no answer arrived
+	code    string    // the error code of a JSON error answer
+	ok      bool      // 200 with the whole expected body
+	refused bool      // the connection was refused: keypoold was not listening
+	err     string    // transport error, if any
 }
 
 // loadSpec is a client load: requests requests (0: until stop) from
@@ -57,12 +59,16 @@ func runLoad(ctx context.Context, spec loadSpec, stop <-chan struct{}, send func
 	start := time.Now()
 	done := make(chan struct{})
 	if spec.rate > 0 {
-		tokens = make(chan struct{}, spec.clients)
+		// Tokens are handed to a ready client at most every interval:
+		// when no client is ready on time the schedule slips rather than
+		// catching up later in a burst, so the offered rate never passes
+		// spec.rate.
+		tokens = make(chan struct{})
 		go func() {
 			defer close(tokens)
 			interval := time.Duration(float64(time.Second) / spec.rate)
+			due := start
 			for i := 0; spec.requests == 0 || i < spec.requests; i++ {
-				due := start.Add(time.Duration(i) * interval)
 				if d := time.Until(due); d > 0 {
 					t := time.NewTimer(d)
 					select {
@@ -86,6 +92,9 @@ func runLoad(ctx context.Context, spec loadSpec, stop <-chan struct{}, send func
 					return
 				case <-done:
 					return
+				}
+				if due = due.Add(interval); due.Before(time.Now()) {
+					due = time.Now()
 				}
 			}
 		}()
@@ -112,7 +121,8 @@ func runLoad(ctx context.Context, spec loadSpec, stop <-chan struct{}, send func
 				id := fmt.Sprintf("%s-%d", spec.prefix, n)
 				t0 := time.Now()
 				o := send(ctx, id)
-				o.id, o.start, o.latency = id, t0.Sub(start), time.Since(t0)
+				o.end = time.Now()
+				o.id, o.start, o.latency = id, t0.Sub(start), o.end.Sub(t0)
 				mine = append(mine, o)
 				if spec.onResult != nil {
 					spec.onResult(o)
@@ -166,6 +176,16 @@ func chatSender(c *http.Client, url, token string) func(ctx context.Context, id 
 			o.err = err.Error()
 		}
 		o.ok = resp.StatusCode == 200 && err == nil && string(b) == chatBody
+		if resp.StatusCode != 200 {
+			var e struct {
+				Error struct {
+					Code string `json:"code"`
+				} `json:"error"`
+			}
+			if json.Unmarshal(b, &e) == nil {
+				o.code = e.Error.Code
+			}
+		}
 		return o
 	}
 }
@@ -195,7 +215,7 @@ type figure struct {
 	// Op and Bound are the issue's bound ("<=", ">=" or "="); empty Op
 	// means the figure is informative.
 	Op    string  `json:"op,omitempty"`
-	Bound float64 `json:"bound,omitempty"`
+	Bound float64 `json:"bound"`
 	Pass  *bool   `json:"pass,omitempty"`
 }
 

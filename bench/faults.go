@@ -58,7 +58,6 @@ type faultConfig struct {
 	stormMean     int           // mean requests per window a key allows
 	stormWindow   time.Duration // the upstream's rate window
 	stormLoad     float64       // offered load, share of total capacity
-	stormGrace    time.Duration // a request this soon after a 429 was already on the wire
 
 	deadRequests int
 	deadKeys     int
@@ -89,8 +88,8 @@ type faultConfig struct {
 func fullConfig() faultConfig {
 	return faultConfig{
 		logLevel: "info", clients: 64,
-		stormRequests: 10000, stormKeys: 20, stormMean: 15, stormWindow: time.Second, stormLoad: 0.7, stormGrace: 20 * time.Millisecond,
-		deadRequests: 5000, deadKeys: 10, deadRate: 250,
+		stormRequests: 10000, stormKeys: 20, stormMean: 15, stormWindow: time.Second, stormLoad: 0.7,
+		deadRequests: 13000, deadKeys: 10, deadRate: 200,
 		outage: 30 * time.Second, outageRate: 100, outageHold: 5 * time.Second,
 		breakerThreshold: 5, breakerProbes: 3, breakerOpen: 30 * time.Second,
 		kills: 20, killEvery: 1500 * time.Millisecond, killRate: 300,
@@ -137,11 +136,26 @@ func runScenario(ctx context.Context, fc faultConfig, s scenario) *report {
 		r.Error = err.Error()
 		return r
 	}
+	load0 := loadAvg()
 	if err := s.run(ctx, fc, r); err != nil {
 		r.Error = err.Error()
 	}
 	r.Seconds = time.Since(start).Seconds()
+	r.info("machine load average (1 min) before", load0, "")
+	r.info("machine load average (1 min) after", loadAvg(), "")
 	return r
+}
+
+// loadAvg is the machine's 1-minute load average (0 when unknown): the
+// figures of a busy, shared machine are noisier.
+func loadAvg() float64 {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return 0
+	}
+	var l float64
+	_, _ = fmt.Sscan(string(b), &l)
+	return l
 }
 
 // selectScenarios returns the scenarios named in list ("all" or empty:

@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"fmt"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"reflect"
@@ -138,17 +140,26 @@ func TestStormLimits(t *testing.T) {
 }
 
 func TestLimiterAnnouncesTheWindowEnd(t *testing.T) {
-	l := newLimiter([]int{1}, time.Hour, 0)
-	req := httptest.NewRequest("POST", "/v1/chat/completions", nil)
-	if w := httptest.NewRecorder(); !l.behave(w, req, 0) || w.Code != 200 {
+	l := newLimiter([]int{1}, time.Hour)
+	req := func(id string) *http.Request {
+		r := httptest.NewRequest("POST", "/v1/chat/completions", nil)
+		r.Header.Set("X-Request-Id", id)
+		return r
+	}
+	if w := httptest.NewRecorder(); !l.behave(w, req("first"), 0) || w.Code != 200 {
 		t.Fatalf("first request: %d", w.Code)
 	}
 	reset := l.t0.Add(time.Hour)
+	done := map[string]time.Time{}
 	for i, form := range retryForms {
 		w := httptest.NewRecorder()
 		now := time.Now()
-		if l.behave(w, req, 0) || w.Code != 429 {
+		id := fmt.Sprintf("r%d", i)
+		if l.behave(w, req(id), 0) || w.Code != 429 {
 			t.Fatalf("%s: status %d", form, w.Code)
+		}
+		if i == 0 {
+			done[id] = time.Now() // the client had its answer: keypoold read the 429
 		}
 		d, ok := keypool.ParseRetryAfter(w.Header(), now)
 		if !ok {
@@ -161,14 +172,17 @@ func TestLimiterAnnouncesTheWindowEnd(t *testing.T) {
 			t.Errorf("%s: counted %v", form, l.by429)
 		}
 	}
-	if l.early != len(retryForms)-1 || l.earlyAt != l.early {
-		t.Errorf("early = %d (raw %d), want %d: every 429 after the first came before the announced time", l.early, l.earlyAt, len(retryForms)-1)
+	// r1..r3 came after the client had r0's answer: early for sure.
+	if sure, maybe, by := l.early(done); sure != 3 || maybe != 0 || by != [4]int{3, 0, 0, 0} {
+		t.Errorf("early(done) = %d, %d, %v; want 3, 0, [3 0 0 0]", sure, maybe, by)
 	}
-	graced := newLimiter([]int{0}, time.Hour, time.Hour)
-	for range 3 {
-		graced.behave(httptest.NewRecorder(), req, 0)
+	// Without that evidence they may have been on the wire already.
+	if sure, maybe, _ := l.early(nil); sure != 0 || maybe != 3 {
+		t.Errorf("early(nil) = %d, %d; want 0, 3", sure, maybe)
 	}
-	if graced.early != 0 || graced.earlyAt != 2 {
-		t.Errorf("with a grace: early = %d, raw %d; want 0, 2", graced.early, graced.earlyAt)
+	// A later attempt of the refused request itself is early for sure.
+	l.behave(httptest.NewRecorder(), req("r3"), 0)
+	if sure, maybe, _ := l.early(nil); sure != 1 || maybe != 3 {
+		t.Errorf("after a retry on the same key: early(nil) = %d, %d; want 1, 3", sure, maybe)
 	}
 }

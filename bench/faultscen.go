@@ -55,6 +55,9 @@ func failures(os []outcome) (int, string) {
 		if o.status == 0 {
 			k = "error"
 		}
+		if o.code != "" {
+			k += " " + o.code
+		}
 		by[k]++
 	}
 	keys := make([]string, 0, len(by))
@@ -90,7 +93,7 @@ func runStorm(ctx context.Context, fc faultConfig, r *report) error {
 	}
 	capacity := float64(total) / fc.stormWindow.Seconds()
 	rate := fc.stormLoad * capacity
-	lim := newLimiter(limits, fc.stormWindow, fc.stormGrace)
+	lim := newLimiter(limits, fc.stormWindow)
 	up, kp, stop, err := stage(ctx, fc, lim.behave, serviceSpec{name: "storm", keys: fc.stormKeys, llmFamily: "openai"}, 5*time.Second)
 	if err != nil {
 		return err
@@ -105,8 +108,15 @@ func runStorm(ctx context.Context, fc faultConfig, r *report) error {
 	elapsed := time.Since(t0)
 	n, by := failures(out)
 	attempts := up.attempts.Load()
+	done := make(map[string]time.Time, len(out))
+	for _, o := range out {
+		if o.status != 0 {
+			done[o.id] = o.end
+		}
+	}
+	early, onWire, earlyBy := lim.early(done)
 	lim.mu.Lock()
-	early, earlyAt, limited, by429 := lim.early, lim.earlyAt, lim.limited, lim.by429
+	limited, by429 := len(lim.refusals), lim.by429
 	lim.mu.Unlock()
 	r.check("client-visible failures", float64(n), "", "=", 0)
 	r.check("requests to a key before its Retry-After", float64(early), "", "=", 0)
@@ -118,13 +128,16 @@ func runStorm(ctx context.Context, fc faultConfig, r *report) error {
 	for i, f := range retryForms {
 		r.info("  429s with "+f, float64(by429[i]), "")
 	}
-	r.info("early requests, counting those already on the wire", float64(earlyAt), "")
+	for i, f := range retryForms {
+		r.info("  requests before a Retry-After given as "+f, float64(earlyBy[i]), "")
+	}
+	r.info("requests before a Retry-After, 429 maybe still on the wire", float64(onWire), "")
 	r.info("client p50", ms2(percentile(out, 50)), "ms")
 	r.info("client p99", ms2(percentile(out, 99)), "ms")
 	if n > 0 {
 		r.note("client-visible failures by status:%s", by)
 	}
-	r.note("early = arrived before the announced time and more than %v after the 429 was written (earlier ones were already on the wire)", fc.stormGrace)
+	r.note("a request to a key before its Retry-After counts when keypoold had certainly read the 429: it arrived after the client had its answer to the refused request, or was a later attempt of that request")
 	if up.noID.Load() > 0 {
 		r.note("%d upstream requests carried no X-Request-Id", up.noID.Load())
 	}

@@ -154,38 +154,48 @@ func errorAnswer(w http.ResponseWriter, status int, typ, code string) {
 var retryForms = []string{"Retry-After seconds", "Retry-After HTTP-date", "retry-after-ms", "x-ratelimit-reset-requests"}
 
 // rateKey is one key's limit in the storm: limit requests per fixed
-// window, and what the last 429 announced.
+// window.
 type rateKey struct {
-	limit  int
-	win    int64     // index of the current window
-	count  int       // requests in it
-	until  time.Time // when the last 429 said to come back
-	issued time.Time // when that 429 was written
+	limit int
+	win   int64 // index of the current window
+	count int   // requests in it
+}
+
+// arrival is one request that reached the storm's upstream.
+type arrival struct {
+	key int
+	at  time.Time
+	id  string
+}
+
+// refusal is one 429 of the storm's upstream: to request id on key, at
+// issued, announcing until.
+type refusal struct {
+	key           int
+	form          int // index in retryForms
+	id            string
+	issued, until time.Time
 }
 
 // limiter is the storm's upstream: fixed windows of length window since
 // t0, per key. Its 429s rotate through retryForms, each announcing the
-// window's end rounded up to the form's resolution. A request that
-// arrives before the announced time, more than grace after the 429 was
-// written (so not already on the wire), is an early request. It must not
-// be copied.
+// window's end rounded up to the form's resolution. It logs every
+// arrival and refusal, so that [limiter.early] can tell which requests
+// came to a key before the time it announced. It must not be copied.
 type limiter struct {
 	window time.Duration
-	grace  time.Duration
 	t0     time.Time
 
-	mu      sync.Mutex // protects the fields below
-	keys    []rateKey
-	form    int
-	early   int
-	earlyAt int // early requests counted with no grace at all
-	by429   [4]int
-	limited int
-	ok      int
+	mu       sync.Mutex // protects the fields below
+	keys     []rateKey
+	form     int
+	by429    [4]int
+	arrivals []arrival
+	refusals []refusal
 }
 
-func newLimiter(limits []int, window, grace time.Duration) *limiter {
-	l := &limiter{window: window, grace: grace, t0: time.Now(), keys: make([]rateKey, len(limits))}
+func newLimiter(limits []int, window time.Duration) *limiter {
+	l := &limiter{window: window, t0: time.Now(), keys: make([]rateKey, len(limits))}
 	for i, n := range limits {
 		l.keys[i].limit = n
 	}
@@ -194,26 +204,21 @@ func newLimiter(limits []int, window, grace time.Duration) *limiter {
 
 func (l *limiter) behave(w http.ResponseWriter, r *http.Request, k int) bool {
 	now := time.Now()
+	id := r.Header.Get("X-Request-Id")
 	l.mu.Lock()
 	if k >= len(l.keys) {
 		l.mu.Unlock()
 		errorAnswer(w, http.StatusUnauthorized, "invalid_request_error", "invalid_api_key")
 		return false
 	}
+	l.arrivals = append(l.arrivals, arrival{key: k, at: now, id: id})
 	key := &l.keys[k]
-	if now.Before(key.until) {
-		l.earlyAt++
-		if now.Sub(key.issued) > l.grace {
-			l.early++
-		}
-	}
 	win := int64(now.Sub(l.t0) / l.window)
 	if win != key.win {
 		key.win, key.count = win, 0
 	}
 	key.count++
 	if key.count <= key.limit {
-		l.ok++
 		l.mu.Unlock()
 		return okChat(w, r, 0)
 	}
@@ -221,7 +226,6 @@ func (l *limiter) behave(w http.ResponseWriter, r *http.Request, k int) bool {
 	form := l.form
 	l.form = (l.form + 1) % len(retryForms)
 	l.by429[form]++
-	l.limited++
 	h := w.Header()
 	wait := reset.Sub(now)
 	var until time.Time
@@ -247,10 +251,49 @@ func (l *limiter) behave(w http.ResponseWriter, r *http.Request, k int) bool {
 		h.Set("X-Ratelimit-Reset-Requests", strconv.FormatInt(ms, 10)+"ms")
 		until = now.Add(time.Duration(ms) * time.Millisecond)
 	}
-	key.until, key.issued = until, now
+	l.refusals = append(l.refusals, refusal{key: k, form: form, id: id, issued: now, until: until})
 	l.mu.Unlock()
 	errorAnswer(w, http.StatusTooManyRequests, "requests", "rate_limit_exceeded")
 	return false
+}
+
+// early counts the requests that reached a key before the time one of its
+// 429s announced. A request counts (confirmed) when it arrived after
+// keypoold had certainly read that 429: after the client had the answer
+// to the request that got the 429 (done[id], the time its client read
+// the whole answer), or as a later attempt of that same request. Requests
+// that arrived before the announced time but while the 429 may still have
+// been on its way to keypoold are counted in onWire. byForm splits
+// confirmed by the form of the 429 that was ignored.
+func (l *limiter) early(done map[string]time.Time) (confirmed, onWire int, byForm [4]int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	byKey := map[int][]refusal{}
+	for _, f := range l.refusals {
+		byKey[f.key] = append(byKey[f.key], f)
+	}
+	for _, a := range l.arrivals {
+		sure, maybe := false, false
+		for _, f := range byKey[a.key] {
+			if !a.at.After(f.issued) || !a.at.Before(f.until) {
+				continue
+			}
+			seen, ok := done[f.id]
+			if (a.id == f.id && a.id != "") || (ok && a.at.After(seen)) {
+				sure = true
+				byForm[f.form]++
+				break
+			}
+			maybe = true
+		}
+		switch {
+		case sure:
+			confirmed++
+		case maybe:
+			onWire++
+		}
+	}
+	return confirmed, onWire, byForm
 }
 
 // ---- SSE streams ----

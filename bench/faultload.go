@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net/http"
 	"sort"
 	"strings"
@@ -36,6 +37,9 @@ type loadSpec struct {
 	requests int
 	clients  int
 	rate     float64
+	// poisson spaces paced requests at random (exponential gaps of mean
+	// 1/rate), as independent clients would, instead of evenly.
+	poisson bool
 	// pause after a refused connection (keypoold restarting).
 	pause time.Duration
 	// onResult, when set, sees each outcome as it completes, from the
@@ -93,7 +97,11 @@ func runLoad(ctx context.Context, spec loadSpec, stop <-chan struct{}, send func
 				case <-done:
 					return
 				}
-				if due = due.Add(interval); due.Before(time.Now()) {
+				gap := interval
+				if spec.poisson {
+					gap = time.Duration(rand.ExpFloat64() * float64(interval))
+				}
+				if due = due.Add(gap); due.Before(time.Now()) {
 					due = time.Now()
 				}
 			}
@@ -304,7 +312,7 @@ func (r *report) write(w io.Writer) {
 	if r.Error != "" {
 		fmt.Fprintf(w, "   error: %s\n", r.Error)
 	}
-	fmt.Fprintf(w, "   %-52s %14s %14s  %s\n", "figure", "value", "bound", "result")
+	fmt.Fprintf(w, "   %-66s %14s %14s  %s\n", "figure", "value", "bound", "result")
 	for _, f := range r.Figures {
 		bound, result := "", ""
 		if f.Pass != nil {
@@ -314,7 +322,7 @@ func (r *report) write(w io.Writer) {
 				result = "FAIL"
 			}
 		}
-		fmt.Fprintf(w, "   %-52s %14s %14s  %s\n", f.Name, fmtVal(f.Value, f.Unit), bound, result)
+		fmt.Fprintf(w, "   %-66s %14s %14s  %s\n", f.Name, fmtVal(f.Value, f.Unit), bound, result)
 	}
 	for _, n := range r.Notes {
 		fmt.Fprintf(w, "   note: %s\n", n)

@@ -17,35 +17,42 @@ import (
 // environment, a YAML file and the admin API, as an operator would) in
 // front of a stand-in upstream served by this process, drives it with
 // concurrent clients, and checks each scenario's figures against the
-// issue's bounds:
+// issue's bounds. Every request carries its own X-Request-Id, which
+// keypoold forwards upstream and stores in its usage record, so the
+// upstream's counts and the usage_records table (read from the SQLite
+// file) can be compared request by request.
 //
-//	storm    a 429 storm: 20 keys, each with its own limit per window in
-//	         the upstream (429 + Retry-After in four forms when over it),
-//	         64 clients offering 70% of the keys' total capacity: 0
-//	         client-visible failures, 0 requests to a key before its
-//	         Retry-After, upstream attempts <= 1.2 x requests
+//	storm    a 429 storm: 20 keys, each allowing its own number of
+//	         requests per 1 s window in the upstream (3 to 27, 300 req/s
+//	         in all; 429 when over it, with the window's end announced in
+//	         turn as Retry-After seconds, Retry-After HTTP-date,
+//	         retry-after-ms and x-ratelimit-reset-requests), 64 clients
+//	         offering 70% of that: 0 client-visible failures, 0 requests
+//	         to a key before the time its 429 announced, upstream attempts
+//	         <= 1.2 x requests
 //	deadkey  one key of 10 always 500: its traffic <= breaker threshold +
-//	         half-open probes, 0 client-visible failures
+//	         half-open probes per open period, 0 client-visible failures
 //	outage   every key 503 for -outage, then healthy: p99 <= 1 s during
 //	         the outage, attempts <= 1.2 x requests, >= 99% success
 //	         within 2 x the breaker's open time after recovery
 //	kill     kill -9 x -kills under load, restarting keypoold each time:
-//	         usage records = requests the upstream answered with a 2xx
-//	         (by X-Request-Id), 0 duplicates
+//	         usage records = requests the upstream answered with a 2xx,
+//	         0 duplicates
 //	sigterm  SIGTERM under load: 0 in-flight requests dropped, exit 0,
 //	         every served request has its usage record
-//	sse      -disconnects clients hang up mid-SSE: goroutines and file
-//	         descriptors of keypoold back to baseline, no key penalised,
-//	         a usage record (status 499) for each
+//	sse      -disconnects clients hang up mid-SSE: goroutines (the
+//	         go_goroutines metric) and file descriptors (/proc/PID/fd) of
+//	         keypoold back to baseline, no key penalised (admin API), a
+//	         usage record with status 499 for each
 //
-// Full size (about five minutes):
+// Full size (about five minutes on 2 cores):
 //
 //	go run ./bench -mode faults
 //	go run ./bench -mode faults -scenarios storm,kill -json
 //
-// CI size (the same bounds, about a tenth of the load): go test ./bench
-// -run TestFaultsSmall, or go run ./bench -mode faults -small.
-
+// CI size (the same bounds on a fraction of the load, about 70 s):
+// go test ./bench -run TestFaultsSmall, or go run ./bench -mode faults
+// -small. The exit status is 1 when a bound fails.
 // faultConfig sizes the suite.
 type faultConfig struct {
 	bin      string // keypoold binary

@@ -150,11 +150,12 @@ func TestLimiterAnnouncesTheWindowEnd(t *testing.T) {
 		t.Fatalf("first request: %d", w.Code)
 	}
 	reset := l.t0.Add(time.Hour)
-	done := map[string]time.Time{}
+	done, started := map[string]time.Time{}, map[string]time.Time{}
 	for i, form := range retryForms {
 		w := httptest.NewRecorder()
-		now := time.Now()
 		id := fmt.Sprintf("r%d", i)
+		now := time.Now()
+		started[id] = now
 		if l.behave(w, req(id), 0) || w.Code != 429 {
 			t.Fatalf("%s: status %d", form, w.Code)
 		}
@@ -172,17 +173,57 @@ func TestLimiterAnnouncesTheWindowEnd(t *testing.T) {
 			t.Errorf("%s: counted %v", form, l.by429)
 		}
 	}
-	// r1..r3 came after the client had r0's answer: early for sure.
-	if sure, maybe, by := l.early(done); sure != 3 || maybe != 0 || by != [4]int{3, 0, 0, 0} {
-		t.Errorf("early(done) = %d, %d, %v; want 3, 0, [3 0 0 0]", sure, maybe, by)
+	// r1..r3 were sent after the client had r0's answer: early for sure.
+	if c := l.early(done, started); c.Strict != 3 || c.Latest != 3 || c.OnWire != 0 || c.ByForm != [4]int{3, 0, 0, 0} {
+		t.Errorf("early(done) = %+v; want 3 strict and latest, [3 0 0 0]", c)
 	}
 	// Without that evidence they may have been on the wire already.
-	if sure, maybe, _ := l.early(nil); sure != 0 || maybe != 3 {
-		t.Errorf("early(nil) = %d, %d; want 0, 3", sure, maybe)
+	if c := l.early(nil, nil); c.Strict != 0 || c.Latest != 0 || c.OnWire != 3 {
+		t.Errorf("early(nil) = %+v; want 3 on the wire", c)
 	}
 	// A later attempt of the refused request itself is early for sure.
 	l.behave(httptest.NewRecorder(), req("r3"), 0)
-	if sure, maybe, _ := l.early(nil); sure != 1 || maybe != 3 {
-		t.Errorf("after a retry on the same key: early(nil) = %d, %d; want 1, 3", sure, maybe)
+	if c := l.early(nil, nil); c.Strict != 1 || c.OnWire != 3 || c.ByForm != [4]int{0, 0, 0, 1} {
+		t.Errorf("after a retry on the same key: early(nil) = %+v; want 1 strict (form 3), 3 on the wire", c)
+	}
+}
+
+func TestLimiterEarlyCounts(t *testing.T) {
+	t0 := time.Now()
+	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	l := &limiter{
+		refusals: []refusal{
+			{key: 0, form: 0, id: "a", issued: at(0), until: at(1000)}, // Retry-After: 1
+			{key: 0, form: 2, id: "b", issued: at(10), until: at(300)}, // a later, shorter word
+			{key: 2, form: 1, id: "g", issued: at(0), until: at(800)},  // never known to keypoold
+		},
+		arrivals: []arrival{
+			{key: 0, at: at(0), id: "a"},
+			{key: 0, at: at(10), id: "b"},   // sent before a's answer: maybe on the wire
+			{key: 0, at: at(100), id: "c"},  // before both: early
+			{key: 0, at: at(500), id: "d"},  // before a's time, after b's
+			{key: 0, at: at(1500), id: "e"}, // after both
+			{key: 1, at: at(100), id: "f"},  // another key
+			{key: 2, at: at(0), id: "g"},
+			{key: 2, at: at(50), id: "h"}, // g may still have been on the wire
+		},
+	}
+	started := map[string]time.Time{"a": at(0), "b": at(5), "c": at(90), "d": at(490), "e": at(1490), "f": at(90), "g": at(0), "h": at(40)}
+	done := map[string]time.Time{"a": at(20), "b": at(30)}
+	want := earlyCounts{Strict: 2, ByForm: [4]int{2, 0, 0, 0}, Latest: 1, OnWire: 2}
+	if c := l.early(done, started); c != want {
+		t.Errorf("early = %+v; want %+v", c, want)
+	}
+	// While b's answer had not reached its client, d (at 500) may have
+	// followed b: not early by the latest word, still by a's.
+	done["b"] = at(600)
+	if c := l.early(done, started); c != want {
+		t.Errorf("with b unknown: early = %+v; want %+v", c, want)
+	}
+	// A request that arrived late but was sent before a's answer was
+	// back is not counted for sure.
+	started["c"] = at(15)
+	if c := l.early(done, started); c.Strict != 1 || c.OnWire != 3 {
+		t.Errorf("c sent before a was known: early = %+v; want 1 strict, 3 on the wire", c)
 	}
 }

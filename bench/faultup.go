@@ -257,43 +257,112 @@ func (l *limiter) behave(w http.ResponseWriter, r *http.Request, k int) bool {
 	return false
 }
 
-// early counts the requests that reached a key before the time one of its
-// 429s announced. A request counts (confirmed) when it arrived after
-// keypoold had certainly read that 429: after the client had the answer
-// to the request that got the 429 (done[id], the time its client read
-// the whole answer), or as a later attempt of that same request. Requests
-// that arrived before the announced time but while the 429 may still have
-// been on its way to keypoold are counted in onWire. byForm splits
-// confirmed by the form of the 429 that was ignored.
-func (l *limiter) early(done map[string]time.Time) (confirmed, onWire int, byForm [4]int) {
+// earlyCounts are the storm's requests that reached a key before the
+// time one of its 429s announced.
+type earlyCounts struct {
+	// Strict counts requests that keypoold sent, certainly after it had
+	// read a 429 of the key, and that reached the key before the time
+	// that 429 announced: before the longest Retry-After in force.
+	Strict int
+	// ByForm splits Strict by the form of that 429 (the one announcing
+	// the latest time).
+	ByForm [4]int
+	// Latest counts the requests that reached a key before the time of
+	// the latest 429 keypoold had certainly read (the upstream's latest
+	// word; the seconds and HTTP-date forms round up, so an earlier 429
+	// may announce a later time than a later one), unless a later 429,
+	// which keypoold may have read, allowed it.
+	Latest int
+	// OnWire counts the requests that reached a key before an announced
+	// time but may have been sent before keypoold read that 429.
+	OnWire int
+}
+
+// early counts the requests that reached a key before the time a 429 of
+// that key announced, when keypoold had certainly read that 429 before
+// sending them: the refused request's client had its answer before the
+// arriving request's client sent it (done and started hold those times
+// by request id), or the arriving request is a later attempt of the
+// refused request itself, or it was sent after such a later attempt
+// arrived. Arrival times are the upstream's, so a request delayed on
+// its way only looks earlier, never later.
+func (l *limiter) early(done, started map[string]time.Time) earlyCounts {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	byKey := map[int][]refusal{}
-	for _, f := range l.refusals {
-		byKey[f.key] = append(byKey[f.key], f)
+	// known[i] is a time by which keypoold had read refusal i.
+	known := make([]time.Time, len(l.refusals))
+	byKey := map[int][]int{}
+	byID := map[string][]int{}
+	for i, f := range l.refusals {
+		known[i] = done[f.id]
+		byKey[f.key] = append(byKey[f.key], i)
+		if f.id != "" {
+			byID[f.id] = append(byID[f.id], i)
+		}
 	}
 	for _, a := range l.arrivals {
-		sure, maybe := false, false
-		for _, f := range byKey[a.key] {
-			if !a.at.After(f.issued) || !a.at.Before(f.until) {
-				continue
+		for _, i := range byID[a.id] {
+			if f := l.refusals[i]; a.at.After(f.issued) && (known[i].IsZero() || a.at.Before(known[i])) {
+				known[i] = a.at
 			}
-			seen, ok := done[f.id]
-			if (a.id == f.id && a.id != "") || (ok && a.at.After(seen)) {
-				sure = true
-				byForm[f.form]++
-				break
-			}
-			maybe = true
-		}
-		switch {
-		case sure:
-			confirmed++
-		case maybe:
-			onWire++
 		}
 	}
-	return confirmed, onWire, byForm
+	var c earlyCounts
+	for _, a := range l.arrivals {
+		sent, hasSent := started[a.id]
+		isKnown := func(i int) bool {
+			f := l.refusals[i]
+			if a.id != "" && a.id == f.id {
+				return true // a later attempt of the refused request
+			}
+			return hasSent && !known[i].IsZero() && sent.After(known[i])
+		}
+		strict, latest := -1, -1
+		var unknown []int
+		for _, i := range byKey[a.key] {
+			f := l.refusals[i]
+			if !a.at.After(f.issued) {
+				continue
+			}
+			if !isKnown(i) {
+				unknown = append(unknown, i)
+				continue
+			}
+			if a.at.Before(f.until) && (strict < 0 || f.until.After(l.refusals[strict].until)) {
+				strict = i
+			}
+			if latest < 0 || f.issued.After(l.refusals[latest].issued) {
+				latest = i
+			}
+		}
+		if strict >= 0 {
+			c.Strict++
+			c.ByForm[l.refusals[strict].form]++
+		}
+		sure := latest >= 0 && a.at.Before(l.refusals[latest].until)
+		maybe := false
+		for _, i := range unknown {
+			f := l.refusals[i]
+			if latest >= 0 && !f.issued.After(l.refusals[latest].issued) {
+				if strict < 0 && a.at.Before(f.until) {
+					maybe = true // an earlier 429, maybe not read yet, forbade it
+				}
+				continue
+			}
+			if a.at.Before(f.until) {
+				maybe = true
+			} else if sure {
+				sure = false // a later 429, maybe read already, allowed it
+			}
+		}
+		if sure {
+			c.Latest++
+		}
+		if maybe && strict < 0 {
+			c.OnWire++
+		}
+	}
+	return c
 }
 
 // ---- SSE streams ----

@@ -186,7 +186,8 @@ func (k *keypoold) terminate(wait time.Duration) int {
 	return k.cmd.ProcessState.ExitCode()
 }
 
-// close stops the process if it runs and closes its log.
+// close stops the process if it runs and closes its log; calling it
+// again does nothing.
 func (k *keypoold) close() {
 	if k.cmd != nil {
 		select {
@@ -197,6 +198,7 @@ func (k *keypoold) close() {
 	}
 	if k.logf != nil {
 		_ = k.logf.Close()
+		k.logf = nil
 	}
 }
 

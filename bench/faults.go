@@ -59,6 +59,9 @@ type faultConfig struct {
 	dir      string // scratch directory: one subdirectory per scenario
 	logLevel string
 	clients  int
+	// track, when set, is told of every keypoold and upstream a scenario
+	// starts (tests stop them all in t.Cleanup, whatever happens).
+	track func(stop func())
 
 	stormRequests int
 	stormKeys     int

@@ -30,6 +30,7 @@ func TestFaultsSmall(t *testing.T) {
 	fc := smallConfig()
 	fc.logLevel = "warn"
 	fc.dir = t.TempDir()
+	fc.track = func(stop func()) { t.Cleanup(stop) }
 	fc.bin = os.Getenv("KEYPOOL_FAULTS_BIN")
 	if fc.bin == "" {
 		var err error

@@ -25,6 +25,9 @@ func stage(ctx context.Context, fc faultConfig, b behaviour, svc serviceSpec, dr
 		return nil, nil, nil, err
 	}
 	stop := func() { kp.close(); up.close() }
+	if fc.track != nil {
+		fc.track(stop)
+	}
 	if err := kp.start(ctx); err != nil {
 		stop()
 		return nil, nil, nil, err

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -408,9 +407,6 @@ func (s *sseStream) behave(w http.ResponseWriter, r *http.Request, _ int) bool {
 	s.done.Add(1)
 	return true
 }
-
-// errClosed tells a worker that keypoold was not listening.
-var errClosed = errors.New("connection refused")
 
 // waitCtx sleeps d or until ctx ends.
 func waitCtx(ctx context.Context, d time.Duration) {

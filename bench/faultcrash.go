@@ -118,12 +118,12 @@ func runKill(ctx context.Context, fc faultConfig, r *report) error {
 // runSigterm is SIGTERM under load.
 func runSigterm(ctx context.Context, fc faultConfig, r *report) error {
 	b := func(w http.ResponseWriter, req *http.Request, _ int) bool { return okChat(w, req, fc.termDelay) }
-	up, kp, stop, err := stage(ctx, fc, b, serviceSpec{name: "sigterm", keys: 4, llmFamily: "openai"}, 10*time.Second)
+	up, kp, stop, err := stage(ctx, fc, b, serviceSpec{name: "sigterm", keys: 4, llmFamily: "openai"}, fc.termDrain)
 	if err != nil {
 		return err
 	}
 	defer stop()
-	r.Setup = fmt.Sprintf("%d clients back to back, upstream answers in %v, SIGTERM after %v (drain timeout 10s)", fc.clients, fc.termDelay, fc.termAfter)
+	r.Setup = fmt.Sprintf("%d clients back to back, upstream answers in %v, SIGTERM after %v (drain timeout %v)", fc.clients, fc.termDelay, fc.termAfter, fc.termDrain)
 	c := loadClient(fc.clients)
 	defer c.CloseIdleConnections()
 	stopLoad := make(chan struct{})

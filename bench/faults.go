@@ -87,6 +87,7 @@ type faultConfig struct {
 
 	termAfter time.Duration // SIGTERM this long after the load starts
 	termDelay time.Duration // upstream answer time, so requests are in flight
+	termDrain time.Duration // keypoold's KEYPOOL_DRAIN_TIMEOUT
 
 	disconnects   int
 	sseConcurrent int
@@ -103,7 +104,7 @@ func fullConfig() faultConfig {
 		outage: 30 * time.Second, outageRate: 100, outageHold: 5 * time.Second,
 		breakerThreshold: 5, breakerProbes: 3, breakerOpen: 30 * time.Second,
 		kills: 20, killEvery: 1500 * time.Millisecond, killRate: 300,
-		termAfter: 3 * time.Second, termDelay: 300 * time.Millisecond,
+		termAfter: 3 * time.Second, termDelay: 300 * time.Millisecond, termDrain: 10 * time.Second,
 		disconnects: 1000, sseConcurrent: 100, fdSlack: 5, goSlack: 10,
 	}
 }
@@ -214,8 +215,12 @@ func faultsArgs(args []string) ([]string, bool) {
 func faultsMain(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("faults", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "usage: go run ./bench -mode faults [flags]\n\nRuns the fault suite of issue 8 against keypoold as a separate process (see bench/faults.go).\n\nFlags:")
+		fs.PrintDefaults()
+	}
 	var (
-		small       = fs.Bool("small", false, "CI size: the same bounds on a tenth of the load (as TestFaultsSmall)")
+		small       = fs.Bool("small", false, "CI size: the same bounds on a fraction of the load (as TestFaultsSmall)")
 		list        = fs.String("scenarios", "all", "comma-separated scenarios: storm,deadkey,outage,kill,sigterm,sse")
 		bin         = fs.String("keypoold", "", "keypoold binary to test (default: go build ./cmd/keypoold)")
 		asJSON      = fs.Bool("json", false, "print the reports as JSON after the tables")

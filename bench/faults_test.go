@@ -49,6 +49,22 @@ func TestFaultsSmall(t *testing.T) {
 			}
 		})
 	}
+	// The harness sees drops when there are some: a drain timeout shorter
+	// than the upstream's answer time cuts the requests in flight.
+	t.Run("sigterm-sees-drops", func(t *testing.T) {
+		short := fc
+		short.termDrain = 50 * time.Millisecond
+		r := runScenario(ctx, short, scenario{"sigterm-short-drain", runSigterm})
+		var b strings.Builder
+		r.write(&b)
+		t.Log("\n" + b.String())
+		if r.Error != "" {
+			t.Fatal(r.Error)
+		}
+		if f := r.Figures[0]; !strings.HasPrefix(f.Name, "in-flight requests dropped") || f.Value == 0 || *f.Pass {
+			t.Errorf("with a 50ms drain timeout and 300ms answers: %s = %v, want some drops reported", f.Name, f.Value)
+		}
+	})
 }
 
 func TestReportBounds(t *testing.T) {

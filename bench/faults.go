@@ -114,7 +114,7 @@ func smallConfig() faultConfig {
 	c := fullConfig()
 	c.stormRequests = 1500
 	c.deadRequests = 1000
-	c.outage, c.outageRate, c.outageHold = 3*time.Second, 50, 2*time.Second
+	c.outage, c.outageRate, c.outageHold = 3*time.Second, 100, 2*time.Second
 	c.kills, c.killEvery, c.killRate = 3, time.Second, 150
 	c.termAfter = 1500 * time.Millisecond
 	c.disconnects, c.sseConcurrent = 200, 50

@@ -331,6 +331,7 @@ func runOutage(ctx context.Context, fc faultConfig, r *report) error {
 	r.check("upstream attempts / requests during the outage", float64(attemptsDown)/float64(max(len(during), 1)), "", "<=", 1.2)
 	r.check("seconds after recovery until >= 99% success holds", recovery, "s", "<=", limit.Seconds())
 	r.info("requests during the outage", float64(len(during)), "")
+	r.info("upstream attempts / requests over the whole run", float64(up.attempts.Load())/float64(max(len(out), 1)), "")
 	r.info("upstream 503s", float64(ou.refused.Load()), "")
 	r.info("requests after recovery", float64(len(after)), "")
 	r.info("success after recovery (all)", math.Round(1000*float64(okAfter)/float64(max(len(after), 1)))/10, "%")

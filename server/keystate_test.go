@@ -1,0 +1,143 @@
+package server_test
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+)
+
+// keysFive are five distinct upstream keys.
+var keysFive = []string{
+	"sk-five-111111111111111111111111111111111111",
+	"sk-five-222222222222222222222222222222222222",
+	"sk-five-333333333333333333333333333333333333",
+	"sk-five-444444444444444444444444444444444444",
+	"sk-five-555555555555555555555555555555555555",
+}
+
+// keyStates returns each key's state as GET /admin/keys/{id} shows it.
+func keyStates(k *kp, ids []string) []string {
+	out := make([]string, len(ids))
+	for i, id := range ids {
+		m := k.mustAdmin("GET", "/admin/keys/"+id, nil, 200)
+		out[i], _ = m["state"].(string)
+	}
+	return out
+}
+
+// TestRequestRefusalKillsNoKey is the attack of issue 16 item 1: an
+// upstream that refuses the request (a Gemini file the key may not read)
+// with a bare 403 on every key must not take any key out of rotation.
+// Before the fix two requests left all five keys invalid.
+func TestRequestRefusalKillsNoKey(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasPrefix(r.URL.Path, "/v1beta/files/") {
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(403)
+			_, _ = io.WriteString(w, `{"error":{"message":"You do not have permission to access the File x"}}`)
+			return
+		}
+		okJSON(w, r)
+	})
+	k := startKP(t)
+	k.addService("g", up.URL, "header:x-goog-api-key", nil)
+	var ids []string
+	for _, v := range keysFive {
+		ids = append(ids, k.addKey("g", v, nil))
+	}
+	tok := k.addToken(k.addTeam("t", nil), nil)
+	for i := range 10 {
+		code, m, _ := k.do("GET", "/v1/g/v1beta/files/x", tok, nil)
+		if code != 403 {
+			t.Fatalf("request %d: %d %v, want the upstream's 403", i, code, m)
+		}
+	}
+	for i, st := range keyStates(k, ids) {
+		if st != "active" {
+			t.Errorf("key %d is %q after request-refusals, want active", i, st)
+		}
+	}
+	// Each request tried at most two keys: the refusal repeated on the
+	// second is the request's.
+	if n := len(up.seen()); n > 20 {
+		t.Errorf("10 refused requests made %d upstream attempts, want ≤ 20", n)
+	}
+	if code, m, _ := k.do("GET", "/v1/g/v1beta/models", tok, nil); code != 200 {
+		t.Errorf("pool dead after refusals: %d %v", code, m)
+	}
+}
+
+// TestFailoverUsesEveryKey is issue 8's scenario: five keys (429 with
+// Retry-After 30, 401, 500, two healthy), 200 requests from 8 clients:
+// every one is served with the healthy keys' body. Before the fix the
+// first request got the upstream's 500 (MaxAttempts spent on the three
+// bad keys).
+func TestFailoverUsesEveryKey(t *testing.T) {
+	const body = `{"id":"x","object":"chat.completion","choices":[]}`
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		switch bearerKey(r.Header) {
+		case keysFive[0]:
+			w.Header().Set("Retry-After", "30")
+			w.WriteHeader(429)
+			_, _ = io.WriteString(w, `{"error":{"message":"slow down","type":"rate_limit_exceeded"}}`)
+		case keysFive[1]:
+			w.WriteHeader(401)
+			_, _ = io.WriteString(w, `{"error":{"message":"bad key","code":"invalid_api_key"}}`)
+		case keysFive[2]:
+			w.WriteHeader(500)
+			_, _ = io.WriteString(w, `{"error":{"message":"boom"}}`)
+		default:
+			w.Header().Set("Content-Type", "application/json")
+			_, _ = io.WriteString(w, body)
+		}
+	})
+	k := startKP(t)
+	k.addService("openai", up.URL, "bearer", nil)
+	for _, v := range keysFive {
+		k.addKey("openai", v, nil)
+	}
+	tok := k.addToken(k.addTeam("t", nil), nil)
+
+	const clients, total = 8, 200
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var failures []string
+	next := make(chan int, total)
+	for i := range total {
+		next <- i
+	}
+	close(next)
+	for range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				req, _ := http.NewRequest("POST", k.url+"/v1/openai/v1/chat/completions", strings.NewReader(`{"model":"m"}`))
+				req.Header.Set("Authorization", "Bearer "+tok)
+				req.Header.Set("Content-Type", "application/json")
+				resp, err := http.DefaultClient.Do(req)
+				if err != nil {
+					mu.Lock()
+					failures = append(failures, fmt.Sprintf("request %d: %v", i, err))
+					mu.Unlock()
+					continue
+				}
+				got, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 || !bytes.Equal(got, []byte(body)) {
+					mu.Lock()
+					failures = append(failures, fmt.Sprintf("request %d: %d %s", i, resp.StatusCode, got))
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if len(failures) > 0 {
+		t.Fatalf("%d of %d requests failed; first: %s", len(failures), total, failures[0])
+	}
+}

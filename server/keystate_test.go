@@ -141,3 +141,48 @@ func TestFailoverUsesEveryKey(t *testing.T) {
 		t.Fatalf("%d of %d requests failed; first: %s", len(failures), total, failures[0])
 	}
 }
+
+// TestServiceKeyPolicyAdmin: the key-policy fields go through the admin
+// API with validation, reach the pool, and are shown.
+func TestServiceKeyPolicyAdmin(t *testing.T) {
+	up := newUpstream(t, okJSON)
+	k := startKP(t)
+	k.addService("svc", up.URL, "bearer", map[string]any{
+		"retry_after_cap": 600, "confirm_refusals": 2, "min_active_keys": 1, "max_ejection_percent": 40,
+	})
+	m := k.mustAdmin("GET", "/admin/services/svc", nil, 200)
+	if m["retry_after_cap"] != 600.0 || m["confirm_refusals"] != 2.0 || m["min_active_keys"] != 1.0 || m["max_ejection_percent"] != 40.0 {
+		t.Fatalf("GET service: %v", m)
+	}
+	eventually(t, "the pool to load the policy", func() bool {
+		ps, ok := k.srv.Pool().Service("svc")
+		return ok && ps.RetryAfterCap.Seconds() == 600 && ps.ConfirmRefusals == 2 && ps.MinActiveKeys == 1 && ps.MaxEjectionPercent == 40
+	})
+	k.mustAdmin("PATCH", "/admin/services/svc", map[string]any{"max_ejection_percent": 100, "retry_after_cap": nil}, 200)
+	m = k.mustAdmin("GET", "/admin/services/svc", nil, 200)
+	if m["max_ejection_percent"] != 100.0 || m["retry_after_cap"] != nil || m["confirm_refusals"] != 2.0 {
+		t.Fatalf("after PATCH: %v", m)
+	}
+	for _, tc := range []struct {
+		body map[string]any
+		want string
+	}{
+		{map[string]any{"max_ejection_percent": 101}, "max_ejection_percent must be 0 to 100"},
+		{map[string]any{"retry_after_cap": -1}, "retry_after_cap must be 0 to 604800"},
+		{map[string]any{"confirm_refusals": 1000}, "confirm_refusals must be 0 to 100"},
+		{map[string]any{"min_active_keys": -2}, "min_active_keys"},
+		{map[string]any{"retry_after_cap": "1h"}, "retry_after_cap"},
+		{map[string]any{"retry_after_caps": 5}, "retry_after_caps"},
+	} {
+		code, m, _ := k.do("PATCH", "/admin/services/svc", k.admin, tc.body)
+		e, _ := m["error"].(map[string]any)
+		if msg, _ := e["message"].(string); code != 400 || !strings.Contains(msg, tc.want) {
+			t.Errorf("PATCH %v = %d %v, want 400 mentioning %q", tc.body, code, m, tc.want)
+		}
+	}
+	// Nothing half-written.
+	m = k.mustAdmin("GET", "/admin/services/svc", nil, 200)
+	if m["max_ejection_percent"] != 100.0 || m["confirm_refusals"] != 2.0 {
+		t.Fatalf("a refused PATCH changed the service: %v", m)
+	}
+}

@@ -152,8 +152,9 @@ type Service struct {
 	// Envoy's outlier detection; at least one key may always be ejected.
 	// A key that trips beyond it stays in rotation ("held"); when every
 	// key in rotation is held, the service is unavailable: Acquire admits
-	// one probe request at a time and answers the others with an
-	// *[UnavailableError]. If zero, 50; 100 disables the cap.
+	// one probe request at a time (at most one a second) and answers the
+	// others with an *[UnavailableError]. If zero, 50; 100 disables the
+	// cap.
 	MaxEjectionPercent int
 }
 
@@ -926,8 +927,14 @@ type svcState struct {
 	ejected int        // keys in StateOpen
 	held    int        // keys with held set
 	prober  *Candidate // the key a probe is out on while every key in rotation is held
-	outage  bool       // the last pick found every key held and a probe out
+	outage  bool       // the last pick found every key held and a probe out or due later
+	// probeAfter is when the next probe may go after a failed one.
+	probeAfter time.Time
 }
+
+// probeInterval spaces the probes of a service whose every key in
+// rotation is held.
+const probeInterval = time.Second
 
 func (s *svcState) takeHolds() []Hold {
 	if len(s.holds) == 0 {
@@ -1163,8 +1170,9 @@ func (s *svcState) pick(r Request, now time.Time) *Candidate {
 	s.outage = false
 	if s.held > 0 && s.allHeld() {
 		// Every key in rotation tripped beyond the ejection cap: one probe
-		// at a time tests the upstream, the rest are told to come back.
-		if s.prober != nil {
+		// at a time, at most one a second, tests the upstream; the rest
+		// are told to come back.
+		if s.prober != nil || now.Before(s.probeAfter) {
 			s.outage = true
 			return nil
 		}
@@ -1335,6 +1343,9 @@ func (s *svcState) report(c *Candidate, o Outcome, now time.Time) {
 	}
 	if s.prober == c {
 		s.prober = nil
+		if o.Kind != OK {
+			s.probeAfter = now.Add(probeInterval)
+		}
 	}
 	switch o.Kind {
 	case OK:

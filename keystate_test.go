@@ -181,6 +181,11 @@ func TestEjectionCapAndOutage(t *testing.T) {
 		}
 	}
 	probe.Release(Outcome{Kind: Failure, Reason: "500"})
+	// The next probe goes a second later.
+	if _, err := p.Acquire("svc", Request{}); !errors.Is(err, ErrUpstreamUnavailable) {
+		t.Fatalf("a probe right after a failed one: %v", err)
+	}
+	clk.Advance(time.Second)
 	probe = acquire(t, p, Request{}) // probing continues
 	probe.Release(Outcome{})         // the upstream is back
 	l := acquire(t, p, Request{})

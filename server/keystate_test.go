@@ -5,9 +5,12 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // keysFive are five distinct upstream keys.
@@ -185,4 +188,117 @@ func TestServiceKeyPolicyAdmin(t *testing.T) {
 	if m["max_ejection_percent"] != 100.0 || m["confirm_refusals"] != 2.0 {
 		t.Fatalf("a refused PATCH changed the service: %v", m)
 	}
+}
+
+// TestRetryAfterHonouredUpToCap is issue 16 item 5: Retry-After above
+// 300 s was thrown away (the key cooled ~1 s). Now 3600 s cools the key an
+// hour, and 86400 s is clamped to the service's retry_after_cap.
+func TestRetryAfterHonouredUpToCap(t *testing.T) {
+	for _, tc := range []struct {
+		name, retryAfter string
+		capSeconds       int
+		want             time.Duration
+	}{
+		{"301 s", "301", 0, 301 * time.Second},
+		{"3600 s", "3600", 0, time.Hour},
+		{"86400 s clamped to the default cap", "86400", 0, time.Hour},
+		{"86400 s clamped to the service's cap", "86400", 7200, 2 * time.Hour},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Retry-After", tc.retryAfter)
+				w.WriteHeader(429)
+			})
+			k := startKP(t)
+			extra := map[string]any{}
+			if tc.capSeconds > 0 {
+				extra["retry_after_cap"] = tc.capSeconds
+			}
+			k.addService("svc", up.URL, "bearer", extra)
+			id := k.addKey("svc", keyA, nil)
+			tok := k.addToken(k.addTeam("t", nil), nil)
+			if code, _, _ := k.do("GET", "/v1/svc/x", tok, nil); code != 429 {
+				t.Fatalf("status %d, want the upstream's 429", code)
+			}
+			m := k.mustAdmin("GET", "/admin/keys/"+id, nil, 200)
+			until, err := time.Parse(time.RFC3339Nano, fmt.Sprint(m["cooldown_until"]))
+			if err != nil || m["state"] != "cooling" {
+				t.Fatalf("key %v, want cooling with cooldown_until", m)
+			}
+			if d := time.Until(until); d < tc.want-time.Minute || d > tc.want+tc.want/10+time.Second {
+				t.Fatalf("cooling for %v, want about %v", d, tc.want)
+			}
+			code, m, resp := k.do("GET", "/v1/svc/x", tok, nil)
+			ra, _ := strconv.Atoi(resp.Header.Get("Retry-After"))
+			if code != 429 || time.Duration(ra)*time.Second < tc.want-time.Minute {
+				t.Fatalf("next request: %d Retry-After %q %v, want 429 no_key_available about %v", code, resp.Header.Get("Retry-After"), m, tc.want)
+			}
+		})
+	}
+}
+
+// TestOutageAnswers503 is issue 16 item 9: in a provider outage at most
+// half the keys are ejected; once the rest fail too, clients get a fast
+// 503 upstream_unavailable with Retry-After (not 429), while one probe a
+// second keeps testing the upstream, and service resumes when it is back.
+func TestOutageAnswers503(t *testing.T) {
+	var down atomic.Bool
+	down.Store(true)
+	var hits atomic.Int64
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		if down.Load() {
+			w.WriteHeader(503)
+			_, _ = io.WriteString(w, `{"error":{"message":"overloaded"}}`)
+			return
+		}
+		okJSON(w, r)
+	})
+	k := startKP(t)
+	k.addService("svc", up.URL, "bearer", nil)
+	var ids []string
+	for _, v := range keysFive[:4] {
+		ids = append(ids, k.addKey("svc", v, nil))
+	}
+	tok := k.addToken(k.addTeam("t", nil), nil)
+	var unavailable int
+	for i := range 40 {
+		code, m, resp := k.do("GET", "/v1/svc/x", tok, nil)
+		switch code {
+		case 503:
+			e, _ := m["error"].(map[string]any)
+			if e["code"] == "upstream_unavailable" {
+				unavailable++
+				if resp.Header.Get("Retry-After") == "" {
+					t.Fatalf("request %d: 503 without Retry-After", i)
+				}
+			}
+		case 429:
+			t.Fatalf("request %d: 429 %v during an outage, want 503", i, m)
+		}
+	}
+	if unavailable < 20 {
+		t.Errorf("%d of 40 requests got keypool's fast 503, want most", unavailable)
+	}
+	open := 0
+	for _, st := range keyStates(k, ids) {
+		if st == "open" {
+			open++
+		}
+	}
+	if open != 2 {
+		t.Errorf("%d of 4 keys ejected, want 2 (max_ejection_percent 50)", open)
+	}
+	// 4 keys × 5 failures to trip, plus at most one probe a second.
+	if n := hits.Load(); n > 30 {
+		t.Errorf("%d upstream attempts for 40 requests in an outage", n)
+	}
+	if _, m, _ := k.do("GET", "/metrics", "", nil); !strings.Contains(m["_raw"].(string), `keypool_key_holds_total{kind="ejection_cap",service="svc"} 2`) {
+		t.Error("holds not counted")
+	}
+	down.Store(false)
+	eventually(t, "service to resume after the outage", func() bool {
+		code, _, _ := k.do("GET", "/v1/svc/x", tok, nil)
+		return code == 200
+	})
 }

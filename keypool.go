@@ -166,7 +166,7 @@ type OutcomeKind uint8
 const (
 	OK          OutcomeKind = iota // the upstream served the request
 	RateLimited                    // 429: cool down until RetryAfter
-	Invalid                        // 401/403: the key is revoked or lacks access
+	Invalid                        // 401 or an invalid-key code: the key is revoked
 	Exhausted                      // 402, insufficient_quota: quota or balance spent
 	Failure                        // 5xx, timeout, reset: counts toward the breaker
 	ClientError                    // a 4xx caused by the request itself

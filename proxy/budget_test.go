@@ -1,14 +1,17 @@
 package proxy
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/keypool/keypool"
 )
@@ -188,5 +191,72 @@ func TestRefusalRepeatedIsTheRequests(t *testing.T) {
 	}
 	if st := keyStats(t, pool2, "k0"); st.State != keypool.StateInvalid {
 		t.Fatalf("k0 after 3 confirmed refusals: %v, want invalid", st.State)
+	}
+}
+
+// TestOneProbeAfterCooldownUnderLoad: when a key's cooldown ends, 32
+// concurrent requests send exactly one to it (the probe); the rest are
+// told no key is available until the probe succeeds.
+func TestOneProbeAfterCooldownUnderLoad(t *testing.T) {
+	release := make(chan struct{})
+	var inProbe atomic.Int64
+	up := newScriptedKeys(t, func(w http.ResponseWriter, r *http.Request) {
+		inProbe.Add(1)
+		<-release
+		io.WriteString(w, "ok")
+	})
+	clock := newClock()
+	pool, _ := keypool.New(keypool.Config{Now: clock.Now})
+	_ = pool.SetService(keypool.Service{Name: "svc", BaseURL: up.URL}, []keypool.Key{{ID: "k0", Secret: "sk-k0"}})
+	pool.Report("svc", "k0", keypool.Outcome{Kind: keypool.RateLimited, RetryAfter: 30 * time.Second})
+	clock.Advance(time.Minute)
+	client := &http.Client{Transport: &Transport{Pool: pool, Service: "svc"}}
+	var wg sync.WaitGroup
+	var noKey atomic.Int64
+	probeDone := make(chan struct{})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		defer close(probeDone)
+		resp, err := client.Get(up.URL + "/x")
+		if err == nil {
+			resp.Body.Close()
+		}
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for inProbe.Load() == 0 {
+		if time.Now().After(deadline) {
+			close(release)
+			t.Fatal("the probe never reached the upstream")
+		}
+		runtime.Gosched()
+	}
+	for range 32 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := client.Get(up.URL + "/x")
+			if errors.Is(err, keypool.ErrNoKeyAvailable) {
+				noKey.Add(1)
+			}
+		}()
+	}
+	// Wait for the 32 to be answered while the probe is held.
+	for noKey.Load() < 32 {
+		if time.Now().After(deadline) {
+			close(release)
+			wg.Wait()
+			t.Fatalf("only %d of 32 requests were turned away during the probe; upstream hits %d", noKey.Load(), up.hits[0].Load())
+		}
+		runtime.Gosched()
+	}
+	close(release)
+	wg.Wait()
+	<-probeDone
+	if n := up.hits[0].Load(); n != 1 {
+		t.Fatalf("%d requests reached the key right after its cooldown, want 1 (the probe)", n)
+	}
+	if st := keyStats(t, pool, "k0"); st.State != keypool.StateActive {
+		t.Fatalf("after a good probe: %v", st.State)
 	}
 }

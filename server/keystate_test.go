@@ -302,3 +302,59 @@ func TestOutageAnswers503(t *testing.T) {
 		return code == 200
 	})
 }
+
+// TestRefusalBurstKeepsFloor: a burst of 200 concurrent requests from one
+// token for a file only key 5's project may read (every other key answers
+// a bare 403, key 5 serves it) can confirm refusals on other keys, but
+// never take the service below min_active_keys (default: 3 of 5). Each
+// kept key is logged and counted.
+func TestRefusalBurstKeepsFloor(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasPrefix(r.URL.Path, "/v1beta/files/") && r.Header.Get("X-Goog-Api-Key") != keysFive[4] {
+			w.WriteHeader(403)
+			_, _ = io.WriteString(w, `{"error":{"message":"You do not have permission to access the File x"}}`)
+			return
+		}
+		okJSON(w, r)
+	})
+	k := startKP(t)
+	k.addService("g", up.URL, "header:x-goog-api-key", nil)
+	var ids []string
+	for _, v := range keysFive {
+		ids = append(ids, k.addKey("g", v, nil))
+	}
+	tok := k.addToken(k.addTeam("t", nil), nil)
+	var wg sync.WaitGroup
+	for range 200 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			req, _ := http.NewRequest("GET", k.url+"/v1/g/v1beta/files/x", nil)
+			req.Header.Set("Authorization", "Bearer "+tok)
+			if resp, err := http.DefaultClient.Do(req); err == nil {
+				_, _ = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+			}
+		}()
+	}
+	wg.Wait()
+	active := 0
+	for _, st := range keyStates(k, ids) {
+		if st == "active" {
+			active++
+		}
+	}
+	if active < 3 {
+		t.Fatalf("%d of 5 keys left in rotation after a refusal burst, want ≥ 3 (the floor)", active)
+	}
+	if states := keyStates(k, ids); states[4] != "active" {
+		t.Fatalf("the serving key is %q", states[4])
+	}
+	if active == 5 {
+		return // no key reached confirm_refusals: nothing to hold
+	}
+	_, m, _ := k.do("GET", "/metrics", "", nil)
+	if active == 3 && !strings.Contains(m["_raw"].(string), `keypool_key_holds_total{kind="floor",service="g"}`) {
+		t.Error("floor holds not counted")
+	}
+}

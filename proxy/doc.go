@@ -6,8 +6,10 @@
 //
 // Put a Transport under any http.Client; every request to the service's
 // base URL gets a pooled key, and a request that is rate-limited, rejected
-// (401/403), out of quota (402) or failing (5xx, resets, timeouts) on one
-// key is retried on another:
+// (401, an invalid-key code), out of quota (402) or failing (5xx, resets,
+// timeouts) on one key is retried on another; refusals about the key do
+// not spend MaxAttempts, ambiguous failures do, and a bare 403 repeated on
+// a second key is returned as the request's:
 //
 //	pool, _ := keypool.New(keypool.Config{})
 //	_ = pool.SetService(keypool.Service{Name: "openai", BaseURL: "https://api.openai.com", Auth: keypool.Bearer}, keys)

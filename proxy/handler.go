@@ -80,6 +80,8 @@ const DefaultMaxBodyBytes = 32 << 20
 // arrive and WebSocket upgrades pass through with the pooled key. Errors
 // keypool itself answers are JSON ({"error":{"message","type","code"}}),
 // mapped in one place: no key available → 429 no_key_available with
+// Retry-After; the upstream failing on every key that could serve (see
+// [keypool.UnavailableError]) → 503 upstream_unavailable with
 // Retry-After; upstream unreachable → 502 upstream_unreachable; upstream
 // timeout → 504 upstream_timeout. A client that goes away cancels the
 // upstream request without penalising the key; nothing is written and the
@@ -429,6 +431,7 @@ func (h *Handler) errorHandler(w http.ResponseWriter, r *http.Request, err error
 	}
 	st.err = err
 	var nk *keypool.NoKeyError
+	var ue *keypool.UnavailableError
 	var e *httpx.Error
 	switch {
 	case errors.As(err, &nk):
@@ -436,6 +439,12 @@ func (h *Handler) errorHandler(w http.ResponseWriter, r *http.Request, err error
 			Message: fmt.Sprintf("no key available for service %q; retry after %d s", st.service, int64((nk.RetryAfter+time.Second-1)/time.Second))}
 		if nk.Reason != "" {
 			e.Message += " (" + nk.Reason + ")"
+		}
+	case errors.As(err, &ue):
+		e = &httpx.Error{Status: http.StatusServiceUnavailable, Code: httpx.CodeUpstreamUnavailable, RetryAfter: ue.RetryAfter,
+			Message: fmt.Sprintf("upstream of service %q unavailable; retry after %d s", st.service, int64((ue.RetryAfter+time.Second-1)/time.Second))}
+		if ue.Reason != "" {
+			e.Message += " (" + ue.Reason + ")"
 		}
 	case errors.Is(err, keypool.ErrUnknownService):
 		e = httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", st.service)

@@ -229,7 +229,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 			"set KEYPOOL_EXTERNAL_DATABASE or -external-database (external keys are not loaded)", "services", named)
 	}
 
-	s.pool, err = keypool.New(keypool.Config{OnEvent: s.onEvent})
+	s.pool, err = keypool.New(keypool.Config{OnEvent: s.onEvent, OnHold: s.onHold})
 	if err != nil {
 		return nil, err
 	}

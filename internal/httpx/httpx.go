@@ -28,6 +28,7 @@ const (
 	CodeNoKeyAvailable      = "no_key_available"
 	CodeBudgetExceeded      = "budget_exceeded"
 	CodeUpstreamUnreachable = "upstream_unreachable"
+	CodeUpstreamUnavailable = "upstream_unavailable"
 	CodeUpstreamTimeout     = "upstream_timeout"
 	CodeInternal            = "internal_error"
 	CodeUnavailable         = "unavailable"

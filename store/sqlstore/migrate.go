@@ -123,6 +123,9 @@ var migrations = []migration{
 	{3, "service llm_family", []string{
 		`ALTER TABLE services ADD COLUMN llm_family TEXT NOT NULL DEFAULT ''`,
 	}},
+	{4, "service key_policy (retry_after_cap, confirm_refusals, min_active_keys, max_ejection_percent as JSON)", []string{
+		`ALTER TABLE services ADD COLUMN key_policy TEXT NOT NULL DEFAULT ''`,
+	}},
 }
 
 // latestVersion is the schema version this package writes.

@@ -16,7 +16,7 @@
 //	ANY  /v1/{service}/{rest}   proxy with a pooled key (team token)
 //	     /admin/…               admin API (admin token)
 //	GET  /key?service=&feature= lease a raw key (admin token, or a token with scope "lease")
-//	POST /key/{key_id}/report   report what a leased key met
+//	POST /key/{key_id}/report   report what a leased key met (with its lease_id)
 //	GET  /healthz               liveness
 //	GET  /readyz                store reachable and pools loaded
 //	GET  /metrics               Prometheus
@@ -32,6 +32,19 @@
 // token may use the proxy; leasing raw keys needs the "lease" scope.
 // Clients that keep presenting bad tokens are refused (429 rate_limited)
 // per address, without a store lookup.
+//
+// # Leases and reports
+//
+// GET /key answers {"key_id","service","value","lease_id","expires_at"};
+// the lease holds the key (one request in flight) until it is reported or
+// [Config.LeaseTTL] passes. POST /key/{key_id}/report takes
+// {"lease_id","outcome","retry_after"}: only the token that took the
+// lease, while its team may use the service, before it expires, once.
+// Errors: 400 bad_request without lease_id (only the admin token reports
+// on a key without a lease), 404 lease_not_found (unknown, another key's,
+// or held by another replica: leases live in the process that handed
+// them out), 403 forbidden (another token's lease), 409 lease_reported,
+// 410 lease_expired.
 //
 // # Metering, budgets and model allow-lists
 //
@@ -291,7 +304,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		uopts.Logger = log
 	}
 	s.usage = store.NewUsageWriter(s.st, uopts)
-	s.leases = newLeaseBook(time.Duration(cfg.LeaseTTL), s.pool.Now)
+	s.leases = newLeaseBook(time.Duration(cfg.LeaseTTL), s.now)
 
 	if s.admin, err = admin.New(admin.Config{
 		Store: s.st, Pool: s.pool, Auth: s.auth, Failures: s.fails,

@@ -42,7 +42,9 @@ const DefaultMaxBodyBytes = 32 << 20
 //     unknown_service, so that unauthenticated callers cannot probe which
 //     services exist;
 //  3. reads the body, up to MaxBodyBytes (413 request_too_large above it),
-//     so that it can be replayed byte for byte on another key;
+//     so that it can be replayed byte for byte on another key (a read
+//     error that is an *httpx.Error, such as keypoold's 408
+//     request_timeout for a body that stalls, is answered as it is);
 //  4. calls Prepare, if set, with the buffered body (keypoold meters,
 //     checks model allow-lists and admits budgets there).
 //
@@ -278,7 +280,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		_, err := b.ReadFrom(http.MaxBytesReader(w, r.Body, max))
 		if err != nil {
 			var mbe *http.MaxBytesError
-			if errors.As(err, &mbe) {
+			var he *httpx.Error
+			if errors.As(err, &he) {
+				h.reject(rec, st, he) // a body read timeout (408), say
+			} else if errors.As(err, &mbe) {
 				h.reject(rec, st, httpx.Errorf(http.StatusRequestEntityTooLarge, httpx.CodeRequestTooLarge, "request body is larger than %d bytes", max))
 			} else {
 				h.reject(rec, st, httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "reading the request body failed"))

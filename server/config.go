@@ -25,7 +25,12 @@ const (
 	DefaultDrainTimeout = 30 * time.Second
 	DefaultMaxBodyBytes = 32 << 20
 	DefaultLeaseTTL     = 10 * time.Minute
-	DefaultSyncInterval = 5 * time.Second
+	// DefaultBodyIdleTimeout and DefaultBodyTimeout bound reading a
+	// request body: no byte for 30 s, or the whole body not in within
+	// 5 minutes (32 MiB then needs about 110 KB/s), is 408.
+	DefaultBodyIdleTimeout = 30 * time.Second
+	DefaultBodyTimeout     = 5 * time.Minute
+	DefaultSyncInterval    = 5 * time.Second
 	// DefaultOutputTokens is the output token estimate of a metered
 	// request that sets no max_tokens.
 	DefaultOutputTokens = 1024
@@ -96,6 +101,13 @@ type Config struct {
 	// LeaseTTL is how long a key leased by GET /key stays taken before it
 	// is returned without a report. If zero, 10 minutes.
 	LeaseTTL Duration `json:"lease_ttl,omitempty" yaml:"lease_ttl,omitempty"`
+	// BodyIdleTimeout cuts a request whose body sends no byte for this
+	// long with 408 request_timeout. If zero, 30s.
+	BodyIdleTimeout Duration `json:"body_idle_timeout,omitempty" yaml:"body_idle_timeout,omitempty"`
+	// BodyTimeout cuts a request whose whole body has not arrived this
+	// long after its first read with 408 request_timeout, however it
+	// trickles. If zero, 5 minutes.
+	BodyTimeout Duration `json:"body_timeout,omitempty" yaml:"body_timeout,omitempty"`
 	// SyncInterval is how often the store is polled for changes (a
 	// cheap version query); PostgreSQL also pushes changes with LISTEN. If
 	// zero, 5s.
@@ -206,6 +218,8 @@ const (
 	EnvDrainTimeout     = "KEYPOOL_DRAIN_TIMEOUT"
 	EnvPrices           = "KEYPOOL_PRICES"
 	EnvTrustedProxies   = "KEYPOOL_TRUSTED_PROXIES"
+	EnvBodyIdleTimeout  = "KEYPOOL_BODY_IDLE_TIMEOUT"
+	EnvBodyTimeout      = "KEYPOOL_BODY_TIMEOUT"
 )
 
 // ApplyEnv overrides c with the KEYPOOL_* variables that lookup finds set
@@ -253,12 +267,15 @@ func (c *Config) ApplyEnv(lookup func(string) (string, bool)) error {
 	if v, ok := get(EnvPrices); ok {
 		c.PricesFile = v
 	}
-	if v, ok := get(EnvDrainTimeout); ok {
-		var d Duration
-		if err := d.UnmarshalText([]byte(v)); err != nil {
-			return fmt.Errorf("server: %s: %w", EnvDrainTimeout, err)
+	for _, d := range [...]struct {
+		env string
+		dst *Duration
+	}{{EnvDrainTimeout, &c.DrainTimeout}, {EnvBodyIdleTimeout, &c.BodyIdleTimeout}, {EnvBodyTimeout, &c.BodyTimeout}} {
+		if v, ok := get(d.env); ok {
+			if err := d.dst.UnmarshalText([]byte(v)); err != nil {
+				return fmt.Errorf("server: %s: %w", d.env, err)
+			}
 		}
-		c.DrainTimeout = d
 	}
 	return nil
 }
@@ -291,6 +308,12 @@ func (c Config) withDefaults() Config {
 	}
 	if c.LeaseTTL <= 0 {
 		c.LeaseTTL = Duration(DefaultLeaseTTL)
+	}
+	if c.BodyIdleTimeout <= 0 {
+		c.BodyIdleTimeout = Duration(DefaultBodyIdleTimeout)
+	}
+	if c.BodyTimeout <= 0 {
+		c.BodyTimeout = Duration(DefaultBodyTimeout)
 	}
 	if c.SyncInterval <= 0 {
 		c.SyncInterval = Duration(DefaultSyncInterval)

@@ -33,17 +33,19 @@ type serviceInput struct {
 	// LLMFamily is the metered wire format: openai, anthropic, gemini,
 	// none, or empty for detection per request.
 	LLMFamily opt[string] `json:"llm_family"`
+	timeoutsInput
 	limitsInput
 }
 
 // serviceView is a service as the API shows it: prices as a JSON object.
 type serviceView struct {
 	store.Service
+	timeoutsView
 	Prices json.RawMessage `json:"prices,omitempty"`
 }
 
 func viewService(s store.Service) serviceView {
-	v := serviceView{Service: s}
+	v := serviceView{Service: s, timeoutsView: viewTimeouts(s)}
 	if s.Prices != "" && json.Valid([]byte(s.Prices)) {
 		v.Prices = json.RawMessage(s.Prices)
 	}
@@ -123,6 +125,9 @@ func (in *serviceInput) apply(s *store.Service, allowMD bool) error {
 			return err
 		}
 		s.Prices = p
+	}
+	if err := in.timeoutsInput.apply(s); err != nil {
+		return err
 	}
 	return in.limitsInput.apply(&s.Limits)
 }

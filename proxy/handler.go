@@ -1,17 +1,20 @@
 package proxy
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/keypool/keypool"
@@ -125,6 +128,17 @@ type Handler struct {
 	// unknown length, so SSE and other streams reach the client as they
 	// arrive. Negative flushes after every write for all responses.
 	FlushInterval time.Duration
+	// IdleTimeout bounds each read of an upstream response body (the wait
+	// between stream events): a stream that stays silent longer ends with
+	// a final SSE error event (504 upstream_timeout) or, for other bodies,
+	// a cut connection. A service's own IdleTimeout overrides it. If zero,
+	// reads are not bounded. It does not apply to WebSockets.
+	IdleTimeout time.Duration
+	// Timeout bounds a whole request, failover and response body
+	// included: 504 upstream_timeout before the response started, a final
+	// SSE error event or a cut body after. A service's own Timeout
+	// overrides it. If zero, none. It does not apply to WebSockets.
+	Timeout time.Duration
 
 	once sync.Once
 	rp   *httputil.ReverseProxy
@@ -181,6 +195,11 @@ type reqState struct {
 	status   int       // set when the client went away
 	code     string
 	err      error
+
+	cancel   context.CancelCauseFunc // stops the request (see StopCause)
+	idle     time.Duration
+	stopCode atomic.Pointer[string] // the code of a stop that ended the body
+	client   hijackConn             // the client connection of an upgrade
 }
 
 func (h *Handler) init() {
@@ -314,12 +333,32 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	st.target = target
 	_, st.wsToken = wsToken(r.Header)
-	h.rp.ServeHTTP(rec, r.WithContext(context.WithValue(r.Context(), trackerKey, st)))
+	ctx, cancel := context.WithCancelCause(context.WithValue(r.Context(), trackerKey, st))
+	defer cancel(nil)
+	st.cancel = cancel
+	if r.Header.Get("Upgrade") == "" {
+		st.idle = pick(svc.IdleTimeout, h.IdleTimeout)
+		if total := pick(svc.Timeout, h.Timeout); total > 0 {
+			var stop context.CancelFunc
+			ctx, stop = context.WithTimeoutCause(ctx, total, httpx.Errorf(http.StatusGatewayTimeout, httpx.CodeUpstreamTimeout,
+				"service %q did not answer within its %s deadline", service, total))
+			defer stop()
+		}
+	}
+	h.rp.ServeHTTP(hijackRecorder{rec, st}, r.WithContext(ctx))
 	if st.upgraded != nil {
 		// ReverseProxy closes the upstream connection from a goroutine;
 		// close it now so the key is released before OnDone.
 		_ = st.upgraded.Close()
 	}
+}
+
+// pick returns the service's setting when it has one, else the default.
+func pick(svc, def time.Duration) time.Duration {
+	if svc > 0 {
+		return svc
+	}
+	return def
 }
 
 // reject answers with err before anything was forwarded.
@@ -381,9 +420,31 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 		}
 	}
 	if h.ModifyResponse != nil {
-		return h.ModifyResponse(resp)
+		if err := h.ModifyResponse(resp); err != nil {
+			return err
+		}
 	}
+	wrapStream(resp)
 	return nil
+}
+
+// wrapStream wraps an upstream response body so that a stop or the idle
+// timeout ends it as the response allows (see StopCause).
+func wrapStream(resp *http.Response) {
+	if resp.Request == nil || resp.Body == nil || resp.Body == http.NoBody {
+		return
+	}
+	ctx := resp.Request.Context()
+	st, ok := ctx.Value(trackerKey).(*reqState)
+	if !ok || st.cancel == nil {
+		return
+	}
+	if rwc, ok := resp.Body.(io.ReadWriteCloser); ok && resp.StatusCode == http.StatusSwitchingProtocols {
+		resp.Body = &wsConn{rwc: rwc, ctx: ctx, st: st}
+		return
+	}
+	resp.Body = &streamBody{rc: resp.Body, ctx: ctx, st: st, cancel: st.cancel, idle: st.idle,
+		sse: isEventStream(resp.Header.Get("Content-Type"))}
 }
 
 // errorHandler maps every error of a forwarded request to its answer.
@@ -404,6 +465,9 @@ func (h *Handler) errorHandler(w http.ResponseWriter, r *http.Request, err error
 		}
 	case errors.Is(err, keypool.ErrUnknownService):
 		e = httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", st.service)
+	case StopCause(r.Context()) != nil:
+		// Stopped: the token was revoked, or the deadline passed.
+		e = StopCause(r.Context())
 	case r.Context().Err() != nil:
 		// The client went away: nobody to answer.
 		st.code, st.status = "canceled", 499
@@ -437,6 +501,9 @@ func (st *reqState) result(rec *responseRecorder) Result {
 		BytesIn: int64(len(st.body)), BytesOut: rec.bytes,
 		Duration: time.Since(st.start), Code: st.code, Err: st.err,
 		Status: rec.status,
+	}
+	if res.Code == "" {
+		res.Code = st.stopCodeOf()
 	}
 	switch {
 	case st.status != 0:
@@ -477,6 +544,32 @@ func (w *responseRecorder) Flush() { _ = http.NewResponseController(w.ResponseWr
 
 // Unwrap returns the wrapped ResponseWriter.
 func (w *responseRecorder) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// hijackRecorder is the responseRecorder ReverseProxy writes to: it notes
+// the client connection of an upgrade, so that a stopped WebSocket can
+// be closed (see reqState.closeClientSoon).
+type hijackRecorder struct {
+	*responseRecorder
+	st *reqState
+}
+
+// Hijack hijacks the client connection and notes it.
+func (w hijackRecorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	c, brw, err := http.NewResponseController(w.responseRecorder).Hijack()
+	if err == nil {
+		h := &w.st.client
+		h.mu.Lock()
+		h.conn = c
+		if h.closing {
+			_ = c.SetReadDeadline(time.Now())
+		}
+		h.mu.Unlock()
+	}
+	return c, brw, err
+}
+
+// Unwrap returns the responseRecorder.
+func (w hijackRecorder) Unwrap() http.ResponseWriter { return w.responseRecorder }
 
 // parseTarget splits /v1/{service}/{rest} and rejects targets that could
 // leave the service's base path.

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/keypool/keypool"
+	"github.com/keypool/keypool/admin"
 	"github.com/keypool/keypool/meter"
 	"github.com/keypool/keypool/store"
 	"github.com/keypool/keypool/store/external"
@@ -30,7 +31,15 @@ const (
 	// 5 minutes (32 MiB then needs about 110 KB/s), is 408.
 	DefaultBodyIdleTimeout = 30 * time.Second
 	DefaultBodyTimeout     = 5 * time.Minute
-	DefaultSyncInterval    = 5 * time.Second
+	// DefaultUpstreamHeaderTimeout, DefaultUpstreamIdleTimeout and
+	// DefaultUpstreamTimeout are the upstream timeouts of a service that
+	// sets none: 10 minutes to the response headers per attempt (enough
+	// for a long non-streaming LLM answer), 5 minutes between reads of a
+	// response body (stream events), 30 minutes for the whole request.
+	DefaultUpstreamHeaderTimeout = 10 * time.Minute
+	DefaultUpstreamIdleTimeout   = 5 * time.Minute
+	DefaultUpstreamTimeout       = 30 * time.Minute
+	DefaultSyncInterval          = 5 * time.Second
 	// DefaultOutputTokens is the output token estimate of a metered
 	// request that sets no max_tokens.
 	DefaultOutputTokens = 1024
@@ -108,6 +117,19 @@ type Config struct {
 	// long after its first read with 408 request_timeout, however it
 	// trickles. If zero, 5 minutes.
 	BodyTimeout Duration `json:"body_timeout,omitempty" yaml:"body_timeout,omitempty"`
+	// UpstreamHeaderTimeout bounds how long one attempt waits for an
+	// upstream's response headers before the key counts a Failure and the
+	// next key is tried (504 upstream_timeout when none is left). If zero,
+	// 10 minutes. A service's header_timeout overrides it.
+	UpstreamHeaderTimeout Duration `json:"upstream_header_timeout,omitempty" yaml:"upstream_header_timeout,omitempty"`
+	// UpstreamIdleTimeout bounds the wait for each read of an upstream
+	// response body (the gap between stream events). If zero, 5 minutes.
+	// A service's idle_timeout overrides it.
+	UpstreamIdleTimeout Duration `json:"upstream_idle_timeout,omitempty" yaml:"upstream_idle_timeout,omitempty"`
+	// UpstreamTimeout bounds a whole proxied request, failover and
+	// response body included (WebSockets excepted). If zero, 30 minutes.
+	// A service's request_timeout overrides it.
+	UpstreamTimeout Duration `json:"upstream_timeout,omitempty" yaml:"upstream_timeout,omitempty"`
 	// SyncInterval is how often the store is polled for changes (a
 	// cheap version query); PostgreSQL also pushes changes with LISTEN. If
 	// zero, 5s.
@@ -185,8 +207,14 @@ type ServiceSpec struct {
 	Prices map[string]meter.Price `json:"prices,omitempty" yaml:"prices,omitempty"`
 	// ModelsEnabled lists the models clients may call; kept as stored
 	// when empty.
-	ModelsEnabled []string  `json:"models_enabled,omitempty" yaml:"models_enabled,omitempty"`
-	Keys          []KeySpec `json:"keys,omitempty" yaml:"keys,omitempty"`
+	ModelsEnabled []string `json:"models_enabled,omitempty" yaml:"models_enabled,omitempty"`
+	// HeaderTimeout, IdleTimeout and RequestTimeout override the server's
+	// upstream timeouts for this service (see [Config.UpstreamHeaderTimeout]);
+	// kept as stored when zero.
+	HeaderTimeout  Duration  `json:"header_timeout,omitempty" yaml:"header_timeout,omitempty"`
+	IdleTimeout    Duration  `json:"idle_timeout,omitempty" yaml:"idle_timeout,omitempty"`
+	RequestTimeout Duration  `json:"request_timeout,omitempty" yaml:"request_timeout,omitempty"`
+	Keys           []KeySpec `json:"keys,omitempty" yaml:"keys,omitempty"`
 }
 
 // KeySpec is an upstream key declared in the configuration file. Write its
@@ -309,6 +337,15 @@ func (c Config) withDefaults() Config {
 	if c.LeaseTTL <= 0 {
 		c.LeaseTTL = Duration(DefaultLeaseTTL)
 	}
+	if c.UpstreamHeaderTimeout <= 0 {
+		c.UpstreamHeaderTimeout = Duration(DefaultUpstreamHeaderTimeout)
+	}
+	if c.UpstreamIdleTimeout <= 0 {
+		c.UpstreamIdleTimeout = Duration(DefaultUpstreamIdleTimeout)
+	}
+	if c.UpstreamTimeout <= 0 {
+		c.UpstreamTimeout = Duration(DefaultUpstreamTimeout)
+	}
 	if c.BodyIdleTimeout <= 0 {
 		c.BodyIdleTimeout = Duration(DefaultBodyIdleTimeout)
 	}
@@ -384,6 +421,14 @@ func (s *ServiceSpec) validate() error {
 	}
 	if _, err := json.Marshal(s.Prices); err != nil {
 		return fmt.Errorf("service %q: prices: %w", s.Name, err)
+	}
+	for _, d := range [...]struct {
+		name string
+		v    Duration
+	}{{"header_timeout", s.HeaderTimeout}, {"idle_timeout", s.IdleTimeout}, {"request_timeout", s.RequestTimeout}} {
+		if d.v < 0 || time.Duration(d.v) > admin.MaxServiceTimeout {
+			return fmt.Errorf("service %q: %s must be between 0 and %s", s.Name, d.name, admin.MaxServiceTimeout)
+		}
 	}
 	for j, k := range s.Keys {
 		if k.KeyValue.IsZero() {

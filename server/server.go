@@ -320,7 +320,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	s.proxy = &proxy.Handler{
 		Pool:           s.pool,
-		Transport:      &proxy.Transport{Base: upstream, OnAttempt: s.onAttempt},
+		Transport:      &proxy.Transport{Base: upstream, OnAttempt: s.onAttempt, AttemptTimeout: time.Duration(cfg.UpstreamHeaderTimeout)},
+		IdleTimeout:    time.Duration(cfg.UpstreamIdleTimeout),
+		Timeout:        time.Duration(cfg.UpstreamTimeout),
 		Authorize:      s.authorize,
 		Prepare:        s.prepare,
 		MaxBodyBytes:   cfg.MaxBodyBytes,

@@ -631,6 +631,10 @@ func ToPool(svc Service, keys []Key) (keypool.Service, []keypool.Key, error) {
 		MaxInFlight:  svc.MaxInFlight,
 		Selector:     sel,
 		Headers:      maps.Clone(svc.ProxyHeaders),
+
+		HeaderTimeout: svc.HeaderTimeout,
+		IdleTimeout:   svc.IdleTimeout,
+		Timeout:       svc.RequestTimeout,
 	}
 	pk := make([]keypool.Key, len(keys))
 	for i, k := range keys {

@@ -1,6 +1,7 @@
 package httpx
 
 import (
+	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
@@ -82,4 +83,18 @@ func (b *timedBody) Close() error { return b.rc.Close() }
 func isTimeout(err error) bool {
 	var te interface{ Timeout() bool }
 	return errors.As(err, &te) && te.Timeout()
+}
+
+// MarshalError returns err in the JSON error shape WriteError writes
+// ({"error":{"message","type","code"}}), without a trailing newline; an
+// error that is not an *Error becomes 500 internal_error.
+func MarshalError(err error) []byte {
+	var e *Error
+	if !errors.As(err, &e) {
+		e = &Error{Status: http.StatusInternalServerError, Code: CodeInternal, Message: "internal error"}
+	}
+	var b body
+	b.Error.Message, b.Error.Type, b.Error.Code = e.Message, typeFor(e.Status), e.Code
+	out, _ := json.Marshal(b)
+	return out
 }

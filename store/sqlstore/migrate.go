@@ -123,6 +123,11 @@ var migrations = []migration{
 	{3, "service llm_family", []string{
 		`ALTER TABLE services ADD COLUMN llm_family TEXT NOT NULL DEFAULT ''`,
 	}},
+	{4, "service upstream timeouts", []string{
+		`ALTER TABLE services ADD COLUMN header_timeout_ms BIGINT NOT NULL DEFAULT 0`,
+		`ALTER TABLE services ADD COLUMN idle_timeout_ms BIGINT NOT NULL DEFAULT 0`,
+		`ALTER TABLE services ADD COLUMN request_timeout_ms BIGINT NOT NULL DEFAULT 0`,
+	}},
 }
 
 // latestVersion is the schema version this package writes.

@@ -29,7 +29,7 @@ import (
 //     "event: error\ndata: {"error":{…}}\n\n" after the last complete
 //     event, and the stream ends cleanly;
 //   - in a WebSocket, as a close frame (1008 policy violation for 401 and
-//     403, 1011 otherwise) with the error's message as its reason, sent
+//     403, 1013 try again later for 503, 1011 otherwise) with the error's message as its reason, sent
 //     at a frame boundary; the client has [wsCloseGrace] to close its
 //     side before its connection is closed;
 //   - in any other body, by cutting the connection (the client sees a
@@ -193,8 +193,11 @@ func (c *wsConn) Close() error                { return c.rwc.Close() }
 // with e's message as the reason (at most 123 bytes of UTF-8).
 func closeFrame(e *httpx.Error) []byte {
 	code := uint16(1011)
-	if e.Status == http.StatusUnauthorized || e.Status == http.StatusForbidden {
-		code = 1008
+	switch e.Status {
+	case http.StatusUnauthorized, http.StatusForbidden:
+		code = 1008 // policy violation
+	case http.StatusServiceUnavailable:
+		code = 1013 // try again later
 	}
 	reason := e.Message
 	for len(reason) > 123 || !utf8.ValidString(reason) {

@@ -157,6 +157,7 @@ type Server struct {
 	inflight   atomic.Int64
 	draining   atomic.Bool
 	hijacked   connSet
+	open       openCalls
 
 	bgCancel context.CancelFunc
 	bg       sync.WaitGroup
@@ -267,7 +268,8 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, err
 	}
 
-	s.auth = auth.New(s.st, auth.Config{AdminToken: cfg.AdminToken.Reveal(), CacheTTL: time.Duration(cfg.AuthCacheTTL)})
+	s.auth = auth.New(s.st, auth.Config{AdminToken: cfg.AdminToken.Reveal(), CacheTTL: time.Duration(cfg.AuthCacheTTL),
+		OnInvalidate: s.onInvalidate})
 	s.fails = auth.NewFailureLimiter(auth.FailureConfig{})
 	trusted, err := parsePrefixes(cfg.TrustedProxies)
 	if err != nil {
@@ -607,6 +609,7 @@ func (s *Server) onAdminChange() {
 		s.log.Warn("reading service limits failed", "err", err)
 	}
 	s.budgets.clear()
+	s.sweepKeys()
 }
 
 // refreshServiceLimits reads each service's client limits, metering
@@ -638,6 +641,11 @@ func (s *Server) watchServiceLimits(ctx context.Context) {
 		}
 		if err := s.refreshServiceLimits(ctx); err == nil {
 			last = v
+		}
+		// The syncer reloads keys on the same version change; end what
+		// disabled or removed keys serve once it has.
+		if err := s.syncer.Sync(ctx); err == nil {
+			s.sweepKeys()
 		}
 	}
 }

@@ -80,6 +80,19 @@ const DefaultMaxBodyBytes = 32 << 20
 // upstream request without penalising the key; nothing is written and the
 // [Result] has status 499 and code "canceled".
 //
+// Ending early. A request whose context is canceled with a cause that is
+// an *httpx.Error (context.WithCancelCause; keypoold does so when the
+// caller's token is revoked, and the Handler itself when Timeout passes or
+// the upstream is silent for IdleTimeout) is answered with that error in
+// the form the response allows: before the response headers, as the JSON
+// error with its status; in a text/event-stream, as a final event
+// "event: error\ndata: {"error":{…}}\n\n" after the last complete event,
+// and the stream ends cleanly; in a WebSocket, as a close frame at the next
+// frame boundary (1008 policy violation for 401 and 403, 1013 try again
+// later for 503, 1011 otherwise) with the error's message as its reason,
+// after which the client has one second to close its side; in any other
+// body, by cutting the connection (the client sees a truncated body).
+//
 // Set the fields before the first request and do not change them after;
 // a Handler must not be copied after first use. It is safe for concurrent
 // use.
@@ -196,7 +209,7 @@ type reqState struct {
 	code     string
 	err      error
 
-	cancel   context.CancelCauseFunc // stops the request (see StopCause)
+	cancel   context.CancelCauseFunc // stops the request (see stopCause)
 	idle     time.Duration
 	stopCode atomic.Pointer[string] // the code of a stop that ended the body
 	client   hijackConn             // the client connection of an upgrade
@@ -429,7 +442,7 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 }
 
 // wrapStream wraps an upstream response body so that a stop or the idle
-// timeout ends it as the response allows (see StopCause).
+// timeout ends it as the response allows (see stopCause).
 func wrapStream(resp *http.Response) {
 	if resp.Request == nil || resp.Body == nil || resp.Body == http.NoBody {
 		return
@@ -465,9 +478,9 @@ func (h *Handler) errorHandler(w http.ResponseWriter, r *http.Request, err error
 		}
 	case errors.Is(err, keypool.ErrUnknownService):
 		e = httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", st.service)
-	case StopCause(r.Context()) != nil:
+	case stopCause(r.Context()) != nil:
 		// Stopped: the token was revoked, or the deadline passed.
-		e = StopCause(r.Context())
+		e = stopCause(r.Context())
 	case r.Context().Err() != nil:
 		// The client went away: nobody to answer.
 		st.code, st.status = "canceled", 499

@@ -15,33 +15,13 @@ import (
 	"github.com/keypool/keypool/internal/httpx"
 )
 
-// How a response that is under way ends early.
-//
-// A request's context may be canceled with a cause that is an
-// *httpx.Error (context.WithCancelCause): keypoold does so when the
-// caller's token is revoked, and the [Handler] does so when a service's
-// overall deadline passes or its upstream goes quiet for longer than the
-// idle timeout. The Handler then answers with that error in the form the
-// response allows:
-//
-//   - before the response headers, as the JSON error with its status;
-//   - in a text/event-stream, as a final event
-//     "event: error\ndata: {"error":{…}}\n\n" after the last complete
-//     event, and the stream ends cleanly;
-//   - in a WebSocket, as a close frame (1008 policy violation for 401 and
-//     403, 1013 try again later for 503, 1011 otherwise) with the error's message as its reason, sent
-//     at a frame boundary; the client has [wsCloseGrace] to close its
-//     side before its connection is closed;
-//   - in any other body, by cutting the connection (the client sees a
-//     truncated body).
-
 // wsCloseGrace is how long a WebSocket client has, after keypool's close
 // frame, to close its side before its connection is closed.
 const wsCloseGrace = time.Second
 
-// StopCause returns the *httpx.Error ctx was canceled with, or nil when
+// stopCause returns the *httpx.Error ctx was canceled with, or nil when
 // ctx is live or ended for another reason (the client went away).
-func StopCause(ctx context.Context) *httpx.Error {
+func stopCause(ctx context.Context) *httpx.Error {
 	if ctx.Err() == nil {
 		return nil
 	}
@@ -59,7 +39,7 @@ func isEventStream(ct string) bool {
 }
 
 // streamBody is an upstream response body that enforces the idle timeout
-// between reads and turns a stop (see StopCause) into a final SSE event.
+// between reads and turns a stop (see stopCause) into a final SSE event.
 // ReverseProxy reads it from the handler's goroutine only.
 type streamBody struct {
 	rc     io.ReadCloser
@@ -104,7 +84,7 @@ func (b *streamBody) Read(p []byte) (int, error) {
 		}
 	}
 	if err != nil && err != io.EOF {
-		if e := StopCause(b.ctx); e != nil {
+		if e := stopCause(b.ctx); e != nil {
 			b.st.stopCode.Store(&e.Code)
 			if b.sse {
 				b.tail = b.finalEvent(e)
@@ -146,7 +126,7 @@ func (b *streamBody) Close() error {
 }
 
 // wsConn is the upstream side of an upgraded (WebSocket) connection. It
-// follows the frames the upstream sends, so that a stop (see StopCause)
+// follows the frames the upstream sends, so that a stop (see stopCause)
 // is delivered to the client as a close frame at a frame boundary. Reads
 // run on one ReverseProxy goroutine, writes on another.
 type wsConn struct {
@@ -173,7 +153,7 @@ func (c *wsConn) Read(p []byte) (int, error) {
 	n, err := c.rwc.Read(p)
 	c.frames.feed(p[:n])
 	if err != nil {
-		if e := StopCause(c.ctx); e != nil {
+		if e := stopCause(c.ctx); e != nil {
 			c.st.stopCode.Store(&e.Code)
 			if c.frames.atBoundary() {
 				c.tail = closeFrame(e)

@@ -46,6 +46,20 @@
 // them out), 403 forbidden (another token's lease), 409 lease_reported,
 // 410 lease_expired.
 //
+// # Timeouts and revocation
+//
+// Each proxied attempt waits at most [Config.UpstreamHeaderTimeout] (10
+// min; a service's header_timeout overrides it) for response headers, then
+// counts as a Failure of its key and fails over; body reads wait at most
+// [Config.UpstreamIdleTimeout] (5 min; idle_timeout) and a whole request
+// [Config.UpstreamTimeout] (30 min; request_timeout), answered 504
+// upstream_timeout or, in a stream, with a final SSE error event. Request
+// bodies are cut with 408 request_timeout after [Config.BodyIdleTimeout]
+// without a byte or [Config.BodyTimeout] in all. Revoking a token,
+// removing its team or user, or disabling or deleting a key ends the open
+// requests, SSE streams and WebSockets they hold on this replica before
+// the admin call answers (see streams.go).
+//
 // # Metering, budgets and model allow-lists
 //
 // Requests to a service of an LLM family (its llm_family, or detected from

@@ -19,7 +19,7 @@ import (
 // the moment it is authorized until it ends, under its token, team and
 // user, and under its key once the upstream answered. Ending one cancels
 // its context with an *httpx.Error cause, which the proxy turns into the
-// answer the response allows (see proxy.StopCause): a JSON error before
+// answer the response allows (see the proxy): a JSON error before
 // the response started, a final SSE error event, a WebSocket close frame
 // (1008 for a revoked client, 1013 for a disabled key).
 //

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/keypool/keypool/server"
 )
 
 // revocationBound is how soon after the admin call that revokes it an
@@ -287,4 +289,31 @@ func TestRevocationEndsStreams(t *testing.T) {
 		t.Errorf("a rename cut the stream: %v %q", err, string(rest)[max(0, len(rest)-200):])
 	}
 	k.checkLogs()
+}
+
+// A key disabled through one replica ends the streams it serves on
+// another once that replica sees the store change (within SyncInterval).
+func TestKeyDisabledElsewhereEndsStreams(t *testing.T) {
+	up := streamUpstream(t)
+	const every = 200 * time.Millisecond
+	var db server.SecretURL
+	k1 := startKP(t, func(c *server.Config) { c.SyncInterval = server.Duration(every); db = c.Database })
+	k2 := startKP(t, func(c *server.Config) { c.SyncInterval = server.Duration(every); c.Database = db })
+	k1.addService("live", up.URL, "bearer", nil)
+	id := k1.addKey("live", keyA, nil)
+	tok := k1.addToken(k1.addTeam("t", nil), nil)
+	eventually(t, "replica 2 loads the key", func() bool { st, _ := k2.srv.Pool().Stats("live"); return len(st) == 1 })
+
+	_, sse := openSSE(t, k2, tok)
+	start := time.Now()
+	k1.mustAdmin("PATCH", "/admin/keys/"+id, map[string]any{"status": "disabled"}, 200)
+	rest, err := io.ReadAll(sse)
+	took := time.Since(start)
+	if err != nil || !strings.Contains(string(rest), "event: error\ndata: ") || strings.Contains(string(rest), "[DONE]") {
+		t.Fatalf("stream on replica 2: %v %q", err, string(rest)[max(0, len(rest)-300):])
+	}
+	if took > 2*every+time.Second {
+		t.Errorf("replica 2 ended the stream %s after the key was disabled; sync interval %s", took, every)
+	}
+	t.Logf("replica 2 ended the stream %s after the key was disabled on replica 1 (sync interval %s)", took, every)
 }

@@ -21,7 +21,9 @@
 // effect to the second. A token revoked or deleted through the admin API
 // stops working at once on the replica that served the admin call (which
 // calls [Authenticator.Invalidate]) and within CacheTTL on every other
-// replica sharing the database: that is the documented bound.
+// replica sharing the database: that is the documented bound. Every
+// invalidation is reported to [Config.OnInvalidate], through which
+// keypoold ends the open streams of a revoked token, team or user.
 //
 // # Secrets
 //

@@ -354,7 +354,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if total := pick(svc.Timeout, h.Timeout); total > 0 {
 			var stop context.CancelFunc
 			ctx, stop = context.WithTimeoutCause(ctx, total, httpx.Errorf(http.StatusGatewayTimeout, httpx.CodeUpstreamTimeout,
-				"service %q did not answer within its %s deadline", service, total))
+				"the request to service %q did not finish within its %s deadline", service, total))
 			defer stop()
 		}
 	}

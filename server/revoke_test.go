@@ -317,3 +317,68 @@ func TestKeyDisabledElsewhereEndsStreams(t *testing.T) {
 	}
 	t.Logf("replica 2 ended the stream %s after the key was disabled on replica 1 (sync interval %s)", took, every)
 }
+
+// 100 SSE streams and 100 WebSockets of one token all end within the
+// revocation bound.
+func TestRevocationEndsManyStreams(t *testing.T) {
+	up := streamUpstream(t)
+	k := startKP(t)
+	k.addService("live", up.URL, "bearer", nil)
+	k.addKey("live", keyA, nil)
+	m := k.mustAdmin("POST", "/admin/tokens", map[string]any{"name": "t", "team_id": k.addTeam("t", nil)}, 201)
+	tok, tokenID := m["token"].(string), m["id"].(string)
+	k.secrets = append(k.secrets, tok)
+
+	const n = 100
+	sses := make([]*bufio.Reader, n)
+	wss := make([]*bufio.Reader, n)
+	for i := range n {
+		_, sses[i] = openSSE(t, k, tok)
+		_, wss[i] = openWS(t, k, tok)
+	}
+	ended := make(chan string, 2*n)
+	start := time.Now()
+	for i := range n {
+		go func() {
+			rest, err := io.ReadAll(sses[i])
+			if err != nil || !strings.Contains(string(rest), `"code":"invalid_token"`) {
+				ended <- fmt.Sprintf("SSE %d: %v %q", i, err, string(rest)[max(0, len(rest)-100):])
+				return
+			}
+			ended <- ""
+		}()
+		go func() {
+			for {
+				op, payload, err := readFrame(wss[i])
+				switch {
+				case err != nil:
+					ended <- fmt.Sprintf("WebSocket %d: %v", i, err)
+					return
+				case op == 8 && len(payload) >= 2 && binary.BigEndian.Uint16(payload) == 1008:
+					ended <- ""
+					return
+				case op != 1:
+					ended <- fmt.Sprintf("WebSocket %d: opcode %d", i, op)
+					return
+				}
+			}
+		}()
+	}
+	k.mustAdmin("PATCH", "/admin/tokens/"+tokenID, map[string]any{"is_active": false}, 200)
+	deadline := time.After(5 * time.Second)
+	for range 2 * n {
+		select {
+		case msg := <-ended:
+			if msg != "" {
+				t.Error(msg)
+			}
+		case <-deadline:
+			t.Fatal("streams still open 5 s after the revocation")
+		}
+	}
+	took := time.Since(start)
+	if took > revocationBound {
+		t.Errorf("%d streams and %d WebSockets ended %s after the revocation, bound %s", n, n, took, revocationBound)
+	}
+	t.Logf("%d SSE streams and %d WebSockets ended %s after the admin call began", n, n, took)
+}

@@ -156,6 +156,15 @@ type Service struct {
 	// others with an *[UnavailableError]. If zero, 50; 100 disables the
 	// cap.
 	MaxEjectionPercent int
+	// HeaderTimeout bounds how long one attempt waits for the upstream's
+	// response headers before it counts as a Failure of its key and the
+	// next key is tried; IdleTimeout bounds the wait for each read of a
+	// response body (the time between stream events); Timeout bounds a
+	// whole request, failover and body included. Zero means the
+	// proxy's own setting (see proxy.Transport and proxy.Handler).
+	HeaderTimeout time.Duration
+	IdleTimeout   time.Duration
+	Timeout       time.Duration
 }
 
 // OutcomeKind classifies what happened to a request made with a key.

@@ -33,6 +33,7 @@ type serviceInput struct {
 	// LLMFamily is the metered wire format: openai, anthropic, gemini,
 	// none, or empty for detection per request.
 	LLMFamily opt[string] `json:"llm_family"`
+	timeoutsInput
 	limitsInput
 	keyPolicyInput
 }
@@ -71,11 +72,12 @@ func (in *keyPolicyInput) apply(p *store.KeyPolicy) error {
 // serviceView is a service as the API shows it: prices as a JSON object.
 type serviceView struct {
 	store.Service
+	timeoutsView
 	Prices json.RawMessage `json:"prices,omitempty"`
 }
 
 func viewService(s store.Service) serviceView {
-	v := serviceView{Service: s}
+	v := serviceView{Service: s, timeoutsView: viewTimeouts(s)}
 	if s.Prices != "" && json.Valid([]byte(s.Prices)) {
 		v.Prices = json.RawMessage(s.Prices)
 	}
@@ -157,6 +159,9 @@ func (in *serviceInput) apply(s *store.Service, allowMD bool) error {
 		s.Prices = p
 	}
 	if err := in.keyPolicyInput.apply(&s.KeyPolicy); err != nil {
+		return err
+	}
+	if err := in.timeoutsInput.apply(s); err != nil {
 		return err
 	}
 	return in.limitsInput.apply(&s.Limits)

@@ -21,7 +21,9 @@
 // effect to the second. A token revoked or deleted through the admin API
 // stops working at once on the replica that served the admin call (which
 // calls [Authenticator.Invalidate]) and within CacheTTL on every other
-// replica sharing the database: that is the documented bound.
+// replica sharing the database: that is the documented bound. Every
+// invalidation is reported to [Config.OnInvalidate], through which
+// keypoold ends the open streams of a revoked token, team or user.
 //
 // # Secrets
 //
@@ -84,6 +86,13 @@ type Config struct {
 	CacheSize int `json:"cache_size,omitempty"`
 	// Now returns the current time. If nil, time.Now.
 	Now func() time.Time `json:"-"`
+	// OnInvalidate, if set, is called after each invalidation, outside
+	// any lock, with what was invalidated: scope "token", "team" or "user"
+	// and its id, or "all" and "" for [Authenticator.Purge]. Whoever
+	// feeds the cache its invalidations (the admin API, a change channel
+	// from other replicas) thereby reaches it too: keypoold re-checks the
+	// open streams of that token, team or user and ends the revoked ones.
+	OnInvalidate func(scope, id string) `json:"-"`
 }
 
 // String describes the configuration without the admin token.
@@ -330,6 +339,14 @@ func (a *Authenticator) add(sum [sha256.Size]byte, e entry, gen uint64) {
 // Other replicas see it within [Config.CacheTTL].
 func (a *Authenticator) Invalidate(tokenID string) {
 	a.invalidateWhere(func(p *Principal) bool { return p.Token.ID == tokenID })
+	a.notify("token", tokenID)
+}
+
+// notify calls Config.OnInvalidate.
+func (a *Authenticator) notify(scope, id string) {
+	if a.cfg.OnInvalidate != nil {
+		a.cfg.OnInvalidate(scope, id)
+	}
 }
 
 // InvalidateHash drops the cached token whose hash ([Hash]) is hash, known
@@ -348,11 +365,13 @@ func (a *Authenticator) InvalidateHash(hash []byte) {
 // change or it is deleted).
 func (a *Authenticator) InvalidateTeam(teamID string) {
 	a.invalidateWhere(func(p *Principal) bool { return p.Token.TeamID == teamID || p.Team.ID == teamID })
+	a.notify("team", teamID)
 }
 
 // InvalidateUser drops every cached token of a user.
 func (a *Authenticator) InvalidateUser(userID string) {
 	a.invalidateWhere(func(p *Principal) bool { return p.Token.UserID == userID })
+	a.notify("user", userID)
 }
 
 // Purge empties the cache.
@@ -363,6 +382,7 @@ func (a *Authenticator) Purge() {
 		a.cache.Purge()
 		a.mu.Unlock()
 	}
+	a.notify("all", "")
 }
 
 // invalidateWhere removes matching entries. It walks the cache (at most

@@ -1,17 +1,20 @@
 package proxy
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/keypool/keypool"
@@ -43,7 +46,9 @@ const DefaultMaxBodyBytes = 32 << 20
 //     unknown_service, so that unauthenticated callers cannot probe which
 //     services exist;
 //  3. reads the body, up to MaxBodyBytes (413 request_too_large above it),
-//     so that it can be replayed byte for byte on another key;
+//     so that it can be replayed byte for byte on another key (a read
+//     error that is an *httpx.Error, such as keypoold's 408
+//     request_timeout for a body that stalls, is answered as it is);
 //  4. calls Prepare, if set, with the buffered body (keypoold meters,
 //     checks model allow-lists and admits budgets there).
 //
@@ -87,6 +92,19 @@ const DefaultMaxBodyBytes = 32 << 20
 // upstream request without penalising the key; nothing is written and the
 // [Result] has status 499 and code "canceled" — also when it goes away in
 // the middle of a streamed answer.
+//
+// Ending early. A request whose context is canceled with a cause that is
+// an *httpx.Error (context.WithCancelCause; keypoold does so when the
+// caller's token is revoked, and the Handler itself when Timeout passes or
+// the upstream is silent for IdleTimeout) is answered with that error in
+// the form the response allows: before the response headers, as the JSON
+// error with its status; in a text/event-stream, as a final event
+// "event: error\ndata: {"error":{…}}\n\n" after the last complete event,
+// and the stream ends cleanly; in a WebSocket, as a close frame at the next
+// frame boundary (1008 policy violation for 401 and 403, 1013 try again
+// later for 503, 1011 otherwise) with the error's message as its reason,
+// after which the client has one second to close its side; in any other
+// body, by cutting the connection (the client sees a truncated body).
 //
 // Set the fields before the first request and do not change them after;
 // a Handler must not be copied after first use. It is safe for concurrent
@@ -136,6 +154,17 @@ type Handler struct {
 	// unknown length, so SSE and other streams reach the client as they
 	// arrive. Negative flushes after every write for all responses.
 	FlushInterval time.Duration
+	// IdleTimeout bounds each read of an upstream response body (the wait
+	// between stream events): a stream that stays silent longer ends with
+	// a final SSE error event (504 upstream_timeout) or, for other bodies,
+	// a cut connection. A service's own IdleTimeout overrides it. If zero,
+	// reads are not bounded. It does not apply to WebSockets.
+	IdleTimeout time.Duration
+	// Timeout bounds a whole request, failover and response body
+	// included: 504 upstream_timeout before the response started, a final
+	// SSE error event or a cut body after. A service's own Timeout
+	// overrides it. If zero, none. It does not apply to WebSockets.
+	Timeout time.Duration
 
 	once sync.Once
 	rp   *httputil.ReverseProxy
@@ -193,8 +222,12 @@ type reqState struct {
 	code     string
 	err      error
 
-	tokenSet *patternSet // the spellings of the client's credential, scrubbed from answers
-	relaying bool        // ReverseProxy is serving; still set if it panicked
+	tokenSet *patternSet             // the spellings of the client's credential, scrubbed from answers
+	relaying bool                    // ReverseProxy is serving; still set if it panicked
+	cancel   context.CancelCauseFunc // stops the request (see stopCause)
+	idle     time.Duration
+	stopCode atomic.Pointer[string] // the code of a stop that ended the body
+	client   hijackConn             // the client connection of an upgrade
 }
 
 func (h *Handler) init() {
@@ -307,7 +340,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		_, err := b.ReadFrom(http.MaxBytesReader(w, r.Body, max))
 		if err != nil {
 			var mbe *http.MaxBytesError
-			if errors.As(err, &mbe) {
+			var he *httpx.Error
+			if errors.As(err, &he) {
+				h.reject(rec, st, he) // a body read timeout (408), say
+			} else if errors.As(err, &mbe) {
 				h.reject(rec, st, httpx.Errorf(http.StatusRequestEntityTooLarge, httpx.CodeRequestTooLarge, "request body is larger than %d bytes", max))
 			} else {
 				h.reject(rec, st, httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "reading the request body failed"))
@@ -342,14 +378,34 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	st.target = target
 	_, st.wsToken = wsToken(r.Header)
+	ctx, cancel := context.WithCancelCause(context.WithValue(r.Context(), trackerKey, st))
+	defer cancel(nil)
+	st.cancel = cancel
+	if r.Header.Get("Upgrade") == "" {
+		st.idle = pick(svc.IdleTimeout, h.IdleTimeout)
+		if total := pick(svc.Timeout, h.Timeout); total > 0 {
+			var stop context.CancelFunc
+			ctx, stop = context.WithTimeoutCause(ctx, total, httpx.Errorf(http.StatusGatewayTimeout, httpx.CodeUpstreamTimeout,
+				"the request to service %q did not finish within its %s deadline", service, total))
+			defer stop()
+		}
+	}
 	st.relaying = true
-	h.rp.ServeHTTP(rec, r.WithContext(context.WithValue(r.Context(), trackerKey, st)))
+	h.rp.ServeHTTP(hijackRecorder{rec, st}, r.WithContext(ctx))
 	st.relaying = false
 	if st.upgraded != nil {
 		// ReverseProxy closes the upstream connection from a goroutine;
 		// close it now so the key is released before OnDone.
 		_ = st.upgraded.Close()
 	}
+}
+
+// pick returns the service's setting when it has one, else the default.
+func pick(svc, def time.Duration) time.Duration {
+	if svc > 0 {
+		return svc
+	}
+	return def
 }
 
 // reject answers with err before anything was forwarded.
@@ -418,9 +474,31 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 		}
 	}
 	if h.ModifyResponse != nil {
-		return h.ModifyResponse(resp)
+		if err := h.ModifyResponse(resp); err != nil {
+			return err
+		}
 	}
+	wrapStream(resp)
 	return nil
+}
+
+// wrapStream wraps an upstream response body so that a stop or the idle
+// timeout ends it as the response allows (see stopCause).
+func wrapStream(resp *http.Response) {
+	if resp.Request == nil || resp.Body == nil || resp.Body == http.NoBody {
+		return
+	}
+	ctx := resp.Request.Context()
+	st, ok := ctx.Value(trackerKey).(*reqState)
+	if !ok || st.cancel == nil {
+		return
+	}
+	if rwc, ok := resp.Body.(io.ReadWriteCloser); ok && resp.StatusCode == http.StatusSwitchingProtocols {
+		resp.Body = &wsConn{rwc: rwc, ctx: ctx, st: st}
+		return
+	}
+	resp.Body = &streamBody{rc: resp.Body, ctx: ctx, st: st, cancel: st.cancel, idle: st.idle,
+		sse: isEventStream(resp.Header.Get("Content-Type"))}
 }
 
 // errorHandler maps every error of a forwarded request to its answer.
@@ -448,6 +526,9 @@ func (h *Handler) errorHandler(w http.ResponseWriter, r *http.Request, err error
 		}
 	case errors.Is(err, keypool.ErrUnknownService):
 		e = httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", st.service)
+	case stopCause(r.Context()) != nil:
+		// Stopped: the token was revoked, or the deadline passed.
+		e = stopCause(r.Context())
 	case r.Context().Err() != nil:
 		// The client went away: nobody to answer.
 		st.code, st.status = "canceled", 499
@@ -481,6 +562,9 @@ func (st *reqState) result(rec *responseRecorder) Result {
 		BytesIn: int64(len(st.body)), BytesOut: rec.bytes,
 		Duration: time.Since(st.start), Code: st.code, Err: st.err,
 		Status: rec.status,
+	}
+	if res.Code == "" {
+		res.Code = st.stopCodeOf()
 	}
 	switch {
 	case st.status != 0:
@@ -521,6 +605,32 @@ func (w *responseRecorder) Flush() { _ = http.NewResponseController(w.ResponseWr
 
 // Unwrap returns the wrapped ResponseWriter.
 func (w *responseRecorder) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// hijackRecorder is the responseRecorder ReverseProxy writes to: it notes
+// the client connection of an upgrade, so that a stopped WebSocket can
+// be closed (see reqState.closeClientSoon).
+type hijackRecorder struct {
+	*responseRecorder
+	st *reqState
+}
+
+// Hijack hijacks the client connection and notes it.
+func (w hijackRecorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	c, brw, err := http.NewResponseController(w.responseRecorder).Hijack()
+	if err == nil {
+		h := &w.st.client
+		h.mu.Lock()
+		h.conn = c
+		if h.closing {
+			_ = c.SetReadDeadline(time.Now())
+		}
+		h.mu.Unlock()
+	}
+	return c, brw, err
+}
+
+// Unwrap returns the responseRecorder.
+func (w hijackRecorder) Unwrap() http.ResponseWriter { return w.responseRecorder }
 
 // parseTarget splits /v1/{service}/{rest} and rejects targets that could
 // leave the service's base path.

@@ -126,7 +126,8 @@ type Transport struct {
 	// AttemptTimeout, if positive, bounds how long one attempt may wait for
 	// the upstream's response headers; an attempt that runs out counts as
 	// a Failure of its key and is retried on another. It does not bound
-	// reading the body. If zero, only the request's context bounds an
+	// reading the body. A service's HeaderTimeout overrides it. If zero
+	// (and the service sets none), only the request's context bounds an
 	// attempt.
 	AttemptTimeout time.Duration
 	// OnAttempt, if set, is called after each attempt with what happened
@@ -354,6 +355,10 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 		budget.max = 1
 	}
 
+	attemptTimeout := t.AttemptTimeout
+	if svc.HeaderTimeout > 0 {
+		attemptTimeout = svc.HeaderTimeout
+	}
 	ctx := req.Context()
 	tr, _ := ctx.Value(trackerKey).(*reqState)
 	areq := keypool.Request{Affinity: ctxString(ctx, affinityKey), Feature: ctxString(ctx, featureKey)}
@@ -391,10 +396,10 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 
 		var cancel context.CancelCauseFunc
 		var timer *time.Timer
-		if t.AttemptTimeout > 0 {
+		if attemptTimeout > 0 {
 			var actx context.Context
 			actx, cancel = context.WithCancelCause(ctx)
-			timer = time.AfterFunc(t.AttemptTimeout, func() { cancel(errAttemptTimeout) })
+			timer = time.AfterFunc(attemptTimeout, func() { cancel(errAttemptTimeout) })
 			out = out.WithContext(actx)
 		}
 		var start time.Time
@@ -408,7 +413,7 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 				drainClose(resp.Body)
 				resp = nil
 			}
-			err = &attemptTimeoutError{t.AttemptTimeout}
+			err = &attemptTimeoutError{attemptTimeout}
 		}
 		var outcome keypool.Outcome
 		switch {

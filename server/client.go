@@ -22,6 +22,7 @@ import (
 // before ServeHTTP returns.
 type call struct {
 	principal *auth.Principal
+	open      *openCall // in Server.open until OnDone
 	usage     meter.Usage
 	metered   bool
 
@@ -156,7 +157,15 @@ func (s *Server) authorize(r *http.Request, service, cred string) (*http.Request
 		}
 		return nil, err
 	}
-	return r.WithContext(context.WithValue(r.Context(), callKey{}, &call{principal: p})), nil
+	// Registered until OnDone, so that a revocation ends the request
+	// (see openCalls).
+	ctx, stop := context.WithCancelCause(r.Context())
+	oc := &openCall{tokenID: p.Token.ID, teamID: p.Team.ID, service: service, stop: stop}
+	if p.User != nil {
+		oc.userID = p.User.ID
+	}
+	s.open.add(oc)
+	return r.WithContext(context.WithValue(ctx, callKey{}, &call{principal: p, open: oc})), nil
 }
 
 // onAttempt feeds the per-attempt metrics.
@@ -179,6 +188,9 @@ func (s *Server) modifyResponse(resp *http.Response) error {
 	c := callFrom(resp.Request.Context())
 	if c == nil {
 		return nil
+	}
+	if id := resp.Header.Get(proxy.HeaderKeyID); id != "" && c.open != nil {
+		s.open.setKey(c.open, id)
 	}
 	if c.warning != "" {
 		resp.Header.Set(HeaderBudgetWarning, c.warning)
@@ -221,6 +233,10 @@ func (s *Server) onProxyDone(r *http.Request, res proxy.Result) {
 	c := callFrom(r.Context())
 	if c == nil {
 		return
+	}
+	if c.open != nil {
+		s.open.remove(c.open)
+		c.open.stop(nil)
 	}
 	now := s.now()
 	u, cost := chargedUsage(c, res)

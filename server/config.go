@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/keypool/keypool"
+	"github.com/keypool/keypool/admin"
 	"github.com/keypool/keypool/meter"
 	"github.com/keypool/keypool/store"
 	"github.com/keypool/keypool/store/external"
@@ -25,7 +26,20 @@ const (
 	DefaultDrainTimeout = 30 * time.Second
 	DefaultMaxBodyBytes = 32 << 20
 	DefaultLeaseTTL     = 10 * time.Minute
-	DefaultSyncInterval = 5 * time.Second
+	// DefaultBodyIdleTimeout and DefaultBodyTimeout bound reading a
+	// request body: no byte for 30 s, or the whole body not in within
+	// 5 minutes (32 MiB then needs about 110 KB/s), is 408.
+	DefaultBodyIdleTimeout = 30 * time.Second
+	DefaultBodyTimeout     = 5 * time.Minute
+	// DefaultUpstreamHeaderTimeout, DefaultUpstreamIdleTimeout and
+	// DefaultUpstreamTimeout are the upstream timeouts of a service that
+	// sets none: 10 minutes to the response headers per attempt (enough
+	// for a long non-streaming LLM answer), 5 minutes between reads of a
+	// response body (stream events), 30 minutes for the whole request.
+	DefaultUpstreamHeaderTimeout = 10 * time.Minute
+	DefaultUpstreamIdleTimeout   = 5 * time.Minute
+	DefaultUpstreamTimeout       = 30 * time.Minute
+	DefaultSyncInterval          = 5 * time.Second
 	// DefaultOutputTokens is the output token estimate of a metered
 	// request that sets no max_tokens.
 	DefaultOutputTokens = 1024
@@ -96,6 +110,26 @@ type Config struct {
 	// LeaseTTL is how long a key leased by GET /key stays taken before it
 	// is returned without a report. If zero, 10 minutes.
 	LeaseTTL Duration `json:"lease_ttl,omitempty" yaml:"lease_ttl,omitempty"`
+	// BodyIdleTimeout cuts a request whose body sends no byte for this
+	// long with 408 request_timeout. If zero, 30s.
+	BodyIdleTimeout Duration `json:"body_idle_timeout,omitempty" yaml:"body_idle_timeout,omitempty"`
+	// BodyTimeout cuts a request whose whole body has not arrived this
+	// long after its first read with 408 request_timeout, however it
+	// trickles. If zero, 5 minutes.
+	BodyTimeout Duration `json:"body_timeout,omitempty" yaml:"body_timeout,omitempty"`
+	// UpstreamHeaderTimeout bounds how long one attempt waits for an
+	// upstream's response headers before the key counts a Failure and the
+	// next key is tried (504 upstream_timeout when none is left). If zero,
+	// 10 minutes. A service's header_timeout overrides it.
+	UpstreamHeaderTimeout Duration `json:"upstream_header_timeout,omitempty" yaml:"upstream_header_timeout,omitempty"`
+	// UpstreamIdleTimeout bounds the wait for each read of an upstream
+	// response body (the gap between stream events). If zero, 5 minutes.
+	// A service's idle_timeout overrides it.
+	UpstreamIdleTimeout Duration `json:"upstream_idle_timeout,omitempty" yaml:"upstream_idle_timeout,omitempty"`
+	// UpstreamTimeout bounds a whole proxied request, failover and
+	// response body included (WebSockets excepted). If zero, 30 minutes.
+	// A service's request_timeout overrides it.
+	UpstreamTimeout Duration `json:"upstream_timeout,omitempty" yaml:"upstream_timeout,omitempty"`
 	// SyncInterval is how often the store is polled for changes (a
 	// cheap version query); PostgreSQL also pushes changes with LISTEN. If
 	// zero, 5s.
@@ -177,11 +211,17 @@ type ServiceSpec struct {
 	// RetryAfterCap, ConfirmRefusals, MinActiveKeys and MaxEjectionPercent
 	// are the service's key policy (store.KeyPolicy, as in POST
 	// /admin/services); zero means the default.
-	RetryAfterCap      int       `json:"retry_after_cap,omitempty" yaml:"retry_after_cap,omitempty"`
-	ConfirmRefusals    int       `json:"confirm_refusals,omitempty" yaml:"confirm_refusals,omitempty"`
-	MinActiveKeys      int       `json:"min_active_keys,omitempty" yaml:"min_active_keys,omitempty"`
-	MaxEjectionPercent int       `json:"max_ejection_percent,omitempty" yaml:"max_ejection_percent,omitempty"`
-	Keys               []KeySpec `json:"keys,omitempty" yaml:"keys,omitempty"`
+	RetryAfterCap      int `json:"retry_after_cap,omitempty" yaml:"retry_after_cap,omitempty"`
+	ConfirmRefusals    int `json:"confirm_refusals,omitempty" yaml:"confirm_refusals,omitempty"`
+	MinActiveKeys      int `json:"min_active_keys,omitempty" yaml:"min_active_keys,omitempty"`
+	MaxEjectionPercent int `json:"max_ejection_percent,omitempty" yaml:"max_ejection_percent,omitempty"`
+	// HeaderTimeout, IdleTimeout and RequestTimeout override the server's
+	// upstream timeouts for this service (see [Config.UpstreamHeaderTimeout]);
+	// kept as stored when zero.
+	HeaderTimeout  Duration  `json:"header_timeout,omitempty" yaml:"header_timeout,omitempty"`
+	IdleTimeout    Duration  `json:"idle_timeout,omitempty" yaml:"idle_timeout,omitempty"`
+	RequestTimeout Duration  `json:"request_timeout,omitempty" yaml:"request_timeout,omitempty"`
+	Keys           []KeySpec `json:"keys,omitempty" yaml:"keys,omitempty"`
 }
 
 // KeySpec is an upstream key declared in the configuration file. Write its
@@ -213,6 +253,8 @@ const (
 	EnvDrainTimeout     = "KEYPOOL_DRAIN_TIMEOUT"
 	EnvPrices           = "KEYPOOL_PRICES"
 	EnvTrustedProxies   = "KEYPOOL_TRUSTED_PROXIES"
+	EnvBodyIdleTimeout  = "KEYPOOL_BODY_IDLE_TIMEOUT"
+	EnvBodyTimeout      = "KEYPOOL_BODY_TIMEOUT"
 )
 
 // ApplyEnv overrides c with the KEYPOOL_* variables that lookup finds set
@@ -260,12 +302,15 @@ func (c *Config) ApplyEnv(lookup func(string) (string, bool)) error {
 	if v, ok := get(EnvPrices); ok {
 		c.PricesFile = v
 	}
-	if v, ok := get(EnvDrainTimeout); ok {
-		var d Duration
-		if err := d.UnmarshalText([]byte(v)); err != nil {
-			return fmt.Errorf("server: %s: %w", EnvDrainTimeout, err)
+	for _, d := range [...]struct {
+		env string
+		dst *Duration
+	}{{EnvDrainTimeout, &c.DrainTimeout}, {EnvBodyIdleTimeout, &c.BodyIdleTimeout}, {EnvBodyTimeout, &c.BodyTimeout}} {
+		if v, ok := get(d.env); ok {
+			if err := d.dst.UnmarshalText([]byte(v)); err != nil {
+				return fmt.Errorf("server: %s: %w", d.env, err)
+			}
 		}
-		c.DrainTimeout = d
 	}
 	return nil
 }
@@ -298,6 +343,21 @@ func (c Config) withDefaults() Config {
 	}
 	if c.LeaseTTL <= 0 {
 		c.LeaseTTL = Duration(DefaultLeaseTTL)
+	}
+	if c.UpstreamHeaderTimeout <= 0 {
+		c.UpstreamHeaderTimeout = Duration(DefaultUpstreamHeaderTimeout)
+	}
+	if c.UpstreamIdleTimeout <= 0 {
+		c.UpstreamIdleTimeout = Duration(DefaultUpstreamIdleTimeout)
+	}
+	if c.UpstreamTimeout <= 0 {
+		c.UpstreamTimeout = Duration(DefaultUpstreamTimeout)
+	}
+	if c.BodyIdleTimeout <= 0 {
+		c.BodyIdleTimeout = Duration(DefaultBodyIdleTimeout)
+	}
+	if c.BodyTimeout <= 0 {
+		c.BodyTimeout = Duration(DefaultBodyTimeout)
 	}
 	if c.SyncInterval <= 0 {
 		c.SyncInterval = Duration(DefaultSyncInterval)
@@ -371,6 +431,14 @@ func (s *ServiceSpec) validate() error {
 	}
 	if err := s.keyPolicy().Validate(); err != nil {
 		return fmt.Errorf("service %q: %w", s.Name, err)
+	}
+	for _, d := range [...]struct {
+		name string
+		v    Duration
+	}{{"header_timeout", s.HeaderTimeout}, {"idle_timeout", s.IdleTimeout}, {"request_timeout", s.RequestTimeout}} {
+		if d.v < 0 || time.Duration(d.v) > admin.MaxServiceTimeout {
+			return fmt.Errorf("service %q: %s must be between 0 and %s", s.Name, d.name, admin.MaxServiceTimeout)
+		}
 	}
 	for j, k := range s.Keys {
 		if k.KeyValue.IsZero() {

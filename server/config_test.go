@@ -269,6 +269,7 @@ func TestSecretURLRedacts(t *testing.T) {
 func TestDeclaredServicesApplied(t *testing.T) {
 	up := newUpstream(t, okJSON)
 	spec := server.ServiceSpec{Name: "groq", BaseURL: up.URL, AuthScheme: "bearer", RetryAfterCap: 120, MaxEjectionPercent: 20,
+		HeaderTimeout: server.Duration(250 * time.Millisecond), RequestTimeout: server.Duration(time.Hour),
 		Keys: []server.KeySpec{{KeyValue: keyA}, {KeyValue: keyB, Weight: 2}}}
 	var dbPath string
 	k := startKP(t, func(c *server.Config) { c.Services = []server.ServiceSpec{spec}; dbPath = c.Database.Reveal() })
@@ -285,6 +286,9 @@ func TestDeclaredServicesApplied(t *testing.T) {
 	}
 	if up.last().Path != "/openai/v1/chat/completions" {
 		t.Errorf("path %q", up.last().Path)
+	}
+	if _, m, _ := k.do("GET", "/admin/services/groq", k.admin, nil); m["header_timeout"] != "250ms" || m["request_timeout"] != "1h0m0s" || m["idle_timeout"] != nil {
+		t.Errorf("declared timeouts: %v", m)
 	}
 	if err := k.stop(); err != nil {
 		t.Fatal(err)

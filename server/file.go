@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"time"
 
 	"gopkg.in/yaml.v3"
 
@@ -182,6 +183,8 @@ func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, log
 			AuthScheme: sp.AuthScheme, RateLimitRPM: sp.RateLimitRPM, MaxInFlight: sp.MaxInFlight,
 			ProxyHeaders: sp.ProxyHeaders, Selector: sp.Selector, ExternalName: sp.ExternalName,
 			KeyPolicy: sp.keyPolicy(),
+			HeaderTimeout: time.Duration(sp.HeaderTimeout), IdleTimeout: time.Duration(sp.IdleTimeout),
+			RequestTimeout: time.Duration(sp.RequestTimeout),
 		}
 		if rec.AuthScheme == "" {
 			rec.AuthScheme = "bearer"
@@ -221,6 +224,13 @@ func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, log
 			}
 			if rec.LLMFamily == "" {
 				rec.LLMFamily = old.LLMFamily
+			}
+			for _, d := range [...]struct{ dst, old *time.Duration }{
+				{&rec.HeaderTimeout, &old.HeaderTimeout}, {&rec.IdleTimeout, &old.IdleTimeout}, {&rec.RequestTimeout, &old.RequestTimeout},
+			} {
+				if *d.dst == 0 {
+					*d.dst = *d.old
+				}
 			}
 			rec.CreatedAt = old.CreatedAt
 			if err := st.UpdateService(ctx, &rec); err != nil {

@@ -2,6 +2,8 @@ package server
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"net/http"
 	"strings"
@@ -15,74 +17,123 @@ import (
 	"github.com/keypool/keypool/store"
 )
 
-// leaseBook holds the keys leased by GET /key until their report, or
-// until their TTL passes (then they are returned as Canceled, which says
-// nothing about the key). While a lease is held its key counts one
-// request in flight.
+// Lease error codes of POST /key/{key_id}/report.
+const (
+	codeLeaseNotFound = "lease_not_found"
+	codeLeaseExpired  = "lease_expired"
+	codeLeaseReported = "lease_reported"
+)
+
+// leaseBook holds the keys leased by GET /key, by lease id, until their
+// report or until their TTL passes (then they are returned as Canceled,
+// which says nothing about the key). While a lease is held its key counts
+// one request in flight. A lease that was reported or expired is
+// remembered for one more TTL, so that a late or repeated report is told
+// so (409, 410) rather than "unknown" (404).
+//
+// Leases live in this process: a report must reach the replica that
+// handed out the lease (otherwise it is answered 404 lease_not_found).
 type leaseBook struct {
 	ttl time.Duration
 	now func() time.Time
 
-	mu    sync.Mutex // protects byKey
-	byKey map[string][]*heldLease
+	mu   sync.Mutex // protects byID and the state of every heldLease
+	byID map[string]*heldLease
 }
 
+type leaseState uint8
+
+const (
+	leaseHeld leaseState = iota
+	leaseReported
+	leaseExpired
+)
+
 type heldLease struct {
+	id      string
 	lease   keypool.Lease
+	keyID   string
 	service string
 	holder  string // token id, or "admin"
 	expires time.Time
+	state   leaseState // protected by leaseBook.mu
 }
 
 func newLeaseBook(ttl time.Duration, now func() time.Time) *leaseBook {
-	return &leaseBook{ttl: ttl, now: now, byKey: map[string][]*heldLease{}}
+	return &leaseBook{ttl: ttl, now: now, byID: map[string]*heldLease{}}
 }
 
-func (b *leaseBook) put(l keypool.Lease, service, holder string) {
-	h := &heldLease{lease: l, service: service, holder: holder, expires: b.now().Add(b.ttl)}
+// newLeaseID returns a random, unguessable lease id ("kl_" and 32 hex
+// digits: 128 bits).
+func newLeaseID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return "kl_" + hex.EncodeToString(b[:])
+}
+
+// put records a lease and returns its id and expiry.
+func (b *leaseBook) put(l keypool.Lease, service, holder string) (string, time.Time) {
+	h := &heldLease{id: newLeaseID(), lease: l, keyID: l.KeyID(), service: service, holder: holder, expires: b.now().Add(b.ttl)}
 	b.mu.Lock()
-	b.byKey[l.KeyID()] = append(b.byKey[l.KeyID()], h)
+	b.byID[h.id] = h
 	b.mu.Unlock()
+	return h.id, h.expires
 }
 
-// take removes and returns the oldest lease on keyID held by holder, or,
-// for the admin, by anyone.
-func (b *leaseBook) take(keyID, holder string) *heldLease {
+// take marks the lease id on keyID reported and returns it, when holder
+// (a token id, or "admin" for the admin, who may report on any lease) may
+// report on it; allowed says whether the caller may use the lease's
+// service. Its errors are *httpx.Error values: 404 lease_not_found (no
+// such lease on that key), 403 forbidden (another token's lease, or a
+// service the caller's team may no longer use), 409 lease_reported,
+// 410 lease_expired.
+func (b *leaseBook) take(id, keyID, holder string, allowed func(service string) bool) (*heldLease, error) {
+	now := b.now()
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	list := b.byKey[keyID]
-	for i, h := range list {
-		if h.holder == holder || holder == "admin" {
-			list = append(list[:i:i], list[i+1:]...)
-			if len(list) == 0 {
-				delete(b.byKey, keyID)
-			} else {
-				b.byKey[keyID] = list
-			}
-			return h
-		}
+	h := b.byID[id]
+	switch {
+	case h == nil || h.keyID != keyID:
+		return nil, httpx.Errorf(http.StatusNotFound, codeLeaseNotFound,
+			"no lease %s on key %q on this server (a lease is held by the replica that handed it out)", safeID(id), keyID)
+	case h.holder != holder && holder != "admin":
+		return nil, httpx.Errorf(http.StatusForbidden, httpx.CodeForbidden, "lease %s was taken by another token", id)
+	case !allowed(h.service):
+		return nil, httpx.Errorf(http.StatusForbidden, httpx.CodeForbidden, "this token's team may not use service %q", h.service)
+	case h.state == leaseReported:
+		return nil, httpx.Errorf(http.StatusConflict, codeLeaseReported, "lease %s was already reported; each lease reports once", id)
+	case h.state == leaseExpired || !now.Before(h.expires):
+		return nil, httpx.Errorf(http.StatusGone, codeLeaseExpired, "lease %s expired at %s; lease the key again", id, h.expires.UTC().Format(time.RFC3339))
 	}
-	return nil
+	h.state = leaseReported
+	return h, nil
 }
 
-// expire returns every lease whose TTL has passed.
+// safeID returns id when it looks like a lease id, so that an error never
+// echoes whatever a client sent.
+func safeID(id string) string {
+	if len(id) == 35 && strings.HasPrefix(id, "kl_") && strings.Trim(id[3:], "0123456789abcdef") == "" {
+		return id
+	}
+	return "(malformed)"
+}
+
+// expire returns every held lease whose TTL has passed and forgets leases
+// that ended more than one TTL ago.
 func (b *leaseBook) expire() {
 	now := b.now()
 	var old []*heldLease
 	b.mu.Lock()
-	for id, list := range b.byKey {
-		keep := list[:0]
-		for _, h := range list {
-			if now.After(h.expires) {
+	for id, h := range b.byID {
+		switch {
+		case !now.Before(h.expires.Add(b.ttl)):
+			if h.state == leaseHeld {
 				old = append(old, h)
-			} else {
-				keep = append(keep, h)
 			}
-		}
-		if len(keep) == 0 {
-			delete(b.byKey, id)
-		} else {
-			b.byKey[id] = keep
+			delete(b.byID, id)
+		case h.state == leaseHeld && !now.Before(h.expires):
+			h.state = leaseExpired
+			old = append(old, h)
 		}
 	}
 	b.mu.Unlock()
@@ -91,16 +142,19 @@ func (b *leaseBook) expire() {
 	}
 }
 
-// releaseAll returns every lease (at shutdown).
+// releaseAll returns every held lease (at shutdown).
 func (b *leaseBook) releaseAll() {
 	b.mu.Lock()
-	all := b.byKey
-	b.byKey = map[string][]*heldLease{}
-	b.mu.Unlock()
-	for _, list := range all {
-		for _, h := range list {
-			h.lease.Release(keypool.Outcome{Kind: keypool.Canceled, Reason: "shutdown"})
+	var held []*heldLease
+	for _, h := range b.byID {
+		if h.state == leaseHeld {
+			h.state = leaseExpired
+			held = append(held, h)
 		}
+	}
+	b.mu.Unlock()
+	for _, h := range held {
+		h.lease.Release(keypool.Outcome{Kind: keypool.Canceled, Reason: "shutdown"})
 	}
 }
 
@@ -143,9 +197,11 @@ func (s *Server) leaseAuth(r *http.Request) (*auth.Principal, string, error) {
 }
 
 type leaseResponse struct {
-	KeyID   string `json:"key_id"`
-	Service string `json:"service"`
-	Value   string `json:"value"`
+	KeyID     string    `json:"key_id"`
+	Service   string    `json:"service"`
+	Value     string    `json:"value"`
+	LeaseID   string    `json:"lease_id"`
+	ExpiresAt time.Time `json:"expires_at"`
 }
 
 // leaseKey serves GET /key?service=…[&feature=…].
@@ -207,7 +263,7 @@ func (s *Server) serveLease(w http.ResponseWriter, r *http.Request) error {
 		}
 		return err
 	}
-	s.leases.put(l, service, holder)
+	leaseID, expires := s.leases.put(l, service, holder)
 	s.metrics.leases.WithLabelValues(service, "ok").Inc()
 	if ri := infoFrom(r.Context()); ri != nil {
 		ri.keyID = l.KeyID()
@@ -218,11 +274,14 @@ func (s *Server) serveLease(w http.ResponseWriter, r *http.Request) error {
 	})
 	w.Header().Set("Cache-Control", "no-store")
 	w.Header().Set(proxy.HeaderKeyID, l.KeyID())
-	httpx.WriteJSON(w, http.StatusOK, leaseResponse{KeyID: l.KeyID(), Service: service, Value: l.Secret().Reveal()})
+	httpx.WriteJSON(w, http.StatusOK, leaseResponse{
+		KeyID: l.KeyID(), Service: service, Value: l.Secret().Reveal(), LeaseID: leaseID, ExpiresAt: expires.UTC(),
+	})
 	return nil
 }
 
 type reportRequest struct {
+	LeaseID    string   `json:"lease_id"`
 	Outcome    string   `json:"outcome"`
 	RetryAfter *float64 `json:"retry_after"`
 }
@@ -270,22 +329,28 @@ func (s *Server) serveReport(w http.ResponseWriter, r *http.Request) error {
 	if ri := infoFrom(r.Context()); ri != nil {
 		ri.keyID = keyID
 	}
-	s.metrics.reports.WithLabelValues(kind.String()).Inc()
 	o := keypool.Outcome{Kind: kind, RetryAfter: retry, Reason: "reported: " + kind.String()}
 	var service string
-	if h := s.leases.take(keyID, holder); h != nil {
+	switch {
+	case req.LeaseID != "":
+		h, err := s.leases.take(req.LeaseID, keyID, holder, p.AllowsService)
+		if err != nil {
+			return err
+		}
 		service = h.service
 		h.lease.Release(o)
-	} else {
-		// No lease outstanding (expired, or the key was used without
-		// one): apply what the state machine would.
-		service = s.findKey(keyID)
-		if service == "" || !p.Admin && !p.AllowsService(service) {
-			// A team may report only on keys of services it may use.
+	case p.Admin:
+		// The admin may report on any key, leased or not: apply what
+		// the state machine would.
+		if service = s.findKey(keyID); service == "" {
 			return httpx.Errorf(http.StatusNotFound, httpx.CodeNotFound, "no key %q", keyID)
 		}
 		s.pool.Report(service, keyID, o)
+	default:
+		return httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest,
+			"field \"lease_id\" is required: report with the lease_id GET /key returned for this key")
 	}
+	s.metrics.reports.WithLabelValues(kind.String()).Inc()
 	if ri := infoFrom(r.Context()); ri != nil {
 		ri.service = service
 	}

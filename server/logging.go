@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/keypool/keypool/proxy"
+	"github.com/keypool/keypool/internal/httpx"
 )
 
 // newLogger builds the server's logger from its settings.
@@ -228,6 +229,7 @@ func (s *Server) observe(h http.Handler) http.Handler {
 		ctx := context.WithValue(context.WithValue(r.Context(), ctxRequestID, id), ctxInfo, ri)
 		r = r.WithContext(ctx)
 		sw := &statusWriter{ResponseWriter: w, srv: s}
+		httpx.TimedBody(w, r, time.Duration(s.cfg.BodyIdleTimeout), time.Duration(s.cfg.BodyTimeout))
 		s.inflight.Add(1)
 		defer func() {
 			s.inflight.Add(-1)

@@ -28,6 +28,7 @@ type metrics struct {
 	reports           *prometheus.CounterVec   // outcome
 	usageDropped      prometheus.CounterFunc
 	eventsDropped     prometheus.Counter
+	streamsEnded      prometheus.Counter
 	budgetWarnings    *prometheus.CounterVec // scope, window, unit
 	budgetRejections  *prometheus.CounterVec // scope, window, unit
 	meteredTokens     *prometheus.CounterVec // service, direction
@@ -92,6 +93,10 @@ func newMetrics(pool *keypool.Pool, usageDropped func() float64) *metrics {
 		Name: "keypool_key_events_dropped_total",
 		Help: "Key state changes not persisted because the persistence queue was full.",
 	})
+	m.streamsEnded = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "keypool_requests_revoked_total",
+		Help: "Open proxied requests (streams, WebSockets) ended because their token, team, user or key was revoked.",
+	})
 	m.budgetWarnings = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "keypool_budget_warnings_total",
 		Help: "Requests admitted past a budget's warn threshold, by scope (token, team, service), window and unit (tokens, cost).",
@@ -112,7 +117,7 @@ func newMetrics(pool *keypool.Pool, usageDropped func() float64) *metrics {
 		m.budgetWarnings, m.budgetRejections, m.meteredTokens, m.meteredCost,
 		m.requests, m.upstreamLatency, m.requestLatency, m.retries, m.cooldowns,
 		m.stateChanges, m.holds, m.limiterRejections, m.leases, m.reports,
-		m.usageDropped, m.eventsDropped,
+		m.usageDropped, m.eventsDropped, m.streamsEnded,
 		&keyCollector{pool: pool},
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),

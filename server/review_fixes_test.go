@@ -32,7 +32,7 @@ func TestLeaseReportScope(t *testing.T) {
 	team := k.addTeam("others", map[string]any{"allowed_services": []string{"other"}})
 	leaser := k.addToken(team, map[string]any{"scopes": []string{"lease"}})
 	code, m, _ := k.do("POST", "/key/"+ids[0]+"/report", leaser, map[string]any{"outcome": "invalid"})
-	if code != 404 {
+	if code != 400 {
 		t.Fatalf("report on another service's key: %d %v", code, m)
 	}
 	if st, _ := k.srv.Pool().Stats("openai"); st[0].State.String() != "active" {

@@ -16,7 +16,7 @@
 //	ANY  /v1/{service}/{rest}   proxy with a pooled key (team token)
 //	     /admin/…               admin API (admin token)
 //	GET  /key?service=&feature= lease a raw key (admin token, or a token with scope "lease")
-//	POST /key/{key_id}/report   report what a leased key met
+//	POST /key/{key_id}/report   report what a leased key met (with its lease_id)
 //	GET  /healthz               liveness
 //	GET  /readyz                store reachable and pools loaded
 //	GET  /metrics               Prometheus
@@ -32,6 +32,33 @@
 // token may use the proxy; leasing raw keys needs the "lease" scope.
 // Clients that keep presenting bad tokens are refused (429 rate_limited)
 // per address, without a store lookup.
+//
+// # Leases and reports
+//
+// GET /key answers {"key_id","service","value","lease_id","expires_at"};
+// the lease holds the key (one request in flight) until it is reported or
+// [Config.LeaseTTL] passes. POST /key/{key_id}/report takes
+// {"lease_id","outcome","retry_after"}: only the token that took the
+// lease, while its team may use the service, before it expires, once.
+// Errors: 400 bad_request without lease_id (only the admin token reports
+// on a key without a lease), 404 lease_not_found (unknown, another key's,
+// or held by another replica: leases live in the process that handed
+// them out), 403 forbidden (another token's lease), 409 lease_reported,
+// 410 lease_expired.
+//
+// # Timeouts and revocation
+//
+// Each proxied attempt waits at most [Config.UpstreamHeaderTimeout] (10
+// min; a service's header_timeout overrides it) for response headers, then
+// counts as a Failure of its key and fails over; body reads wait at most
+// [Config.UpstreamIdleTimeout] (5 min; idle_timeout) and a whole request
+// [Config.UpstreamTimeout] (30 min; request_timeout), answered 504
+// upstream_timeout or, in a stream, with a final SSE error event. Request
+// bodies are cut with 408 request_timeout after [Config.BodyIdleTimeout]
+// without a byte or [Config.BodyTimeout] in all. Revoking a token,
+// removing its team or user, or disabling or deleting a key ends the open
+// requests, SSE streams and WebSockets they hold on this replica before
+// the admin call answers (see streams.go).
 //
 // # Metering, budgets and model allow-lists
 //
@@ -145,6 +172,7 @@ type Server struct {
 	inflight   atomic.Int64
 	draining   atomic.Bool
 	hijacked   connSet
+	open       openCalls
 
 	bgCancel context.CancelFunc
 	bg       sync.WaitGroup
@@ -255,7 +283,8 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, err
 	}
 
-	s.auth = auth.New(s.st, auth.Config{AdminToken: cfg.AdminToken.Reveal(), CacheTTL: time.Duration(cfg.AuthCacheTTL)})
+	s.auth = auth.New(s.st, auth.Config{AdminToken: cfg.AdminToken.Reveal(), CacheTTL: time.Duration(cfg.AuthCacheTTL),
+		OnInvalidate: s.onInvalidate})
 	s.fails = auth.NewFailureLimiter(auth.FailureConfig{})
 	trusted, err := parsePrefixes(cfg.TrustedProxies)
 	if err != nil {
@@ -292,7 +321,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		uopts.Logger = log
 	}
 	s.usage = store.NewUsageWriter(s.st, uopts)
-	s.leases = newLeaseBook(time.Duration(cfg.LeaseTTL), s.pool.Now)
+	s.leases = newLeaseBook(time.Duration(cfg.LeaseTTL), s.now)
 
 	if s.admin, err = admin.New(admin.Config{
 		Store: s.st, Pool: s.pool, Auth: s.auth, Failures: s.fails,
@@ -308,7 +337,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	s.proxy = &proxy.Handler{
 		Pool:           s.pool,
-		Transport:      &proxy.Transport{Base: upstream, OnAttempt: s.onAttempt},
+		Transport:      &proxy.Transport{Base: upstream, OnAttempt: s.onAttempt, AttemptTimeout: time.Duration(cfg.UpstreamHeaderTimeout)},
+		IdleTimeout:    time.Duration(cfg.UpstreamIdleTimeout),
+		Timeout:        time.Duration(cfg.UpstreamTimeout),
 		Authorize:      s.authorize,
 		Prepare:        s.prepare,
 		MaxBodyBytes:   cfg.MaxBodyBytes,
@@ -603,6 +634,7 @@ func (s *Server) onAdminChange() {
 		s.log.Warn("reading service limits failed", "err", err)
 	}
 	s.budgets.clear()
+	s.sweepKeys()
 }
 
 // refreshServiceLimits reads each service's client limits, metering
@@ -634,6 +666,11 @@ func (s *Server) watchServiceLimits(ctx context.Context) {
 		}
 		if err := s.refreshServiceLimits(ctx); err == nil {
 			last = v
+		}
+		// The syncer reloads keys on the same version change; end what
+		// disabled or removed keys serve once it has.
+		if err := s.syncer.Sync(ctx); err == nil {
+			s.sweepKeys()
 		}
 	}
 }

@@ -248,6 +248,7 @@ func TestLeaseAndReport(t *testing.T) {
 	if code != 200 || m["key_id"] != idB || m["value"] != keyB || m["service"] != "exa" {
 		t.Fatalf("lease: %d %v", code, m)
 	}
+	leaseB, _ := m["lease_id"].(string)
 	if resp.Header.Get("Cache-Control") != "no-store" {
 		t.Error("a leased key may be cached")
 	}
@@ -262,7 +263,7 @@ func TestLeaseAndReport(t *testing.T) {
 	}
 
 	// Report a 429 on B: it cools down; image-gen has no other key.
-	code, m, _ = k.do("POST", "/key/"+idB+"/report", leaser, map[string]any{"outcome": "rate_limited", "retry_after": 30})
+	code, m, _ = k.do("POST", "/key/"+idB+"/report", leaser, map[string]any{"outcome": "rate_limited", "retry_after": 30, "lease_id": leaseB})
 	if code != 200 || m["state"] != "cooling" {
 		t.Fatalf("report: %d %v", code, m)
 	}
@@ -281,7 +282,7 @@ func TestLeaseAndReport(t *testing.T) {
 		body   any
 		status int
 	}{
-		{"unknown key", "/key/nope/report", map[string]any{"outcome": "ok"}, 404},
+		{"unknown key", "/key/nope/report", map[string]any{"outcome": "ok", "lease_id": leaseB}, 404},
 		{"bad outcome", "/key/" + idA + "/report", map[string]any{"outcome": "meh"}, 400},
 		{"unknown field", "/key/" + idA + "/report", map[string]any{"outcome": "ok", "x": 1}, 400},
 	} {

@@ -87,6 +87,12 @@ type Service struct {
 	// "openai", "anthropic", "gemini" or "none" (no metering); empty means
 	// detected per request from the base URL and path.
 	LLMFamily string `json:"llm_family,omitempty"`
+	// HeaderTimeout, IdleTimeout and RequestTimeout bound the service's
+	// upstream requests (see keypool.Service); zero means the server's
+	// default. The admin API shows them as duration strings.
+	HeaderTimeout  time.Duration `json:"-"`
+	IdleTimeout    time.Duration `json:"-"`
+	RequestTimeout time.Duration `json:"-"`
 	Limits
 	KeyPolicy
 	CreatedAt time.Time `json:"created_at"`

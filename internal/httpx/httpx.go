@@ -215,7 +215,10 @@ func jsonError(err error, max int64) *Error {
 	var mbe *http.MaxBytesError
 	var se *json.SyntaxError
 	var te *json.UnmarshalTypeError
+	var he *Error
 	switch {
+	case errors.As(err, &he):
+		return he // a 408 from TimedBody
 	case errors.As(err, &mbe):
 		return Errorf(http.StatusRequestEntityTooLarge, CodeRequestTooLarge, "request body is larger than %d bytes", max)
 	case errors.Is(err, io.EOF):

@@ -101,6 +101,7 @@ func (s *Store) UpdateService(ctx context.Context, sv *store.Service) error {
 			"proxy_headers": row.ProxyHeaders, "selector": row.Selector,
 			"external_name": row.ExternalName, "prices": row.Prices, "llm_family": row.LLMFamily, "limits": row.Limits,
 			"key_policy": row.KeyPolicy,
+			"header_timeout_ms": row.HeaderMS, "idle_timeout_ms": row.IdleMS, "request_timeout_ms": row.RequestMS,
 			"updated_at": now,
 		})
 		return affected(res)

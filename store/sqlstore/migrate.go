@@ -126,6 +126,11 @@ var migrations = []migration{
 	{4, "service key_policy (retry_after_cap, confirm_refusals, min_active_keys, max_ejection_percent as JSON)", []string{
 		`ALTER TABLE services ADD COLUMN key_policy TEXT NOT NULL DEFAULT ''`,
 	}},
+	{5, "service upstream timeouts", []string{
+		`ALTER TABLE services ADD COLUMN header_timeout_ms BIGINT NOT NULL DEFAULT 0`,
+		`ALTER TABLE services ADD COLUMN idle_timeout_ms BIGINT NOT NULL DEFAULT 0`,
+		`ALTER TABLE services ADD COLUMN request_timeout_ms BIGINT NOT NULL DEFAULT 0`,
+	}},
 }
 
 // latestVersion is the schema version this package writes.

@@ -24,6 +24,9 @@ type serviceRow struct {
 	ExternalName string    `gorm:"column:external_name"`
 	Prices       string    `gorm:"column:prices"`
 	LLMFamily    string    `gorm:"column:llm_family"`
+	HeaderMS     int64     `gorm:"column:header_timeout_ms"`
+	IdleMS       int64     `gorm:"column:idle_timeout_ms"`
+	RequestMS    int64     `gorm:"column:request_timeout_ms"`
 	Limits       string    `gorm:"column:limits"`
 	KeyPolicy    string    `gorm:"column:key_policy"`
 	CreatedAt    time.Time `gorm:"column:created_at;autoCreateTime:false"`
@@ -154,6 +157,7 @@ func serviceToRow(s *store.Service) (serviceRow, error) {
 		Name: s.Name, DisplayName: s.DisplayName, BaseURL: s.BaseURL, AuthScheme: s.AuthScheme,
 		RateLimitRPM: s.RateLimitRPM, MaxInFlight: s.MaxInFlight, Selector: s.Selector,
 		ExternalName: s.ExternalName, Prices: s.Prices, LLMFamily: s.LLMFamily, CreatedAt: s.CreatedAt, UpdatedAt: s.UpdatedAt,
+		HeaderMS: s.HeaderTimeout.Milliseconds(), IdleMS: s.IdleTimeout.Milliseconds(), RequestMS: s.RequestTimeout.Milliseconds(),
 	}
 	var err error
 	if r.ProxyHeaders, err = encodeJSON(s.ProxyHeaders, len(s.ProxyHeaders) == 0); err != nil {
@@ -173,7 +177,9 @@ func serviceFromRow(r *serviceRow) (store.Service, error) {
 		Name: r.Name, DisplayName: r.DisplayName, BaseURL: r.BaseURL, AuthScheme: r.AuthScheme,
 		RateLimitRPM: r.RateLimitRPM, MaxInFlight: r.MaxInFlight, Selector: r.Selector,
 		ExternalName: r.ExternalName, Prices: r.Prices, LLMFamily: r.LLMFamily,
-		CreatedAt: r.CreatedAt.UTC(), UpdatedAt: r.UpdatedAt.UTC(),
+		HeaderTimeout: time.Duration(r.HeaderMS) * time.Millisecond, IdleTimeout: time.Duration(r.IdleMS) * time.Millisecond,
+		RequestTimeout: time.Duration(r.RequestMS) * time.Millisecond,
+		CreatedAt:      r.CreatedAt.UTC(), UpdatedAt: r.UpdatedAt.UTC(),
 	}
 	if err := decodeJSON(r.ProxyHeaders, &s.ProxyHeaders); err != nil {
 		return s, fmt.Errorf("service %q proxy_headers: %w", r.Name, err)

@@ -147,6 +147,13 @@ func testServices(t *testing.T, s store.Store) {
 	if !got2.CreatedAt.Equal(sv.CreatedAt) {
 		t.Fatalf("update changed CreatedAt: %v → %v", sv.CreatedAt, got2.CreatedAt)
 	}
+	// Upstream timeouts round-trip to the millisecond.
+	got2.HeaderTimeout, got2.IdleTimeout, got2.RequestTimeout = 150*time.Millisecond, 5*time.Minute, time.Hour
+	must(t, s.UpdateService(ctx, &got2))
+	if got3, err := s.GetService(ctx, "openai"); err != nil || got3.HeaderTimeout != 150*time.Millisecond ||
+		got3.IdleTimeout != 5*time.Minute || got3.RequestTimeout != time.Hour {
+		t.Fatalf("timeouts after update: %+v, %v", got3, err)
+	}
 
 	must(t, s.DeleteService(ctx, "groq"))
 	wantErr(t, "get deleted service", func() error { _, err := s.GetService(ctx, "groq"); return err }(), store.ErrNotFound)

@@ -1,0 +1,126 @@
+package server_test
+
+import (
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/keypool/keypool/server"
+)
+
+// errCode returns the code of a JSON error body.
+func errCode(m map[string]any) string {
+	e, _ := m["error"].(map[string]any)
+	c, _ := e["code"].(string)
+	return c
+}
+
+// Issue 16 item 2: team B's lease-scoped token took team A's keys out of
+// rotation with reports on key ids it read from X-Keypool-Key-Id. A
+// report now needs the lease it reports on, from the token that took it,
+// before the lease expires, once.
+func TestReportNeedsLease(t *testing.T) {
+	up := newUpstream(t, okJSON)
+	clk := &fakeClock{t: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)}
+	k := startKP(t, withClock(clk), func(c *server.Config) { c.LeaseTTL = server.Duration(time.Minute) })
+	k.addService("exa", up.URL, "x-api-key", nil)
+	ids := []string{k.addKey("exa", keyA, nil), k.addKey("exa", keyB, nil), k.addKey("exa", keyC, nil)}
+	teamA, teamB := k.addTeam("a", nil), k.addTeam("b", nil)
+	tokA := k.addToken(teamA, map[string]any{"scopes": []string{"lease"}})
+	tokB := k.addToken(teamB, map[string]any{"scopes": []string{"lease"}})
+	tokB2 := k.addToken(teamB, map[string]any{"scopes": []string{"lease"}})
+	limited := k.addToken(k.addTeam("limited", map[string]any{"allowed_services": []string{"other"}}),
+		map[string]any{"scopes": []string{"lease"}})
+
+	states := func() map[string]string {
+		st, _ := k.srv.Pool().Stats("exa")
+		m := map[string]string{}
+		for _, s := range st {
+			m[s.ID] = s.State.String()
+		}
+		return m
+	}
+	lease := func(tok string) (keyID, leaseID string) {
+		t.Helper()
+		code, m, _ := k.do("GET", "/key?service=exa", tok, nil)
+		keyID, _ = m["key_id"].(string)
+		leaseID, _ = m["lease_id"].(string)
+		if code != 200 || keyID == "" || len(leaseID) < 20 || m["expires_at"] == nil {
+			t.Fatalf("lease: %d %v", code, m)
+		}
+		return keyID, leaseID
+	}
+
+	// The attack: reports on every key id without a lease.
+	for _, id := range ids {
+		code, m, _ := k.do("POST", "/key/"+id+"/report", tokB, map[string]any{"outcome": "invalid"})
+		if code != http.StatusBadRequest || errCode(m) != "bad_request" {
+			t.Errorf("report without a lease: %d %v, want 400 bad_request", code, m)
+		}
+	}
+	for id, s := range states() {
+		if s != "active" {
+			t.Fatalf("key %s is %s after reports without a lease", id, s)
+		}
+	}
+
+	keyA1, leaseA1 := lease(tokA)
+	for _, tc := range []struct {
+		name   string
+		tok    string
+		key    string
+		body   map[string]any
+		status int
+		code   string
+	}{
+		{"unknown lease", tokB, keyA1, map[string]any{"outcome": "invalid", "lease_id": "kl_" + strings.Repeat("0", 32)}, 404, "lease_not_found"},
+		{"another team's lease", tokB, keyA1, map[string]any{"outcome": "invalid", "lease_id": leaseA1}, 403, "forbidden"},
+		{"another key", tokA, ids[0] + ids[1], map[string]any{"outcome": "invalid", "lease_id": leaseA1}, 404, "lease_not_found"},
+		{"team without the service", limited, keyA1, map[string]any{"outcome": "invalid", "lease_id": leaseA1}, 403, "forbidden"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, m, _ := k.do("POST", "/key/"+tc.key+"/report", tc.tok, tc.body)
+			if code != tc.status || errCode(m) != tc.code {
+				t.Errorf("%d %v, want %d %s", code, m, tc.status, tc.code)
+			}
+		})
+	}
+	if s := states()[keyA1]; s != "active" {
+		t.Fatalf("key %s is %s after refused reports", keyA1, s)
+	}
+	if code, m, _ := k.do("GET", "/key?service=exa", limited, nil); code != 403 {
+		t.Errorf("lease on a service the team may not use: %d %v, want 403", code, m)
+	}
+
+	// The holder reports once.
+	code, m, _ := k.do("POST", "/key/"+keyA1+"/report", tokA, map[string]any{"outcome": "rate_limited", "retry_after": 30, "lease_id": leaseA1})
+	if code != 200 || m["state"] != "cooling" {
+		t.Fatalf("holder's report: %d %v", code, m)
+	}
+	code, m, _ = k.do("POST", "/key/"+keyA1+"/report", tokA, map[string]any{"outcome": "invalid", "lease_id": leaseA1})
+	if code != http.StatusConflict || errCode(m) != "lease_reported" {
+		t.Fatalf("second report on a lease: %d %v, want 409 lease_reported", code, m)
+	}
+
+	// Another token of the same team is not the holder either.
+	keyB1, leaseB1 := lease(tokB)
+	if code, m, _ := k.do("POST", "/key/"+keyB1+"/report", tokB2, map[string]any{"outcome": "invalid", "lease_id": leaseB1}); code != 403 {
+		t.Fatalf("report with a teammate's lease: %d %v, want 403", code, m)
+	}
+	// An expired lease reports nothing.
+	clk.Set(clk.Now().Add(61 * time.Second))
+	code, m, _ = k.do("POST", "/key/"+keyB1+"/report", tokB, map[string]any{"outcome": "invalid", "lease_id": leaseB1})
+	if code != http.StatusGone || errCode(m) != "lease_expired" {
+		t.Fatalf("report on an expired lease: %d %v, want 410 lease_expired", code, m)
+	}
+	if s := states()[keyB1]; s != "active" {
+		t.Fatalf("key %s is %s after a report on an expired lease", keyB1, s)
+	}
+
+	// The admin reports on any key, lease or not.
+	if code, m, _ := k.do("POST", "/key/"+ids[2]+"/report", k.admin, map[string]any{"outcome": "invalid"}); code != 200 || m["state"] != "invalid" {
+		t.Fatalf("admin report without a lease: %d %v", code, m)
+	}
+	k.checkLogs()
+}

@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 )
 
 // Redacted replaces a key's secret, or the team token, wherever the proxy
@@ -458,6 +459,14 @@ func scrubHeaderWith(h http.Header, m *matcher) {
 // are scrubbed when the body ends. Bodies of 101 answers (a WebSocket's
 // frames) are not looked into.
 func scrubBody(resp *http.Response, secret string) {
+	scrubBodyIdle(resp, secret, 0)
+}
+
+// scrubBodyIdle is scrubBody whose in-memory read of a small body gives
+// up when no byte arrives for idle (zero: no bound): the body then ends
+// with an error after what did arrive, as a streamed body would when its
+// idle timeout passes.
+func scrubBodyIdle(resp *http.Response, secret string, idle time.Duration) {
 	m := keyMatcher(secret, resp.Request)
 	if m.empty() || resp.Body == nil || resp.Body == http.NoBody || resp.StatusCode == http.StatusSwitchingProtocols ||
 		(resp.Request != nil && resp.Request.Method == http.MethodHead) {
@@ -473,7 +482,13 @@ func scrubBody(resp *http.Response, secret string) {
 	}
 	if resp.ContentLength >= 0 && resp.ContentLength <= smallBody {
 		b := make([]byte, resp.ContentLength)
-		n, err := io.ReadFull(resp.Body, b)
+		var src io.Reader = resp.Body
+		if idle > 0 {
+			w := newIdleWatch(resp.Body, idle)
+			defer w.stop()
+			src = w
+		}
+		n, err := io.ReadFull(src, b)
 		b = b[:n]
 		if err == nil {
 			// Content-Length was exact: the next read ends the body (and
@@ -682,3 +697,27 @@ type redactedError struct {
 func (e *redactedError) Error() string { return e.msg }
 func (e *redactedError) Timeout() bool { return e.timeout }
 func (e *redactedError) Unwrap() error { return e.cause }
+
+// idleWatch closes a body when no read returns for idle, so that a
+// stalled upstream cannot hold an in-memory read forever.
+type idleWatch struct {
+	rc    io.ReadCloser
+	idle  time.Duration
+	timer *time.Timer
+}
+
+func newIdleWatch(rc io.ReadCloser, idle time.Duration) *idleWatch {
+	w := &idleWatch{rc: rc, idle: idle}
+	w.timer = time.AfterFunc(idle, func() { _ = rc.Close() })
+	return w
+}
+
+func (w *idleWatch) Read(p []byte) (int, error) {
+	n, err := w.rc.Read(p)
+	if n > 0 {
+		w.timer.Reset(w.idle)
+	}
+	return n, err
+}
+
+func (w *idleWatch) stop() { w.timer.Stop() }

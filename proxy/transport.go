@@ -475,7 +475,11 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 		resp.Header.Set(HeaderKeyID, id)
 		scrubHeader(resp.Header, secret)
 		if outcome.Kind == keypool.OK {
-			scrubBody(resp, secret)
+			idle := svc.IdleTimeout
+			if tr != nil && tr.idle > 0 {
+				idle = tr.idle
+			}
+			scrubBodyIdle(resp, secret, idle)
 			wrapBody(resp, lease, ctx, cancel)
 			if budget.suspect != "" {
 				// Another key served what the suspect refused: one strike.

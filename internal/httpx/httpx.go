@@ -131,8 +131,9 @@ func DecodeJSON(w http.ResponseWriter, r *http.Request, dst any, max int64) erro
 	data, err := io.ReadAll(http.MaxBytesReader(w, r.Body, max))
 	if err != nil {
 		var mbe *http.MaxBytesError
-		if errors.As(err, &mbe) {
-			return jsonError(err, max)
+		var he *Error
+		if errors.As(err, &mbe) || errors.As(err, &he) {
+			return jsonError(err, max) // 413, or a 408 from TimedBody
 		}
 		return Errorf(http.StatusBadRequest, CodeBadRequest, "reading the request body failed")
 	}

@@ -122,6 +122,7 @@ type Server struct {
 	auth    *auth.Authenticator
 	fails   *auth.FailureLimiter
 	admin   *admin.API
+	sess    *auth.Sessions
 	proxy   *proxy.Handler
 	limiter limit.Backend
 	rdb     *redis.Client
@@ -293,10 +294,17 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	s.usage = store.NewUsageWriter(s.st, uopts)
 	s.leases = newLeaseBook(time.Duration(cfg.LeaseTTL), s.pool.Now)
 
+	if s.sess, err = auth.NewSessions(auth.SessionConfig{Store: s.st, TTL: time.Duration(cfg.Console.SessionTTL),
+		Params: cfg.Console.Password, Now: s.now}); err != nil {
+		return nil, err
+	}
+	if err := bootstrapAdmin(ctx, s.st, cfg.DataDir, cfg.Console.Password, out); err != nil {
+		return nil, err
+	}
 	if s.admin, err = admin.New(admin.Config{
 		Store: s.st, Pool: s.pool, Auth: s.auth, Failures: s.fails,
 		OnChange: s.onAdminChange, Logger: log, AllowMetadataUpstreams: cfg.AllowMetadataUpstreams,
-		ClientIP: s.clients.of,
+		ClientIP: s.clients.of, Sessions: s.sess,
 	}); err != nil {
 		return nil, err
 	}
@@ -324,6 +332,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	s.bg.Go(func() { s.leases.run(bgctx) })
 	s.bg.Go(func() { s.watchServiceLimits(bgctx) })
 	s.bg.Go(func() { s.runSpend(bgctx) })
+	s.bg.Go(func() { s.pruneAdmin(bgctx) })
 	if len(keyring.Versions()) > 1 {
 		// A rotation: re-seal what older keys sealed, online.
 		s.bg.Go(func() { s.rewrap(bgctx) })

@@ -45,6 +45,9 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store) {
 		{"ConcurrentWriters", testConcurrentWriters},
 		{"Usage", testUsage},
 		{"PruneUsage", testPruneUsage},
+		{"AdminUsers", testAdminUsers},
+		{"Sessions", testSessions},
+		{"Audit", testAudit},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"path/filepath"
 	"strings"
 	"time"
@@ -114,6 +115,21 @@ func bootstrapAdmin(ctx context.Context, st store.AdminStore, dataDir string, pa
 			pw, path)
 	}
 	return nil
+}
+
+// cookieSecure reports whether the console's session cookie must be
+// Secure for request r (see [ConsoleConfig.CookieSecure]).
+func (s *Server) cookieSecure(r *http.Request) bool {
+	switch s.cfg.Console.CookieSecure {
+	case CookieSecureAlways:
+		return true
+	case CookieSecureNever:
+		return false
+	}
+	if r.TLS != nil {
+		return true
+	}
+	return s.clients.isTrusted(remoteIP(r.RemoteAddr)) && strings.EqualFold(r.Header.Get("X-Forwarded-Proto"), "https")
 }
 
 // pruneAdmin deletes expired sessions and audit entries older than the

@@ -99,6 +99,7 @@ import (
 	"github.com/keypool/keypool"
 	"github.com/keypool/keypool/admin"
 	"github.com/keypool/keypool/auth"
+	"github.com/keypool/keypool/console"
 	"github.com/keypool/keypool/internal/httpx"
 	"github.com/keypool/keypool/limit"
 	"github.com/keypool/keypool/meter"
@@ -123,6 +124,7 @@ type Server struct {
 	fails   *auth.FailureLimiter
 	admin   *admin.API
 	sess    *auth.Sessions
+	console *console.Handler // nil when disabled
 	proxy   *proxy.Handler
 	limiter limit.Backend
 	rdb     *redis.Client
@@ -309,6 +311,13 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, err
 	}
 
+	if !cfg.Console.Disabled {
+		if s.console, err = console.New(console.Config{API: s.admin, Sessions: s.sess, Statuses: s.st,
+			Secure: s.cookieSecure, Logger: log, Now: s.now}); err != nil {
+			return nil, err
+		}
+	}
+
 	upstream := cfg.Upstream
 	if upstream == nil {
 		upstream = upstreamTransport(cfg.AllowMetadataUpstreams)
@@ -433,6 +442,12 @@ func (s *Server) routes() http.Handler {
 	mux.Handle("/admin", s.admin)
 	mux.HandleFunc("/key", s.leaseKey)
 	mux.HandleFunc("/key/{id}/report", s.reportKey)
+	if s.console != nil {
+		mux.Handle(console.Prefix, s.console)
+		mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+			http.Redirect(w, r, console.Prefix, http.StatusFound)
+		})
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, httpx.Errorf(http.StatusNotFound, httpx.CodeNotFound, "no endpoint %s; the proxy serves /v1/{service}/...", safePath(r.URL.Path)))
 	})

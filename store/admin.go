@@ -91,3 +91,16 @@ type AdminStore interface {
 	// PruneAudit deletes entries older than before.
 	PruneAudit(ctx context.Context, before time.Time) (int64, error)
 }
+
+// StatusCounts are a service's requests since some time, by outcome.
+type StatusCounts struct {
+	Requests    int64 `json:"requests"`
+	RateLimited int64 `json:"rate_limited"` // answered 429
+	Errors      int64 `json:"errors"`       // answered 5xx, or no answer
+}
+
+// StatusCounter counts recent requests per service from usage records;
+// sqlstore implements it, for the console's overview.
+type StatusCounter interface {
+	UsageStatusCounts(ctx context.Context, since time.Time) (map[string]StatusCounts, error)
+}

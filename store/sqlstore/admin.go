@@ -251,3 +251,28 @@ func (s *Store) PruneAudit(ctx context.Context, before time.Time) (int64, error)
 }
 
 var _ store.AdminStore = (*Store)(nil)
+
+// UsageStatusCounts counts usage records since t per service: all, 429s
+// and errors (5xx, or status 0 for no answer).
+func (s *Store) UsageStatusCounts(ctx context.Context, since time.Time) (map[string]store.StatusCounts, error) {
+	var rows []struct {
+		Service     string
+		Requests    int64
+		RateLimited int64
+		Errors      int64
+	}
+	err := s.r.WithContext(ctx).Raw(`SELECT service, COUNT(*) AS requests,
+		SUM(CASE WHEN status = 429 THEN 1 ELSE 0 END) AS rate_limited,
+		SUM(CASE WHEN status >= 500 OR status = 0 THEN 1 ELSE 0 END) AS errors
+		FROM usage_records WHERE ts >= ? GROUP BY service`, since.UnixMicro()).Scan(&rows).Error
+	if err != nil {
+		return nil, mapErr("count usage statuses", err)
+	}
+	out := make(map[string]store.StatusCounts, len(rows))
+	for _, r := range rows {
+		out[r.Service] = store.StatusCounts{Requests: r.Requests, RateLimited: r.RateLimited, Errors: r.Errors}
+	}
+	return out, nil
+}
+
+var _ store.StatusCounter = (*Store)(nil)

@@ -408,11 +408,12 @@ func TestBrowser(t *testing.T) {
 			t.Error("a viewer created a token")
 		}
 	}
+	v.shot("13-viewer-team")
 	v.run("viewer audit", chromedp.Navigate(base+"/console/audit"), chromedp.WaitVisible("main", chromedp.ByQuery))
 	if s := v.text("main"); !strings.Contains(s, "viewer role") {
 		t.Errorf("viewer audit page: %q", s)
 	}
-	v.shot("13-viewer-team")
+	v.shot("14-viewer-audit-refused")
 
 	b.run("sign out", chromedp.Click(".who button", chromedp.ByQuery), chromedp.WaitVisible("#username", chromedp.ByID))
 	t.Logf("browser suite took %s", time.Since(start).Round(time.Millisecond))

@@ -228,6 +228,13 @@ var funcs = template.FuncMap{
 		return s
 	},
 	"float": func(v any) float64 { f, _ := v.(float64); return f },
+	"ts": func(v any) string {
+		str, _ := v.(string)
+		if t, err := time.Parse(time.RFC3339Nano, str); err == nil {
+			return when(t)
+		}
+		return str
+	},
 	"dict2": func(p string, f field, v map[string]string) fieldView { return fieldView{p, f, v} },
 }
 

@@ -144,3 +144,26 @@ func testAudit(t *testing.T, s store.Store) {
 		t.Fatalf("PruneAudit removed %d, want 2", n)
 	}
 }
+
+func testUsageStatusCounts(t *testing.T, s store.Store) {
+	sc, ok := s.(store.StatusCounter)
+	if !ok {
+		t.Skip("store does not implement store.StatusCounter")
+	}
+	ctx := ctxT(t)
+	now := time.Now().UTC()
+	recs := []store.UsageRecord{
+		{Time: now.Add(-2 * time.Hour), Service: "a", Status: 429}, // too old
+		{Time: now.Add(-time.Minute), Service: "a", Status: 200},
+		{Time: now.Add(-time.Minute), Service: "a", Status: 429},
+		{Time: now.Add(-time.Minute), Service: "a", Status: 502},
+		{Time: now.Add(-time.Minute), Service: "a", Status: 0},
+		{Time: now.Add(-time.Minute), Service: "b", Status: 200},
+	}
+	must(t, s.AppendUsage(ctx, recs))
+	got, err := sc.UsageStatusCounts(ctx, now.Add(-time.Hour))
+	must(t, err)
+	if got["a"] != (store.StatusCounts{Requests: 4, RateLimited: 1, Errors: 2}) || got["b"] != (store.StatusCounts{Requests: 1}) {
+		t.Fatalf("UsageStatusCounts = %+v", got)
+	}
+}

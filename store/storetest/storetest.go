@@ -48,6 +48,7 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store) {
 		{"AdminUsers", testAdminUsers},
 		{"Sessions", testSessions},
 		{"Audit", testAudit},
+		{"UsageStatusCounts", testUsageStatusCounts},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -20,6 +20,7 @@
 //	GET  /healthz               liveness
 //	GET  /readyz                store reachable and pools loaded
 //	GET  /metrics               Prometheus
+//	GET  /                      redirects to the web console, /console/ (package console)
 //
 // # Client limits
 //

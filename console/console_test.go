@@ -1,6 +1,8 @@
 package console_test
 
 import (
+	"bytes"
+	"compress/gzip"
 	"io"
 	"net/http"
 	"net/http/cookiejar"
@@ -122,3 +124,25 @@ func TestConsoleSecurity(t *testing.T) {
 }
 
 func mustURL(s string) *url.URL { u, _ := url.Parse(s); return u }
+
+// TestAssetBudget keeps the console's JavaScript and CSS under 200 KB
+// gzipped (they are 4 KB today).
+func TestAssetBudget(t *testing.T) {
+	base, _ := startServer(t)
+	var total int
+	for _, f := range []string{"console.js", "console.css"} {
+		resp, body := get(t, http.DefaultClient, base+"/console/static/"+f)
+		if resp.StatusCode != 200 || len(body) == 0 {
+			t.Fatalf("%s: %d", f, resp.StatusCode)
+		}
+		var buf bytes.Buffer
+		zw := gzip.NewWriter(&buf)
+		_, _ = zw.Write([]byte(body))
+		_ = zw.Close()
+		total += buf.Len()
+	}
+	if total > 200<<10 {
+		t.Errorf("JS + CSS = %d bytes gzipped, over the 200 KB budget", total)
+	}
+	t.Logf("JS + CSS: %d bytes gzipped", total)
+}

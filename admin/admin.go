@@ -12,6 +12,20 @@
 // token is valid. With [Config.Failures] set, an address that keeps
 // failing is answered 429 rate_limited with Retry-After.
 //
+// # Admin users, sessions and roles
+//
+// With [Config.Sessions] set, admin users sign in with POST
+// /admin/auth/login {"username","password"} and get
+// {"access_token","token_type":"bearer","expires_in"}; the access token
+// works like the admin token until it expires, the user signs out (POST
+// /admin/auth/logout), its password or role changes, or it is disabled.
+// Role admin may do everything; role viewer may only read (GET), and not
+// the admin users nor the audit log: no write, so no new token and no key
+// value. Raw key leasing (GET /key) takes the static admin token only.
+// Every write (and every sign-in) is recorded in the audit log: actor,
+// action ("service.create"), target id, time, address and status, never a
+// secret.
+//
 // # Requests and responses
 //
 // Bodies are JSON objects with snake_case fields, decoded strictly: unknown
@@ -52,6 +66,10 @@
 //	GET    /admin/tokens/{id}           PATCH, DELETE
 //	GET    /admin/usage                 ?team=&token=&service=&key=&model=&since=&until=&group_by=&format=csv
 //	GET    /admin/health
+//	POST   /admin/auth/login            POST /admin/auth/logout, GET /admin/auth/me
+//	POST   /admin/admin-users           GET /admin/admin-users (admins only)
+//	GET    /admin/admin-users/{id|username} PATCH, DELETE (admins only)
+//	GET    /admin/audit                 ?actor=&action=&target=&since=&until=&limit= (admins only)
 //
 // Mount the API at "/admin/" without stripping the prefix:
 //
@@ -119,6 +137,11 @@ type Config struct {
 	// passes, so the proxy's dialer should refuse link-local addresses
 	// at connect time as well.
 	AllowMetadataUpstreams bool
+	// Sessions, if set, signs admin users in (POST /admin/auth/login),
+	// accepts their session tokens like the admin token, and serves
+	// /admin/admin-users and /admin/audit; every write is then recorded
+	// in the audit log of Sessions.Store().
+	Sessions *auth.Sessions
 	// Now returns the current time. If nil, time.Now.
 	Now func() time.Time
 }
@@ -133,6 +156,8 @@ type API struct {
 	onChange func()
 	log      *slog.Logger
 	allowMD  bool
+	sessions *auth.Sessions   // nil: only the admin token
+	audit    store.AdminStore // nil: no audit log
 	now      func() time.Time
 	mux      *http.ServeMux
 }
@@ -148,7 +173,10 @@ func New(cfg Config) (*API, error) {
 	a := &API{
 		st: cfg.Store, pool: cfg.Pool, auth: cfg.Auth, failures: cfg.Failures,
 		clientIP: cfg.ClientIP, onChange: cfg.OnChange, log: cfg.Logger,
-		allowMD: cfg.AllowMetadataUpstreams, now: cfg.Now,
+		allowMD: cfg.AllowMetadataUpstreams, now: cfg.Now, sessions: cfg.Sessions,
+	}
+	if a.sessions != nil {
+		a.audit = a.sessions.Store()
 	}
 	if a.log == nil {
 		a.log = slog.Default()
@@ -193,6 +221,14 @@ func (a *API) routes() {
 	a.route("/admin/tokens/{id}", map[string]handlerFunc{"GET": a.getToken, "PATCH": a.patchToken, "DELETE": a.deleteToken})
 	a.route("/admin/usage", map[string]handlerFunc{"GET": a.usage})
 	a.route("/admin/health", map[string]handlerFunc{"GET": a.health})
+	if a.sessions != nil {
+		a.route("/admin/auth/login", map[string]handlerFunc{"POST": a.login})
+		a.route("/admin/auth/logout", map[string]handlerFunc{"POST": a.logout})
+		a.route("/admin/auth/me", map[string]handlerFunc{"GET": a.me})
+		a.route("/admin/admin-users", map[string]handlerFunc{"GET": a.listAdminUsers, "POST": a.createAdminUser})
+		a.route("/admin/admin-users/{id}", map[string]handlerFunc{"GET": a.getAdminUser, "PATCH": a.patchAdminUser, "DELETE": a.deleteAdminUser})
+		a.route("/admin/audit", map[string]handlerFunc{"GET": a.listAudit})
+	}
 	a.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		httpx.WriteError(w, httpx.Errorf(http.StatusNotFound, httpx.CodeNotFound, "no admin endpoint %s", r.URL.Path))
 	})
@@ -219,43 +255,109 @@ func (a *API) route(path string, byMethod map[string]handlerFunc) {
 }
 
 func (a *API) handle(pattern string, h handlerFunc) {
+	action := auditAction(pattern)
 	a.mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
-		if err := h(w, r); err != nil {
-			a.fail(w, r, err)
+		if action == "" || a.audit == nil {
+			if err := h(w, r); err != nil {
+				a.fail(w, r, err)
+			}
+			return
 		}
+		rec := &auditWriter{ResponseWriter: w}
+		if err := h(rec, r); err != nil {
+			a.fail(rec, r, err)
+		}
+		a.record(r, action, rec)
 	})
 }
 
-// ServeHTTP checks the admin token, then serves the request.
+// ServeHTTP authenticates the request (the admin token, a session token,
+// or an identity put in its context by [WithIdentity]), checks that the
+// identity's role allows it, then serves it.
 func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Cache-Control", "no-store")
+	if a.sessions != nil && r.URL.Path == "/admin/auth/login" {
+		// Signing in needs no credential; it is throttled on its own.
+		a.mux.ServeHTTP(w, r)
+		return
+	}
+	id, ok := IdentityFrom(r.Context())
+	if !ok {
+		if id, ok = a.authenticate(w, r); !ok {
+			return
+		}
+		r = r.WithContext(WithIdentity(r.Context(), id))
+	}
+	if !id.IsAdmin() && !viewerMay(r) {
+		httpx.WriteError(w, httpx.Errorf(http.StatusForbidden, httpx.CodeForbidden,
+			"the %s role may read but not change anything, nor manage admin users or read the audit log", id.Role))
+		return
+	}
+	a.mux.ServeHTTP(w, r)
+}
+
+// authenticate checks the bearer token of r: the admin token or, with
+// Sessions, a session token. It answers the request itself when it
+// fails.
+func (a *API) authenticate(w http.ResponseWriter, r *http.Request) (auth.Identity, bool) {
 	var ip string
 	if a.failures != nil {
 		ip = a.clientIP(r)
 		if wait, ok := a.failures.Check(ip, a.now()); !ok {
 			httpx.WriteError(w, &httpx.Error{Status: http.StatusTooManyRequests, Code: httpx.CodeRateLimited,
 				Message: "too many failed authentication attempts; retry later", RetryAfter: wait})
-			return
+			return auth.Identity{}, false
 		}
 	}
-	if tok := bearer(r); !a.auth.IsAdmin(tok) {
-		if a.failures != nil {
-			a.failures.Fail(ip, a.now())
-		}
-		// Drain a little of the body so that keep-alive clients see the
-		// answer; never read an unbounded amount.
-		_, _ = io.CopyN(io.Discard, r.Body, 64<<10)
-		w.Header().Set("WWW-Authenticate", `Bearer realm="keypool admin"`)
-		msg := "the admin API requires Authorization: Bearer <admin token>"
-		if strings.HasPrefix(tok, auth.TokenPrefix) {
-			// Only the shape is looked at, never the store: this says
-			// nothing about whether such a team token exists.
-			msg = "this is a team token; the admin API needs the admin token"
-		}
-		httpx.WriteError(w, httpx.Errorf(http.StatusUnauthorized, httpx.CodeInvalidToken, "%s", msg))
-		return
+	tok := bearer(r)
+	if a.auth.IsAdmin(tok) {
+		return auth.Identity{Role: store.RoleAdmin}, true
 	}
-	a.mux.ServeHTTP(w, r)
+	msg := "the admin API requires Authorization: Bearer <admin token>"
+	if a.sessions != nil {
+		msg = "the admin API requires Authorization: Bearer <admin token or access token from POST /admin/auth/login>"
+	}
+	if a.sessions != nil && auth.IsSessionToken(tok) {
+		id, err := a.sessions.Lookup(r.Context(), tok)
+		switch {
+		case err == nil:
+			return id, true
+		case errors.Is(err, auth.ErrExpired):
+			msg = "the session has expired; sign in again"
+		case errors.Is(err, auth.ErrInvalidToken), errors.Is(err, auth.ErrInactive):
+			msg = "the session is not valid (signed out, password changed or user disabled); sign in again"
+		default:
+			a.log.ErrorContext(r.Context(), "admin: session lookup failed", "err", err.Error())
+			httpx.WriteError(w, httpx.Errorf(http.StatusServiceUnavailable, httpx.CodeUnavailable, "cannot check the session now; retry"))
+			return auth.Identity{}, false
+		}
+	} else if strings.HasPrefix(tok, auth.TokenPrefix) {
+		// Only the shape is looked at, never the store: this says
+		// nothing about whether such a team token exists.
+		msg = "this is a team token; the admin API needs the admin token"
+	}
+	if a.failures != nil {
+		a.failures.Fail(ip, a.now())
+	}
+	// Drain a little of the body so that keep-alive clients see the
+	// answer; never read an unbounded amount.
+	_, _ = io.CopyN(io.Discard, r.Body, 64<<10)
+	w.Header().Set("WWW-Authenticate", `Bearer realm="keypool admin"`)
+	httpx.WriteError(w, httpx.Errorf(http.StatusUnauthorized, httpx.CodeInvalidToken, "%s", msg))
+	return auth.Identity{}, false
+}
+
+// viewerMay reports whether a viewer may make request r: reads, except of
+// admin users and the audit log, and signing itself out.
+func viewerMay(r *http.Request) bool {
+	p := r.URL.Path
+	if r.Method == http.MethodPost && p == "/admin/auth/logout" {
+		return true
+	}
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		return false
+	}
+	return !strings.HasPrefix(p, "/admin/admin-users") && !strings.HasPrefix(p, "/admin/audit")
 }
 
 // bearer returns the token of an "Authorization: Bearer" header, or "".

@@ -30,6 +30,13 @@
 // No error, log line or String form carries a token or the admin token;
 // errors name at most a token's stored prefix ("kp_AbC12").
 //
+// # Admin users
+//
+// [Sessions] signs admin users in with a username and an argon2id-hashed
+// password ([HashPassword], [CheckPassword]), throttled by a
+// [LoginLimiter], and checks the session tokens ("kps_…", stored only as a
+// SHA-256) that the admin API and the console accept.
+//
 // Everything here is safe for concurrent use.
 package auth
 

@@ -176,6 +176,9 @@ type Config struct {
 	// else, X-Forwarded-For is ignored. Empty: the peer address counts.
 	TrustedProxies []string `json:"trusted_proxies,omitempty" yaml:"trusted_proxies,omitempty"`
 
+	// Console configures admin sign-in (sessions) and the web console.
+	Console ConsoleConfig `json:"console,omitzero" yaml:"console,omitempty"`
+
 	// Upstream is the transport used to reach upstreams. If nil, a clone
 	// of http.DefaultTransport tuned for many connections per host.
 	Upstream http.RoundTripper `json:"-" yaml:"-"`
@@ -302,6 +305,9 @@ func (c *Config) ApplyEnv(lookup func(string) (string, bool)) error {
 	if v, ok := get(EnvPrices); ok {
 		c.PricesFile = v
 	}
+	if err := c.Console.applyEnv(get); err != nil {
+		return err
+	}
 	for _, d := range [...]struct {
 		env string
 		dst *Duration
@@ -370,6 +376,9 @@ func (c Config) withDefaults() Config {
 
 // Validate reports the first setting that cannot work. [New] calls it.
 func (c *Config) Validate() error {
+	if err := c.Console.validate(); err != nil {
+		return err
+	}
 	if _, err := parseLevel(c.LogLevel); c.LogLevel != "" && err != nil {
 		return err
 	}

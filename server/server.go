@@ -20,6 +20,7 @@
 //	GET  /healthz               liveness
 //	GET  /readyz                store reachable and pools loaded
 //	GET  /metrics               Prometheus
+//	GET  /                      redirects to the web console, /console/ (package console)
 //
 // # Client limits
 //
@@ -127,6 +128,7 @@ import (
 	"github.com/keypool/keypool"
 	"github.com/keypool/keypool/admin"
 	"github.com/keypool/keypool/auth"
+	"github.com/keypool/keypool/console"
 	"github.com/keypool/keypool/internal/httpx"
 	"github.com/keypool/keypool/limit"
 	"github.com/keypool/keypool/meter"
@@ -150,6 +152,8 @@ type Server struct {
 	auth    *auth.Authenticator
 	fails   *auth.FailureLimiter
 	admin   *admin.API
+	sess    *auth.Sessions
+	console *console.Handler // nil when disabled
 	proxy   *proxy.Handler
 	limiter limit.Backend
 	rdb     *redis.Client
@@ -323,12 +327,26 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	s.usage = store.NewUsageWriter(s.st, uopts)
 	s.leases = newLeaseBook(time.Duration(cfg.LeaseTTL), s.now)
 
+	if s.sess, err = auth.NewSessions(auth.SessionConfig{Store: s.st, TTL: time.Duration(cfg.Console.SessionTTL),
+		Params: cfg.Console.Password, Now: s.now}); err != nil {
+		return nil, err
+	}
+	if err := bootstrapAdmin(ctx, s.st, cfg.DataDir, cfg.Console.Password, out); err != nil {
+		return nil, err
+	}
 	if s.admin, err = admin.New(admin.Config{
 		Store: s.st, Pool: s.pool, Auth: s.auth, Failures: s.fails,
 		OnChange: s.onAdminChange, Logger: log, AllowMetadataUpstreams: cfg.AllowMetadataUpstreams,
-		ClientIP: s.clients.of,
+		ClientIP: s.clients.of, Sessions: s.sess,
 	}); err != nil {
 		return nil, err
+	}
+
+	if !cfg.Console.Disabled {
+		if s.console, err = console.New(console.Config{API: s.admin, Sessions: s.sess, Statuses: s.st,
+			Secure: s.cookieSecure, Logger: log, Now: s.now}); err != nil {
+			return nil, err
+		}
 	}
 
 	upstream := cfg.Upstream
@@ -356,6 +374,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	s.bg.Go(func() { s.leases.run(bgctx) })
 	s.bg.Go(func() { s.watchServiceLimits(bgctx) })
 	s.bg.Go(func() { s.runSpend(bgctx) })
+	s.bg.Go(func() { s.pruneAdmin(bgctx) })
 	if len(keyring.Versions()) > 1 {
 		// A rotation: re-seal what older keys sealed, online.
 		s.bg.Go(func() { s.rewrap(bgctx) })
@@ -456,6 +475,12 @@ func (s *Server) routes() http.Handler {
 	mux.Handle("/admin", s.admin)
 	mux.HandleFunc("/key", s.leaseKey)
 	mux.HandleFunc("/key/{id}/report", s.reportKey)
+	if s.console != nil {
+		mux.Handle(console.Prefix, s.console)
+		mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+			http.Redirect(w, r, console.Prefix, http.StatusFound)
+		})
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, httpx.Errorf(http.StatusNotFound, httpx.CodeNotFound, "no endpoint %s; the proxy serves /v1/{service}/...", safePath(r.URL.Path)))
 	})

@@ -460,6 +460,56 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		fmt.Fprintln(stdout, "revoked token", args[0])
 		return nil
 
+	case "admin-user add":
+		username := fs.String("username", "", "username (required)")
+		role := fs.String("role", "viewer", "admin (everything) or viewer (reads only)")
+		if err := parse(args); err != nil {
+			return err
+		}
+		pw, err := readPassword(stdin)
+		if err != nil {
+			return err
+		}
+		var out map[string]any
+		if err := c.json(ctx, "POST", "/admin/admin-users", map[string]any{"username": *username, "password": pw, "role": *role}, &out); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "added admin user %v (%v, role %v)\n", out["username"], out["id"], out["role"])
+		return nil
+	case "admin-user list":
+		if err := parse(args); err != nil {
+			return err
+		}
+		var out struct {
+			AdminUsers []map[string]any `json:"admin_users"`
+		}
+		if err := c.json(ctx, "GET", "/admin/admin-users", nil, &out); err != nil {
+			return err
+		}
+		return table(stdout, out.AdminUsers, "id", "username", "role", "disabled", "last_login_at")
+	case "admin-user passwd", "admin-user disable":
+		args, err := parseArgs(fs, args, 1, "one argument, the USERNAME", stdout)
+		if err != nil {
+			return err
+		}
+		body := map[string]any{"disabled": true}
+		if verb == "passwd" {
+			pw, err := readPassword(stdin)
+			if err != nil {
+				return err
+			}
+			body = map[string]any{"password": pw}
+		}
+		if err := c.json(ctx, "PATCH", "/admin/admin-users/"+url.PathEscape(args[0]), body, nil); err != nil {
+			return err
+		}
+		if verb == "passwd" {
+			fmt.Fprintln(stdout, "changed the password of", args[0], "and ended its sessions")
+		} else {
+			fmt.Fprintln(stdout, "disabled", args[0], "and ended its sessions")
+		}
+		return nil
+
 	case "usage":
 		groupBy := fs.String("group-by", "service", "comma-separated: team, token, service, key, model, day")
 		since := fs.String("since", "", "start (RFC 3339 or 2006-01-02)")
@@ -561,4 +611,14 @@ func cell(v any) string {
 		return strings.Join(parts, ",")
 	}
 	return fmt.Sprint(v)
+}
+
+// readPassword reads a password from the first line of stdin (so that it
+// stays out of the shell history and the process list).
+func readPassword(stdin io.Reader) (string, error) {
+	line, err := bufio.NewReader(stdin).ReadString('\n')
+	if err != nil && line == "" {
+		return "", errors.New("no password: write it on stdin, e.g. `keypoold admin-user add --username alice < pw.txt`")
+	}
+	return strings.TrimRight(line, "\r\n"), nil
 }

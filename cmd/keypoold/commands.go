@@ -53,6 +53,12 @@ var commands = []command{
 		{"list", "[--team T]", "list tokens (never their values)"},
 		{"revoke", "ID", "revoke a token"},
 	}},
+	{name: "admin-user", summary: "people who sign in to the console and the admin API", subs: []subcommand{
+		{"add", "--username U [--role admin|viewer] < password", "add an admin user; the password is read from stdin"},
+		{"list", "", "list admin users"},
+		{"passwd", "USERNAME < password", "set a new password (ends the user's sessions)"},
+		{"disable", "USERNAME", "disable a user (ends the user's sessions)"},
+	}},
 	{name: "usage", summary: "requests, LLM tokens and cost, grouped", args: "[--group-by service,day] [--since 2025-01-01] [flags]"},
 	{name: "health", summary: "the server's health", args: ""},
 }

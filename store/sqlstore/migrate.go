@@ -131,6 +131,37 @@ var migrations = []migration{
 		`ALTER TABLE services ADD COLUMN idle_timeout_ms BIGINT NOT NULL DEFAULT 0`,
 		`ALTER TABLE services ADD COLUMN request_timeout_ms BIGINT NOT NULL DEFAULT 0`,
 	}},
+	{6, "admin users, sessions, audit log", []string{
+		`CREATE TABLE admin_users (
+			id TEXT PRIMARY KEY,
+			username TEXT NOT NULL UNIQUE,
+			password_hash TEXT NOT NULL,
+			role TEXT NOT NULL,
+			disabled BOOLEAN NOT NULL DEFAULT FALSE,
+			last_login_at {ts},
+			created_at {ts} NOT NULL,
+			updated_at {ts} NOT NULL
+		)`,
+		`CREATE TABLE admin_sessions (
+			hash {blob} PRIMARY KEY,
+			user_id TEXT NOT NULL REFERENCES admin_users(id) ON DELETE CASCADE,
+			addr TEXT NOT NULL DEFAULT '',
+			created_at {ts} NOT NULL,
+			expires_at {ts} NOT NULL
+		)`,
+		`CREATE INDEX admin_sessions_user ON admin_sessions (user_id)`,
+		`CREATE INDEX admin_sessions_expires ON admin_sessions (expires_at)`,
+		`CREATE TABLE audit_log (
+			id {autoid},
+			ts {ts} NOT NULL,
+			actor TEXT NOT NULL DEFAULT '',
+			action TEXT NOT NULL DEFAULT '',
+			target TEXT NOT NULL DEFAULT '',
+			addr TEXT NOT NULL DEFAULT '',
+			status INTEGER NOT NULL DEFAULT 0
+		)`,
+		`CREATE INDEX audit_log_ts ON audit_log (ts)`,
+	}},
 }
 
 // latestVersion is the schema version this package writes.

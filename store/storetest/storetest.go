@@ -45,6 +45,10 @@ func Run(t *testing.T, newStore func(t *testing.T) store.Store) {
 		{"ConcurrentWriters", testConcurrentWriters},
 		{"Usage", testUsage},
 		{"PruneUsage", testPruneUsage},
+		{"AdminUsers", testAdminUsers},
+		{"Sessions", testSessions},
+		{"Audit", testAudit},
+		{"UsageStatusCounts", testUsageStatusCounts},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -182,7 +182,7 @@ func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, log
 			Name: sp.Name, DisplayName: sp.DisplayName, BaseURL: sp.BaseURL,
 			AuthScheme: sp.AuthScheme, RateLimitRPM: sp.RateLimitRPM, MaxInFlight: sp.MaxInFlight,
 			ProxyHeaders: sp.ProxyHeaders, Selector: sp.Selector, ExternalName: sp.ExternalName,
-			KeyPolicy: sp.keyPolicy(),
+			KeyPolicy:     sp.keyPolicy(),
 			HeaderTimeout: time.Duration(sp.HeaderTimeout), IdleTimeout: time.Duration(sp.IdleTimeout),
 			RequestTimeout: time.Duration(sp.RequestTimeout),
 		}

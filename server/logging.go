@@ -15,8 +15,8 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/keypool/keypool/proxy"
 	"github.com/keypool/keypool/internal/httpx"
+	"github.com/keypool/keypool/proxy"
 )
 
 // newLogger builds the server's logger from its settings.

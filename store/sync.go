@@ -636,9 +636,9 @@ func ToPool(svc Service, keys []Key) (keypool.Service, []keypool.Key, error) {
 		ConfirmRefusals:    svc.ConfirmRefusals,
 		MinActiveKeys:      svc.MinActiveKeys,
 		MaxEjectionPercent: svc.MaxEjectionPercent,
-		HeaderTimeout: svc.HeaderTimeout,
-		IdleTimeout:   svc.IdleTimeout,
-		Timeout:       svc.RequestTimeout,
+		HeaderTimeout:      svc.HeaderTimeout,
+		IdleTimeout:        svc.IdleTimeout,
+		Timeout:            svc.RequestTimeout,
 	}
 	pk := make([]keypool.Key, len(keys))
 	for i, k := range keys {

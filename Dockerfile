@@ -32,11 +32,14 @@ COPY --from=build /out/keypoold /keypoold
 COPY --from=build --chown=65532:65532 /out/data /data
 USER 65532:65532
 WORKDIR /data
-# Listen on all interfaces inside the container; SQLite and generated
-# secrets under /data. Set KEYPOOL_DATABASE=postgres://… for replicas.
+# Listen on all interfaces inside the container; SQLite, its temporary
+# files (TMPDIR) and generated secrets under /data, so that the root
+# filesystem can be read-only. Set KEYPOOL_DATABASE=postgres://… for
+# replicas.
 ENV KEYPOOL_LISTEN=:8080 \
 	KEYPOOL_DATABASE=sqlite:/data/keypool.db \
-	KEYPOOL_DATA_DIR=/data
+	KEYPOOL_DATA_DIR=/data \
+	TMPDIR=/data
 VOLUME ["/data"]
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \

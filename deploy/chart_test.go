@@ -201,8 +201,10 @@ func checkPod(t *testing.T, d *appsv1.Deployment) corev1.Container {
 	if v := env["KEYPOOL_LISTEN"].Value; v != ":8080" {
 		t.Errorf("KEYPOOL_LISTEN %q, want :8080 (all interfaces)", v)
 	}
-	if v := env["KEYPOOL_DATA_DIR"].Value; v != "/data" {
-		t.Errorf("KEYPOOL_DATA_DIR %q, want /data", v)
+	for _, name := range []string{"KEYPOOL_DATA_DIR", "TMPDIR"} {
+		if v := env[name].Value; v != "/data" {
+			t.Errorf("%s %q, want /data, the only writable path", name, v)
+		}
 	}
 	checkEnvNames(t, "the Deployment", envNames(c))
 	writable := 0

@@ -160,7 +160,7 @@ func TestCompose(t *testing.T) {
 		}
 		for k, want := range map[string]string{
 			"KEYPOOL_ADMIN_TOKEN": composeEnv["KEYPOOL_ADMIN_TOKEN"], "KEYPOOL_ENCRYPTION_KEY": testEncKey,
-			"KEYPOOL_LISTEN": ":8080", "KEYPOOL_DATA_DIR": "/data", "KEYPOOL_TRUSTED_PROXIES": lbIP,
+			"KEYPOOL_LISTEN": ":8080", "KEYPOOL_DATA_DIR": "/data", "TMPDIR": "/data", "KEYPOOL_TRUSTED_PROXIES": lbIP,
 			"AUTH_BASE_URL": "http://localhost:8080",
 		} {
 			if env[k] != want {

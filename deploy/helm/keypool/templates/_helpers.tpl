@@ -86,6 +86,9 @@ with the message.
   value: ":8080"
 - name: KEYPOOL_DATA_DIR
   value: /data
+# Temporary files (SQLite's, Go's) go to /data: the root is read-only.
+- name: TMPDIR
+  value: /data
 {{- if eq .Values.database.type "sqlite" }}
 - name: KEYPOOL_DATABASE
   value: sqlite:/data/keypool.db

@@ -33,7 +33,7 @@ type localCommand struct {
 
 // localCommands are listed in the help after serve.
 var localCommands = []localCommand{
-	{"healthcheck", "[--ready] [--url URL] [--timeout D]", "exit 0 when the local server answers /healthz (or /readyz), else 1", healthcheck},
+	{"healthcheck", "[--ready] [flags]", "exit 0 when the local server answers /healthz (or /readyz), else 1", healthcheck},
 	{"version", "", "the module version, commit and Go version of this binary", printVersion},
 }
 

@@ -19,6 +19,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	corev1 "k8s.io/api/core/v1"
 )
 
 // nonRootUID is the distroless "nonroot" user the image runs as.
@@ -162,7 +164,10 @@ func TestStaticBinaryRunsAsNonRoot(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := os.WriteFile(filepath.Join(work, "keypool.yaml"), []byte("log_level: info\n"), 0o444); err != nil {
+	// The config file is the chart's ConfigMap for the full values, with
+	// its ${OPENAI_KEY_1} from the environment, as extraEnv passes it.
+	cm := get[*corev1.ConfigMap](t, mustRender(t, fullValues()), "ConfigMap")
+	if err := os.WriteFile(filepath.Join(work, "keypool.yaml"), []byte(cm.Data["config.yaml"]), 0o444); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.Chown(data, uid, gid); err != nil {
@@ -179,7 +184,8 @@ func TestStaticBinaryRunsAsNonRoot(t *testing.T) {
 		cred.Credential = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}
 	}
 	// As in the image: temporary files go to the data directory.
-	baseEnv := []string{"HOME=" + work, "TMPDIR=" + data, "KEYPOOL_LOG_FORMAT=text", "KEYPOOL_CONFIG=" + filepath.Join(work, "keypool.yaml")}
+	baseEnv := []string{"HOME=" + work, "TMPDIR=" + data, "KEYPOOL_LOG_FORMAT=text", "KEYPOOL_CONFIG=" + filepath.Join(work, "keypool.yaml"),
+		"OPENAI_KEY_1=sk-deploytest-0123456789"}
 
 	// Left to its defaults (./data under the read-only working tree),
 	// keypoold fails to start rather than write elsewhere.
@@ -213,8 +219,13 @@ func TestStaticBinaryRunsAsNonRoot(t *testing.T) {
 	}
 	hc := exec.Command(bin, "healthcheck", "--ready")
 	hc.Env, hc.SysProcAttr = []string{"KEYPOOL_LISTEN=" + addr}, cred
-	if out, err := hc.CombinedOutput(); err != nil {
+	out, err = hc.CombinedOutput()
+	if err != nil {
 		t.Errorf("keypoold healthcheck --ready: %v\n%s", err, out)
+	}
+	// The service and key of the chart's config were loaded.
+	if !strings.Contains(string(out), `"services":1,"keys":1`) {
+		t.Errorf("keypoold healthcheck --ready: %s; want the chart config's 1 service and 1 key", out)
 	}
 
 	if err := srv.Process.Signal(syscall.SIGTERM); err != nil {

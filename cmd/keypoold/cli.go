@@ -50,19 +50,7 @@ func (c *client) connect() error {
 }
 
 func newClient(e env) (*client, error) {
-	base := e.get(envURL)
-	if base == "" {
-		base = "http://127.0.0.1:8080"
-		if l := e.get(server.EnvListen); l != "" {
-			host, port, ok := strings.Cut(l, ":")
-			if ok && port != "" {
-				if host == "" || host == "0.0.0.0" || host == "[::]" {
-					host = "127.0.0.1"
-				}
-				base = "http://" + host + ":" + port
-			}
-		}
-	}
+	base := serverURL(e)
 	tok := e.get(server.EnvAdminToken)
 	if tok == "" {
 		dir := e.get(server.EnvDataDir)

@@ -9,6 +9,8 @@
 //	keypoold token create|list|revoke …
 //	keypoold usage [--group-by …]
 //	keypoold health
+//	keypoold healthcheck [--ready]    exit 0 when the local server is healthy
+//	keypoold version
 //
 // The server reads its configuration from the environment (KEYPOOL_*, see
 // package server), an optional YAML file (KEYPOOL_CONFIG or -config), and
@@ -68,6 +70,10 @@ func run(ctx context.Context, args []string, e env, stdin io.Reader, stdout, std
 					serveUsage(stdout)
 					return 0
 				}
+				if c := findLocal(args[1]); c != nil {
+					_ = runLocal(ctx, c, []string{"-h"}, e, stdout)
+					return 0
+				}
 			}
 			usage(stdout)
 			return 0
@@ -80,6 +86,8 @@ func run(ctx context.Context, args []string, e env, stdin io.Reader, stdout, std
 	switch cmd {
 	case "serve":
 		err = serve(ctx, args, e, stdout, stderr)
+	case "healthcheck", "version":
+		err = runLocal(ctx, findLocal(cmd), args, e, stdout)
 	default:
 		err = runCLI(ctx, cmd, args, e, stdin, stdout)
 	}
@@ -153,6 +161,9 @@ Examples:
 func commandList(w io.Writer) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "  serve\t\trun the proxy and the admin API (the default)\n")
+	for _, c := range localCommands {
+		fmt.Fprintf(tw, "  %s\t%s\t%s\n", c.name, c.args, c.summary)
+	}
 	for _, c := range commands {
 		fmt.Fprintf(tw, "  %s\t%s\t%s\n", c.name, c.verbs(), c.summary)
 	}

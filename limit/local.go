@@ -263,7 +263,7 @@ func (l *Local) Reserve(_ context.Context, key string, amount float64, limits []
 		func(w Window) float64 { return e.used(w, now) },
 		func(lim Limit, _ float64) time.Duration {
 			if lim.Window == Minute {
-				return e.minute.retry(sec, now, e.reserved, amount, lim.Block)
+				return e.minute.retry(sec, now, e.reserved, lim.Block)
 			}
 			return calRetry(lim.Window, now)
 		})
@@ -438,13 +438,13 @@ func (r *secRing) sum(sec int64) float64 {
 }
 
 // retry returns how long after now the minute usage drops enough that
-// reserved plus amount fits under block; RateWindow when usage leaving the
+// usage plus reserved is below block; RateWindow when usage leaving the
 // window is not enough.
-func (r *secRing) retry(sec int64, now time.Time, reserved, amount, block float64) time.Duration {
+func (r *secRing) retry(sec int64, now time.Time, reserved, block float64) time.Duration {
 	u := r.sum(sec)
 	for s := max(sec-60, r.last-63); s <= min(sec, r.last); s++ {
 		u -= r.b[s&63]
-		if r.b[s&63] != 0 && u+reserved < block && u+reserved+amount <= block {
+		if r.b[s&63] != 0 && u+reserved < block {
 			return time.Unix(s+61, 0).Sub(now)
 		}
 	}

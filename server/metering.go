@@ -513,8 +513,9 @@ func budgetError(scope string, unit uint8, d limit.Decision) error {
 	if unit == unitTPM {
 		name = "tokens-per-minute"
 	}
-	msg := fmt.Sprintf("budget exceeded: %s %s %s limit is %s, %s used or reserved", scope, windowWord(d.Limit.Window), name,
-		amount(unit, d.Limit.Block), amount(unit, d.Used))
+	settled := max(d.Used-d.Reserved, 0)
+	msg := fmt.Sprintf("budget exceeded: %s %s %s limit is %s: %s used, %s reserved by requests in flight", scope, windowWord(d.Limit.Window), name,
+		amount(unit, d.Limit.Block), amount(unit, settled), amount(unit, d.Reserved))
 	ra := d.RetryAfter
 	if d.Limit.Window == limit.Total {
 		// A total limit never resets: Retry-After is only how long a

@@ -54,10 +54,14 @@
 // block threshold refuses with 429 budget_exceeded and Retry-After at the
 // end of the UTC window; a warn threshold sets [HeaderBudgetWarning], logs
 // and counts, and never refuses. Windows are calendar-aligned in UTC
-// (hour, day, month) or total; tpm_limit is a sliding minute. Admitted
-// estimates never exceed a budget; it is overspent by at most the sum, over
-// concurrently admitted requests, of their actual usage above their
-// estimate. The in-process counters are seeded from stored usage at start.
+// (hour, day, month) or total; tpm_limit is a sliding minute. A request is
+// admitted while the window's settled usage plus the reservations of the
+// requests already in flight is below the block threshold, so the first
+// request under any budget goes through; a budget is overspent by at most
+// the last admitted request's actual usage plus the sum, over concurrently
+// admitted requests, of their actual usage above their estimate (see
+// package limit). The in-process counters are seeded from stored usage at
+// start.
 //
 // models_enabled on a service, team or token restricts the models a
 // request may name (403 forbidden naming the model), and GET

@@ -229,18 +229,15 @@ func (a *API) handle(pattern string, h handlerFunc) {
 // ServeHTTP checks the admin token, then serves the request.
 func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Cache-Control", "no-store")
-	var ip string
-	if a.failures != nil {
-		ip = a.clientIP(r)
-		if wait, ok := a.failures.Check(ip, a.now()); !ok {
-			httpx.WriteError(w, &httpx.Error{Status: http.StatusTooManyRequests, Code: httpx.CodeRateLimited,
-				Message: "too many failed authentication attempts; retry later", RetryAfter: wait})
-			return
-		}
-	}
+	// The admin token is always served; only bad tokens count toward, and
+	// are refused by, the per-address slowdown.
 	if tok := bearer(r); !a.auth.IsAdmin(tok) {
 		if a.failures != nil {
-			a.failures.Fail(ip, a.now())
+			if wait, slowed := a.failures.Failed(a.clientIP(r), a.now()); slowed {
+				httpx.WriteError(w, &httpx.Error{Status: http.StatusTooManyRequests, Code: httpx.CodeRateLimited,
+					Message: "too many failed authentication attempts; retry later", RetryAfter: wait})
+				return
+			}
 		}
 		// Drain a little of the body so that keep-alive clients see the
 		// answer; never read an unbounded amount.

@@ -52,17 +52,12 @@ func callFrom(ctx context.Context) *call {
 
 // authenticate turns a client credential into a principal, answering as
 // the contract says: 401 invalid_token (and counting a failure for the
-// address), 429 rate_limited for an address with too many failures, 503
-// when the token store cannot be read. The admin token is not a client
-// token. lease reports whether the admin token is welcome (key leasing).
+// address), 429 rate_limited for a bad credential from an address with
+// too many failures, 503 when the token store cannot be read. A valid
+// credential is always served, whatever its address's failures. The admin
+// token is not a client token. adminOK reports whether the admin token is
+// welcome (key leasing).
 func (s *Server) authenticate(r *http.Request, cred string, adminOK bool) (*auth.Principal, error) {
-	addr := s.clients.of(r)
-	now := s.now()
-	if d, ok := s.fails.Check(addr, now); !ok {
-		s.metrics.limiterRejections.WithLabelValues("auth_failures").Inc()
-		return nil, &httpx.Error{Status: http.StatusTooManyRequests, Code: httpx.CodeRateLimited, RetryAfter: d,
-			Message: "too many requests with invalid credentials from this address; retry later"}
-	}
 	if cred == "" {
 		return nil, httpx.Errorf(http.StatusUnauthorized, httpx.CodeInvalidToken,
 			"missing token: send your keypool team token as the API key (Authorization: Bearer kp_...)")
@@ -75,18 +70,26 @@ func (s *Server) authenticate(r *http.Request, cred string, adminOK bool) (*auth
 			"the admin token cannot be used here; use a team token (POST /admin/tokens)")
 	}
 	p, err := s.auth.Authenticate(r.Context(), cred)
+	var why string
 	switch {
 	case err == nil:
 		return p, nil
 	case errors.Is(err, auth.ErrExpired):
-		s.fails.Fail(addr, now)
-		return nil, httpx.Errorf(http.StatusUnauthorized, httpx.CodeInvalidToken, "token expired")
+		why = "token expired"
 	case errors.Is(err, auth.ErrInactive):
-		s.fails.Fail(addr, now)
-		return nil, httpx.Errorf(http.StatusUnauthorized, httpx.CodeInvalidToken, "token revoked")
+		why = "token revoked"
 	case errors.Is(err, auth.ErrInvalidToken):
-		s.fails.Fail(addr, now)
-		return nil, httpx.Errorf(http.StatusUnauthorized, httpx.CodeInvalidToken, "invalid token")
+		why = "invalid token"
+	}
+	if why != "" {
+		if d, slowed := s.fails.Failed(s.clients.of(r), s.now()); slowed {
+			s.metrics.limiterRejections.WithLabelValues("auth_failures").Inc()
+			return nil, &httpx.Error{Status: http.StatusTooManyRequests, Code: httpx.CodeRateLimited, RetryAfter: d,
+				Message: "too many requests with invalid credentials from this address; retry later"}
+		}
+		return nil, httpx.Errorf(http.StatusUnauthorized, httpx.CodeInvalidToken, "%s", why)
+	}
+	switch {
 	case r.Context().Err() != nil:
 		return nil, r.Context().Err()
 	}

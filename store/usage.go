@@ -2,9 +2,12 @@ package store
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -46,15 +49,24 @@ type UsageWriterOptions struct {
 	// Logger receives flush and prune failures (counts only, never record
 	// contents). If nil, slog.Default().
 	Logger *slog.Logger `json:"-"`
+	// Journal, if set, makes records crash-safe: Add appends each record
+	// to it before buffering it, and records are marked done in it once
+	// the store has them. The writer does not close it.
+	Journal *Journal `json:"-" yaml:"-"`
 }
 
 // UsageWriter buffers usage records and appends them in batches off the
 // request path: every Interval, whenever a batch fills, and on Close. A
-// failed background flush keeps its records for the next attempt. It
-// starts a goroutine, stopped by [UsageWriter.Close]; it is safe for
-// concurrent use and must not be copied.
+// failed background flush keeps its records for the next attempt. Each
+// record gets a unique ID when it has none. With a [Journal]
+// ([UsageWriterOptions.Journal]) every record is in the journal before Add
+// returns, so a crash of the process loses none. It starts a goroutine,
+// stopped by [UsageWriter.Close]; it is safe for concurrent use and must
+// not be copied.
 type UsageWriter struct {
-	dst   UsageAppender
+	idPrefix string
+	idSeq    atomic.Uint64
+	dst      UsageAppender
 	opts  UsageWriterOptions
 	log   *slog.Logger
 	kick  chan struct{} // a batch is full
@@ -102,8 +114,11 @@ func newUsageWriter(dst UsageAppender, opts UsageWriterOptions, ticks <-chan tim
 	if opts.PruneInterval <= 0 {
 		opts.PruneInterval = time.Hour
 	}
+	var b [8]byte
+	_, _ = rand.Read(b[:])
 	w := &UsageWriter{
-		dst:  dst,
+		idPrefix: hex.EncodeToString(b[:]) + "-",
+		dst:      dst,
 		opts: opts,
 		log:  opts.Logger,
 		kick: make(chan struct{}, 1),
@@ -130,6 +145,14 @@ func newUsageWriter(dst UsageAppender, opts UsageWriterOptions, ticks <-chan tim
 func (w *UsageWriter) Add(rec UsageRecord) {
 	if rec.Time.IsZero() {
 		rec.Time = w.now()
+	}
+	if rec.ID == "" {
+		rec.ID = w.idPrefix + strconv.FormatUint(w.idSeq.Add(1), 36)
+	}
+	if j := w.opts.Journal; j != nil {
+		// Failures are logged by the journal; the record is still
+		// buffered for the store.
+		_ = j.Append(&rec)
 	}
 	w.mu.Lock()
 	if w.closed {
@@ -206,9 +229,27 @@ func (w *UsageWriter) write(ctx context.Context, recs []UsageRecord) (int, error
 			return done, fmt.Errorf("store: append usage: %w", err)
 		}
 		w.written.Add(int64(n))
+		w.journalDone(recs[done : done+n])
 		done += n
 	}
 	return done, nil
+}
+
+// journalDone marks stored records done in the journal, one call per
+// run of records from the same segment.
+func (w *UsageWriter) journalDone(recs []UsageRecord) {
+	j := w.opts.Journal
+	if j == nil {
+		return
+	}
+	for i := 0; i < len(recs); {
+		seg, k := recs[i].seg, i+1
+		for k < len(recs) && recs[k].seg == seg {
+			k++
+		}
+		j.Done(seg, k-i)
+		i = k
+	}
 }
 
 // requeue puts records that failed to write back at the front of the

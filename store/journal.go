@@ -1,0 +1,492 @@
+package store
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// JournalOptions configures a [Journal]. Zero values pick the documented
+// defaults.
+type JournalOptions struct {
+	// Dir is the directory of the journal files. Required. Several
+	// processes may share it: each writes its own files.
+	Dir string `json:"dir,omitempty" yaml:"dir,omitempty"`
+	// SyncInterval is how often the journal is flushed to stable storage
+	// (fdatasync, one call for every record written since: group commit).
+	// Every record is written to the operating system before Append
+	// returns, so a process crash (kill -9, OOM, panic) loses nothing;
+	// SyncInterval bounds what an operating-system crash or power loss can
+	// lose. If zero, 1s; negative leaves flushing to the operating system.
+	SyncInterval time.Duration `json:"sync_interval,omitempty" yaml:"sync_interval,omitempty"`
+	// SegmentBytes is the size after which the journal starts a new file;
+	// a file is deleted once every record in it is in the store. If zero,
+	// 8 MiB.
+	SegmentBytes int64 `json:"segment_bytes,omitempty" yaml:"segment_bytes,omitempty"`
+	// Logger receives replay and write failures (counts and file names,
+	// never record contents). If nil, slog.Default().
+	Logger *slog.Logger `json:"-" yaml:"-"`
+}
+
+// Journal is a local append-only log of usage records that makes them
+// survive a crash of the process before they reach the store. A
+// [UsageWriter] with a Journal appends each record to it (written to the
+// operating system before [UsageWriter.Add] returns) and marks it done
+// once the store has it; files whose records are all done are deleted.
+//
+// Each process writes its own files, named after a random instance id
+// ("usage-<instance>-<n>.log"), and holds an advisory lock (flock) on
+// "usage-<instance>.lock" while it lives, so processes can share a
+// directory. [Journal.ReplayOrphans] appends to a store the records of
+// every journal in the directory whose process is gone, then deletes
+// them; replay is idempotent because records carry unique ids (see
+// [UsageRecord]). The directory must be on a local file system (flock).
+//
+// A record is one line: the CRC-32C of its JSON in 8 hex digits, a
+// space, the JSON, a newline. A torn last line (the process died in the
+// middle of a write) or a line whose checksum does not match is skipped
+// on replay and counted.
+//
+// A Journal is safe for concurrent use; it starts a goroutine (the
+// periodic sync), stopped by [Journal.Close].
+type Journal struct {
+	dir      string
+	inst     string
+	segBytes int64
+	log      *slog.Logger
+	lock     *os.File
+	stop     chan struct{}
+	done     chan struct{}
+
+	mu     sync.Mutex // protects everything below
+	cur    *segment
+	segs   map[uint64]*segment
+	next   uint64
+	dirty  bool
+	closed bool
+	failed bool // a write failed; logged once until one succeeds
+}
+
+type segment struct {
+	seq      uint64
+	path     string
+	f        *os.File
+	bytes    int64
+	appended int64
+	done     int64
+}
+
+// Errors of a [Journal].
+var (
+	// ErrJournalClosed is returned by Append after Close.
+	ErrJournalClosed = errors.New("store: journal closed")
+)
+
+const (
+	journalPrefix = "usage-"
+	journalExt    = ".log"
+	journalLock   = ".lock"
+)
+
+var crcTable = crc32.MakeTable(crc32.Castagnoli)
+
+// OpenJournal creates opts.Dir if needed and starts a journal for this
+// process under a new instance id.
+func OpenJournal(opts JournalOptions) (*Journal, error) {
+	if opts.Dir == "" {
+		return nil, errors.New("store: journal needs a directory")
+	}
+	if opts.SyncInterval == 0 {
+		opts.SyncInterval = time.Second
+	}
+	if opts.SegmentBytes <= 0 {
+		opts.SegmentBytes = 8 << 20
+	}
+	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("store: journal directory: %w", err)
+	}
+	j := &Journal{dir: opts.Dir, segBytes: opts.SegmentBytes, log: opts.Logger, segs: map[uint64]*segment{},
+		stop: make(chan struct{}), done: make(chan struct{})}
+	if j.log == nil {
+		j.log = slog.Default()
+	}
+	// A fresh random id; retry on the (unlikely) clash with a file a
+	// replayer holds.
+	for range 5 {
+		var b [8]byte
+		_, _ = rand.Read(b[:])
+		inst := hex.EncodeToString(b[:])
+		f, ok, err := lockFile(filepath.Join(opts.Dir, journalPrefix+inst+journalLock))
+		if err != nil {
+			return nil, fmt.Errorf("store: journal lock: %w", err)
+		}
+		if ok {
+			j.inst, j.lock = inst, f
+			break
+		}
+	}
+	if j.lock == nil {
+		return nil, errors.New("store: journal: could not lock an instance file")
+	}
+	j.mu.Lock()
+	err := j.rotate()
+	j.mu.Unlock()
+	if err != nil {
+		j.unlock()
+		return nil, err
+	}
+	if opts.SyncInterval > 0 {
+		go j.syncLoop(opts.SyncInterval)
+	} else {
+		close(j.done)
+	}
+	return j, nil
+}
+
+// Instance returns the journal's instance id (in its file names).
+func (j *Journal) Instance() string { return j.inst }
+
+// rotate starts a new segment; the caller holds j.mu. The old segment is
+// synced and closed, and deleted when all its records are done.
+func (j *Journal) rotate() error {
+	j.next++
+	seq := j.next
+	path := filepath.Join(j.dir, fmt.Sprintf("%s%s-%08d%s", journalPrefix, j.inst, seq, journalExt))
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND|os.O_EXCL, 0o600)
+	if err != nil {
+		return fmt.Errorf("store: journal segment: %w", err)
+	}
+	if old := j.cur; old != nil {
+		_ = old.f.Sync()
+		_ = old.f.Close()
+		old.f = nil
+		if old.done >= old.appended {
+			j.remove(old)
+		}
+	}
+	j.cur = &segment{seq: seq, path: path, f: f}
+	j.segs[seq] = j.cur
+	syncDir(j.dir)
+	return nil
+}
+
+// remove deletes a closed segment whose records are all done; the caller
+// holds j.mu.
+func (j *Journal) remove(s *segment) {
+	delete(j.segs, s.seq)
+	if err := os.Remove(s.path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		j.log.Warn("store: journal: removing a replayed segment failed", "file", filepath.Base(s.path), "err", err)
+	}
+}
+
+// encodeRecord returns the journal line of rec.
+func encodeRecord(rec *UsageRecord) ([]byte, error) {
+	js, err := json.Marshal(rec)
+	if err != nil {
+		return nil, err
+	}
+	line := make([]byte, 0, len(js)+10)
+	line = fmt.Appendf(line, "%08x ", crc32.Checksum(js, crcTable))
+	line = append(line, js...)
+	return append(line, '\n'), nil
+}
+
+// Append writes rec to the journal (to the operating system, before it
+// returns) and notes on rec which segment holds it, for [Journal.Done].
+func (j *Journal) Append(rec *UsageRecord) error {
+	line, err := encodeRecord(rec)
+	if err != nil {
+		return fmt.Errorf("store: journal: %w", err)
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.closed {
+		return ErrJournalClosed
+	}
+	if j.cur.bytes >= j.segBytes {
+		if err := j.rotate(); err != nil {
+			return err
+		}
+	}
+	n, err := j.cur.f.Write(line)
+	j.cur.bytes += int64(n)
+	if err != nil {
+		if !j.failed {
+			j.failed = true
+			j.log.Error("store: journal write failed; usage records are not crash-safe until it works again", "err", err)
+		}
+		if n > 0 {
+			// A partial line: start a new file so the next record does
+			// not follow garbage (replay skips the torn line).
+			_ = j.rotate()
+		}
+		return fmt.Errorf("store: journal: %w", err)
+	}
+	j.failed = false
+	j.cur.appended++
+	j.dirty = true
+	rec.seg = j.cur.seq
+	return nil
+}
+
+// Done marks n records of segment seg as stored. A segment other than
+// the current one is deleted once all its records are done; the current
+// one is rotated out and deleted when it is all done and at least a
+// sixteenth of SegmentBytes, so a quiet journal stays small.
+func (j *Journal) Done(seg uint64, n int) {
+	if seg == 0 || n <= 0 {
+		return
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	s := j.segs[seg]
+	if s == nil {
+		return
+	}
+	s.done += int64(n)
+	if s.done < s.appended {
+		return
+	}
+	if s != j.cur {
+		j.remove(s)
+	} else if !j.closed && s.bytes >= j.segBytes/16 {
+		_ = j.rotate()
+	}
+}
+
+func (j *Journal) syncLoop(every time.Duration) {
+	defer close(j.done)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-j.stop:
+			return
+		case <-t.C:
+		}
+		j.mu.Lock()
+		var f *os.File
+		if j.dirty && j.cur != nil {
+			f, j.dirty = j.cur.f, false
+		}
+		j.mu.Unlock()
+		if f != nil {
+			// A rotation may close f meanwhile; it syncs it first.
+			_ = datasync(f)
+		}
+	}
+}
+
+// Close syncs and closes the journal. Segments whose records are all
+// done are deleted, and with them the instance's lock file; segments
+// with records the store does not have yet are kept for a replay.
+func (j *Journal) Close() error {
+	j.mu.Lock()
+	if j.closed {
+		j.mu.Unlock()
+		return ErrJournalClosed
+	}
+	j.closed = true
+	j.mu.Unlock()
+	close(j.stop)
+	<-j.done
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	var err error
+	if c := j.cur; c != nil && c.f != nil {
+		err = errors.Join(c.f.Sync(), c.f.Close())
+		c.f = nil
+	}
+	kept := 0
+	for _, s := range j.segs {
+		if s.done >= s.appended {
+			j.remove(s)
+		} else {
+			kept++
+		}
+	}
+	if kept > 0 {
+		j.log.Warn("store: journal keeps records the store does not have; they are replayed on the next start", "files", kept)
+	} else {
+		_ = os.Remove(j.lock.Name())
+	}
+	j.unlock()
+	if err != nil {
+		return fmt.Errorf("store: journal close: %w", err)
+	}
+	return nil
+}
+
+func (j *Journal) unlock() {
+	if j.lock != nil {
+		_ = j.lock.Close() // releases the flock
+	}
+}
+
+// ReplayStats counts what a replay did.
+type ReplayStats struct {
+	// Journals is how many dead processes' journals were replayed.
+	Journals int
+	// Records is how many records were read and appended (a record the
+	// store already had is skipped by the store).
+	Records int
+	// Torn is how many lines were skipped: torn by a crash mid-write or
+	// failing their checksum.
+	Torn int
+}
+
+// replayBatch is how many records one replay AppendUsage carries.
+const replayBatch = 1000
+
+// ReplayOrphans appends to dst the records of every journal in the
+// directory whose process is gone (its instance lock is free), this
+// journal's own excepted, and deletes those journals once dst has them.
+// Several processes may call it at once: each orphan is replayed by one.
+// A journal that fails to replay is left in place for the next call.
+func (j *Journal) ReplayOrphans(ctx context.Context, dst UsageAppender) (ReplayStats, error) {
+	return replayDir(ctx, j.dir, j.inst, dst, j.log)
+}
+
+func replayDir(ctx context.Context, dir, self string, dst UsageAppender, log *slog.Logger) (ReplayStats, error) {
+	var st ReplayStats
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return st, fmt.Errorf("store: journal replay: %w", err)
+	}
+	segs := map[string][]string{} // instance → segment files
+	for _, e := range ents {
+		name := e.Name()
+		if !strings.HasPrefix(name, journalPrefix) || !strings.HasSuffix(name, journalExt) {
+			continue
+		}
+		inst, _, ok := strings.Cut(strings.TrimSuffix(strings.TrimPrefix(name, journalPrefix), journalExt), "-")
+		if !ok || inst == self {
+			continue
+		}
+		segs[inst] = append(segs[inst], filepath.Join(dir, name))
+	}
+	var errs []error
+	for inst, files := range segs {
+		if err := ctx.Err(); err != nil {
+			return st, err
+		}
+		lockPath := filepath.Join(dir, journalPrefix+inst+journalLock)
+		lf, ok, err := lockFile(lockPath)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if !ok {
+			continue // its process is alive
+		}
+		slices.Sort(files) // zero-padded sequence numbers: oldest first
+		n, torn, err := replayFiles(ctx, files, dst)
+		st.Records += n
+		st.Torn += torn
+		if err != nil {
+			_ = lf.Close()
+			errs = append(errs, fmt.Errorf("store: journal replay of %s: %w", inst, err))
+			continue
+		}
+		for _, f := range files {
+			_ = os.Remove(f)
+		}
+		_ = os.Remove(lockPath)
+		_ = lf.Close()
+		st.Journals++
+		log.Info("store: replayed the usage journal of a stopped process", "instance", inst, "records", n, "torn_lines", torn)
+	}
+	return st, errors.Join(errs...)
+}
+
+// replayFiles appends the records of files to dst in batches.
+func replayFiles(ctx context.Context, files []string, dst UsageAppender) (n, torn int, err error) {
+	batch := make([]UsageRecord, 0, replayBatch)
+	flush := func() error {
+		if len(batch) == 0 {
+			return nil
+		}
+		if err := dst.AppendUsage(ctx, batch); err != nil {
+			return err
+		}
+		n += len(batch)
+		batch = batch[:0]
+		return nil
+	}
+	for _, path := range files {
+		t, err := readSegment(path, func(rec UsageRecord) error {
+			batch = append(batch, rec)
+			if len(batch) == replayBatch {
+				return flush()
+			}
+			return nil
+		})
+		torn += t
+		if err != nil {
+			return n, torn, err
+		}
+	}
+	return n, torn, flush()
+}
+
+// readSegment calls fn for every intact record of a segment file and
+// returns how many lines it skipped (torn or failing their checksum).
+func readSegment(path string, fn func(UsageRecord) error) (torn int, err error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	r := bufio.NewReaderSize(f, 64<<10)
+	for {
+		line, err := r.ReadBytes('\n')
+		if errors.Is(err, io.EOF) {
+			if len(line) > 0 {
+				torn++ // the last write was cut short
+			}
+			return torn, nil
+		}
+		if err != nil {
+			return torn, err
+		}
+		rec, ok := decodeRecord(line)
+		if !ok {
+			torn++
+			continue
+		}
+		if err := fn(rec); err != nil {
+			return torn, err
+		}
+	}
+}
+
+// decodeRecord parses one journal line (with its newline).
+func decodeRecord(line []byte) (UsageRecord, bool) {
+	var rec UsageRecord
+	if len(line) < 11 || line[8] != ' ' || line[len(line)-1] != '\n' {
+		return rec, false
+	}
+	want, err := strconv.ParseUint(string(line[:8]), 16, 32)
+	js := line[9 : len(line)-1]
+	if err != nil || crc32.Checksum(js, crcTable) != uint32(want) {
+		return rec, false
+	}
+	if json.Unmarshal(js, &rec) != nil {
+		return rec, false
+	}
+	return rec, true
+}

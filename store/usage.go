@@ -67,13 +67,13 @@ type UsageWriter struct {
 	idPrefix string
 	idSeq    atomic.Uint64
 	dst      UsageAppender
-	opts  UsageWriterOptions
-	log   *slog.Logger
-	kick  chan struct{} // a batch is full
-	stop  chan struct{} // closed by Close
-	done  chan struct{} // closed when the goroutine exits
-	ticks <-chan time.Time
-	now   func() time.Time
+	opts     UsageWriterOptions
+	log      *slog.Logger
+	kick     chan struct{} // a batch is full
+	stop     chan struct{} // closed by Close
+	done     chan struct{} // closed when the goroutine exits
+	ticks    <-chan time.Time
+	now      func() time.Time
 
 	dropped atomic.Int64
 	written atomic.Int64
@@ -119,12 +119,12 @@ func newUsageWriter(dst UsageAppender, opts UsageWriterOptions, ticks <-chan tim
 	w := &UsageWriter{
 		idPrefix: hex.EncodeToString(b[:]) + "-",
 		dst:      dst,
-		opts: opts,
-		log:  opts.Logger,
-		kick: make(chan struct{}, 1),
-		stop: make(chan struct{}),
-		done: make(chan struct{}),
-		now:  now,
+		opts:     opts,
+		log:      opts.Logger,
+		kick:     make(chan struct{}, 1),
+		stop:     make(chan struct{}),
+		done:     make(chan struct{}),
+		now:      now,
 	}
 	if w.log == nil {
 		w.log = slog.Default()

@@ -238,8 +238,9 @@ func (s *Server) onProxyDone(r *http.Request, res proxy.Result) {
 		m.tokensOut.Add(float64(max(u.OutputTokens, 0)))
 		m.cost.Add(cost)
 	}
-	s.chargeKey(res.Service, res.KeyID, res.BalanceUnit, res.Status, tokens, cost)
+	spent := s.chargeKey(res.Service, res.KeyID, res.BalanceUnit, res.Status, tokens, cost)
 	rec := store.UsageRecord{
+		KeySpend:  spent,
 		Time:      now.UTC(),
 		RequestID: RequestID(r.Context()),
 		TeamID:    c.principal.Team.ID,

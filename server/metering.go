@@ -544,9 +544,12 @@ func warningText(scope string, unit uint8, d limit.Decision) string {
 
 // chargeKey deducts a finished request's metered spend from the serving
 // key's balance, in the key's balance unit: USD for "usd", tokens for
-// "tokens", one per successful request for "requests". The pool learns
-// it at once (a spent key turns exhausted); the store gets it in batches.
-func (s *Server) chargeKey(service, keyID, unit string, status int, tokens, cost float64) {
+// "tokens", one per successful request for "requests", and returns it.
+// The pool learns it at once (a spent key turns exhausted); the store
+// gets it with the request's usage record (its KeySpend), in the same
+// transaction as the record and only once per record, so balance_used
+// follows the records, also after a crash and a journal replay.
+func (s *Server) chargeKey(service, keyID, unit string, status int, tokens, cost float64) float64 {
 	var amt float64
 	switch strings.ToLower(unit) {
 	case "usd", "$", "dollars":
@@ -559,62 +562,10 @@ func (s *Server) chargeKey(service, keyID, unit string, status int, tokens, cost
 		}
 	}
 	if amt <= 0 {
-		return
+		return 0
 	}
 	s.pool.Spend(service, keyID, amt)
-	s.spend.add(keyID, amt)
-}
-
-// spendBook batches key spend for the store, off the request path.
-type spendBook struct {
-	mu sync.Mutex // protects m
-	m  map[string]float64
-}
-
-func (b *spendBook) add(keyID string, amt float64) {
-	b.mu.Lock()
-	if b.m == nil {
-		b.m = make(map[string]float64)
-	}
-	b.m[keyID] += amt
-	b.mu.Unlock()
-}
-
-// flush writes the spend gathered so far; what fails to write is kept
-// for the next flush.
-func (b *spendBook) flush(ctx context.Context, st store.Store) error {
-	b.mu.Lock()
-	m := b.m
-	b.m = nil
-	b.mu.Unlock()
-	var first error
-	for id, amt := range m {
-		if err := st.AddKeySpend(ctx, id, amt); err != nil {
-			if first == nil {
-				first = err
-			}
-			if ctx.Err() == nil {
-				b.add(id, amt)
-			}
-		}
-	}
-	return first
-}
-
-// runSpend flushes key spend every second until ctx is done.
-func (s *Server) runSpend(ctx context.Context) {
-	t := time.NewTicker(time.Second)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		if err := s.spend.flush(ctx, s.st); err != nil && ctx.Err() == nil {
-			s.log.Warn("writing key spend failed; will retry", "err", err)
-		}
-	}
+	return amt
 }
 
 // seedCounters charges the local budget counters with the stored usage

@@ -132,6 +132,7 @@ type Server struct {
 	share   *sharer // nil without Redis
 	clients clientIPs
 	usage   *store.UsageWriter
+	journal *store.Journal // nil when disabled
 	metrics *metrics
 	leases  *leaseBook
 	events  chan keypool.Event
@@ -142,7 +143,6 @@ type Server struct {
 
 	svcMeta    atomic.Pointer[map[string]*svcMeta]
 	basePrices *meter.PriceTable // shipped table merged with Config.PricesFile
-	spend      spendBook
 	budgets    budgetCache
 	now        func() time.Time
 	inflight   atomic.Int64
@@ -232,6 +232,12 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 			"set KEYPOOL_EXTERNAL_DATABASE or -external-database (external keys are not loaded)", "services", named)
 	}
 
+	if !cfg.UsageJournal.Disabled {
+		if err := s.openJournal(ctx); err != nil {
+			return nil, err
+		}
+	}
+
 	s.pool, err = keypool.New(keypool.Config{OnEvent: s.onEvent})
 	if err != nil {
 		return nil, err
@@ -294,6 +300,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if uopts.Logger == nil {
 		uopts.Logger = log
 	}
+	uopts.Journal = s.journal
 	s.usage = store.NewUsageWriter(s.st, uopts)
 	s.leases = newLeaseBook(time.Duration(cfg.LeaseTTL), s.pool.Now)
 
@@ -327,7 +334,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	s.bg.Go(func() { s.persistEvents(bgctx) })
 	s.bg.Go(func() { s.leases.run(bgctx) })
 	s.bg.Go(func() { s.watchServiceLimits(bgctx) })
-	s.bg.Go(func() { s.runSpend(bgctx) })
+	if s.journal != nil {
+		s.bg.Go(func() { s.replayJournals(bgctx) })
+	}
 	if len(keyring.Versions()) > 1 {
 		// A rotation: re-seal what older keys sealed, online.
 		s.bg.Go(func() { s.rewrap(bgctx) })
@@ -532,10 +541,14 @@ func (s *Server) shutdown(ctx context.Context) error {
 	if err := s.usage.Close(fctx); err != nil {
 		errs = append(errs, err)
 	}
-	s.drainEvents(fctx)
-	if err := s.spend.flush(fctx, s.st); err != nil {
-		errs = append(errs, fmt.Errorf("server: write key spend: %w", err))
+	if s.journal != nil {
+		// Records the store did not take stay in the journal for the
+		// next start.
+		if err := s.journal.Close(); err != nil {
+			errs = append(errs, err)
+		}
 	}
+	s.drainEvents(fctx)
 	errs = append(errs, s.closeResources())
 	err := errors.Join(errs...)
 	s.log.Info("shutdown complete", "took", time.Since(start).Round(time.Millisecond).String(),
@@ -552,6 +565,11 @@ func (s *Server) closeResources() error {
 	var errs []error
 	if s.limiter != nil {
 		errs = append(errs, s.limiter.Close())
+	}
+	if s.journal != nil {
+		if err := s.journal.Close(); !errors.Is(err, store.ErrJournalClosed) {
+			errs = append(errs, err)
+		}
 	}
 	if s.rdb != nil {
 		errs = append(errs, s.rdb.Close())

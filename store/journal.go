@@ -79,7 +79,7 @@ type Journal struct {
 	segs    map[uint64]*segment
 	next    uint64
 	dirty   bool
-	dirNew  bool       // a file was created since the directory was synced
+	dirNew  bool      // a file was created since the directory was synced
 	retired []segFile // rotated-out files with records not yet stored: synced and closed off the lock
 	closed  bool
 	failed  bool // a write failed; logged once until one succeeds

@@ -2,6 +2,7 @@ package limit
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -147,6 +148,99 @@ func TestConcurrentAdmissionBound(t *testing.T) {
 					}
 					t.Logf("admitted %d, used %v of %v (bound %v)", admitted, used, float64(block), bound)
 				})
+			}
+		})
+	}
+}
+
+// TestReserveAll: a request is admitted on several counters at once, all
+// or none, under the same rule as Reserve.
+func TestReserveAll(t *testing.T) {
+	for name, newB := range backends(t) {
+		t.Run(name, func(t *testing.T) {
+			ctx := context.Background()
+			b := newB(t)
+			team := []Limit{{Window: Day, Block: 1000}}
+			tok := []Limit{{Window: Hour, Warn: 100, Block: 5000}}
+			cost := []Limit{{Window: Month, Block: 1}}
+			charges := []Charge{{"tok:token:a", 1074, tok}, {"tok:team:a", 1074, team}, {"usd:team:a", 0.01, cost}, {"tok:service:s", 1074, nil}}
+			res := make([]Reservation, len(charges))
+			ds := make([]Decision, len(charges))
+			admitted := 0
+			for range 10 {
+				which, err := b.ReserveAll(ctx, charges, res, ds, t0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if which >= 0 {
+					if which != 1 || ds[1].Allowed || ds[1].Used != 1050 || ds[1].Reserved != 0 || ds[1].Limit != team[0] {
+						t.Fatalf("refusal: which %d, %+v", which, ds[which])
+					}
+					break
+				}
+				admitted++
+				if !ds[0].Warn || ds[1].Reserved != 1074 {
+					t.Fatalf("decisions %+v", ds)
+				}
+				for i, r := range res[:len(charges)] {
+					actual := 150.0
+					if i == 2 {
+						actual = 0.001
+					}
+					if err := b.Settle(ctx, r, actual, t0); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			if admitted != 7 {
+				t.Fatalf("admitted %d, want 7", admitted)
+			}
+			// The refusal held nothing on the other counters.
+			if _, d, _ := b.Reserve(ctx, "tok:token:a", 0, []Limit{{Window: Hour, Block: 1050.5}}, t0); !d.Allowed || d.Reserved != 0 {
+				t.Fatalf("a refused ReserveAll left a reservation: %+v", d)
+			}
+			if u, _ := b.Usage(ctx, "tok:service:s", Day, t0); u != 1050 {
+				t.Fatalf("unlimited charge usage %v", u)
+			}
+		})
+	}
+}
+
+// TestReserveAllConcurrent: 500 concurrent requests on a token and a team
+// counter; the team's budget bounds both.
+func TestReserveAllConcurrent(t *testing.T) {
+	for name, newB := range backends(t) {
+		t.Run(name, func(t *testing.T) {
+			ctx := context.Background()
+			b := newB(t)
+			const block = 10000
+			var mu sync.Mutex
+			admitted := 0
+			var wg sync.WaitGroup
+			for i := range 500 {
+				wg.Go(func() {
+					charges := []Charge{{fmt.Sprintf("tok:token:%d", i%7), 150, []Limit{{Window: Day, Block: 1e9}}}, {"tok:team:burst", 150, []Limit{{Window: Day, Block: block}}}}
+					res := make([]Reservation, 2)
+					ds := make([]Decision, 2)
+					which, err := b.ReserveAll(ctx, charges, res, ds, t0)
+					if err != nil || which >= 0 {
+						return
+					}
+					mu.Lock()
+					admitted++
+					mu.Unlock()
+					time.Sleep(time.Millisecond)
+					for _, r := range res {
+						b.Settle(ctx, r, 150, t0)
+					}
+				})
+			}
+			wg.Wait()
+			if admitted != 67 {
+				t.Fatalf("admitted %d, want 67 (ceil(10000/150))", admitted)
+			}
+			if u, _ := b.Usage(ctx, "tok:team:burst", Day, t0); u != 67*150 {
+				t.Fatalf("team usage %v", u)
 			}
 		})
 	}

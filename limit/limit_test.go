@@ -625,6 +625,11 @@ func TestRedisUnreachable(t *testing.T) {
 				if _, err := b.Usage(ctx, "k", Day, t0); !errors.Is(err, ErrUnavailable) {
 					t.Fatalf("Usage: %v", err)
 				}
+				res, ds := make([]Reservation, 2), make([]Decision, 2)
+				which, err := b.ReserveAll(ctx, []Charge{{"a", 1, nil}, {"b", 1, []Limit{{Window: Day, Block: 10}}}}, res, ds, t0)
+				if err != nil || (which < 0) != tc.wantBudget || !ds[0].Degraded {
+					t.Fatalf("ReserveAll: %d %+v, %v", which, ds, err)
+				}
 			}
 			if el := time.Since(start); el > 5*time.Second {
 				t.Errorf("took %v", el)

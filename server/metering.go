@@ -371,10 +371,24 @@ func modelAllowed(meta *svcMeta, p *auth.Principal, model string) bool {
 	return p.AllowsModel(model)
 }
 
+// admission is the scratch space of one request's admission: its charges
+// (one per scope and unit with a budget), their decisions and
+// reservations, kept on the call so that admitting allocates nothing.
+type admission struct {
+	charges [9]limit.Charge
+	scope   [9]uint8
+	unit    [9]uint8
+	res     [9]limit.Reservation
+	ds      [9]limit.Decision
+}
+
 // reserve admits a metered request against the budgets of its token, its
-// team and its service, holding its estimate on each, and records the
-// holds on c. A refusal releases what was held and is 429
-// budget_exceeded with Retry-After at the end of the refusing window.
+// team and its service, in one atomic admission on every counter at once
+// ([limit.Admitter]: one Lua script on Redis): each is admitted while its
+// settled usage plus the reservations in flight is below its block
+// threshold, and the request then holds its estimate on each, recorded on
+// c. A refusal holds nothing and is 429 budget_exceeded with Retry-After
+// at the end of the refusing window.
 func (s *Server) reserve(ctx context.Context, c *call, service string, meta *svcMeta, estTok, estCost float64) error {
 	p := c.principal
 	if p.Admin {
@@ -389,7 +403,8 @@ func (s *Server) reserve(ctx context.Context, c *call, service string, meta *svc
 		scopes[scopeTeam] = s.budgets.get(scopeTeam, p.Team.ID, &p.Team.Limits)
 	}
 	scopes[scopeService] = meta.budget
-	var warn []string
+	a := &c.adm
+	n := 0
 	for si, sc := range scopes {
 		if sc == nil {
 			continue
@@ -411,45 +426,43 @@ func (s *Server) reserve(ctx context.Context, c *call, service string, meta *svc
 			case unitCost:
 				amount = estCost
 			}
-			r, d, err := s.limiter.Reserve(ctx, key, amount, lims, now)
-			if err != nil {
-				if ctx.Err() != nil {
-					s.release(c, now)
-					return ctx.Err()
-				}
-				s.log.Warn("budget check failed; admitting", "scope", scopeNames[si], "err", err)
-				continue
-			}
-			if !d.Allowed {
-				s.release(c, now)
-				s.metrics.budgetRejections.WithLabelValues(scopeNames[si], d.Limit.Window.String(), unitName(unit)).Inc()
-				return budgetError(scopeNames[si], unit, d)
-			}
-			if c.nHolds < len(c.holds) {
-				c.holds[c.nHolds] = hold{r, unit}
-				c.nHolds++
-			}
-			if d.Warn {
-				w := warningText(scopeNames[si], unit, d)
-				warn = append(warn, w)
-				s.metrics.budgetWarnings.WithLabelValues(scopeNames[si], d.Limit.Window.String(), unitName(unit)).Inc()
-				s.log.Warn("budget warning", "scope", scopeNames[si], "counter", key, "window", d.Limit.Window.String(),
-					"unit", unitName(unit), "used", d.Used, "warn", d.Limit.Warn, "block", d.Limit.Block)
-			}
+			a.charges[n] = limit.Charge{Key: key, Amount: amount, Limits: lims}
+			a.scope[n], a.unit[n] = uint8(si), unit
+			n++
 		}
 	}
+	if n == 0 {
+		return nil
+	}
+	which, err := s.limiter.ReserveAll(ctx, a.charges[:n], a.res[:n], a.ds[:n], now)
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		s.log.Warn("budget check failed; admitting", "err", err)
+		return nil
+	}
+	if which >= 0 {
+		scope, unit := scopeNames[a.scope[which]], a.unit[which]
+		s.metrics.budgetRejections.WithLabelValues(scope, a.ds[which].Limit.Window.String(), unitName(unit)).Inc()
+		return budgetError(scope, unit, a.ds[which])
+	}
+	var warn []string
+	for i := range n {
+		c.holds[i] = hold{a.res[i], a.unit[i]}
+		if d := a.ds[i]; d.Warn {
+			scope, unit := scopeNames[a.scope[i]], a.unit[i]
+			warn = append(warn, warningText(scope, unit, d))
+			s.metrics.budgetWarnings.WithLabelValues(scope, d.Limit.Window.String(), unitName(unit)).Inc()
+			s.log.Warn("budget warning", "scope", scope, "counter", a.charges[i].Key, "window", d.Limit.Window.String(),
+				"unit", unitName(unit), "used", d.Used, "warn", d.Limit.Warn, "block", d.Limit.Block)
+		}
+	}
+	c.nHolds = n
 	if len(warn) > 0 {
 		c.warning = strings.Join(warn, ", ")
 	}
 	return nil
-}
-
-// release cancels every hold of c (a refused or failed admission).
-func (s *Server) release(c *call, now time.Time) {
-	for i := range c.nHolds {
-		_ = s.limiter.Settle(context.Background(), c.holds[i].r, 0, now)
-	}
-	c.nHolds, c.nUnheld = 0, 0
 }
 
 // settle charges a finished request's metered tokens and cost to every

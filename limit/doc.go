@@ -3,11 +3,15 @@
 // with warn and block thresholds per hour, day, month and in total. It
 // limits clients (teams, tokens, services), never upstream keys.
 //
-// Two interfaces keep the server backend-agnostic: a [Limiter] admits
+// Three interfaces keep the server backend-agnostic: a [Limiter] admits
 // requests against a per-minute rate, a [Counter] keeps windowed usage and
-// admits requests against reservations. [Local] implements both in process;
-// [Redis] implements both across replicas with one atomic Lua script per
-// check. Every method takes now as an argument, so tests fake time.
+// admits requests against reservations, and an [Admitter] admits one
+// request on several counters at once (token, team and service budgets,
+// in tokens and USD), all or none. [Local] implements them in process;
+// [Redis] implements them across replicas with one atomic Lua script per
+// call: Allow, Reserve, ReserveAll (every counter of a request in one
+// round trip) and Settle. Every method takes now as an argument, so tests
+// fake time.
 //
 // # Request rate
 //

@@ -423,8 +423,14 @@ func replayDir(ctx context.Context, dir, self string, dst UsageAppender, log *sl
 		return st, fmt.Errorf("store: journal replay: %w", err)
 	}
 	segs := map[string][]string{} // instance → segment files
+	var locks []string            // instances with a lock file
 	for _, e := range ents {
 		name := e.Name()
+		if inst, ok := strings.CutSuffix(strings.TrimPrefix(name, journalPrefix), journalLock); ok && inst != self &&
+			strings.HasPrefix(name, journalPrefix) {
+			locks = append(locks, inst)
+			continue
+		}
 		if !strings.HasPrefix(name, journalPrefix) || !strings.HasSuffix(name, journalExt) {
 			continue
 		}
@@ -433,6 +439,18 @@ func replayDir(ctx context.Context, dir, self string, dst UsageAppender, log *sl
 			continue
 		}
 		segs[inst] = append(segs[inst], filepath.Join(dir, name))
+	}
+	// A lock file whose process died after all its records were stored
+	// has no segments left: remove it once it can be locked.
+	for _, inst := range locks {
+		if _, ok := segs[inst]; ok {
+			continue
+		}
+		path := filepath.Join(dir, journalPrefix+inst+journalLock)
+		if lf, ok, err := lockFile(path); err == nil && ok {
+			_ = os.Remove(path)
+			_ = lf.Close()
+		}
 	}
 	var errs []error
 	for inst, files := range segs {

@@ -152,12 +152,24 @@ func TestJournalReplayAfterCrash(t *testing.T) {
 			t.Errorf("dead journal file left: %s", name)
 		}
 	}
+	// A stale lock file without segments (a process that died with
+	// everything stored) is cleaned up; a live one is not.
+	stale := filepath.Join(dir, journalPrefix+"00000000deadbeef"+journalLock)
+	if err := os.WriteFile(stale, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	// A second replay finds nothing.
 	if stats, err := live.ReplayOrphans(context.Background(), st); err != nil || stats.Records != 0 {
 		t.Fatalf("second replay: %+v %v", stats, err)
 	}
 	if _, ok := st.byID["r00999"]; ok {
 		t.Fatal("the live journal was replayed")
+	}
+	if _, err := os.Stat(stale); !os.IsNotExist(err) {
+		t.Errorf("stale lock file not removed: %v", err)
+	}
+	if _, err := os.Stat(alive.lock.Name()); err != nil {
+		t.Errorf("a live journal's lock file was removed: %v", err)
 	}
 	if err := alive.Close(); err != nil {
 		t.Fatal(err)

@@ -35,7 +35,6 @@ type call struct {
 	nHolds  int
 	unheld  [6]unheld
 	nUnheld int
-	adm     admission // scratch space of reserve
 
 	// The admission estimate: input and output tokens, and cost. A
 	// request that reached an upstream key but did not end with its

@@ -373,7 +373,7 @@ func modelAllowed(meta *svcMeta, p *auth.Principal, model string) bool {
 
 // admission is the scratch space of one request's admission: its charges
 // (one per scope and unit with a budget), their decisions and
-// reservations, kept on the call so that admitting allocates nothing.
+// reservations, pooled so that admitting allocates nothing.
 type admission struct {
 	charges [9]limit.Charge
 	scope   [9]uint8
@@ -381,6 +381,8 @@ type admission struct {
 	res     [9]limit.Reservation
 	ds      [9]limit.Decision
 }
+
+var admissions = sync.Pool{New: func() any { return new(admission) }}
 
 // reserve admits a metered request against the budgets of its token, its
 // team and its service, in one atomic admission on every counter at once
@@ -403,8 +405,14 @@ func (s *Server) reserve(ctx context.Context, c *call, service string, meta *svc
 		scopes[scopeTeam] = s.budgets.get(scopeTeam, p.Team.ID, &p.Team.Limits)
 	}
 	scopes[scopeService] = meta.budget
-	a := &c.adm
+	a := admissions.Get().(*admission)
 	n := 0
+	defer func() {
+		clear(a.charges[:n])
+		clear(a.res[:n])
+		clear(a.ds[:n])
+		admissions.Put(a)
+	}()
 	for si, sc := range scopes {
 		if sc == nil {
 			continue

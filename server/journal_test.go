@@ -62,3 +62,19 @@ func TestJournalReplayedAtStart(t *testing.T) {
 		}
 	}
 }
+
+func TestUsageJournalEnv(t *testing.T) {
+	for _, tc := range []struct {
+		v        string
+		disabled bool
+		dir      string
+	}{{"off", true, ""}, {"OFF", true, ""}, {"/var/lib/keypool/journal", false, "/var/lib/keypool/journal"}} {
+		var c server.Config
+		if err := c.ApplyEnv(func(k string) (string, bool) { return tc.v, k == server.EnvUsageJournal }); err != nil {
+			t.Fatal(err)
+		}
+		if c.UsageJournal.Disabled != tc.disabled || c.UsageJournal.Dir != tc.dir {
+			t.Errorf("%s=%q: %+v", server.EnvUsageJournal, tc.v, c.UsageJournal)
+		}
+	}
+}

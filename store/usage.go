@@ -35,7 +35,8 @@ type UsageWriterOptions struct {
 	// MaxBuffered bounds the records held in memory. When the buffer is
 	// full, Add writes the buffer itself, synchronously: a slow store slows
 	// callers down rather than losing records. Only when that write fails
-	// too are the records dropped (and counted by [UsageWriter.Dropped]).
+	// too are the records dropped (and counted by [UsageWriter.Dropped]);
+	// with a Journal they stay in it and are replayed on the next start.
 	// If zero, 100 * BatchSize.
 	MaxBuffered int `json:"max_buffered,omitempty"`
 	// FlushTimeout bounds one AppendUsage call. If zero, 30s.

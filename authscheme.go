@@ -136,6 +136,9 @@ func ParseAuthScheme(name string) (AuthScheme, error) {
 	}
 	kind, arg, ok := strings.Cut(n, ":")
 	switch {
+	case ok && strings.EqualFold(kind, "header") && validToken(arg) && droppedHeader(arg):
+		return nil, fmt.Errorf("%w: auth_scheme %q: %s cannot carry a key (HTTP clients and proxies set, drop or consume it); use the header the API documents, e.g. header:X-Api-Key",
+			ErrInvalidConfig, name, textproto.CanonicalMIMEHeaderKey(arg))
 	case ok && strings.EqualFold(kind, "header") && validToken(arg):
 		return HeaderAuth{Header: textproto.CanonicalMIMEHeaderKey(arg), name: "header:" + arg}, nil
 	case ok && strings.EqualFold(kind, "query") && arg != "" && url.QueryEscape(arg) == arg:
@@ -143,6 +146,17 @@ func ParseAuthScheme(name string) (AuthScheme, error) {
 	}
 	return nil, fmt.Errorf("%w: unknown auth_scheme %q (want one of %s, header:<Name> or query:<name>)",
 		ErrInvalidConfig, name, strings.Join(AuthSchemeNames, ", "))
+}
+
+// droppedHeader reports whether a key set in the header name would not
+// reach the upstream as sent: Host and the framing headers the transport
+// writes itself, and the hop-by-hop headers proxies consume.
+func droppedHeader(name string) bool {
+	switch textproto.CanonicalMIMEHeaderKey(name) {
+	case "Host", "Content-Length", "Transfer-Encoding", "Connection", "Upgrade", "Te", "Trailer", "Keep-Alive":
+		return true
+	}
+	return len(name) >= 6 && strings.EqualFold(name[:6], "proxy-")
 }
 
 // validToken reports whether v is a valid HTTP header name.

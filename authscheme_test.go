@@ -69,6 +69,25 @@ func TestAuthSchemes(t *testing.T) {
 	}
 }
 
+// TestAuthSchemeRejectsHeadersTheTransportDrops: a key put in Host,
+// Content-Length, or a hop-by-hop or framing header would be dropped or
+// would break the request, so such schemes are refused with a clear
+// message (issue 16 item 10).
+func TestAuthSchemeRejectsHeadersTheTransportDrops(t *testing.T) {
+	for _, name := range []string{"Host", "host", "Content-Length", "Transfer-Encoding", "Connection", "Upgrade", "TE",
+		"Trailer", "Keep-Alive", "Proxy-Authorization", "Proxy-Connection", "proxy-foo"} {
+		_, err := ParseAuthScheme("header:" + name)
+		if !errors.Is(err, ErrInvalidConfig) || !strings.Contains(err.Error(), "cannot carry a key") || !strings.Contains(err.Error(), name) {
+			t.Errorf("header:%s: %v, want a clear refusal", name, err)
+		}
+	}
+	for _, name := range []string{"X-Api-Key", "Authorization", "Api-Key", "Hostname", "X-Host"} {
+		if _, err := ParseAuthScheme("header:" + name); err != nil {
+			t.Errorf("header:%s refused: %v", name, err)
+		}
+	}
+}
+
 func TestSecretNeverPrints(t *testing.T) {
 	s := Secret("sk-live-supersecret-9f2c")
 	type cfg struct {
@@ -150,7 +169,17 @@ func TestClassify(t *testing.T) {
 		{"429", 429, `{"error":{"code":"rate_limit_exceeded"}}`, map[string]string{"Retry-After": "7"}, RateLimited, 7 * time.Second},
 		{"429 insufficient_quota", 429, `{"error":{"type":"insufficient_quota","code":"insufficient_quota"}}`, nil, Exhausted, 0},
 		{"401", 401, `{}`, nil, Invalid, 0},
-		{"403", 403, `{}`, nil, Invalid, 0},
+		{"bare 403 is ambiguous", 403, `{}`, nil, Refused, 0},
+		{"403 about the request", 403, `{"error":{"message":"You do not have permission to access the File x"}}`, nil, Refused, 0},
+		{"403 google permission denied", 403, `{"error":{"code":403,"status":"PERMISSION_DENIED","message":"denied"}}`, nil, Refused, 0},
+		{"403 echoing an invalid-key phrase", 403, `{"error":{"message":"invalid_api_key API_KEY_INVALID"}}`, nil, Refused, 0},
+		{"403 google API_KEY_INVALID", 403, `{"error":{"status":"PERMISSION_DENIED","details":[{"reason":"API_KEY_INVALID"}]}}`, nil, Invalid, 0},
+		{"403 anthropic authentication_error", 403, `{"type":"error","error":{"type":"authentication_error","message":"x"}}`, nil, Invalid, 0},
+		{"401 google endpoint without api keys", 401, `{"error":{"status":"UNAUTHENTICATED","details":[{"reason":"CREDENTIALS_MISSING"}]}}`, nil, Refused, 0},
+		{"429 gemini per-minute with retryDelay", 429, `{"error":{"status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerMinutePerProjectPerModel-FreeTier"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"33s"}]}}`, nil, RateLimited, 33 * time.Second},
+		{"429 gemini per-day with retryDelay", 429, `{"error":{"status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"7200s"}]}}`, nil, Exhausted, 2 * time.Hour},
+		{"429 gemini per-day, reset unnamed", 429, `{"error":{"status":"RESOURCE_EXHAUSTED","details":[{"violations":[{"quotaId":"GenerateRequestsPerDayPerProjectPerModel"}]}]}}`, nil, Exhausted, untilPacificMidnight(now)},
+		{"429 per-day header wins over retryDelay", 429, `{"error":{"details":[{"violations":[{"quotaId":"RequestsPerDay"}]},{"retryDelay":"9s"}]}}`, map[string]string{"Retry-After": "3600"}, Exhausted, time.Hour},
 		{"402", 402, `{}`, nil, Exhausted, 0},
 		{"400 gemini bad key", 400, `{"error":{"status":"INVALID_ARGUMENT","details":[{"reason":"API_KEY_INVALID"}]}}`, nil, Invalid, 0},
 		{"400 client", 400, `{"error":{"message":"bad model"}}`, nil, ClientError, 0},

@@ -28,14 +28,26 @@ func DefaultClassifier(resp *http.Response, err error) Outcome {
 // API's quota or invalid-key code.
 const peekLimit = 8 << 10
 
-// Classify is the default policy:
+// Classify is the default policy. A key's state changes only on evidence
+// that is unambiguously about the key:
 //
 //   - 2xx and 3xx: OK.
 //   - 429: RateLimited with the wait the upstream asked for (see
-//     [ParseRetryAfter]), or Exhausted when the body's error code says
-//     the quota or balance is spent (OpenAI's insufficient_quota and the
-//     like).
-//   - 401 and 403: Invalid, unless the error code says the quota is spent.
+//     [ParseRetryAfter], and Google's RetryInfo retryDelay), or Exhausted
+//     when the body's error code says the quota or balance is spent
+//     (OpenAI's insufficient_quota and the like) or names a per-day quota
+//     (Google's RESOURCE_EXHAUSTED with a quotaId "…PerDay…"): then
+//     RetryAfter is the reset the upstream named, or for a per-day quota
+//     without one, the next midnight Pacific time (when Google resets).
+//   - 401: Invalid, unless the error code says the quota is spent, or that
+//     the endpoint does not take API keys at all (Google's
+//     CREDENTIALS_MISSING, ACCESS_TOKEN_TYPE_UNSUPPORTED): Refused, since
+//     every key would get the same answer.
+//   - 403: Invalid only with a structured invalid-key code (OpenAI's
+//     invalid_api_key, Google's API_KEY_INVALID, Anthropic's
+//     authentication_error, …); Exhausted with a quota code; otherwise
+//     Refused: a bare 403 may be about the request (a file the key may not
+//     read) as much as the key.
 //   - 402: Exhausted.
 //   - 400 whose error code says the key is invalid (Gemini's
 //     API_KEY_INVALID) or the quota is spent: Invalid or Exhausted; any
@@ -65,19 +77,38 @@ func Classify(resp *http.Response, err error, now time.Time) Outcome {
 		return Outcome{Kind: Exhausted, Reason: "402 payment required", RetryAfter: retryAfterOrZero(resp.Header, now)}
 	case code == http.StatusTooManyRequests, code == http.StatusUnauthorized, code == http.StatusForbidden, code == http.StatusBadRequest:
 		body := peekBody(resp)
-		if reason := quotaSignal(body); reason != "" {
-			return Outcome{Kind: Exhausted, Reason: reason, RetryAfter: retryAfterOrZero(resp.Header, now)}
+		sig := readSignals(body)
+		wait := retryAfterOrZero(resp.Header, now)
+		if wait == 0 {
+			wait = sig.retryDelay
+		}
+		if reason := sig.quota(); reason != "" {
+			return Outcome{Kind: Exhausted, Reason: reason, RetryAfter: wait}
+		}
+		if code == http.StatusTooManyRequests && sig.perDay {
+			if wait == 0 {
+				wait = untilPacificMidnight(now)
+			}
+			return Outcome{Kind: Exhausted, Reason: "daily quota exhausted", RetryAfter: wait}
 		}
 		switch code {
 		case http.StatusTooManyRequests:
-			return Outcome{Kind: RateLimited, Reason: "429 rate limited", RetryAfter: retryAfterOrZero(resp.Header, now)}
+			return Outcome{Kind: RateLimited, Reason: "429 rate limited", RetryAfter: wait}
 		case http.StatusBadRequest:
-			if invalidKeySignal(body) {
+			if sig.invalid() {
 				return Outcome{Kind: Invalid, Reason: "400 invalid api key"}
 			}
 			return Outcome{Kind: ClientError, Reason: "400"}
+		case http.StatusUnauthorized:
+			if sig.has(notForKeysCodes) {
+				return Outcome{Kind: Refused, Reason: "401 endpoint does not take api keys"}
+			}
+			return Outcome{Kind: Invalid, Reason: "401 unauthorized"}
 		}
-		return Outcome{Kind: Invalid, Reason: strconv.Itoa(code) + " " + strings.ToLower(http.StatusText(code))}
+		if sig.invalid() {
+			return Outcome{Kind: Invalid, Reason: "403 invalid api key"}
+		}
+		return Outcome{Kind: Refused, Reason: "403 forbidden"}
 	case code == http.StatusRequestTimeout, code == 500, code == 502, code == 503, code == 504, code == 529:
 		return Outcome{Kind: Failure, Reason: strconv.Itoa(code) + " upstream error"}
 	case code >= 500:
@@ -144,17 +175,84 @@ var (
 		"insufficient_quota": true, "quota_exceeded": true, "billing_hard_limit_reached": true,
 		"insufficient_credits": true, "insufficient_balance": true, "credits_exhausted": true,
 	}
-	invalidCodes = map[string]bool{"api_key_invalid": true, "invalid_api_key": true}
+	invalidCodes = map[string]bool{
+		"api_key_invalid": true, "invalid_api_key": true, "authentication_error": true,
+		"api_key_expired": true, "account_deactivated": true, "invalid_x_api_key": true,
+	}
+	// notForKeysCodes say an endpoint takes no API key at all: every key
+	// would be refused alike.
+	notForKeysCodes = map[string]bool{"credentials_missing": true, "access_token_type_unsupported": true}
 )
 
-// errorCodes returns the lower-cased values of an error body's code fields.
-func errorCodes(body []byte) (codes []string, message string) {
+// signals is what an error body says in its structured fields.
+type signals struct {
+	codes      []string
+	message    string
+	perDay     bool          // a quota id names a per-day quota
+	retryDelay time.Duration // Google's RetryInfo
+}
+
+func readSignals(body []byte) signals {
+	var sg signals
+	sg.codes, sg.message, sg.perDay, sg.retryDelay = errorCodes(body)
+	return sg
+}
+
+func (sg *signals) has(set map[string]bool) bool {
+	for _, c := range sg.codes {
+		if set[c] {
+			return true
+		}
+	}
+	return false
+}
+
+func (sg *signals) invalid() bool { return sg.has(invalidCodes) }
+
+func (sg *signals) quota() string {
+	for _, c := range sg.codes {
+		if quotaCodes[c] {
+			return "quota exhausted (" + c + ")"
+		}
+	}
+	// Anthropic says so only in prose, at the start of its own message.
+	if strings.HasPrefix(sg.message, "Your credit balance is too low") {
+		return "quota exhausted (credit balance too low)"
+	}
+	return ""
+}
+
+// pacific is where Google's daily quotas reset; a fixed UTC-8 when the
+// zone database is missing.
+var pacific = func() *time.Location {
+	if loc, err := time.LoadLocation("America/Los_Angeles"); err == nil {
+		return loc
+	}
+	return time.FixedZone("PST", -8*3600)
+}()
+
+// untilPacificMidnight returns the time from now to the next midnight in
+// US Pacific time.
+func untilPacificMidnight(now time.Time) time.Duration {
+	t := now.In(pacific)
+	next := time.Date(t.Year(), t.Month(), t.Day()+1, 0, 0, 0, 0, pacific)
+	return next.Sub(now)
+}
+
+// errorCodes returns the lower-cased values of an error body's code
+// fields, its message, whether a quota violation names a per-day quota,
+// and Google's RetryInfo delay.
+func errorCodes(body []byte) (codes []string, message string, perDay bool, retryDelay time.Duration) {
 	if len(body) == 0 || body[0] != '{' && bytes.IndexByte(body, '{') < 0 {
-		return nil, ""
+		return nil, "", false, 0
 	}
 	type detail struct {
-		Reason string `json:"reason"`
-		Status string `json:"status"`
+		Reason     string `json:"reason"`
+		Status     string `json:"status"`
+		RetryDelay string `json:"retryDelay"`
+		Violations []struct {
+			QuotaID string `json:"quotaId"`
+		} `json:"violations"`
 	}
 	type inner struct {
 		Code    json.RawMessage `json:"code"`
@@ -170,7 +268,7 @@ func errorCodes(body []byte) (codes []string, message string) {
 		ErrCode string          `json:"err_code"`
 	}
 	if json.Unmarshal(body, &doc) != nil {
-		return nil, ""
+		return nil, "", false, 0
 	}
 	add := func(v string) {
 		if v != "" {
@@ -187,6 +285,14 @@ func errorCodes(body []byte) (codes []string, message string) {
 		for _, d := range in.Details {
 			add(d.Reason)
 			add(d.Status)
+			for _, v := range d.Violations {
+				if strings.Contains(v.QuotaID, "PerDay") {
+					perDay = true
+				}
+			}
+			if rd, err := time.ParseDuration(d.RetryDelay); err == nil && rd > 0 {
+				retryDelay = rd
+			}
 		}
 	}
 	addInner(&doc.inner)
@@ -200,31 +306,7 @@ func errorCodes(body []byte) (codes []string, message string) {
 		add(d.Status)
 	}
 	add(doc.ErrCode)
-	return codes, message
-}
-
-func quotaSignal(body []byte) string {
-	codes, msg := errorCodes(body)
-	for _, c := range codes {
-		if quotaCodes[c] {
-			return "quota exhausted (" + c + ")"
-		}
-	}
-	// Anthropic says so only in prose, at the start of its own message.
-	if strings.HasPrefix(msg, "Your credit balance is too low") {
-		return "quota exhausted (credit balance too low)"
-	}
-	return ""
-}
-
-func invalidKeySignal(body []byte) bool {
-	codes, _ := errorCodes(body)
-	for _, c := range codes {
-		if invalidCodes[c] {
-			return true
-		}
-	}
-	return false
+	return codes, message, perDay, retryDelay
 }
 
 // ParseRetryAfter returns how long the upstream asked to wait, from (in

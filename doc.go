@@ -3,11 +3,16 @@
 // A [Pool] holds services (an upstream API and how to authenticate to it)
 // and their keys. For each request it picks a key with the service's
 // [Selector], and learns from the answer reported back through the
-// [Lease]: a 429 cools the key down until the upstream's Retry-After, a
-// 401/403 takes it out of rotation as invalid, a 402 or an exhausted quota
-// marks it exhausted, and repeated 5xx or connection failures open its
-// circuit breaker (package breaker) until half-open probes succeed. The
-// next request is routed around every key that cannot serve.
+// [Lease]: a 429 cools the key down until the upstream's Retry-After
+// (clamped to a cap, never discarded), a 401 or an invalid-key code takes
+// it out of rotation as invalid, a 402 or an exhausted quota marks it
+// exhausted, and repeated 5xx or connection failures open its circuit
+// breaker (package breaker) for a period that grows with each ejection in
+// a row, for at most a share of the service's keys at once. A bare 403 is
+// ambiguous ([Refused]): only repeated refusals from distinct requests,
+// above a floor of keys in rotation, make a key invalid. A key back from a
+// cooldown or an ejection takes one probe request before full traffic.
+// The next request is routed around every key that cannot serve.
 //
 // Most programs do not call [Pool.Acquire] themselves: they put a
 // proxy.Transport under an http.Client, which picks a key, injects it with

@@ -16,6 +16,10 @@ var (
 	ErrNoKeyAvailable = errors.New("keypool: no key available")
 	// ErrInvalidConfig wraps every configuration error.
 	ErrInvalidConfig = errors.New("keypool: invalid configuration")
+	// ErrUpstreamUnavailable means the service's upstream is failing: its
+	// keys are ejected by their breakers or held in rotation while a probe
+	// request tests the upstream. The error is an *[UnavailableError].
+	ErrUpstreamUnavailable = errors.New("keypool: upstream unavailable")
 )
 
 // NoKeyError is returned by [Pool.Acquire] when no key can serve. It wraps
@@ -44,3 +48,31 @@ func (e *NoKeyError) Error() string {
 
 // Unwrap returns [ErrNoKeyAvailable].
 func (e *NoKeyError) Unwrap() error { return ErrNoKeyAvailable }
+
+// UnavailableError is returned by [Pool.Acquire] when no key can serve
+// because the upstream is failing, not because keys are rate-limited or
+// spent: every key that could serve is ejected by its breaker, or every
+// key in rotation tripped beyond the ejection cap and a probe request is
+// already testing the upstream. keypoold answers it with 503
+// upstream_unavailable. It wraps [ErrUpstreamUnavailable].
+type UnavailableError struct {
+	// Service is the failing service.
+	Service string
+	// RetryAfter is how long until the next probe is expected to tell;
+	// it is at least one second.
+	RetryAfter time.Duration
+	// Reason says why, for people.
+	Reason string
+}
+
+// Error says which service is unavailable and when to come back.
+func (e *UnavailableError) Error() string {
+	msg := fmt.Sprintf("keypool: upstream of service %q unavailable, retry after %s", e.Service, e.RetryAfter.Round(time.Second))
+	if e.Reason != "" {
+		msg += " (" + e.Reason + ")"
+	}
+	return msg
+}
+
+// Unwrap returns [ErrUpstreamUnavailable].
+func (e *UnavailableError) Unwrap() error { return ErrUpstreamUnavailable }

@@ -26,8 +26,8 @@ const (
 	StateActive    State = iota // in rotation
 	StateCooling                // rate-limited by the upstream until a time
 	StateOpen                   // circuit breaker open after upstream faults
-	StateHalfOpen               // breaker probing: a few requests at a time
-	StateInvalid                // revoked or unauthorised (401/403)
+	StateHalfOpen               // probing after a cooldown, quota reset or breaker: one request at a time
+	StateInvalid                // revoked: 401, an invalid-key code, or confirmed refusals
 	StateExhausted              // quota or balance spent (402, insufficient_quota)
 	StateDisabled               // taken out of rotation by an admin
 )
@@ -132,24 +132,56 @@ type Service struct {
 	Headers map[string]string
 	// Breaker overrides the pool's breaker settings for this service.
 	Breaker *breaker.Settings
+	// RetryAfterCap caps the wait a 429's Retry-After can impose on a key:
+	// longer waits are clamped to it, never discarded. If zero, the
+	// pool's [Config.RetryAfterCap] (1 hour).
+	RetryAfterCap time.Duration
+	// ConfirmRefusals is how many ambiguous refusals ([Refused]: a bare
+	// 403 that another key then served), each from a distinct request and
+	// with no success of the key in between, confirm that a key is
+	// invalid. If zero, 3.
+	ConfirmRefusals int
+	// MinActiveKeys is the floor of keys in rotation (not invalid,
+	// exhausted or disabled) that confirmed ambiguous refusals may not
+	// cross: a key that would take the service below it stays in rotation
+	// and [Config.OnHold] is told. If zero, half of the service's keys
+	// that are not disabled, rounded up.
+	MinActiveKeys int
+	// MaxEjectionPercent is the largest share of the service's keys in
+	// rotation that the breaker may eject (StateOpen) at once, as in
+	// Envoy's outlier detection; at least one key may always be ejected.
+	// A key that trips beyond it stays in rotation ("held"); when every
+	// key in rotation is held, the service is unavailable: Acquire admits
+	// one probe request at a time (at most one a second) and answers the
+	// others with an *[UnavailableError]. If zero, 50; 100 disables the
+	// cap.
+	MaxEjectionPercent int
 }
 
 // OutcomeKind classifies what happened to a request made with a key.
 type OutcomeKind uint8
 
-// Outcome kinds. Only RateLimited, Invalid, Exhausted and Failure change a
-// key's state; ClientError and Canceled say nothing about the key.
+// Outcome kinds. Only RateLimited, Invalid, Exhausted, Failure and Refused
+// change a key's state; ClientError and Canceled say nothing about the key.
 const (
 	OK          OutcomeKind = iota // the upstream served the request
 	RateLimited                    // 429: cool down until RetryAfter
-	Invalid                        // 401/403: the key is revoked or lacks access
+	Invalid                        // 401 or an invalid-key code: the key is revoked
 	Exhausted                      // 402, insufficient_quota: quota or balance spent
 	Failure                        // 5xx, timeout, reset: counts toward the breaker
 	ClientError                    // a 4xx caused by the request itself
 	Canceled                       // the client went away
+	// Refused is an ambiguous refusal: a bare 403 (no invalid-key code)
+	// that may be about the request rather than the key. As a lease's
+	// outcome it is one strike against the key; Service.ConfirmRefusals
+	// strikes from distinct requests, with no success in between, make
+	// the key Invalid unless that would cross Service.MinActiveKeys.
+	// [proxy.Transport] reports it only when another key then served the
+	// same request.
+	Refused
 )
 
-var outcomeNames = [...]string{"ok", "rate_limited", "invalid", "exhausted", "error", "client_error", "canceled"}
+var outcomeNames = [...]string{"ok", "rate_limited", "invalid", "exhausted", "error", "client_error", "canceled", "refused"}
 
 // String returns the outcome's name as used by the lease report API.
 func (k OutcomeKind) String() string {
@@ -160,7 +192,8 @@ func (k OutcomeKind) String() string {
 }
 
 // ParseOutcomeKind returns the kind named name ("ok", "rate_limited",
-// "invalid", "exhausted", "error", "client_error", "canceled").
+// "invalid", "exhausted", "error", "client_error", "canceled",
+// "refused").
 func ParseOutcomeKind(name string) (OutcomeKind, error) {
 	return parseName[OutcomeKind](outcomeNames[:], name, "outcome")
 }
@@ -218,9 +251,23 @@ type Config struct {
 	// Backoff computes 429 cooldowns without a usable Retry-After. If nil,
 	// [DefaultBackoff].
 	Backoff Backoff
-	// MaxCooldown caps every cooldown, including Retry-After values. If
-	// zero, 5 minutes.
+	// MaxCooldown caps the backoff of a 429 without a usable Retry-After,
+	// and is the Retry-After of a NoKeyError when no key has a known
+	// return time. If zero, 5 minutes.
 	MaxCooldown time.Duration
+	// RetryAfterCap caps the wait a 429's Retry-After imposes on a key,
+	// for services that do not set their own (Service.RetryAfterCap):
+	// longer values are clamped to it, never discarded. If zero, 1 hour.
+	RetryAfterCap time.Duration
+	// MaxQuotaWait caps how long a key stays Exhausted when the upstream
+	// named when its quota resets (a daily quota). If zero, 24 hours.
+	MaxQuotaWait time.Duration
+	// OnHold, if set, is told each time the pool keeps a key in rotation
+	// against the evidence: confirmed refusals that would cross the
+	// service's MinActiveKeys floor, or a breaker trip beyond its
+	// MaxEjectionPercent. Like OnEvent it is called without any pool lock
+	// held and must not block for long.
+	OnHold func(Hold)
 	// Breaker configures per-key circuit breakers. If zero,
 	// [breaker.DefaultSettings].
 	Breaker breaker.Settings
@@ -228,6 +275,27 @@ type Config struct {
 	// synchronously, without any pool lock held; it must not block for long.
 	OnEvent func(Event)
 }
+
+// Hold is a key the pool kept in rotation although the evidence would
+// have taken it out; see [Config.OnHold].
+type Hold struct {
+	Service string `json:"service"`
+	KeyID   string `json:"key_id"`
+	// Kind is HoldFloor or HoldEjectionCap.
+	Kind   string    `json:"kind"`
+	Reason string    `json:"reason"`
+	At     time.Time `json:"at"`
+}
+
+// Hold kinds.
+const (
+	// HoldFloor: confirmed refusals would have made the key invalid and
+	// taken the service below its MinActiveKeys.
+	HoldFloor = "floor"
+	// HoldEjectionCap: the key's breaker tripped while the service's
+	// MaxEjectionPercent of keys were already ejected.
+	HoldEjectionCap = "ejection_cap"
+)
 
 // Pool holds services and their keys, picks a key per request and learns
 // from each outcome. It is safe for concurrent use.
@@ -248,6 +316,12 @@ func New(cfg Config) (*Pool, error) {
 	}
 	if cfg.MaxCooldown <= 0 {
 		cfg.MaxCooldown = 5 * time.Minute
+	}
+	if cfg.RetryAfterCap <= 0 {
+		cfg.RetryAfterCap = time.Hour
+	}
+	if cfg.MaxQuotaWait <= 0 {
+		cfg.MaxQuotaWait = 24 * time.Hour
 	}
 	if cfg.Backoff == nil {
 		cfg.Backoff = DefaultBackoff
@@ -278,6 +352,16 @@ func (p *Pool) SetService(svc Service, keys []Key) error {
 	}
 	if svc.Selector == nil {
 		svc.Selector = &RoundRobin{}
+	}
+	switch {
+	case svc.RetryAfterCap < 0:
+		return fmt.Errorf("%w: service %q: retry-after cap must not be negative", ErrInvalidConfig, svc.Name)
+	case svc.ConfirmRefusals < 0:
+		return fmt.Errorf("%w: service %q: confirm refusals must not be negative", ErrInvalidConfig, svc.Name)
+	case svc.MinActiveKeys < 0:
+		return fmt.Errorf("%w: service %q: min active keys must not be negative", ErrInvalidConfig, svc.Name)
+	case svc.MaxEjectionPercent < 0 || svc.MaxEjectionPercent > 100:
+		return fmt.Errorf("%w: service %q: max ejection percent must be 0 to 100", ErrInvalidConfig, svc.Name)
 	}
 	bs := p.cfg.Breaker
 	if svc.Breaker != nil {
@@ -340,6 +424,7 @@ func (p *Pool) RemoveService(name string) {
 		c.gen.Add(1)
 	}
 	s.all, s.avail, s.keys, s.heap = nil, nil, map[string]*Candidate{}, nil
+	s.ejected, s.held, s.prober = 0, 0, nil
 	s.mu.Unlock()
 }
 
@@ -398,9 +483,16 @@ func (p *Pool) Acquire(service string, r Request) (Lease, error) {
 	events := s.takeEvents()
 	var wait time.Time
 	var reason string
+	unavail := false
 	if c == nil {
 		reason = s.describe()
 		wait = s.nextWake(now)
+		unavail = s.unavailable()
+		if s.outage {
+			// A probe is testing the upstream: come back soon.
+			wait = now.Add(time.Second)
+			reason += "; upstream failing, probing"
+		}
 		if s.capped > 0 && (wait.IsZero() || wait.After(now.Add(time.Second))) {
 			// A key at its in-flight cap is back as soon as a request ends.
 			wait = now.Add(time.Second)
@@ -409,9 +501,41 @@ func (p *Pool) Acquire(service string, r Request) (Lease, error) {
 	s.mu.Unlock()
 	p.emit(events)
 	if c == nil {
-		return Lease{}, p.noKey(service, now, wait, reason)
+		err := p.noKey(service, now, wait, reason)
+		if unavail {
+			nk := err.(*NoKeyError)
+			return Lease{}, &UnavailableError{Service: service, RetryAfter: nk.RetryAfter, Reason: reason}
+		}
+		return Lease{}, err
 	}
 	return l, nil
+}
+
+// unavailable reports whether no key can serve because the upstream is
+// failing: a probe is out while every key in rotation is held, or every
+// key that could serve is ejected by its breaker (none is cooling, spent
+// until a known time, at a limit or merely excluded).
+func (s *svcState) unavailable() bool {
+	if s.outage {
+		return true
+	}
+	if s.ejected == 0 || s.capped > 0 {
+		return false
+	}
+	for _, c := range s.all {
+		if c.throttled {
+			return false
+		}
+		switch c.state {
+		case StateCooling, StateActive, StateHalfOpen:
+			return false
+		case StateExhausted:
+			if !c.until.IsZero() {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // describe summarises why no key is available, for the error a person
@@ -457,6 +581,15 @@ func (p *Pool) noKey(service string, now, until time.Time, reason string) error 
 		until = now.Add(d)
 	}
 	return &NoKeyError{Service: service, RetryAfter: d, Until: until, Reason: reason}
+}
+
+func (p *Pool) emitHolds(holds []Hold) {
+	if p.cfg.OnHold == nil {
+		return
+	}
+	for _, h := range holds {
+		p.cfg.OnHold(h)
+	}
 }
 
 func (p *Pool) emit(events []Event) {
@@ -529,9 +662,10 @@ func (p *Pool) Report(service, keyID string, o Outcome) bool {
 	if c != nil {
 		s.report(c, o, now)
 	}
-	events := s.takeEvents()
+	events, holds := s.takeEvents(), s.takeHolds()
 	s.mu.Unlock()
 	p.emit(events)
+	p.emitHolds(holds)
 	return c != nil
 }
 
@@ -584,9 +718,10 @@ func (l *Lease) Release(o Outcome) {
 		if c.gen.Load() == l.gen {
 			s.report(c, o, now)
 		}
-		events := s.takeEvents()
+		events, holds := s.takeEvents(), s.takeHolds()
 		s.mu.Unlock()
 		p.emit(events)
+		p.emitHolds(holds)
 		return
 	}
 	if b := c.brk.Load(); b != nil {
@@ -612,6 +747,12 @@ type KeyStats struct {
 	// Remaining is BalanceTotal less what is used; -1 when unknown.
 	Remaining float64 `json:"remaining"`
 	Spent     float64 `json:"spent"`
+	// Refusals counts the ambiguous refusals ([Refused]) since the key's
+	// last success, toward Service.ConfirmRefusals.
+	Refusals int `json:"refusals,omitempty"`
+	// Held reports whether the key's breaker tripped beyond the service's
+	// ejection cap and the key was kept in rotation.
+	Held bool `json:"held,omitempty"`
 }
 
 // Stats returns a snapshot of every key of a service, in load order.
@@ -632,6 +773,7 @@ func (p *Pool) Stats(service string) ([]KeyStats, bool) {
 			Requests: c.requests, Failures: c.failures,
 			Latency: time.Duration(c.ewma.Load()), Breaker: "closed",
 			Remaining: c.Remaining(), Spent: c.spent,
+			Refusals: c.strikes, Held: c.held,
 		}
 		if math.IsInf(st.Remaining, 1) {
 			st.Remaining = -1
@@ -673,6 +815,8 @@ type Candidate struct {
 	wakeAt     time.Time
 	throttled  bool
 	consec429  int
+	strikes    int  // ambiguous refusals since the last success
+	held       bool // tripped beyond the ejection cap, kept in rotation
 	spent      float64
 	requests   uint64
 	failures   uint64
@@ -778,7 +922,84 @@ type svcState struct {
 	cands   Candidates
 	scratch []*Candidate
 	pending []Event
-	capped  int // keys out of rotation at their in-flight cap
+	holds   []Hold
+	capped  int        // keys out of rotation at their in-flight cap
+	ejected int        // keys in StateOpen
+	held    int        // keys with held set
+	prober  *Candidate // the key a probe is out on while every key in rotation is held
+	outage  bool       // the last pick found every key held and a probe out or due later
+	// probeAfter is when the next probe may go after a failed one.
+	probeAfter time.Time
+}
+
+// probeInterval spaces the probes of a service whose every key in
+// rotation is held.
+const probeInterval = time.Second
+
+func (s *svcState) takeHolds() []Hold {
+	if len(s.holds) == 0 {
+		return nil
+	}
+	h := append([]Hold(nil), s.holds...)
+	s.holds = s.holds[:0]
+	return h
+}
+
+// updateSlow records whether Release must take the lock for the key: it
+// is not plainly active, or it has state a success must clear.
+func (s *svcState) updateSlow(c *Candidate) {
+	c.slow.Store(c.state != StateActive || c.consec429 > 0 || c.strikes > 0 || c.held)
+}
+
+// inRotation counts the keys that are not invalid, exhausted or disabled.
+func (s *svcState) inRotation() int {
+	n := 0
+	for _, c := range s.all {
+		switch c.state {
+		case StateInvalid, StateExhausted, StateDisabled:
+		default:
+			n++
+		}
+	}
+	return n
+}
+
+// floor is the number of keys in rotation that confirmed refusals may not
+// go below (Service.MinActiveKeys).
+func (s *svcState) floor() int {
+	if m := s.cfg.Load().MinActiveKeys; m > 0 {
+		return m
+	}
+	n := 0
+	for _, c := range s.all {
+		if c.state != StateDisabled {
+			n++
+		}
+	}
+	return (n + 1) / 2
+}
+
+// maxEject is how many keys the breaker may eject at once
+// (Service.MaxEjectionPercent of the keys in rotation, at least one).
+func (s *svcState) maxEject() int {
+	pct := s.cfg.Load().MaxEjectionPercent
+	if pct == 0 {
+		pct = 50
+	}
+	if pct >= 100 {
+		return math.MaxInt
+	}
+	return max(1, s.inRotation()*pct/100)
+}
+
+// allHeld reports whether every key in rotation is held.
+func (s *svcState) allHeld() bool {
+	for _, c := range s.avail {
+		if !c.held {
+			return false
+		}
+	}
+	return len(s.avail) > 0
 }
 
 func (s *svcState) takeEvents() []Event {
@@ -875,6 +1096,17 @@ func (s *svcState) limiterFor(k *Key, old *rate.Limiter, now time.Time) *rate.Li
 // retire takes a key out for good: reloaded with a new secret, or removed.
 func (s *svcState) retire(c *Candidate) {
 	c.gen.Add(1)
+	if c.state == StateOpen {
+		s.ejected--
+		c.state = StateDisabled
+	}
+	if c.held {
+		c.held = false
+		s.held--
+	}
+	if s.prober == c {
+		s.prober = nil
+	}
 	if c.capped.Load() {
 		c.capped.Store(false)
 		s.capped--
@@ -935,6 +1167,24 @@ func (s *svcState) checkCap(c *Candidate) {
 // pick chooses a key for r at now, or nil.
 func (s *svcState) pick(r Request, now time.Time) *Candidate {
 	s.wake(now)
+	s.outage = false
+	if s.held > 0 && s.allHeld() {
+		// Every key in rotation tripped beyond the ejection cap: one probe
+		// at a time, at most one a second, tests the upstream; the rest
+		// are told to come back.
+		if s.prober != nil || now.Before(s.probeAfter) {
+			s.outage = true
+			return nil
+		}
+		c := s.pickAny(r, now)
+		s.prober = c
+		return c
+	}
+	return s.pickAny(r, now)
+}
+
+// pickAny chooses among the available keys that fit r.
+func (s *svcState) pickAny(r Request, now time.Time) *Candidate {
 	s.cands.affinity = r.Affinity
 	for range 3 {
 		if len(s.avail) == 0 {
@@ -1057,8 +1307,11 @@ func (s *svcState) wake(now time.Time) {
 			c.throttled = false
 		}
 		switch c.state {
-		case StateCooling, StateExhausted:
-			s.setState(c, StateActive, time.Time{}, "", now)
+		case StateCooling:
+			// One probe first, not the herd.
+			s.setState(c, StateHalfOpen, time.Time{}, "probing after cooldown", now)
+		case StateExhausted:
+			s.setState(c, StateHalfOpen, time.Time{}, "probing after quota reset", now)
 		case StateOpen:
 			if b := c.brk.Load(); b == nil || b.Ready(now) {
 				s.setState(c, StateHalfOpen, time.Time{}, "breaker probing", now)
@@ -1088,10 +1341,19 @@ func (s *svcState) report(c *Candidate, o Outcome, now time.Time) {
 			defer s.setState(c, StateExhausted, time.Time{}, "balance spent", now)
 		}
 	}
+	if s.prober == c {
+		s.prober = nil
+		if o.Kind != OK {
+			s.probeAfter = now.Add(probeInterval)
+		}
+	}
 	switch o.Kind {
 	case OK:
-		c.consec429 = 0
-		c.slow.Store(c.state != StateActive)
+		c.consec429, c.strikes = 0, 0
+		if c.held {
+			c.held = false
+			s.held--
+		}
 		b := c.brk.Load()
 		closed := b == nil || b.Success() == breaker.Closed
 		if closed && c.state == StateHalfOpen {
@@ -1100,12 +1362,19 @@ func (s *svcState) report(c *Candidate, o Outcome, now time.Time) {
 	case RateLimited:
 		c.consec429++
 		d := o.RetryAfter
-		if d <= 0 || d > p.cfg.MaxCooldown {
+		if d <= 0 {
 			d = p.cfg.Backoff(c.consec429, p.cfg.MaxCooldown)
 		} else {
-			// Spread keys that were told the same time.
-			d += time.Duration(rand.Int64N(int64(d)/10 + int64(50*time.Millisecond)))
-			d = min(d, p.cfg.MaxCooldown)
+			// Honoured up to the cap, never discarded. Spread keys that
+			// were told the same time.
+			limit := s.cfg.Load().RetryAfterCap
+			if limit <= 0 {
+				limit = p.cfg.RetryAfterCap
+			}
+			if d < limit {
+				d += time.Duration(rand.Int64N(int64(d)/10 + int64(50*time.Millisecond)))
+			}
+			d = min(d, limit)
 		}
 		reason := o.Reason
 		if reason == "" {
@@ -1121,7 +1390,7 @@ func (s *svcState) report(c *Candidate, o Outcome, now time.Time) {
 	case Exhausted:
 		var until time.Time
 		if o.RetryAfter > 0 {
-			until = now.Add(o.RetryAfter)
+			until = now.Add(min(o.RetryAfter, p.cfg.MaxQuotaWait))
 		}
 		reason := o.Reason
 		if reason == "" {
@@ -1140,9 +1409,41 @@ func (s *svcState) report(c *Candidate, o Outcome, now time.Time) {
 			if reason == "" {
 				reason = "upstream failures"
 			}
-			s.setState(c, StateOpen, b.OpenUntil(), reason, now)
+			if s.ejected >= s.maxEject() {
+				// Beyond the ejection cap: stay in rotation, held.
+				b.Reset()
+				if !c.held {
+					c.held = true
+					s.held++
+					s.holds = append(s.holds, Hold{Service: s.name, KeyID: c.key.ID, Kind: HoldEjectionCap,
+						Reason: fmt.Sprintf("breaker tripped (%s) with %d of %d keys ejected", reason, s.ejected, s.inRotation()), At: now})
+				}
+			} else {
+				if c.held {
+					c.held = false
+					s.held--
+				}
+				s.setState(c, StateOpen, b.OpenUntil(), reason, now)
+			}
+		}
+	case Refused:
+		c.strikes++
+		need := s.cfg.Load().ConfirmRefusals
+		if need <= 0 {
+			need = 3
+		}
+		if c.strikes >= need && (c.state == StateActive || c.state == StateHalfOpen) {
+			reason := fmt.Sprintf("%d refusals from distinct requests (%s)", c.strikes, o.Reason)
+			if rot, fl := s.inRotation(), s.floor(); rot-1 < fl {
+				s.holds = append(s.holds, Hold{Service: s.name, KeyID: c.key.ID, Kind: HoldFloor,
+					Reason: fmt.Sprintf("%s; kept: %d keys in rotation, floor %d", reason, rot, fl), At: now})
+			} else {
+				s.setState(c, StateInvalid, time.Time{}, reason, now)
+			}
+			c.strikes = 0
 		}
 	}
+	s.updateSlow(c)
 	s.checkCap(c)
 }
 
@@ -1175,8 +1476,18 @@ func (s *svcState) setState(c *Candidate, st State, until time.Time, reason stri
 	if c.state == st && c.until.Equal(until) && c.reason == reason {
 		return
 	}
+	if c.state == StateOpen {
+		s.ejected--
+	}
+	if st == StateOpen {
+		s.ejected++
+	}
+	if c.held && st != StateActive && st != StateHalfOpen {
+		c.held = false
+		s.held--
+	}
 	c.state, c.until, c.reason = st, until, reason
-	c.slow.Store(st != StateActive || c.consec429 > 0)
+	s.updateSlow(c)
 	s.unschedule(c)
 	c.throttled = false
 	if st == StateActive || st == StateHalfOpen {

@@ -80,7 +80,7 @@ func (a *API) health(w http.ResponseWriter, r *http.Request) error {
 			stats, hs.Loaded = a.pool.Stats(n)
 		}
 		for _, k := range stats {
-			st := stateName(k.State)
+			st := liveState(k)
 			hs.States[st]++
 			if k.State == keypool.StateActive || k.State == keypool.StateHalfOpen {
 				hs.Available++

@@ -191,6 +191,10 @@ func parseJSONImport(body []byte, defService string) (keys []*store.Key, lines [
 			bad = append(bad, lineError{Line: n, Code: httpx.CodeBadRequest, Message: jsonElementError(err)})
 			continue
 		}
+		if name := httpx.DuplicateField(el); name != "" {
+			bad = append(bad, lineError{Line: n, Code: httpx.CodeBadRequest, Message: fmt.Sprintf("field %q appears more than once", name)})
+			continue
+		}
 		if in.Status.Set {
 			bad = append(bad, lineError{Line: n, Code: httpx.CodeBadRequest, Message: "status cannot be set on import; imported keys are active"})
 			continue

@@ -145,6 +145,13 @@ type keyView struct {
 	CooldownUntil      *time.Time `json:"cooldown_until"`
 	InFlight           int64      `json:"in_flight"`
 	RequestsLastMinute int        `json:"requests_last_minute"`
+	// Refusals counts ambiguous refusals (a bare 403 another key then
+	// served) since the key's last success; confirm_refusals of them make
+	// it invalid.
+	Refusals int `json:"refusals,omitempty"`
+	// Held reports that the key's breaker tripped beyond the service's
+	// max_ejection_percent and the key was kept in rotation.
+	Held bool `json:"held,omitempty"`
 	// Status is the stored status, which survives restarts.
 	Status       string            `json:"status"`
 	StatusReason string            `json:"status_reason,omitempty"`
@@ -190,6 +197,16 @@ func stateName(s keypool.State) string {
 	return s.String()
 }
 
+// liveState names a key's live state: a key probing after a cooldown or
+// quota reset (half-open with a closed breaker) is in rotation and shows
+// as "active", its reason saying it probes.
+func liveState(s keypool.KeyStats) string {
+	if s.State == keypool.StateHalfOpen && s.Breaker != "half_open" {
+		return keypool.StateActive.String()
+	}
+	return stateName(s.State)
+}
+
 func viewKey(k *store.Key, live map[string]keypool.KeyStats) keyView {
 	v := keyView{
 		ID: k.ID, Service: k.Service, Hint: k.Hint, State: k.Status,
@@ -202,7 +219,8 @@ func viewKey(k *store.Key, live map[string]keypool.KeyStats) keyView {
 		v.Hint = k.Secret.Hint()
 	}
 	if s, ok := live[k.ID]; ok {
-		v.State, v.Reason, v.Breaker = stateName(s.State), s.Reason, s.Breaker
+		v.State, v.Reason, v.Breaker = liveState(s), s.Reason, s.Breaker
+		v.Refusals, v.Held = s.Refusals, s.Held
 		if !s.Until.IsZero() {
 			u := s.Until.UTC()
 			v.CooldownUntil = &u

@@ -34,6 +34,38 @@ type serviceInput struct {
 	// none, or empty for detection per request.
 	LLMFamily opt[string] `json:"llm_family"`
 	limitsInput
+	keyPolicyInput
+}
+
+// keyPolicyInput is how the service's pool judges its keys
+// (store.KeyPolicy); 0 or null means the default.
+type keyPolicyInput struct {
+	RetryAfterCap      opt[int] `json:"retry_after_cap"`
+	ConfirmRefusals    opt[int] `json:"confirm_refusals"`
+	MinActiveKeys      opt[int] `json:"min_active_keys"`
+	MaxEjectionPercent opt[int] `json:"max_ejection_percent"`
+}
+
+func (in *keyPolicyInput) apply(p *store.KeyPolicy) error {
+	next := *p
+	for _, f := range []struct {
+		o   opt[int]
+		dst *int
+	}{
+		{in.RetryAfterCap, &next.RetryAfterCap},
+		{in.ConfirmRefusals, &next.ConfirmRefusals},
+		{in.MinActiveKeys, &next.MinActiveKeys},
+		{in.MaxEjectionPercent, &next.MaxEjectionPercent},
+	} {
+		if f.o.Set {
+			*f.dst = f.o.V
+		}
+	}
+	if err := next.Validate(); err != nil {
+		return badRequest("%s", strings.TrimPrefix(err.Error(), store.ErrInvalid.Error()+": "))
+	}
+	*p = next
+	return nil
 }
 
 // serviceView is a service as the API shows it: prices as a JSON object.
@@ -123,6 +155,9 @@ func (in *serviceInput) apply(s *store.Service, allowMD bool) error {
 			return err
 		}
 		s.Prices = p
+	}
+	if err := in.keyPolicyInput.apply(&s.KeyPolicy); err != nil {
+		return err
 	}
 	return in.limitsInput.apply(&s.Limits)
 }

@@ -10,6 +10,7 @@
 //	go run ./bench -mode throughput -conns 1,16,64 -duration 5s -rounds 5
 //	go run ./bench -mode streams -streams 512
 //	go run ./bench -mode throughput -meter   # also keypoold with LLM metering and budgets on
+//	go run ./bench -mode faults              # the fault suite (see faults.go), with its own flags
 //
 // keypoold serves two services on the same upstream: "bench" with
 // llm_family none (metering off) and "bench-llm" with llm_family openai
@@ -55,10 +56,16 @@ import (
 )
 
 func main() {
+	if args, ok := faultsArgs(os.Args[1:]); ok {
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		code := faultsMain(ctx, args, os.Stdout, os.Stderr)
+		stop()
+		os.Exit(code)
+	}
 	var (
 		role      = flag.String("role", "", "internal: run as upstream, bare or keypoold")
 		target    = flag.String("upstream", "", "internal: upstream URL for the bare proxy and keypoold")
-		mode      = flag.String("mode", "all", "throughput, streams or all")
+		mode      = flag.String("mode", "all", "throughput, streams, all, or faults (the fault suite, with its own flags: -mode faults -h)")
 		connsFlag = flag.String("conns", "1,64", "comma-separated connection counts for the throughput mode")
 		duration  = flag.Duration("duration", 4*time.Second, "load duration per measurement")
 		rounds    = flag.Int("rounds", 3, "measurements per proxy and connection count (medians are reported)")

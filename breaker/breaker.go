@@ -12,7 +12,12 @@
 //     failure pending is one atomic load; gobreaker is consulted only after
 //     a failure and while half-open, so the hot path does not allocate.
 //   - Half-open ramps traffic back: at most [Settings.HalfOpenMaxRequests]
-//     probes run at once, and that many consecutive successes close it.
+//     probes run at once (one by default), and that many consecutive
+//     successes close it.
+//   - Ejections grow, as in Envoy's outlier detection: the n-th trip in a
+//     row stays open OpenTimeout × n, up to MaxOpenTimeout. The count
+//     starts over when a trip comes more than MaxOpenTimeout after the end
+//     of the previous open period (the key was healthy that long).
 //
 // Only upstream faults should be reported as failures (5xx, timeouts,
 // connection resets). Client cancellations and 4xx answers are neither
@@ -56,18 +61,23 @@ type Settings struct {
 	// ConsecutiveFailures trips the breaker after this many failures in a
 	// row. If zero, 5.
 	ConsecutiveFailures uint32 `json:"consecutive_failures,omitempty" yaml:"consecutive_failures,omitempty"`
-	// OpenTimeout is how long the breaker stays open before probing. If
-	// zero, 30 seconds.
+	// OpenTimeout is how long the breaker stays open before probing after
+	// its first trip; the n-th consecutive trip stays open n times as
+	// long. If zero, 30 seconds.
 	OpenTimeout time.Duration `json:"open_timeout,omitempty" yaml:"open_timeout,omitempty"`
+	// MaxOpenTimeout caps the grown open period. If zero, 10 ×
+	// OpenTimeout (5 minutes by default).
+	MaxOpenTimeout time.Duration `json:"max_open_timeout,omitempty" yaml:"max_open_timeout,omitempty"`
 	// HalfOpenMaxRequests is how many probes may run at once while half-open,
 	// and how many consecutive successes close the breaker. It must be at
 	// least 1: zero would never close an open breaker.
 	HalfOpenMaxRequests uint32 `json:"half_open_max_requests" yaml:"half_open_max_requests"`
 }
 
-// DefaultSettings returns 5 consecutive failures, 30 s open, 3 probes.
+// DefaultSettings returns 5 consecutive failures, 30 s open (growing by
+// 30 s per consecutive trip up to 5 minutes), 1 probe.
 func DefaultSettings() Settings {
-	return Settings{ConsecutiveFailures: 5, OpenTimeout: 30 * time.Second, HalfOpenMaxRequests: 3}
+	return Settings{ConsecutiveFailures: 5, OpenTimeout: 30 * time.Second, MaxOpenTimeout: 5 * time.Minute, HalfOpenMaxRequests: 1}
 }
 
 // ErrInvalidSettings is wrapped by [Settings.Validate] errors.
@@ -81,6 +91,9 @@ func (s Settings) Validate() error {
 	if s.OpenTimeout < 0 {
 		return fmt.Errorf("%w: open_timeout must not be negative", ErrInvalidSettings)
 	}
+	if s.MaxOpenTimeout < 0 {
+		return fmt.Errorf("%w: max_open_timeout must not be negative", ErrInvalidSettings)
+	}
 	return nil
 }
 
@@ -90,6 +103,12 @@ func (s Settings) withDefaults() Settings {
 	}
 	if s.OpenTimeout == 0 {
 		s.OpenTimeout = 30 * time.Second
+	}
+	if s.MaxOpenTimeout == 0 {
+		s.MaxOpenTimeout = 10 * s.OpenTimeout
+	}
+	if s.MaxOpenTimeout < s.OpenTimeout {
+		s.MaxOpenTimeout = s.OpenTimeout
 	}
 	return s
 }
@@ -109,6 +128,11 @@ type Breaker struct {
 	dirty atomic.Bool
 	// openUntil is the end of the open period in Unix nanoseconds.
 	openUntil atomic.Int64
+	// ejections counts consecutive trips; lastEnd is the end of the last
+	// open period in Unix nanoseconds. Both are written only in report,
+	// under gobreaker's serialisation of a trip.
+	ejections atomic.Int64
+	lastEnd   atomic.Int64
 }
 
 var errFailure = errors.New("upstream failure")
@@ -200,7 +224,13 @@ func (b *Breaker) Failure(now time.Time) State {
 	return st
 }
 
-// Reset closes the breaker and forgets every count.
+// Ejections returns how many consecutive trips the breaker has seen (the
+// multiplier of its current or last open period).
+func (b *Breaker) Ejections() int { return int(b.ejections.Load()) }
+
+// Reset closes the breaker and forgets its failure counts. The ejection
+// history (how long the next trip stays open) is kept: it decays with
+// time only.
 func (b *Breaker) Reset() {
 	b.cb.Store(b.newCB())
 	b.dirty.Store(false)
@@ -215,7 +245,18 @@ func (b *Breaker) report(err error, now time.Time) State {
 		done(err)
 	}
 	if b.trips.Load() != trips {
-		b.openUntil.Store(now.Add(b.settings.OpenTimeout).UnixNano())
+		n := b.ejections.Load() + 1
+		if last := b.lastEnd.Load(); last != 0 && now.UnixNano()-last > int64(b.settings.MaxOpenTimeout) {
+			n = 1 // healthy for long enough since the last ejection
+		}
+		b.ejections.Store(n)
+		d := b.settings.MaxOpenTimeout
+		if n <= int64(d/b.settings.OpenTimeout) {
+			d = min(d, time.Duration(n)*b.settings.OpenTimeout)
+		}
+		end := now.Add(d).UnixNano()
+		b.lastEnd.Store(end)
+		b.openUntil.Store(end)
 		b.state.Store(uint32(Open))
 	}
 	return b.State()

@@ -15,6 +15,7 @@ func TestValidate(t *testing.T) {
 		{"defaults", DefaultSettings(), true},
 		{"zero half-open probes", Settings{ConsecutiveFailures: 3, OpenTimeout: time.Second}, false},
 		{"negative timeout", Settings{HalfOpenMaxRequests: 1, OpenTimeout: -time.Second}, false},
+		{"negative max timeout", Settings{HalfOpenMaxRequests: 1, MaxOpenTimeout: -time.Second}, false},
 		{"zero failures means default", Settings{HalfOpenMaxRequests: 1}, true},
 	}
 	for _, tt := range tests {
@@ -68,21 +69,54 @@ func TestLifecycle(t *testing.T) {
 	if st := b.State(); st != HalfOpen {
 		t.Fatalf("state after period = %v, want half_open", st)
 	}
-	// A failing probe re-opens from the probe's time.
+	// A failing probe re-opens from the probe's time, for twice as long
+	// (the second ejection in a row).
 	t2 := now.Add(11 * time.Second)
 	if st := b.Failure(t2); st != Open {
 		t.Fatalf("failed probe: %v, want open", st)
 	}
-	if got := b.OpenUntil(); !got.Equal(t2.Add(10 * time.Second)) {
-		t.Fatalf("re-open until %v", got)
+	if got := b.OpenUntil(); !got.Equal(t2.Add(20 * time.Second)) {
+		t.Fatalf("re-open until %v, want %v", got, t2.Add(20*time.Second))
 	}
 	// Two successful probes close it.
-	b.Ready(t2.Add(10 * time.Second))
+	b.Ready(t2.Add(20 * time.Second))
 	if st := b.Success(); st != HalfOpen {
 		t.Fatalf("one probe: %v, want half_open", st)
 	}
 	if st := b.Success(); st != Closed {
 		t.Fatalf("two probes: %v, want closed", st)
+	}
+}
+
+// TestEjectionGrows pins Envoy's manners: the n-th consecutive ejection
+// lasts base × n up to the cap, and a key healthy for longer than the cap
+// starts over.
+func TestEjectionGrows(t *testing.T) {
+	b, _ := New(Settings{ConsecutiveFailures: 1, OpenTimeout: 30 * time.Second, MaxOpenTimeout: 100 * time.Second, HalfOpenMaxRequests: 1})
+	now := time.Unix(1000, 0)
+	for i, want := range []time.Duration{30, 60, 90, 100, 100} {
+		if b.Failure(now) != Open {
+			t.Fatalf("trip %d: not open", i+1)
+		}
+		if got := b.OpenUntil().Sub(now); got != want*time.Second {
+			t.Fatalf("trip %d: open for %v, want %v", i+1, got, want*time.Second)
+		}
+		now = b.OpenUntil()
+		if !b.Ready(now) {
+			t.Fatalf("trip %d: not ready after its period", i+1)
+		}
+	}
+	if b.Ejections() != 5 {
+		t.Fatalf("Ejections = %d, want 5", b.Ejections())
+	}
+	// A probe succeeds; the key stays healthy past the cap.
+	if b.Success() != Closed {
+		t.Fatal("probe did not close")
+	}
+	now = now.Add(101 * time.Second)
+	b.Failure(now)
+	if got := b.OpenUntil().Sub(now); got != 30*time.Second {
+		t.Fatalf("after a long healthy spell: open for %v, want 30s", got)
 	}
 }
 

@@ -1,9 +1,12 @@
 package proxy
 
 import (
+	"bytes"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/keypool/keypool/internal/httpx"
 )
@@ -146,22 +149,175 @@ func hasPrefixFold(s, prefix string) bool {
 	return len(s) >= len(prefix) && strings.EqualFold(s[:len(prefix)], prefix)
 }
 
-// stripCredentialParams removes the credential query parameters; a query
-// without them is returned unchanged, byte for byte.
-func stripCredentialParams(raw string) string {
+// stripCredentialParams removes the credential query parameters, those
+// that do not parse, and those whose name or value holds a spelling of
+// the client's token (token may be nil). The parameters kept are returned
+// as they came, in their order; a query without any to remove is returned
+// unchanged, byte for byte.
+func stripCredentialParams(raw string, token *patternSet) string {
 	if raw == "" {
 		return raw
 	}
-	q, err := url.ParseQuery(raw)
-	found := false
-	for _, name := range credentialParams {
-		if _, ok := q[name]; ok {
-			found = true
-			delete(q, name)
+	m := newMatcher(token, nil)
+	var kept []string
+	dropped := false
+	for rest := raw; rest != ""; {
+		var piece string
+		piece, rest, _ = strings.Cut(rest, "&")
+		if piece == "" {
+			kept = append(kept, piece)
+			continue
 		}
+		k, v, _ := strings.Cut(piece, "=")
+		name, err1 := url.QueryUnescape(k)
+		val, err2 := url.QueryUnescape(v)
+		if err1 != nil || err2 != nil || strings.IndexByte(piece, ';') >= 0 || isCredentialParam(name) ||
+			hasMatch(&m, piece) || hasMatch(&m, name) || hasMatch(&m, val) {
+			dropped = true
+			continue
+		}
+		kept = append(kept, piece)
 	}
-	if !found && err == nil {
+	if !dropped {
 		return raw
 	}
-	return q.Encode()
+	return strings.Join(kept, "&")
+}
+
+func isCredentialParam(name string) bool {
+	for _, c := range credentialParams {
+		if name == c {
+			return true
+		}
+	}
+	return false
+}
+
+func hasMatch(m *matcher, s string) bool {
+	if m.empty() {
+		return false
+	}
+	i, _ := m.findString(s)
+	return i >= 0
+}
+
+// stripTokenHeaders removes every header whose name or value holds a
+// spelling of the client's token, whatever the header is called (api-key,
+// X-Auth-Token, Ocp-Apim-Subscription-Key, a custom one, X-Request-Id …).
+func stripTokenHeaders(h http.Header, token *patternSet) {
+	m := newMatcher(token, nil)
+	if m.empty() {
+		return
+	}
+	for k, vs := range h {
+		if hasMatch(&m, k) {
+			delete(h, k)
+			continue
+		}
+		for _, v := range vs {
+			if hasMatch(&m, v) {
+				delete(h, k)
+				break
+			}
+		}
+	}
+}
+
+// errTokenInPath and errTokenInBody refuse requests that carry the client's
+// own token where keypoold must forward it as it is. They never echo it.
+var (
+	errTokenInPath = httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest,
+		"the request path holds your keypool token; send the token only as your credential (Authorization, X-Api-Key, …), never inside the path")
+	errTokenInBody = httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest,
+		"the request body holds your keypool token; keypoold forwards bodies as they are, so send the token only as your credential (Authorization, X-Api-Key, …)")
+)
+
+// checkTokenInPath refuses a path holding a spelling of the token.
+func checkTokenInPath(rawPath string, token *patternSet) error {
+	m := newMatcher(token, nil)
+	if hasMatch(&m, rawPath) {
+		return errTokenInPath
+	}
+	if dec, err := url.PathUnescape(rawPath); err == nil && dec != rawPath && hasMatch(&m, dec) {
+		return errTokenInPath
+	}
+	return nil
+}
+
+// checkTokenInBody refuses a body holding a spelling of the token: as it
+// is, and, when the body has escapes, with its JSON escapes (\u005f …) and
+// its percent-encoding undone, so that no decoder upstream can read the
+// token out of it.
+func checkTokenInBody(body []byte, token *patternSet) error {
+	m := newMatcher(token, nil)
+	if m.empty() || len(body) == 0 {
+		return nil
+	}
+	if i, _ := m.find(body); i >= 0 {
+		return errTokenInBody
+	}
+	// The usual JSON escapes are among the token's spellings; only \u
+	// escapes of ordinary characters and \/ need a decoded pass (bodies
+	// with just \n and \" are common and do not).
+	if bytes.Contains(body, []byte(`\u`)) || bytes.Contains(body, []byte(`\/`)) {
+		if i, _ := m.find(jsonUnescape(body)); i >= 0 {
+			return errTokenInBody
+		}
+	}
+	if bytes.IndexByte(body, '%') >= 0 {
+		if i, _ := m.find(percentDecode(body)); i >= 0 {
+			return errTokenInBody
+		}
+	}
+	return nil
+}
+
+// jsonUnescape undoes JSON string escapes wherever they appear in b (it
+// does not parse b; other bytes are copied).
+func jsonUnescape(b []byte) []byte {
+	out := make([]byte, 0, len(b))
+	for i := 0; i < len(b); i++ {
+		c := b[i]
+		if c != '\\' || i+1 >= len(b) {
+			out = append(out, c)
+			continue
+		}
+		i++
+		switch e := b[i]; e {
+		case 'u':
+			if i+4 < len(b) {
+				if r, err := strconv.ParseUint(string(b[i+1:i+5]), 16, 32); err == nil {
+					out = utf8.AppendRune(out, rune(r))
+					i += 4
+					continue
+				}
+			}
+			out = append(out, '\\', e)
+		case 'n':
+			out = append(out, '\n')
+		case 't':
+			out = append(out, '\t')
+		case 'r':
+			out = append(out, '\r')
+		default:
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// percentDecode undoes %XX escapes wherever they appear in b.
+func percentDecode(b []byte) []byte {
+	out := make([]byte, 0, len(b))
+	for i := 0; i < len(b); i++ {
+		if b[i] == '%' && i+2 < len(b) {
+			if c, ok := unhex2(b[i+1], b[i+2]); ok {
+				out = append(out, c)
+				i += 2
+				continue
+			}
+		}
+		out = append(out, b[i])
+	}
+	return out
 }

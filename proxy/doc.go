@@ -6,8 +6,10 @@
 //
 // Put a Transport under any http.Client; every request to the service's
 // base URL gets a pooled key, and a request that is rate-limited, rejected
-// (401/403), out of quota (402) or failing (5xx, resets, timeouts) on one
-// key is retried on another:
+// (401, an invalid-key code), out of quota (402) or failing (5xx, resets,
+// timeouts) on one key is retried on another; refusals about the key do
+// not spend MaxAttempts, ambiguous failures do, and a bare 403 repeated on
+// a second key is returned as the request's:
 //
 //	pool, _ := keypool.New(keypool.Config{})
 //	_ = pool.SetService(keypool.Service{Name: "openai", BaseURL: "https://api.openai.com", Auth: keypool.Bearer}, keys)
@@ -33,10 +35,16 @@
 // # Secrets
 //
 // A key's secret is only ever set on the Transport's private copy of a
-// request sent to the service's origin. It is scrubbed from response
-// headers and error bodies (replaced by [Redacted]) and from errors
-// (including a *url.Error's URL, which carries query-parameter keys), and
-// it is never logged.
+// request sent to the service's origin. Every spelling of it an upstream
+// may echo — as is, percent-encoded (query and path forms, either hex
+// case), JSON-escaped (\u0026, \u003c, \/ …) and base64 (standard and URL
+// alphabets, at each alignment, so user:key and key: are covered) — is
+// scrubbed (replaced by [Redacted]) from the headers, trailers and bodies
+// of answers of every status, streamed bodies included, and from errors
+// (including a *url.Error's URL, which carries query-parameter keys); it is
+// never logged. A Handler does the same for the client's team token, which
+// it also strips from every header and query parameter holding it (by
+// value, whatever their names) and refuses (400) in the path or body.
 //
 // # Concurrency
 //

@@ -32,7 +32,8 @@ const DefaultMaxBodyBytes = 32 << 20
 //
 //  1. checks the request target and rejects with 400 bad_request CONNECT,
 //     absolute-form and asterisk-form targets, control characters, dot
-//     segments ("." and "..", percent-encoded too), encoded slashes and
+//     segments ("." and "..", percent-encoded too, and with ;parameters
+//     such as "..;x=y", which Tomcat-style servers read as ".."), encoded slashes and
 //     backslashes (%2f, %5c, double-encoded too), backslashes and empty
 //     segments, so a key never reaches another host or path than the
 //     service's;
@@ -45,6 +46,13 @@ const DefaultMaxBodyBytes = 32 << 20
 //     so that it can be replayed byte for byte on another key;
 //  4. calls Prepare, if set, with the buffered body (keypoold meters,
 //     checks model allow-lists and admits budgets there).
+//
+// A credential Authorize accepted (the team token) must not travel on:
+// a path or a body that holds it in any spelling (as is, percent-encoded,
+// JSON-escaped, base64) is refused with 400 bad_request before a key is
+// picked, since keypoold forwards those as they are; every other header
+// and query parameter that holds it is removed, whatever its name (api-key,
+// X-Auth-Token, Ocp-Apim-Subscription-Key, ?access_token=, …).
 //
 // The forwarded request carries none of the client's credentials. The
 // headers removed are a deny-list, because SDKs send many vendor headers
@@ -64,16 +72,21 @@ const DefaultMaxBodyBytes = 32 << 20
 // headers of the same name.
 //
 // Answers: the upstream's own answers (its 4xx and 5xx included) pass
-// through unchanged, except that the key's secret is scrubbed from
-// response headers and error bodies, and [HeaderKeyID] is set. Redirects
+// through unchanged, except that every spelling of the key's secret and of
+// the team token is scrubbed from their headers, bodies and trailers (see
+// [Transport]; requests ask for Accept-Encoding: identity so that bodies
+// can be read), and [HeaderKeyID] is set. Redirects
 // are returned to the client, never followed. Streams are flushed as they
 // arrive and WebSocket upgrades pass through with the pooled key. Errors
 // keypool itself answers are JSON ({"error":{"message","type","code"}}),
 // mapped in one place: no key available → 429 no_key_available with
+// Retry-After; the upstream failing on every key that could serve (see
+// [keypool.UnavailableError]) → 503 upstream_unavailable with
 // Retry-After; upstream unreachable → 502 upstream_unreachable; upstream
 // timeout → 504 upstream_timeout. A client that goes away cancels the
 // upstream request without penalising the key; nothing is written and the
-// [Result] has status 499 and code "canceled".
+// [Result] has status 499 and code "canceled" — also when it goes away in
+// the middle of a streamed answer.
 //
 // Set the fields before the first request and do not change them after;
 // a Handler must not be copied after first use. It is safe for concurrent
@@ -179,6 +192,9 @@ type reqState struct {
 	status   int       // set when the client went away
 	code     string
 	err      error
+
+	tokenSet *patternSet // the spellings of the client's credential, scrubbed from answers
+	relaying bool        // ReverseProxy is serving; still set if it panicked
 }
 
 func (h *Handler) init() {
@@ -231,7 +247,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	st := &reqState{start: time.Now()}
 	rec := &responseRecorder{ResponseWriter: w}
 	if h.OnDone != nil {
-		defer func() { h.OnDone(r, st.result(rec)) }()
+		defer func() {
+			if st.relaying && st.status == 0 && r.Context().Err() != nil {
+				// ReverseProxy gave up copying the answer (it panics with
+				// http.ErrAbortHandler): the client went away mid-response.
+				st.status, st.code = 499, "canceled"
+			}
+			h.OnDone(r, st.result(rec))
+		}()
 	}
 	service, restRaw, err := parseTarget(r)
 	if err != nil {
@@ -253,6 +276,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if r2 != nil {
 			r = r2
 		}
+	}
+	// Only a credential Authorize accepted is searched for (and cached).
+	st.tokenSet = setFor(cred)
+	if err := checkTokenInPath(restRaw, st.tokenSet); err != nil {
+		h.reject(rec, st, err)
+		return
 	}
 	// Authorize runs first so that unauthenticated callers cannot probe
 	// which services exist.
@@ -286,6 +315,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		st.body, st.hasBody = b.Bytes(), true
+		if err := checkTokenInBody(st.body, st.tokenSet); err != nil {
+			h.reject(rec, st, err)
+			return
+		}
 	}
 
 	if h.Prepare != nil {
@@ -302,14 +335,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 
-	target, err := targetURL(svc.BaseURL, restRaw, r.URL.RawQuery)
+	target, err := targetURL(svc.BaseURL, restRaw, r.URL.RawQuery, st.tokenSet)
 	if err != nil {
 		h.reject(rec, st, err)
 		return
 	}
 	st.target = target
 	_, st.wsToken = wsToken(r.Header)
+	st.relaying = true
 	h.rp.ServeHTTP(rec, r.WithContext(context.WithValue(r.Context(), trackerKey, st)))
+	st.relaying = false
 	if st.upgraded != nil {
 		// ReverseProxy closes the upstream connection from a goroutine;
 		// close it now so the key is released before OnDone.
@@ -336,6 +371,9 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 	out.URL = st.target
 	out.Host = ""
 	stripInbound(out.Header)
+	stripTokenHeaders(out.Header, st.tokenSet)
+	// Answers come back unencoded, so that the scrubber can read them.
+	out.Header.Set("Accept-Encoding", "identity")
 	out.TransferEncoding = nil
 	out.Trailer = nil
 	switch {
@@ -364,6 +402,10 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 	if resp.Request != nil {
 		if st, ok := resp.Request.Context().Value(trackerKey).(*reqState); ok {
 			st.upstream = resp.StatusCode
+			if st.tokenSet != nil {
+				m := newMatcher(st.tokenSet, nil)
+				scrubHeaderWith(resp.Header, &m)
+			}
 			if st.keyID != "" {
 				resp.Header.Set(HeaderKeyID, st.keyID)
 			}
@@ -389,6 +431,7 @@ func (h *Handler) errorHandler(w http.ResponseWriter, r *http.Request, err error
 	}
 	st.err = err
 	var nk *keypool.NoKeyError
+	var ue *keypool.UnavailableError
 	var e *httpx.Error
 	switch {
 	case errors.As(err, &nk):
@@ -396,6 +439,12 @@ func (h *Handler) errorHandler(w http.ResponseWriter, r *http.Request, err error
 			Message: fmt.Sprintf("no key available for service %q; retry after %d s", st.service, int64((nk.RetryAfter+time.Second-1)/time.Second))}
 		if nk.Reason != "" {
 			e.Message += " (" + nk.Reason + ")"
+		}
+	case errors.As(err, &ue):
+		e = &httpx.Error{Status: http.StatusServiceUnavailable, Code: httpx.CodeUpstreamUnavailable, RetryAfter: ue.RetryAfter,
+			Message: fmt.Sprintf("upstream of service %q unavailable; retry after %d s", st.service, int64((ue.RetryAfter+time.Second-1)/time.Second))}
+		if ue.Reason != "" {
+			e.Message += " (" + ue.Reason + ")"
 		}
 	case errors.Is(err, keypool.ErrUnknownService):
 		e = httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", st.service)
@@ -550,8 +599,11 @@ func checkSegments(s string) string {
 	s = strings.TrimPrefix(s, "/")
 	for s != "" {
 		seg, rest, more := strings.Cut(s, "/")
+		// A segment's ;parameters do not hide a dot segment from servers
+		// that strip them (Tomcat, Spring: "..;x=y" is "..").
+		name, _, _ := strings.Cut(seg, ";")
 		switch {
-		case seg == "." || seg == "..":
+		case name == "." || name == "..":
 			return "dot segments (. and ..) are not allowed in the path"
 		case seg == "" && more:
 			return "empty path segments (//) are not allowed"
@@ -589,8 +641,9 @@ func unhex(c byte) (byte, bool) {
 }
 
 // targetURL is base's URL with restRaw appended to its path and rawQuery
-// without inbound credentials.
-func targetURL(base, restRaw, rawQuery string) (*url.URL, error) {
+// without inbound credentials (by name, and by value: any parameter that
+// holds a spelling of token).
+func targetURL(base, restRaw, rawQuery string, token *patternSet) (*url.URL, error) {
 	b, err := url.Parse(base)
 	if err != nil || b.Host == "" || (b.Scheme != "http" && b.Scheme != "https") {
 		return nil, httpx.Errorf(http.StatusInternalServerError, httpx.CodeInternal, "the service's base URL is not valid")
@@ -604,7 +657,7 @@ func targetURL(base, restRaw, rawQuery string) (*url.URL, error) {
 		return nil, httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "the path has malformed percent-encoding")
 	}
 	u.RawPath = raw
-	u.RawQuery = stripCredentialParams(rawQuery)
+	u.RawQuery = stripCredentialParams(rawQuery, token)
 	u.Fragment, u.RawFragment = "", ""
 	return &u, nil
 }

@@ -171,6 +171,11 @@ func TestHandlerRejectsBadTargets(t *testing.T) {
 		{"no service", "GET", "/v1/", 404, "unknown_service"},
 		{"not under v1", "GET", "/admin/keys", 404, "not_found"},
 		{"dot dot service", "GET", "/v1/../admin", 400, "bad_request"},
+		{"dot dot with parameter", "GET", "/v1/svc/..;x=y/admin", 400, "bad_request"},
+		{"dot dot with empty parameter", "GET", "/v1/svc/..;/admin", 400, "bad_request"},
+		{"dot with parameter", "GET", "/v1/svc/.;x=y/admin", 400, "bad_request"},
+		{"encoded dot dot with parameter", "GET", "/v1/svc/%2e%2e;x=y/admin", 400, "bad_request"},
+		{"dot dot with encoded semicolon", "GET", "/v1/svc/..%3bx=y/admin", 400, "bad_request"},
 	}
 	up := newUpstream(t, okScript)
 	e := newProxy(t, up.URL, keypool.Bearer, []string{"good"}, nil)

@@ -42,9 +42,10 @@ const drainLimit = 64 << 10
 //     [keypool.AuthScheme] and the service's Headers set, replacing
 //     headers of the same name;
 //   - classifies the answer with Classifier and, on RateLimited, Invalid,
-//     Exhausted or Failure, drains and closes the answer and retries on
-//     another key while the body can be replayed, MaxAttempts is not
-//     reached and the request's context is live;
+//     Exhausted, Failure or a first Refused, drains and closes the answer
+//     and retries on another key while the body can be replayed, the
+//     attempt budget allows (see MaxAttempts) and the request's context
+//     is live; each key is tried at most once per request;
 //   - releases the lease exactly once: for a served request when its
 //     response body reaches EOF or is closed (so in-flight counts and
 //     latency cover streams), otherwise as soon as the answer is known.
@@ -62,16 +63,28 @@ const drainLimit = 64 << 10
 // never on a foreign origin, no redirect can carry it away. The Transport
 // itself never follows redirects.
 //
+// Ambiguous refusals ([keypool.Refused]: a bare 403) are judged across
+// keys. The first one is released without penalty and the request moves
+// to another key. If a second key refuses it too, the refusal is the
+// request's: that answer is returned and no key is penalised. If a later
+// key serves the request, the first key gets one strike
+// ([keypool.Pool.Report] with Refused); strikes from distinct requests
+// confirm a key invalid (Service.ConfirmRefusals). So no request moves
+// more than one key on ambiguous evidence.
+//
 // When no other key can take a retry, the last upstream answer is returned
 // as it is (the caller sees the upstream's own 429, 401 or 5xx). Only when
 // no key at all can be acquired for the first attempt does RoundTrip
 // return an error: the *[keypool.NoKeyError] from the pool, which says when
 // to come back (or an error wrapping [keypool.ErrUnknownService]).
 //
-// Every response carries [HeaderKeyID]. Response headers that contain the
-// key's secret, and the bodies of error responses (status ≥ 400) that
-// contain it, have it replaced by "[redacted]"; resp.Request is the
-// caller's request, not the copy that carried the key. Errors never
+// Every response carries [HeaderKeyID]. Every spelling of the key's secret
+// (see the package documentation) is replaced by "[redacted]" in the
+// response's headers, body and trailers, whatever the status: a body of
+// known length up to 64 KiB is scrubbed in memory (Content-Length
+// corrected), any other as it streams (Content-Length dropped; only the
+// bytes that could begin a secret are held back between reads). resp.Request
+// is the caller's request, not the copy that carried the key. Errors never
 // contain the secret: a *url.Error's URL, which holds a query-parameter
 // key, is redacted.
 //
@@ -93,8 +106,14 @@ type Transport struct {
 	// Classifier decides what an answer says about the key. If nil,
 	// [keypool.Classify] at the pool's clock ([keypool.Pool.Now]).
 	Classifier keypool.Classifier
-	// MaxAttempts bounds how many keys one request may try. If zero, 3;
-	// negative means 1.
+	// MaxAttempts bounds the attempts a request may spend on ambiguous
+	// failures ([keypool.Failure]: 5xx, timeouts, resets). If zero, 3;
+	// negative means 1. Refusals that are about the key (RateLimited,
+	// Invalid, Exhausted: 429, 401 or an invalid-key code, 402 or a quota
+	// code) do not spend it: they are bounded by the service's key count
+	// and the request's context, since each key is tried at most once per
+	// request. A 429 still cools the key that gave it. A request whose
+	// body cannot be replayed makes one attempt.
 	MaxAttempts int
 	// MaxBufferedBody is how much of a request body without GetBody is
 	// read into memory so that it can be replayed on another key. If
@@ -270,9 +289,28 @@ func (t *Transport) prepareBody(rp *replay, req *http.Request) (bool, error) {
 	return true, nil
 }
 
-func retryable(k keypool.OutcomeKind) bool {
+// attempts is one request's attempt budget and its pending suspicion.
+type attempts struct {
+	max     int    // ambiguous failures allowed
+	failed  int    // ambiguous failures so far
+	suspect string // key whose ambiguous refusal awaits the request's fate
+	reason  string // the suspect's refusal
+}
+
+// next reports whether the request may try another key after an attempt
+// that ended with k, and records what it spent.
+func (a *attempts) next(k keypool.OutcomeKind, id, reason string) bool {
 	switch k {
-	case keypool.RateLimited, keypool.Invalid, keypool.Exhausted, keypool.Failure:
+	case keypool.RateLimited, keypool.Invalid, keypool.Exhausted:
+		return true // about the key: free, bounded by the key count
+	case keypool.Failure:
+		a.failed++
+		return a.failed < a.max
+	case keypool.Refused:
+		if a.suspect != "" {
+			return false // repeated on a second key: the request's
+		}
+		a.suspect, a.reason = id, reason
 		return true
 	}
 	return false
@@ -309,14 +347,11 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 	if err != nil {
 		return nil, err
 	}
-	maxAttempts := t.MaxAttempts
-	if maxAttempts == 0 {
-		maxAttempts = 3
-	} else if maxAttempts < 0 {
-		maxAttempts = 1
-	}
-	if !canReplay {
-		maxAttempts = 1
+	budget := attempts{max: t.MaxAttempts}
+	if budget.max == 0 {
+		budget.max = 3
+	} else if budget.max < 0 {
+		budget.max = 1
 	}
 
 	ctx := req.Context()
@@ -392,7 +427,14 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 		if tr != nil {
 			tr.keyID, tr.keyUnit, tr.attempts = id, lease.Key().BalanceUnit, attempt
 		}
-		retry := retryable(outcome.Kind) && attempt < maxAttempts && ctx.Err() == nil
+		retry := budget.next(outcome.Kind, id, outcome.Reason) && canReplay && ctx.Err() == nil
+		release := outcome
+		if outcome.Kind == keypool.Refused {
+			// Judged by the request's fate, not by this answer alone: the
+			// key is released without penalty now, struck later if another
+			// key serves the request.
+			release = keypool.Outcome{Kind: keypool.ClientError, Reason: outcome.Reason}
+		}
 		if err != nil {
 			err = redactError(err, secret)
 		}
@@ -407,7 +449,7 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			if cancel != nil {
 				cancel(nil)
 			}
-			lease.Release(outcome)
+			lease.Release(release)
 			if retry {
 				lastErr = err
 				tried = append(tried, id)
@@ -428,7 +470,12 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 		resp.Header.Set(HeaderKeyID, id)
 		scrubHeader(resp.Header, secret)
 		if outcome.Kind == keypool.OK {
+			scrubBody(resp, secret)
 			wrapBody(resp, lease, ctx, cancel)
+			if budget.suspect != "" {
+				// Another key served what the suspect refused: one strike.
+				pool.Report(service, budget.suspect, keypool.Outcome{Kind: keypool.Refused, Reason: budget.reason})
+			}
 			return resp, nil
 		}
 		if cancel != nil {
@@ -436,7 +483,7 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			// until the body is closed.
 			resp.Body = cancelOnClose(resp.Body, cancel)
 		}
-		lease.Release(outcome)
+		lease.Release(release)
 		if retry {
 			lastResp, lastSecret = resp, secret
 			tried = append(tried, id)

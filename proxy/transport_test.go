@@ -111,7 +111,12 @@ var failScripts = []struct {
 		w.WriteHeader(401)
 		io.WriteString(w, `{"error":{"message":"Incorrect API key provided"}}`)
 	}, keypool.StateInvalid, 0},
-	{"403", func(w http.ResponseWriter, now time.Time) { w.WriteHeader(403) }, keypool.StateInvalid, 0},
+	{"403 invalid_api_key", func(w http.ResponseWriter, now time.Time) {
+		w.WriteHeader(403)
+		io.WriteString(w, `{"error":{"code":"invalid_api_key"}}`)
+	}, keypool.StateInvalid, 0},
+	// A bare 403 another key then served: one strike, still active.
+	{"bare 403", func(w http.ResponseWriter, now time.Time) { w.WriteHeader(403) }, keypool.StateActive, 0},
 	{"402", func(w http.ResponseWriter, now time.Time) { w.WriteHeader(402) }, keypool.StateExhausted, 0},
 	{"429 insufficient_quota", func(w http.ResponseWriter, now time.Time) {
 		w.WriteHeader(429)
@@ -174,7 +179,12 @@ func TestTransportFailover(t *testing.T) {
 				if st.State != fs.state {
 					t.Errorf("bad key state = %s (%s), want %s", st.State, st.Reason, fs.state)
 				}
-				if fs.state == keypool.StateActive && st.Failures != 1 {
+				switch {
+				case fs.name == "bare 403":
+					if st.Failures != 0 || st.Refusals != 1 {
+						t.Errorf("bad key failures = %d refusals = %d, want 0 and 1", st.Failures, st.Refusals)
+					}
+				case fs.state == keypool.StateActive && st.Failures != 1:
 					t.Errorf("bad key failures = %d, want 1", st.Failures)
 				}
 				if st.InFlight != 0 || keyStats(t, pool, "good").InFlight != 0 {
@@ -238,7 +248,10 @@ func TestTransportReturnsLastUpstreamAnswer(t *testing.T) {
 	}{
 		{"every key 429", 0, 429, 2, "good"},
 		{"every key 500", 0, 500, 2, "good"},
-		{"one attempt", 1, 401, 1, "bad"},
+		{"one attempt on failures", 1, 500, 1, "bad"},
+		{"key refusals spend no attempt", 1, 401, 2, "good"},
+		// The same bare 403 on a second key is the request's: returned.
+		{"every key 403", 0, 403, 2, "good"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -176,8 +176,15 @@ type ServiceSpec struct {
 	Prices map[string]meter.Price `json:"prices,omitempty" yaml:"prices,omitempty"`
 	// ModelsEnabled lists the models clients may call; kept as stored
 	// when empty.
-	ModelsEnabled []string  `json:"models_enabled,omitempty" yaml:"models_enabled,omitempty"`
-	Keys          []KeySpec `json:"keys,omitempty" yaml:"keys,omitempty"`
+	ModelsEnabled []string `json:"models_enabled,omitempty" yaml:"models_enabled,omitempty"`
+	// RetryAfterCap, ConfirmRefusals, MinActiveKeys and MaxEjectionPercent
+	// are the service's key policy (store.KeyPolicy, as in POST
+	// /admin/services); zero means the default.
+	RetryAfterCap      int       `json:"retry_after_cap,omitempty" yaml:"retry_after_cap,omitempty"`
+	ConfirmRefusals    int       `json:"confirm_refusals,omitempty" yaml:"confirm_refusals,omitempty"`
+	MinActiveKeys      int       `json:"min_active_keys,omitempty" yaml:"min_active_keys,omitempty"`
+	MaxEjectionPercent int       `json:"max_ejection_percent,omitempty" yaml:"max_ejection_percent,omitempty"`
+	Keys               []KeySpec `json:"keys,omitempty" yaml:"keys,omitempty"`
 }
 
 // KeySpec is an upstream key declared in the configuration file. Write its
@@ -395,6 +402,9 @@ func (s *ServiceSpec) validate() error {
 	}
 	if _, err := json.Marshal(s.Prices); err != nil {
 		return fmt.Errorf("service %q: prices: %w", s.Name, err)
+	}
+	if err := s.keyPolicy().Validate(); err != nil {
+		return fmt.Errorf("service %q: %w", s.Name, err)
 	}
 	for j, k := range s.Keys {
 		if k.KeyValue.IsZero() {

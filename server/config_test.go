@@ -171,6 +171,10 @@ services:
     auth_scheme: bearer
     rate_limit_rpm: ${PORT_RPM}
     proxy_headers: {OpenAI-Beta: "assistants=v2"}
+    retry_after_cap: 1800
+    confirm_refusals: 4
+    min_active_keys: 1
+    max_ejection_percent: 30
     keys:
       - key_value: ${OPENAI_KEY_1}
         labels: {tier: pro}
@@ -195,6 +199,9 @@ external:
 	}
 	if len(cfg.Services) != 2 || cfg.Services[0].RateLimitRPM != 90 || cfg.Services[0].ProxyHeaders["OpenAI-Beta"] != "assistants=v2" {
 		t.Fatalf("services: %+v", cfg.Services)
+	}
+	if s := cfg.Services[0]; s.RetryAfterCap != 1800 || s.ConfirmRefusals != 4 || s.MinActiveKeys != 1 || s.MaxEjectionPercent != 30 {
+		t.Errorf("key policy: %+v", s)
 	}
 	if got := cfg.Services[0].Keys[0].KeyValue.Reveal(); got != env["OPENAI_KEY_1"] {
 		t.Errorf("key 1 = %q", got)
@@ -222,6 +229,9 @@ external:
 		{"bad scheme", "services: [{name: a, base_url: 'http://x', auth_scheme: weird}]", "auth_scheme"},
 		{"bad url", "services: [{name: a, base_url: 'ftp://x'}]", "base_url"},
 		{"empty key", "services: [{name: a, base_url: 'http://x', keys: [{key_value: ''}]}]", "key_value is empty"},
+		{"ejection over 100", "services: [{name: a, base_url: 'http://x', max_ejection_percent: 101}]", "max_ejection_percent must be 0 to 100"},
+		{"negative floor", "services: [{name: a, base_url: 'http://x', min_active_keys: -1}]", "min_active_keys"},
+		{"unknown policy field", "services: [{name: a, base_url: 'http://x', retry_after_caps: 5}]", "retry_after_caps"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg, err := server.ParseConfig([]byte(tc.doc), lookup)
@@ -258,12 +268,15 @@ func TestSecretURLRedacts(t *testing.T) {
 
 func TestDeclaredServicesApplied(t *testing.T) {
 	up := newUpstream(t, okJSON)
-	spec := server.ServiceSpec{Name: "groq", BaseURL: up.URL, AuthScheme: "bearer",
+	spec := server.ServiceSpec{Name: "groq", BaseURL: up.URL, AuthScheme: "bearer", RetryAfterCap: 120, MaxEjectionPercent: 20,
 		Keys: []server.KeySpec{{KeyValue: keyA}, {KeyValue: keyB, Weight: 2}}}
 	var dbPath string
 	k := startKP(t, func(c *server.Config) { c.Services = []server.ServiceSpec{spec}; dbPath = c.Database.Reveal() })
 	if got, _ := k.srv.Pool().Stats("groq"); len(got) != 2 {
 		t.Fatalf("declared keys in the pool: %d", len(got))
+	}
+	if ps, _ := k.srv.Pool().Service("groq"); ps.RetryAfterCap != 2*time.Minute || ps.MaxEjectionPercent != 20 {
+		t.Errorf("declared key policy in the pool: %v %d", ps.RetryAfterCap, ps.MaxEjectionPercent)
 	}
 	team := k.addTeam("t", nil)
 	tok := k.addToken(team, nil)

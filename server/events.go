@@ -29,6 +29,14 @@ func (s *Server) onEvent(e keypool.Event) {
 	}
 }
 
+// onHold is the pool's OnHold hook: a key kept in rotation against the
+// evidence (the min_active_keys floor, the max_ejection_percent cap) is
+// logged and counted.
+func (s *Server) onHold(h keypool.Hold) {
+	s.metrics.holds.WithLabelValues(h.Service, h.Kind).Inc()
+	s.log.Warn("key kept in rotation", "service", h.Service, "key_id", h.KeyID, "kind", h.Kind, "reason", h.Reason)
+}
+
 // persistent reports whether a state change must survive a restart: a key
 // found invalid, or exhausted with no known reset. Transient states
 // (cooling, breaker open) live in the pool only. Keys of an external

@@ -166,6 +166,12 @@ func validEnvName(n string) bool {
 	return true
 }
 
+// keyPolicy returns the spec's key policy fields.
+func (sp *ServiceSpec) keyPolicy() store.KeyPolicy {
+	return store.KeyPolicy{RetryAfterCap: sp.RetryAfterCap, ConfirmRefusals: sp.ConfirmRefusals,
+		MinActiveKeys: sp.MinActiveKeys, MaxEjectionPercent: sp.MaxEjectionPercent}
+}
+
 // applyServices creates or updates the services declared in the
 // configuration and adds their keys. A key whose value its service
 // already holds is left as it is.
@@ -175,6 +181,7 @@ func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, log
 			Name: sp.Name, DisplayName: sp.DisplayName, BaseURL: sp.BaseURL,
 			AuthScheme: sp.AuthScheme, RateLimitRPM: sp.RateLimitRPM, MaxInFlight: sp.MaxInFlight,
 			ProxyHeaders: sp.ProxyHeaders, Selector: sp.Selector, ExternalName: sp.ExternalName,
+			KeyPolicy: sp.keyPolicy(),
 		}
 		if rec.AuthScheme == "" {
 			rec.AuthScheme = "bearer"

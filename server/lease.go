@@ -181,6 +181,13 @@ func (s *Server) serveLease(w http.ResponseWriter, r *http.Request) error {
 	}
 	l, err := s.pool.Acquire(service, keypool.Request{Feature: feature})
 	if err != nil {
+		var ue *keypool.UnavailableError
+		if errors.As(err, &ue) {
+			s.metrics.leases.WithLabelValues(service, httpx.CodeUpstreamUnavailable).Inc()
+			e := httpx.Errorf(http.StatusServiceUnavailable, httpx.CodeUpstreamUnavailable, "upstream of service %q unavailable (%s)", service, ue.Reason)
+			e.RetryAfter = ue.RetryAfter
+			return e
+		}
 		var nk *keypool.NoKeyError
 		if errors.As(err, &nk) {
 			s.metrics.leases.WithLabelValues(service, httpx.CodeNoKeyAvailable).Inc()

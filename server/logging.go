@@ -14,6 +14,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/keypool/keypool/proxy"
 )
 
 // newLogger builds the server's logger from its settings.
@@ -62,18 +64,34 @@ func infoFrom(ctx context.Context) *reqInfo {
 	return ri
 }
 
-// validRequestID accepts a client's id when it is short and plain.
+// validRequestID accepts a client's id when it is a sane id: 1 to 128 of
+// A-Z a-z 0-9 . _ : - (no spaces, quotes, slashes or anything a log
+// reader or an upstream could misread).
 func validRequestID(s string) bool {
 	if s == "" || len(s) > 128 {
 		return false
 	}
 	for i := 0; i < len(s); i++ {
 		c := s[i]
-		if c <= ' ' || c > '~' || c == '"' || c == '\\' {
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == ':' || c == '-') {
 			return false
 		}
 	}
 	return true
+}
+
+// clientRequestID returns the client's X-Request-Id when it is a sane id
+// that does not hold the credential the request carries (a client that
+// sent its token there would have it logged, stored and forwarded), or "".
+func clientRequestID(r *http.Request) string {
+	id := r.Header.Get(RequestIDHeader)
+	if !validRequestID(id) {
+		return ""
+	}
+	if cred, _ := proxy.Credential(r); cred != "" && (strings.Contains(id, cred) || strings.Contains(cred, id) && len(id) >= 8) {
+		return ""
+	}
+	return id
 }
 
 // idPrefix makes request ids unique across processes; a counter makes
@@ -200,8 +218,8 @@ func (s *Server) closeHijacked() int {
 func (s *Server) observe(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
-		id := r.Header.Get(RequestIDHeader)
-		if !validRequestID(id) {
+		id := clientRequestID(r)
+		if id == "" {
 			id = newRequestID()
 			r.Header.Set(RequestIDHeader, id)
 		}
@@ -218,6 +236,9 @@ func (s *Server) observe(h http.Handler) http.Handler {
 			}
 			if p := recover(); p != nil {
 				if p == http.ErrAbortHandler {
+					if r.Context().Err() != nil {
+						sw.status = 499 // the client went away mid-response
+					}
 					s.access(r, sw, ri, id, start)
 					panic(p)
 				}
@@ -244,7 +265,7 @@ func (s *Server) access(r *http.Request, sw *statusWriter, ri *reqInfo, id strin
 	attrs = append(attrs,
 		slog.String("request_id", id),
 		slog.String("method", r.Method),
-		slog.String("path", safePath(r.URL.Path)),
+		slog.String("path", safePath(redactCredential(r, r.URL.Path))),
 		slog.Int("status", status),
 		slog.Int64("bytes", sw.bytes),
 		slog.Float64("duration_ms", float64(time.Since(start).Microseconds())/1000),
@@ -269,6 +290,16 @@ func (s *Server) access(r *http.Request, sw *statusWriter, ri *reqInfo, id strin
 		attrs = append(attrs, slog.Int("retries", ri.retries))
 	}
 	s.log.LogAttrs(context.Background(), slog.LevelInfo, "request", attrs...)
+}
+
+// redactCredential returns s with the credential r carries replaced: a
+// client that put its token in the path (refused by the proxy) must not
+// have it logged.
+func redactCredential(r *http.Request, s string) string {
+	if cred, _ := proxy.Credential(r); len(cred) >= 8 && strings.Contains(s, cred) {
+		return strings.ReplaceAll(s, cred, proxy.Redacted)
+	}
+	return s
 }
 
 // safePath bounds a logged path. Paths are not expected to hold secrets;

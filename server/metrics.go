@@ -22,6 +22,7 @@ type metrics struct {
 	retries           *prometheus.CounterVec   // service
 	cooldowns         *prometheus.CounterVec   // service, key_id
 	stateChanges      *prometheus.CounterVec   // service, state
+	holds             *prometheus.CounterVec   // service, kind
 	limiterRejections *prometheus.CounterVec   // scope
 	leases            *prometheus.CounterVec   // service, result
 	reports           *prometheus.CounterVec   // outcome
@@ -63,6 +64,10 @@ func newMetrics(pool *keypool.Pool, usageDropped func() float64) *metrics {
 		Name: "keypool_key_cooldowns_total",
 		Help: "Times a key started cooling down after an upstream 429.",
 	}, []string{"service", "key_id"})
+	m.holds = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "keypool_key_holds_total",
+		Help: "Times a key was kept in rotation against the evidence, by kind: floor (confirmed refusals would cross min_active_keys) or ejection_cap (a breaker trip beyond max_ejection_percent).",
+	}, []string{"service", "kind"})
 	m.stateChanges = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "keypool_key_state_changes_total",
 		Help: "Key state transitions by the state entered.",
@@ -106,7 +111,7 @@ func newMetrics(pool *keypool.Pool, usageDropped func() float64) *metrics {
 	m.reg.MustRegister(
 		m.budgetWarnings, m.budgetRejections, m.meteredTokens, m.meteredCost,
 		m.requests, m.upstreamLatency, m.requestLatency, m.retries, m.cooldowns,
-		m.stateChanges, m.limiterRejections, m.leases, m.reports,
+		m.stateChanges, m.holds, m.limiterRejections, m.leases, m.reports,
 		m.usageDropped, m.eventsDropped,
 		&keyCollector{pool: pool},
 		collectors.NewGoCollector(),

@@ -92,6 +92,7 @@ import (
 	"os"
 	"reflect"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -238,7 +239,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		}
 	}
 
-	s.pool, err = keypool.New(keypool.Config{OnEvent: s.onEvent})
+	s.pool, err = keypool.New(keypool.Config{OnEvent: s.onEvent, OnHold: s.onHold})
 	if err != nil {
 		return nil, err
 	}
@@ -440,7 +441,17 @@ func (s *Server) routes() http.Handler {
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, httpx.Errorf(http.StatusNotFound, httpx.CodeNotFound, "no endpoint %s; the proxy serves /v1/{service}/...", safePath(r.URL.Path)))
 	})
-	return mux
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// Proxy paths bypass ServeMux, which would answer a path with dot
+		// or empty segments with a redirect to its cleaned form: the
+		// proxy refuses those with a 400 JSON error, as it does their
+		// encoded forms.
+		if strings.HasPrefix(r.URL.Path, "/v1/") {
+			s.serveV1(w, r)
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
 }
 
 // Run listens on [Config.Listen] and serves until ctx is done, then shuts

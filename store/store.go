@@ -12,6 +12,7 @@ package store
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/keypool/keypool"
@@ -87,8 +88,52 @@ type Service struct {
 	// detected per request from the base URL and path.
 	LLMFamily string `json:"llm_family,omitempty"`
 	Limits
+	KeyPolicy
 	CreatedAt time.Time `json:"created_at"`
 	UpdatedAt time.Time `json:"updated_at"`
+}
+
+// KeyPolicy is how a service's pool judges its keys (see
+// [keypool.Service]); a zero field takes the default.
+type KeyPolicy struct {
+	// RetryAfterCap caps the wait a 429's Retry-After imposes on a key, in
+	// seconds; longer values are clamped to it. 0: 3600.
+	RetryAfterCap int `json:"retry_after_cap,omitempty"`
+	// ConfirmRefusals is how many ambiguous refusals (a bare 403 another
+	// key then served), from distinct requests with no success between,
+	// make a key invalid. 0: 3.
+	ConfirmRefusals int `json:"confirm_refusals,omitempty"`
+	// MinActiveKeys is the floor of keys in rotation that confirmed
+	// refusals may not cross. 0: half the service's keys, rounded up.
+	MinActiveKeys int `json:"min_active_keys,omitempty"`
+	// MaxEjectionPercent is the largest share of keys the breaker ejects
+	// at once (1–100). 0: 50.
+	MaxEjectionPercent int `json:"max_ejection_percent,omitempty"`
+}
+
+// MaxRetryAfterCap is the largest KeyPolicy.RetryAfterCap accepted, in
+// seconds: 7 days.
+const MaxRetryAfterCap = 7 * 24 * 3600
+
+// Validate reports the first field out of range, naming it as the admin
+// API does; the error wraps [ErrInvalid].
+func (p KeyPolicy) Validate() error {
+	for _, f := range []struct {
+		v      int
+		name   string
+		hi     int
+		zeroIs string
+	}{
+		{p.RetryAfterCap, "retry_after_cap", MaxRetryAfterCap, "seconds; 0 means 3600"},
+		{p.ConfirmRefusals, "confirm_refusals", 100, "0 means 3"},
+		{p.MinActiveKeys, "min_active_keys", 100000, "0 means half the keys, rounded up"},
+		{p.MaxEjectionPercent, "max_ejection_percent", 100, "0 means 50"},
+	} {
+		if f.v < 0 || f.v > f.hi {
+			return fmt.Errorf("%w: %s must be 0 to %d (%s), got %d", ErrInvalid, f.name, f.hi, f.zeroIs, f.v)
+		}
+	}
+	return nil
 }
 
 // Key is an upstream credential as stored. Secret holds the plaintext in

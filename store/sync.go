@@ -631,6 +631,11 @@ func ToPool(svc Service, keys []Key) (keypool.Service, []keypool.Key, error) {
 		MaxInFlight:  svc.MaxInFlight,
 		Selector:     sel,
 		Headers:      maps.Clone(svc.ProxyHeaders),
+
+		RetryAfterCap:      time.Duration(svc.RetryAfterCap) * time.Second,
+		ConfirmRefusals:    svc.ConfirmRefusals,
+		MinActiveKeys:      svc.MinActiveKeys,
+		MaxEjectionPercent: svc.MaxEjectionPercent,
 	}
 	pk := make([]keypool.Key, len(keys))
 	for i, k := range keys {

@@ -696,6 +696,7 @@ func TestToPool(t *testing.T) {
 		Name: "svc", BaseURL: "https://api.example", AuthScheme: "header:x-goog-api-key",
 		RateLimitRPM: 60, MaxInFlight: 4, Selector: "weighted",
 		ProxyHeaders: map[string]string{"Cartesia-Version": "2024-06-10"},
+		KeyPolicy:    KeyPolicy{RetryAfterCap: 900, ConfirmRefusals: 5, MinActiveKeys: 2, MaxEjectionPercent: 25},
 	}
 	k := Key{
 		ID: "k1", Service: "svc", Secret: "s3cret", Weight: 3, Priority: 2, RateLimitRPM: 30, MaxInFlight: 2,
@@ -709,6 +710,9 @@ func TestToPool(t *testing.T) {
 	if ps.Name != "svc" || ps.BaseURL != base.BaseURL || ps.RateLimitRPM != 60 || ps.MaxInFlight != 4 ||
 		ps.Auth.Name() != "header:x-goog-api-key" || ps.Headers["Cartesia-Version"] != "2024-06-10" {
 		t.Errorf("service = %+v", ps)
+	}
+	if ps.RetryAfterCap != 15*time.Minute || ps.ConfirmRefusals != 5 || ps.MinActiveKeys != 2 || ps.MaxEjectionPercent != 25 {
+		t.Errorf("key policy = %v %d %d %d", ps.RetryAfterCap, ps.ConfirmRefusals, ps.MinActiveKeys, ps.MaxEjectionPercent)
 	}
 	if _, ok := ps.Selector.(keypool.Weighted); !ok {
 		t.Errorf("selector = %T", ps.Selector)

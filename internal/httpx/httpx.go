@@ -4,6 +4,7 @@
 package httpx
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -27,6 +28,7 @@ const (
 	CodeNoKeyAvailable      = "no_key_available"
 	CodeBudgetExceeded      = "budget_exceeded"
 	CodeUpstreamUnreachable = "upstream_unreachable"
+	CodeUpstreamUnavailable = "upstream_unavailable"
 	CodeUpstreamTimeout     = "upstream_timeout"
 	CodeInternal            = "internal_error"
 	CodeUnavailable         = "unavailable"
@@ -96,7 +98,9 @@ func WriteError(w http.ResponseWriter, err error) {
 	h.Set("X-Content-Type-Options", "nosniff")
 	h.Del("Content-Length")
 	w.WriteHeader(e.Status)
-	_ = json.NewEncoder(w).Encode(b)
+	enc := json.NewEncoder(w)
+	enc.SetEscapeHTML(false) // messages quote "<name>" as written
+	_ = enc.Encode(b)
 }
 
 // WriteJSON writes v as JSON with the status.
@@ -112,9 +116,11 @@ func WriteJSON(w http.ResponseWriter, status int, v any) {
 const DefaultMaxJSON = 1 << 20
 
 // DecodeJSON decodes exactly one JSON value from r's body into dst,
-// rejecting unknown fields, trailing data, a wrong Content-Type and bodies
-// over max bytes (zero: 1 MiB). Its errors are *Error values naming the
-// problem (413 request_too_large, 400 bad_request).
+// rejecting unknown fields, fields given twice at the same level (in any
+// letter case, as encoding/json matches them; the last would win
+// silently), trailing data, a wrong Content-Type and bodies over max bytes
+// (zero: 1 MiB). Its errors are *Error values naming the problem (413
+// request_too_large, 400 bad_request).
 func DecodeJSON(w http.ResponseWriter, r *http.Request, dst any, max int64) error {
 	if max <= 0 {
 		max = DefaultMaxJSON
@@ -122,7 +128,25 @@ func DecodeJSON(w http.ResponseWriter, r *http.Request, dst any, max int64) erro
 	if ct := r.Header.Get("Content-Type"); ct != "" && !strings.HasPrefix(strings.ToLower(ct), "application/json") {
 		return Errorf(http.StatusBadRequest, CodeBadRequest, "Content-Type must be application/json, not %q", ct)
 	}
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, max))
+	data, err := io.ReadAll(http.MaxBytesReader(w, r.Body, max))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return jsonError(err, max)
+		}
+		return Errorf(http.StatusBadRequest, CodeBadRequest, "reading the request body failed")
+	}
+	if err := decodeStrict(data, dst, max); err != nil {
+		return err
+	}
+	if name := DuplicateField(data); name != "" {
+		return Errorf(http.StatusBadRequest, CodeBadRequest, "field %q appears more than once", name)
+	}
+	return nil
+}
+
+func decodeStrict(data []byte, dst any, max int64) error {
+	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(dst); err != nil {
 		return jsonError(err, max)
@@ -136,6 +160,55 @@ func DecodeJSON(w http.ResponseWriter, r *http.Request, dst any, max int64) erro
 		return Errorf(http.StatusBadRequest, CodeBadRequest, "request body must hold a single JSON value")
 	}
 	return nil
+}
+
+// DuplicateField returns the path (a.b[2].c) of the first object member of
+// the JSON document data whose name appeared before in the same object,
+// compared without regard to case as encoding/json matches struct fields;
+// "" when there is none or data is not valid JSON.
+func DuplicateField(data []byte) string {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	name, _ := duplicateIn(dec, "")
+	return name
+}
+
+func duplicateIn(dec *json.Decoder, path string) (string, error) {
+	tok, err := dec.Token()
+	if err != nil {
+		return "", err
+	}
+	switch tok {
+	case json.Delim('{'):
+		seen := map[string]bool{}
+		for dec.More() {
+			kt, err := dec.Token()
+			if err != nil {
+				return "", err
+			}
+			k, _ := kt.(string)
+			p := k
+			if path != "" {
+				p = path + "." + k
+			}
+			lk := strings.ToLower(k)
+			if seen[lk] {
+				return p, nil
+			}
+			seen[lk] = true
+			if name, err := duplicateIn(dec, p); name != "" || err != nil {
+				return name, err
+			}
+		}
+		_, err = dec.Token()
+	case json.Delim('['):
+		for i := 0; dec.More(); i++ {
+			if name, err := duplicateIn(dec, path+"["+strconv.Itoa(i)+"]"); name != "" || err != nil {
+				return name, err
+			}
+		}
+		_, err = dec.Token()
+	}
+	return "", err
 }
 
 func jsonError(err error, max int64) *Error {

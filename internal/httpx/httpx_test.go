@@ -12,8 +12,12 @@ import (
 
 func TestDecodeJSON(t *testing.T) {
 	type dst struct {
-		Name  string `json:"name"`
-		Count int    `json:"count"`
+		Name  string         `json:"name"`
+		Count int            `json:"count"`
+		Tags  map[string]any `json:"tags"`
+		List  []struct {
+			A int `json:"a"`
+		} `json:"list"`
 	}
 	tests := []struct {
 		name, body, ctype string
@@ -32,6 +36,11 @@ func TestDecodeJSON(t *testing.T) {
 		{"trailing data", `{"name":"a"} {"name":"b"}`, "", 0, 400, "single JSON value"},
 		{"too large", `{"name":"` + strings.Repeat("x", 100) + `"}`, "", 50, 413, "larger than 50 bytes"},
 		{"wrong content type", `name=a`, "application/x-www-form-urlencoded", 0, 400, "Content-Type"},
+		{"duplicate field", `{"name":"a","name":"b"}`, "", 0, 400, `field "name" appears more than once`},
+		{"duplicate field other case", `{"name":"a","NAME":"b"}`, "", 0, 400, `field "NAME" appears more than once`},
+		{"duplicate nested field", `{"name":"a","tags":{"x":1,"y":{"z":1,"z":2}}}`, "", 0, 400, `field "tags.y.z" appears more than once`},
+		{"duplicate in array element", `{"list":[{"a":1},{"a":1,"a":2}]}`, "", 0, 400, `field "list[1].a" appears more than once`},
+		{"same name at different levels", `{"name":"a","tags":{"name":"b"}}`, "", 0, 0, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -75,5 +84,15 @@ func TestWriteError(t *testing.T) {
 	WriteError(rec, errors.New("dial tcp: secret-host sk-live-123"))
 	if rec.Code != http.StatusInternalServerError || strings.Contains(rec.Body.String(), "sk-live") {
 		t.Fatalf("internal error leaked: %d %s", rec.Code, rec.Body)
+	}
+}
+
+// TestWriteErrorKeepsAngleBrackets: messages quote user input such as
+// "<name>"; they read as written, not as \u003c (issue 14).
+func TestWriteErrorKeepsAngleBrackets(t *testing.T) {
+	rec := httptest.NewRecorder()
+	WriteError(rec, Errorf(400, CodeBadRequest, "want header:<Name> & query:<name>"))
+	if body := rec.Body.String(); !strings.Contains(body, `want header:<Name> & query:<name>`) {
+		t.Errorf("body %s", body)
 	}
 }

@@ -123,7 +123,10 @@ var migrations = []migration{
 	{3, "service llm_family", []string{
 		`ALTER TABLE services ADD COLUMN llm_family TEXT NOT NULL DEFAULT ''`,
 	}},
-	{4, "usage record ids: a record is stored once", []string{
+	{4, "service key_policy (retry_after_cap, confirm_refusals, min_active_keys, max_ejection_percent as JSON)", []string{
+		`ALTER TABLE services ADD COLUMN key_policy TEXT NOT NULL DEFAULT ''`,
+	}},
+	{5, "usage record ids: a record is stored once", []string{
 		// NULL for rows written before: NULLs never conflict.
 		`ALTER TABLE usage_records ADD COLUMN record_id TEXT`,
 		`CREATE UNIQUE INDEX usage_record_id ON usage_records (record_id)`,

@@ -25,6 +25,7 @@ type serviceRow struct {
 	Prices       string    `gorm:"column:prices"`
 	LLMFamily    string    `gorm:"column:llm_family"`
 	Limits       string    `gorm:"column:limits"`
+	KeyPolicy    string    `gorm:"column:key_policy"`
 	CreatedAt    time.Time `gorm:"column:created_at;autoCreateTime:false"`
 	UpdatedAt    time.Time `gorm:"column:updated_at;autoUpdateTime:false"`
 }
@@ -162,6 +163,9 @@ func serviceToRow(s *store.Service) (serviceRow, error) {
 	if r.Limits, err = encodeLimits(s.Limits); err != nil {
 		return r, err
 	}
+	if r.KeyPolicy, err = encodeJSON(s.KeyPolicy, s.KeyPolicy == store.KeyPolicy{}); err != nil {
+		return r, err
+	}
 	return r, nil
 }
 
@@ -177,6 +181,9 @@ func serviceFromRow(r *serviceRow) (store.Service, error) {
 	}
 	if err := decodeJSON(r.Limits, &s.Limits); err != nil {
 		return s, fmt.Errorf("service %q limits: %w", r.Name, err)
+	}
+	if err := decodeJSON(r.KeyPolicy, &s.KeyPolicy); err != nil {
+		return s, fmt.Errorf("service %q key_policy: %w", r.Name, err)
 	}
 	return s, nil
 }

@@ -103,7 +103,8 @@ func testServices(t *testing.T, s store.Store) {
 		Name: "openai", DisplayName: "OpenAI", BaseURL: "https://api.openai.com", AuthScheme: "bearer",
 		RateLimitRPM: 60, MaxInFlight: 4, ProxyHeaders: map[string]string{"Cartesia-Version": "2024-06-10"},
 		Selector: "round_robin", ExternalName: "openai-ext", Prices: `{"gpt-4o":{"in":2.5}}`, LLMFamily: "openai",
-		Limits: store.Limits{RPMLimit: 100, LimitCostDayBlock: 12.5, ModelsEnabled: []string{"gpt-4o"}},
+		Limits:    store.Limits{RPMLimit: 100, LimitCostDayBlock: 12.5, ModelsEnabled: []string{"gpt-4o"}},
+		KeyPolicy: store.KeyPolicy{RetryAfterCap: 600, ConfirmRefusals: 4, MinActiveKeys: 2, MaxEjectionPercent: 30},
 	}
 	must(t, s.CreateService(ctx, &sv))
 	if sv.CreatedAt.IsZero() || sv.UpdatedAt.IsZero() {
@@ -116,7 +117,8 @@ func testServices(t *testing.T, s store.Store) {
 	if got.DisplayName != sv.DisplayName || got.BaseURL != sv.BaseURL || got.RateLimitRPM != 60 || got.MaxInFlight != 4 ||
 		got.ProxyHeaders["Cartesia-Version"] != "2024-06-10" || got.Selector != "round_robin" ||
 		got.ExternalName != "openai-ext" || got.Prices != sv.Prices || got.LLMFamily != "openai" || got.Limits.RPMLimit != 100 ||
-		got.Limits.LimitCostDayBlock != 12.5 || !slices.Equal(got.ModelsEnabled, []string{"gpt-4o"}) {
+		got.Limits.LimitCostDayBlock != 12.5 || !slices.Equal(got.ModelsEnabled, []string{"gpt-4o"}) ||
+		got.KeyPolicy != sv.KeyPolicy {
 		t.Fatalf("GetService = %+v, want %+v", got, sv)
 	}
 
@@ -131,8 +133,13 @@ func testServices(t *testing.T, s store.Store) {
 	wantErr(t, "empty name", s.CreateService(ctx, &store.Service{}), store.ErrInvalid)
 
 	got.DisplayName, got.RateLimitRPM, got.ProxyHeaders = "OpenAI 2", 120, nil
+	got.KeyPolicy.MinActiveKeys = 3
 	must(t, s.UpdateService(ctx, &got))
 	got2, err := s.GetService(ctx, "openai")
+	must(t, err)
+	if got2.KeyPolicy.MinActiveKeys != 3 || got2.KeyPolicy.RetryAfterCap != 600 {
+		t.Fatalf("UpdateService key policy: %+v", got2.KeyPolicy)
+	}
 	must(t, err)
 	if got2.DisplayName != "OpenAI 2" || got2.RateLimitRPM != 120 || len(got2.ProxyHeaders) != 0 {
 		t.Fatalf("after update: %+v", got2)

@@ -22,8 +22,13 @@ import (
 // before ServeHTTP returns.
 type call struct {
 	principal *auth.Principal
+	service   string
 	usage     meter.Usage
 	metered   bool
+	// rec is the request's usage record from the upstream's answer on:
+	// provisional (journaled with the estimate) until OnDone completes it.
+	rec  store.UsageRecord
+	prov bool
 
 	// Set by prepare, for metered requests.
 	family  meter.Family
@@ -159,7 +164,7 @@ func (s *Server) authorize(r *http.Request, service, cred string) (*http.Request
 		}
 		return nil, err
 	}
-	return r.WithContext(context.WithValue(r.Context(), callKey{}, &call{principal: p})), nil
+	return r.WithContext(context.WithValue(r.Context(), callKey{}, &call{principal: p, service: service})), nil
 }
 
 // onAttempt feeds the per-attempt metrics.
@@ -185,6 +190,19 @@ func (s *Server) modifyResponse(resp *http.Response) error {
 	}
 	if c.warning != "" {
 		resp.Header.Set(HeaderBudgetWarning, c.warning)
+	}
+	if keyID := resp.Header.Get(proxy.HeaderKeyID); keyID != "" && !c.prov {
+		// The upstream answered: journal a provisional record now, so a
+		// crash while the answer is relayed still leaves one (charged the
+		// admission estimate, as a cut stream is).
+		c.rec = store.UsageRecord{Time: s.now().UTC(), RequestID: RequestID(resp.Request.Context()), TeamID: c.principal.Team.ID,
+			TokenID: c.principal.Token.ID, Service: c.service, KeyID: keyID, Model: c.model, Status: resp.StatusCode,
+			TokensIn: c.estIn, TokensOut: c.estOut, Cost: c.estCost}
+		if c.family == meter.FamilyNone || (c.model == "" && c.estIn == 0) {
+			c.rec.TokensIn, c.rec.TokensOut, c.rec.Cost = 0, 0, 0
+		}
+		c.prov = true
+		s.usage.Provisional(&c.rec)
 	}
 	if c.family == meter.FamilyNone || resp.StatusCode < 200 || resp.StatusCode > 299 {
 		return nil
@@ -229,6 +247,9 @@ func (s *Server) onProxyDone(r *http.Request, res proxy.Result) {
 	u, cost := chargedUsage(c, res)
 	tokens := float64(max(u.InputTokens, 0) + max(u.OutputTokens, 0))
 	s.settle(c, tokens, cost, now)
+	if res.KeyID == "" && c.prov {
+		res.KeyID = c.rec.KeyID // an answer arrived: its provisional record is completed
+	}
 	if res.KeyID == "" {
 		return
 	}
@@ -239,18 +260,17 @@ func (s *Server) onProxyDone(r *http.Request, res proxy.Result) {
 		m.cost.Add(cost)
 	}
 	spent := s.chargeKey(res.Service, res.KeyID, res.BalanceUnit, res.Status, tokens, cost)
-	rec := store.UsageRecord{
-		KeySpend:  spent,
-		Time:      now.UTC(),
-		RequestID: RequestID(r.Context()),
-		TeamID:    c.principal.Team.ID,
-		TokenID:   c.principal.Token.ID,
-		Service:   res.Service,
-		KeyID:     res.KeyID,
-		Status:    res.Status,
-		LatencyMS: res.Duration.Milliseconds(),
-	}
+	// Complete the provisional record (same ID) or start a new one; every
+	// field is set here.
+	rec := c.rec
+	rec.KeySpend = spent
+	rec.Time = now.UTC()
+	rec.RequestID = RequestID(r.Context())
+	rec.TeamID, rec.TokenID = c.principal.Team.ID, c.principal.Token.ID
+	rec.Service, rec.KeyID, rec.Status = res.Service, res.KeyID, res.Status
+	rec.LatencyMS = res.Duration.Milliseconds()
 	rec.Model = c.model
+	rec.TokensIn, rec.TokensOut, rec.CachedTokens, rec.Cost = 0, 0, 0, 0
 	if u.Found {
 		if u.Model != "" {
 			rec.Model = u.Model

@@ -234,7 +234,7 @@ func (j *Journal) remove(s *segment) {
 
 // encodeRecord returns the journal line of rec.
 func encodeRecord(rec *UsageRecord) ([]byte, error) {
-	return appendRecordLine(nil, rec), nil
+	return appendRecordLine(nil, rec, false), nil
 }
 
 // lineBufs recycles encoding buffers: Append runs once per request.
@@ -242,9 +242,18 @@ var lineBufs = sync.Pool{New: func() any { b := make([]byte, 0, 512); return &b 
 
 // Append writes rec to the journal (to the operating system, before it
 // returns) and notes on rec which segment holds it, for [Journal.Done].
-func (j *Journal) Append(rec *UsageRecord) error {
+func (j *Journal) Append(rec *UsageRecord) error { return j.append(rec, false) }
+
+// AppendProvisional writes a provisional line for rec: what is known of a
+// request when the upstream's answer arrives (its key, status and the
+// admission estimate), replayed only if the process dies before the final
+// record with the same ID is appended. The line counts as a record of its
+// segment until [UsageWriter.Add] appends the final one and marks it done.
+func (j *Journal) AppendProvisional(rec *UsageRecord) error { return j.append(rec, true) }
+
+func (j *Journal) append(rec *UsageRecord, provisional bool) error {
 	bp := lineBufs.Get().(*[]byte)
-	line := appendRecordLine((*bp)[:0], rec)
+	line := appendRecordLine((*bp)[:0], rec, provisional)
 	defer func() {
 		if cap(line) <= 64<<10 {
 			*bp = line
@@ -278,7 +287,11 @@ func (j *Journal) Append(rec *UsageRecord) error {
 	j.failed = false
 	j.cur.appended++
 	j.dirty = true
-	rec.seg = j.cur.seq
+	if provisional {
+		rec.pseg = j.cur.seq
+	} else {
+		rec.seg = j.cur.seq
+	}
 	return nil
 }
 
@@ -486,25 +499,27 @@ func replayDir(ctx context.Context, dir, self string, dst UsageAppender, log *sl
 	return st, errors.Join(errs...)
 }
 
-// replayFiles appends the records of files to dst in batches.
+// replayFiles appends the records of files to dst in batches: each
+// final record, and the provisional record of a request whose final
+// record was never written (the process died while relaying its answer).
 func replayFiles(ctx context.Context, files []string, dst UsageAppender) (n, torn int, err error) {
-	batch := make([]UsageRecord, 0, replayBatch)
-	flush := func() error {
-		if len(batch) == 0 {
-			return nil
-		}
-		if err := dst.AppendUsage(ctx, batch); err != nil {
-			return err
-		}
-		n += len(batch)
-		batch = batch[:0]
-		return nil
-	}
+	var recs []UsageRecord
+	at := map[string]int{} // id → index in recs
+	final := map[string]bool{}
 	for _, path := range files {
-		t, err := readSegment(path, func(rec UsageRecord) error {
-			batch = append(batch, rec)
-			if len(batch) == replayBatch {
-				return flush()
+		t, err := readSegment(path, func(rec UsageRecord, provisional bool) error {
+			i, seen := at[rec.ID]
+			switch {
+			case rec.ID == "" || !seen:
+				at[rec.ID] = len(recs)
+				recs = append(recs, rec)
+			case !provisional && !final[rec.ID]:
+				recs[i] = rec
+			default:
+				return nil
+			}
+			if !provisional {
+				final[rec.ID] = true
 			}
 			return nil
 		})
@@ -513,12 +528,21 @@ func replayFiles(ctx context.Context, files []string, dst UsageAppender) (n, tor
 			return n, torn, err
 		}
 	}
-	return n, torn, flush()
+	for len(recs) > 0 {
+		k := min(len(recs), replayBatch)
+		if err := dst.AppendUsage(ctx, recs[:k]); err != nil {
+			return n, torn, err
+		}
+		n += k
+		recs = recs[k:]
+	}
+	return n, torn, nil
 }
 
-// readSegment calls fn for every intact record of a segment file and
-// returns how many lines it skipped (torn or failing their checksum).
-func readSegment(path string, fn func(UsageRecord) error) (torn int, err error) {
+// readSegment calls fn for every intact record of a segment file (and
+// whether it is provisional) and returns how many lines it skipped (torn
+// or failing their checksum).
+func readSegment(path string, fn func(rec UsageRecord, provisional bool) error) (torn int, err error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return 0, err
@@ -539,30 +563,33 @@ func readSegment(path string, fn func(UsageRecord) error) (torn int, err error) 
 		if err != nil {
 			return torn, err
 		}
-		rec, ok := decodeRecord(line)
+		rec, provisional, ok := decodeRecord(line)
 		if !ok {
 			torn++
 			continue
 		}
-		if err := fn(rec); err != nil {
+		if err := fn(rec, provisional); err != nil {
 			return torn, err
 		}
 	}
 }
 
-// decodeRecord parses one journal line (with its newline).
-func decodeRecord(line []byte) (UsageRecord, bool) {
-	var rec UsageRecord
+// decodeRecord parses one journal line (with its newline) and reports
+// whether it is a provisional record.
+func decodeRecord(line []byte) (rec UsageRecord, provisional, ok bool) {
 	if len(line) < 11 || line[8] != ' ' || line[len(line)-1] != '\n' {
-		return rec, false
+		return rec, false, false
 	}
 	want, err := strconv.ParseUint(string(line[:8]), 16, 32)
-	js := line[9 : len(line)-1]
-	if err != nil || crc32.Checksum(js, crcTable) != uint32(want) {
-		return rec, false
+	body := line[9 : len(line)-1]
+	if err != nil || crc32.Checksum(body, crcTable) != uint32(want) {
+		return rec, false, false
 	}
-	if json.Unmarshal(js, &rec) != nil {
-		return rec, false
+	if len(body) > 0 && body[0] == 'P' {
+		provisional, body = true, body[1:]
 	}
-	return rec, true
+	if json.Unmarshal(body, &rec) != nil {
+		return rec, false, false
+	}
+	return rec, provisional, true
 }

@@ -9,13 +9,17 @@ import (
 )
 
 // appendRecordLine appends the journal line of rec to b: the CRC-32C of
-// its JSON in 8 hex digits, a space, the JSON (the field names of
+// the rest of the line in 8 hex digits, a space, "P" for a provisional
+// record, the JSON (the field names of
 // [UsageRecord]'s json tags, decoded by encoding/json on replay), and a
 // newline. It is written by hand because it runs once per request.
-func appendRecordLine(b []byte, rec *UsageRecord) []byte {
+func appendRecordLine(b []byte, rec *UsageRecord, provisional bool) []byte {
 	start := len(b)
 	b = append(b, "00000000 "...)
 	js := len(b)
+	if provisional {
+		b = append(b, 'P')
+	}
 	b = append(b, `{"time":"`...)
 	b = rec.Time.AppendFormat(b, time.RFC3339Nano)
 	b = append(b, '"')

@@ -249,7 +249,7 @@ func TestUsageWriterJournal(t *testing.T) {
 	n := 0
 	for _, name := range journalFiles(t, dir) {
 		if strings.HasSuffix(name, journalExt) {
-			torn, err := readSegment(filepath.Join(dir, name), func(r UsageRecord) error {
+			torn, err := readSegment(filepath.Join(dir, name), func(r UsageRecord, _ bool) error {
 				if r.ID == "" {
 					t.Error("journaled record without an id")
 				}
@@ -308,8 +308,8 @@ func TestJournalLineRoundTrip(t *testing.T) {
 		{Time: time.Date(2025, 1, 2, 3, 4, 5, 6789, time.FixedZone("x", 3600)), ID: "a", Model: "m\x00\x1f\t\r\n\"\\/<>&\u2028é\xff", Cost: 1.5e-7, KeySpend: 3, Status: 499, LatencyMS: -1},
 		{Service: "svc", Cost: math.NaN()},
 	} {
-		line := appendRecordLine(nil, &r)
-		got, ok := decodeRecord(line)
+		line := appendRecordLine(nil, &r, false)
+		got, _, ok := decodeRecord(line)
 		if !ok {
 			t.Fatalf("line does not decode: %s", line)
 		}
@@ -325,5 +325,50 @@ func TestJournalLineRoundTrip(t *testing.T) {
 		if got != want {
 			t.Errorf("round trip:\n got %+v\nwant %+v", got, want)
 		}
+	}
+}
+
+// TestJournalProvisional: a request whose answer arrived but whose final
+// record was never written replays as its provisional record; one whose
+// final record was written replays as that, once; and provisional lines
+// do not keep files alive once superseded.
+func TestJournalProvisional(t *testing.T) {
+	dir := t.TempDir()
+	j := openTestJournal(t, dir, 0)
+	st := newIDStore()
+	w := newUsageWriter(st, UsageWriterOptions{Journal: j, Retention: -1}, make(chan time.Time), time.Now)
+	cut := UsageRecord{Service: "svc", KeyID: "k", Status: 200, TokensIn: 1000} // the estimate
+	w.Provisional(&cut)
+	done := UsageRecord{Service: "svc", KeyID: "k", Status: 200, TokensIn: 1000}
+	w.Provisional(&done)
+	done.TokensIn = 12 // metered
+	w.Add(done)
+	j.crash() // before any flush
+	live := openTestJournal(t, dir, 0)
+	defer live.Close()
+	if _, err := live.ReplayOrphans(context.Background(), st); err != nil {
+		t.Fatal(err)
+	}
+	if st.len() != 2 || st.byID[cut.ID].TokensIn != 1000 || st.byID[done.ID].TokensIn != 12 || st.offered != 2 {
+		t.Fatalf("replayed %d (offered %d): %+v", st.len(), st.offered, st.byID)
+	}
+
+	// Superseded provisional lines are done: a clean close leaves nothing.
+	dir2 := t.TempDir()
+	j2 := openTestJournal(t, dir2, 0)
+	w2 := newUsageWriter(newIDStore(), UsageWriterOptions{Journal: j2, Retention: -1}, make(chan time.Time), time.Now)
+	for range 10 {
+		r := UsageRecord{Service: "svc"}
+		w2.Provisional(&r)
+		w2.Add(r)
+	}
+	if err := w2.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := j2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if names := journalFiles(t, dir2); len(names) != 0 {
+		t.Fatalf("files left: %v", names)
 	}
 }

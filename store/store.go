@@ -228,7 +228,8 @@ type UsageRecord struct {
 	LatencyMS    int64     `json:"latency_ms"`
 	KeySpend     float64   `json:"key_spend,omitempty"`
 
-	seg uint64 // the journal segment holding the record; 0 when none
+	seg  uint64 // the journal segment holding the record; 0 when none
+	pseg uint64 // the journal segment holding its provisional line; 0 when none
 }
 
 // Usage grouping dimensions for [UsageQuery.GroupBy].

@@ -153,7 +153,10 @@ func (w *UsageWriter) Add(rec UsageRecord) {
 	if j := w.opts.Journal; j != nil {
 		// Failures are logged by the journal; the record is still
 		// buffered for the store.
-		_ = j.Append(&rec)
+		if j.Append(&rec) == nil && rec.pseg != 0 {
+			j.Done(rec.pseg, 1) // the final record supersedes the provisional one
+		}
+		rec.pseg = 0
 	}
 	w.mu.Lock()
 	if w.closed {
@@ -183,6 +186,25 @@ func (w *UsageWriter) Add(rec UsageRecord) {
 		case w.kick <- struct{}{}:
 		default:
 		}
+	}
+}
+
+// Provisional stamps rec with an ID (and a time) when it has none and,
+// with a journal, writes a provisional line for it: what is known of a
+// request when the upstream's answer arrives, so that a crash before the
+// request finishes still leaves a record of it (replayed if no final
+// record follows). The caller then fills in rec's final fields and passes
+// it to Add, which supersedes the provisional line. Without a journal
+// only the stamping happens.
+func (w *UsageWriter) Provisional(rec *UsageRecord) {
+	if rec.Time.IsZero() {
+		rec.Time = w.now()
+	}
+	if rec.ID == "" {
+		rec.ID = w.idPrefix + strconv.FormatUint(w.idSeq.Add(1), 36)
+	}
+	if j := w.opts.Journal; j != nil {
+		_ = j.AppendProvisional(rec)
 	}
 }
 

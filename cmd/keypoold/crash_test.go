@@ -253,6 +253,12 @@ func TestKillNineLosesNoUsage(t *testing.T) {
 			t.Errorf("request %s answered 200 at %v has no usage record", d.id, d.at.Format("15:04:05.000"))
 		}
 	}
+	servedNoRecord := 0
+	for id := range served {
+		if recorded[id] == 0 {
+			servedNoRecord++
+		}
+	}
 	var balance float64
 	if err := db.QueryRow("SELECT balance_used FROM keys WHERE id = ?", key["id"]).Scan(&balance); err != nil {
 		t.Fatal(err)
@@ -260,8 +266,9 @@ func TestKillNineLosesNoUsage(t *testing.T) {
 	if balance != float64(total) {
 		t.Errorf("key balance_used %v, want %d (one per 2xx record)", balance, total)
 	}
-	t.Logf("%d kills: %d answered 200, %d usage records, %d lost, %d answered within 20ms of a kill without a record, %d duplicated; balance_used %v",
-		kills, len(ok), total, lost, raced, dups, balance)
+	t.Logf("%d kills: %d answered 200, %d usage records, %d lost, %d answered within 20ms of a kill without a record, %d duplicated; "+
+		"upstream answers without a record %d of %d; balance_used %v",
+		kills, len(ok), total, lost, raced, dups, servedNoRecord, len(served), balance)
 	if len(ok) < kills*10 {
 		t.Fatalf("only %d requests answered: the load did not run", len(ok))
 	}

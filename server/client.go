@@ -197,7 +197,7 @@ func (s *Server) modifyResponse(resp *http.Response) error {
 		// admission estimate, as a cut stream is).
 		c.rec = store.UsageRecord{Time: s.now().UTC(), RequestID: RequestID(resp.Request.Context()), TeamID: c.principal.Team.ID,
 			TokenID: c.principal.Token.ID, Service: c.service, KeyID: keyID, Model: c.model, Status: resp.StatusCode,
-			TokensIn: c.estIn, TokensOut: c.estOut, Cost: c.estCost}
+			TokensIn: c.estIn, TokensOut: c.estOut, Cost: c.estCost, KeySpend: store.KeySpendByUnit}
 		if c.family == meter.FamilyNone || (c.model == "" && c.estIn == 0) {
 			c.rec.TokensIn, c.rec.TokensOut, c.rec.Cost = 0, 0, 0
 		}

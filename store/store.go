@@ -210,7 +210,9 @@ type Token struct {
 // repeat. KeySpend is what the request spent of KeyID's balance, in the
 // key's balance unit; the store adds it to the key's balance_used in the
 // same transaction as the row, and only when the row is new, so balances
-// follow the records exactly.
+// follow the records exactly. A negative KeySpend ([KeySpendByUnit]) asks
+// the store to derive it from the key's balance unit: the cost for "usd",
+// the tokens for "tokens", one for a 2xx in "requests".
 type UsageRecord struct {
 	Time         time.Time `json:"time"`
 	ID           string    `json:"id,omitempty"`
@@ -231,6 +233,11 @@ type UsageRecord struct {
 	seg  uint64 // the journal segment holding the record; 0 when none
 	pseg uint64 // the journal segment holding its provisional line; 0 when none
 }
+
+// KeySpendByUnit is the [UsageRecord.KeySpend] of a record whose spend the
+// store derives from its key's balance unit (a provisional record, made
+// before the request's spend was known).
+const KeySpendByUnit = -1
 
 // Usage grouping dimensions for [UsageQuery.GroupBy].
 const (

@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -46,7 +47,7 @@ func (s *Store) AppendUsage(ctx context.Context, recs []store.UsageRecord) error
 		if r.ID != "" {
 			rows[i].RecordID = &r.ID
 		}
-		if r.KeySpend > 0 && r.KeyID != "" {
+		if r.KeySpend != 0 && r.KeyID != "" {
 			spending = true
 		}
 	}
@@ -79,12 +80,18 @@ func (s *Store) AppendUsage(ctx context.Context, recs []store.UsageRecord) error
 const spendLookup = 500
 
 // newSpend sums, per key, the KeySpend of the records in recs that are not
-// stored yet (called in the inserting transaction, before the insert).
+// stored yet (called in the inserting transaction, before the insert). A
+// negative KeySpend is derived from the key's balance unit.
 func (s *Store) newSpend(tx *gorm.DB, recs []store.UsageRecord) (map[string]float64, error) {
-	var ids []string
+	var ids, byUnit []string
 	for i := range recs {
-		if r := &recs[i]; r.KeySpend > 0 && r.KeyID != "" && r.ID != "" {
-			ids = append(ids, r.ID)
+		if r := &recs[i]; r.KeySpend != 0 && r.KeyID != "" {
+			if r.ID != "" {
+				ids = append(ids, r.ID)
+			}
+			if r.KeySpend < 0 && !slices.Contains(byUnit, r.KeyID) {
+				byUnit = append(byUnit, r.KeyID)
+			}
 		}
 	}
 	stored := map[string]bool{}
@@ -99,11 +106,26 @@ func (s *Store) newSpend(tx *gorm.DB, recs []store.UsageRecord) (map[string]floa
 		}
 		ids = ids[n:]
 	}
+	units := map[string]string{}
+	for len(byUnit) > 0 {
+		n := min(len(byUnit), spendLookup)
+		var rows []struct {
+			ID          string
+			BalanceUnit string
+		}
+		if err := tx.Raw("SELECT id, balance_unit FROM keys WHERE id IN ?", byUnit[:n]).Scan(&rows).Error; err != nil {
+			return nil, err
+		}
+		for _, r := range rows {
+			units[r.ID] = r.BalanceUnit
+		}
+		byUnit = byUnit[n:]
+	}
 	spend := map[string]float64{}
 	seen := map[string]bool{}
 	for i := range recs {
 		r := &recs[i]
-		if r.KeySpend <= 0 || r.KeyID == "" || stored[r.ID] {
+		if r.KeySpend == 0 || r.KeyID == "" || stored[r.ID] {
 			continue
 		}
 		if r.ID != "" {
@@ -112,9 +134,30 @@ func (s *Store) newSpend(tx *gorm.DB, recs []store.UsageRecord) (map[string]floa
 			}
 			seen[r.ID] = true
 		}
-		spend[r.KeyID] += r.KeySpend
+		amt := r.KeySpend
+		if amt < 0 {
+			amt = unitSpend(units[r.KeyID], r)
+		}
+		if amt > 0 {
+			spend[r.KeyID] += amt
+		}
 	}
 	return spend, nil
+}
+
+// unitSpend is what r spent of a key whose balance is counted in unit.
+func unitSpend(unit string, r *store.UsageRecord) float64 {
+	switch strings.ToLower(unit) {
+	case "usd", "$", "dollars":
+		return r.Cost
+	case "tokens", "token":
+		return float64(r.TokensIn + r.TokensOut)
+	case "requests", "request", "calls":
+		if r.Status >= 200 && r.Status < 300 {
+			return 1
+		}
+	}
+	return 0
 }
 
 // usageChunk is how many rows one prepared multi-row INSERT carries.

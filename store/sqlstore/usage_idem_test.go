@@ -59,5 +59,15 @@ func TestAppendUsageIdempotent(t *testing.T) {
 		if d := got.BalanceUsed - 1.5; d > 1e-9 || d < -1e-9 {
 			t.Fatalf("balance_used = %v, want 1.5 (150 records of 0.01, each once)", got.BalanceUsed)
 		}
+		// A provisional record's spend comes from the key's unit.
+		prov := store.UsageRecord{Time: at, ID: "prov-1", Service: "svc", KeyID: k.ID, Status: 200, Cost: 0.25, KeySpend: store.KeySpendByUnit}
+		for range 2 {
+			if err := s.AppendUsage(ctx, []store.UsageRecord{prov}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if got, _ := s.GetKey(ctx, k.ID); got.BalanceUsed < 1.75-1e-9 || got.BalanceUsed > 1.75+1e-9 {
+			t.Fatalf("balance_used = %v after a provisional usd record of 0.25, want 1.75", got.BalanceUsed)
+		}
 	})
 }

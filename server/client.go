@@ -176,6 +176,27 @@ func (s *Server) onAttempt(a proxy.AttemptInfo) {
 	}
 }
 
+// onSend is the transport's OnSend hook: before a request goes out to a
+// key, it journals a provisional usage record (the key, the admission
+// estimate, status 0 until the answer), so a crash while the upstream
+// answers still leaves a record, charged the estimate as a cut stream is.
+// The final record (same ID) supersedes it in OnDone.
+func (s *Server) onSend(req *http.Request, keyID string) {
+	c := callFrom(req.Context())
+	if c == nil {
+		return
+	}
+	r := &c.rec // fields set one by one: a retry keeps the record's ID and journal position
+	r.Time, r.RequestID = s.now().UTC(), RequestID(req.Context())
+	r.TeamID, r.TokenID, r.Service, r.KeyID, r.Model = c.principal.Team.ID, c.principal.Token.ID, c.service, keyID, c.model
+	r.TokensIn, r.TokensOut, r.Cost, r.KeySpend = c.estIn, c.estOut, c.estCost, store.KeySpendByUnit
+	if c.family == meter.FamilyNone || (c.model == "" && c.estIn == 0) {
+		r.TokensIn, r.TokensOut, r.Cost = 0, 0, 0
+	}
+	c.prov = true
+	s.usage.Provisional(r)
+}
+
 // modifyResponse sets the budget warning header and meters LLM token
 // usage as the body streams past, for successful JSON and SSE answers of
 // metered requests (see prepare), hiding the usage chunk keypool asked
@@ -190,19 +211,6 @@ func (s *Server) modifyResponse(resp *http.Response) error {
 	}
 	if c.warning != "" {
 		resp.Header.Set(HeaderBudgetWarning, c.warning)
-	}
-	if keyID := resp.Header.Get(proxy.HeaderKeyID); keyID != "" && !c.prov {
-		// The upstream answered: journal a provisional record now, so a
-		// crash while the answer is relayed still leaves one (charged the
-		// admission estimate, as a cut stream is).
-		c.rec = store.UsageRecord{Time: s.now().UTC(), RequestID: RequestID(resp.Request.Context()), TeamID: c.principal.Team.ID,
-			TokenID: c.principal.Token.ID, Service: c.service, KeyID: keyID, Model: c.model, Status: resp.StatusCode,
-			TokensIn: c.estIn, TokensOut: c.estOut, Cost: c.estCost, KeySpend: store.KeySpendByUnit}
-		if c.family == meter.FamilyNone || (c.model == "" && c.estIn == 0) {
-			c.rec.TokensIn, c.rec.TokensOut, c.rec.Cost = 0, 0, 0
-		}
-		c.prov = true
-		s.usage.Provisional(&c.rec)
 	}
 	if c.family == meter.FamilyNone || resp.StatusCode < 200 || resp.StatusCode > 299 {
 		return nil

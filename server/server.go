@@ -319,7 +319,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	s.proxy = &proxy.Handler{
 		Pool:           s.pool,
-		Transport:      &proxy.Transport{Base: upstream, OnAttempt: s.onAttempt},
+		Transport:      &proxy.Transport{Base: upstream, OnAttempt: s.onAttempt, OnSend: s.onSend},
 		Authorize:      s.authorize,
 		Prepare:        s.prepare,
 		MaxBodyBytes:   cfg.MaxBodyBytes,

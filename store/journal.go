@@ -513,8 +513,8 @@ func replayFiles(ctx context.Context, files []string, dst UsageAppender) (n, tor
 			case rec.ID == "" || !seen:
 				at[rec.ID] = len(recs)
 				recs = append(recs, rec)
-			case !provisional && !final[rec.ID]:
-				recs[i] = rec
+			case !final[rec.ID]:
+				recs[i] = rec // a later line supersedes a provisional one
 			default:
 				return nil
 			}

@@ -194,8 +194,9 @@ func (w *UsageWriter) Add(rec UsageRecord) {
 // request when the upstream's answer arrives, so that a crash before the
 // request finishes still leaves a record of it (replayed if no final
 // record follows). The caller then fills in rec's final fields and passes
-// it to Add, which supersedes the provisional line. Without a journal
-// only the stamping happens.
+// it to Add, which supersedes the provisional line; calling Provisional
+// again on rec (a retry on another key) supersedes the earlier line.
+// Without a journal only the stamping happens.
 func (w *UsageWriter) Provisional(rec *UsageRecord) {
 	if rec.Time.IsZero() {
 		rec.Time = w.now()
@@ -204,7 +205,10 @@ func (w *UsageWriter) Provisional(rec *UsageRecord) {
 		rec.ID = w.idPrefix + strconv.FormatUint(w.idSeq.Add(1), 36)
 	}
 	if j := w.opts.Journal; j != nil {
-		_ = j.AppendProvisional(rec)
+		old := rec.pseg
+		if j.AppendProvisional(rec) == nil && old != 0 {
+			j.Done(old, 1) // a retry's provisional line supersedes the earlier one
+		}
 	}
 }
 

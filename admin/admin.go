@@ -300,15 +300,8 @@ func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // Sessions, a session token. It answers the request itself when it
 // fails.
 func (a *API) authenticate(w http.ResponseWriter, r *http.Request) (auth.Identity, bool) {
-	var ip string
-	if a.failures != nil {
-		ip = a.clientIP(r)
-		if wait, ok := a.failures.Check(ip, a.now()); !ok {
-			httpx.WriteError(w, &httpx.Error{Status: http.StatusTooManyRequests, Code: httpx.CodeRateLimited,
-				Message: "too many failed authentication attempts; retry later", RetryAfter: wait})
-			return auth.Identity{}, false
-		}
-	}
+	// A valid credential is always served; only bad ones count toward,
+	// and are refused by, the per-address slowdown.
 	tok := bearer(r)
 	if a.auth.IsAdmin(tok) {
 		return auth.Identity{Role: store.RoleAdmin}, true
@@ -337,7 +330,11 @@ func (a *API) authenticate(w http.ResponseWriter, r *http.Request) (auth.Identit
 		msg = "this is a team token; the admin API needs the admin token"
 	}
 	if a.failures != nil {
-		a.failures.Fail(ip, a.now())
+		if wait, slowed := a.failures.Failed(a.clientIP(r), a.now()); slowed {
+			httpx.WriteError(w, &httpx.Error{Status: http.StatusTooManyRequests, Code: httpx.CodeRateLimited,
+				Message: "too many failed authentication attempts; retry later", RetryAfter: wait})
+			return auth.Identity{}, false
+		}
 	}
 	// Drain a little of the body so that keep-alive clients see the
 	// answer; never read an unbounded amount.

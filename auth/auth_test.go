@@ -392,3 +392,23 @@ func TestFailureLimiter(t *testing.T) {
 		t.Fatal("Reset did not forget c")
 	}
 }
+
+func TestFailureLimiterFailed(t *testing.T) {
+	l := auth.NewFailureLimiter(auth.FailureConfig{Max: 3, Window: time.Minute})
+	t0 := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
+	for i := range 3 {
+		if _, slowed := l.Failed("1.2.3.4", t0.Add(time.Duration(i)*time.Second)); slowed {
+			t.Fatalf("failure %d slowed down", i+1)
+		}
+	}
+	wait, slowed := l.Failed("1.2.3.4", t0.Add(10*time.Second))
+	if !slowed || wait != 50*time.Second {
+		t.Fatalf("fourth failure = %v, %v; want 50s, slowed", wait, slowed)
+	}
+	if _, slowed := l.Failed("5.6.7.8", t0); slowed {
+		t.Fatal("another address slowed")
+	}
+	if _, slowed := l.Failed("1.2.3.4", t0.Add(time.Minute)); slowed {
+		t.Fatal("still slowed after the window")
+	}
+}

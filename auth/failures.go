@@ -21,11 +21,17 @@ type FailureConfig struct {
 }
 
 // FailureLimiter slows down clients that keep presenting bad credentials:
-// after Max failures from one address within Window, [FailureLimiter.Check]
-// refuses that address until the window ends; the server answers 429
-// rate_limited with Retry-After, without looking the credential up and
-// without touching any upstream key's state. Failures are counted in a
-// fixed window that starts at an address's first failure.
+// after Max failures from one address within Window, further bad
+// credentials from that address are refused until the window ends; the
+// server answers 429 rate_limited with Retry-After, without touching any
+// upstream key's state. Failures are counted in a fixed window that starts
+// at an address's first failure.
+//
+// Only invalid credentials count toward the slowdown and only they are
+// refused by it: callers check a credential first and call
+// [FailureLimiter.Failed] when it is bad, so a valid admin or team token
+// is always served, even from an address that a script looping on a
+// revoked token has slowed down (one shared NAT address, or loopback).
 //
 // Memory is bounded by FailureConfig.Size (an LRU of addresses). It is
 // safe for concurrent use and must not be copied; it starts no goroutine.
@@ -57,8 +63,9 @@ func NewFailureLimiter(cfg FailureConfig) *FailureLimiter {
 	return &FailureLimiter{max: cfg.Max, window: cfg.Window, addrs: addrs}
 }
 
-// Check reports whether addr may try to authenticate at now; when it may
-// not, retryAfter is how long until it may.
+// Check reports whether addr is not slowed down at now; when it is,
+// retryAfter is how long until the window ends. Only consult it for a
+// credential that failed to authenticate (see [FailureLimiter.Failed]).
 func (l *FailureLimiter) Check(addr string, now time.Time) (retryAfter time.Duration, ok bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -71,6 +78,31 @@ func (l *FailureLimiter) Check(addr string, now time.Time) (retryAfter time.Dura
 		return 0, true
 	}
 	return end.Sub(now), false
+}
+
+// Failed records that addr presented a bad credential at now and reports
+// whether the address is slowed down: when it already made Max failures
+// in the current window, slowed is true and retryAfter is how long until
+// the window ends (the attempt is not counted again); otherwise the
+// failure is counted and the caller answers 401 as usual.
+func (l *FailureLimiter) Failed(addr string, now time.Time) (retryAfter time.Duration, slowed bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	f, found := l.addrs.Get(addr)
+	if !found {
+		l.addrs.Add(addr, &failures{start: now, n: 1})
+		return 0, false
+	}
+	end := f.start.Add(l.window)
+	if !now.Before(end) || now.Before(f.start) {
+		f.start, f.n = now, 1
+		return 0, false
+	}
+	if f.n >= l.max {
+		return end.Sub(now), true
+	}
+	f.n++
+	return 0, false
 }
 
 // Fail records a failed attempt from addr at now.

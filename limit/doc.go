@@ -3,11 +3,15 @@
 // with warn and block thresholds per hour, day, month and in total. It
 // limits clients (teams, tokens, services), never upstream keys.
 //
-// Two interfaces keep the server backend-agnostic: a [Limiter] admits
+// Three interfaces keep the server backend-agnostic: a [Limiter] admits
 // requests against a per-minute rate, a [Counter] keeps windowed usage and
-// admits requests against reservations. [Local] implements both in process;
-// [Redis] implements both across replicas with one atomic Lua script per
-// check. Every method takes now as an argument, so tests fake time.
+// admits requests against reservations, and an [Admitter] admits one
+// request on several counters at once (token, team and service budgets,
+// in tokens and USD), all or none. [Local] implements them in process;
+// [Redis] implements them across replicas with one atomic Lua script per
+// call: Allow, Reserve, ReserveAll (every counter of a request in one
+// round trip) and Settle. Every method takes now as an argument, so tests
+// fake time.
 //
 // # Request rate
 //
@@ -27,33 +31,46 @@
 // A [Limit] is a Warn and a Block threshold over a [Window]: Minute
 // (sliding), Hour, Day, Month (calendar periods in UTC: the hour, day or
 // month in UTC that contains now, see [WindowBounds]) or Total (never
-// resets). [Counter.Reserve] admits an estimate (max tokens, a default
-// cost) when, for every limit, settled usage u in the window plus the
-// key's outstanding reservations r plus the estimate a stays within Block:
-// it refuses when u+r >= Block or u+r+a > Block, and otherwise holds a. A
-// warn threshold (u+r+a >= Warn) sets [Decision.Warn] and never refuses.
+// resets). [Counter.Reserve] admits a request while, for every limit, the
+// settled usage u in the window plus the outstanding reservations r of
+// requests already in flight is below Block (u+r < Block), whatever the
+// request's own estimate a (max tokens, a default cost); it then holds a
+// until the request settles. So the first request under any budget goes
+// through, sequential requests go through until the limit is reached, and
+// a spent budget (u+r >= Block) admits nothing, not even a zero estimate.
+// A warn threshold (u+r+a >= Warn) sets [Decision.Warn] and never refuses.
 // [Counter.Settle] releases the reservation and charges the actual amount
 // to the windows containing the settle time. A refusal's RetryAfter is the
 // end of the calendar window (Hour, Day, Month), the time until enough
 // usage leaves the sliding minute (Minute), or zero (Total: it never
 // resets); when several limits refuse, the one lifted last is reported.
+// [Decision.Used] and [Decision.Reserved] say what was settled and what
+// was held at the decision.
 //
 // tpm_limit is a Minute limit reserved with a zero estimate: admission
 // requires the minute's usage to be below the limit, and Settle adds the
 // tokens when the response completes. Minute amounts count per second: an
 // amount charged during second s counts until second s+61 starts (at least
-// 60 s). daily_token_limit and the limit_cost_* thresholds are Day, Hour,
+// 60 s). daily_token_limit and the limit_* thresholds are Day, Hour,
 // Month and Total limits; pass all of a key's limits in one Reserve.
 //
 // # Overspend bound
 //
-// Because reservations are checked and taken atomically (under one lock in
-// Local, in one Lua script in Redis), admitted estimates never exceed a
-// budget: with 200 concurrent requests of estimate 1 against a block of
-// 50, exactly 50 are admitted. A budget is overspent only by
-//   - the sum, over requests in flight, of how much their actual amount
-//     exceeds their estimate (a zero estimate, as for tpm, makes that the
-//     whole actual amount of each request admitted while under the limit);
+// Admission is checked and the reservation taken atomically (under one
+// lock in Local, in one Lua script in Redis). Every admitted request saw
+// u+r < Block, so the requests admitted in a window spend at most
+//
+//	Block + a_last + Σ max(0, actual_i - estimate_i)
+//
+// where a_last is the actual usage of the last request admitted (the one
+// that crossed the limit: it was admitted with room left, however large
+// it turned out) and the sum runs over the requests admitted while others
+// were in flight (a request that spends more than it reserved lets others
+// in on room it then uses). With estimate = actual (max_tokens set and
+// used) the overspend is below one request: 500 concurrent requests of
+// 150 tokens against 10 000 admit exactly 67. A zero estimate, as for
+// tpm, makes each term the request's whole actual amount. Beyond that
+// bound a budget is overspent only by
 //   - reservations released by their TTL (default 15 minutes) before their
 //     request settles: their room is handed to others while the late
 //     Settle still charges;

@@ -136,10 +136,12 @@ func floorDiv(a, b int64) int64 {
 // (tokens, USD); one [Counter] key should count one unit.
 //
 // Admission with estimate a, settled usage u in the window and outstanding
-// reservations r on the key is refused when Block > 0 and
-// (u+r >= Block or u+r+a > Block): a request that fits exactly is admitted,
-// and a spent budget admits nothing, not even a zero estimate. Warn is
-// reported when Warn > 0 and u+r+a >= Warn; warn never refuses.
+// reservations r on the key (requests already in flight) is refused when
+// Block > 0 and u+r >= Block, whatever a: a request is admitted while
+// there is room left, even when its own estimate is larger than the room
+// (so the first request under any budget goes through), and a spent budget
+// admits nothing, not even a zero estimate. Warn is reported when Warn > 0
+// and u+r+a >= Warn; warn never refuses.
 type Limit struct {
 	// Window is the period counted over. Required.
 	Window Window `json:"window"`
@@ -176,6 +178,10 @@ type Decision struct {
 	// included when admitted: requests in the last minute for Allow; settled
 	// usage plus outstanding reservations for a Counter.
 	Used float64
+	// Reserved is the part of Used held by reservations of requests in
+	// flight (this request's estimate included when admitted); Used minus
+	// Reserved is the settled usage. Zero for [Limiter.Allow].
+	Reserved float64
 	// RetryAfter is, when refused, how long until the request could be
 	// admitted: until the oldest request leaves the sliding window (Allow,
 	// Minute limits), or until the calendar window ends (Hour, Day, Month).
@@ -240,10 +246,12 @@ type Counter interface {
 	Usage(ctx context.Context, key string, w Window, now time.Time) (float64, error)
 }
 
-// Backend is a [Limiter] and a [Counter] with an off switch.
+// Backend is a [Limiter], a [Counter] and an [Admitter] with an off
+// switch.
 type Backend interface {
 	Limiter
 	Counter
+	Admitter
 	// Close releases the backend's resources. It does not close a Redis
 	// client the caller passed in.
 	Close() error
@@ -270,11 +278,11 @@ func check(limits []Limit, amount, reserved float64, used func(Window) float64, 
 		if l.Block <= 0 {
 			continue
 		}
-		if tot >= l.Block || tot+amount > l.Block {
+		if tot >= l.Block {
 			ra := retry(l, u)
 			// Report the limit that is lifted last; Total is never lifted.
 			if !refused || d.Limit.Window != Total && (l.Window == Total || ra > d.RetryAfter) {
-				d.Limit, d.Used, d.RetryAfter = l, tot, ra
+				d.Limit, d.Used, d.Reserved, d.RetryAfter = l, tot, reserved, ra
 			}
 			refused = true
 		} else if !haveTight || l.Block-(tot+amount) < tight.Block-tightUsed {
@@ -288,9 +296,9 @@ func check(limits []Limit, amount, reserved float64, used func(Window) float64, 
 			d.RetryAfter = 0
 		}
 	case d.Warn:
-		d.Limit, d.Used = warnLimit, warnUsed
+		d.Limit, d.Used, d.Reserved = warnLimit, warnUsed, reserved+amount
 	case haveTight:
-		d.Limit, d.Used = tight, tightUsed
+		d.Limit, d.Used, d.Reserved = tight, tightUsed, reserved+amount
 	}
 	return d
 }

@@ -292,12 +292,12 @@ func testBackend(t *testing.T, newB func(t *testing.T) Backend) {
 	t.Run("settle less and more", func(t *testing.T) {
 		b := newB(t)
 		lim := []Limit{{Window: Day, Block: 150}}
-		r, d, err := b.Reserve(ctx, "team:s", 100, lim, t0)
-		if err != nil || !d.Allowed || r.Amount() != 100 || r.Key() != "team:s" {
+		r, d, err := b.Reserve(ctx, "team:s", 150, lim, t0)
+		if err != nil || !d.Allowed || r.Amount() != 150 || r.Key() != "team:s" {
 			t.Fatalf("%+v %v", d, err)
 		}
 		// While held, the reservation counts.
-		if _, d, _ := b.Reserve(ctx, "team:s", 51, lim, t0); d.Allowed || d.Used != 100 {
+		if _, d, _ := b.Reserve(ctx, "team:s", 1, lim, t0); d.Allowed || d.Used != 150 || d.Reserved != 150 {
 			t.Fatalf("reservation not counted: %+v", d)
 		}
 		if err := b.Settle(ctx, r, 40, t0); err != nil { // less
@@ -624,6 +624,11 @@ func TestRedisUnreachable(t *testing.T) {
 				}
 				if _, err := b.Usage(ctx, "k", Day, t0); !errors.Is(err, ErrUnavailable) {
 					t.Fatalf("Usage: %v", err)
+				}
+				res, ds := make([]Reservation, 2), make([]Decision, 2)
+				which, err := b.ReserveAll(ctx, []Charge{{"a", 1, nil}, {"b", 1, []Limit{{Window: Day, Block: 10}}}}, res, ds, t0)
+				if err != nil || (which < 0) != tc.wantBudget || !ds[0].Degraded {
+					t.Fatalf("ReserveAll: %d %+v, %v", which, ds, err)
 				}
 			}
 			if el := time.Since(start); el > 5*time.Second {

@@ -254,23 +254,35 @@ func (l *Local) Reserve(_ context.Context, key string, amount float64, limits []
 		return Reservation{}, Decision{}, err
 	}
 	t := now.UnixNano()
-	sec := now.Unix()
 	s := &l.count[l.shard(key)]
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	e := s.get(key)
 	e.expire(t)
-	d := check(limits, amount, e.reserved,
+	d := l.check(e, amount, limits, now)
+	if !d.Allowed {
+		return Reservation{}, d, nil
+	}
+	return l.hold(e, key, amount, t), d, nil
+}
+
+// check evaluates limits on e for a request of amount; the caller holds
+// e's shard lock and has expired its reservations.
+func (l *Local) check(e *countEntry, amount float64, limits []Limit, now time.Time) Decision {
+	sec := now.Unix()
+	return check(limits, amount, e.reserved,
 		func(w Window) float64 { return e.used(w, now) },
 		func(lim Limit, _ float64) time.Duration {
 			if lim.Window == Minute {
-				return e.minute.retry(sec, now, e.reserved, amount, lim.Block)
+				return e.minute.retry(sec, now, e.reserved, lim.Block)
 			}
 			return calRetry(lim.Window, now)
 		})
-	if !d.Allowed {
-		s.mu.Unlock()
-		return Reservation{}, d, nil
-	}
+}
+
+// hold reserves amount on e (nothing for a zero amount); the caller holds
+// e's shard lock.
+func (l *Local) hold(e *countEntry, key string, amount float64, t int64) Reservation {
 	r := Reservation{key: key, amount: amount, done: new(atomic.Bool)}
 	if amount > 0 {
 		r.id = l.nextID.Add(1)
@@ -285,8 +297,7 @@ func (l *Local) Reserve(_ context.Context, key string, amount float64, limits []
 		e.res[r.id] = heldRes{amount: amount, exp: exp}
 		e.reserved += amount
 	}
-	s.mu.Unlock()
-	return r, d, nil
+	return r
 }
 
 // Settle implements [Counter].
@@ -438,13 +449,13 @@ func (r *secRing) sum(sec int64) float64 {
 }
 
 // retry returns how long after now the minute usage drops enough that
-// reserved plus amount fits under block; RateWindow when usage leaving the
+// usage plus reserved is below block; RateWindow when usage leaving the
 // window is not enough.
-func (r *secRing) retry(sec int64, now time.Time, reserved, amount, block float64) time.Duration {
+func (r *secRing) retry(sec int64, now time.Time, reserved, block float64) time.Duration {
 	u := r.sum(sec)
 	for s := max(sec-60, r.last-63); s <= min(sec, r.last); s++ {
 		u -= r.b[s&63]
-		if r.b[s&63] != 0 && u+reserved < block && u+reserved+amount <= block {
+		if r.b[s&63] != 0 && u+reserved < block {
 			return time.Unix(s+61, 0).Sub(now)
 		}
 	}

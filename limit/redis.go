@@ -132,7 +132,7 @@ return {0, n, tonumber(old[2]) + win - now}
 // KEYS: hour, day, month, total, minute hash, reserved sum, reservations.
 // ARGV: now ms, now s, amount, member, ttl ms, n, then n × (window, warn,
 // block, calendar retry ms). Returns {allowed, warn, limit index, used,
-// retry ms}.
+// retry ms, reserved}.
 var reserveScript = redis.NewScript(`
 local now = tonumber(ARGV[1])
 local sec = tonumber(ARGV[2])
@@ -190,14 +190,14 @@ for i = 1, n do
     if wl > 0 and tot + amount >= wl and warn == 0 then
       warn, warnIdx, warnUsed = 1, i, tot + amount
     end
-    if bl > 0 and (tot >= bl or tot + amount > bl) then
+    if bl > 0 and tot >= bl then
       local ra = tonumber(ARGV[b + 4])
       if w == 1 then
         ra = 60000
         local left = u
         for _, e in ipairs(secs) do
           left = left - e[2]
-          if e[2] ~= 0 and left + reserved < bl and left + reserved + amount <= bl then
+          if e[2] ~= 0 and left + reserved < bl then
             ra = (e[1] + 61) * 1000 - now
             break
           end
@@ -214,7 +214,7 @@ for i = 1, n do
 end
 if allowed == 0 then
   if pickW == 5 then pickRetry = 0 end
-  return {0, warn, pick, tostring(pickUsed), pickRetry}
+  return {0, warn, pick, tostring(pickUsed), pickRetry, tostring(reserved)}
 end
 if amount > 0 then
   redis.call('ZADD', KEYS[7], now + ttl, member)
@@ -222,8 +222,8 @@ if amount > 0 then
   redis.call('PEXPIRE', KEYS[7], ttl + 60000)
   redis.call('PEXPIRE', KEYS[6], ttl + 60000)
 end
-if warn == 1 then return {1, 1, warnIdx, tostring(warnUsed), 0} end
-return {1, 0, tight, tostring(tightUsed), 0}
+if warn == 1 then return {1, 1, warnIdx, tostring(warnUsed), 0, tostring(reserved + amount)} end
+return {1, 0, tight, tostring(tightUsed), 0, tostring(reserved + amount)}
 `)
 
 // settleScript releases a reservation (member, may be empty) and charges
@@ -373,7 +373,7 @@ func (r *Redis) Reserve(ctx context.Context, key string, amount float64, limits 
 }
 
 func parseReserve(out []any, limits []Limit) (Decision, error) {
-	if len(out) != 5 {
+	if len(out) != 6 {
 		return Decision{}, fmt.Errorf("unexpected reply %v", out)
 	}
 	allowed, _ := out[0].(int64)
@@ -381,11 +381,13 @@ func parseReserve(out []any, limits []Limit) (Decision, error) {
 	idx, _ := out[2].(int64)
 	usedS, _ := out[3].(string)
 	retry, _ := out[4].(int64)
+	resS, _ := out[5].(string)
 	used, err := strconv.ParseFloat(usedS, 64)
-	if err != nil {
+	reserved, err2 := strconv.ParseFloat(resS, 64)
+	if err != nil || err2 != nil {
 		return Decision{}, fmt.Errorf("unexpected reply %v", out)
 	}
-	d := Decision{Allowed: allowed == 1, Warn: warn == 1, Used: used, RetryAfter: time.Duration(retry) * time.Millisecond}
+	d := Decision{Allowed: allowed == 1, Warn: warn == 1, Used: used, Reserved: reserved, RetryAfter: time.Duration(retry) * time.Millisecond}
 	if idx >= 1 && int(idx) <= len(limits) {
 		d.Limit = limits[idx-1]
 	}

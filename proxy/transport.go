@@ -134,6 +134,11 @@ type Transport struct {
 	// (for metrics). It must be fast and must not retain the error past
 	// the call unless it only prints it (it is redacted).
 	OnAttempt func(AttemptInfo)
+	// OnSend, if set, is called just before each attempt is sent, with the
+	// request RoundTrip was given and the id of the key it goes out with
+	// (keypoold journals a provisional usage record there, so a crash
+	// while the upstream answers still leaves one). It must be fast.
+	OnSend func(req *http.Request, keyID string)
 }
 
 // AttemptInfo describes one attempt of a request on one key.
@@ -405,6 +410,9 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 		var start time.Time
 		if t.OnAttempt != nil {
 			start = time.Now()
+		}
+		if t.OnSend != nil {
+			t.OnSend(req, lease.KeyID())
 		}
 		resp, err := base.RoundTrip(out)
 		if timer != nil && !timer.Stop() && context.Cause(out.Context()) == errAttemptTimeout && ctx.Err() == nil {

@@ -23,8 +23,13 @@ import (
 type call struct {
 	principal *auth.Principal
 	open      *openCall // in Server.open until OnDone
+	service   string
 	usage     meter.Usage
 	metered   bool
+	// rec is the request's usage record from the upstream's answer on:
+	// provisional (journaled with the estimate) until OnDone completes it.
+	rec  store.UsageRecord
+	prov bool
 
 	// Set by prepare, for metered requests.
 	family  meter.Family
@@ -53,17 +58,12 @@ func callFrom(ctx context.Context) *call {
 
 // authenticate turns a client credential into a principal, answering as
 // the contract says: 401 invalid_token (and counting a failure for the
-// address), 429 rate_limited for an address with too many failures, 503
-// when the token store cannot be read. The admin token is not a client
-// token. lease reports whether the admin token is welcome (key leasing).
+// address), 429 rate_limited for a bad credential from an address with
+// too many failures, 503 when the token store cannot be read. A valid
+// credential is always served, whatever its address's failures. The admin
+// token is not a client token. adminOK reports whether the admin token is
+// welcome (key leasing).
 func (s *Server) authenticate(r *http.Request, cred string, adminOK bool) (*auth.Principal, error) {
-	addr := s.clients.of(r)
-	now := s.now()
-	if d, ok := s.fails.Check(addr, now); !ok {
-		s.metrics.limiterRejections.WithLabelValues("auth_failures").Inc()
-		return nil, &httpx.Error{Status: http.StatusTooManyRequests, Code: httpx.CodeRateLimited, RetryAfter: d,
-			Message: "too many requests with invalid credentials from this address; retry later"}
-	}
 	if cred == "" {
 		return nil, httpx.Errorf(http.StatusUnauthorized, httpx.CodeInvalidToken,
 			"missing token: send your keypool team token as the API key (Authorization: Bearer kp_...)")
@@ -76,18 +76,26 @@ func (s *Server) authenticate(r *http.Request, cred string, adminOK bool) (*auth
 			"the admin token cannot be used here; use a team token (POST /admin/tokens)")
 	}
 	p, err := s.auth.Authenticate(r.Context(), cred)
+	var why string
 	switch {
 	case err == nil:
 		return p, nil
 	case errors.Is(err, auth.ErrExpired):
-		s.fails.Fail(addr, now)
-		return nil, httpx.Errorf(http.StatusUnauthorized, httpx.CodeInvalidToken, "token expired")
+		why = "token expired"
 	case errors.Is(err, auth.ErrInactive):
-		s.fails.Fail(addr, now)
-		return nil, httpx.Errorf(http.StatusUnauthorized, httpx.CodeInvalidToken, "token revoked")
+		why = "token revoked"
 	case errors.Is(err, auth.ErrInvalidToken):
-		s.fails.Fail(addr, now)
-		return nil, httpx.Errorf(http.StatusUnauthorized, httpx.CodeInvalidToken, "invalid token")
+		why = "invalid token"
+	}
+	if why != "" {
+		if d, slowed := s.fails.Failed(s.clients.of(r), s.now()); slowed {
+			s.metrics.limiterRejections.WithLabelValues("auth_failures").Inc()
+			return nil, &httpx.Error{Status: http.StatusTooManyRequests, Code: httpx.CodeRateLimited, RetryAfter: d,
+				Message: "too many requests with invalid credentials from this address; retry later"}
+		}
+		return nil, httpx.Errorf(http.StatusUnauthorized, httpx.CodeInvalidToken, "%s", why)
+	}
+	switch {
 	case r.Context().Err() != nil:
 		return nil, r.Context().Err()
 	}
@@ -165,7 +173,7 @@ func (s *Server) authorize(r *http.Request, service, cred string) (*http.Request
 		oc.userID = p.User.ID
 	}
 	s.open.add(oc)
-	return r.WithContext(context.WithValue(ctx, callKey{}, &call{principal: p, open: oc})), nil
+	return r.WithContext(context.WithValue(ctx, callKey{}, &call{principal: p, open: oc, service: service})), nil
 }
 
 // onAttempt feeds the per-attempt metrics.
@@ -175,6 +183,27 @@ func (s *Server) onAttempt(a proxy.AttemptInfo) {
 	if a.Retry {
 		m.retries.Inc()
 	}
+}
+
+// onSend is the transport's OnSend hook: before a request goes out to a
+// key, it journals a provisional usage record (the key, the admission
+// estimate, status 0 until the answer), so a crash while the upstream
+// answers still leaves a record, charged the estimate as a cut stream is.
+// The final record (same ID) supersedes it in OnDone.
+func (s *Server) onSend(req *http.Request, keyID string) {
+	c := callFrom(req.Context())
+	if c == nil {
+		return
+	}
+	r := &c.rec // fields set one by one: a retry keeps the record's ID and journal position
+	r.Time, r.RequestID = s.now().UTC(), RequestID(req.Context())
+	r.TeamID, r.TokenID, r.Service, r.KeyID, r.Model = c.principal.Team.ID, c.principal.Token.ID, c.service, keyID, c.model
+	r.TokensIn, r.TokensOut, r.Cost, r.KeySpend = c.estIn, c.estOut, c.estCost, store.KeySpendByUnit
+	if c.family == meter.FamilyNone || (c.model == "" && c.estIn == 0) {
+		r.TokensIn, r.TokensOut, r.Cost = 0, 0, 0
+	}
+	c.prov = true
+	s.usage.Provisional(r)
 }
 
 // modifyResponse sets the budget warning header and meters LLM token
@@ -242,6 +271,9 @@ func (s *Server) onProxyDone(r *http.Request, res proxy.Result) {
 	u, cost := chargedUsage(c, res)
 	tokens := float64(max(u.InputTokens, 0) + max(u.OutputTokens, 0))
 	s.settle(c, tokens, cost, now)
+	if res.KeyID == "" && c.prov {
+		res.KeyID = c.rec.KeyID // an answer arrived: its provisional record is completed
+	}
 	if res.KeyID == "" {
 		return
 	}
@@ -251,18 +283,18 @@ func (s *Server) onProxyDone(r *http.Request, res proxy.Result) {
 		m.tokensOut.Add(float64(max(u.OutputTokens, 0)))
 		m.cost.Add(cost)
 	}
-	s.chargeKey(res.Service, res.KeyID, res.BalanceUnit, res.Status, tokens, cost)
-	rec := store.UsageRecord{
-		Time:      now.UTC(),
-		RequestID: RequestID(r.Context()),
-		TeamID:    c.principal.Team.ID,
-		TokenID:   c.principal.Token.ID,
-		Service:   res.Service,
-		KeyID:     res.KeyID,
-		Status:    res.Status,
-		LatencyMS: res.Duration.Milliseconds(),
-	}
+	spent := s.chargeKey(res.Service, res.KeyID, res.BalanceUnit, res.Status, tokens, cost)
+	// Complete the provisional record (same ID) or start a new one; every
+	// field is set here.
+	rec := c.rec
+	rec.KeySpend = spent
+	rec.Time = now.UTC()
+	rec.RequestID = RequestID(r.Context())
+	rec.TeamID, rec.TokenID = c.principal.Team.ID, c.principal.Token.ID
+	rec.Service, rec.KeyID, rec.Status = res.Service, res.KeyID, res.Status
+	rec.LatencyMS = res.Duration.Milliseconds()
 	rec.Model = c.model
+	rec.TokensIn, rec.TokensOut, rec.CachedTokens, rec.Cost = 0, 0, 0, 0
 	if u.Found {
 		if u.Model != "" {
 			rec.Model = u.Model

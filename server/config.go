@@ -139,6 +139,9 @@ type Config struct {
 	AuthCacheTTL Duration `json:"auth_cache_ttl,omitempty" yaml:"auth_cache_ttl,omitempty"`
 	// Usage configures the batching of usage records.
 	Usage store.UsageWriterOptions `json:"usage,omitzero" yaml:"usage,omitempty"`
+	// UsageJournal configures the local journal that makes usage records
+	// survive a crash of the process (see [JournalConfig]).
+	UsageJournal JournalConfig `json:"usage_journal,omitzero" yaml:"usage_journal,omitempty"`
 	// PricesFile is a YAML or JSON price file (the format of the shipped
 	// meter/prices.yaml, or a bare map of model to price) whose entries
 	// replace or add to the shipped table for every service; a service's
@@ -258,6 +261,9 @@ const (
 	EnvTrustedProxies   = "KEYPOOL_TRUSTED_PROXIES"
 	EnvBodyIdleTimeout  = "KEYPOOL_BODY_IDLE_TIMEOUT"
 	EnvBodyTimeout      = "KEYPOOL_BODY_TIMEOUT"
+	// EnvUsageJournal is "off" to disable the usage journal, or its
+	// directory.
+	EnvUsageJournal = "KEYPOOL_USAGE_JOURNAL"
 )
 
 // ApplyEnv overrides c with the KEYPOOL_* variables that lookup finds set
@@ -305,6 +311,13 @@ func (c *Config) ApplyEnv(lookup func(string) (string, bool)) error {
 	if v, ok := get(EnvPrices); ok {
 		c.PricesFile = v
 	}
+	if v, ok := get(EnvUsageJournal); ok {
+		if strings.EqualFold(v, "off") {
+			c.UsageJournal.Disabled = true
+		} else {
+			c.UsageJournal.Disabled, c.UsageJournal.Dir = false, v
+		}
+	}
 	if err := c.Console.applyEnv(get); err != nil {
 		return err
 	}
@@ -319,6 +332,27 @@ func (c *Config) ApplyEnv(lookup func(string) (string, bool)) error {
 		}
 	}
 	return nil
+}
+
+// JournalConfig configures the usage journal: every usage record is
+// appended to a local file (written to the operating system before the
+// request finishes) and replayed into the store on the next start if the
+// process dies before the store has it. Each process writes its own files
+// in Dir; replicas may share it.
+type JournalConfig struct {
+	// Disabled turns the journal off: a crash then loses the records not
+	// yet written to the store (up to about Usage.Interval of traffic).
+	Disabled bool `json:"disabled,omitempty" yaml:"disabled,omitempty"`
+	// Dir is the journal directory, on a local file system. If empty,
+	// DataDir/journal.
+	Dir string `json:"dir,omitempty" yaml:"dir,omitempty"`
+	// SyncInterval is how often the journal is flushed to stable storage
+	// (fdatasync, group commit): what an operating-system crash or power
+	// loss can lose. A process crash loses nothing. If zero, 1s.
+	SyncInterval Duration `json:"sync_interval,omitempty" yaml:"sync_interval,omitempty"`
+	// SegmentBytes is the size at which a journal file is rotated. If
+	// zero, 8 MiB.
+	SegmentBytes int64 `json:"segment_bytes,omitempty" yaml:"segment_bytes,omitempty"`
 }
 
 // withDefaults returns c with its zero fields set to their defaults.

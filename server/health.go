@@ -2,10 +2,13 @@ package server
 
 import (
 	"context"
+	"errors"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/keypool/keypool/internal/httpx"
+	"github.com/keypool/keypool/store/sqlstore"
 )
 
 // healthz serves GET /healthz: the process is alive.
@@ -18,11 +21,18 @@ type readiness struct {
 	Services int    `json:"services"`
 	Keys     int    `json:"keys"`
 	External string `json:"external_error,omitempty"`
+	// Degraded says what works from a last good copy while the replica
+	// still serves (a failing background sync); it does not fail /readyz.
+	Degraded string `json:"degraded,omitempty"`
 }
 
-// readyz serves GET /readyz: 200 when the store answers and the pool is
-// loaded, 503 unavailable with the reason otherwise (also while shutting
-// down, so load balancers stop sending traffic).
+// readyz serves GET /readyz: 200 when the store answers a query now (and,
+// on PostgreSQL, takes writes) and the pool is loaded; 503 unavailable
+// with the reason otherwise (also while shutting down, so load balancers
+// stop sending traffic). It asks the store rather than trusting the last
+// poll: a connection the database closed and the pool reopened at once
+// does not flip it, a read-only database (a standby, a failover in
+// progress: writes fail with SQLSTATE 25006) does.
 func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
 	reason := ""
 	st := s.syncer.Status()
@@ -33,17 +43,22 @@ func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
 		reason = "pools not loaded yet"
 	default:
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
-		err := s.st.Ping(ctx)
+		err := s.st.Probe(ctx)
 		cancel()
-		if err != nil {
+		switch {
+		case errors.Is(err, sqlstore.ErrReadOnly):
+			reason = "store is read-only (writes fail): " + strings.TrimPrefix(err.Error(), sqlstore.ErrReadOnly.Error()+" ")
+		case err != nil:
 			reason = "store unreachable"
-		} else if !st.Ready {
-			reason = "store sync failing"
 		}
 	}
 	if reason != "" {
 		s.fail(w, r, httpx.Errorf(http.StatusServiceUnavailable, httpx.CodeUnavailable, "not ready: %s", reason))
 		return
 	}
-	httpx.WriteJSON(w, http.StatusOK, readiness{Status: "ready", Services: st.Services, Keys: st.Keys, External: st.ExternalError})
+	rd := readiness{Status: "ready", Services: st.Services, Keys: st.Keys, External: st.ExternalError}
+	if !st.Ready {
+		rd.Degraded = "store sync failing; serving the last loaded services and keys"
+	}
+	httpx.WriteJSON(w, http.StatusOK, rd)
 }

@@ -371,10 +371,26 @@ func modelAllowed(meta *svcMeta, p *auth.Principal, model string) bool {
 	return p.AllowsModel(model)
 }
 
+// admission is the scratch space of one request's admission: its charges
+// (one per scope and unit with a budget), their decisions and
+// reservations, pooled so that admitting allocates nothing.
+type admission struct {
+	charges [9]limit.Charge
+	scope   [9]uint8
+	unit    [9]uint8
+	res     [9]limit.Reservation
+	ds      [9]limit.Decision
+}
+
+var admissions = sync.Pool{New: func() any { return new(admission) }}
+
 // reserve admits a metered request against the budgets of its token, its
-// team and its service, holding its estimate on each, and records the
-// holds on c. A refusal releases what was held and is 429
-// budget_exceeded with Retry-After at the end of the refusing window.
+// team and its service, in one atomic admission on every counter at once
+// ([limit.Admitter]: one Lua script on Redis): each is admitted while its
+// settled usage plus the reservations in flight is below its block
+// threshold, and the request then holds its estimate on each, recorded on
+// c. A refusal holds nothing and is 429 budget_exceeded with Retry-After
+// at the end of the refusing window.
 func (s *Server) reserve(ctx context.Context, c *call, service string, meta *svcMeta, estTok, estCost float64) error {
 	p := c.principal
 	if p.Admin {
@@ -389,7 +405,14 @@ func (s *Server) reserve(ctx context.Context, c *call, service string, meta *svc
 		scopes[scopeTeam] = s.budgets.get(scopeTeam, p.Team.ID, &p.Team.Limits)
 	}
 	scopes[scopeService] = meta.budget
-	var warn []string
+	a := admissions.Get().(*admission)
+	n := 0
+	defer func() {
+		clear(a.charges[:n])
+		clear(a.res[:n])
+		clear(a.ds[:n])
+		admissions.Put(a)
+	}()
 	for si, sc := range scopes {
 		if sc == nil {
 			continue
@@ -411,45 +434,43 @@ func (s *Server) reserve(ctx context.Context, c *call, service string, meta *svc
 			case unitCost:
 				amount = estCost
 			}
-			r, d, err := s.limiter.Reserve(ctx, key, amount, lims, now)
-			if err != nil {
-				if ctx.Err() != nil {
-					s.release(c, now)
-					return ctx.Err()
-				}
-				s.log.Warn("budget check failed; admitting", "scope", scopeNames[si], "err", err)
-				continue
-			}
-			if !d.Allowed {
-				s.release(c, now)
-				s.metrics.budgetRejections.WithLabelValues(scopeNames[si], d.Limit.Window.String(), unitName(unit)).Inc()
-				return budgetError(scopeNames[si], unit, d)
-			}
-			if c.nHolds < len(c.holds) {
-				c.holds[c.nHolds] = hold{r, unit}
-				c.nHolds++
-			}
-			if d.Warn {
-				w := warningText(scopeNames[si], unit, d)
-				warn = append(warn, w)
-				s.metrics.budgetWarnings.WithLabelValues(scopeNames[si], d.Limit.Window.String(), unitName(unit)).Inc()
-				s.log.Warn("budget warning", "scope", scopeNames[si], "counter", key, "window", d.Limit.Window.String(),
-					"unit", unitName(unit), "used", d.Used, "warn", d.Limit.Warn, "block", d.Limit.Block)
-			}
+			a.charges[n] = limit.Charge{Key: key, Amount: amount, Limits: lims}
+			a.scope[n], a.unit[n] = uint8(si), unit
+			n++
 		}
 	}
+	if n == 0 {
+		return nil
+	}
+	which, err := s.limiter.ReserveAll(ctx, a.charges[:n], a.res[:n], a.ds[:n], now)
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		s.log.Warn("budget check failed; admitting", "err", err)
+		return nil
+	}
+	if which >= 0 {
+		scope, unit := scopeNames[a.scope[which]], a.unit[which]
+		s.metrics.budgetRejections.WithLabelValues(scope, a.ds[which].Limit.Window.String(), unitName(unit)).Inc()
+		return budgetError(scope, unit, a.ds[which])
+	}
+	var warn []string
+	for i := range n {
+		c.holds[i] = hold{a.res[i], a.unit[i]}
+		if d := a.ds[i]; d.Warn {
+			scope, unit := scopeNames[a.scope[i]], a.unit[i]
+			warn = append(warn, warningText(scope, unit, d))
+			s.metrics.budgetWarnings.WithLabelValues(scope, d.Limit.Window.String(), unitName(unit)).Inc()
+			s.log.Warn("budget warning", "scope", scope, "counter", a.charges[i].Key, "window", d.Limit.Window.String(),
+				"unit", unitName(unit), "used", d.Used, "warn", d.Limit.Warn, "block", d.Limit.Block)
+		}
+	}
+	c.nHolds = n
 	if len(warn) > 0 {
 		c.warning = strings.Join(warn, ", ")
 	}
 	return nil
-}
-
-// release cancels every hold of c (a refused or failed admission).
-func (s *Server) release(c *call, now time.Time) {
-	for i := range c.nHolds {
-		_ = s.limiter.Settle(context.Background(), c.holds[i].r, 0, now)
-	}
-	c.nHolds, c.nUnheld = 0, 0
 }
 
 // settle charges a finished request's metered tokens and cost to every
@@ -513,8 +534,9 @@ func budgetError(scope string, unit uint8, d limit.Decision) error {
 	if unit == unitTPM {
 		name = "tokens-per-minute"
 	}
-	msg := fmt.Sprintf("budget exceeded: %s %s %s limit is %s, %s used or reserved", scope, windowWord(d.Limit.Window), name,
-		amount(unit, d.Limit.Block), amount(unit, d.Used))
+	settled := max(d.Used-d.Reserved, 0)
+	msg := fmt.Sprintf("budget exceeded: %s %s %s limit is %s: %s used, %s reserved by requests in flight", scope, windowWord(d.Limit.Window), name,
+		amount(unit, d.Limit.Block), amount(unit, settled), amount(unit, d.Reserved))
 	ra := d.RetryAfter
 	if d.Limit.Window == limit.Total {
 		// A total limit never resets: Retry-After is only how long a
@@ -543,9 +565,12 @@ func warningText(scope string, unit uint8, d limit.Decision) string {
 
 // chargeKey deducts a finished request's metered spend from the serving
 // key's balance, in the key's balance unit: USD for "usd", tokens for
-// "tokens", one per successful request for "requests". The pool learns
-// it at once (a spent key turns exhausted); the store gets it in batches.
-func (s *Server) chargeKey(service, keyID, unit string, status int, tokens, cost float64) {
+// "tokens", one per successful request for "requests", and returns it.
+// The pool learns it at once (a spent key turns exhausted); the store
+// gets it with the request's usage record (its KeySpend), in the same
+// transaction as the record and only once per record, so balance_used
+// follows the records, also after a crash and a journal replay.
+func (s *Server) chargeKey(service, keyID, unit string, status int, tokens, cost float64) float64 {
 	var amt float64
 	switch strings.ToLower(unit) {
 	case "usd", "$", "dollars":
@@ -558,62 +583,10 @@ func (s *Server) chargeKey(service, keyID, unit string, status int, tokens, cost
 		}
 	}
 	if amt <= 0 {
-		return
+		return 0
 	}
 	s.pool.Spend(service, keyID, amt)
-	s.spend.add(keyID, amt)
-}
-
-// spendBook batches key spend for the store, off the request path.
-type spendBook struct {
-	mu sync.Mutex // protects m
-	m  map[string]float64
-}
-
-func (b *spendBook) add(keyID string, amt float64) {
-	b.mu.Lock()
-	if b.m == nil {
-		b.m = make(map[string]float64)
-	}
-	b.m[keyID] += amt
-	b.mu.Unlock()
-}
-
-// flush writes the spend gathered so far; what fails to write is kept
-// for the next flush.
-func (b *spendBook) flush(ctx context.Context, st store.Store) error {
-	b.mu.Lock()
-	m := b.m
-	b.m = nil
-	b.mu.Unlock()
-	var first error
-	for id, amt := range m {
-		if err := st.AddKeySpend(ctx, id, amt); err != nil {
-			if first == nil {
-				first = err
-			}
-			if ctx.Err() == nil {
-				b.add(id, amt)
-			}
-		}
-	}
-	return first
-}
-
-// runSpend flushes key spend every second until ctx is done.
-func (s *Server) runSpend(ctx context.Context) {
-	t := time.NewTicker(time.Second)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		if err := s.spend.flush(ctx, s.st); err != nil && ctx.Err() == nil {
-			s.log.Warn("writing key spend failed; will retry", "err", err)
-		}
-	}
+	return amt
 }
 
 // seedCounters charges the local budget counters with the stored usage

@@ -201,9 +201,10 @@ func TestStreamCutBeforeUsageIsCharged(t *testing.T) {
 		admitted++
 		k.waitUsage(int64(i + 1))
 	}
-	// Each cut stream is charged its estimate (est ≈ 4025 tokens): two fit
-	// in 12000, a third would pass it.
-	if want := int(12000 / est); admitted != want {
+	// Each cut stream is charged its estimate (est ≈ 4025 tokens): a
+	// stream is admitted while the day's usage is below 12000, so three
+	// (0, 4025, 8050 used before each) and no fourth (12075).
+	if want := int((12000 + est - 1) / est); admitted != want {
 		t.Fatalf("admitted %d cut streams under a daily limit of 12000 at an estimate of %d each, want %d", admitted, est, want)
 	}
 	rows, err := k.srv.Store().QueryUsage(context.Background(), store.UsageQuery{})
@@ -246,6 +247,11 @@ func TestTotalBudgetRetryAfter(t *testing.T) {
 	k.addService("openai", up.URL, "bearer", map[string]any{"llm_family": "openai"})
 	k.addKey("openai", "sk-total-0123456789abcdef", nil)
 	tok := k.addToken(k.addTeam("eng", map[string]any{"limit_tokens_total_block": 10}), nil)
+	// The first request is admitted (nothing used yet) and spends 18.
+	if resp, b := k.send("POST", "/v1/openai/v1/chat/completions", tok, `{"model":"gpt-4o-mini","max_tokens":100}`); resp.StatusCode != 200 {
+		t.Fatalf("first request: %d %s", resp.StatusCode, b)
+	}
+	k.waitUsage(1)
 	resp, b := k.send("POST", "/v1/openai/v1/chat/completions", tok, `{"model":"gpt-4o-mini","max_tokens":100}`)
 	if resp.StatusCode != http.StatusTooManyRequests || !strings.Contains(string(b), `"budget_exceeded"`) {
 		t.Fatalf("%d %s", resp.StatusCode, b)

@@ -82,10 +82,14 @@
 // block threshold refuses with 429 budget_exceeded and Retry-After at the
 // end of the UTC window; a warn threshold sets [HeaderBudgetWarning], logs
 // and counts, and never refuses. Windows are calendar-aligned in UTC
-// (hour, day, month) or total; tpm_limit is a sliding minute. Admitted
-// estimates never exceed a budget; it is overspent by at most the sum, over
-// concurrently admitted requests, of their actual usage above their
-// estimate. The in-process counters are seeded from stored usage at start.
+// (hour, day, month) or total; tpm_limit is a sliding minute. A request is
+// admitted while the window's settled usage plus the reservations of the
+// requests already in flight is below the block threshold, so the first
+// request under any budget goes through; a budget is overspent by at most
+// the last admitted request's actual usage plus the sum, over concurrently
+// admitted requests, of their actual usage above their estimate (see
+// package limit). The in-process counters are seeded from stored usage at
+// start.
 //
 // models_enabled on a service, team or token restricts the models a
 // request may name (403 forbidden naming the model), and GET
@@ -160,6 +164,7 @@ type Server struct {
 	share   *sharer // nil without Redis
 	clients clientIPs
 	usage   *store.UsageWriter
+	journal *store.Journal // nil when disabled
 	metrics *metrics
 	leases  *leaseBook
 	events  chan keypool.Event
@@ -170,7 +175,6 @@ type Server struct {
 
 	svcMeta    atomic.Pointer[map[string]*svcMeta]
 	basePrices *meter.PriceTable // shipped table merged with Config.PricesFile
-	spend      spendBook
 	budgets    budgetCache
 	now        func() time.Time
 	inflight   atomic.Int64
@@ -261,6 +265,12 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 			"set KEYPOOL_EXTERNAL_DATABASE or -external-database (external keys are not loaded)", "services", named)
 	}
 
+	if !cfg.UsageJournal.Disabled {
+		if err := s.openJournal(ctx); err != nil {
+			return nil, err
+		}
+	}
+
 	s.pool, err = keypool.New(keypool.Config{OnEvent: s.onEvent, OnHold: s.onHold})
 	if err != nil {
 		return nil, err
@@ -324,6 +334,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if uopts.Logger == nil {
 		uopts.Logger = log
 	}
+	uopts.Journal = s.journal
 	s.usage = store.NewUsageWriter(s.st, uopts)
 	s.leases = newLeaseBook(time.Duration(cfg.LeaseTTL), s.now)
 
@@ -354,8 +365,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		upstream = upstreamTransport(cfg.AllowMetadataUpstreams)
 	}
 	s.proxy = &proxy.Handler{
-		Pool:           s.pool,
-		Transport:      &proxy.Transport{Base: upstream, OnAttempt: s.onAttempt, AttemptTimeout: time.Duration(cfg.UpstreamHeaderTimeout)},
+		Pool: s.pool,
+		Transport: &proxy.Transport{Base: upstream, OnAttempt: s.onAttempt, OnSend: s.onSend,
+			AttemptTimeout: time.Duration(cfg.UpstreamHeaderTimeout)},
 		IdleTimeout:    time.Duration(cfg.UpstreamIdleTimeout),
 		Timeout:        time.Duration(cfg.UpstreamTimeout),
 		Authorize:      s.authorize,
@@ -373,8 +385,10 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	s.bg.Go(func() { s.persistEvents(bgctx) })
 	s.bg.Go(func() { s.leases.run(bgctx) })
 	s.bg.Go(func() { s.watchServiceLimits(bgctx) })
-	s.bg.Go(func() { s.runSpend(bgctx) })
 	s.bg.Go(func() { s.pruneAdmin(bgctx) })
+	if s.journal != nil {
+		s.bg.Go(func() { s.replayJournals(bgctx) })
+	}
 	if len(keyring.Versions()) > 1 {
 		// A rotation: re-seal what older keys sealed, online.
 		s.bg.Go(func() { s.rewrap(bgctx) })
@@ -595,10 +609,14 @@ func (s *Server) shutdown(ctx context.Context) error {
 	if err := s.usage.Close(fctx); err != nil {
 		errs = append(errs, err)
 	}
-	s.drainEvents(fctx)
-	if err := s.spend.flush(fctx, s.st); err != nil {
-		errs = append(errs, fmt.Errorf("server: write key spend: %w", err))
+	if s.journal != nil {
+		// Records the store did not take stay in the journal for the
+		// next start.
+		if err := s.journal.Close(); err != nil {
+			errs = append(errs, err)
+		}
 	}
+	s.drainEvents(fctx)
 	errs = append(errs, s.closeResources())
 	err := errors.Join(errs...)
 	s.log.Info("shutdown complete", "took", time.Since(start).Round(time.Millisecond).String(),
@@ -615,6 +633,11 @@ func (s *Server) closeResources() error {
 	var errs []error
 	if s.limiter != nil {
 		errs = append(errs, s.limiter.Close())
+	}
+	if s.journal != nil {
+		if err := s.journal.Close(); !errors.Is(err, store.ErrJournalClosed) {
+			errs = append(errs, err)
+		}
 	}
 	if s.rdb != nil {
 		errs = append(errs, s.rdb.Close())

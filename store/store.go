@@ -208,8 +208,20 @@ type Token struct {
 }
 
 // UsageRecord is one proxied or leased request.
+//
+// ID is the record's own unique id (a [UsageWriter] stamps one when it is
+// empty): the store keeps at most one row per ID, so a record appended
+// twice (a journal replayed after a crash, a retried flush) is stored
+// once. It is not RequestID, which a client may choose (X-Request-Id) and
+// repeat. KeySpend is what the request spent of KeyID's balance, in the
+// key's balance unit; the store adds it to the key's balance_used in the
+// same transaction as the row, and only when the row is new, so balances
+// follow the records exactly. A negative KeySpend ([KeySpendByUnit]) asks
+// the store to derive it from the key's balance unit: the cost for "usd",
+// the tokens for "tokens", one for a 2xx in "requests".
 type UsageRecord struct {
 	Time         time.Time `json:"time"`
+	ID           string    `json:"id,omitempty"`
 	RequestID    string    `json:"request_id,omitempty"`
 	TeamID       string    `json:"team_id,omitempty"`
 	TokenID      string    `json:"token_id,omitempty"`
@@ -222,7 +234,16 @@ type UsageRecord struct {
 	CachedTokens int64     `json:"cached_tokens,omitempty"`
 	Cost         float64   `json:"cost"`
 	LatencyMS    int64     `json:"latency_ms"`
+	KeySpend     float64   `json:"key_spend,omitempty"`
+
+	seg  uint64 // the journal segment holding the record; 0 when none
+	pseg uint64 // the journal segment holding its provisional line; 0 when none
 }
+
+// KeySpendByUnit is the [UsageRecord.KeySpend] of a record whose spend the
+// store derives from its key's balance unit (a provisional record, made
+// before the request's spend was known).
+const KeySpendByUnit = -1
 
 // Usage grouping dimensions for [UsageQuery.GroupBy].
 const (
@@ -306,6 +327,9 @@ type Store interface {
 	UpdateToken(ctx context.Context, t *Token) error
 	DeleteToken(ctx context.Context, id string) error
 
+	// AppendUsage stores usage records, skipping any whose ID is already
+	// stored, and adds the KeySpend of the records it stores to their
+	// keys' BalanceUsed, all in one transaction.
 	AppendUsage(ctx context.Context, recs []UsageRecord) error
 	QueryUsage(ctx context.Context, q UsageQuery) ([]UsageRow, error)
 	// PruneUsage deletes usage records older than before.

@@ -2,9 +2,12 @@ package store
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -32,7 +35,8 @@ type UsageWriterOptions struct {
 	// MaxBuffered bounds the records held in memory. When the buffer is
 	// full, Add writes the buffer itself, synchronously: a slow store slows
 	// callers down rather than losing records. Only when that write fails
-	// too are the records dropped (and counted by [UsageWriter.Dropped]).
+	// too are the records dropped (and counted by [UsageWriter.Dropped]);
+	// with a Journal they stay in it and are replayed on the next start.
 	// If zero, 100 * BatchSize.
 	MaxBuffered int `json:"max_buffered,omitempty"`
 	// FlushTimeout bounds one AppendUsage call. If zero, 30s.
@@ -46,22 +50,31 @@ type UsageWriterOptions struct {
 	// Logger receives flush and prune failures (counts only, never record
 	// contents). If nil, slog.Default().
 	Logger *slog.Logger `json:"-"`
+	// Journal, if set, makes records crash-safe: Add appends each record
+	// to it before buffering it, and records are marked done in it once
+	// the store has them. The writer does not close it.
+	Journal *Journal `json:"-" yaml:"-"`
 }
 
 // UsageWriter buffers usage records and appends them in batches off the
 // request path: every Interval, whenever a batch fills, and on Close. A
-// failed background flush keeps its records for the next attempt. It
-// starts a goroutine, stopped by [UsageWriter.Close]; it is safe for
-// concurrent use and must not be copied.
+// failed background flush keeps its records for the next attempt. Each
+// record gets a unique ID when it has none. With a [Journal]
+// ([UsageWriterOptions.Journal]) every record is in the journal before Add
+// returns, so a crash of the process loses none. It starts a goroutine,
+// stopped by [UsageWriter.Close]; it is safe for concurrent use and must
+// not be copied.
 type UsageWriter struct {
-	dst   UsageAppender
-	opts  UsageWriterOptions
-	log   *slog.Logger
-	kick  chan struct{} // a batch is full
-	stop  chan struct{} // closed by Close
-	done  chan struct{} // closed when the goroutine exits
-	ticks <-chan time.Time
-	now   func() time.Time
+	idPrefix string
+	idSeq    atomic.Uint64
+	dst      UsageAppender
+	opts     UsageWriterOptions
+	log      *slog.Logger
+	kick     chan struct{} // a batch is full
+	stop     chan struct{} // closed by Close
+	done     chan struct{} // closed when the goroutine exits
+	ticks    <-chan time.Time
+	now      func() time.Time
 
 	dropped atomic.Int64
 	written atomic.Int64
@@ -102,14 +115,17 @@ func newUsageWriter(dst UsageAppender, opts UsageWriterOptions, ticks <-chan tim
 	if opts.PruneInterval <= 0 {
 		opts.PruneInterval = time.Hour
 	}
+	var b [8]byte
+	_, _ = rand.Read(b[:])
 	w := &UsageWriter{
-		dst:  dst,
-		opts: opts,
-		log:  opts.Logger,
-		kick: make(chan struct{}, 1),
-		stop: make(chan struct{}),
-		done: make(chan struct{}),
-		now:  now,
+		idPrefix: hex.EncodeToString(b[:]) + "-",
+		dst:      dst,
+		opts:     opts,
+		log:      opts.Logger,
+		kick:     make(chan struct{}, 1),
+		stop:     make(chan struct{}),
+		done:     make(chan struct{}),
+		now:      now,
 	}
 	if w.log == nil {
 		w.log = slog.Default()
@@ -130,6 +146,17 @@ func newUsageWriter(dst UsageAppender, opts UsageWriterOptions, ticks <-chan tim
 func (w *UsageWriter) Add(rec UsageRecord) {
 	if rec.Time.IsZero() {
 		rec.Time = w.now()
+	}
+	if rec.ID == "" {
+		rec.ID = w.idPrefix + strconv.FormatUint(w.idSeq.Add(1), 36)
+	}
+	if j := w.opts.Journal; j != nil {
+		// Failures are logged by the journal; the record is still
+		// buffered for the store.
+		if j.Append(&rec) == nil && rec.pseg != 0 {
+			j.Done(rec.pseg, 1) // the final record supersedes the provisional one
+		}
+		rec.pseg = 0
 	}
 	w.mu.Lock()
 	if w.closed {
@@ -158,6 +185,29 @@ func (w *UsageWriter) Add(rec UsageRecord) {
 		select {
 		case w.kick <- struct{}{}:
 		default:
+		}
+	}
+}
+
+// Provisional stamps rec with an ID (and a time) when it has none and,
+// with a journal, writes a provisional line for it: what is known of a
+// request when the upstream's answer arrives, so that a crash before the
+// request finishes still leaves a record of it (replayed if no final
+// record follows). The caller then fills in rec's final fields and passes
+// it to Add, which supersedes the provisional line; calling Provisional
+// again on rec (a retry on another key) supersedes the earlier line.
+// Without a journal only the stamping happens.
+func (w *UsageWriter) Provisional(rec *UsageRecord) {
+	if rec.Time.IsZero() {
+		rec.Time = w.now()
+	}
+	if rec.ID == "" {
+		rec.ID = w.idPrefix + strconv.FormatUint(w.idSeq.Add(1), 36)
+	}
+	if j := w.opts.Journal; j != nil {
+		old := rec.pseg
+		if j.AppendProvisional(rec) == nil && old != 0 {
+			j.Done(old, 1) // a retry's provisional line supersedes the earlier one
 		}
 	}
 }
@@ -206,9 +256,27 @@ func (w *UsageWriter) write(ctx context.Context, recs []UsageRecord) (int, error
 			return done, fmt.Errorf("store: append usage: %w", err)
 		}
 		w.written.Add(int64(n))
+		w.journalDone(recs[done : done+n])
 		done += n
 	}
 	return done, nil
+}
+
+// journalDone marks stored records done in the journal, one call per
+// run of records from the same segment.
+func (w *UsageWriter) journalDone(recs []UsageRecord) {
+	j := w.opts.Journal
+	if j == nil {
+		return
+	}
+	for i := 0; i < len(recs); {
+		seg, k := recs[i].seg, i+1
+		for k < len(recs) && recs[k].seg == seg {
+			k++
+		}
+		j.Done(seg, k-i)
+		i = k
+	}
 }
 
 // requeue puts records that failed to write back at the front of the

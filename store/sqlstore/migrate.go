@@ -162,6 +162,11 @@ var migrations = []migration{
 		)`,
 		`CREATE INDEX audit_log_ts ON audit_log (ts)`,
 	}},
+	{7, "usage record ids: a record is stored once", []string{
+		// NULL for rows written before: NULLs never conflict.
+		`ALTER TABLE usage_records ADD COLUMN record_id TEXT`,
+		`CREATE UNIQUE INDEX usage_record_id ON usage_records (record_id)`,
+	}},
 }
 
 // latestVersion is the schema version this package writes.

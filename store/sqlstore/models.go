@@ -102,6 +102,7 @@ func (tokenRow) TableName() string { return "tokens" }
 // usageRow has no id field, so inserts need no RETURNING clause.
 type usageRow struct {
 	Ts           int64   `gorm:"column:ts"`
+	RecordID     *string `gorm:"column:record_id"`
 	RequestID    string  `gorm:"column:request_id"`
 	TeamID       string  `gorm:"column:team_id"`
 	TokenID      string  `gorm:"column:token_id"`

@@ -4,11 +4,13 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
 
 	"gorm.io/gorm"
+	"gorm.io/gorm/clause"
 
 	"github.com/keypool/keypool/store"
 )
@@ -17,14 +19,19 @@ import (
 const usageBatch = 1000
 
 // AppendUsage inserts usage records in batches, in one transaction. A
-// record with a zero Time is stamped now. Usage rows have no foreign keys:
-// they outlive the teams, tokens and keys they name.
+// record with a zero Time is stamped now. A record whose ID is already
+// stored is skipped (ON CONFLICT DO NOTHING on the unique record_id), so
+// appending the same records twice stores them once; the KeySpend of the
+// records actually inserted is added to their keys' balance_used in the
+// same transaction. Usage rows have no foreign keys: they outlive the
+// teams, tokens and keys they name.
 func (s *Store) AppendUsage(ctx context.Context, recs []store.UsageRecord) error {
 	if len(recs) == 0 {
 		return nil
 	}
 	now := s.now()
 	rows := make([]usageRow, len(recs))
+	spending := false
 	for i := range recs {
 		r := &recs[i]
 		t := r.Time
@@ -37,19 +44,126 @@ func (s *Store) AppendUsage(ctx context.Context, recs []store.UsageRecord) error
 			TokensIn: r.TokensIn, TokensOut: r.TokensOut, CachedTokens: r.CachedTokens,
 			Cost: r.Cost, LatencyMS: r.LatencyMS,
 		}
+		if r.ID != "" {
+			rows[i].RecordID = &r.ID
+		}
+		if r.KeySpend != 0 && r.KeyID != "" {
+			spending = true
+		}
 	}
 	return s.write(ctx, "append usage", false, func(tx *gorm.DB) error {
-		if sqlTx, ok := tx.Statement.ConnPool.(*sql.Tx); ok {
-			return s.insertUsage(ctx, sqlTx, rows)
+		var spend map[string]float64
+		if spending {
+			var err error
+			if spend, err = s.newSpend(tx, recs); err != nil {
+				return err
+			}
 		}
-		return tx.CreateInBatches(&rows, usageBatch).Error
+		if sqlTx, ok := tx.Statement.ConnPool.(*sql.Tx); ok {
+			if err := s.insertUsage(ctx, sqlTx, rows); err != nil {
+				return err
+			}
+		} else if err := tx.Clauses(clause.OnConflict{Columns: []clause.Column{{Name: "record_id"}}, DoNothing: true}).
+			CreateInBatches(&rows, usageBatch).Error; err != nil {
+			return err
+		}
+		for id, amt := range spend {
+			if err := tx.Exec("UPDATE keys SET balance_used = balance_used + ? WHERE id = ?", amt, id).Error; err != nil {
+				return err
+			}
+		}
+		return nil
 	})
+}
+
+// spendLookup is how many record ids one existence query carries.
+const spendLookup = 500
+
+// newSpend sums, per key, the KeySpend of the records in recs that are not
+// stored yet (called in the inserting transaction, before the insert). A
+// negative KeySpend is derived from the key's balance unit.
+func (s *Store) newSpend(tx *gorm.DB, recs []store.UsageRecord) (map[string]float64, error) {
+	var ids, byUnit []string
+	for i := range recs {
+		if r := &recs[i]; r.KeySpend != 0 && r.KeyID != "" {
+			if r.ID != "" {
+				ids = append(ids, r.ID)
+			}
+			if r.KeySpend < 0 && !slices.Contains(byUnit, r.KeyID) {
+				byUnit = append(byUnit, r.KeyID)
+			}
+		}
+	}
+	stored := map[string]bool{}
+	for len(ids) > 0 {
+		n := min(len(ids), spendLookup)
+		var found []string
+		if err := tx.Raw("SELECT record_id FROM usage_records WHERE record_id IN ?", ids[:n]).Scan(&found).Error; err != nil {
+			return nil, err
+		}
+		for _, id := range found {
+			stored[id] = true
+		}
+		ids = ids[n:]
+	}
+	units := map[string]string{}
+	for len(byUnit) > 0 {
+		n := min(len(byUnit), spendLookup)
+		var rows []struct {
+			ID          string
+			BalanceUnit string
+		}
+		if err := tx.Raw("SELECT id, balance_unit FROM keys WHERE id IN ?", byUnit[:n]).Scan(&rows).Error; err != nil {
+			return nil, err
+		}
+		for _, r := range rows {
+			units[r.ID] = r.BalanceUnit
+		}
+		byUnit = byUnit[n:]
+	}
+	spend := map[string]float64{}
+	seen := map[string]bool{}
+	for i := range recs {
+		r := &recs[i]
+		if r.KeySpend == 0 || r.KeyID == "" || stored[r.ID] {
+			continue
+		}
+		if r.ID != "" {
+			if seen[r.ID] {
+				continue // the same record twice in one batch is stored once
+			}
+			seen[r.ID] = true
+		}
+		amt := r.KeySpend
+		if amt < 0 {
+			amt = unitSpend(units[r.KeyID], r)
+		}
+		if amt > 0 {
+			spend[r.KeyID] += amt
+		}
+	}
+	return spend, nil
+}
+
+// unitSpend is what r spent of a key whose balance is counted in unit.
+func unitSpend(unit string, r *store.UsageRecord) float64 {
+	switch strings.ToLower(unit) {
+	case "usd", "$", "dollars":
+		return r.Cost
+	case "tokens", "token":
+		return float64(r.TokensIn + r.TokensOut)
+	case "requests", "request", "calls":
+		if r.Status >= 200 && r.Status < 300 {
+			return 1
+		}
+	}
+	return 0
 }
 
 // usageChunk is how many rows one prepared multi-row INSERT carries.
 const usageChunk = 64
 
-const usageColumns = 13
+const usageColumns = 14
 
 // usageStmts holds the prepared usage INSERTs: parsing a statement costs
 // more than the rows it inserts, so it is prepared once, when the Store
@@ -74,7 +188,7 @@ func (s *Store) prepareUsage(ctx context.Context) error {
 
 func (s *Store) usageInsertSQL(rows int) string {
 	var b strings.Builder
-	b.WriteString("INSERT INTO usage_records (ts, request_id, team_id, token_id, service, key_id, model, status, tokens_in, tokens_out, cached_tokens, cost, latency_ms) VALUES ")
+	b.WriteString("INSERT INTO usage_records (ts, record_id, request_id, team_id, token_id, service, key_id, model, status, tokens_in, tokens_out, cached_tokens, cost, latency_ms) VALUES ")
 	n := 0
 	for r := 0; r < rows; r++ {
 		if r > 0 {
@@ -94,6 +208,7 @@ func (s *Store) usageInsertSQL(rows int) string {
 		}
 		b.WriteByte(')')
 	}
+	b.WriteString(" ON CONFLICT (record_id) DO NOTHING")
 	return b.String()
 }
 
@@ -105,7 +220,11 @@ func (s *Store) insertUsage(ctx context.Context, tx *sql.Tx, rows []usageRow) er
 	}
 	args := make([]any, 0, usageChunk*usageColumns)
 	add := func(r *usageRow) {
-		args = append(args, r.Ts, r.RequestID, r.TeamID, r.TokenID, r.Service, r.KeyID, r.Model,
+		var id any
+		if r.RecordID != nil {
+			id = *r.RecordID
+		}
+		args = append(args, r.Ts, id, r.RequestID, r.TeamID, r.TokenID, r.Service, r.KeyID, r.Model,
 			r.Status, r.TokensIn, r.TokensOut, r.CachedTokens, r.Cost, r.LatencyMS)
 	}
 	if len(rows) >= usageChunk {

@@ -1,0 +1,293 @@
+package limit
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Charge is one counter a request is admitted on: the counter's key, the
+// request's estimate in the counter's unit, and the limits on that key.
+type Charge struct {
+	Key    string
+	Amount float64
+	Limits []Limit
+}
+
+// Admitter admits a request on several counters at once, all or none: a
+// request under budgets on its token, its team and its service, in
+// tokens and in USD, is checked against every one (the rule of [Limit])
+// and reserves its estimate on each only when all admit it. Nothing is
+// held for a refused request, so a refusal by one scope never leaves a
+// reservation on another. [Local] takes the locks of every counter
+// involved; [Redis] runs one Lua script (one round trip).
+type Admitter interface {
+	// ReserveAll checks charges and, when every one admits, reserves
+	// each. res and ds must be at least len(charges) long; ds[i] is the
+	// decision for charges[i] and, when admitted, res[i] its reservation
+	// (to settle with [Counter.Settle]). which is -1 when the request is
+	// admitted, else the index of the refusing charge (when several
+	// refuse, the first), whose refusal is ds[which]. A charge with no
+	// limits is admitted and holds nothing. Keys should be distinct.
+	ReserveAll(ctx context.Context, charges []Charge, res []Reservation, ds []Decision, now time.Time) (which int, err error)
+}
+
+func validateAll(charges []Charge, res []Reservation, ds []Decision) error {
+	if len(res) < len(charges) || len(ds) < len(charges) {
+		return fmt.Errorf("%w: %d charges, room for %d reservations and %d decisions", ErrInvalidLimit, len(charges), len(res), len(ds))
+	}
+	for _, c := range charges {
+		if err := validate(c.Amount, c.Limits); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ReserveAll implements [Admitter]. It returns an error only for an
+// invalid limit or amount.
+func (l *Local) ReserveAll(_ context.Context, charges []Charge, res []Reservation, ds []Decision, now time.Time) (int, error) {
+	if err := validateAll(charges, res, ds); err != nil || len(charges) == 0 {
+		return -1, err
+	}
+	var shards [16]int
+	idx := shards[:0]
+	for _, c := range charges {
+		if i := l.shard(c.Key); !slices.Contains(idx, i) {
+			idx = append(idx, i)
+		}
+	}
+	slices.Sort(idx) // one lock order for every caller
+	for _, i := range idx {
+		l.count[i].mu.Lock()
+	}
+	defer func() {
+		for _, i := range idx {
+			l.count[i].mu.Unlock()
+		}
+	}()
+	t := now.UnixNano()
+	for i, c := range charges {
+		e := l.count[l.shard(c.Key)].get(c.Key)
+		e.expire(t)
+		ds[i] = l.check(e, c.Amount, c.Limits, now)
+		if !ds[i].Allowed {
+			return i, nil
+		}
+	}
+	for i, c := range charges {
+		res[i] = l.hold(l.count[l.shard(c.Key)].get(c.Key), c.Key, c.Amount, t)
+	}
+	return -1, nil
+}
+
+// reserveManyScript is [Redis.ReserveAll]: reserveScript's check for every
+// charge, then, when all admit, its reservation for every charge.
+// KEYS: 7 per charge, as reserveScript. ARGV: now ms, now s, ttl ms,
+// number of charges, then per charge: amount, member, n, then n ×
+// (window, warn, block, calendar retry ms). Returns {which (0: admitted,
+// else the 1-based refusing charge), then per charge checked: allowed,
+// warn, limit index, used, retry ms, reserved}.
+var reserveManyScript = redis.NewScript(`
+local now = tonumber(ARGV[1])
+local sec = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local nc = tonumber(ARGV[4])
+
+local function expire(k6, k7)
+  local exp = redis.call('ZRANGEBYSCORE', k7, '-inf', now)
+  if #exp > 0 then
+    local sum = 0
+    for _, m in ipairs(exp) do sum = sum + tonumber(string.match(m, ':([^:]*)$')) end
+    redis.call('ZREMRANGEBYSCORE', k7, '-inf', now)
+    redis.call('INCRBYFLOAT', k6, -sum)
+  end
+  if redis.call('ZCARD', k7) == 0 then
+    redis.call('DEL', k6)
+    return 0
+  end
+  local r = tonumber(redis.call('GET', k6) or '0')
+  if r < 0 then r = 0 end
+  return r
+end
+
+local function check(kb, ab, amount, reserved)
+  local n = tonumber(ARGV[ab])
+  local secs = nil
+  local minute = 0
+  local function usage(w)
+    if w ~= 1 then return tonumber(redis.call('GET', KEYS[kb + w - 2]) or '0') end
+    if secs == nil then
+      secs = {}
+      local h = redis.call('HGETALL', KEYS[kb + 4])
+      for i = 1, #h, 2 do
+        local s = tonumber(h[i])
+        if s >= sec - 60 and s <= sec then
+          local v = tonumber(h[i + 1])
+          table.insert(secs, {s, v})
+          minute = minute + v
+        end
+      end
+      table.sort(secs, function(a, b) return a[1] < b[1] end)
+    end
+    return minute
+  end
+  local allowed, warn, warnIdx, warnUsed = 1, 0, 0, 0
+  local tight, tightUsed, tightRoom = 0, 0, 0
+  local pick, pickW, pickUsed, pickRetry = 0, 0, 0, 0
+  for i = 1, n do
+    local b = ab + (i - 1) * 4
+    local w = tonumber(ARGV[b + 1])
+    local wl = tonumber(ARGV[b + 2])
+    local bl = tonumber(ARGV[b + 3])
+    if wl > 0 or bl > 0 then
+      local u = usage(w)
+      local tot = u + reserved
+      if wl > 0 and tot + amount >= wl and warn == 0 then
+        warn, warnIdx, warnUsed = 1, i, tot + amount
+      end
+      if bl > 0 and tot >= bl then
+        local ra = tonumber(ARGV[b + 4])
+        if w == 1 then
+          ra = 60000
+          local left = u
+          for _, e in ipairs(secs) do
+            left = left - e[2]
+            if e[2] ~= 0 and left + reserved < bl then
+              ra = (e[1] + 61) * 1000 - now
+              break
+            end
+          end
+        end
+        if allowed == 1 or (pickW ~= 5 and (w == 5 or ra > pickRetry)) then
+          pick, pickW, pickUsed, pickRetry = i, w, tot, ra
+        end
+        allowed = 0
+      elseif bl > 0 and (tight == 0 or bl - (tot + amount) < tightRoom) then
+        tight, tightUsed, tightRoom = i, tot + amount, bl - (tot + amount)
+      end
+    end
+  end
+  if allowed == 0 then
+    if pickW == 5 then pickRetry = 0 end
+    return {0, warn, pick, tostring(pickUsed), pickRetry, tostring(reserved)}
+  end
+  if warn == 1 then return {1, 1, warnIdx, tostring(warnUsed), 0, tostring(reserved + amount)} end
+  return {1, 0, tight, tostring(tightUsed), 0, tostring(reserved + amount)}
+end
+
+local out = {0}
+local ab = 5
+for c = 1, nc do
+  local kb = (c - 1) * 7 + 1
+  local amount = tonumber(ARGV[ab])
+  local reserved = expire(KEYS[kb + 5], KEYS[kb + 6])
+  local d = check(kb, ab + 2, amount, reserved)
+  for _, v in ipairs(d) do table.insert(out, v) end
+  if d[1] == 0 then
+    out[1] = c
+    return out
+  end
+  ab = ab + 3 + 4 * tonumber(ARGV[ab + 2])
+end
+ab = 5
+for c = 1, nc do
+  local kb = (c - 1) * 7 + 1
+  local amount = tonumber(ARGV[ab])
+  if amount > 0 then
+    redis.call('ZADD', KEYS[kb + 6], now + ttl, ARGV[ab + 1])
+    redis.call('INCRBYFLOAT', KEYS[kb + 5], amount)
+    redis.call('PEXPIRE', KEYS[kb + 6], ttl + 60000)
+    redis.call('PEXPIRE', KEYS[kb + 5], ttl + 60000)
+  end
+  ab = ab + 3 + 4 * tonumber(ARGV[ab + 2])
+end
+return out
+`)
+
+// ReserveAll implements [Admitter] with one script run. All keys must be
+// served by one Redis node (a single Redis, or keys in one Cluster slot).
+// When Redis cannot be reached, it follows the budget fail policy for the
+// whole request, as Reserve does. It returns an error for an invalid
+// limit or amount, or when ctx is done.
+func (r *Redis) ReserveAll(ctx context.Context, charges []Charge, res []Reservation, ds []Decision, now time.Time) (int, error) {
+	if err := validateAll(charges, res, ds); err != nil || len(charges) == 0 {
+		return -1, err
+	}
+	keys := make([]string, 0, 7*len(charges))
+	args := make([]any, 0, 4+len(charges)*7)
+	args = append(args, now.UnixMilli(), now.Unix(), r.cfg.ReservationTTL.Milliseconds(), len(charges))
+	members := make([]string, len(charges))
+	for i, c := range charges {
+		keys = append(keys, r.counterKeys(c.Key, now)...)
+		if c.Amount > 0 {
+			members[i] = r.id() + ":" + strconv.FormatFloat(c.Amount, 'g', -1, 64)
+		}
+		args = append(args, c.Amount, members[i], len(c.Limits))
+		for _, l := range c.Limits {
+			args = append(args, int(l.Window), l.Warn, l.Block, calRetry(l.Window, now).Milliseconds())
+		}
+	}
+	cctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
+	defer cancel()
+	out, err := reserveManyScript.Run(cctx, r.c, keys, args...).Slice()
+	which := -1
+	if err == nil {
+		which, err = parseReserveMany(out, charges, ds)
+	}
+	if err != nil {
+		if err = r.failed(ctx, "reserve", err); errors.Is(err, ErrUnavailable) {
+			for i, c := range charges {
+				res[i] = Reservation{key: c.Key, amount: c.Amount, done: new(atomic.Bool)}
+				ds[i] = Decision{Allowed: !r.cfg.FailClosedBudget, Degraded: true}
+			}
+			if r.cfg.FailClosedBudget {
+				ds[0].RetryAfter = failRetry
+				return 0, nil
+			}
+			return -1, nil
+		}
+		return -1, err
+	}
+	r.ok()
+	if which >= 0 {
+		return which, nil
+	}
+	for i, c := range charges {
+		res[i] = Reservation{key: c.Key, amount: c.Amount, done: new(atomic.Bool)}
+		if c.Amount > 0 {
+			res[i].recorded, res[i].member = true, members[i]
+		}
+	}
+	return -1, nil
+}
+
+func parseReserveMany(out []any, charges []Charge, ds []Decision) (int, error) {
+	if len(out) < 1 {
+		return -1, fmt.Errorf("unexpected reply %v", out)
+	}
+	refused, _ := out[0].(int64)
+	n := (len(out) - 1) / 6
+	if (len(out)-1)%6 != 0 || n > len(charges) || (refused == 0 && n != len(charges)) || (refused > 0 && int(refused) != n) {
+		return -1, fmt.Errorf("unexpected reply %v", out)
+	}
+	for i := range n {
+		d, err := parseReserve(out[1+6*i:7+6*i], charges[i].Limits)
+		if err != nil {
+			return -1, err
+		}
+		ds[i] = d
+	}
+	return int(refused) - 1, nil
+}
+
+var (
+	_ Admitter = (*Local)(nil)
+	_ Admitter = (*Redis)(nil)
+)

@@ -1,0 +1,114 @@
+package store
+
+import (
+	"hash/crc32"
+	"math"
+	"strconv"
+	"time"
+	"unicode/utf8"
+)
+
+// appendRecordLine appends the journal line of rec to b: the CRC-32C of
+// the rest of the line in 8 hex digits, a space, "P" for a provisional
+// record, the JSON (the field names of
+// [UsageRecord]'s json tags, decoded by encoding/json on replay), and a
+// newline. It is written by hand because it runs once per request.
+func appendRecordLine(b []byte, rec *UsageRecord, provisional bool) []byte {
+	start := len(b)
+	b = append(b, "00000000 "...)
+	js := len(b)
+	if provisional {
+		b = append(b, 'P')
+	}
+	b = append(b, `{"time":"`...)
+	b = rec.Time.AppendFormat(b, time.RFC3339Nano)
+	b = append(b, '"')
+	b = appendStrField(b, "id", rec.ID)
+	b = appendStrField(b, "request_id", rec.RequestID)
+	b = appendStrField(b, "team_id", rec.TeamID)
+	b = appendStrField(b, "token_id", rec.TokenID)
+	b = appendStrField(b, "service", rec.Service)
+	b = appendStrField(b, "key_id", rec.KeyID)
+	b = appendStrField(b, "model", rec.Model)
+	b = appendIntField(b, "status", int64(rec.Status))
+	b = appendIntField(b, "tokens_in", rec.TokensIn)
+	b = appendIntField(b, "tokens_out", rec.TokensOut)
+	b = appendIntField(b, "cached_tokens", rec.CachedTokens)
+	b = appendFloatField(b, "cost", rec.Cost)
+	b = appendIntField(b, "latency_ms", rec.LatencyMS)
+	b = appendFloatField(b, "key_spend", rec.KeySpend)
+	b = append(b, '}')
+	sum := crc32.Checksum(b[js:], crcTable)
+	const hexDigits = "0123456789abcdef"
+	for i := 7; i >= 0; i-- {
+		b[start+i] = hexDigits[sum&0xf]
+		sum >>= 4
+	}
+	return append(b, '\n')
+}
+
+func appendStrField(b []byte, name, v string) []byte {
+	if v == "" {
+		return b
+	}
+	b = append(b, ',', '"')
+	b = append(b, name...)
+	b = append(b, '"', ':')
+	return appendJSONString(b, v)
+}
+
+func appendIntField(b []byte, name string, v int64) []byte {
+	b = append(b, ',', '"')
+	b = append(b, name...)
+	b = append(b, '"', ':')
+	return strconv.AppendInt(b, v, 10)
+}
+
+func appendFloatField(b []byte, name string, v float64) []byte {
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		v = 0
+	}
+	b = append(b, ',', '"')
+	b = append(b, name...)
+	b = append(b, '"', ':')
+	return strconv.AppendFloat(b, v, 'g', -1, 64)
+}
+
+// appendJSONString appends s as a JSON string; invalid UTF-8 becomes
+// U+FFFD, as encoding/json does.
+func appendJSONString(b []byte, s string) []byte {
+	const hexDigits = "0123456789abcdef"
+	b = append(b, '"')
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c < utf8.RuneSelf {
+			switch {
+			case c == '"' || c == '\\':
+				b = append(b, '\\', c)
+			case c < 0x20:
+				switch c {
+				case '\n':
+					b = append(b, '\\', 'n')
+				case '\r':
+					b = append(b, '\\', 'r')
+				case '\t':
+					b = append(b, '\\', 't')
+				default:
+					b = append(b, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xf])
+				}
+			default:
+				b = append(b, c)
+			}
+			i++
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && size == 1 {
+			b = append(b, `\ufffd`...)
+		} else {
+			b = append(b, s[i:i+size]...)
+		}
+		i += size
+	}
+	return append(b, '"')
+}

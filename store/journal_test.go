@@ -1,0 +1,374 @@
+package store
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"math"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// idStore is an appender that keeps one record per ID, as the SQL store
+// does, and counts what it was offered.
+type idStore struct {
+	mu      sync.Mutex
+	byID    map[string]UsageRecord
+	offered int
+	fail    bool
+}
+
+func newIDStore() *idStore { return &idStore{byID: map[string]UsageRecord{}} }
+
+func (s *idStore) AppendUsage(_ context.Context, recs []UsageRecord) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.fail {
+		return fmt.Errorf("store down")
+	}
+	s.offered += len(recs)
+	for _, r := range recs {
+		if _, ok := s.byID[r.ID]; !ok {
+			s.byID[r.ID] = r
+		}
+	}
+	return nil
+}
+
+func (s *idStore) len() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.byID)
+}
+
+var quietLog = slog.New(slog.DiscardHandler)
+
+func openTestJournal(t *testing.T, dir string, segBytes int64) *Journal {
+	t.Helper()
+	j, err := OpenJournal(JournalOptions{Dir: dir, SegmentBytes: segBytes, SyncInterval: -1, Logger: quietLog})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return j
+}
+
+// crash abandons j as a killed process would: files stay, the lock is
+// released (the kernel drops a dead process's flocks).
+func (j *Journal) crash() {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	j.closed = true
+	// Files stay as they are (mapped pages belong to the kernel now).
+	_ = j.lock.Close()
+}
+
+func journalFiles(t *testing.T, dir string) []string {
+	t.Helper()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	return names
+}
+
+func jrec(i int) UsageRecord {
+	return UsageRecord{Time: time.Date(2025, 3, 10, 12, 0, 0, 0, time.UTC), ID: fmt.Sprintf("r%05d", i),
+		Service: "svc", KeyID: "key_1", Model: "gpt-4o-mini\n\"quoted\"", Status: 200, TokensIn: int64(i), KeySpend: 0.5}
+}
+
+func TestJournalDoneDeletesFiles(t *testing.T) {
+	dir := t.TempDir()
+	j := openTestJournal(t, dir, 4096)
+	recs := make([]UsageRecord, 200)
+	for i := range recs {
+		recs[i] = jrec(i)
+		if err := j.Append(&recs[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := len(j.segs); n < 3 {
+		t.Fatalf("%d segments for 200 records of ~200 bytes at 4 KiB each, want rotation", n)
+	}
+	for i := range recs {
+		j.Done(recs[i].seg, 1)
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if names := journalFiles(t, dir); len(names) != 0 {
+		t.Fatalf("files left after every record was done: %v", names)
+	}
+}
+
+// TestJournalReplayAfterCrash: a process appends records, the store gets
+// some of them, the process dies; the next process replays the rest
+// (and, harmlessly, the stored ones again), exactly once each, and
+// deletes the dead journal.
+func TestJournalReplayAfterCrash(t *testing.T) {
+	dir := t.TempDir()
+	st := newIDStore()
+	dead := openTestJournal(t, dir, 4096)
+	for i := range 300 {
+		r := jrec(i)
+		if err := dead.Append(&r); err != nil {
+			t.Fatal(err)
+		}
+		if i < 120 { // flushed to the store before the crash
+			_ = st.AppendUsage(context.Background(), []UsageRecord{r})
+			dead.Done(r.seg, 1)
+		}
+	}
+	dead.crash()
+
+	live := openTestJournal(t, dir, 4096)
+	defer live.Close()
+	// A journal whose process is alive is not touched.
+	alive := openTestJournal(t, dir, 4096)
+	r := jrec(999)
+	if err := alive.Append(&r); err != nil {
+		t.Fatal(err)
+	}
+	stats, err := live.ReplayOrphans(context.Background(), st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.len() != 300 || stats.Journals != 1 || stats.Torn != 0 {
+		t.Fatalf("after replay: %d records stored, stats %+v; want 300, one journal", st.len(), stats)
+	}
+	got := st.byID["r00007"]
+	if want := jrec(7); got.Model != want.Model || got.KeySpend != 0.5 || !got.Time.Equal(want.Time) {
+		t.Fatalf("replayed record differs: %+v", got)
+	}
+	for _, name := range journalFiles(t, dir) {
+		if strings.Contains(name, dead.inst) {
+			t.Errorf("dead journal file left: %s", name)
+		}
+	}
+	// A stale lock file without segments (a process that died with
+	// everything stored) is cleaned up; a live one is not.
+	stale := filepath.Join(dir, journalPrefix+"00000000deadbeef"+journalLock)
+	if err := os.WriteFile(stale, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// A second replay finds nothing.
+	if stats, err := live.ReplayOrphans(context.Background(), st); err != nil || stats.Records != 0 {
+		t.Fatalf("second replay: %+v %v", stats, err)
+	}
+	if _, ok := st.byID["r00999"]; ok {
+		t.Fatal("the live journal was replayed")
+	}
+	if _, err := os.Stat(stale); !os.IsNotExist(err) {
+		t.Errorf("stale lock file not removed: %v", err)
+	}
+	if _, err := os.Stat(alive.lock.Name()); err != nil {
+		t.Errorf("a live journal's lock file was removed: %v", err)
+	}
+	if err := alive.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestJournalTornLines: a torn last line (the process died mid-write) and
+// a corrupted line are skipped and counted; the intact records replay.
+func TestJournalTornLines(t *testing.T) {
+	dir := t.TempDir()
+	var b []byte
+	for i := range 5 {
+		r := jrec(i)
+		line, err := encodeRecord(&r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i == 2 {
+			line[20] ^= 0x01 // flipped bit: checksum fails
+		}
+		b = append(b, line...)
+	}
+	last, _ := encodeRecord(&UsageRecord{ID: "torn", Service: "svc"})
+	b = append(b, last[:len(last)/2]...) // cut short, no newline
+	if err := os.WriteFile(filepath.Join(dir, "usage-0123456789abcdef-00000001.log"), b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	st := newIDStore()
+	j := openTestJournal(t, dir, 0)
+	defer j.Close()
+	stats, err := j.ReplayOrphans(context.Background(), st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.len() != 4 || stats.Torn != 2 || stats.Records != 4 {
+		t.Fatalf("stored %d, stats %+v; want 4 records and 2 torn lines", st.len(), stats)
+	}
+	if _, ok := st.byID["r00002"]; ok {
+		t.Fatal("the corrupted line was replayed")
+	}
+}
+
+// TestJournalReplayFailureKeepsFiles: a store that fails leaves the dead
+// journal in place for the next attempt.
+func TestJournalReplayFailureKeepsFiles(t *testing.T) {
+	dir := t.TempDir()
+	dead := openTestJournal(t, dir, 0)
+	r := jrec(1)
+	_ = dead.Append(&r)
+	dead.crash()
+	st := newIDStore()
+	st.fail = true
+	j := openTestJournal(t, dir, 0)
+	defer j.Close()
+	if _, err := j.ReplayOrphans(context.Background(), st); err == nil {
+		t.Fatal("replay into a failing store reported no error")
+	}
+	st.fail = false
+	if stats, err := j.ReplayOrphans(context.Background(), st); err != nil || st.len() != 1 || stats.Journals != 1 {
+		t.Fatalf("retry: %+v %v, %d stored", stats, err, st.len())
+	}
+}
+
+// TestUsageWriterJournal: records added through a writer with a journal
+// are in the journal before Add returns, and the journal is emptied as
+// the store takes them.
+func TestUsageWriterJournal(t *testing.T) {
+	dir := t.TempDir()
+	j := openTestJournal(t, dir, 1024)
+	st := newIDStore()
+	ticks := make(chan time.Time)
+	w := newUsageWriter(st, UsageWriterOptions{Journal: j, Retention: -1}, ticks, time.Now)
+	for i := range 50 {
+		w.Add(UsageRecord{Service: "svc", TokensIn: int64(i)})
+	}
+	// Not flushed yet: a crash now would find all 50 in the journal.
+	n := 0
+	for _, name := range journalFiles(t, dir) {
+		if strings.HasSuffix(name, journalExt) {
+			torn, err := readSegment(filepath.Join(dir, name), func(r UsageRecord, _ bool) error {
+				if r.ID == "" {
+					t.Error("journaled record without an id")
+				}
+				n++
+				return nil
+			})
+			if err != nil || torn != 0 {
+				t.Fatal(err, torn)
+			}
+		}
+	}
+	if n != 50 {
+		t.Fatalf("%d records in the journal before any flush, want 50", n)
+	}
+	if err := w.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if st.len() != 50 {
+		t.Fatalf("store has %d", st.len())
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if names := journalFiles(t, dir); len(names) != 0 {
+		t.Fatalf("journal not emptied: %v", names)
+	}
+}
+
+func BenchmarkJournalAppend(b *testing.B) {
+	j, err := OpenJournal(JournalOptions{Dir: b.TempDir(), Logger: quietLog})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer j.Close()
+	r := jrec(1)
+	r.ID = "0123456789abcdef-1a2b"
+	r.RequestID = "0123456789ab0123456789ab"
+	r.TeamID, r.TokenID = "team_0123456789abcdef", "tok_0123456789abcdef"
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			rr := r
+			if err := j.Append(&rr); err != nil {
+				b.Fatal(err)
+			}
+			j.Done(rr.seg, 1)
+		}
+	})
+}
+
+// TestJournalLineRoundTrip: the hand-written encoding decodes with
+// encoding/json to the same record, tricky strings included.
+func TestJournalLineRoundTrip(t *testing.T) {
+	for _, r := range []UsageRecord{
+		jrec(3),
+		{Time: time.Date(2025, 1, 2, 3, 4, 5, 6789, time.FixedZone("x", 3600)), ID: "a", Model: "m\x00\x1f\t\r\n\"\\/<>&\u2028é\xff", Cost: 1.5e-7, KeySpend: 3, Status: 499, LatencyMS: -1},
+		{Service: "svc", Cost: math.NaN()},
+	} {
+		line := appendRecordLine(nil, &r, false)
+		got, _, ok := decodeRecord(line)
+		if !ok {
+			t.Fatalf("line does not decode: %s", line)
+		}
+		want := r
+		if math.IsNaN(want.Cost) {
+			want.Cost = 0
+		}
+		want.Model = strings.ToValidUTF8(want.Model, "\uFFFD")
+		if !got.Time.Equal(want.Time) {
+			t.Errorf("time %v, want %v", got.Time, want.Time)
+		}
+		got.Time, want.Time = time.Time{}, time.Time{}
+		if got != want {
+			t.Errorf("round trip:\n got %+v\nwant %+v", got, want)
+		}
+	}
+}
+
+// TestJournalProvisional: a request whose answer arrived but whose final
+// record was never written replays as its provisional record; one whose
+// final record was written replays as that, once; and provisional lines
+// do not keep files alive once superseded.
+func TestJournalProvisional(t *testing.T) {
+	dir := t.TempDir()
+	j := openTestJournal(t, dir, 0)
+	st := newIDStore()
+	w := newUsageWriter(st, UsageWriterOptions{Journal: j, Retention: -1}, make(chan time.Time), time.Now)
+	cut := UsageRecord{Service: "svc", KeyID: "k", Status: 200, TokensIn: 1000} // the estimate
+	w.Provisional(&cut)
+	done := UsageRecord{Service: "svc", KeyID: "k", Status: 200, TokensIn: 1000}
+	w.Provisional(&done)
+	done.TokensIn = 12 // metered
+	w.Add(done)
+	j.crash() // before any flush
+	live := openTestJournal(t, dir, 0)
+	defer live.Close()
+	if _, err := live.ReplayOrphans(context.Background(), st); err != nil {
+		t.Fatal(err)
+	}
+	if st.len() != 2 || st.byID[cut.ID].TokensIn != 1000 || st.byID[done.ID].TokensIn != 12 || st.offered != 2 {
+		t.Fatalf("replayed %d (offered %d): %+v", st.len(), st.offered, st.byID)
+	}
+
+	// Superseded provisional lines are done: a clean close leaves nothing.
+	dir2 := t.TempDir()
+	j2 := openTestJournal(t, dir2, 0)
+	w2 := newUsageWriter(newIDStore(), UsageWriterOptions{Journal: j2, Retention: -1}, make(chan time.Time), time.Now)
+	for range 10 {
+		r := UsageRecord{Service: "svc"}
+		w2.Provisional(&r)
+		w2.Add(r)
+	}
+	if err := w2.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := j2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if names := journalFiles(t, dir2); len(names) != 0 {
+		t.Fatalf("files left: %v", names)
+	}
+}

@@ -60,6 +60,11 @@ func startKP(t *testing.T, opts ...kpOption) *kp {
 	for _, o := range opts {
 		o(&cfg)
 	}
+	if cfg.DataDir == "" && !strings.HasPrefix(cfg.Database.Reveal(), "sqlite:") {
+		// Generated files (the first admin password, the journal) stay in
+		// the test's directory, not in ./data of the package.
+		cfg.DataDir = dir
+	}
 	k.secrets = append(k.secrets, k.admin)
 	ctx, cancel := context.WithCancel(context.Background())
 	srv, err := server.New(ctx, cfg)

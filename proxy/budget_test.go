@@ -260,3 +260,83 @@ func TestOneProbeAfterCooldownUnderLoad(t *testing.T) {
 		t.Fatalf("after a good probe: %v", st.State)
 	}
 }
+
+// TestLastingRefusalsFollowTheRequest: a 401 (or a quota refusal with no
+// reset) takes a key out of rotation only when the request's fate says it
+// is about the key. An endpoint that answers 401 to every key — the
+// request's doing — penalises no key however often it is called; a
+// revoked key among healthy ones is marked invalid by the request that a
+// healthy key then serves; a service's only key is marked on its own word.
+func TestLastingRefusalsFollowTheRequest(t *testing.T) {
+	unauth := status(401, `{"error":{"message":"this endpoint needs OAuth"}}`)
+	spent := status(402, `{"error":{"message":"payment required"}}`)
+	for _, tc := range []struct {
+		name  string
+		deny  func(w http.ResponseWriter, r *http.Request)
+		code  int
+		state keypool.State
+	}{{"401", unauth, 401, keypool.StateInvalid}, {"402", spent, 402, keypool.StateExhausted}} {
+		t.Run(tc.name+" from every key", func(t *testing.T) {
+			up := newScriptedKeys(t, tc.deny, tc.deny, tc.deny, tc.deny, tc.deny)
+			pool := scriptedPool(t, up.URL, 5)
+			client := &http.Client{Transport: &Transport{Pool: pool, Service: "svc"}}
+			for range 10 {
+				resp, err := client.Get(up.URL + "/oauth-only")
+				if err != nil {
+					t.Fatal(err)
+				}
+				resp.Body.Close()
+				if resp.StatusCode != tc.code {
+					t.Fatalf("got %d, want the upstream's own answer", resp.StatusCode)
+				}
+			}
+			if up.total() != 20 {
+				t.Errorf("%d attempts for 10 requests, want 20 (two keys each)", up.total())
+			}
+			st, _ := pool.Stats("svc")
+			for _, s := range st {
+				if s.State != keypool.StateActive {
+					t.Errorf("key %s: %v, want active: the refusal followed the request", s.ID, s.State)
+				}
+			}
+		})
+		t.Run(tc.name+" from one key", func(t *testing.T) {
+			up := newScriptedKeys(t, tc.deny, status(200, "ok"), status(200, "ok"))
+			pool := scriptedPool(t, up.URL, 3)
+			if err := pool.SetService(keypool.Service{Name: "svc", BaseURL: up.URL, Selector: &keypool.Ordered{}},
+				[]keypool.Key{{ID: "k0", Secret: "sk-k0"}, {ID: "k1", Secret: "sk-k1", Priority: 1}, {ID: "k2", Secret: "sk-k2", Priority: 2}}); err != nil {
+				t.Fatal(err)
+			}
+			client := &http.Client{Transport: &Transport{Pool: pool, Service: "svc", MaxAttempts: 1}}
+			resp, err := client.Get(up.URL + "/x")
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != 200 {
+				t.Fatalf("got %d, want 200 from the next key", resp.StatusCode)
+			}
+			if st := keyStats(t, pool, "k0"); st.State != tc.state {
+				t.Errorf("k0: %v, want %v", st.State, tc.state)
+			}
+			for _, id := range []string{"k1", "k2"} {
+				if st := keyStats(t, pool, id); st.State != keypool.StateActive {
+					t.Errorf("%s: %v, want active", id, st.State)
+				}
+			}
+		})
+		t.Run(tc.name+" from the only key", func(t *testing.T) {
+			up := newScriptedKeys(t, tc.deny)
+			pool := scriptedPool(t, up.URL, 1)
+			client := &http.Client{Transport: &Transport{Pool: pool, Service: "svc"}}
+			resp, err := client.Get(up.URL + "/x")
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if st := keyStats(t, pool, "k0"); st.State != tc.state {
+				t.Errorf("k0: %v, want %v: no other key could contradict it", st.State, tc.state)
+			}
+		})
+	}
+}

@@ -295,31 +295,76 @@ func (t *Transport) prepareBody(rp *replay, req *http.Request) (bool, error) {
 	return true, nil
 }
 
-// attempts is one request's attempt budget and its pending suspicion.
+// attempts is one request's attempt budget and what awaits its fate.
 type attempts struct {
 	max     int    // ambiguous failures allowed
 	failed  int    // ambiguous failures so far
 	suspect string // key whose ambiguous refusal awaits the request's fate
 	reason  string // the suspect's refusal
+
+	// penalty is the key whose lasting refusal (see lasting) awaits the
+	// request's fate, and penaltyOut that refusal.
+	penalty    string
+	penaltyOut keypool.Outcome
+	// repeated is set when a second key refused the same request: the
+	// refusal is the request's, and no key is penalised.
+	repeated bool
+}
+
+// lasting reports whether o takes a key out of rotation until somebody
+// says otherwise (invalid, or exhausted with no named reset). Such a
+// refusal is applied only once the request's fate confirms it is about the
+// key: another key served the request, or no other key could be tried.
+// So no single request changes the lasting state of more than one key,
+// and a refusal that follows the request (an endpoint that answers 401 to
+// every key) penalises none.
+func lasting(o keypool.Outcome) bool {
+	return o.Kind == keypool.Invalid || (o.Kind == keypool.Exhausted && o.RetryAfter <= 0)
 }
 
 // next reports whether the request may try another key after an attempt
-// that ended with k, and records what it spent.
-func (a *attempts) next(k keypool.OutcomeKind, id, reason string) bool {
-	switch k {
-	case keypool.RateLimited, keypool.Invalid, keypool.Exhausted:
-		return true // about the key: free, bounded by the key count
-	case keypool.Failure:
+// with key id that ended with o, and records what it spent.
+func (a *attempts) next(o keypool.Outcome, id string) bool {
+	switch {
+	case lasting(o):
+		if a.penalty != "" || a.suspect != "" {
+			a.repeated = true // repeated on a second key: the request's
+			return false
+		}
+		a.penalty, a.penaltyOut = id, o
+		return true
+	case o.Kind == keypool.RateLimited, o.Kind == keypool.Exhausted:
+		return true // about the key, and temporary: free, bounded by the key count
+	case o.Kind == keypool.Failure:
 		a.failed++
 		return a.failed < a.max
-	case keypool.Refused:
-		if a.suspect != "" {
-			return false // repeated on a second key: the request's
+	case o.Kind == keypool.Refused:
+		if a.suspect != "" || a.penalty != "" {
+			a.repeated = true
+			return false
 		}
-		a.suspect, a.reason = id, reason
+		a.suspect, a.reason = id, o.Reason
 		return true
 	}
 	return false
+}
+
+// settle applies what awaited the request's fate when the request ends:
+// the pending lasting refusal, unless a second key refused the request
+// too; and, when served is set (another key served the request), one
+// strike for the suspect.
+func (a *attempts) settle(pool *keypool.Pool, service string, served bool) {
+	if a.repeated {
+		return
+	}
+	if a.penalty != "" {
+		pool.Report(service, a.penalty, a.penaltyOut)
+		a.penalty = ""
+	}
+	if served && a.suspect != "" {
+		// Another key served what the suspect refused: one strike.
+		pool.Report(service, a.suspect, keypool.Outcome{Kind: keypool.Refused, Reason: a.reason})
+	}
 }
 
 func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service string) (*http.Response, error) {
@@ -394,6 +439,7 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 		body, err := rp.body(attempt)
 		if err != nil {
 			lease.Release(keypool.Outcome{Kind: keypool.ClientError, Reason: "request body"})
+			budget.settle(pool, service, false)
 			return nil, fmt.Errorf("proxy: replaying request body: %w", err)
 		}
 		secret := lease.Secret().Reveal()
@@ -440,13 +486,17 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 		if tr != nil {
 			tr.keyID, tr.keyUnit, tr.attempts = id, lease.Key().BalanceUnit, attempt
 		}
-		retry := budget.next(outcome.Kind, id, outcome.Reason) && canReplay && ctx.Err() == nil
+		retry := budget.next(outcome, id) && canReplay && ctx.Err() == nil
 		release := outcome
-		if outcome.Kind == keypool.Refused {
+		if outcome.Kind == keypool.Refused || (lasting(outcome) && (retry || budget.repeated)) {
 			// Judged by the request's fate, not by this answer alone: the
-			// key is released without penalty now, struck later if another
-			// key serves the request.
+			// key is released without penalty now, and penalised (struck,
+			// for a Refused) later if another key serves the request.
 			release = keypool.Outcome{Kind: keypool.ClientError, Reason: outcome.Reason}
+		}
+		if lasting(outcome) && !retry && !budget.repeated {
+			// No other key will be tried: the answer stands on its own.
+			budget.penalty = ""
 		}
 		if err != nil {
 			err = redactError(err, secret)
@@ -468,6 +518,7 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 				tried = append(tried, id)
 				continue
 			}
+			budget.settle(pool, service, false)
 			if lastResp != nil {
 				// An earlier key's own answer (a 429 with its Retry-After,
 				// say) tells the client more than this connection error.
@@ -489,10 +540,7 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			}
 			scrubBodyIdle(resp, secret, idle)
 			wrapBody(resp, lease, ctx, cancel)
-			if budget.suspect != "" {
-				// Another key served what the suspect refused: one strike.
-				pool.Report(service, budget.suspect, keypool.Outcome{Kind: keypool.Refused, Reason: budget.reason})
-			}
+			budget.settle(pool, service, true)
 			return resp, nil
 		}
 		if cancel != nil {
@@ -506,9 +554,11 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			tried = append(tried, id)
 			continue
 		}
+		budget.settle(pool, service, false)
 		scrubBody(resp, secret)
 		return resp, nil
 	}
+	budget.settle(pool, service, false)
 	if lastResp != nil {
 		scrubBody(lastResp, lastSecret)
 		return lastResp, nil

@@ -197,7 +197,7 @@ func runRole(role, target, logLevel string) error {
 			return err
 		}
 		defer logf.Close()
-		s, err := server.New(ctx, server.Config{
+		cfg := server.Config{
 			Database:      server.SecretURL("sqlite:" + filepath.Join(dir, "keypool.db")),
 			AdminToken:    "kpadm_bench_admin_token_not_secret_000",
 			EncryptionKey: "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
@@ -205,7 +205,13 @@ func runRole(role, target, logLevel string) error {
 			LogOutput:     logf,
 			Output:        io.Discard,
 			DrainTimeout:  server.Duration(2 * time.Second),
-		})
+		}
+		// KEYPOOL_* variables apply as they would to keypoold, so that a
+		// setting can be compared on and off (KEYPOOL_USAGE_JOURNAL=off).
+		if err := cfg.ApplyEnv(os.LookupEnv); err != nil {
+			return err
+		}
+		s, err := server.New(ctx, cfg)
 		if err != nil {
 			return err
 		}

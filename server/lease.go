@@ -314,9 +314,9 @@ func (s *Server) serveReport(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	kind, err := keypool.ParseOutcomeKind(req.Outcome)
-	if err != nil || kind > keypool.Failure {
+	if err != nil || kind > keypool.Failure && kind != keypool.Refused {
 		return httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest,
-			"field \"outcome\" must be one of ok, rate_limited, invalid, exhausted, error")
+			"field \"outcome\" must be one of ok, rate_limited, invalid, exhausted, refused, error")
 	}
 	var retry time.Duration
 	if req.RetryAfter != nil {

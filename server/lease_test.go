@@ -124,3 +124,27 @@ func TestReportNeedsLease(t *testing.T) {
 	}
 	k.checkLogs()
 }
+
+// The README documents "refused" among the report outcomes: a lease holder
+// reports an ambiguous refusal (a bare 403), one strike against the key.
+func TestReportRefused(t *testing.T) {
+	up := newUpstream(t, okJSON)
+	k := startKP(t)
+	k.addService("exa", up.URL, "x-api-key", nil)
+	k.addKey("exa", keyA, nil)
+	tok := k.addToken(k.addTeam("a", nil), map[string]any{"scopes": []string{"lease"}})
+	code, m, _ := k.do("GET", "/key?service=exa", tok, nil)
+	if code != 200 {
+		t.Fatalf("lease: %d %v", code, m)
+	}
+	keyID, leaseID := m["key_id"].(string), m["lease_id"].(string)
+	code, m, _ = k.do("POST", "/key/"+keyID+"/report", tok, map[string]any{"outcome": "refused", "lease_id": leaseID})
+	if code != 200 || m["outcome"] != "refused" || m["state"] != "active" {
+		t.Fatalf("refused report: %d %v, want 200, the key still active", code, m)
+	}
+	st, _ := k.srv.Pool().Stats("exa")
+	if len(st) != 1 || st[0].Refusals != 1 {
+		t.Fatalf("stats %+v, want one strike", st)
+	}
+	k.checkLogs()
+}

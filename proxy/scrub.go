@@ -784,3 +784,17 @@ func (w *idleWatch) Read(p []byte) (int, error) {
 }
 
 func (w *idleWatch) stop() { w.timer.Stop() }
+
+// watchIdle returns rc whose reads wait at most idle each: when no byte
+// arrives for idle, rc is closed and the pending read fails.
+func watchIdle(rc io.ReadCloser, idle time.Duration) io.ReadCloser {
+	return idleCloser{newIdleWatch(rc, idle)}
+}
+
+// idleCloser is an idleWatch that stops watching when it is closed.
+type idleCloser struct{ *idleWatch }
+
+func (c idleCloser) Close() error {
+	c.stop()
+	return c.rc.Close()
+}

@@ -469,6 +469,16 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			}
 			err = &attemptTimeoutError{attemptTimeout}
 		}
+		idle := svc.IdleTimeout
+		if tr != nil && tr.idle > 0 {
+			idle = tr.idle
+		}
+		if err == nil && idle > 0 && resp.StatusCode >= 400 && resp.Body != nil && resp.Body != http.NoBody {
+			// An error answer's body is read to classify it, kept while
+			// another key is tried and scrubbed in memory: no read of it
+			// may wait longer than the idle timeout.
+			resp.Body = watchIdle(resp.Body, idle)
+		}
 		var outcome keypool.Outcome
 		switch {
 		case err != nil && ctx.Err() != nil:
@@ -534,10 +544,6 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 		resp.Header.Set(HeaderKeyID, id)
 		scrubHeader(resp.Header, secret)
 		if outcome.Kind == keypool.OK {
-			idle := svc.IdleTimeout
-			if tr != nil && tr.idle > 0 {
-				idle = tr.idle
-			}
 			scrubBodyIdle(resp, secret, idle)
 			wrapBody(resp, lease, ctx, cancel)
 			budget.settle(pool, service, true)

@@ -338,6 +338,14 @@ func (s *Server) serveReport(w http.ResponseWriter, r *http.Request) error {
 			return err
 		}
 		service = h.service
+		if holder != "admin" && (kind == keypool.Invalid || kind == keypool.Exhausted && retry <= 0) {
+			// A client's word, not the upstream's: a lasting report is
+			// an ambiguous refusal, confirmed by Service.ConfirmRefusals
+			// reports from distinct leases and never below the
+			// service's MinActiveKeys floor, so that one token cannot
+			// take a shared pool out of rotation.
+			o = keypool.Outcome{Kind: keypool.Refused, Reason: o.Reason}
+		}
 		h.lease.Release(o)
 	case p.Admin:
 		// The admin may report on any key, leased or not: apply what

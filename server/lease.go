@@ -338,9 +338,11 @@ func (s *Server) serveReport(w http.ResponseWriter, r *http.Request) error {
 			return err
 		}
 		service = h.service
-		if holder != "admin" && (kind == keypool.Invalid || kind == keypool.Exhausted && retry <= 0) {
-			// A client's word, not the upstream's: a lasting report is
-			// an ambiguous refusal, confirmed by Service.ConfirmRefusals
+		if holder != "admin" && (kind == keypool.Invalid || kind == keypool.Exhausted) {
+			// A client's word, not the upstream's: a report that takes
+			// the key out for long (invalid; exhausted, up to 24 h even
+			// with a reset) is an ambiguous refusal, confirmed by
+			// Service.ConfirmRefusals
 			// reports from distinct leases and never below the
 			// service's MinActiveKeys floor, so that one token cannot
 			// take a shared pool out of rotation.

@@ -1,6 +1,7 @@
 package server_test
 
 import (
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -152,12 +153,16 @@ func TestReportRefused(t *testing.T) {
 // A lease holder's word is not the upstream's: one team's token that
 // leased every key of a shared service and reported each "invalid" took
 // the whole pool out of rotation for every team ("4 keys: 4 invalid").
-// A client token's lasting report (invalid, or exhausted without a reset)
-// is now an ambiguous refusal: confirmed by ConfirmRefusals reports from
+// A client token's report that takes a key out for long (invalid;
+// exhausted, even with a reset of up to 24 h) is now an ambiguous refusal: confirmed by ConfirmRefusals reports from
 // distinct leases, and never below the service's MinActiveKeys floor.
 func TestLeaseReportsKeepFloor(t *testing.T) {
-	for _, outcome := range []string{"invalid", "exhausted"} {
-		t.Run(outcome, func(t *testing.T) {
+	for _, tc := range []struct {
+		outcome string
+		retry   any
+	}{{"invalid", nil}, {"exhausted", nil}, {"exhausted", 604800}} {
+		outcome := tc.outcome
+		t.Run(fmt.Sprint(outcome, tc.retry), func(t *testing.T) {
 			up := newUpstream(t, okJSON)
 			k := startKP(t)
 			k.addService("exa", up.URL, "x-api-key", nil)
@@ -171,7 +176,7 @@ func TestLeaseReportsKeepFloor(t *testing.T) {
 					t.Fatalf("lease: %d %v", code, m)
 				}
 				keyID, leaseID := m["key_id"].(string), m["lease_id"].(string)
-				if code, m, _ := k.do("POST", "/key/"+keyID+"/report", tok, map[string]any{"outcome": outcome, "lease_id": leaseID}); code != 200 {
+				if code, m, _ := k.do("POST", "/key/"+keyID+"/report", tok, map[string]any{"outcome": outcome, "lease_id": leaseID, "retry_after": tc.retry}); code != 200 {
 					t.Fatalf("report: %d %v", code, m)
 				}
 			}

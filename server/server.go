@@ -41,7 +41,7 @@
 // [Config.LeaseTTL] passes. POST /key/{key_id}/report takes
 // {"lease_id","outcome","retry_after"}: only the token that took the
 // lease, while its team may use the service, before it expires, once.
-// A client token's "invalid" (or "exhausted" without retry_after) counts
+// A client token's "invalid" or "exhausted" counts
 // as a "refused": one strike, confirmed by the service's confirm_refusals
 // reports from distinct leases and never below its min_active_keys; the
 // admin token's reports apply as they are. Errors: 400 bad_request without lease_id (only the admin token reports

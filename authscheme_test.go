@@ -138,6 +138,14 @@ func TestParseRetryAfter(t *testing.T) {
 		{"past date", map[string]string{"Retry-After": now.Add(-time.Hour).Format(http.TimeFormat)}, 0, false},
 		{"none", nil, 0, false},
 		{"huge is returned for the pool to cap", map[string]string{"Retry-After": "86400"}, 24 * time.Hour, true},
+		// Values beyond any sane wait are clamped (the pool caps them
+		// again), never discarded: a discarded one leaves the key cooling
+		// for the 1 s backoff.
+		{"absurd seconds clamped", map[string]string{"Retry-After": "99999999999"}, maxRetryAfter, true},
+		{"exponent seconds clamped", map[string]string{"Retry-After": "1e12"}, maxRetryAfter, true},
+		{"infinite seconds clamped", map[string]string{"Retry-After": "Inf"}, maxRetryAfter, true},
+		{"absurd retry-after-ms clamped", map[string]string{"Retry-After-Ms": "1e15"}, maxRetryAfter, true},
+		{"NaN is garbage", map[string]string{"Retry-After": "NaN"}, 0, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

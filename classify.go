@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
-	"math"
 	"net/http"
 	"strconv"
 	"strings"
@@ -309,23 +308,37 @@ func errorCodes(body []byte) (codes []string, message string, perDay bool, retry
 	return codes, message, perDay, retryDelay
 }
 
+// maxRetryAfter is the longest wait ParseRetryAfter returns: larger values
+// (and infinite ones) are clamped to it, for the pool to cap again.
+const maxRetryAfter = 1e9 * time.Second
+
+// clampWait converts a positive number of seconds (possibly +Inf) to a
+// duration no longer than maxRetryAfter.
+func clampWait(secs float64) time.Duration {
+	if secs >= maxRetryAfter.Seconds() {
+		return maxRetryAfter
+	}
+	return time.Duration(secs * float64(time.Second))
+}
+
 // ParseRetryAfter returns how long the upstream asked to wait, from (in
 // order) retry-after-ms, Retry-After (seconds or an HTTP date),
 // x-ratelimit-reset-requests / x-ratelimit-reset-tokens (OpenAI-style
 // durations such as "1m30s" or "6ms"; the longer one) and the
 // anthropic-ratelimit-*-reset times (RFC 3339). It reports false when no
 // header gives a usable value: missing, malformed, negative or in the past.
-// Huge values are returned as they are; the pool caps them.
+// Huge values (up to 1e9 s; larger ones are clamped to it) are returned
+// for the pool to cap.
 func ParseRetryAfter(h http.Header, now time.Time) (time.Duration, bool) {
 	if v := h.Get("Retry-After-Ms"); v != "" {
-		if ms, err := strconv.ParseFloat(strings.TrimSpace(v), 64); err == nil && ms > 0 && !math.IsInf(ms, 0) && ms < 1e12 {
-			return time.Duration(ms * float64(time.Millisecond)), true
+		if ms, err := strconv.ParseFloat(strings.TrimSpace(v), 64); err == nil && ms > 0 {
+			return clampWait(ms / 1000), true
 		}
 	}
 	if v := strings.TrimSpace(h.Get("Retry-After")); v != "" {
 		if secs, err := strconv.ParseFloat(v, 64); err == nil {
-			if secs > 0 && secs < 1e9 {
-				return time.Duration(secs * float64(time.Second)), true
+			if secs > 0 {
+				return clampWait(secs), true
 			}
 		} else if t, err := http.ParseTime(v); err == nil {
 			if d := t.Sub(now); d > 0 {
@@ -339,8 +352,8 @@ func ParseRetryAfter(h http.Header, now time.Time) (time.Duration, bool) {
 			if d, err := time.ParseDuration(v); err == nil && d > best {
 				best = d
 			} else if err != nil {
-				if secs, err := strconv.ParseFloat(v, 64); err == nil && secs > 0 && secs < 1e9 {
-					best = max(best, time.Duration(secs*float64(time.Second)))
+				if secs, err := strconv.ParseFloat(v, 64); err == nil && secs > 0 {
+					best = max(best, clampWait(secs))
 				}
 			}
 		}

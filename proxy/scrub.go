@@ -1,8 +1,11 @@
 package proxy
 
 import (
+	"bufio"
 	"bytes"
+	"compress/flate"
 	"compress/gzip"
+	"compress/zlib"
 	"context"
 	"encoding/base64"
 	"encoding/binary"
@@ -472,14 +475,7 @@ func scrubBodyIdle(resp *http.Response, secret string, idle time.Duration) {
 		(resp.Request != nil && resp.Request.Method == http.MethodHead) {
 		return
 	}
-	if enc := strings.ToLower(strings.TrimSpace(resp.Header.Get("Content-Encoding"))); enc == "gzip" || enc == "x-gzip" {
-		// Sent although identity was asked for: scrub (and send) it
-		// decoded.
-		resp.Body = &gunzipBody{rc: resp.Body}
-		resp.Header.Del("Content-Encoding")
-		resp.ContentLength = -1
-		resp.Uncompressed = true
-	}
+	decodeBody(resp)
 	if resp.ContentLength >= 0 && resp.ContentLength <= smallBody {
 		b := make([]byte, resp.ContentLength)
 		var src io.Reader = resp.Body
@@ -523,24 +519,91 @@ func scrubBodyIdle(resp *http.Response, secret string, idle time.Duration) {
 	resp.Header.Del("Content-Length")
 }
 
-// gunzipBody decodes a gzip body, reading its header on the first Read.
-type gunzipBody struct {
+// errUndecodable ends an answer whose Content-Encoding keypoold cannot
+// decode, and so cannot scrub.
+var errUndecodable = errors.New("proxy: upstream answer in a content encoding keypool cannot scrub")
+
+// decodeBody makes resp's body plain when the upstream encoded it although
+// identity was asked for, so that it can be scrubbed (and is sent
+// decoded): every gzip, x-gzip and deflate layer, over however many
+// Content-Encoding lines, is undone. A body in any other encoding is not
+// sent: it ends at once with errUndecodable.
+func decodeBody(resp *http.Response) {
+	var encs []string
+	for _, line := range resp.Header.Values("Content-Encoding") {
+		for _, e := range strings.Split(line, ",") {
+			if e = strings.ToLower(strings.TrimSpace(e)); e != "" && e != "identity" {
+				encs = append(encs, e)
+			}
+		}
+	}
+	resp.Header.Del("Content-Encoding")
+	if len(encs) == 0 {
+		return
+	}
+	resp.ContentLength = -1
+	resp.Uncompressed = true
+	for i := len(encs) - 1; i >= 0; i-- {
+		switch encs[i] {
+		case "gzip", "x-gzip", "deflate":
+		default:
+			resp.Body = &decodedBody{rc: resp.Body, err: errUndecodable}
+			return
+		}
+	}
+	var r io.Reader = resp.Body
+	for i := len(encs) - 1; i >= 0; i-- {
+		r = &lazyDecoder{src: r, enc: encs[i]}
+	}
+	resp.Body = &decodedBody{rc: resp.Body, r: r}
+}
+
+// decodedBody reads r (or fails with err) and closes rc.
+type decodedBody struct {
 	rc  io.ReadCloser
-	zr  *gzip.Reader
+	r   io.Reader
 	err error
 }
 
-func (g *gunzipBody) Read(p []byte) (int, error) {
-	if g.zr == nil && g.err == nil {
-		g.zr, g.err = gzip.NewReader(g.rc)
+func (d *decodedBody) Read(p []byte) (int, error) {
+	if d.err != nil {
+		return 0, d.err
 	}
-	if g.err != nil {
-		return 0, g.err
-	}
-	return g.zr.Read(p)
+	return d.r.Read(p)
 }
 
-func (g *gunzipBody) Close() error { return g.rc.Close() }
+func (d *decodedBody) Close() error { return d.rc.Close() }
+
+// lazyDecoder undoes one encoding layer of src, reading its header on the
+// first Read. "deflate" is zlib-wrapped as HTTP says, or raw as some
+// servers send it.
+type lazyDecoder struct {
+	src io.Reader
+	enc string
+	r   io.Reader
+	err error
+}
+
+func (z *lazyDecoder) Read(p []byte) (int, error) {
+	if z.r == nil && z.err == nil {
+		switch z.enc {
+		case "deflate":
+			br := bufio.NewReader(z.src)
+			h, err := br.Peek(2)
+			if err == nil && h[0]&0x0f == 8 && (uint16(h[0])<<8|uint16(h[1]))%31 == 0 {
+				z.r, z.err = zlib.NewReader(br)
+			} else {
+				z.r = flate.NewReader(br)
+			}
+		default:
+			z.r, z.err = gzip.NewReader(z.src)
+		}
+	}
+	if z.err != nil {
+		return 0, z.err
+	}
+	return z.r.Read(p)
+}
 
 // memBody is a scrubbed body held in memory.
 type memBody struct{ bytes.Reader }
@@ -721,3 +784,17 @@ func (w *idleWatch) Read(p []byte) (int, error) {
 }
 
 func (w *idleWatch) stop() { w.timer.Stop() }
+
+// watchIdle returns rc whose reads wait at most idle each: when no byte
+// arrives for idle, rc is closed and the pending read fails.
+func watchIdle(rc io.ReadCloser, idle time.Duration) io.ReadCloser {
+	return idleCloser{newIdleWatch(rc, idle)}
+}
+
+// idleCloser is an idleWatch that stops watching when it is closed.
+type idleCloser struct{ *idleWatch }
+
+func (c idleCloser) Close() error {
+	c.stop()
+	return c.rc.Close()
+}

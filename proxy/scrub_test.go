@@ -2,7 +2,9 @@ package proxy
 
 import (
 	"bytes"
+	"compress/flate"
 	"compress/gzip"
+	"compress/zlib"
 	"context"
 	"fmt"
 	"io"
@@ -331,3 +333,65 @@ func (b *trailerBody) Read(p []byte) (int, error) {
 }
 
 func (b *trailerBody) Close() error { return nil }
+
+// TestScrubOtherEncodings: an answer encoded otherwise than as one gzip
+// layer (deflate, stacked layers, the encoding split over header lines, one
+// keypoold cannot decode) never carries the key to the client.
+func TestScrubOtherEncodings(t *testing.T) {
+	plain := "echo " + goodSecret + " end"
+	gz := func(b []byte) []byte {
+		var zb bytes.Buffer
+		zw := gzip.NewWriter(&zb)
+		zw.Write(b)
+		zw.Close()
+		return zb.Bytes()
+	}
+	zl := func(b []byte) []byte {
+		var zb bytes.Buffer
+		zw := zlib.NewWriter(&zb)
+		zw.Write(b)
+		zw.Close()
+		return zb.Bytes()
+	}
+	raw := func(b []byte) []byte {
+		var zb bytes.Buffer
+		zw, _ := flate.NewWriter(&zb, flate.DefaultCompression)
+		zw.Write(b)
+		zw.Close()
+		return zb.Bytes()
+	}
+	tests := []struct {
+		name   string
+		enc    []string
+		body   []byte
+		decode bool // the answer can be decoded and is sent decoded
+	}{
+		{"deflate (zlib)", []string{"deflate"}, zl([]byte(plain)), true},
+		{"deflate (raw)", []string{"deflate"}, raw([]byte(plain)), true},
+		{"gzip twice", []string{"gzip, gzip"}, gz(gz([]byte(plain))), true},
+		{"gzip over deflate", []string{"deflate, gzip"}, gz(zl([]byte(plain))), true},
+		{"two header lines", []string{"identity", "gzip"}, gz([]byte(plain)), true},
+		{"unknown encoding", []string{"x-rot"}, []byte(plain), false},
+	}
+	for _, tt := range tests {
+		for _, cl := range []int64{int64(len(tt.body)), -1} {
+			t.Run(fmt.Sprintf("%s/%d", tt.name, cl), func(t *testing.T) {
+				resp := &http.Response{StatusCode: 200, Header: http.Header{"Content-Encoding": tt.enc}, ContentLength: cl, Body: io.NopCloser(bytes.NewReader(tt.body))}
+				scrubBody(resp, goodSecret)
+				got, err := io.ReadAll(resp.Body)
+				if enc := resp.Header.Values("Content-Encoding"); len(enc) != 0 {
+					t.Errorf("Content-Encoding %q kept", enc)
+				}
+				if bytes.Contains(got, []byte(goodSecret)) {
+					t.Fatalf("key leaked: %q", got)
+				}
+				if tt.decode && (err != nil || string(got) != "echo "+Redacted+" end") {
+					t.Fatalf("got %q, %v", got, err)
+				}
+				if !tt.decode && err == nil {
+					t.Fatalf("an answer keypoold cannot scrub ended cleanly: %q", got)
+				}
+			})
+		}
+	}
+}

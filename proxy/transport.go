@@ -309,6 +309,9 @@ type attempts struct {
 	// repeated is set when a second key refused the same request: the
 	// refusal is the request's, and no key is penalised.
 	repeated bool
+	// gone reports the request's context error: a client that went away
+	// before another key was tried leaves a lasting refusal unconfirmed.
+	gone func() error
 }
 
 // lasting reports whether o takes a key out of rotation until somebody
@@ -357,6 +360,11 @@ func (a *attempts) settle(pool *keypool.Pool, service string, served bool) {
 	if a.repeated {
 		return
 	}
+	if a.penalty != "" && !served && a.gone != nil && a.gone() != nil {
+		// The client went away before another key could be tried: the
+		// refusal may be the request's as much as the key's.
+		a.penalty = ""
+	}
 	if a.penalty != "" {
 		pool.Report(service, a.penalty, a.penaltyOut)
 		a.penalty = ""
@@ -398,7 +406,7 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 	if err != nil {
 		return nil, err
 	}
-	budget := attempts{max: t.MaxAttempts}
+	budget := attempts{max: t.MaxAttempts, gone: req.Context().Err}
 	if budget.max == 0 {
 		budget.max = 3
 	} else if budget.max < 0 {
@@ -469,6 +477,16 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			}
 			err = &attemptTimeoutError{attemptTimeout}
 		}
+		idle := svc.IdleTimeout
+		if tr != nil && tr.idle > 0 {
+			idle = tr.idle
+		}
+		if err == nil && idle > 0 && resp.StatusCode >= 400 && resp.Body != nil && resp.Body != http.NoBody {
+			// An error answer's body is read to classify it, kept while
+			// another key is tried and scrubbed in memory: no read of it
+			// may wait longer than the idle timeout.
+			resp.Body = watchIdle(resp.Body, idle)
+		}
 		var outcome keypool.Outcome
 		switch {
 		case err != nil && ctx.Err() != nil:
@@ -495,8 +513,14 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			release = keypool.Outcome{Kind: keypool.ClientError, Reason: outcome.Reason}
 		}
 		if lasting(outcome) && !retry && !budget.repeated {
-			// No other key will be tried: the answer stands on its own.
 			budget.penalty = ""
+			if ctx.Err() != nil {
+				// The client went away, not because no other key could
+				// serve: the refusal stays unconfirmed.
+				release = keypool.Outcome{Kind: keypool.Canceled, Reason: outcome.Reason}
+			}
+			// Otherwise no other key will be tried: the answer stands
+			// on its own.
 		}
 		if err != nil {
 			err = redactError(err, secret)
@@ -534,10 +558,6 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 		resp.Header.Set(HeaderKeyID, id)
 		scrubHeader(resp.Header, secret)
 		if outcome.Kind == keypool.OK {
-			idle := svc.IdleTimeout
-			if tr != nil && tr.idle > 0 {
-				idle = tr.idle
-			}
 			scrubBodyIdle(resp, secret, idle)
 			wrapBody(resp, lease, ctx, cancel)
 			budget.settle(pool, service, true)

@@ -314,9 +314,9 @@ func (s *Server) serveReport(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	kind, err := keypool.ParseOutcomeKind(req.Outcome)
-	if err != nil || kind > keypool.Failure {
+	if err != nil || kind > keypool.Failure && kind != keypool.Refused {
 		return httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest,
-			"field \"outcome\" must be one of ok, rate_limited, invalid, exhausted, error")
+			"field \"outcome\" must be one of ok, rate_limited, invalid, exhausted, refused, error")
 	}
 	var retry time.Duration
 	if req.RetryAfter != nil {
@@ -338,6 +338,16 @@ func (s *Server) serveReport(w http.ResponseWriter, r *http.Request) error {
 			return err
 		}
 		service = h.service
+		if holder != "admin" && (kind == keypool.Invalid || kind == keypool.Exhausted) {
+			// A client's word, not the upstream's: a report that takes
+			// the key out for long (invalid; exhausted, up to 24 h even
+			// with a reset) is an ambiguous refusal, confirmed by
+			// Service.ConfirmRefusals
+			// reports from distinct leases and never below the
+			// service's MinActiveKeys floor, so that one token cannot
+			// take a shared pool out of rotation.
+			o = keypool.Outcome{Kind: keypool.Refused, Reason: o.Reason}
+		}
 		h.lease.Release(o)
 	case p.Admin:
 		// The admin may report on any key, leased or not: apply what

@@ -1,6 +1,7 @@
 package server_test
 
 import (
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -123,4 +124,80 @@ func TestReportNeedsLease(t *testing.T) {
 		t.Fatalf("admin report without a lease: %d %v", code, m)
 	}
 	k.checkLogs()
+}
+
+// The README documents "refused" among the report outcomes: a lease holder
+// reports an ambiguous refusal (a bare 403), one strike against the key.
+func TestReportRefused(t *testing.T) {
+	up := newUpstream(t, okJSON)
+	k := startKP(t)
+	k.addService("exa", up.URL, "x-api-key", nil)
+	k.addKey("exa", keyA, nil)
+	tok := k.addToken(k.addTeam("a", nil), map[string]any{"scopes": []string{"lease"}})
+	code, m, _ := k.do("GET", "/key?service=exa", tok, nil)
+	if code != 200 {
+		t.Fatalf("lease: %d %v", code, m)
+	}
+	keyID, leaseID := m["key_id"].(string), m["lease_id"].(string)
+	code, m, _ = k.do("POST", "/key/"+keyID+"/report", tok, map[string]any{"outcome": "refused", "lease_id": leaseID})
+	if code != 200 || m["outcome"] != "refused" || m["state"] != "active" {
+		t.Fatalf("refused report: %d %v, want 200, the key still active", code, m)
+	}
+	st, _ := k.srv.Pool().Stats("exa")
+	if len(st) != 1 || st[0].Refusals != 1 {
+		t.Fatalf("stats %+v, want one strike", st)
+	}
+	k.checkLogs()
+}
+
+// A lease holder's word is not the upstream's: one team's token that
+// leased every key of a shared service and reported each "invalid" took
+// the whole pool out of rotation for every team ("4 keys: 4 invalid").
+// A client token's report that takes a key out for long (invalid;
+// exhausted, even with a reset of up to 24 h) is now an ambiguous refusal: confirmed by ConfirmRefusals reports from
+// distinct leases, and never below the service's MinActiveKeys floor.
+func TestLeaseReportsKeepFloor(t *testing.T) {
+	for _, tc := range []struct {
+		outcome string
+		retry   any
+	}{{"invalid", nil}, {"exhausted", nil}, {"exhausted", 604800}} {
+		outcome := tc.outcome
+		t.Run(fmt.Sprint(outcome, tc.retry), func(t *testing.T) {
+			up := newUpstream(t, okJSON)
+			k := startKP(t)
+			k.addService("exa", up.URL, "x-api-key", nil)
+			for _, v := range []string{keyA, keyB, keyC, keyA + "4"} {
+				k.addKey("exa", v, nil)
+			}
+			tok := k.addToken(k.addTeam("b", nil), map[string]any{"scopes": []string{"lease"}})
+			for range 12 {
+				code, m, _ := k.do("GET", "/key?service=exa", tok, nil)
+				if code != 200 {
+					t.Fatalf("lease: %d %v", code, m)
+				}
+				keyID, leaseID := m["key_id"].(string), m["lease_id"].(string)
+				if code, m, _ := k.do("POST", "/key/"+keyID+"/report", tok, map[string]any{"outcome": outcome, "lease_id": leaseID, "retry_after": tc.retry}); code != 200 {
+					t.Fatalf("report: %d %v", code, m)
+				}
+			}
+			st, _ := k.srv.Pool().Stats("exa")
+			active, out := 0, 0
+			for _, s := range st {
+				switch s.State.String() {
+				case "active":
+					active++
+				case "invalid", "exhausted":
+					out++
+				}
+			}
+			if active < 2 || out == 0 {
+				t.Fatalf("after 12 %q reports from one token: %d active, %d out (floor 2; confirmed keys should leave): %+v", outcome, active, out, st)
+			}
+			// The admin's report is applied as it is.
+			if code, m, _ := k.do("POST", "/key/"+st[0].ID+"/report", k.admin, map[string]any{"outcome": "invalid"}); code != 200 || m["state"] != "invalid" {
+				t.Fatalf("admin report: %d %v", code, m)
+			}
+			k.checkLogs()
+		})
+	}
 }

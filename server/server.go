@@ -41,7 +41,10 @@
 // [Config.LeaseTTL] passes. POST /key/{key_id}/report takes
 // {"lease_id","outcome","retry_after"}: only the token that took the
 // lease, while its team may use the service, before it expires, once.
-// Errors: 400 bad_request without lease_id (only the admin token reports
+// A client token's "invalid" or "exhausted" counts
+// as a "refused": one strike, confirmed by the service's confirm_refusals
+// reports from distinct leases and never below its min_active_keys; the
+// admin token's reports apply as they are. Errors: 400 bad_request without lease_id (only the admin token reports
 // on a key without a lease), 404 lease_not_found (unknown, another key's,
 // or held by another replica: leases live in the process that handed
 // them out), 403 forbidden (another token's lease), 409 lease_reported,

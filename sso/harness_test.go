@@ -255,3 +255,7 @@ func mustURL(t *testing.T, s string) *url.URL {
 	}
 	return u
 }
+
+func oidcClaims(email string) oidctest.Claims {
+	return oidctest.Claims{Email: email, EmailVerified: true}
+}

@@ -21,6 +21,7 @@ func TestSignInMakesWorkingTokens(t *testing.T) {
 	code := mustURL(t, cb).Query().Get("code")
 	state := mustURL(t, cb).Query().Get("state")
 	resp, _ := e.get(c, cb)
+	idt := e.provider.LastIDToken()
 	if resp.StatusCode != http.StatusSeeOther || resp.Header.Get("Location") != "/auth/token" {
 		t.Fatalf("callback answers %d to %q; want 303 to /auth/token (no code or state left in the address bar)", resp.StatusCode, resp.Header.Get("Location"))
 	}
@@ -73,7 +74,10 @@ func TestSignInMakesWorkingTokens(t *testing.T) {
 	if !strings.Contains(e.audit(), "sso.token_create") {
 		t.Error("the audit log does not record the token creation")
 	}
-	e.noSecrets(tok1, tok2, code, state)
+	if idt == "" {
+		t.Fatal("the provider issued no ID token")
+	}
+	e.noSecrets(tok1, tok2, code, state, idt)
 }
 
 // TestSignInRefusals: every failure shows a clear page and creates

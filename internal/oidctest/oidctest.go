@@ -55,6 +55,7 @@ type Provider struct {
 	down     bool
 	codes    map[string]*grant
 	tokenReq int
+	lastIDT  string
 }
 
 // New starts a provider on 127.0.0.1; it stops with the test.
@@ -113,6 +114,14 @@ func (p *Provider) SetDown(down bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.down = down
+}
+
+// LastIDToken returns the last ID token issued, for tests that check it
+// leaks nowhere.
+func (p *Provider) LastIDToken() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.lastIDT
 }
 
 // TokenRequests returns how many code exchanges were attempted.
@@ -244,6 +253,9 @@ func (p *Provider) token(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	idt, _ := obj.CompactSerialize()
+	p.mu.Lock()
+	p.lastIDT = idt
+	p.mu.Unlock()
 	writeJSON(w, 200, map[string]any{"access_token": "at-" + rand.Text(), "token_type": "Bearer", "expires_in": 3600, "id_token": idt})
 }
 

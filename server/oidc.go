@@ -35,6 +35,8 @@ const (
 	EnvOIDCAllowedEmails      = "KEYPOOL_OIDC_ALLOWED_EMAILS"
 	EnvOIDCAdmins             = "KEYPOOL_OIDC_ADMINS"
 	EnvOIDCDefaultTeam        = "KEYPOOL_OIDC_DEFAULT_TEAM"
+	EnvOIDCDomainTeams        = "KEYPOOL_OIDC_DOMAIN_TEAMS"
+	EnvOIDCAdminGroup         = "KEYPOOL_OIDC_ADMIN_GROUP"
 	EnvOIDCTokenTTL           = "KEYPOOL_OIDC_TOKEN_TTL"
 	EnvOIDCDiscoveryTimeout   = "KEYPOOL_OIDC_TIMEOUT"
 	defaultOIDCStartupTimeout = 5 * time.Second
@@ -64,9 +66,15 @@ type OIDCConfig struct {
 	AllowedEmails  []string `json:"allowed_emails,omitempty" yaml:"allowed_emails,omitempty"`
 	// Admins are emails that may sign in to the admin console by SSO.
 	Admins []string `json:"admins,omitempty" yaml:"admins,omitempty"`
+	// AdminGroup, if set, makes admins of people whose ID token's
+	// "groups" claim holds it.
+	AdminGroup string `json:"admin_group,omitempty" yaml:"admin_group,omitempty"`
 	// DefaultTeam names the team new users join (created when missing).
 	// If empty, "sso".
 	DefaultTeam string `json:"default_team,omitempty" yaml:"default_team,omitempty"`
+	// DomainTeams maps an email domain to the team its new users join
+	// instead (env: "example.com=engineering,corp.example=corp").
+	DomainTeams map[string]string `json:"domain_teams,omitempty" yaml:"domain_teams,omitempty"`
 	// TokenTTL is the lifetime of tokens made by sign-in. If zero, they
 	// do not expire.
 	TokenTTL Duration `json:"token_ttl,omitempty" yaml:"token_ttl,omitempty"`
@@ -100,7 +108,7 @@ func (c *OIDCConfig) applyEnv(get func(string) (string, bool)) error {
 	for _, f := range [...]struct {
 		env string
 		dst *string
-	}{{EnvOIDCIssuer, &c.Issuer}, {EnvOIDCClientID, &c.ClientID}, {EnvAuthBaseURL, &c.BaseURL}, {EnvOIDCDefaultTeam, &c.DefaultTeam}} {
+	}{{EnvOIDCIssuer, &c.Issuer}, {EnvOIDCClientID, &c.ClientID}, {EnvAuthBaseURL, &c.BaseURL}, {EnvOIDCDefaultTeam, &c.DefaultTeam}, {EnvOIDCAdminGroup, &c.AdminGroup}} {
 		if v, ok := get(f.env); ok {
 			*f.dst = v
 		}
@@ -119,6 +127,16 @@ func (c *OIDCConfig) applyEnv(get func(string) (string, bool)) error {
 	}
 	if v, ok := get(EnvOIDCAdmins); ok {
 		c.Admins = list(v)
+	}
+	if v, ok := get(EnvOIDCDomainTeams); ok {
+		c.DomainTeams = map[string]string{}
+		for _, pair := range list(v) {
+			d, t, ok := strings.Cut(pair, "=")
+			if !ok || strings.TrimSpace(d) == "" || strings.TrimSpace(t) == "" {
+				return fmt.Errorf("server: %s: %q is not domain=team", EnvOIDCDomainTeams, pair)
+			}
+			c.DomainTeams[strings.ToLower(strings.TrimSpace(d))] = strings.TrimSpace(t)
+		}
 	}
 	for _, d := range [...]struct {
 		env string
@@ -196,7 +214,7 @@ func (s *Server) setupSSO(cfg Config) error {
 	sc := sso.Config{
 		Issuer: oc.Issuer, ClientID: oc.ClientID, ClientSecret: oc.ClientSecret.Reveal(), BaseURL: oc.BaseURL,
 		StateSecret: []byte(secret), AllowedDomains: domains, AllowedEmails: emails, Admins: oc.Admins,
-		DefaultTeam: oc.DefaultTeam, TokenTTL: time.Duration(oc.TokenTTL), Timeout: time.Duration(oc.Timeout),
+		AdminGroup: oc.AdminGroup, DomainTeams: oc.DomainTeams, DefaultTeam: oc.DefaultTeam, TokenTTL: time.Duration(oc.TokenTTL), Timeout: time.Duration(oc.Timeout),
 		Store: s.st, OnRevoke: s.auth.Invalidate, ClientIP: s.clients.of, Secure: s.cookieSecure,
 		Logger: s.log, Now: s.now,
 	}

@@ -357,7 +357,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 
 	if !cfg.Console.Disabled {
 		if s.console, err = console.New(console.Config{API: s.admin, Sessions: s.sess, Statuses: s.st,
-			Secure: s.cookieSecure, Logger: log, Now: s.now, SSOLogin: cfg.OIDC.Enabled() && len(cfg.OIDC.Admins) > 0}); err != nil {
+			Secure: s.cookieSecure, Logger: log, Now: s.now, SSOLogin: cfg.OIDC.Enabled() && (len(cfg.OIDC.Admins) > 0 || cfg.OIDC.AdminGroup != "")}); err != nil {
 			return nil, err
 		}
 	}

@@ -70,8 +70,9 @@ func (h *Handler) checkState(r *http.Request) (flow, error) {
 }
 
 type identity struct {
-	Email         string `json:"email"`
-	EmailVerified any    `json:"email_verified"` // a bool, or "true" from some providers
+	Email         string   `json:"email"`
+	EmailVerified any      `json:"email_verified"` // a bool, or "true" from some providers
+	Groups        []string `json:"groups"`
 }
 
 func (i identity) verified() bool {
@@ -149,14 +150,14 @@ func (h *Handler) callback(w http.ResponseWriter, r *http.Request) {
 		h.fail(w, http.StatusForbidden, "Email not verified", "Your email address is not verified with the sign-in provider; verify it there, then sign in again.")
 		return
 	}
-	if !h.allowed(email) {
+	if !h.allowed(email, id.Groups) {
 		h.log.Info("sso: sign-in refused", "reason", "email not allowed")
 		h.audit(r, email, "sso.refused", "", http.StatusForbidden)
 		h.fail(w, http.StatusForbidden, "Not allowed", "The address "+email+" may not sign in to this keypool. Ask your administrator to allow your domain or address.")
 		return
 	}
 	if f.Admin {
-		h.adminSignIn(w, r, email)
+		h.adminSignIn(w, r, email, id.Groups)
 		return
 	}
 	u, err := h.upsertUser(r.Context(), email)
@@ -175,8 +176,8 @@ func (h *Handler) callback(w http.ResponseWriter, r *http.Request) {
 }
 
 // adminSignIn opens an admin console session for an admin email.
-func (h *Handler) adminSignIn(w http.ResponseWriter, r *http.Request, email string) {
-	if !h.isAdmin(email) {
+func (h *Handler) adminSignIn(w http.ResponseWriter, r *http.Request, email string, groups []string) {
+	if !h.isAdmin(email, groups) {
 		h.audit(r, email, "sso.admin_refused", "", http.StatusForbidden)
 		h.fail(w, http.StatusForbidden, "Not an administrator", email+" is not an administrator of this keypool. Sign in at /auth/login for your own tokens.")
 		return
@@ -216,7 +217,14 @@ func (h *Handler) upsertUser(ctx context.Context, email string) (store.User, err
 			return u, nil
 		}
 	}
-	team, err := h.defaultTeam(ctx)
+	name := h.cfg.DefaultTeam
+	_, domain, _ := strings.Cut(email, "@")
+	for d, t := range h.cfg.DomainTeams {
+		if strings.EqualFold(strings.TrimPrefix(d, "@"), domain) && t != "" {
+			name = t
+		}
+	}
+	team, err := h.team(ctx, name)
 	if err != nil {
 		return store.User{}, err
 	}
@@ -229,19 +237,20 @@ func (h *Handler) upsertUser(ctx context.Context, email string) (store.User, err
 	return u, nil
 }
 
-func (h *Handler) defaultTeam(ctx context.Context) (store.Team, error) {
+// team returns the team with this name, creating it when missing.
+func (h *Handler) team(ctx context.Context, name string) (store.Team, error) {
 	teams, err := h.cfg.Store.ListTeams(ctx)
 	if err != nil {
 		return store.Team{}, err
 	}
 	for _, t := range teams {
-		if t.Name == h.cfg.DefaultTeam {
+		if t.Name == name {
 			return t, nil
 		}
 	}
-	t := store.Team{Name: h.cfg.DefaultTeam}
+	t := store.Team{Name: name}
 	if err := h.cfg.Store.CreateTeam(ctx, &t); errors.Is(err, store.ErrConflict) {
-		return h.defaultTeam(ctx)
+		return h.team(ctx, name)
 	} else if err != nil {
 		return store.Team{}, err
 	}

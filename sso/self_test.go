@@ -1,6 +1,8 @@
 package sso_test
 
 import (
+	"github.com/keypool/keypool/internal/oidctest"
+	"github.com/keypool/keypool/server"
 	"net/http"
 	"regexp"
 	"strings"
@@ -164,4 +166,46 @@ func TestAdminSignIn(t *testing.T) {
 		t.Error("no sso.admin_login in the audit log")
 	}
 	e.noSecrets()
+}
+
+// TestTeamsAndGroups: a mapped domain's users join its team; a member of
+// the admin group signs in to the console; the group does not make
+// anyone else an admin.
+func TestTeamsAndGroups(t *testing.T) {
+	e := start(t, func(c *server.OIDCConfig) {
+		c.DomainTeams = map[string]string{"corp.example": "corp"}
+		c.AllowedDomains = []string{"example.com", "corp.example"}
+		c.AdminGroup = "keypool-admins"
+		c.Admins = nil
+	})
+	e.provider.SetClaims(oidcClaims("carol@corp.example"))
+	e.signIn(browser())
+	e.provider.SetClaims(oidcClaims("dave@example.com"))
+	e.signIn(browser())
+	_, tm := e.admin("GET", "/admin/teams", nil)
+	names := map[string]string{}
+	for _, x := range tm["teams"].([]any) {
+		names[x.(map[string]any)["id"].(string)] = x.(map[string]any)["name"].(string)
+	}
+	_, us := e.admin("GET", "/admin/users", nil)
+	for _, x := range us["users"].([]any) {
+		u := x.(map[string]any)
+		want := map[string]string{"carol@corp.example": "corp", "dave@example.com": "sso"}[u["external_id"].(string)]
+		if names[u["team_id"].(string)] != want {
+			t.Errorf("%s is in team %q, want %q", u["external_id"], names[u["team_id"].(string)], want)
+		}
+	}
+	c := browser()
+	resp, _ := e.get(c, e.begin(c, "/auth/login?as=admin"))
+	if resp.StatusCode != http.StatusForbidden {
+		t.Errorf("dave without the group as admin: %d", resp.StatusCode)
+	}
+	e.provider.SetClaims(oidctest.Claims{Email: "erin@elsewhere.test", EmailVerified: true, Groups: []string{"keypool-admins"}})
+	resp, _ = e.get(c, e.begin(c, "/auth/login?as=admin"))
+	if resp.StatusCode != http.StatusSeeOther || resp.Header.Get("Location") != "/auth/done" {
+		t.Errorf("admin group member: %d %q", resp.StatusCode, resp.Header.Get("Location"))
+	}
+	if resp, _ := e.get(c, e.base+"/console/"); resp.StatusCode != http.StatusOK {
+		t.Errorf("console for the group admin: %d", resp.StatusCode)
+	}
 }

@@ -89,9 +89,15 @@ type Config struct {
 	// Admins are emails that may open an admin console session by SSO.
 	// They may sign in whatever the allow-lists say.
 	Admins []string
+	// AdminGroup, if set, also makes admins of people whose ID token's
+	// "groups" claim holds it.
+	AdminGroup string
 	// DefaultTeam is the name of the team new users join; created
 	// (without limits) when missing. If empty, "sso".
 	DefaultTeam string
+	// DomainTeams maps an email domain to the team its new users join
+	// instead of DefaultTeam (created when missing).
+	DomainTeams map[string]string
 	// TokenTTL is the lifetime of tokens made here. If zero, they do not
 	// expire.
 	TokenTTL time.Duration
@@ -196,7 +202,9 @@ func New(cfg Config) (*Handler, error) {
 func (h *Handler) RedirectURL() string { return h.cfg.BaseURL + "/auth/callback" }
 
 // AdminsEnabled reports whether admins may sign in to the console by SSO.
-func (h *Handler) AdminsEnabled() bool { return h.cfg.Sessions != nil && len(h.cfg.Admins) > 0 }
+func (h *Handler) AdminsEnabled() bool {
+	return h.cfg.Sessions != nil && (len(h.cfg.Admins) > 0 || h.cfg.AdminGroup != "")
+}
 
 // Discover fetches the provider's discovery document, within
 // Config.Timeout. On success the provider is kept; on failure the next
@@ -309,9 +317,9 @@ func (h *Handler) fail(w http.ResponseWriter, status int, title, msg string) {
 }
 
 // allowed reports whether email may sign in.
-func (h *Handler) allowed(email string) bool {
+func (h *Handler) allowed(email string, groups []string) bool {
 	email = strings.ToLower(email)
-	if h.isAdmin(email) {
+	if h.isAdmin(email, groups) {
 		return true
 	}
 	if len(h.cfg.AllowedDomains) == 0 && len(h.cfg.AllowedEmails) == 0 {
@@ -326,7 +334,10 @@ func (h *Handler) allowed(email string) bool {
 	})
 }
 
-func (h *Handler) isAdmin(email string) bool {
+func (h *Handler) isAdmin(email string, groups []string) bool {
+	if h.cfg.AdminGroup != "" && slices.Contains(groups, h.cfg.AdminGroup) {
+		return true
+	}
 	return slices.ContainsFunc(h.cfg.Admins, func(e string) bool { return strings.EqualFold(strings.TrimSpace(e), email) })
 }
 

@@ -91,3 +91,40 @@ func TestOIDCStateSecretGenerated(t *testing.T) {
 		t.Error("the state secret changed across restarts")
 	}
 }
+
+// TestOIDCFile: the YAML file's oidc: section, secrets by ${ENV}.
+func TestOIDCFile(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "keypool.yaml")
+	if err := os.WriteFile(p, []byte(`oidc:
+  issuer: https://idp.example.com/realms/main
+  client_id: keypool
+  client_secret: ${OIDC_SECRET}
+  base_url: https://proxy.internal
+  allowed_domains: [example.com]
+  admins: [ops@example.com]
+  admin_group: keypool-admins
+  domain_teams: {corp.example.com: corp}
+  token_ttl: 720h
+  timeout: 3s
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := LoadFile(p, func(k string) (string, bool) {
+		if k == "OIDC_SECRET" {
+			return "from-env", true
+		}
+		return "", false
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := c.OIDC
+	if o.Issuer != "https://idp.example.com/realms/main" || o.ClientID != "keypool" || o.ClientSecret.Reveal() != "from-env" ||
+		o.BaseURL != "https://proxy.internal" || o.DomainTeams["corp.example.com"] != "corp" || o.AdminGroup != "keypool-admins" ||
+		o.TokenTTL.String() != "720h0m0s" || o.Timeout.String() != "3s" || len(o.AllowedDomains) != 1 || len(o.Admins) != 1 {
+		t.Errorf("oidc section: %+v", o)
+	}
+	if err := c.Validate(); err != nil {
+		t.Error(err)
+	}
+}

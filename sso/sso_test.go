@@ -4,6 +4,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -261,5 +262,39 @@ func TestProviderHangs(t *testing.T) {
 	}
 	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(body, "could not reach") {
 		t.Errorf("login: %d %s", resp.StatusCode, body)
+	}
+}
+
+// TestConcurrentFirstSignIns: 20 first sign-ins of one new person at once
+// make one user and one team, and 20 working tokens.
+func TestConcurrentFirstSignIns(t *testing.T) {
+	e := start(t, nil)
+	const n = 20
+	cbs := make([]string, n)
+	cs := make([]*http.Client, n)
+	for i := range cs {
+		cs[i] = browser()
+		cbs[i] = e.begin(cs[i], "/auth/login")
+	}
+	statuses := make([]int, n)
+	var wg sync.WaitGroup
+	for i := range cs {
+		wg.Go(func() {
+			resp, err := cs[i].Get(cbs[i])
+			if err != nil {
+				return
+			}
+			resp.Body.Close()
+			statuses[i] = resp.StatusCode
+		})
+	}
+	wg.Wait()
+	for i, st := range statuses {
+		if st != http.StatusSeeOther {
+			t.Errorf("sign-in %d: %d", i, st)
+		}
+	}
+	if users, tokens, teams := e.counts(); users != 1 || tokens != n || teams != 1 {
+		t.Errorf("users, tokens, teams = %d, %d, %d; want 1, %d, 1", users, tokens, teams, n)
 	}
 }

@@ -132,6 +132,8 @@ func (a *API) deleteTeam(w http.ResponseWriter, r *http.Request) error {
 type userInput struct {
 	ExternalID opt[string] `json:"external_id"`
 	TeamID     opt[string] `json:"team_id"`
+	// Disabled stops the user from getting new tokens by single sign-on.
+	Disabled opt[bool] `json:"disabled"`
 }
 
 func (a *API) applyUser(r *http.Request, in *userInput, u *store.User) error {
@@ -154,6 +156,9 @@ func (a *API) applyUser(r *http.Request, in *userInput, u *store.User) error {
 			return err
 		}
 		u.TeamID = v
+	}
+	if in.Disabled.Set {
+		u.Disabled = in.Disabled.V
 	}
 	return nil
 }

@@ -73,6 +73,9 @@ type Config struct {
 	Logger *slog.Logger
 	// Now returns the current time. If nil, time.Now.
 	Now func() time.Time
+	// SSOLogin shows "Sign in with SSO" (to /auth/login?as=admin) beside
+	// the password form.
+	SSOLogin bool
 }
 
 // Handler serves the console under [Prefix]. Create it with [New]; it is
@@ -84,6 +87,7 @@ type Handler struct {
 	secure   func(*http.Request) bool
 	log      *slog.Logger
 	now      func() time.Time
+	ssoLogin bool
 	pages    map[string]*template.Template
 	handler  http.Handler
 }
@@ -93,7 +97,7 @@ func New(cfg Config) (*Handler, error) {
 	if cfg.API == nil || cfg.Sessions == nil {
 		return nil, errors.New("console: Config.API and Config.Sessions are required")
 	}
-	h := &Handler{api: cfg.API, sessions: cfg.Sessions, statuses: cfg.Statuses, secure: cfg.Secure, log: cfg.Logger, now: cfg.Now}
+	h := &Handler{api: cfg.API, sessions: cfg.Sessions, statuses: cfg.Statuses, secure: cfg.Secure, log: cfg.Logger, now: cfg.Now, ssoLogin: cfg.SSOLogin}
 	if h.secure == nil {
 		h.secure = func(r *http.Request) bool { return r.TLS != nil }
 	}
@@ -227,6 +231,12 @@ func (h *Handler) authed(fn handlerFunc) http.Handler {
 		}
 		fn(w, r, id)
 	})
+}
+
+// SetSessionCookie sets the console's session cookie to an admin session
+// token opened elsewhere (single sign-on).
+func (h *Handler) SetSessionCookie(w http.ResponseWriter, r *http.Request, token string, expires time.Time) {
+	h.setCookie(w, r, token, expires)
 }
 
 func (h *Handler) setCookie(w http.ResponseWriter, r *http.Request, token string, expires time.Time) {

@@ -12,7 +12,16 @@ import (
 
 func (h *Handler) loginPage(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Cache-Control", "no-store")
-	h.render(w, http.StatusOK, "login", view{Title: "Sign in", Data: map[string]string{"Next": safeNext(r.URL.Query().Get("next"))}})
+	h.render(w, http.StatusOK, "login", view{Title: "Sign in", Data: h.loginData(safeNext(r.URL.Query().Get("next")), "")})
+}
+
+// loginData is the sign-in page's data.
+func (h *Handler) loginData(next, user string) map[string]string {
+	d := map[string]string{"Next": next, "Username": user}
+	if h.ssoLogin {
+		d["SSO"] = "1"
+	}
+	return d
 }
 
 // safeNext keeps a post-sign-in redirect inside the console.
@@ -27,7 +36,7 @@ func (h *Handler) loginSubmit(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Cache-Control", "no-store")
 	user, pw := r.PostFormValue("username"), r.PostFormValue("password")
 	next := safeNext(r.PostFormValue("next"))
-	data := map[string]string{"Next": next, "Username": user}
+	data := h.loginData(next, user)
 	if user == "" || pw == "" {
 		h.render(w, http.StatusBadRequest, "login", view{Title: "Sign in", Error: "Enter your username and password.", Data: data})
 		return

@@ -181,6 +181,9 @@ type Config struct {
 
 	// Console configures admin sign-in (sessions) and the web console.
 	Console ConsoleConfig `json:"console,omitzero" yaml:"console,omitempty"`
+	// OIDC configures sign-in with Google or any OpenID Connect provider
+	// (/auth/login): people get their own tokens without an admin.
+	OIDC OIDCConfig `json:"oidc,omitzero" yaml:"oidc,omitempty"`
 
 	// Upstream is the transport used to reach upstreams. If nil, a clone
 	// of http.DefaultTransport tuned for many connections per host.
@@ -321,6 +324,9 @@ func (c *Config) ApplyEnv(lookup func(string) (string, bool)) error {
 	if err := c.Console.applyEnv(get); err != nil {
 		return err
 	}
+	if err := c.OIDC.applyEnv(get); err != nil {
+		return err
+	}
 	for _, d := range [...]struct {
 		env string
 		dst *Duration
@@ -411,6 +417,9 @@ func (c Config) withDefaults() Config {
 // Validate reports the first setting that cannot work. [New] calls it.
 func (c *Config) Validate() error {
 	if err := c.Console.validate(); err != nil {
+		return err
+	}
+	if err := c.OIDC.validate(); err != nil {
 		return err
 	}
 	if _, err := parseLevel(c.LogLevel); c.LogLevel != "" && err != nil {

@@ -140,6 +140,7 @@ import (
 	"github.com/keypool/keypool/limit"
 	"github.com/keypool/keypool/meter"
 	"github.com/keypool/keypool/proxy"
+	"github.com/keypool/keypool/sso"
 	"github.com/keypool/keypool/store"
 	"github.com/keypool/keypool/store/external"
 	"github.com/keypool/keypool/store/seal"
@@ -161,6 +162,7 @@ type Server struct {
 	admin   *admin.API
 	sess    *auth.Sessions
 	console *console.Handler // nil when disabled
+	sso     *sso.Handler     // nil without OIDC sign-in
 	proxy   *proxy.Handler
 	limiter limit.Backend
 	rdb     *redis.Client
@@ -358,9 +360,12 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 
 	if !cfg.Console.Disabled {
 		if s.console, err = console.New(console.Config{API: s.admin, Sessions: s.sess, Statuses: s.st,
-			Secure: s.cookieSecure, Logger: log, Now: s.now}); err != nil {
+			Secure: s.cookieSecure, Logger: log, Now: s.now, SSOLogin: cfg.OIDC.Enabled() && (len(cfg.OIDC.Admins) > 0 || cfg.OIDC.AdminGroup != "")}); err != nil {
 			return nil, err
 		}
+	}
+	if err := s.setupSSO(cfg); err != nil {
+		return nil, err
 	}
 
 	upstream := cfg.Upstream
@@ -389,6 +394,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	s.bg.Go(func() { s.leases.run(bgctx) })
 	s.bg.Go(func() { s.watchServiceLimits(bgctx) })
 	s.bg.Go(func() { s.pruneAdmin(bgctx) })
+	if s.sso != nil {
+		s.bg.Go(func() { s.discoverSSO(bgctx) })
+	}
 	if s.journal != nil {
 		s.bg.Go(func() { s.replayJournals(bgctx) })
 	}
@@ -492,6 +500,9 @@ func (s *Server) routes() http.Handler {
 	mux.Handle("/admin", s.admin)
 	mux.HandleFunc("/key", s.leaseKey)
 	mux.HandleFunc("/key/{id}/report", s.reportKey)
+	if s.sso != nil {
+		mux.Handle("/auth/", s.sso)
+	}
 	if s.console != nil {
 		mux.Handle(console.Prefix, s.console)
 		mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {

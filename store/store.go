@@ -185,6 +185,8 @@ type User struct {
 	TeamID     string    `json:"team_id"`
 	CreatedAt  time.Time `json:"created_at"`
 	UpdatedAt  time.Time `json:"updated_at"`
+	// Disabled users get no new token by single sign-on.
+	Disabled bool `json:"disabled,omitempty"`
 }
 
 // Token is a client credential. Only its hash is stored; the plaintext is

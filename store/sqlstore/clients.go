@@ -96,7 +96,7 @@ func (s *Store) CreateUser(ctx context.Context, u *store.User) error {
 		return fmt.Errorf("sqlstore: create user: %w: external_id and team_id are required", store.ErrInvalid)
 	}
 	now := s.now()
-	row := userRow{ID: u.ID, ExternalID: u.ExternalID, TeamID: u.TeamID, CreatedAt: now, UpdatedAt: now}
+	row := userRow{ID: u.ID, ExternalID: u.ExternalID, TeamID: u.TeamID, Disabled: u.Disabled, CreatedAt: now, UpdatedAt: now}
 	if row.ID == "" {
 		row.ID = newID("user")
 	}
@@ -134,7 +134,7 @@ func (s *Store) ListUsers(ctx context.Context, teamID string) ([]store.User, err
 	return out, nil
 }
 
-// UpdateUser changes a user's ExternalID and TeamID. Moving a user to
+// UpdateUser changes a user's ExternalID, TeamID and Disabled. Moving a user to
 // another team moves its tokens with it.
 func (s *Store) UpdateUser(ctx context.Context, u *store.User) error {
 	if u.ExternalID == "" || u.TeamID == "" {
@@ -143,7 +143,7 @@ func (s *Store) UpdateUser(ctx context.Context, u *store.User) error {
 	now := s.now()
 	if err := s.write(ctx, "update user "+u.ID, false, func(tx *gorm.DB) error {
 		if err := affected(tx.Model(&userRow{}).Where("id = ?", u.ID).Updates(map[string]any{
-			"external_id": u.ExternalID, "team_id": u.TeamID, "updated_at": now,
+			"external_id": u.ExternalID, "team_id": u.TeamID, "disabled": u.Disabled, "updated_at": now,
 		})); err != nil {
 			return err
 		}

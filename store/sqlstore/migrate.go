@@ -167,6 +167,9 @@ var migrations = []migration{
 		`ALTER TABLE usage_records ADD COLUMN record_id TEXT`,
 		`CREATE UNIQUE INDEX usage_record_id ON usage_records (record_id)`,
 	}},
+	{8, "users an admin disabled", []string{
+		`ALTER TABLE users ADD COLUMN disabled BOOLEAN NOT NULL DEFAULT FALSE`,
+	}},
 }
 
 // latestVersion is the schema version this package writes.

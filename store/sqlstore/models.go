@@ -75,6 +75,7 @@ type userRow struct {
 	ID         string    `gorm:"column:id;primaryKey"`
 	ExternalID string    `gorm:"column:external_id"`
 	TeamID     string    `gorm:"column:team_id"`
+	Disabled   bool      `gorm:"column:disabled"`
 	CreatedAt  time.Time `gorm:"column:created_at;autoCreateTime:false"`
 	UpdatedAt  time.Time `gorm:"column:updated_at;autoUpdateTime:false"`
 }
@@ -218,7 +219,7 @@ func teamFromRow(r *teamRow) (store.Team, error) {
 }
 
 func userFromRow(r *userRow) store.User {
-	return store.User{ID: r.ID, ExternalID: r.ExternalID, TeamID: r.TeamID, CreatedAt: r.CreatedAt.UTC(), UpdatedAt: r.UpdatedAt.UTC()}
+	return store.User{ID: r.ID, ExternalID: r.ExternalID, TeamID: r.TeamID, Disabled: r.Disabled, CreatedAt: r.CreatedAt.UTC(), UpdatedAt: r.UpdatedAt.UTC()}
 }
 
 func utcPtr(t *time.Time) *time.Time {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"github.com/sony/gobreaker/v2"
 )
 
 // Charge is one counter a request is admitted on: the counter's key, the
@@ -234,15 +235,25 @@ func (r *Redis) ReserveAll(ctx context.Context, charges []Charge, res []Reservat
 			args = append(args, int(l.Window), l.Warn, l.Block, calRetry(l.Window, now).Milliseconds())
 		}
 	}
-	cctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
-	defer cancel()
-	out, err := reserveManyScript.Run(cctx, r.c, keys, args...).Slice()
 	which := -1
-	if err == nil {
-		which, err = parseReserveMany(out, charges, ds)
-	}
+	err := r.run(ctx, "reserve", func(cctx context.Context) error {
+		out, err := reserveManyScript.Run(cctx, r.c, keys, args...).Slice()
+		if err == nil {
+			which, err = parseReserveMany(out, charges, ds)
+		}
+		return err
+	})
 	if err != nil {
-		if err = r.failed(ctx, "reserve", err); errors.Is(err, ErrUnavailable) {
+		if !errors.Is(err, gobreaker.ErrOpenState) && !errors.Is(err, gobreaker.ErrTooManyRequests) {
+			// The script may have run and reserved: release what it
+			// may hold once Redis answers.
+			for i, c := range charges {
+				if members[i] != "" {
+					r.orph.add(c.Key, members[i], 0, now)
+				}
+			}
+		}
+		if errors.Is(err, ErrUnavailable) {
 			for i, c := range charges {
 				res[i] = Reservation{key: c.Key, amount: c.Amount, done: new(atomic.Bool)}
 				ds[i] = Decision{Allowed: !r.cfg.FailClosedBudget, Degraded: true}
@@ -255,7 +266,6 @@ func (r *Redis) ReserveAll(ctx context.Context, charges []Charge, res []Reservat
 		}
 		return -1, err
 	}
-	r.ok()
 	if which >= 0 {
 		return which, nil
 	}

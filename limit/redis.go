@@ -103,10 +103,17 @@ func NewRedis(c redis.UniversalClient, cfg RedisConfig) (*Redis, error) {
 	return r, nil
 }
 
+// DefaultPoolSize is the connection pool size of [NewRedisClient] when
+// the URL sets no pool_size: enough for a proxy with hundreds of requests
+// in flight not to queue for a connection (go-redis's default is 10 per
+// CPU).
+const DefaultPoolSize = 256
+
 // NewRedisClient returns a go-redis client for url (redis://host:port/db
 // or rediss://…) with ContextTimeoutEnabled set, so that a [Redis]
-// backend's Timeout bounds every call, and a 1s dial timeout unless url
-// sets one.
+// backend's Timeout bounds every call, a 1s dial timeout unless url sets
+// one (dial_timeout=) and [DefaultPoolSize] connections unless url sets
+// pool_size=.
 func NewRedisClient(url string) (*redis.Client, error) {
 	o, err := redis.ParseURL(url)
 	if err != nil {
@@ -114,6 +121,9 @@ func NewRedisClient(url string) (*redis.Client, error) {
 		return nil, errors.New("limit: redis url is malformed (want redis://[user:password@]host:port/db)")
 	}
 	o.ContextTimeoutEnabled = true
+	if o.PoolSize == 0 { // no pool_size in url
+		o.PoolSize = DefaultPoolSize
+	}
 	if o.DialTimeout == 0 { // not set in url
 		o.DialTimeout = time.Second
 	}

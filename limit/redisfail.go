@@ -16,17 +16,22 @@ import (
 // the breaker does not count it.
 var errCallerGone = errors.New("caller gone")
 
-// newBreaker returns the circuit breaker in front of Redis: it opens at
-// the first failed call (a timeout, a refused connection) and then fails
-// every call at once for open, after which one call probes Redis. So
-// while Redis is down a request pays the Timeout at most once per open
-// period, and most pay nothing.
+// breakerTrip is how many calls in a row must fail (a timeout, a refused
+// connection) for the breaker to open: one slow call under load does not
+// make every request fail over to the fail policies.
+const breakerTrip = 3
+
+// newBreaker returns the circuit breaker in front of Redis: it opens after
+// breakerTrip failed calls in a row and then fails every call at once for
+// open, after which one call probes Redis. So while Redis is down a
+// request pays the Timeout at most once per open period, and most pay
+// nothing.
 func newBreaker(open time.Duration) *gobreaker.CircuitBreaker[struct{}] {
 	return gobreaker.NewCircuitBreaker[struct{}](gobreaker.Settings{
 		Name:        "redis",
 		MaxRequests: 1,
 		Timeout:     open,
-		ReadyToTrip: func(c gobreaker.Counts) bool { return c.ConsecutiveFailures >= 1 },
+		ReadyToTrip: func(c gobreaker.Counts) bool { return c.ConsecutiveFailures >= breakerTrip },
 		IsSuccessful: func(err error) bool {
 			return err == nil || errors.Is(err, redis.Nil)
 		},

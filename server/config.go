@@ -182,6 +182,10 @@ type Config struct {
 	// Console configures admin sign-in (sessions) and the web console.
 	Console ConsoleConfig `json:"console,omitzero" yaml:"console,omitempty"`
 
+	// Limits sets the fail policies and timeouts of limits and budgets
+	// shared on Redis (see [LimitsConfig]).
+	Limits LimitsConfig `json:"limits,omitzero" yaml:"limits,omitempty"`
+
 	// Upstream is the transport used to reach upstreams. If nil, a clone
 	// of http.DefaultTransport tuned for many connections per host.
 	Upstream http.RoundTripper `json:"-" yaml:"-"`
@@ -411,6 +415,9 @@ func (c Config) withDefaults() Config {
 // Validate reports the first setting that cannot work. [New] calls it.
 func (c *Config) Validate() error {
 	if err := c.Console.validate(); err != nil {
+		return err
+	}
+	if err := c.Limits.validate(); err != nil {
 		return err
 	}
 	if _, err := parseLevel(c.LogLevel); c.LogLevel != "" && err != nil {

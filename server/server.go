@@ -314,12 +314,18 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		perr := s.rdb.Ping(pctx).Err()
 		cancel()
 		if perr != nil {
-			// Not fatal: the Redis limiter fails open and says so.
-			log.Warn("redis unreachable at start; rate limits fail open until it answers", "redis", cfg.RedisURL, "err", perr)
+			// Not fatal: the Redis limiter follows its fail policies
+			// and says so.
+			log.Warn("redis unreachable at start; limits follow their fail policies until it answers", "redis", cfg.RedisURL, "err", perr)
 		}
-		if s.limiter, err = limit.NewRedis(s.rdb, limit.RedisConfig{Logger: log}); err != nil {
+		rc := cfg.Limits.redisConfig(time.Duration(cfg.UpstreamTimeout))
+		rc.Logger = log
+		rl, err := limit.NewRedis(s.rdb, rc)
+		if err != nil {
 			return nil, err
 		}
+		s.limiter = rl
+		s.registerRedisMetrics(rl)
 		s.share = newSharer(s.rdb, s.pool, log)
 	} else {
 		if s.limiter, err = limit.NewLocal(limit.LocalConfig{}); err != nil {

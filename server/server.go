@@ -161,17 +161,19 @@ type Server struct {
 	proxy   *proxy.Handler
 	limiter limit.Backend
 	rdb     *redis.Client
-	share   *sharer // nil without Redis
-	clients clientIPs
-	usage   *store.UsageWriter
-	journal *store.Journal // nil when disabled
-	metrics *metrics
-	leases  *leaseBook
-	events  chan keypool.Event
-	handler http.Handler
-	logBuf  *logBuffer    // nil when Config.Logger was given
-	logStop func()        // stops the log flusher
-	logDone chan struct{} // closed when the log flusher has stopped
+	// authSync carries auth invalidations to and from other replicas.
+	authSync *authSync
+	share    *sharer // nil without Redis
+	clients  clientIPs
+	usage    *store.UsageWriter
+	journal  *store.Journal // nil when disabled
+	metrics  *metrics
+	leases   *leaseBook
+	events   chan keypool.Event
+	handler  http.Handler
+	logBuf   *logBuffer    // nil when Config.Logger was given
+	logStop  func()        // stops the log flusher
+	logDone  chan struct{} // closed when the log flusher has stopped
 
 	svcMeta    atomic.Pointer[map[string]*svcMeta]
 	basePrices *meter.PriceTable // shipped table merged with Config.PricesFile
@@ -336,6 +338,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		}
 	}
 
+	s.authSync = newAuthSync(s.st, s.rdb, log)
+	s.authSync.auth = s.auth
+
 	uopts := cfg.Usage
 	if uopts.Logger == nil {
 		uopts.Logger = log
@@ -398,6 +403,11 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if len(keyring.Versions()) > 1 {
 		// A rotation: re-seal what older keys sealed, online.
 		s.bg.Go(func() { s.rewrap(bgctx) })
+	}
+	s.bg.Go(func() { s.authSync.send(bgctx) })
+	s.bg.Go(func() { s.authSync.listenPostgres(bgctx) })
+	if s.rdb != nil {
+		s.bg.Go(func() { s.authSync.listenRedis(bgctx) })
 	}
 	if s.share != nil {
 		subscribed := make(chan struct{})

@@ -91,11 +91,13 @@ func (l *Local) ReserveAll(_ context.Context, charges []Charge, res []Reservatio
 // reserveManyScript is [Redis.ReserveAll]: reserveScript's check for every
 // charge, then, when all admit, its reservation for every charge.
 // KEYS: 7 per charge, as reserveScript. ARGV: now ms, now s, ttl ms,
-// number of charges, then per charge: amount, member, n, then n ×
+// number of charges, whether the epoch key (the last KEY) must exist,
+// then per charge: amount, member, n, then n ×
 // (window, warn, block, calendar retry ms). Returns {which (0: admitted,
 // else the 1-based refusing charge), then per charge checked: allowed,
 // warn, limit index, used, retry ms, reserved}.
 var reserveManyScript = redis.NewScript(`
+if ARGV[5] == '1' and redis.call('EXISTS', KEYS[#KEYS]) == 0 then return {-1} end
 local now = tonumber(ARGV[1])
 local sec = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
@@ -184,7 +186,7 @@ local function check(kb, ab, amount, reserved)
 end
 
 local out = {0}
-local ab = 5
+local ab = 6
 for c = 1, nc do
   local kb = (c - 1) * 7 + 1
   local amount = tonumber(ARGV[ab])
@@ -197,7 +199,7 @@ for c = 1, nc do
   end
   ab = ab + 3 + 4 * tonumber(ARGV[ab + 2])
 end
-ab = 5
+ab = 6
 for c = 1, nc do
   local kb = (c - 1) * 7 + 1
   local amount = tonumber(ARGV[ab])
@@ -223,7 +225,11 @@ func (r *Redis) ReserveAll(ctx context.Context, charges []Charge, res []Reservat
 	}
 	keys := make([]string, 0, 7*len(charges))
 	args := make([]any, 0, 4+len(charges)*7)
-	args = append(args, now.UnixMilli(), now.Unix(), r.cfg.ReservationTTL.Milliseconds(), len(charges))
+	seed := 0
+	if r.cfg.RequireSeed {
+		seed = 1
+	}
+	args = append(args, now.UnixMilli(), now.Unix(), r.cfg.ReservationTTL.Milliseconds(), len(charges), seed)
 	members := make([]string, len(charges))
 	for i, c := range charges {
 		keys = append(keys, r.counterKeys(c.Key, now)...)
@@ -235,9 +241,17 @@ func (r *Redis) ReserveAll(ctx context.Context, charges []Charge, res []Reservat
 			args = append(args, int(l.Window), l.Warn, l.Block, calRetry(l.Window, now).Milliseconds())
 		}
 	}
+	keys = append(keys, r.epochKey())
 	which := -1
+	unseeded := false
 	err := r.run(ctx, "reserve", func(cctx context.Context) error {
 		out, err := reserveManyScript.Run(cctx, r.c, keys, args...).Slice()
+		if err == nil && len(out) == 1 {
+			if v, _ := out[0].(int64); v == -1 {
+				unseeded = true
+				return nil
+			}
+		}
 		if err == nil {
 			which, err = parseReserveMany(out, charges, ds)
 		}
@@ -265,6 +279,20 @@ func (r *Redis) ReserveAll(ctx context.Context, charges []Charge, res []Reservat
 			return -1, nil
 		}
 		return -1, err
+	}
+	if unseeded {
+		if r.cfg.OnUnseeded != nil {
+			r.cfg.OnUnseeded()
+		}
+		for i, c := range charges {
+			res[i] = Reservation{key: c.Key, amount: c.Amount, done: new(atomic.Bool)}
+			ds[i] = Decision{Allowed: !r.cfg.FailClosedBudget, Degraded: true}
+		}
+		if r.cfg.FailClosedBudget {
+			ds[0].RetryAfter = failRetry
+			return 0, nil
+		}
+		return -1, nil
 	}
 	if which >= 0 {
 		return which, nil

@@ -39,6 +39,14 @@ type RedisConfig struct {
 	// that while Redis is down a request pays Timeout at most once per
 	// BreakerOpen. If zero, 1s.
 	BreakerOpen time.Duration `json:"breaker_open,omitempty"`
+	// RequireSeed makes [Redis.ReserveAll] refuse (Degraded, as when
+	// Redis is unreachable, per FailClosedBudget) while Redis holds no
+	// epoch key, that is until a replica has seeded the counters from the
+	// usage records ([Redis.ClaimSeed]): a Redis restarted empty never
+	// admits against counters that forgot the budget's usage. OnUnseeded,
+	// if set, is then called (it must not block).
+	RequireSeed bool   `json:"require_seed,omitempty"`
+	OnUnseeded  func() `json:"-"`
 	// Logger receives one warning when Redis becomes unreachable and one
 	// info line when it is back. If nil, [slog.Default].
 	Logger *slog.Logger `json:"-"`

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"fmt"
 	"net/http"
 	"strings"
@@ -136,4 +137,47 @@ func (s *Server) registerRedisMetrics(r *limit.Redis) {
 			Help: "Calls to Redis for limits that failed or were refused at once by the open circuit breaker.",
 		}, func() float64 { return float64(r.Failures()) }),
 	)
+}
+
+// seedRedis seeds the budget counters on Redis from the store's usage
+// records when Redis holds none (new, flushed or restarted empty), once
+// across replicas (see [limit.Redis.ClaimSeed]). It reports whether Redis
+// is seeded now.
+func (s *Server) seedRedis(ctx context.Context, r *limit.Redis) bool {
+	seed, done, err := r.ClaimSeed(ctx)
+	switch {
+	case err != nil:
+		return false
+	case !seed:
+		return true
+	}
+	if err := s.seedCounters(ctx); err != nil {
+		s.log.Warn("cannot seed budget counters on redis from the usage records; budgets fail per limits.redis_fail until it works", "err", err)
+		return false
+	}
+	if err := done(ctx); err != nil {
+		return false
+	}
+	s.log.Info("budget counters on redis seeded from the usage records")
+	return true
+}
+
+// watchSeed re-seeds Redis when a request finds it unseeded (kick) or a
+// seed is still owed, until ctx ends.
+func (s *Server) watchSeed(ctx context.Context, r *limit.Redis) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	owed := !s.seedRedis(ctx, r)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.seedKick:
+			owed = true
+		case <-t.C:
+		}
+		if owed {
+			owed = !s.seedRedis(ctx, r)
+		}
+	}
 }

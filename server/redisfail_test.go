@@ -1,6 +1,7 @@
 package server_test
 
 import (
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -56,5 +57,59 @@ func TestRedisDownFailPolicies(t *testing.T) {
 	}
 	if n := strings.Count(k.logs.String(), "limit: redis unreachable"); n != 1 {
 		t.Errorf("%d outage warnings, want 1", n)
+	}
+}
+
+// TestRedisRestartedEmptyReseeds: Redis restarted empty forgets every
+// counter; the budget is re-seeded from the usage records before anything
+// is admitted against it, so a team with room for 2 more requests gets 2,
+// not a fresh budget.
+func TestRedisRestartedEmptyReseeds(t *testing.T) {
+	url, kill := testutil.StartRedis(t, 0)
+	up := newUpstream(t, usage150)
+	k := startKP(t, fastUsage, func(c *server.Config) {
+		c.RedisURL = server.SecretURL(url)
+		c.Limits = server.LimitsConfig{RedisBreakerOpen: server.Duration(100 * time.Millisecond)}
+	})
+	k.addService("openai", up.URL, "bearer", map[string]any{"llm_family": "openai"})
+	k.addKey("openai", "sk-redis-reseed-0123456789abcdef", nil)
+	tok := k.addToken(k.addTeam("eng", map[string]any{"limit_tokens_day_block": 1000}), nil)
+	body := `{"model":"gpt-4o-mini","max_tokens":50,"messages":[{"role":"user","content":"hi"}]}`
+	path := "/v1/openai/v1/chat/completions"
+	for i := range 5 {
+		if resp, b := k.send("POST", path, tok, body); resp.StatusCode != 200 {
+			t.Fatalf("request %d: %d %s", i, resp.StatusCode, b)
+		}
+	}
+	k.waitUsage(5) // 750 of 1000 tokens used
+	kill()
+	port := strings.TrimSuffix(strings.TrimPrefix(url, "redis://127.0.0.1:"), "/0")
+	var p int
+	if _, err := fmt.Sscan(port, &p); err != nil {
+		t.Fatal(err)
+	}
+	testutil.StartRedis(t, p)
+	admitted := 0
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		resp, b := k.send("POST", path, tok, body)
+		if resp.StatusCode == http.StatusServiceUnavailable && time.Now().Before(deadline) {
+			time.Sleep(20 * time.Millisecond) // Redis back, not seeded yet: fail closed
+			continue
+		}
+		if resp.StatusCode != 200 {
+			if resp.StatusCode != http.StatusTooManyRequests || !strings.Contains(string(b), "budget_exceeded") {
+				t.Fatalf("after restart: %d %s", resp.StatusCode, b)
+			}
+			break
+		}
+		admitted++
+		k.waitUsage(int64(5 + admitted))
+		if admitted > 10 {
+			break
+		}
+	}
+	if admitted != 2 {
+		t.Errorf("admitted %d after Redis restarted empty with 750 of 1000 tokens used, want 2 (750, 900)", admitted)
 	}
 }

@@ -161,6 +161,8 @@ type Server struct {
 	proxy   *proxy.Handler
 	limiter limit.Backend
 	rdb     *redis.Client
+	// seedKick asks watchSeed to seed the counters on Redis.
+	seedKick chan struct{}
 	// authSync carries auth invalidations to and from other replicas.
 	authSync *authSync
 	share    *sharer // nil without Redis
@@ -322,12 +324,21 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		}
 		rc := cfg.Limits.redisConfig(time.Duration(cfg.UpstreamTimeout))
 		rc.Logger = log
+		rc.RequireSeed = true
+		s.seedKick = make(chan struct{}, 1)
+		rc.OnUnseeded = func() {
+			select {
+			case s.seedKick <- struct{}{}:
+			default:
+			}
+		}
 		rl, err := limit.NewRedis(s.rdb, rc)
 		if err != nil {
 			return nil, err
 		}
 		s.limiter = rl
 		s.registerRedisMetrics(rl)
+		s.seedRedis(ctx, rl)
 		s.share = newSharer(s.rdb, s.pool, log)
 	} else {
 		if s.limiter, err = limit.NewLocal(limit.LocalConfig{}); err != nil {
@@ -403,6 +414,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if len(keyring.Versions()) > 1 {
 		// A rotation: re-seal what older keys sealed, online.
 		s.bg.Go(func() { s.rewrap(bgctx) })
+	}
+	if rl, ok := s.limiter.(*limit.Redis); ok {
+		s.bg.Go(func() { s.watchSeed(bgctx, rl) })
 	}
 	s.bg.Go(func() { s.authSync.send(bgctx) })
 	s.bg.Go(func() { s.authSync.listenPostgres(bgctx) })

@@ -116,35 +116,41 @@ func TestReplicas(t *testing.T) {
 		return resp.StatusCode, string(b)
 	}
 
-	// 1 000 at once over the 3 replicas.
-	var admitted, budget, unavailable atomic.Int64
-	var wg sync.WaitGroup
-	start := make(chan struct{})
-	for i := range 1000 {
-		wg.Go(func() {
-			<-start
-			code, b := send(reps[i%3], tok)
-			switch {
-			case code == 200:
-				admitted.Add(1)
-			case code == 429 && strings.Contains(b, "budget_exceeded"):
-				budget.Add(1)
-			case code == 503 && strings.Contains(b, `"unavailable"`):
-				unavailable.Add(1)
-			default:
-				t.Errorf("status %d: %s", code, b)
-			}
-		})
+	burst := func(name, tok string, during func()) int64 {
+		var admitted, budget, unavailable atomic.Int64
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		for i := range 1000 {
+			wg.Go(func() {
+				<-start
+				code, b := send(reps[i%3], tok)
+				switch {
+				case code == 200:
+					admitted.Add(1)
+				case code == 429 && strings.Contains(b, "budget_exceeded"):
+					budget.Add(1)
+				case code == 503 && strings.Contains(b, `"unavailable"`):
+					unavailable.Add(1)
+				default:
+					t.Errorf("status %d: %s", code, b)
+				}
+			})
+		}
+		began := time.Now()
+		close(start)
+		if during != nil {
+			during()
+		}
+		wg.Wait()
+		a := admitted.Load()
+		t.Logf("%s: 1000 parallel over 3 replicas, budget for 100: admitted %d, refused %d budget_exceeded, %d unavailable, in %v",
+			name, a, budget.Load(), unavailable.Load(), time.Since(began).Round(time.Millisecond))
+		if a > 100+3 {
+			t.Errorf("%s: admitted %d > 100 + 1 per replica", name, a)
+		}
+		return a
 	}
-	began := time.Now()
-	close(start)
-	wg.Wait()
-	a := admitted.Load()
-	t.Logf("1000 parallel over 3 replicas, budget for 100: admitted %d, refused %d budget_exceeded, %d unavailable, in %v",
-		a, budget.Load(), unavailable.Load(), time.Since(began).Round(time.Millisecond))
-	if a > 100+3 {
-		t.Errorf("admitted %d > 100 + 1 per replica", a)
-	}
+	a := burst("burst", tok, nil)
 
 	// Usage records = admitted; the Redis counter = the records.
 	kr, err := seal.ParseKeyring("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f")
@@ -209,4 +215,14 @@ func TestReplicas(t *testing.T) {
 		worst = max(worst, time.Since(revoked))
 	}
 	t.Logf("token revoked on replica 1: refused by replicas 2 and 3 within %v", worst.Round(time.Millisecond))
+
+	// The same burst while Redis stalls for 600 ms: refusing or waiting,
+	// never selling past the budget.
+	team3 := admin(reps[0], "POST", "/admin/teams", map[string]any{"name": "stall", "limit_tokens_total_block": 100 * perReq})["id"].(string)
+	tok3 := admin(reps[0], "POST", "/admin/tokens", map[string]any{"name": "stall", "team_id": team3})["token"].(string)
+	burst("burst while redis stalls 600 ms", tok3, func() {
+		if err := rdb.Do(ctx, "DEBUG", "SLEEP", "0.6").Err(); err != nil {
+			t.Errorf("DEBUG SLEEP: %v", err)
+		}
+	})
 }

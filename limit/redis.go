@@ -496,7 +496,7 @@ func (r *Redis) settleMember(ctx context.Context, op, key, member string, actual
 	for w := Hour; w <= Month; w++ {
 		args = append(args, (calRetry(w, now) + calendarGrace).Milliseconds())
 	}
-	args = append(args, time.Now().UnixMilli(), (2*r.cfg.ReservationTTL + time.Minute).Milliseconds())
+	args = append(args, time.Now().UnixMilli(), (r.cfg.ReservationTTL + time.Minute).Milliseconds())
 	keys := append(r.counterKeys(key, now), r.settledKey(key))
 	return r.run(ctx, op, func(cctx context.Context) error {
 		return settleScript.Run(cctx, r.c, keys, args...).Err()

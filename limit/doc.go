@@ -74,8 +74,8 @@
 //   - reservations released by their TTL (default 15 minutes) before their
 //     request settles: their room is handed to others while the late
 //     Settle still charges;
-//   - Redis being unreachable with the default fail-open policy
-//     (FailClosedBudget refuses instead);
+//   - Redis being unreachable with the fail-open policy
+//     (FailClosedBudget refuses instead; keypoold's default);
 //   - several replicas each using Local: each counts only its own traffic.
 //
 // # Failure
@@ -85,11 +85,24 @@
 // Reserve admit (the default) or refuse per FailClosedRate and
 // FailClosedBudget, with [Decision.Degraded] set and one warning logged per
 // outage; Settle, Add and Usage return an error wrapping [ErrUnavailable].
-// A caller whose context is done gets its context's error.
+// A caller whose context is done gets its context's error. A circuit
+// breaker (gobreaker) opens after 3 failed calls in a row and fails every
+// call at once for RedisConfig.BreakerOpen (default 1s) before one call
+// probes Redis: while Redis is down a request pays the Timeout at most
+// once per window.
+//
+// Settlement is idempotent by reservation id: a settle replayed (after a
+// failure, or late) charges once. A reserve whose reply was lost (a
+// timeout after Redis ran it) and a settle that failed are queued and
+// replayed, idempotently, once Redis answers again. With
+// RedisConfig.RequireSeed, ReserveAll admits nothing while Redis holds no
+// epoch key, until [Redis.ClaimSeed]'s caller has re-seeded the counters
+// from the usage records.
 //
 // # Concurrency
 //
-// [Local] and [Redis] are safe for concurrent use and start no goroutines;
+// [Local] and [Redis] are safe for concurrent use; Local starts no
+// goroutine, Redis only a short-lived one that replays queued settlements;
 // Close is an off switch kept for the [Backend] interface. Local's Allow
 // takes about 100 ns and allocates nothing in steady state; state is
 // sharded 64 ways by key hash.

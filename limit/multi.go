@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"github.com/sony/gobreaker/v2"
 )
 
 // Charge is one counter a request is admitted on: the counter's key, the
@@ -90,11 +91,13 @@ func (l *Local) ReserveAll(_ context.Context, charges []Charge, res []Reservatio
 // reserveManyScript is [Redis.ReserveAll]: reserveScript's check for every
 // charge, then, when all admit, its reservation for every charge.
 // KEYS: 7 per charge, as reserveScript. ARGV: now ms, now s, ttl ms,
-// number of charges, then per charge: amount, member, n, then n ×
+// number of charges, whether the epoch key (the last KEY) must exist,
+// then per charge: amount, member, n, then n ×
 // (window, warn, block, calendar retry ms). Returns {which (0: admitted,
 // else the 1-based refusing charge), then per charge checked: allowed,
 // warn, limit index, used, retry ms, reserved}.
 var reserveManyScript = redis.NewScript(`
+if ARGV[5] == '1' and redis.call('EXISTS', KEYS[#KEYS]) == 0 then return {-1} end
 local now = tonumber(ARGV[1])
 local sec = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
@@ -183,7 +186,7 @@ local function check(kb, ab, amount, reserved)
 end
 
 local out = {0}
-local ab = 5
+local ab = 6
 for c = 1, nc do
   local kb = (c - 1) * 7 + 1
   local amount = tonumber(ARGV[ab])
@@ -196,7 +199,7 @@ for c = 1, nc do
   end
   ab = ab + 3 + 4 * tonumber(ARGV[ab + 2])
 end
-ab = 5
+ab = 6
 for c = 1, nc do
   local kb = (c - 1) * 7 + 1
   local amount = tonumber(ARGV[ab])
@@ -222,7 +225,11 @@ func (r *Redis) ReserveAll(ctx context.Context, charges []Charge, res []Reservat
 	}
 	keys := make([]string, 0, 7*len(charges))
 	args := make([]any, 0, 4+len(charges)*7)
-	args = append(args, now.UnixMilli(), now.Unix(), r.cfg.ReservationTTL.Milliseconds(), len(charges))
+	seed := 0
+	if r.cfg.RequireSeed {
+		seed = 1
+	}
+	args = append(args, now.UnixMilli(), now.Unix(), r.cfg.ReservationTTL.Milliseconds(), len(charges), seed)
 	members := make([]string, len(charges))
 	for i, c := range charges {
 		keys = append(keys, r.counterKeys(c.Key, now)...)
@@ -234,15 +241,33 @@ func (r *Redis) ReserveAll(ctx context.Context, charges []Charge, res []Reservat
 			args = append(args, int(l.Window), l.Warn, l.Block, calRetry(l.Window, now).Milliseconds())
 		}
 	}
-	cctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
-	defer cancel()
-	out, err := reserveManyScript.Run(cctx, r.c, keys, args...).Slice()
+	keys = append(keys, r.epochKey())
 	which := -1
-	if err == nil {
-		which, err = parseReserveMany(out, charges, ds)
-	}
+	unseeded := false
+	err := r.run(ctx, "reserve", func(cctx context.Context) error {
+		out, err := reserveManyScript.Run(cctx, r.c, keys, args...).Slice()
+		if err == nil && len(out) == 1 {
+			if v, _ := out[0].(int64); v == -1 {
+				unseeded = true
+				return nil
+			}
+		}
+		if err == nil {
+			which, err = parseReserveMany(out, charges, ds)
+		}
+		return err
+	})
 	if err != nil {
-		if err = r.failed(ctx, "reserve", err); errors.Is(err, ErrUnavailable) {
+		if !errors.Is(err, gobreaker.ErrOpenState) && !errors.Is(err, gobreaker.ErrTooManyRequests) {
+			// The script may have run and reserved: release what it
+			// may hold once Redis answers.
+			for i, c := range charges {
+				if members[i] != "" {
+					r.orph.add(c.Key, members[i], 0, now)
+				}
+			}
+		}
+		if errors.Is(err, ErrUnavailable) {
 			for i, c := range charges {
 				res[i] = Reservation{key: c.Key, amount: c.Amount, done: new(atomic.Bool)}
 				ds[i] = Decision{Allowed: !r.cfg.FailClosedBudget, Degraded: true}
@@ -255,7 +280,20 @@ func (r *Redis) ReserveAll(ctx context.Context, charges []Charge, res []Reservat
 		}
 		return -1, err
 	}
-	r.ok()
+	if unseeded {
+		if r.cfg.OnUnseeded != nil {
+			r.cfg.OnUnseeded()
+		}
+		for i, c := range charges {
+			res[i] = Reservation{key: c.Key, amount: c.Amount, done: new(atomic.Bool)}
+			ds[i] = Decision{Allowed: !r.cfg.FailClosedBudget, Degraded: true}
+		}
+		if r.cfg.FailClosedBudget {
+			ds[0].RetryAfter = failRetry
+			return 0, nil
+		}
+		return -1, nil
+	}
 	if which >= 0 {
 		return which, nil
 	}

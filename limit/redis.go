@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"github.com/sony/gobreaker/v2"
 )
 
 // RedisConfig configures a [Redis] backend. The zero value is ready to use.
@@ -30,8 +31,22 @@ type RedisConfig struct {
 	FailClosedBudget bool `json:"fail_closed_budget,omitempty"`
 	// ReservationTTL is how long an unsettled reservation is held, so the
 	// reservations of a replica that crashed are released. A later Settle
-	// still charges its actual amount. If zero, 15 minutes.
+	// still charges its actual amount. Set it to the longest a request can
+	// last plus a margin. If zero, 15 minutes.
 	ReservationTTL time.Duration `json:"reservation_ttl,omitempty"`
+	// BreakerOpen is how long, after a failed call, every call fails at
+	// once (per the fail policies) before one call probes Redis again, so
+	// that while Redis is down a request pays Timeout at most once per
+	// BreakerOpen. If zero, 1s.
+	BreakerOpen time.Duration `json:"breaker_open,omitempty"`
+	// RequireSeed makes [Redis.ReserveAll] refuse (Degraded, as when
+	// Redis is unreachable, per FailClosedBudget) while Redis holds no
+	// epoch key, that is until a replica has seeded the counters from the
+	// usage records ([Redis.ClaimSeed]): a Redis restarted empty never
+	// admits against counters that forgot the budget's usage. OnUnseeded,
+	// if set, is then called (it must not block).
+	RequireSeed bool   `json:"require_seed,omitempty"`
+	OnUnseeded  func() `json:"-"`
 	// Logger receives one warning when Redis becomes unreachable and one
 	// info line when it is back. If nil, [slog.Default].
 	Logger *slog.Logger `json:"-"`
@@ -62,14 +77,19 @@ type Redis struct {
 	log    *slog.Logger
 	idBase uint64
 	nextID atomic.Uint64
+	cb     *gobreaker.CircuitBreaker[struct{}]
 	down   atomic.Bool // reports whether the last call failed
+	orph   orphans
+
+	failures atomic.Uint64 // calls failed or refused by the breaker
+	released atomic.Uint64 // orphan reservations released
 }
 
 // NewRedis returns a [Redis] backend on client c, configured by cfg. For
 // Timeout to bound socket I/O as well as waiting, c should have
 // ContextTimeoutEnabled set; [NewRedisClient] does.
 func NewRedis(c redis.UniversalClient, cfg RedisConfig) (*Redis, error) {
-	if c == nil || cfg.Timeout < 0 || cfg.ReservationTTL < 0 {
+	if c == nil || cfg.Timeout < 0 || cfg.ReservationTTL < 0 || cfg.BreakerOpen < 0 {
 		return nil, errors.New("limit: invalid RedisConfig or nil client")
 	}
 	if cfg.Prefix == "" {
@@ -81,17 +101,27 @@ func NewRedis(c redis.UniversalClient, cfg RedisConfig) (*Redis, error) {
 	if cfg.ReservationTTL == 0 {
 		cfg.ReservationTTL = 15 * time.Minute
 	}
-	r := &Redis{c: c, cfg: cfg, log: cfg.Logger, idBase: rand.Uint64()}
+	if cfg.BreakerOpen == 0 {
+		cfg.BreakerOpen = time.Second
+	}
+	r := &Redis{c: c, cfg: cfg, log: cfg.Logger, idBase: rand.Uint64(), cb: newBreaker(cfg.BreakerOpen)}
 	if r.log == nil {
 		r.log = slog.Default()
 	}
 	return r, nil
 }
 
+// DefaultPoolSize is the connection pool size of [NewRedisClient] when
+// the URL sets no pool_size: enough for a proxy with hundreds of requests
+// in flight not to queue for a connection (go-redis's default is 10 per
+// CPU).
+const DefaultPoolSize = 256
+
 // NewRedisClient returns a go-redis client for url (redis://host:port/db
 // or rediss://…) with ContextTimeoutEnabled set, so that a [Redis]
-// backend's Timeout bounds every call, and a 1s dial timeout unless url
-// sets one.
+// backend's Timeout bounds every call, a 1s dial timeout unless url sets
+// one (dial_timeout=) and [DefaultPoolSize] connections unless url sets
+// pool_size=.
 func NewRedisClient(url string) (*redis.Client, error) {
 	o, err := redis.ParseURL(url)
 	if err != nil {
@@ -99,6 +129,9 @@ func NewRedisClient(url string) (*redis.Client, error) {
 		return nil, errors.New("limit: redis url is malformed (want redis://[user:password@]host:port/db)")
 	}
 	o.ContextTimeoutEnabled = true
+	if o.PoolSize == 0 { // no pool_size in url
+		o.PoolSize = DefaultPoolSize
+	}
 	if o.DialTimeout == 0 { // not set in url
 		o.DialTimeout = time.Second
 	}
@@ -227,13 +260,22 @@ return {1, 0, tight, tostring(tightUsed), 0, tostring(reserved + amount)}
 `)
 
 // settleScript releases a reservation (member, may be empty) and charges
-// actual. KEYS as reserveScript. ARGV: actual, member, now s, then the TTL
-// in ms of the hour, day and month keys.
+// actual, once per member: a member already settled (a retried settle, a
+// settle after the reservation was released as an orphan) changes
+// nothing and returns 0. KEYS as reserveScript, then the sorted set of
+// settled members (score: when the mark may be forgotten). ARGV: actual,
+// member, now s, the TTL in ms of the hour, day and month keys, now ms,
+// how long in ms a settled mark is kept.
 var settleScript = redis.NewScript(`
 local actual = tonumber(ARGV[1])
 local member = ARGV[2]
 local sec = tonumber(ARGV[3])
 if member ~= '' then
+  local nowms = tonumber(ARGV[7])
+  local keep = tonumber(ARGV[8])
+  redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', nowms)
+  if redis.call('ZADD', KEYS[8], 'NX', nowms + keep, member) == 0 then return 0 end
+  redis.call('PEXPIRE', KEYS[8], keep + 60000)
   if redis.call('ZREM', KEYS[7], member) == 1 then
     redis.call('INCRBYFLOAT', KEYS[6], -tonumber(string.match(member, ':([^:]*)$')))
   end
@@ -272,6 +314,10 @@ func (r *Redis) counterKeys(key string, now time.Time) []string {
 	}
 }
 
+func (r *Redis) settledKey(key string) string {
+	return r.cfg.Prefix + "{" + key + "}:sd"
+}
+
 func (r *Redis) id() string {
 	return strconv.FormatUint(r.idBase+r.nextID.Add(1), 36)
 }
@@ -283,6 +329,7 @@ func (r *Redis) failed(parent context.Context, op string, err error) error {
 	if perr := parent.Err(); perr != nil {
 		return perr
 	}
+	r.failures.Add(1)
 	if r.down.CompareAndSwap(false, true) {
 		r.log.Warn("limit: redis unreachable, applying fail policy",
 			"op", op, "err", err,
@@ -295,6 +342,7 @@ func (r *Redis) ok() {
 	if r.down.Load() && r.down.CompareAndSwap(true, false) {
 		r.log.Info("limit: redis reachable again")
 	}
+	r.releaseOrphans()
 }
 
 // Allow implements [Limiter] with an exact sliding-window log in Redis
@@ -304,16 +352,19 @@ func (r *Redis) Allow(ctx context.Context, key string, limit int, now time.Time)
 		return Decision{Allowed: true}, nil
 	}
 	lim := Limit{Window: Minute, Block: float64(limit)}
-	cctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
-	defer cancel()
 	us := now.UnixMicro()
-	res, err := rateScript.Run(cctx, r.c, []string{r.rateKey(key)},
-		us, RateWindow.Microseconds(), limit, strconv.FormatInt(us, 36)+"-"+r.id()).Int64Slice()
-	if err == nil && len(res) != 3 {
-		err = fmt.Errorf("unexpected reply %v", res)
-	}
+	var res []int64
+	err := r.run(ctx, "allow", func(cctx context.Context) error {
+		var err error
+		res, err = rateScript.Run(cctx, r.c, []string{r.rateKey(key)},
+			us, RateWindow.Microseconds(), limit, strconv.FormatInt(us, 36)+"-"+r.id()).Int64Slice()
+		if err == nil && len(res) != 3 {
+			err = fmt.Errorf("unexpected reply %v", res)
+		}
+		return err
+	})
 	if err != nil {
-		if err = r.failed(ctx, "allow", err); errors.Is(err, ErrUnavailable) {
+		if errors.Is(err, ErrUnavailable) {
 			if r.cfg.FailClosedRate {
 				return Decision{Degraded: true, Limit: lim, RetryAfter: failRetry}, nil
 			}
@@ -321,7 +372,6 @@ func (r *Redis) Allow(ctx context.Context, key string, limit int, now time.Time)
 		}
 		return Decision{}, err
 	}
-	r.ok()
 	d := Decision{Allowed: res[0] == 1, Limit: lim, Used: float64(res[1])}
 	if !d.Allowed {
 		d.RetryAfter = time.Duration(res[2]) * time.Microsecond
@@ -345,15 +395,19 @@ func (r *Redis) Reserve(ctx context.Context, key string, amount float64, limits 
 	for _, l := range limits {
 		args = append(args, int(l.Window), l.Warn, l.Block, calRetry(l.Window, now).Milliseconds())
 	}
-	cctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
-	defer cancel()
-	out, err := reserveScript.Run(cctx, r.c, r.counterKeys(key, now), args...).Slice()
 	var d Decision
-	if err == nil {
-		d, err = parseReserve(out, limits)
-	}
+	err := r.run(ctx, "reserve", func(cctx context.Context) error {
+		out, err := reserveScript.Run(cctx, r.c, r.counterKeys(key, now), args...).Slice()
+		if err == nil {
+			d, err = parseReserve(out, limits)
+		}
+		return err
+	})
 	if err != nil {
-		if err = r.failed(ctx, "reserve", err); errors.Is(err, ErrUnavailable) {
+		if member != "" && !errors.Is(err, gobreaker.ErrOpenState) && !errors.Is(err, gobreaker.ErrTooManyRequests) {
+			r.orph.add(key, member, 0, now)
+		}
+		if errors.Is(err, ErrUnavailable) {
 			if r.cfg.FailClosedBudget {
 				return Reservation{}, Decision{Degraded: true, RetryAfter: failRetry}, nil
 			}
@@ -361,7 +415,6 @@ func (r *Redis) Reserve(ctx context.Context, key string, amount float64, limits 
 		}
 		return Reservation{}, Decision{}, err
 	}
-	r.ok()
 	if !d.Allowed {
 		return Reservation{}, d, nil
 	}
@@ -427,18 +480,27 @@ func (r *Redis) Add(ctx context.Context, key string, amount float64, now time.Ti
 // replicas whose clocks lag.
 const calendarGrace = time.Hour
 
+// charge runs settleScript. A settle of a reservation that failed is
+// queued and replayed once Redis answers again (the first try may have
+// landed: the script is idempotent by member, so it never charges twice).
 func (r *Redis) charge(ctx context.Context, op, key, member string, actual float64, now time.Time) error {
+	err := r.settleMember(ctx, op, key, member, actual, now)
+	if err != nil && member != "" && errors.Is(err, ErrUnavailable) {
+		r.orph.add(key, member, actual, now)
+	}
+	return err
+}
+
+func (r *Redis) settleMember(ctx context.Context, op, key, member string, actual float64, now time.Time) error {
 	args := []any{actual, member, now.Unix()}
 	for w := Hour; w <= Month; w++ {
 		args = append(args, (calRetry(w, now) + calendarGrace).Milliseconds())
 	}
-	cctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
-	defer cancel()
-	if err := settleScript.Run(cctx, r.c, r.counterKeys(key, now), args...).Err(); err != nil {
-		return r.failed(ctx, op, err)
-	}
-	r.ok()
-	return nil
+	args = append(args, time.Now().UnixMilli(), (r.cfg.ReservationTTL + time.Minute).Milliseconds())
+	keys := append(r.counterKeys(key, now), r.settledKey(key))
+	return r.run(ctx, op, func(cctx context.Context) error {
+		return settleScript.Run(cctx, r.c, keys, args...).Err()
+	})
 }
 
 // Usage implements [Counter].
@@ -447,24 +509,30 @@ func (r *Redis) Usage(ctx context.Context, key string, w Window, now time.Time) 
 		return 0, fmt.Errorf("%w: window %d", ErrInvalidLimit, uint8(w))
 	}
 	keys := r.counterKeys(key, now)
-	cctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
-	defer cancel()
 	if w != Minute {
-		v, err := r.c.Get(cctx, keys[w-Hour]).Float64()
+		var v float64
+		err := r.run(ctx, "usage", func(cctx context.Context) error {
+			var err error
+			v, err = r.c.Get(cctx, keys[w-Hour]).Float64()
+			return err
+		})
 		if errors.Is(err, redis.Nil) {
 			return 0, nil
 		}
 		if err != nil {
-			return 0, r.failed(ctx, "usage", err)
+			return 0, err
 		}
-		r.ok()
 		return v, nil
 	}
-	h, err := r.c.HGetAll(cctx, keys[4]).Result()
+	var h map[string]string
+	err := r.run(ctx, "usage", func(cctx context.Context) error {
+		var err error
+		h, err = r.c.HGetAll(cctx, keys[4]).Result()
+		return err
+	})
 	if err != nil {
-		return 0, r.failed(ctx, "usage", err)
+		return 0, err
 	}
-	r.ok()
 	sec := now.Unix()
 	var u float64
 	for f, v := range h {

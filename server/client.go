@@ -135,6 +135,10 @@ func (s *Server) admit(ctx context.Context, p *auth.Principal, service string) e
 			s.log.Warn("rate limiter failed; admitting", "scope", c.scope, "err", err)
 			continue
 		}
+		if !d.Allowed && d.Degraded {
+			s.metrics.limiterRejections.WithLabelValues(c.scope).Inc()
+			return errLimitsUnavailable("rate limits")
+		}
 		if !d.Allowed {
 			s.metrics.limiterRejections.WithLabelValues(c.scope).Inc()
 			ra := max(d.RetryAfter, time.Second)

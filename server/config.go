@@ -185,6 +185,10 @@ type Config struct {
 	// (/auth/login): people get their own tokens without an admin.
 	OIDC OIDCConfig `json:"oidc,omitzero" yaml:"oidc,omitempty"`
 
+	// Limits sets the fail policies and timeouts of limits and budgets
+	// shared on Redis (see [LimitsConfig]).
+	Limits LimitsConfig `json:"limits,omitzero" yaml:"limits,omitempty"`
+
 	// Upstream is the transport used to reach upstreams. If nil, a clone
 	// of http.DefaultTransport tuned for many connections per host.
 	Upstream http.RoundTripper `json:"-" yaml:"-"`
@@ -420,6 +424,9 @@ func (c *Config) Validate() error {
 		return err
 	}
 	if err := c.OIDC.validate(); err != nil {
+		return err
+	}
+	if err := c.Limits.validate(); err != nil {
 		return err
 	}
 	if _, err := parseLevel(c.LogLevel); c.LogLevel != "" && err != nil {

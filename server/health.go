@@ -60,5 +60,11 @@ func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
 	if !st.Ready {
 		rd.Degraded = "store sync failing; serving the last loaded services and keys"
 	}
+	if d := s.redisDegraded(); d != "" {
+		if rd.Degraded != "" {
+			rd.Degraded += "; "
+		}
+		rd.Degraded += d
+	}
 	httpx.WriteJSON(w, http.StatusOK, rd)
 }

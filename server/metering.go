@@ -450,6 +450,10 @@ func (s *Server) reserve(ctx context.Context, c *call, service string, meta *svc
 		s.log.Warn("budget check failed; admitting", "err", err)
 		return nil
 	}
+	if which >= 0 && a.ds[which].Degraded {
+		s.metrics.budgetRejections.WithLabelValues(scopeNames[a.scope[which]], "unavailable", unitName(a.unit[which])).Inc()
+		return errLimitsUnavailable("budgets")
+	}
 	if which >= 0 {
 		scope, unit := scopeNames[a.scope[which]], a.unit[which]
 		s.metrics.budgetRejections.WithLabelValues(scope, a.ds[which].Limit.Window.String(), unitName(unit)).Inc()

@@ -166,17 +166,21 @@ type Server struct {
 	proxy   *proxy.Handler
 	limiter limit.Backend
 	rdb     *redis.Client
-	share   *sharer // nil without Redis
-	clients clientIPs
-	usage   *store.UsageWriter
-	journal *store.Journal // nil when disabled
-	metrics *metrics
-	leases  *leaseBook
-	events  chan keypool.Event
-	handler http.Handler
-	logBuf  *logBuffer    // nil when Config.Logger was given
-	logStop func()        // stops the log flusher
-	logDone chan struct{} // closed when the log flusher has stopped
+	// seedKick asks watchSeed to seed the counters on Redis.
+	seedKick chan struct{}
+	// authSync carries auth invalidations to and from other replicas.
+	authSync *authSync
+	share    *sharer // nil without Redis
+	clients  clientIPs
+	usage    *store.UsageWriter
+	journal  *store.Journal // nil when disabled
+	metrics  *metrics
+	leases   *leaseBook
+	events   chan keypool.Event
+	handler  http.Handler
+	logBuf   *logBuffer    // nil when Config.Logger was given
+	logStop  func()        // stops the log flusher
+	logDone  chan struct{} // closed when the log flusher has stopped
 
 	svcMeta    atomic.Pointer[map[string]*svcMeta]
 	basePrices *meter.PriceTable // shipped table merged with Config.PricesFile
@@ -319,12 +323,27 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		perr := s.rdb.Ping(pctx).Err()
 		cancel()
 		if perr != nil {
-			// Not fatal: the Redis limiter fails open and says so.
-			log.Warn("redis unreachable at start; rate limits fail open until it answers", "redis", cfg.RedisURL, "err", perr)
+			// Not fatal: the Redis limiter follows its fail policies
+			// and says so.
+			log.Warn("redis unreachable at start; limits follow their fail policies until it answers", "redis", cfg.RedisURL, "err", perr)
 		}
-		if s.limiter, err = limit.NewRedis(s.rdb, limit.RedisConfig{Logger: log}); err != nil {
+		rc := cfg.Limits.redisConfig(time.Duration(cfg.UpstreamTimeout))
+		rc.Logger = log
+		rc.RequireSeed = true
+		s.seedKick = make(chan struct{}, 1)
+		rc.OnUnseeded = func() {
+			select {
+			case s.seedKick <- struct{}{}:
+			default:
+			}
+		}
+		rl, err := limit.NewRedis(s.rdb, rc)
+		if err != nil {
 			return nil, err
 		}
+		s.limiter = rl
+		s.registerRedisMetrics(rl)
+		s.seedRedis(ctx, rl)
 		s.share = newSharer(s.rdb, s.pool, log)
 	} else {
 		if s.limiter, err = limit.NewLocal(limit.LocalConfig{}); err != nil {
@@ -334,6 +353,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 			return nil, err
 		}
 	}
+
+	s.authSync = newAuthSync(s.st, s.rdb, log)
+	s.authSync.auth = s.auth
 
 	uopts := cfg.Usage
 	if uopts.Logger == nil {
@@ -403,6 +425,14 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if len(keyring.Versions()) > 1 {
 		// A rotation: re-seal what older keys sealed, online.
 		s.bg.Go(func() { s.rewrap(bgctx) })
+	}
+	if rl, ok := s.limiter.(*limit.Redis); ok {
+		s.bg.Go(func() { s.watchSeed(bgctx, rl) })
+	}
+	s.bg.Go(func() { s.authSync.send(bgctx) })
+	s.bg.Go(func() { s.authSync.listenPostgres(bgctx) })
+	if s.rdb != nil {
+		s.bg.Go(func() { s.authSync.listenRedis(bgctx) })
 	}
 	if s.share != nil {
 		subscribed := make(chan struct{})

@@ -155,6 +155,9 @@ func (o *openCalls) byKeys() map[string][]*openCall {
 // onInvalidate is the auth cache's OnInvalidate hook: it ends the open
 // calls of a token, team or user that no longer may make them.
 func (s *Server) onInvalidate(scope, id string) {
+	if s.authSync != nil {
+		s.authSync.offer(scope, id)
+	}
 	calls := s.open.list(scope, id)
 	if len(calls) == 0 {
 		return

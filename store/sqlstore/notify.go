@@ -17,6 +17,12 @@ import (
 // empty.
 const NotifyChannel = "keypool_changes"
 
+// AuthChannel is the PostgreSQL channel on which replicas tell each other
+// that a token, team or user changed (see [Store.NotifyAuth]), so each
+// drops it from its auth cache at once. Payloads are opaque to the store
+// (ids, never secrets).
+const AuthChannel = "keypool_auth"
+
 // Listen backoff bounds.
 const (
 	listenMinBackoff = 100 * time.Millisecond
@@ -35,6 +41,32 @@ const (
 // On SQLite there are no notifications: Listen returns an error wrapping
 // [errors.ErrUnsupported] at once.
 func (s *Store) Listen(ctx context.Context, fn func()) error {
+	return s.listen(ctx, NotifyChannel, func(string) { fn() }, fn)
+}
+
+// ListenAuth calls fn with the payload of each [Store.NotifyAuth] sent
+// through any Store on the same PostgreSQL database, until ctx is done,
+// reconnecting as [Store.Listen] does; fn("") is called each time
+// listening (re)starts, since a notification may have been missed. On
+// SQLite it returns an error wrapping [errors.ErrUnsupported] at once.
+func (s *Store) ListenAuth(ctx context.Context, fn func(payload string)) error {
+	return s.listen(ctx, AuthChannel, fn, func() { fn("") })
+}
+
+// NotifyAuth sends payload on [AuthChannel] to every [Store.ListenAuth]
+// on the same PostgreSQL database (this Store's included). On SQLite it
+// returns an error wrapping [errors.ErrUnsupported].
+func (s *Store) NotifyAuth(ctx context.Context, payload string) error {
+	if s.kind != kindPostgres {
+		return fmt.Errorf("sqlstore: notify: %w: notifications need PostgreSQL", errors.ErrUnsupported)
+	}
+	if err := s.w.WithContext(ctx).Exec("SELECT pg_notify(?, ?)", AuthChannel, payload).Error; err != nil {
+		return mapErr("notify", err)
+	}
+	return nil
+}
+
+func (s *Store) listen(ctx context.Context, channel string, fn func(string), started func()) error {
 	if s.kind != kindPostgres {
 		return fmt.Errorf("sqlstore: listen: %w: change notifications need PostgreSQL", errors.ErrUnsupported)
 	}
@@ -45,7 +77,7 @@ func (s *Store) Listen(ctx context.Context, fn func()) error {
 	backoff := listenMinBackoff
 	var down time.Time
 	for {
-		err := s.listenOnce(ctx, cfg, fn, func() {
+		err := s.listenOnce(ctx, cfg, channel, fn, started, func() {
 			backoff = listenMinBackoff
 			if !down.IsZero() {
 				s.log.InfoContext(ctx, "sqlstore: listening for changes again", "down_for", time.Since(down).Round(time.Millisecond))
@@ -70,9 +102,10 @@ func (s *Store) Listen(ctx context.Context, fn func()) error {
 	}
 }
 
-// listenOnce connects, listens and calls fn per notification until the
-// connection fails or ctx ends. up is called once listening has started.
-func (s *Store) listenOnce(ctx context.Context, cfg *pgx.ConnConfig, fn, up func()) error {
+// listenOnce connects, listens on channel and calls fn per notification
+// until the connection fails or ctx ends. up and started are called once
+// listening has started.
+func (s *Store) listenOnce(ctx context.Context, cfg *pgx.ConnConfig, channel string, fn func(string), started, up func()) error {
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return err
@@ -82,16 +115,17 @@ func (s *Store) listenOnce(ctx context.Context, cfg *pgx.ConnConfig, fn, up func
 		defer cancel()
 		_ = conn.Close(cctx)
 	}()
-	if _, err := conn.Exec(ctx, "LISTEN "+NotifyChannel); err != nil {
+	if _, err := conn.Exec(ctx, "LISTEN "+channel); err != nil {
 		return err
 	}
 	up()
-	fn()
+	started()
 	for {
-		if _, err := conn.WaitForNotification(ctx); err != nil {
+		n, err := conn.WaitForNotification(ctx)
+		if err != nil {
 			return err
 		}
-		fn()
+		fn(n.Payload)
 	}
 }
 

@@ -1,0 +1,65 @@
+package limit
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// ErrUnseeded is returned by [Redis.ClaimSeed] when another replica is
+// seeding the counters.
+var ErrUnseeded = errors.New("limit: redis counters are being seeded by another replica")
+
+// seedLockTTL bounds how long a replica that died while seeding holds the
+// seed lock.
+const seedLockTTL = time.Minute
+
+func (r *Redis) epochKey() string { return r.cfg.Prefix + "epoch" }
+func (r *Redis) lockKey() string  { return r.cfg.Prefix + "seedlock" }
+
+var claimScript = redis.NewScript(`
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 2
+`)
+
+var seededScript = redis.NewScript(`
+redis.call('SET', KEYS[1], ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
+`)
+
+// ClaimSeed reports whether the counters on Redis must be seeded from the
+// usage records by this replica: Redis holds no epoch key (it is new,
+// was flushed or restarted empty) and this replica took the seed lock, so
+// replicas seed once. When it returns true, the caller charges the
+// records' usage (with [Redis.Add]) and then calls done, which marks Redis
+// seeded and releases the lock. It returns [ErrUnseeded] while another
+// replica holds the lock, and an error wrapping [ErrUnavailable] when
+// Redis cannot be reached.
+func (r *Redis) ClaimSeed(ctx context.Context) (seed bool, done func(context.Context) error, err error) {
+	token := r.id()
+	var n int64
+	err = r.run(ctx, "seed", func(cctx context.Context) error {
+		var err error
+		n, err = claimScript.Run(cctx, r.c, []string{r.epochKey(), r.lockKey()}, token, seedLockTTL.Milliseconds()).Int64()
+		return err
+	})
+	switch {
+	case err != nil:
+		return false, nil, err
+	case n == 0:
+		return false, nil, nil
+	case n == 2:
+		return false, nil, ErrUnseeded
+	}
+	return true, func(ctx context.Context) error {
+		return r.run(ctx, "seed", func(cctx context.Context) error {
+			return seededScript.Run(cctx, r.c, []string{r.epochKey(), r.lockKey()}, token,
+				strconv.FormatInt(time.Now().UnixMilli(), 10)).Err()
+		})
+	}, nil
+}

@@ -1,0 +1,183 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keypool/keypool/internal/httpx"
+	"github.com/keypool/keypool/limit"
+)
+
+// Fail policies of [LimitsConfig]: what admission does while Redis cannot
+// be reached.
+const (
+	// FailOpen admits, uncounted.
+	FailOpen = "open"
+	// FailClosed refuses with 503 and Retry-After 1.
+	FailClosed = "closed"
+)
+
+// Defaults of [LimitsConfig].
+const (
+	DefaultRedisTimeout     = 500 * time.Millisecond
+	DefaultRedisBreakerOpen = time.Second
+	// reservationMargin is added to the request timeout to make the
+	// lifetime of a budget reservation on Redis.
+	reservationMargin = time.Minute
+)
+
+// LimitsConfig sets how shared limits on Redis behave when Redis is slow
+// or down. Rate limits (rpm) and budgets (token and cost blocks) have
+// their own fail policy: money fails closed unless told otherwise.
+type LimitsConfig struct {
+	// RedisFail is the fail policy of budgets: "closed" (refuse 503 while
+	// Redis is unreachable) or "open" (admit, uncounted: a replica may
+	// then sell past the budget). If empty, closed.
+	RedisFail string `json:"redis_fail,omitempty" yaml:"redis_fail,omitempty"`
+	// RedisFailRate is the fail policy of rpm limits: "open" or "closed".
+	// If empty, open.
+	RedisFailRate string `json:"redis_fail_rate,omitempty" yaml:"redis_fail_rate,omitempty"`
+	// RedisTimeout bounds each call to Redis; a slower call counts as
+	// Redis being unreachable. If zero, 500ms.
+	RedisTimeout Duration `json:"redis_timeout,omitempty" yaml:"redis_timeout,omitempty"`
+	// RedisBreakerOpen is how long after a failed call every call fails
+	// at once (per the fail policies) before one call probes Redis again:
+	// while Redis is down a request pays RedisTimeout at most once per
+	// this period. If zero, 1s.
+	RedisBreakerOpen Duration `json:"redis_breaker_open,omitempty" yaml:"redis_breaker_open,omitempty"`
+}
+
+func parseFail(what, v, def string) (string, error) {
+	switch s := strings.ToLower(v); s {
+	case "":
+		return def, nil
+	case FailOpen, FailClosed:
+		return s, nil
+	}
+	return "", fmt.Errorf("server: limits.%s %q: want open or closed", what, v)
+}
+
+func (c LimitsConfig) validate() error {
+	if _, err := parseFail("redis_fail", c.RedisFail, FailClosed); err != nil {
+		return err
+	}
+	if _, err := parseFail("redis_fail_rate", c.RedisFailRate, FailOpen); err != nil {
+		return err
+	}
+	if c.RedisTimeout < 0 || c.RedisBreakerOpen < 0 {
+		return fmt.Errorf("server: limits.redis_timeout and limits.redis_breaker_open must not be negative")
+	}
+	return nil
+}
+
+// redisConfig returns the limit backend's configuration for c, with
+// reservations held for the request timeout plus a margin.
+func (c LimitsConfig) redisConfig(requestTimeout time.Duration) limit.RedisConfig {
+	budget, _ := parseFail("redis_fail", c.RedisFail, FailClosed)
+	rate, _ := parseFail("redis_fail_rate", c.RedisFailRate, FailOpen)
+	rc := limit.RedisConfig{
+		Timeout:          time.Duration(c.RedisTimeout),
+		BreakerOpen:      time.Duration(c.RedisBreakerOpen),
+		FailClosedBudget: budget == FailClosed,
+		FailClosedRate:   rate == FailClosed,
+		ReservationTTL:   requestTimeout + reservationMargin,
+	}
+	if rc.Timeout == 0 {
+		rc.Timeout = DefaultRedisTimeout
+	}
+	if rc.BreakerOpen == 0 {
+		rc.BreakerOpen = DefaultRedisBreakerOpen
+	}
+	return rc
+}
+
+// degraded describes a Redis limiter that is following its fail
+// policies, for /readyz; "" when Redis answers (or is not used).
+func (s *Server) redisDegraded() string {
+	r, ok := s.limiter.(*limit.Redis)
+	if !ok || !r.Down() {
+		return ""
+	}
+	rc := s.cfg.Limits.redisConfig(0)
+	pol := func(closed bool) string {
+		if closed {
+			return "fail closed"
+		}
+		return "fail open"
+	}
+	return "redis unreachable: rate limits " + pol(rc.FailClosedRate) + ", budgets " + pol(rc.FailClosedBudget)
+}
+
+// errLimitsUnavailable is the refusal of a fail-closed kind of limit while
+// Redis is unreachable: 503, retry after a second.
+func errLimitsUnavailable(kind string) error {
+	return &httpx.Error{Status: http.StatusServiceUnavailable, Code: httpx.CodeUnavailable, RetryAfter: time.Second,
+		Message: kind + " cannot be checked: the shared limit store (Redis) is unreachable and " + kind + " fail closed; retry after 1 s"}
+}
+
+// registerRedisMetrics exports the state of the Redis limiter r.
+func (s *Server) registerRedisMetrics(r *limit.Redis) {
+	s.metrics.reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "keypool_limit_redis_down",
+			Help: "1 while the last call to Redis for limits failed (limits follow their fail policies), else 0.",
+		}, func() float64 {
+			if r.Down() {
+				return 1
+			}
+			return 0
+		}),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "keypool_limit_redis_failures_total",
+			Help: "Calls to Redis for limits that failed or were refused at once by the open circuit breaker.",
+		}, func() float64 { return float64(r.Failures()) }),
+	)
+}
+
+// seedRedis seeds the budget counters on Redis from the store's usage
+// records when Redis holds none (new, flushed or restarted empty), once
+// across replicas (see [limit.Redis.ClaimSeed]). It reports whether Redis
+// is seeded now.
+func (s *Server) seedRedis(ctx context.Context, r *limit.Redis) bool {
+	seed, done, err := r.ClaimSeed(ctx)
+	switch {
+	case err != nil:
+		return false
+	case !seed:
+		return true
+	}
+	if err := s.seedCounters(ctx); err != nil {
+		s.log.Warn("cannot seed budget counters on redis from the usage records; budgets fail per limits.redis_fail until it works", "err", err)
+		return false
+	}
+	if err := done(ctx); err != nil {
+		return false
+	}
+	s.log.Info("budget counters on redis seeded from the usage records")
+	return true
+}
+
+// watchSeed re-seeds Redis when a request finds it unseeded (kick) or a
+// seed is still owed, until ctx ends.
+func (s *Server) watchSeed(ctx context.Context, r *limit.Redis) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	owed := !s.seedRedis(ctx, r)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.seedKick:
+			owed = true
+		case <-t.C:
+		}
+		if owed {
+			owed = !s.seedRedis(ctx, r)
+		}
+	}
+}

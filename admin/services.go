@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"net"
 	"net/http"
 	"net/netip"
 	"net/textproto"
@@ -103,7 +104,7 @@ func (in *serviceInput) apply(s *store.Service, allowMD bool) error {
 	if in.AuthScheme.Set {
 		sch, err := keypool.ParseAuthScheme(in.AuthScheme.V)
 		if err != nil {
-			return badRequest("auth_scheme: %s", trimInvalid(err))
+			return badRequest("%s", trimInvalid(err))
 		}
 		s.AuthScheme = sch.Name()
 	}
@@ -224,13 +225,17 @@ func checkBaseURL(raw string, allowMD bool) (string, error) {
 		return "", err
 	}
 	u, err := url.Parse(raw)
+	if err != nil && !strings.Contains(raw, "://") && !strings.HasPrefix(raw, "/") {
+		// host:port/path parses as a scheme "host" or not at all.
+		return "", badRequest("base_url must be an http:// or https:// URL, not %q; did you mean %q?", raw, suggestScheme(raw)+raw)
+	}
 	if err != nil {
 		return "", badRequest("base_url is not a valid URL")
 	}
 	switch {
 	case u.Scheme != "http" && u.Scheme != "https":
 		if !strings.Contains(raw, "://") && !strings.HasPrefix(raw, "/") {
-			return "", badRequest("base_url must be an http:// or https:// URL, not %q; did you mean %q?", raw, "https://"+raw)
+			return "", badRequest("base_url must be an http:// or https:// URL, not %q; did you mean %q?", raw, suggestScheme(raw)+raw)
 		}
 		return "", badRequest("base_url must be an http:// or https:// URL, not %q", raw)
 	case u.Opaque != "" || u.Host == "":
@@ -478,4 +483,25 @@ func (a *API) deleteService(w http.ResponseWriter, r *http.Request) error {
 	a.changed()
 	w.WriteHeader(http.StatusNoContent)
 	return nil
+}
+
+// suggestScheme is the scheme to suggest for a base_url written without
+// one: http:// for a loopback host (localhost, 127.x, ::1), which serves
+// plain HTTP as a rule, https:// for the others.
+func suggestScheme(raw string) string {
+	host := raw
+	if i := strings.IndexAny(host, "/?#"); i >= 0 {
+		host = host[:i]
+	}
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.Trim(host, "[]")
+	if strings.EqualFold(host, "localhost") || strings.HasSuffix(strings.ToLower(host), ".localhost") {
+		return "http://"
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
+		return "http://"
+	}
+	return "https://"
 }

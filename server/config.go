@@ -456,7 +456,7 @@ func (s *ServiceSpec) validate() error {
 	}
 	if s.AuthScheme != "" {
 		if _, err := keypool.ParseAuthScheme(s.AuthScheme); err != nil {
-			return fmt.Errorf("service %q: auth_scheme: %w", s.Name, err)
+			return fmt.Errorf("service %q: %w", s.Name, err)
 		}
 	}
 	if s.Selector != "" {

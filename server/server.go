@@ -17,7 +17,7 @@
 //	     /admin/…               admin API (admin token)
 //	GET  /key?service=&feature= lease a raw key (admin token, or a token with scope "lease")
 //	POST /key/{key_id}/report   report what a leased key met (with its lease_id)
-//	GET  /healthz               liveness
+//	GET  /healthz, /health      liveness
 //	GET  /readyz                store reachable and pools loaded
 //	GET  /metrics               Prometheus
 //	GET  /                      redirects to the web console, /console/ (package console)
@@ -147,7 +147,10 @@ import (
 // [Server.Run] or [Server.Serve], or mount [Server.Handler] yourself; stop
 // it with [Server.Shutdown]. It must not be copied.
 type Server struct {
-	cfg     Config
+	cfg Config
+	// ready logs "keypoold ready" once, when the first listener serves
+	// (after the bind, so a port conflict never follows a ready line).
+	ready   sync.Once
 	log     *slog.Logger
 	st      *sqlstore.Store
 	ext     *external.Source
@@ -406,8 +409,6 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		go func() { defer close(s.logDone); logBuf.run(lctx) }()
 	}
 	ok = true
-	log.Info("keypoold ready", "database", cfg.Database, "services", len(s.pool.Services()),
-		"redis", cfg.RedisURL != "", "external", cfg.ExternalDatabase != "")
 	return s, nil
 }
 
@@ -480,6 +481,7 @@ func (s *Server) Config() Config { return s.cfg }
 func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", s.healthz)
+	mux.HandleFunc("/health", s.healthz)
 	mux.HandleFunc("/readyz", s.readyz)
 	mux.Handle("/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
@@ -537,6 +539,10 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	s.httpSrvs = append(s.httpSrvs, hs)
 	s.mu.Unlock()
 	s.log.Info("listening", "addr", ln.Addr().String())
+	s.ready.Do(func() {
+		s.log.Info("keypoold ready", "addr", ln.Addr().String(), "database", s.cfg.Database,
+			"services", len(s.pool.Services()), "redis", s.cfg.RedisURL != "", "external", s.cfg.ExternalDatabase != "")
+	})
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
 	select {
@@ -694,6 +700,9 @@ func (s *Server) refreshServiceLimits(ctx context.Context) error {
 	}
 	m := s.buildMeta(svcs)
 	s.svcMeta.Store(&m)
+	for _, sv := range svcs {
+		s.metrics.service(sv.Name) // its zero series, from the start
+	}
 	return nil
 }
 

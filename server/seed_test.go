@@ -1,0 +1,114 @@
+package server_test
+
+import (
+	"context"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/keypool/keypool"
+	"github.com/keypool/keypool/server"
+)
+
+// TestHealthAlias: GET /health (keypooler's path) answers like /healthz.
+func TestHealthAlias(t *testing.T) {
+	k := startKP(t)
+	for _, p := range []string{"/health", "/healthz"} {
+		if code, m, _ := k.do("GET", p, "", nil); code != 200 || m["status"] != "ok" {
+			t.Errorf("%s: %d %v", p, code, m)
+		}
+	}
+}
+
+// TestMetricFamiliesFromStart: every family the README lists is exported
+// on the first scrape, before its first event; keypool_key_state has no
+// half_open value (the API shows half-open as open or active).
+func TestMetricFamiliesFromStart(t *testing.T) {
+	up := newUpstream(t, okJSON)
+	k := startKP(t)
+	setup(t, k, up, nil, keyA)
+	_, m, _ := k.do("GET", "/metrics", "", nil)
+	text := m["_raw"].(string)
+	for _, fam := range []string{
+		"keypool_key_state{", "keypool_key_in_flight{", "keypool_key_requests_last_minute{",
+		`keypool_limiter_rejections_total{scope="token"} 0`,
+		`keypool_limiter_rejections_total{scope="auth_failures"} 0`,
+		`keypool_leases_total{result="ok",service="openai"} 0`,
+		`keypool_budget_warnings_total{scope="team",unit="cost",window="day"} 0`,
+		`keypool_budget_rejections_total{scope="token",unit="tokens",window="minute"} 0`,
+		"keypool_usage_records_dropped_total 0",
+		"keypool_requests_revoked_total 0",
+		"keypool_key_events_dropped_total 0",
+	} {
+		if !strings.Contains(text, fam) {
+			t.Errorf("metrics lack %q on the first scrape", fam)
+		}
+	}
+	if strings.Contains(text, `state="half_open"`) {
+		t.Errorf("keypool_key_state reports half_open")
+	}
+}
+
+// TestReadyLoggedAfterBind: on a port conflict the log has the bind error
+// and no "keypoold ready" line before it.
+func TestReadyLoggedAfterBind(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	logs := &syncBuffer{}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	srv, err := server.New(ctx, server.Config{
+		Database:      server.SecretURL("sqlite:" + t.TempDir() + "/kp.db"),
+		AdminToken:    keypool.Secret("kpadm_test_admin_token_0123456789abcdef"),
+		EncryptionKey: testEncKey,
+		LogOutput:     logs,
+		Listen:        ln.Addr().String(),
+		DataDir:       t.TempDir(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Run(ctx); err == nil || !strings.Contains(err.Error(), "listen") {
+		t.Fatalf("Run on a taken port = %v, want a listen error", err)
+	}
+	if strings.Contains(logs.String(), "keypoold ready") {
+		t.Errorf("log says ready before the bind failed:\n%s", logs.String())
+	}
+
+	k := startKP(t)
+	eventually(t, "ready logged once serving", func() bool { return strings.Contains(k.logs.String(), "keypoold ready") })
+}
+
+// TestSeedMessages: the admin API's messages a new user meets read right.
+func TestSeedMessages(t *testing.T) {
+	k := startKP(t)
+	cases := []struct {
+		body      map[string]any
+		want, not string
+	}{
+		{map[string]any{"name": "a", "base_url": "localhost:22001"}, `did you mean "http://localhost:22001"`, "https://localhost"},
+		{map[string]any{"name": "a", "base_url": "127.0.0.1:8080/v1"}, `did you mean "http://127.0.0.1:8080/v1"`, "https://127"},
+		{map[string]any{"name": "a", "base_url": "api.openai.com"}, `did you mean "https://api.openai.com"`, "http://api"},
+		{map[string]any{"name": "a", "base_url": "https://x.example", "auth_scheme": "nope"}, `unknown auth_scheme "nope"`, "auth_scheme: unknown auth_scheme"},
+	}
+	for _, c := range cases {
+		code, m, _ := k.do("POST", "/admin/services", k.admin, c.body)
+		msg, _ := m["error"].(map[string]any)["message"].(string)
+		if code != 400 || !strings.Contains(msg, c.want) || strings.Contains(msg, c.not) {
+			t.Errorf("%v: %d %q, want 400 with %q without %q", c.body, code, msg, c.want, c.not)
+		}
+	}
+	k.addService("openai", "https://api.openai.com", "bearer", nil)
+	code, m, _ := k.do("POST", "/admin/keys/import", k.admin, []map[string]any{
+		{"service": "openai", "key_value": "sk-import-good-0123456789abcdef"},
+		{"service": "nosuch", "key_value": "sk-import-bad-0123456789abcdef"},
+	})
+	msg, _ := m["error"].(map[string]any)["message"].(string)
+	if code != 400 || !strings.HasPrefix(msg, "1 of the import's lines was rejected") {
+		t.Errorf("import with one bad line: %d %q", code, msg)
+	}
+}

@@ -19,8 +19,11 @@ import (
 
 // serviceInput is the body of POST and PATCH /admin/services.
 type serviceInput struct {
-	Name         opt[string]            `json:"name"`
-	DisplayName  opt[string]            `json:"display_name"`
+	Name        opt[string] `json:"name"`
+	DisplayName opt[string] `json:"display_name"`
+	Description opt[string] `json:"description"`
+	// IsActive false switches the service off (default true).
+	IsActive     opt[bool]              `json:"is_active"`
 	BaseURL      opt[string]            `json:"base_url"`
 	AuthScheme   opt[string]            `json:"auth_scheme"`
 	RateLimitRPM opt[int]               `json:"rate_limit_rpm"`
@@ -73,12 +76,13 @@ func (in *keyPolicyInput) apply(p *store.KeyPolicy) error {
 // serviceView is a service as the API shows it: prices as a JSON object.
 type serviceView struct {
 	store.Service
+	IsActive bool `json:"is_active"`
 	timeoutsView
 	Prices json.RawMessage `json:"prices,omitempty"`
 }
 
 func viewService(s store.Service) serviceView {
-	v := serviceView{Service: s, timeoutsView: viewTimeouts(s)}
+	v := serviceView{Service: s, IsActive: !s.Disabled, timeoutsView: viewTimeouts(s)}
 	if s.Prices != "" && json.Valid([]byte(s.Prices)) {
 		v.Prices = json.RawMessage(s.Prices)
 	}
@@ -93,6 +97,12 @@ func (in *serviceInput) apply(s *store.Service, allowMD bool) error {
 			return err
 		}
 		s.DisplayName = v
+	}
+	if err := setDescription(in.Description, &s.Description); err != nil {
+		return err
+	}
+	if in.IsActive.Set {
+		s.Disabled = !in.IsActive.Null && !in.IsActive.V
 	}
 	if in.BaseURL.Set {
 		u, err := checkBaseURL(in.BaseURL.V, allowMD)
@@ -504,4 +514,21 @@ func suggestScheme(raw string) string {
 		return "http://"
 	}
 	return "https://"
+}
+
+// maxDescription bounds a description's length, in bytes.
+const maxDescription = 2000
+
+// setDescription validates a present description field and copies it
+// into dst (null clears it).
+func setDescription(in opt[string], dst *string) error {
+	if !in.Set {
+		return nil
+	}
+	v := strings.TrimSpace(in.V)
+	if err := checkText("description", v, maxDescription, false); err != nil {
+		return err
+	}
+	*dst = v
+	return nil
 }

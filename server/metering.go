@@ -38,6 +38,10 @@ type svcMeta struct {
 	detect bool // llm_family "": detect per request
 	prices *meter.PriceTable
 	budget *scopeBudget
+	// disabled: the service is switched off (is_active false).
+	disabled bool
+	// description is the service's description, for GET /services.
+	description string
 }
 
 // scopeLimits are one scope's budgets as limit.Limits, per unit.
@@ -179,7 +183,8 @@ type unheld struct {
 func (s *Server) buildMeta(svcs []store.Service) map[string]*svcMeta {
 	m := make(map[string]*svcMeta, len(svcs))
 	for _, sv := range svcs {
-		meta := &svcMeta{limits: sv.Limits, prices: s.basePrices, detect: sv.LLMFamily == ""}
+		meta := &svcMeta{limits: sv.Limits, prices: s.basePrices, detect: sv.LLMFamily == "",
+			disabled: sv.Disabled, description: sv.Description}
 		if !meta.detect {
 			f, err := meter.ParseFamily(sv.LLMFamily)
 			if err != nil {

@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"context"
+	"encoding/json"
 	"net"
 	"strings"
 	"testing"
@@ -111,4 +112,67 @@ func TestSeedMessages(t *testing.T) {
 	if code != 400 || !strings.HasPrefix(msg, "1 of the import's lines was rejected") {
 		t.Errorf("import with one bad line: %d %q", code, msg)
 	}
+}
+
+// TestServiceSwitchedOff: is_active false answers 403 forbidden "service
+// … is disabled" on the proxy and on GET /key, for the admin too; the
+// keys and their state stay; switching it on serves again.
+func TestServiceSwitchedOff(t *testing.T) {
+	up := newUpstream(t, okJSON)
+	k := startKP(t)
+	tok, ids := setup(t, k, up, nil, keyA)
+	m := k.mustAdmin("GET", "/admin/services/openai", nil, 200)
+	if m["is_active"] != true {
+		t.Fatalf("a new service is_active = %v, want true", m["is_active"])
+	}
+	k.mustAdmin("PATCH", "/admin/services/openai", map[string]any{"is_active": false, "description": "chat models"}, 200)
+	before := len(up.seen())
+	for _, c := range []struct{ method, path, token string }{
+		{"POST", "/v1/openai/v1/chat/completions", tok},
+		{"GET", "/key?service=openai", k.admin},
+	} {
+		code, m, _ := k.do(c.method, c.path, c.token, map[string]any{"model": "gpt-4o-mini"})
+		e, _ := m["error"].(map[string]any)
+		if code != 403 || e["code"] != "forbidden" || !strings.Contains(e["message"].(string), `service "openai" is disabled`) {
+			t.Errorf("%s %s on a disabled service: %d %v", c.method, c.path, code, m)
+		}
+	}
+	if n := len(up.seen()); n != before {
+		t.Errorf("a disabled service reached its upstream %d times", n-before)
+	}
+	list := k.mustAdmin("GET", "/admin/services", nil, 200)
+	if raw := list["_raw"]; raw != nil || !strings.Contains(fmtJSON(list), `"is_active":false`) || !strings.Contains(fmtJSON(list), `"description":"chat models"`) {
+		t.Errorf("listing does not show the disabled service: %v", list)
+	}
+	if m := k.mustAdmin("GET", "/admin/keys/"+ids[0], nil, 200); m["state"] != "active" {
+		t.Errorf("key of a disabled service: %v", m)
+	}
+	k.mustAdmin("PATCH", "/admin/services/openai", map[string]any{"is_active": true}, 200)
+	if code, m, _ := k.do("POST", "/v1/openai/v1/chat/completions", tok, map[string]any{"model": "gpt-4o-mini"}); code != 200 {
+		t.Errorf("switched back on: %d %v", code, m)
+	}
+}
+
+// TestDescriptions: services, teams and tokens take a description, shown
+// in their listings; control characters are refused.
+func TestDescriptions(t *testing.T) {
+	k := startKP(t)
+	k.addService("openai", "https://api.openai.com", "bearer", map[string]any{"description": "OpenAI chat"})
+	team := k.addTeam("eng", map[string]any{"description": "the engineers"})
+	k.addToken(team, map[string]any{"description": "CI runner"})
+	for path, want := range map[string]string{
+		"/admin/services": "OpenAI chat", "/admin/teams": "the engineers", "/admin/tokens": "CI runner",
+	} {
+		if m := k.mustAdmin("GET", path, nil, 200); !strings.Contains(fmtJSON(m), `"description":"`+want+`"`) {
+			t.Errorf("%s lacks description %q: %v", path, want, m)
+		}
+	}
+	if code, _, _ := k.do("PATCH", "/admin/teams/"+team, k.admin, map[string]any{"description": "a\x00b"}); code != 400 {
+		t.Errorf("control character in a description: %d, want 400", code)
+	}
+}
+
+func fmtJSON(v any) string {
+	b, _ := json.Marshal(v)
+	return string(b)
 }

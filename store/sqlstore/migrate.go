@@ -167,6 +167,12 @@ var migrations = []migration{
 		`ALTER TABLE usage_records ADD COLUMN record_id TEXT`,
 		`CREATE UNIQUE INDEX usage_record_id ON usage_records (record_id)`,
 	}},
+	{8, "descriptions on services, teams and tokens; services switched off", []string{
+		`ALTER TABLE services ADD COLUMN description TEXT NOT NULL DEFAULT ''`,
+		`ALTER TABLE services ADD COLUMN disabled BOOLEAN NOT NULL DEFAULT FALSE`,
+		`ALTER TABLE teams ADD COLUMN description TEXT NOT NULL DEFAULT ''`,
+		`ALTER TABLE tokens ADD COLUMN description TEXT NOT NULL DEFAULT ''`,
+	}},
 }
 
 // latestVersion is the schema version this package writes.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"math"
 	"net/http"
 	"net/url"
@@ -216,14 +217,19 @@ func (s *Server) meta(name string) *svcMeta {
 }
 
 // loadPrices returns the shipped price table merged with the price file.
-func loadPrices(file string) (*meter.PriceTable, error) {
+// Keys of a model file the table has no use for are logged once.
+func loadPrices(file string, log *slog.Logger) (*meter.PriceTable, error) {
 	t := meter.DefaultPrices()
 	if file == "" {
 		return t, nil
 	}
-	p, err := meter.LoadPriceFile(file)
+	p, ignored, err := meter.LoadPriceFile(file)
 	if err != nil {
 		return nil, fmt.Errorf("server: prices file: %w", err)
+	}
+	if len(ignored) > 0 {
+		log.Warn("prices file: ignoring keys a price has no field for", "file", file, "count", len(ignored),
+			"keys", strings.Join(ignored[:min(len(ignored), 10)], ", "))
 	}
 	return t.Merge(p), nil
 }

@@ -240,7 +240,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if s.now == nil {
 		s.now = time.Now
 	}
-	if s.basePrices, err = loadPrices(cfg.PricesFile); err != nil {
+	if s.basePrices, err = loadPrices(cfg.PricesFile, log); err != nil {
 		return nil, err
 	}
 	ok := false

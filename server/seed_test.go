@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"net"
+	"net/http"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -175,4 +177,69 @@ func TestDescriptions(t *testing.T) {
 func fmtJSON(v any) string {
 	b, _ := json.Marshal(v)
 	return string(b)
+}
+
+const seedModelFile = `models:
+  gemini-2.0-flash:
+    structure: "gemini_text"
+    module: "google.gemini_text"
+    description: "Fast text generation model"
+    cost_per_million_tokens:
+      input: 0.075
+      output: 0.3
+  gemini-3-pro-image-preview:
+    structure: "gemini_image_generation"
+    module: "google.gemini_image"
+    description: "Image generation model"
+    cost_per_million_tokens:
+      input: 0.0
+      output: 0.039
+`
+
+// TestClientServices: the seed's model file loads as KEYPOOL_PRICES (one
+// warning for its unknown keys); GET /services with a client key lists
+// the services the caller may use (allowed, active) with the models its
+// token may call and their descriptions.
+func TestClientServices(t *testing.T) {
+	path := t.TempDir() + "/google.yaml"
+	if err := os.WriteFile(path, []byte(seedModelFile), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	k := startKP(t, func(c *server.Config) { c.PricesFile = path })
+	eventually(t, "a warning for the model file's unknown keys", func() bool { return strings.Contains(k.logs.String(), "ignoring keys") })
+	if n := strings.Count(k.logs.String(), "ignoring keys"); n != 1 {
+		t.Errorf("%d warnings for the model file's unknown keys, want 1", n)
+	}
+	models := []string{"gemini-2.0-flash", "gemini-3-pro-image-preview"}
+	k.addService("google", "https://generativelanguage.googleapis.com", "header:x-goog-api-key",
+		map[string]any{"description": "Google Gemini", "models_enabled": models})
+	k.addService("groq", "https://api.groq.com/openai", "bearer", map[string]any{"is_active": false})
+	k.addService("openai", "https://api.openai.com", "bearer", nil)
+	team := k.addTeam("eng", map[string]any{"allowed_services": []string{"google", "groq"}})
+	tok := k.addToken(team, map[string]any{"models_enabled": []string{"gemini-2.0-flash"}})
+
+	req, _ := http.NewRequest("GET", k.url+"/services", nil)
+	req.Header.Set("X-API-Key", tok)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var got struct {
+		Services []struct {
+			Name, Description string
+			Models            []struct{ ID, Description string }
+		}
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&got); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("GET /services: %d %v", resp.StatusCode, err)
+	}
+	if len(got.Services) != 1 || got.Services[0].Name != "google" || got.Services[0].Description != "Google Gemini" ||
+		len(got.Services[0].Models) != 1 || got.Services[0].Models[0].ID != "gemini-2.0-flash" ||
+		got.Services[0].Models[0].Description != "Fast text generation model" {
+		t.Errorf("GET /services = %+v", got)
+	}
+	if code, _, _ := k.do("GET", "/services", "kp_not_a_token", nil); code != 401 {
+		t.Errorf("GET /services with a bad token: %d, want 401", code)
+	}
 }

@@ -18,6 +18,7 @@
 //	GET  /key?service=&feature= lease a raw key (admin token, or a token with scope "lease")
 //	POST /key/{key_id}/report   report what a leased key met (with its lease_id)
 //	GET  /healthz, /health      liveness
+//	GET  /services              a client's services and models
 //	GET  /readyz                store reachable and pools loaded
 //	GET  /metrics               Prometheus
 //	GET  /                      redirects to the web console, /console/ (package console)
@@ -482,6 +483,7 @@ func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", s.healthz)
 	mux.HandleFunc("/health", s.healthz)
+	mux.HandleFunc("GET /services", s.listServices)
 	mux.HandleFunc("/readyz", s.readyz)
 	mux.Handle("/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),

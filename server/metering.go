@@ -769,6 +769,22 @@ func chargedUsage(c *call, res proxy.Result) (meter.Usage, float64) {
 	if c.family == meter.FamilyNone || res.KeyID == "" || (c.model == "" && c.estIn == 0) {
 		return u, cost // not an LLM call: no model and no body (GET /v1/models)
 	}
+	if c.metered && !c.usage.Found && c.usage.Complete && c.family == meter.FamilyOpenAI && res.Status != 499 {
+		// An OpenAI-shaped answer read to its end without usage (a
+		// server that ignores stream_options.include_usage): charge what
+		// was observed — the input estimated from the request, the
+		// output from the streamed text — not the full reservation.
+		u = meter.Usage{Model: c.usage.Model, InputTokens: c.estIn, OutputTokens: meter.EstimateTokens(c.usage.TextBytes),
+			TextBytes: c.usage.TextBytes, Complete: true}
+		if u.Model == "" {
+			u.Model = c.model
+		}
+		u.Found = u.InputTokens > 0 || u.OutputTokens > 0
+		if c.prices != nil {
+			cost, _ = c.prices.Cost(u)
+		}
+		return u, cost
+	}
 	cut := (c.metered && (!c.usage.Found || !c.usage.Complete)) || res.Status == 499
 	if !cut {
 		return u, cost

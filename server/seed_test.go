@@ -3,6 +3,8 @@ package server_test
 import (
 	"context"
 	"encoding/json"
+	"github.com/keypool/keypool/store"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -241,5 +243,37 @@ func TestClientServices(t *testing.T) {
 	}
 	if code, _, _ := k.do("GET", "/services", "kp_not_a_token", nil); code != 401 {
 		t.Errorf("GET /services with a bad token: %d, want 401", code)
+	}
+}
+
+// TestStreamWithoutUsageChargesObserved: an OpenAI-compatible server
+// keypoold does not know (no llm_family, a loopback host, so no
+// stream_options) streams 30 one-word chunks and no usage: the record
+// charges the streamed text (30 tokens) and the request's input, not the
+// full output reservation.
+func TestStreamWithoutUsageChargesObserved(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		for range 30 {
+			_, _ = io.WriteString(w, `data: {"id":"c1","object":"chat.completion.chunk","model":"local-llm","choices":[{"index":0,"delta":{"content":"word"},"finish_reason":null}]}`+"\n\n")
+		}
+		_, _ = io.WriteString(w, "data: [DONE]\n\n")
+	})
+	k := startKP(t, fastUsage)
+	k.addService("vllm", up.URL, "bearer", nil)
+	k.addKey("vllm", "sk-vllm-0123456789abcdef", nil)
+	tok := k.addToken(k.addTeam("eng", nil), nil)
+	body := `{"model":"local-llm","stream":true,"messages":[{"role":"user","content":"say thirty words"}]}`
+	resp, _ := k.send("POST", "/v1/vllm/v1/chat/completions", tok, body)
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	if strings.Contains(up.last().Body, "stream_options") {
+		t.Fatalf("stream_options sent to an unknown host: %s", up.last().Body)
+	}
+	k.waitUsage(1)
+	rows, _ := k.srv.Store().QueryUsage(context.Background(), store.UsageQuery{})
+	if len(rows) != 1 || rows[0].TokensOut != 30 || rows[0].TokensIn <= 0 || rows[0].TokensIn > 100 {
+		t.Errorf("stream without usage charged %+v, want 30 tokens out and the request's input", rows)
 	}
 }

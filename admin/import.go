@@ -207,7 +207,7 @@ func parseJSONImport(body []byte, defService string) (keys []*store.Key, lines [
 			bad = append(bad, lineError{Line: n, Code: httpx.CodeBadRequest, Message: "service is required (in the element or as ?service=)"})
 			continue
 		}
-		if !in.KeyValue.has() {
+		if !in.KeyValue.has() && !in.Key.has() {
 			bad = append(bad, lineError{Line: n, Code: httpx.CodeBadRequest, Message: "key_value is required"})
 			continue
 		}

@@ -277,3 +277,19 @@ func TestStreamWithoutUsageChargesObserved(t *testing.T) {
 		t.Errorf("stream without usage charged %+v, want 30 tokens out and the request's input", rows)
 	}
 }
+
+// TestKeyAliases: keypooler's POST /admin/keys {"name","key"} adds a key
+// (its name kept as the label "name"); both key and key_value is 400.
+func TestKeyAliases(t *testing.T) {
+	k := startKP(t)
+	k.addService("openai", "https://api.openai.com", "bearer", nil)
+	m := k.mustAdmin("POST", "/admin/keys", map[string]any{"service": "openai", "name": "openai-1", "key": "sk-alias-0123456789abcdef"}, 201)
+	k.secrets = append(k.secrets, "sk-alias-0123456789abcdef")
+	if l, _ := m["labels"].(map[string]any); l["name"] != "openai-1" || m["hint"] == "" {
+		t.Errorf("key added with aliases: %v", m)
+	}
+	if code, _, _ := k.do("POST", "/admin/keys", k.admin, map[string]any{"service": "openai", "key": "sk-a-0123456789abcdef", "key_value": "sk-b-0123456789abcdef"}); code != 400 {
+		t.Errorf("key and key_value: %d, want 400", code)
+	}
+	k.checkLogs()
+}

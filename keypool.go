@@ -462,6 +462,29 @@ func (p *Pool) Services() []string {
 	return names
 }
 
+// ServicesWithFeature returns the names of the services that have a key
+// serving feature (labels["feature"] or an entry in Key.Features), sorted:
+// a feature that only one service serves identifies its pool.
+func (p *Pool) ServicesWithFeature(feature string) []string {
+	var names []string
+	for _, name := range p.Services() {
+		s := (*p.services.Load())[name]
+		if s == nil {
+			continue
+		}
+		s.mu.Lock()
+		for _, c := range s.all {
+			_, ok := c.key.Features[feature]
+			if ok || c.key.Labels["feature"] == feature {
+				names = append(names, name)
+				break
+			}
+		}
+		s.mu.Unlock()
+	}
+	return names
+}
+
 // Request narrows which key [Pool.Acquire] may pick.
 type Request struct {
 	// Affinity keeps requests with the same value on the same key while it

@@ -293,3 +293,25 @@ func TestKeyAliases(t *testing.T) {
 	}
 	k.checkLogs()
 }
+
+// TestLeaseByFeature: keypooler's GET /key?feature=image-generation
+// without a service leases from the one service serving that feature; a
+// feature no service (or several) serves is 400.
+func TestLeaseByFeature(t *testing.T) {
+	k := startKP(t)
+	k.addService("openai", "https://api.openai.com", "bearer", nil)
+	k.addService("groq", "https://api.groq.com", "bearer", nil)
+	id := k.addKey("openai", "sk-img-0123456789abcdef", map[string]any{"labels": map[string]string{"feature": "image-generation"}})
+	k.addKey("groq", "sk-chat-0123456789abcdef", map[string]any{"labels": map[string]string{"feature": "chat"}})
+	k.addKey("openai", "sk-chat2-0123456789abcdef", map[string]any{"labels": map[string]string{"feature": "chat"}})
+	tok := k.addToken(k.addTeam("eng", nil), map[string]any{"scopes": []string{"lease"}})
+	code, m, _ := k.do("GET", "/key?feature=image-generation", tok, nil)
+	if code != 200 || m["key_id"] != id || m["service"] != "openai" {
+		t.Errorf("GET /key?feature=image-generation: %d %v", code, m)
+	}
+	for _, f := range []string{"chat", "video"} {
+		if code, m, _ := k.do("GET", "/key?feature="+f, tok, nil); code != 400 {
+			t.Errorf("GET /key?feature=%s: %d %v, want 400", f, code, m)
+		}
+	}
+}

@@ -119,9 +119,12 @@ type Service struct {
 	// RateLimitRPM is the default per-key requests per minute (zero:
 	// unlimited).
 	RateLimitRPM int
-	// RateBurst is how many requests a rested key may send at once. If
-	// zero, a tenth of its RPM (at least 1), so that no minute sees more
-	// than 1.1 times the RPM.
+	// RateBurst is how many requests a rested key (or a key's feature)
+	// may send at once. If zero, its full RPM: a rested key admits RPM
+	// requests at once, then RPM/60 a second as the bucket refills. A
+	// smaller burst smooths the traffic for upstreams that punish bursts
+	// (e.g. RPM/10: no more than 1.1 times the RPM in any minute, at most
+	// a tenth of it at once).
 	RateBurst int
 	// MaxInFlight is the default per-key cap on concurrent requests (zero:
 	// unlimited).
@@ -456,6 +459,29 @@ func (p *Pool) Services() []string {
 		names = append(names, n)
 	}
 	sort.Strings(names)
+	return names
+}
+
+// ServicesWithFeature returns the names of the services that have a key
+// serving feature (labels["feature"] or an entry in Key.Features), sorted:
+// a feature that only one service serves identifies its pool.
+func (p *Pool) ServicesWithFeature(feature string) []string {
+	var names []string
+	for _, name := range p.Services() {
+		s := (*p.services.Load())[name]
+		if s == nil {
+			continue
+		}
+		s.mu.Lock()
+		for _, c := range s.all {
+			_, ok := c.key.Features[feature]
+			if ok || c.key.Labels["feature"] == feature {
+				names = append(names, name)
+				break
+			}
+		}
+		s.mu.Unlock()
+	}
 	return names
 }
 
@@ -1085,10 +1111,7 @@ func (s *svcState) limiterFor(k *Key, old *rate.Limiter, now time.Time) *rate.Li
 	if rpm <= 0 {
 		return nil
 	}
-	burst := s.cfg.Load().RateBurst
-	if burst <= 0 {
-		burst = max(1, rpm/10)
-	}
+	burst := rateBurst(rpm, s.cfg.Load().RateBurst)
 	lim := rate.Limit(float64(rpm) / 60)
 	if old != nil {
 		if old.Limit() != lim {
@@ -1248,6 +1271,15 @@ func (s *svcState) fits(c *Candidate, r Request) bool {
 	return true
 }
 
+// rateBurst is the bucket size for rpm: the configured burst (at most
+// rpm) or, when zero, the full rpm.
+func rateBurst(rpm, burst int) int {
+	if burst <= 0 || burst > rpm {
+		return rpm
+	}
+	return burst
+}
+
 func (s *svcState) featureLimiter(c *Candidate, f string) *rate.Limiter {
 	rpm := c.key.Features[f]
 	if rpm <= 0 {
@@ -1259,7 +1291,7 @@ func (s *svcState) featureLimiter(c *Candidate, f string) *rate.Limiter {
 	if c.featLim == nil {
 		c.featLim = map[string]*rate.Limiter{}
 	}
-	l := rate.NewLimiter(rate.Limit(float64(rpm)/60), max(1, rpm/10))
+	l := rate.NewLimiter(rate.Limit(float64(rpm)/60), rateBurst(rpm, s.cfg.Load().RateBurst))
 	c.featLim[f] = l
 	return l
 }

@@ -413,14 +413,14 @@ func TestMaxInFlight(t *testing.T) {
 func TestFeatures(t *testing.T) {
 	keys := keysN(3)
 	keys[0].Labels = map[string]string{"feature": "image-gen"}
-	keys[1].Features = map[string]int{"image-gen": 60, "chat": 0}
+	keys[1].Features = map[string]int{"image-gen": 10, "chat": 0}
 	p := newTestPool(t, newClock(), Service{}, keys, nil)
 	got := counts(t, p, 30, Request{Feature: "image-gen"})
 	if got["k2"] != 0 || got["k0"] == 0 {
 		t.Fatalf("feature picks %v", got)
 	}
-	if got["k1"] > 6 {
-		t.Fatalf("k1's image-gen rate (60/min, burst 6) exceeded: %v", got)
+	if got["k1"] > 10 || got["k1"] == 0 {
+		t.Fatalf("k1's image-gen rate (10/min, burst 10) exceeded or unused: %v", got)
 	}
 	if _, err := p.Acquire("svc", Request{Feature: "video"}); !errors.Is(err, ErrNoKeyAvailable) {
 		t.Fatalf("unknown feature: %v", err)
@@ -655,4 +655,49 @@ func TestReviewRegressions(t *testing.T) {
 			t.Fatal("excluded key picked")
 		}
 	})
+}
+
+// TestRateBurstIsFullRPM: a key with rpm 100 gives 100 of 120 quick
+// leases (keypooler's "100 calls in the minute"), then one more each
+// 0.6 s; a feature's rpm likewise; RateBurst smooths when set.
+func TestRateBurstIsFullRPM(t *testing.T) {
+	clk := newClock()
+	keys := keysN(1)
+	keys[0].RateLimitRPM = 100
+	p := newTestPool(t, clk, Service{}, keys, nil)
+	if got := admitted(p, 120, Request{}); got != 100 {
+		t.Fatalf("rpm 100: %d of 120 quick leases, want 100", got)
+	}
+	clk.Advance(6 * time.Second)
+	if got := admitted(p, 20, Request{}); got != 10 {
+		t.Fatalf("6 s later: %d, want 10", got)
+	}
+
+	fk := keysN(1)
+	fk[0].Features = map[string]int{"image-generation": 50}
+	pf := newTestPool(t, clk, Service{}, fk, nil)
+	if got := admitted(pf, 60, Request{Feature: "image-generation"}); got != 50 {
+		t.Fatalf("feature rpm 50: %d of 60, want 50", got)
+	}
+
+	sk := keysN(1)
+	sk[0].RateLimitRPM = 100
+	ps := newTestPool(t, clk, Service{RateBurst: 10}, sk, nil)
+	if got := admitted(ps, 120, Request{}); got != 10 {
+		t.Fatalf("RateBurst 10: %d of 120, want 10", got)
+	}
+}
+
+// admitted tries n quick leases and returns how many were granted.
+func admitted(p *Pool, n int, r Request) int {
+	got := 0
+	for range n {
+		l, err := p.Acquire("svc", r)
+		if err != nil {
+			continue
+		}
+		got++
+		l.Release(Outcome{})
+	}
+	return got
 }

@@ -14,6 +14,7 @@ import (
 // teamInput is the body of POST and PATCH /admin/teams.
 type teamInput struct {
 	Name            opt[string]   `json:"name"`
+	Description     opt[string]   `json:"description"`
 	AllowedServices opt[[]string] `json:"allowed_services"`
 	limitsInput
 }
@@ -25,6 +26,9 @@ func (in *teamInput) apply(t *store.Team) error {
 			return err
 		}
 		t.Name = v
+	}
+	if err := setDescription(in.Description, &t.Description); err != nil {
+		return err
 	}
 	if in.AllowedServices.Set {
 		l, err := cleanList("allowed_services", in.AllowedServices.V, 64, 1000)
@@ -264,12 +268,13 @@ func (a *API) deleteUser(w http.ResponseWriter, r *http.Request) error {
 
 // tokenInput is the body of POST and PATCH /admin/tokens.
 type tokenInput struct {
-	Name      opt[string]    `json:"name"`
-	TeamID    opt[string]    `json:"team_id"`
-	UserID    opt[string]    `json:"user_id"`
-	Scopes    opt[[]string]  `json:"scopes"`
-	ExpiresAt opt[time.Time] `json:"expires_at"`
-	IsActive  opt[bool]      `json:"is_active"`
+	Name        opt[string]    `json:"name"`
+	Description opt[string]    `json:"description"`
+	TeamID      opt[string]    `json:"team_id"`
+	UserID      opt[string]    `json:"user_id"`
+	Scopes      opt[[]string]  `json:"scopes"`
+	ExpiresAt   opt[time.Time] `json:"expires_at"`
+	IsActive    opt[bool]      `json:"is_active"`
 	limitsInput
 }
 
@@ -283,6 +288,9 @@ func (in *tokenInput) apply(t *store.Token, now time.Time) error {
 			return err
 		}
 		t.Name = v
+	}
+	if err := setDescription(in.Description, &t.Description); err != nil {
+		return err
 	}
 	if in.Scopes.Set {
 		l, err := cleanList("scopes", in.Scopes.V, 64, 32)
@@ -316,15 +324,16 @@ func (in *tokenInput) apply(t *store.Token, now time.Time) error {
 // tokenView is a token's metadata; it has no field for the token or its
 // hash.
 type tokenView struct {
-	ID         string     `json:"id"`
-	Name       string     `json:"name"`
-	Prefix     string     `json:"prefix"`
-	TeamID     string     `json:"team_id"`
-	UserID     *string    `json:"user_id"`
-	Scopes     []string   `json:"scopes"`
-	ExpiresAt  *time.Time `json:"expires_at"`
-	IsActive   bool       `json:"is_active"`
-	LastUsedAt *time.Time `json:"last_used_at,omitempty"`
+	ID          string     `json:"id"`
+	Name        string     `json:"name"`
+	Description string     `json:"description"`
+	Prefix      string     `json:"prefix"`
+	TeamID      string     `json:"team_id"`
+	UserID      *string    `json:"user_id"`
+	Scopes      []string   `json:"scopes"`
+	ExpiresAt   *time.Time `json:"expires_at"`
+	IsActive    bool       `json:"is_active"`
+	LastUsedAt  *time.Time `json:"last_used_at,omitempty"`
 	store.Limits
 	CreatedAt time.Time `json:"created_at"`
 	UpdatedAt time.Time `json:"updated_at"`
@@ -332,7 +341,7 @@ type tokenView struct {
 
 func viewToken(t *store.Token) tokenView {
 	v := tokenView{
-		ID: t.ID, Name: t.Name, Prefix: t.Prefix, TeamID: t.TeamID, Scopes: t.Scopes,
+		ID: t.ID, Name: t.Name, Description: t.Description, Prefix: t.Prefix, TeamID: t.TeamID, Scopes: t.Scopes,
 		ExpiresAt: t.ExpiresAt, IsActive: t.IsActive, LastUsedAt: t.LastUsedAt, Limits: t.Limits,
 		CreatedAt: t.CreatedAt, UpdatedAt: t.UpdatedAt,
 	}

@@ -140,7 +140,7 @@ func writeImportError(w http.ResponseWriter, bad []lineError) {
 	var body importError
 	body.Error.Code = code
 	body.Error.Type = "invalid_request_error"
-	body.Error.Message = fmt.Sprintf("%d of the import's lines were rejected; nothing was imported", len(bad))
+	body.Error.Message = rejectedText(len(bad))
 	body.Lines = bad
 	w.Header().Set("X-Content-Type-Options", "nosniff")
 	httpx.WriteJSON(w, status, body)
@@ -207,7 +207,7 @@ func parseJSONImport(body []byte, defService string) (keys []*store.Key, lines [
 			bad = append(bad, lineError{Line: n, Code: httpx.CodeBadRequest, Message: "service is required (in the element or as ?service=)"})
 			continue
 		}
-		if !in.KeyValue.has() {
+		if !in.KeyValue.has() && !in.Key.has() {
 			bad = append(bad, lineError{Line: n, Code: httpx.CodeBadRequest, Message: "key_value is required"})
 			continue
 		}
@@ -294,4 +294,13 @@ func (a *API) checkImport(r *http.Request, keys []*store.Key, lines []int) ([]li
 		seen[id] = lines[i]
 	}
 	return bad, nil
+}
+
+// rejectedText says how many of an import's lines were rejected, in
+// singular or plural.
+func rejectedText(n int) string {
+	if n == 1 {
+		return "1 of the import's lines was rejected; nothing was imported"
+	}
+	return fmt.Sprintf("%d of the import's lines were rejected; nothing was imported", n)
 }

@@ -15,8 +15,12 @@ import (
 // keyInput is the body of POST and PATCH /admin/keys, and one element of
 // a JSON import.
 type keyInput struct {
-	Service      opt[string]            `json:"service"`
-	KeyValue     opt[keypool.Secret]    `json:"key_value"`
+	Service  opt[string]         `json:"service"`
+	KeyValue opt[keypool.Secret] `json:"key_value"`
+	// Key is keypooler's name for key_value.
+	Key opt[keypool.Secret] `json:"key"`
+	// Name is keypooler's name of a key; it is kept as the label "name".
+	Name         opt[string]            `json:"name"`
 	BalanceTotal opt[float64]           `json:"balance_total"`
 	BalanceUsed  opt[float64]           `json:"balance_used"`
 	BalanceUnit  opt[string]            `json:"balance_unit"`
@@ -53,6 +57,9 @@ func checkKeyValue(v keypool.Secret) error {
 // apply validates the present fields other than service and copies them
 // into k.
 func (in *keyInput) apply(k *store.Key) error {
+	if err := in.aliases(); err != nil {
+		return err
+	}
 	if in.KeyValue.Set {
 		if err := checkKeyValue(in.KeyValue.V); err != nil {
 			return err
@@ -261,6 +268,9 @@ func (a *API) createKey(w http.ResponseWriter, r *http.Request) error {
 		}
 		return err
 	}
+	if err := in.aliases(); err != nil {
+		return err
+	}
 	if !in.KeyValue.has() {
 		return badRequest("key_value is required")
 	}
@@ -386,5 +396,35 @@ func (a *API) deleteKey(w http.ResponseWriter, r *http.Request) error {
 	a.log.InfoContext(r.Context(), "admin: key deleted", "service", k.Service, "key_id", k.ID)
 	a.changed()
 	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+// aliases folds keypooler's field names into keypool's: key is key_value,
+// name becomes the label "name". Giving both names of a field is an error.
+func (in *keyInput) aliases() error {
+	if in.Key.Set {
+		if in.KeyValue.Set {
+			return badRequest("give key_value or its alias key, not both")
+		}
+		in.KeyValue, in.Key = in.Key, opt[keypool.Secret]{}
+	}
+	if in.Name.Set {
+		name := strings.TrimSpace(in.Name.V)
+		if err := checkText("name", name, 128, false); err != nil {
+			return err
+		}
+		if name != "" {
+			labels := map[string]string{}
+			for k, v := range in.Labels.V {
+				labels[k] = v
+			}
+			if old, ok := labels["name"]; ok && old != name {
+				return badRequest("name %q and labels.name %q differ", name, old)
+			}
+			labels["name"] = name
+			in.Labels = opt[map[string]string]{Set: true, V: labels}
+		}
+		in.Name = opt[string]{}
+	}
 	return nil
 }

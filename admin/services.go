@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"net"
 	"net/http"
 	"net/netip"
 	"net/textproto"
@@ -18,8 +19,11 @@ import (
 
 // serviceInput is the body of POST and PATCH /admin/services.
 type serviceInput struct {
-	Name         opt[string]            `json:"name"`
-	DisplayName  opt[string]            `json:"display_name"`
+	Name        opt[string] `json:"name"`
+	DisplayName opt[string] `json:"display_name"`
+	Description opt[string] `json:"description"`
+	// IsActive false switches the service off (default true).
+	IsActive     opt[bool]              `json:"is_active"`
 	BaseURL      opt[string]            `json:"base_url"`
 	AuthScheme   opt[string]            `json:"auth_scheme"`
 	RateLimitRPM opt[int]               `json:"rate_limit_rpm"`
@@ -72,12 +76,13 @@ func (in *keyPolicyInput) apply(p *store.KeyPolicy) error {
 // serviceView is a service as the API shows it: prices as a JSON object.
 type serviceView struct {
 	store.Service
+	IsActive bool `json:"is_active"`
 	timeoutsView
 	Prices json.RawMessage `json:"prices,omitempty"`
 }
 
 func viewService(s store.Service) serviceView {
-	v := serviceView{Service: s, timeoutsView: viewTimeouts(s)}
+	v := serviceView{Service: s, IsActive: !s.Disabled, timeoutsView: viewTimeouts(s)}
 	if s.Prices != "" && json.Valid([]byte(s.Prices)) {
 		v.Prices = json.RawMessage(s.Prices)
 	}
@@ -93,6 +98,12 @@ func (in *serviceInput) apply(s *store.Service, allowMD bool) error {
 		}
 		s.DisplayName = v
 	}
+	if err := setDescription(in.Description, &s.Description); err != nil {
+		return err
+	}
+	if in.IsActive.Set {
+		s.Disabled = !in.IsActive.Null && !in.IsActive.V
+	}
 	if in.BaseURL.Set {
 		u, err := checkBaseURL(in.BaseURL.V, allowMD)
 		if err != nil {
@@ -103,7 +114,7 @@ func (in *serviceInput) apply(s *store.Service, allowMD bool) error {
 	if in.AuthScheme.Set {
 		sch, err := keypool.ParseAuthScheme(in.AuthScheme.V)
 		if err != nil {
-			return badRequest("auth_scheme: %s", trimInvalid(err))
+			return badRequest("%s", trimInvalid(err))
 		}
 		s.AuthScheme = sch.Name()
 	}
@@ -224,13 +235,17 @@ func checkBaseURL(raw string, allowMD bool) (string, error) {
 		return "", err
 	}
 	u, err := url.Parse(raw)
+	if err != nil && !strings.Contains(raw, "://") && !strings.HasPrefix(raw, "/") {
+		// host:port/path parses as a scheme "host" or not at all.
+		return "", badRequest("base_url must be an http:// or https:// URL, not %q; did you mean %q?", raw, suggestScheme(raw)+raw)
+	}
 	if err != nil {
 		return "", badRequest("base_url is not a valid URL")
 	}
 	switch {
 	case u.Scheme != "http" && u.Scheme != "https":
 		if !strings.Contains(raw, "://") && !strings.HasPrefix(raw, "/") {
-			return "", badRequest("base_url must be an http:// or https:// URL, not %q; did you mean %q?", raw, "https://"+raw)
+			return "", badRequest("base_url must be an http:// or https:// URL, not %q; did you mean %q?", raw, suggestScheme(raw)+raw)
 		}
 		return "", badRequest("base_url must be an http:// or https:// URL, not %q", raw)
 	case u.Opaque != "" || u.Host == "":
@@ -477,5 +492,43 @@ func (a *API) deleteService(w http.ResponseWriter, r *http.Request) error {
 	a.log.InfoContext(r.Context(), "admin: service deleted", "service", name)
 	a.changed()
 	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+// suggestScheme is the scheme to suggest for a base_url written without
+// one: http:// for a loopback host (localhost, 127.x, ::1), which serves
+// plain HTTP as a rule, https:// for the others.
+func suggestScheme(raw string) string {
+	host := raw
+	if i := strings.IndexAny(host, "/?#"); i >= 0 {
+		host = host[:i]
+	}
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.Trim(host, "[]")
+	if strings.EqualFold(host, "localhost") || strings.HasSuffix(strings.ToLower(host), ".localhost") {
+		return "http://"
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
+		return "http://"
+	}
+	return "https://"
+}
+
+// maxDescription bounds a description's length, in bytes.
+const maxDescription = 2000
+
+// setDescription validates a present description field and copies it
+// into dst (null clears it).
+func setDescription(in opt[string], dst *string) error {
+	if !in.Set {
+		return nil
+	}
+	v := strings.TrimSpace(in.V)
+	if err := checkText("description", v, maxDescription, false); err != nil {
+		return err
+	}
+	*dst = v
 	return nil
 }

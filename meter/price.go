@@ -35,6 +35,8 @@ type Price struct {
 	PerCharacter float64 `json:"per_character,omitempty" yaml:"per_character,omitempty"`
 	// PerRequest is a flat price per request (search and scrape APIs).
 	PerRequest float64 `json:"per_request,omitempty" yaml:"per_request,omitempty"`
+	// Description says what the model is for (GET /services lists it).
+	Description string `json:"description,omitempty" yaml:"description,omitempty"`
 }
 
 func (p Price) validate() error {
@@ -241,11 +243,82 @@ func strictYAML(data []byte, v any) error {
 }
 
 // LoadPriceFile reads prices from a YAML or JSON file in the format of
-// [ParsePrices].
-func LoadPriceFile(path string) (map[string]Price, error) {
+// [ParsePrices], and also reads model files of other gateways: a model's
+// cost_per_million_tokens: {input, output} stands for its input and
+// output prices, and keys a price has no field for (structure, module,
+// …) are ignored and returned as ignored ("model.key", sorted), for the
+// caller to warn about once.
+func LoadPriceFile(path string) (prices map[string]Price, ignored []string, err error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("meter: %w", err)
+		return nil, nil, fmt.Errorf("meter: %w", err)
 	}
-	return ParsePrices(data)
+	return parseModelFile(data)
+}
+
+// modelEntry is one model of a model file: a [Price] and the keys of
+// other gateways' model files.
+type modelEntry struct {
+	Price `yaml:",inline"`
+	// CostPerMillionTokens is the input and output price (USD per million
+	// tokens), as other gateways' model files write them.
+	CostPerMillionTokens *struct {
+		Input  float64 `yaml:"input"`
+		Output float64 `yaml:"output"`
+	} `yaml:"cost_per_million_tokens"`
+}
+
+// modelKeys are the keys a model entry understands.
+var modelKeys = map[string]bool{
+	"input": true, "output": true, "cached_input": true, "cache_write": true, "per_image": true,
+	"per_character": true, "per_request": true, "description": true, "cost_per_million_tokens": true,
+}
+
+// parseModelFile decodes a price or model file leniently (see
+// [LoadPriceFile]).
+func parseModelFile(data []byte) (map[string]Price, []string, error) {
+	var probe map[string]yaml.Node
+	if err := yaml.Unmarshal(data, &probe); err != nil {
+		return nil, nil, fmt.Errorf("meter: prices: %w", err)
+	}
+	var raw map[string]yaml.Node
+	if n, ok := probe["models"]; ok {
+		if err := n.Decode(&raw); err != nil {
+			return nil, nil, fmt.Errorf("meter: prices: models: %w", err)
+		}
+	} else if err := yaml.Unmarshal(data, &raw); err != nil {
+		return nil, nil, fmt.Errorf("meter: prices: %w", err)
+	}
+	out := make(map[string]Price, len(raw))
+	var ignored []string
+	for name, n := range raw {
+		var keys map[string]yaml.Node
+		if err := n.Decode(&keys); err != nil {
+			return nil, nil, fmt.Errorf("meter: prices: %s: %w", name, err)
+		}
+		for k := range keys {
+			if !modelKeys[k] {
+				ignored = append(ignored, name+"."+k)
+			}
+		}
+		var e modelEntry
+		if err := n.Decode(&e); err != nil {
+			return nil, nil, fmt.Errorf("meter: prices: %s: %w", name, err)
+		}
+		p := e.Price
+		if c := e.CostPerMillionTokens; c != nil {
+			if _, ok := keys["input"]; !ok {
+				p.Input = c.Input
+			}
+			if _, ok := keys["output"]; !ok {
+				p.Output = c.Output
+			}
+		}
+		if err := p.validate(); err != nil {
+			return nil, nil, fmt.Errorf("meter: prices: %s: %w", name, err)
+		}
+		out[name] = p
+	}
+	sort.Strings(ignored)
+	return out, ignored, nil
 }

@@ -4,6 +4,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 )
 
@@ -107,11 +108,11 @@ func TestParsePrices(t *testing.T) {
 	if err := os.WriteFile(path, DefaultPricesYAML(), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	m, err := LoadPriceFile(path)
-	if err != nil || len(m) != DefaultPrices().Len() {
+	m, ign, err := LoadPriceFile(path)
+	if err != nil || len(m) != DefaultPrices().Len() || len(ign) != 0 {
 		t.Fatalf("LoadPriceFile: %d entries, %v", len(m), err)
 	}
-	if _, err := LoadPriceFile(filepath.Join(t.TempDir(), "missing.yaml")); err == nil {
+	if _, _, err := LoadPriceFile(filepath.Join(t.TempDir(), "missing.yaml")); err == nil {
 		t.Error("missing file: no error")
 	}
 }
@@ -139,5 +140,55 @@ func TestCost(t *testing.T) {
 	}
 	if _, ok := DefaultPrices().Cost(Usage{Model: "no-such-model"}); ok {
 		t.Error("priced an unknown model")
+	}
+}
+
+// TestLoadModelFile: another gateway's model file (description,
+// cost_per_million_tokens, structure, module) loads; the unknown keys
+// are returned, not fatal; a negative price still is.
+func TestLoadModelFile(t *testing.T) {
+	doc := `# Example: google.yaml
+models:
+  gemini-2.0-flash:
+    structure: "gemini_text"
+    module: "google.gemini_text"
+    description: "Fast text generation model"
+    cost_per_million_tokens:
+      input: 0.075
+      output: 0.3
+
+  gemini-3-pro-image-preview:
+    structure: "gemini_image_generation"
+    module: "google.gemini_image"
+    description: "Image generation model"
+    cost_per_million_tokens:
+      input: 0.0
+      output: 0.039  # Per image
+`
+	dir := t.TempDir()
+	path := filepath.Join(dir, "google.yaml")
+	if err := os.WriteFile(path, []byte(doc), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	m, ign, err := LoadPriceFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := m["gemini-2.0-flash"]; got != (Price{Input: 0.075, Output: 0.3, Description: "Fast text generation model"}) {
+		t.Errorf("gemini-2.0-flash: %+v", got)
+	}
+	if got := m["gemini-3-pro-image-preview"]; got.Output != 0.039 || got.Description != "Image generation model" {
+		t.Errorf("image model: %+v", got)
+	}
+	want := []string{"gemini-2.0-flash.module", "gemini-2.0-flash.structure", "gemini-3-pro-image-preview.module", "gemini-3-pro-image-preview.structure"}
+	if !slices.Equal(ign, want) {
+		t.Errorf("ignored %v, want %v", ign, want)
+	}
+	bad := filepath.Join(dir, "bad.yaml")
+	if err := os.WriteFile(bad, []byte("models:\n  x: {cost_per_million_tokens: {input: -1}}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := LoadPriceFile(bad); err == nil {
+		t.Error("negative price in a model file: no error")
 	}
 }

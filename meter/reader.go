@@ -57,6 +57,7 @@ type Reader struct {
 
 	mu    sync.Mutex // protects sn, done and usage
 	sn    sniffer
+	text  *textCounter // OpenAI event streams only
 	done  bool
 	usage Usage
 
@@ -75,6 +76,9 @@ func NewReader(body io.ReadCloser, opts Options) *Reader {
 		fam = FamilyNone
 	}
 	r.sn.init(fam)
+	if fam == FamilyOpenAI && IsEventStream(opts.ContentType) {
+		r.text = &textCounter{} // streams may lack usage; JSON answers carry it
+	}
 	r.strip = opts.StripUsageChunk && fam == FamilyOpenAI && IsEventStream(opts.ContentType)
 	return r
 }
@@ -120,6 +124,9 @@ func (r *Reader) observe(b []byte, err error) int {
 	r.mu.Lock()
 	if !r.done {
 		r.sn.feed(b)
+		if r.text != nil {
+			r.text.feed(b)
+		}
 	}
 	objs := r.sn.objs
 	if err != io.EOF {
@@ -142,6 +149,9 @@ func (r *Reader) finishLocked(complete bool) (func(Usage), Usage) {
 	}
 	r.done = true
 	r.usage = r.sn.result(r.model, complete)
+	if r.text != nil && !r.usage.Found {
+		r.usage.TextBytes = r.text.n
+	}
 	r.sn.release()
 	return r.onDone, r.usage
 }

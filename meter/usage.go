@@ -28,6 +28,10 @@ type Usage struct {
 	// bills an image or speech endpoint sets them (for example from the
 	// request) before calling [Cost].
 	Images, Characters int64
+	// TextBytes is how many bytes of generated text (the "content" and
+	// "text" strings) an OpenAI-family answer without usage carried (zero
+	// when Found): the basis of an output estimate (see [EstimateTokens]).
+	TextBytes int64
 	// Found reports whether the response carried any token usage.
 	Found bool
 	// Complete reports whether the body was read to its end (EOF). A

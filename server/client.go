@@ -104,15 +104,19 @@ func (s *Server) authenticate(r *http.Request, cred string, adminOK bool) (*auth
 }
 
 // admit checks a principal's access to a service and its rpm limits:
-// 403 forbidden for a service outside the team's allowed_services, 429
+// 403 forbidden for a service outside the team's allowed_services or switched
+// off (is_active false, for the admin too), 429
 // rate_limited with Retry-After when the token's, the team's or the
 // service's rpm_limit is reached. The admin is not limited.
 func (s *Server) admit(ctx context.Context, p *auth.Principal, service string) error {
+	if !p.Admin && !p.AllowsService(service) {
+		return httpx.Errorf(http.StatusForbidden, httpx.CodeForbidden, "team %q may not use service %q", p.Team.Name, service)
+	}
+	if s.meta(service).disabled {
+		return httpx.Errorf(http.StatusForbidden, httpx.CodeForbidden, "service %q is disabled", service)
+	}
 	if p.Admin {
 		return nil
-	}
-	if !p.AllowsService(service) {
-		return httpx.Errorf(http.StatusForbidden, httpx.CodeForbidden, "team %q may not use service %q", p.Team.Name, service)
 	}
 	now := s.now()
 	checks := [...]struct {

@@ -200,8 +200,13 @@ type Config struct {
 // service already holds the same value. Keys removed from the file are
 // not deleted from the store.
 type ServiceSpec struct {
-	Name         string            `json:"name" yaml:"name"`
-	DisplayName  string            `json:"display_name,omitempty" yaml:"display_name,omitempty"`
+	Name        string `json:"name" yaml:"name"`
+	DisplayName string `json:"display_name,omitempty" yaml:"display_name,omitempty"`
+	// Description says what the service is for (listings, GET /services).
+	Description string `json:"description,omitempty" yaml:"description,omitempty"`
+	// IsActive false switches the service off (403 forbidden on the proxy
+	// and leases; keys kept). Unset: active when created, unchanged after.
+	IsActive     *bool             `json:"is_active,omitempty" yaml:"is_active,omitempty"`
 	BaseURL      string            `json:"base_url" yaml:"base_url"`
 	AuthScheme   string            `json:"auth_scheme,omitempty" yaml:"auth_scheme,omitempty"`
 	RateLimitRPM int               `json:"rate_limit_rpm,omitempty" yaml:"rate_limit_rpm,omitempty"`
@@ -472,7 +477,7 @@ func (s *ServiceSpec) validate() error {
 	}
 	if s.AuthScheme != "" {
 		if _, err := keypool.ParseAuthScheme(s.AuthScheme); err != nil {
-			return fmt.Errorf("service %q: auth_scheme: %w", s.Name, err)
+			return fmt.Errorf("service %q: %w", s.Name, err)
 		}
 	}
 	if s.Selector != "" {

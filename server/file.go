@@ -179,7 +179,7 @@ func (sp *ServiceSpec) keyPolicy() store.KeyPolicy {
 func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, log *slog.Logger) error {
 	for _, sp := range specs {
 		rec := store.Service{
-			Name: sp.Name, DisplayName: sp.DisplayName, BaseURL: sp.BaseURL,
+			Name: sp.Name, DisplayName: sp.DisplayName, Description: sp.Description, BaseURL: sp.BaseURL,
 			AuthScheme: sp.AuthScheme, RateLimitRPM: sp.RateLimitRPM, MaxInFlight: sp.MaxInFlight,
 			ProxyHeaders: sp.ProxyHeaders, Selector: sp.Selector, ExternalName: sp.ExternalName,
 			KeyPolicy:     sp.keyPolicy(),
@@ -188,6 +188,9 @@ func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, log
 		}
 		if rec.AuthScheme == "" {
 			rec.AuthScheme = "bearer"
+		}
+		if sp.IsActive != nil {
+			rec.Disabled = !*sp.IsActive
 		}
 		if sp.LLMFamily != "" {
 			f, _ := meter.ParseFamily(sp.LLMFamily) // validated
@@ -224,6 +227,12 @@ func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, log
 			}
 			if rec.LLMFamily == "" {
 				rec.LLMFamily = old.LLMFamily
+			}
+			if rec.Description == "" {
+				rec.Description = old.Description
+			}
+			if sp.IsActive == nil {
+				rec.Disabled = old.Disabled
 			}
 			for _, d := range [...]struct{ dst, old *time.Duration }{
 				{&rec.HeaderTimeout, &old.HeaderTimeout}, {&rec.IdleTimeout, &old.IdleTimeout}, {&rec.RequestTimeout, &old.RequestTimeout},

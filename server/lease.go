@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -222,6 +223,19 @@ func (s *Server) serveLease(w http.ResponseWriter, r *http.Request) error {
 	}
 	q := r.URL.Query()
 	service, feature := strings.TrimSpace(q.Get("service")), strings.TrimSpace(q.Get("feature"))
+	if service == "" && feature != "" {
+		// keypooler's GET /key?feature=…: the feature names the pool
+		// when one service the caller may use serves it.
+		svcs := slices.DeleteFunc(s.pool.ServicesWithFeature(feature), func(n string) bool { return !p.AllowsService(n) })
+		switch len(svcs) {
+		case 1:
+			service = svcs[0]
+		case 0:
+			return httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "no service serves feature %q; give the service (GET /key?service=…&feature=…)", feature)
+		default:
+			return httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "several services serve feature %q; give the service (GET /key?service=…&feature=…)", feature)
+		}
+	}
 	if service == "" {
 		return httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "query parameter service is required")
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"math"
 	"net/http"
 	"net/url"
@@ -38,6 +39,10 @@ type svcMeta struct {
 	detect bool // llm_family "": detect per request
 	prices *meter.PriceTable
 	budget *scopeBudget
+	// disabled: the service is switched off (is_active false).
+	disabled bool
+	// description is the service's description, for GET /services.
+	description string
 }
 
 // scopeLimits are one scope's budgets as limit.Limits, per unit.
@@ -179,7 +184,8 @@ type unheld struct {
 func (s *Server) buildMeta(svcs []store.Service) map[string]*svcMeta {
 	m := make(map[string]*svcMeta, len(svcs))
 	for _, sv := range svcs {
-		meta := &svcMeta{limits: sv.Limits, prices: s.basePrices, detect: sv.LLMFamily == ""}
+		meta := &svcMeta{limits: sv.Limits, prices: s.basePrices, detect: sv.LLMFamily == "",
+			disabled: sv.Disabled, description: sv.Description}
 		if !meta.detect {
 			f, err := meter.ParseFamily(sv.LLMFamily)
 			if err != nil {
@@ -211,14 +217,19 @@ func (s *Server) meta(name string) *svcMeta {
 }
 
 // loadPrices returns the shipped price table merged with the price file.
-func loadPrices(file string) (*meter.PriceTable, error) {
+// Keys of a model file the table has no use for are logged once.
+func loadPrices(file string, log *slog.Logger) (*meter.PriceTable, error) {
 	t := meter.DefaultPrices()
 	if file == "" {
 		return t, nil
 	}
-	p, err := meter.LoadPriceFile(file)
+	p, ignored, err := meter.LoadPriceFile(file)
 	if err != nil {
 		return nil, fmt.Errorf("server: prices file: %w", err)
+	}
+	if len(ignored) > 0 {
+		log.Warn("prices file: ignoring keys a price has no field for", "file", file, "count", len(ignored),
+			"keys", strings.Join(ignored[:min(len(ignored), 10)], ", "))
 	}
 	return t.Merge(p), nil
 }
@@ -761,6 +772,22 @@ func chargedUsage(c *call, res proxy.Result) (meter.Usage, float64) {
 	}
 	if c.family == meter.FamilyNone || res.KeyID == "" || (c.model == "" && c.estIn == 0) {
 		return u, cost // not an LLM call: no model and no body (GET /v1/models)
+	}
+	if c.metered && !c.usage.Found && c.usage.Complete && c.family == meter.FamilyOpenAI && res.Status != 499 {
+		// An OpenAI-shaped answer read to its end without usage (a
+		// server that ignores stream_options.include_usage): charge what
+		// was observed — the input estimated from the request, the
+		// output from the streamed text — not the full reservation.
+		u = meter.Usage{Model: c.usage.Model, InputTokens: c.estIn, OutputTokens: meter.EstimateTokens(c.usage.TextBytes),
+			TextBytes: c.usage.TextBytes, Complete: true}
+		if u.Model == "" {
+			u.Model = c.model
+		}
+		u.Found = u.InputTokens > 0 || u.OutputTokens > 0
+		if c.prices != nil {
+			cost, _ = c.prices.Cost(u)
+		}
+		return u, cost
 	}
 	cut := (c.metered && (!c.usage.Found || !c.usage.Complete)) || res.Status == 499
 	if !cut {

@@ -8,6 +8,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/keypool/keypool"
+	"github.com/keypool/keypool/internal/httpx"
+	"github.com/keypool/keypool/limit"
 )
 
 // metrics are keypoold's Prometheus collectors, on a registry of their
@@ -122,7 +124,28 @@ func newMetrics(pool *keypool.Pool, usageDropped func() float64) *metrics {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
+	m.preinit()
 	return m
+}
+
+// preinit creates the zero series of the counter families whose labels
+// are known in advance, so that every family the README lists is exported
+// from the first scrape (dashboards and alerts on rate() see a 0, not an
+// absent series). Per-service series start with the service
+// ([metrics.service]).
+func (m *metrics) preinit() {
+	for _, scope := range []string{"auth_failures", "token", "team", "service"} {
+		m.limiterRejections.WithLabelValues(scope)
+	}
+	for _, scope := range scopeNames {
+		for w := limit.Minute; w <= limit.Total; w++ {
+			for _, u := range []uint8{unitTokens, unitCost} {
+				m.budgetWarnings.WithLabelValues(scope, w.String(), unitName(u))
+				m.budgetRejections.WithLabelValues(scope, w.String(), unitName(u))
+			}
+		}
+	}
+	m.leases.WithLabelValues("unknown", httpx.CodeUnknownService)
 }
 
 // onEvent counts a key state change.
@@ -174,13 +197,16 @@ func (m *metrics) service(name string) *perService {
 		tokensOut: m.meteredTokens.WithLabelValues(name, "output"),
 		cost:      m.meteredCost.WithLabelValues(name),
 	}
+	for _, result := range []string{"ok", httpx.CodeNoKeyAvailable, httpx.CodeUpstreamUnavailable} {
+		m.leases.WithLabelValues(name, result)
+	}
 	m.serviceCache.Store(name, p)
 	return p
 }
 
 var (
 	keyStateDesc = prometheus.NewDesc("keypool_key_state",
-		"1 for the state each key is in (active, cooling, open, half_open, invalid, exhausted, disabled), 0 for the others.",
+		"1 for the state each key is in (active, cooling, open, invalid, exhausted, disabled; a half-open key shows as open while its breaker probes, as active after a cooldown), 0 for the others.",
 		[]string{"service", "key_id", "state"}, nil)
 	keyInFlightDesc = prometheus.NewDesc("keypool_key_in_flight",
 		"Requests using the key now.", []string{"service", "key_id"}, nil)
@@ -190,9 +216,25 @@ var (
 		"The key's balance or quota left, in its unit; absent when unknown.", []string{"service", "key_id"}, nil)
 )
 
+// allStates are the states keypool_key_state reports: the admin API's
+// names, where half-open shows as open (a breaker's probe) or active (a
+// probe after a cooldown or quota reset), see [metricState].
 var allStates = []keypool.State{
-	keypool.StateActive, keypool.StateCooling, keypool.StateOpen, keypool.StateHalfOpen,
+	keypool.StateActive, keypool.StateCooling, keypool.StateOpen,
 	keypool.StateInvalid, keypool.StateExhausted, keypool.StateDisabled,
+}
+
+// metricState maps a key's live state to the name the admin API shows:
+// half-open is "open" while its breaker probes, "active" while it probes
+// after a cooldown or quota reset.
+func metricState(k keypool.KeyStats) keypool.State {
+	if k.State != keypool.StateHalfOpen {
+		return k.State
+	}
+	if k.Breaker == "half_open" {
+		return keypool.StateOpen
+	}
+	return keypool.StateActive
 }
 
 // keyCollector reports every key's live state at scrape time, from
@@ -213,9 +255,10 @@ func (c *keyCollector) Collect(ch chan<- prometheus.Metric) {
 			continue
 		}
 		for _, k := range stats {
+			cur := metricState(k)
 			for _, st := range allStates {
 				v := 0.0
-				if k.State == st {
+				if cur == st {
 					v = 1
 				}
 				ch <- prometheus.MustNewConstMetric(keyStateDesc, prometheus.GaugeValue, v, svc, k.ID, st.String())

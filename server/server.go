@@ -17,7 +17,8 @@
 //	     /admin/…               admin API (admin token)
 //	GET  /key?service=&feature= lease a raw key (admin token, or a token with scope "lease")
 //	POST /key/{key_id}/report   report what a leased key met (with its lease_id)
-//	GET  /healthz               liveness
+//	GET  /healthz, /health      liveness
+//	GET  /services              a client's services and models
 //	GET  /readyz                store reachable and pools loaded
 //	GET  /metrics               Prometheus
 //	GET  /                      redirects to the web console, /console/ (package console)
@@ -151,7 +152,10 @@ import (
 // [Server.Run] or [Server.Serve], or mount [Server.Handler] yourself; stop
 // it with [Server.Shutdown]. It must not be copied.
 type Server struct {
-	cfg     Config
+	cfg Config
+	// ready logs "keypoold ready" once, when the first listener serves
+	// (after the bind, so a port conflict never follows a ready line).
+	ready   sync.Once
 	log     *slog.Logger
 	st      *sqlstore.Store
 	ext     *external.Source
@@ -246,7 +250,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if s.now == nil {
 		s.now = time.Now
 	}
-	if s.basePrices, err = loadPrices(cfg.PricesFile); err != nil {
+	if s.basePrices, err = loadPrices(cfg.PricesFile, log); err != nil {
 		return nil, err
 	}
 	ok := false
@@ -447,8 +451,6 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		go func() { defer close(s.logDone); logBuf.run(lctx) }()
 	}
 	ok = true
-	log.Info("keypoold ready", "database", cfg.Database, "services", len(s.pool.Services()),
-		"redis", cfg.RedisURL != "", "external", cfg.ExternalDatabase != "")
 	return s, nil
 }
 
@@ -521,6 +523,8 @@ func (s *Server) Config() Config { return s.cfg }
 func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", s.healthz)
+	mux.HandleFunc("/health", s.healthz)
+	mux.HandleFunc("GET /services", s.listServices)
 	mux.HandleFunc("/readyz", s.readyz)
 	mux.Handle("/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{
 		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
@@ -581,6 +585,10 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	s.httpSrvs = append(s.httpSrvs, hs)
 	s.mu.Unlock()
 	s.log.Info("listening", "addr", ln.Addr().String())
+	s.ready.Do(func() {
+		s.log.Info("keypoold ready", "addr", ln.Addr().String(), "database", s.cfg.Database,
+			"services", len(s.pool.Services()), "redis", s.cfg.RedisURL != "", "external", s.cfg.ExternalDatabase != "")
+	})
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
 	select {
@@ -738,6 +746,9 @@ func (s *Server) refreshServiceLimits(ctx context.Context) error {
 	}
 	m := s.buildMeta(svcs)
 	s.svcMeta.Store(&m)
+	for _, sv := range svcs {
+		s.metrics.service(sv.Name) // its zero series, from the start
+	}
 	return nil
 }
 

@@ -71,8 +71,14 @@ type Limits struct {
 
 // Service is an upstream API as stored.
 type Service struct {
-	Name         string            `json:"name"`
-	DisplayName  string            `json:"display_name,omitempty"`
+	Name        string `json:"name"`
+	DisplayName string `json:"display_name,omitempty"`
+	// Description says what the service is for (listings, GET /services).
+	Description string `json:"description,omitempty"`
+	// Disabled switches the service off: its proxy and leases answer 403
+	// forbidden; its keys and their state are kept. The API shows it as
+	// is_active false.
+	Disabled     bool              `json:"-"`
 	BaseURL      string            `json:"base_url"`
 	AuthScheme   string            `json:"auth_scheme"`
 	RateLimitRPM int               `json:"rate_limit_rpm,omitempty"`
@@ -170,8 +176,10 @@ type Key struct {
 
 // Team is a group of clients sharing limits.
 type Team struct {
-	ID              string   `json:"id"`
-	Name            string   `json:"name"`
+	ID   string `json:"id"`
+	Name string `json:"name"`
+	// Description says who the team is (listings).
+	Description     string   `json:"description,omitempty"`
 	AllowedServices []string `json:"allowed_services,omitempty"`
 	Limits
 	CreatedAt time.Time `json:"created_at"`
@@ -192,10 +200,12 @@ type User struct {
 // Token is a client credential. Only its hash is stored; the plaintext is
 // shown once, when it is created.
 type Token struct {
-	ID     string `json:"id"`
-	Name   string `json:"name"`
-	TeamID string `json:"team_id"`
-	UserID string `json:"user_id,omitempty"`
+	ID   string `json:"id"`
+	Name string `json:"name"`
+	// Description says what the token is for (listings).
+	Description string `json:"description,omitempty"`
+	TeamID      string `json:"team_id"`
+	UserID      string `json:"user_id,omitempty"`
 	// Prefix is the first characters of the token, for listings.
 	Prefix string `json:"prefix"`
 	// Hash is the SHA-256 of the token; it is unique.

@@ -329,9 +329,9 @@ func (s *Syncer) listen(ctx context.Context) {
 	switch {
 	case ctx.Err() != nil:
 	case errors.Is(err, errors.ErrUnsupported):
-		s.log.Info("store: change notifications not supported; polling only", "interval", s.opts.Interval, "err", err)
+		s.log.Info("store: change notifications not supported; polling only", "interval", s.opts.Interval.String(), "err", err)
 	default:
-		s.log.Warn("store: change notifications stopped; polling only", "interval", s.opts.Interval, "err", err)
+		s.log.Warn("store: change notifications stopped; polling only", "interval", s.opts.Interval.String(), "err", err)
 	}
 }
 

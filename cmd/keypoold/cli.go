@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/csv"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -182,9 +183,17 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 	c := &client{env: e}
 	fs := flag.NewFlagSet("keypoold "+cmd, flag.ContinueOnError)
 	fs.Usage = flagUsage(fs, synopsis, summary)
+	asJSON := fs.Bool("json", false, "print the answer as JSON instead of a table or a line of text")
 	parse := func(args []string) error {
 		_, err := parseArgs(fs, args, 0, "", stdout)
 		return err
+	}
+	// show prints rows as a table, or as JSON with --json.
+	show := func(rows []map[string]any, cols ...string) error {
+		if *asJSON {
+			return writeJSON(stdout, rows)
+		}
+		return table(stdout, rows, cols...)
 	}
 	switch cmd {
 	case "service add":
@@ -223,7 +232,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		if err := c.json(ctx, "GET", "/admin/services", nil, &out); err != nil {
 			return err
 		}
-		return table(stdout, out.Services, "name", "base_url", "auth_scheme", "rate_limit_rpm", "selector", "external_name")
+		return show(out.Services, "name", "base_url", "auth_scheme", "rate_limit_rpm", "selector", "external_name")
 	case "service get", "service delete":
 		args, err := parseArgs(fs, args, 1, "one argument, the service NAME", stdout)
 		if err != nil {
@@ -278,6 +287,9 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		if err := c.json(ctx, "POST", "/admin/keys", body, &out); err != nil {
 			return err
 		}
+		if *asJSON {
+			return writeJSON(stdout, out)
+		}
 		fmt.Fprintf(stdout, "added key %v (%v) to %v\n", out["id"], out["hint"], out["service"])
 		return nil
 	case "key import":
@@ -288,11 +300,18 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		if *service == "" {
 			return &usageError{msg: "keypoold key import: --service is required", help: func(w io.Writer) { fs.SetOutput(w); fs.Usage() }}
 		}
-		var out map[string]any
+		var out struct {
+			Created int              `json:"created"`
+			Keys    []map[string]any `json:"keys"`
+		}
 		if err := c.call(ctx, "POST", "/admin/keys/import?service="+url.QueryEscape(*service), "text/plain", stdin, &out); err != nil {
 			return err
 		}
-		return writeJSON(stdout, out)
+		if *asJSON {
+			return writeJSON(stdout, out)
+		}
+		fmt.Fprintf(stdout, "imported %d %s to %s\n", out.Created, plural(out.Created, "key", "keys"), *service)
+		return show(out.Keys, "id", "hint", "state")
 	case "key list":
 		service := fs.String("service", "", "only keys of this service")
 		if err := parse(args); err != nil {
@@ -306,7 +325,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		if err := c.json(ctx, "GET", path, nil, &out); err != nil {
 			return err
 		}
-		return table(stdout, out.Keys, "id", "service", "hint", "state", "status", "in_flight", "requests_last_minute", "cooldown_until")
+		return show(out.Keys, "id", "service", "hint", "state", "status", "in_flight", "requests_last_minute", "cooldown_until")
 	case "key delete":
 		args, err := parseArgs(fs, args, 1, "one argument, the key ID", stdout)
 		if err != nil {
@@ -317,6 +336,42 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		}
 		fmt.Fprintln(stdout, "deleted key", args[0])
 		return nil
+	case "key enable", "key disable":
+		args, err := parseArgs(fs, args, 1, "one argument, the key ID", stdout)
+		if err != nil {
+			return err
+		}
+		status := map[string]string{"enable": "active", "disable": "disabled"}[verb]
+		var out map[string]any
+		if err := c.json(ctx, "PATCH", "/admin/keys/"+url.PathEscape(args[0]), map[string]any{"status": status}, &out); err != nil {
+			return err
+		}
+		if *asJSON {
+			return writeJSON(stdout, out)
+		}
+		fmt.Fprintf(stdout, "key %s is %v\n", args[0], out["status"])
+		return nil
+	case "service set", "team set", "token set":
+		if err := fs.Parse(args); err != nil {
+			return err
+		}
+		rest := fs.Args()
+		if len(rest) < 2 {
+			return &usageError{msg: fmt.Sprintf("keypoold %s: want the %s and at least one field=value", cmd, map[string]string{"service": "service NAME", "team": "team ID or NAME", "token": "token ID"}[noun]),
+				help: func(w io.Writer) { fs.SetOutput(w); fs.Usage() }}
+		}
+		body, err := fieldValues(rest[1:])
+		if err != nil {
+			return &usageError{msg: fmt.Sprintf("keypoold %s: %v", cmd, err)}
+		}
+		id := rest[0]
+		if noun == "team" {
+			if id, err = c.teamID(ctx, id); err != nil {
+				return err
+			}
+		}
+		path := map[string]string{"service": "/admin/services/", "team": "/admin/teams/", "token": "/admin/tokens/"}[noun] + url.PathEscape(id)
+		return printJSON(ctx, c, stdout, "PATCH", path, body)
 
 	case "team add":
 		name := fs.String("name", "", "team name (required)")
@@ -349,7 +404,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		if err := c.json(ctx, "GET", "/admin/teams", nil, &out); err != nil {
 			return err
 		}
-		return table(stdout, out.Teams, "id", "name", "rpm_limit", "allowed_services")
+		return show(out.Teams, "id", "name", "rpm_limit", "allowed_services")
 
 	case "user add":
 		ext := fs.String("external-id", "", "the user's id elsewhere, e.g. an email (required)")
@@ -379,7 +434,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		if err := c.json(ctx, "GET", path, nil, &out); err != nil {
 			return err
 		}
-		return table(stdout, out.Users, "id", "external_id", "team_id")
+		return show(out.Users, "id", "external_id", "team_id")
 
 	case "token create":
 		name := fs.String("name", "", "token name, e.g. dev-laptop (required)")
@@ -436,7 +491,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		if err := c.json(ctx, "GET", path, nil, &out); err != nil {
 			return err
 		}
-		return table(stdout, out.Tokens, "id", "name", "prefix", "team_id", "scopes", "is_active", "expires_at")
+		return show(out.Tokens, "id", "name", "prefix", "team_id", "scopes", "is_active", "expires_at")
 	case "token revoke":
 		args, err := parseArgs(fs, args, 1, "one argument, the token ID", stdout)
 		if err != nil {
@@ -474,7 +529,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		if err := c.json(ctx, "GET", "/admin/admin-users", nil, &out); err != nil {
 			return err
 		}
-		return table(stdout, out.AdminUsers, "id", "username", "role", "disabled", "last_login_at")
+		return show(out.AdminUsers, "id", "username", "role", "disabled", "last_login_at")
 	case "admin-user passwd", "admin-user disable":
 		args, err := parseArgs(fs, args, 1, "one argument, the USERNAME", stdout)
 		if err != nil {
@@ -503,6 +558,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		since := fs.String("since", "", "start (RFC 3339 or 2006-01-02)")
 		until := fs.String("until", "", "end, exclusive")
 		service := fs.String("service", "", "only this service")
+		asCSV := fs.Bool("csv", false, "print the rows as CSV (a header line, then one line per group)")
 		if err := parse(args); err != nil {
 			return err
 		}
@@ -512,7 +568,14 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 				q.Set(k, v)
 			}
 		}
-		return printJSON(ctx, c, stdout, "GET", "/admin/usage?"+q.Encode(), nil)
+		if !*asCSV {
+			return printJSON(ctx, c, stdout, "GET", "/admin/usage?"+q.Encode(), nil)
+		}
+		var out struct{ Rows []map[string]any }
+		if err := c.json(ctx, "GET", "/admin/usage?"+q.Encode(), nil, &out); err != nil {
+			return err
+		}
+		return usageCSV(stdout, list(*groupBy), out.Rows)
 	case "health":
 		if err := parse(args); err != nil {
 			return err
@@ -609,4 +672,68 @@ func readPassword(stdin io.Reader) (string, error) {
 		return "", errors.New("no password: write it on stdin, e.g. `keypoold admin-user add --username alice < pw.txt`")
 	}
 	return strings.TrimRight(line, "\r\n"), nil
+}
+
+// plural returns one or many by n.
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return one
+	}
+	return many
+}
+
+// fieldValues reads field=value arguments into a PATCH body: a value that
+// is JSON (false, 100, null, ["a","b"], {"k":"v"}) is taken as such,
+// anything else as a string.
+func fieldValues(args []string) (map[string]any, error) {
+	body := map[string]any{}
+	for _, a := range args {
+		k, v, ok := strings.Cut(a, "=")
+		if !ok || k == "" {
+			return nil, fmt.Errorf("want field=value, got %q", a)
+		}
+		var j any
+		if err := json.Unmarshal([]byte(v), &j); err == nil {
+			body[k] = j
+		} else {
+			body[k] = v
+		}
+	}
+	return body, nil
+}
+
+// usageCSV prints usage rows as CSV: the group-by columns, then requests,
+// tokens_in, tokens_out and cost.
+func usageCSV(w io.Writer, groupBy []string, rows []map[string]any) error {
+	var cols []string
+	for _, g := range groupBy {
+		switch g {
+		case "team":
+			cols = append(cols, "team_id", "team_name")
+		case "token":
+			cols = append(cols, "token_id", "token_name")
+		case "key":
+			cols = append(cols, "key_id", "key_hint")
+		default:
+			cols = append(cols, g)
+		}
+	}
+	cols = append(cols, "requests", "tokens_in", "tokens_out", "cost")
+	cw := csv.NewWriter(w)
+	if err := cw.Write(cols); err != nil {
+		return err
+	}
+	for _, r := range rows {
+		rec := make([]string, len(cols))
+		for i, c := range cols {
+			if v, ok := r[c]; ok && v != nil {
+				rec[i] = cell(v)
+			}
+		}
+		if err := cw.Write(rec); err != nil {
+			return err
+		}
+	}
+	cw.Flush()
+	return cw.Error()
 }

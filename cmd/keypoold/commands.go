@@ -32,6 +32,7 @@ var commands = []command{
 		{"add", "--name N --base-url URL [flags]", "add a service"},
 		{"list", "", "list services"},
 		{"get", "NAME", "show one service"},
+		{"set", "NAME field=value…", "change a service's fields (JSON values: is_active=false, llm_family=openai)"},
 		{"delete", "NAME", "delete a service"},
 	}},
 	{name: "key", summary: "the upstream keys of a service", subs: []subcommand{
@@ -39,10 +40,13 @@ var commands = []command{
 		{"import", "--service S < keys.txt", "add many keys, one per line (all or nothing)"},
 		{"list", "[--service S]", "list keys and their live state"},
 		{"delete", "ID", "delete a key"},
+		{"enable", "ID", "put a key back in rotation (also an invalid or exhausted one)"},
+		{"disable", "ID", "take a key out of rotation"},
 	}},
 	{name: "team", summary: "teams: limits and allowed services", subs: []subcommand{
 		{"add", "--name N [flags]", "add a team"},
 		{"list", "", "list teams"},
+		{"set", "ID|NAME field=value…", "change a team's fields (rpm_limit=100, description=…)"},
 	}},
 	{name: "user", summary: "users of a team", subs: []subcommand{
 		{"add", "--external-id E --team T", "add a user to a team"},
@@ -52,6 +56,7 @@ var commands = []command{
 		{"create", "--name N (--team T | --user U) [flags]", "create a token; its value is shown once"},
 		{"list", "[--team T]", "list tokens (never their values)"},
 		{"revoke", "ID", "revoke a token"},
+		{"set", "ID field=value…", "change a token's fields (description=…, rpm_limit=10)"},
 	}},
 	{name: "admin-user", summary: "people who sign in to the console and the admin API", subs: []subcommand{
 		{"add", "--username U [--role admin|viewer] < password", "add an admin user; the password is read from stdin"},
@@ -59,7 +64,7 @@ var commands = []command{
 		{"passwd", "USERNAME < password", "set a new password (ends the user's sessions)"},
 		{"disable", "USERNAME", "disable a user (ends the user's sessions)"},
 	}},
-	{name: "usage", summary: "requests, LLM tokens and cost, grouped", args: "[--group-by service,day] [--since 2025-01-01] [flags]"},
+	{name: "usage", summary: "requests, LLM tokens and cost, grouped", args: "[--group-by service,day] [--since 2025-01-01] [--csv] [flags]"},
 	{name: "health", summary: "the server's health", args: ""},
 }
 

@@ -47,8 +47,8 @@ func TestTopLevelHelp(t *testing.T) {
 func TestCommandHelp(t *testing.T) {
 	t.Chdir(t.TempDir()) // no ./data/admin_token: help needs no server
 	groups := map[string]string{
-		"service": "add|list|get|delete", "key": "add|import|list|delete", "team": "add|list",
-		"user": "add|list", "token": "create|list|revoke",
+		"service": "add|list|get|set|delete", "key": "add|import|list|delete|enable|disable", "team": "add|list|set",
+		"user": "add|list", "token": "create|list|revoke|set",
 	}
 	for noun, verbs := range groups {
 		code, _, errs := runArgs(t, nil, noun)
@@ -68,7 +68,7 @@ func TestCommandHelp(t *testing.T) {
 		}
 	}
 	code, _, errs := runArgs(t, nil, "key", "frob")
-	if code != 2 || !strings.Contains(errs, `keypoold key: unknown subcommand "frob" (add|import|list|delete)`) {
+	if code != 2 || !strings.Contains(errs, `keypoold key: unknown subcommand "frob" (add|import|list|delete|enable|disable)`) {
 		t.Errorf("key frob: exit %d %q", code, errs)
 	}
 	code, _, errs = runArgs(t, nil, "keys")

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"io"
 	"net"
 	"net/http"
@@ -221,6 +222,41 @@ func TestCLI(t *testing.T) {
 	}
 	if out := cli("", "service", "list"); !strings.Contains(out, "openai") {
 		t.Errorf("service list: %q", out)
+	}
+
+	// --json on lists; key import prints a summary; key disable|enable;
+	// service, team and token set; usage --csv.
+	var keys []map[string]any
+	if err := json.Unmarshal([]byte(cli("", "key", "list", "--json")), &keys); err != nil || len(keys) != 3 {
+		t.Fatalf("key list --json: %v %v", keys, err)
+	}
+	out = cli("sk-cli-import-3\n", "key", "import", "--service", "openai")
+	if !strings.HasPrefix(out, "imported 1 key to openai\n") || strings.Contains(out, "{") || strings.Contains(out, "sk-cli-import-3") {
+		t.Errorf("import summary: %q", out)
+	}
+	id := keys[0]["id"].(string)
+	if out := cli("", "key", "disable", id); out != "key "+id+" is disabled\n" {
+		t.Errorf("key disable: %q", out)
+	}
+	if out := cli("", "key", "enable", id); out != "key "+id+" is active\n" {
+		t.Errorf("key enable: %q", out)
+	}
+	if out := cli("", "service", "set", "openai", "description=chat models", "rate_limit_rpm=100", "llm_family=openai"); !strings.Contains(out, `"description": "chat models"`) || !strings.Contains(out, `"rate_limit_rpm": 100`) {
+		t.Errorf("service set: %q", out)
+	}
+	if out := cli("", "team", "set", "eng", "rpm_limit=50", "description=engineers"); !strings.Contains(out, `"rpm_limit": 50`) {
+		t.Errorf("team set: %q", out)
+	}
+	var toks []map[string]any
+	_ = json.Unmarshal([]byte(cli("", "token", "list", "--json")), &toks)
+	if len(toks) != 1 {
+		t.Fatalf("token list --json: %v", toks)
+	}
+	if out := cli("", "token", "set", toks[0]["id"].(string), "description=CI"); !strings.Contains(out, `"description": "CI"`) {
+		t.Errorf("token set: %q", out)
+	}
+	if out := cli("", "usage", "--csv", "--group-by", "service"); !strings.HasPrefix(out, "service,requests,tokens_in,tokens_out,cost\n") {
+		t.Errorf("usage --csv: %q", out)
 	}
 
 	req, _ := http.NewRequest("GET", url+"/v1/openai/v1/models", nil)

@@ -73,7 +73,7 @@ func (s *Store) UpdateTeam(ctx context.Context, t *store.Team) error {
 	now := s.now()
 	if err := s.write(ctx, "update team "+t.ID, false, func(tx *gorm.DB) error {
 		return affected(tx.Model(&teamRow{}).Where("id = ?", t.ID).Updates(map[string]any{
-			"name": row.Name, "allowed_services": row.AllowedServices, "limits": row.Limits, "updated_at": now,
+			"name": row.Name, "description": row.Description, "allowed_services": row.AllowedServices, "limits": row.Limits, "updated_at": now,
 		}))
 	}); err != nil {
 		return err
@@ -258,7 +258,7 @@ func (s *Store) UpdateToken(ctx context.Context, t *store.Token) error {
 	now := s.now()
 	if err := s.write(ctx, "update token "+t.ID, false, func(tx *gorm.DB) error {
 		return affected(tx.Model(&tokenRow{}).Where("id = ?", t.ID).Updates(map[string]any{
-			"name": row.Name, "scopes": row.Scopes, "expires_at": row.ExpiresAt, "is_active": row.IsActive,
+			"name": row.Name, "description": row.Description, "scopes": row.Scopes, "expires_at": row.ExpiresAt, "is_active": row.IsActive,
 			"limits": row.Limits, "last_used_at": row.LastUsedAt, "updated_at": now,
 		}))
 	}); err != nil {

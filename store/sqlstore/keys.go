@@ -96,7 +96,7 @@ func (s *Store) UpdateService(ctx context.Context, sv *store.Service) error {
 	now := s.now()
 	err = s.write(ctx, "update service "+strconv.Quote(sv.Name), true, func(tx *gorm.DB) error {
 		res := tx.Model(&serviceRow{}).Where("name = ?", sv.Name).Updates(map[string]any{
-			"display_name": row.DisplayName, "base_url": row.BaseURL, "auth_scheme": row.AuthScheme,
+			"display_name": row.DisplayName, "description": row.Description, "disabled": row.Disabled, "base_url": row.BaseURL, "auth_scheme": row.AuthScheme,
 			"rate_limit_rpm": row.RateLimitRPM, "max_in_flight": row.MaxInFlight,
 			"proxy_headers": row.ProxyHeaders, "selector": row.Selector,
 			"external_name": row.ExternalName, "prices": row.Prices, "llm_family": row.LLMFamily, "limits": row.Limits,

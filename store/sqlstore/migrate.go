@@ -170,6 +170,12 @@ var migrations = []migration{
 	{8, "users an admin disabled", []string{
 		`ALTER TABLE users ADD COLUMN disabled BOOLEAN NOT NULL DEFAULT FALSE`,
 	}},
+	{9, "descriptions on services, teams and tokens; services switched off", []string{
+		`ALTER TABLE services ADD COLUMN description TEXT NOT NULL DEFAULT ''`,
+		`ALTER TABLE services ADD COLUMN disabled BOOLEAN NOT NULL DEFAULT FALSE`,
+		`ALTER TABLE teams ADD COLUMN description TEXT NOT NULL DEFAULT ''`,
+		`ALTER TABLE tokens ADD COLUMN description TEXT NOT NULL DEFAULT ''`,
+	}},
 }
 
 // latestVersion is the schema version this package writes.

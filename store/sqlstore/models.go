@@ -15,6 +15,8 @@ import (
 type serviceRow struct {
 	Name         string    `gorm:"column:name;primaryKey"`
 	DisplayName  string    `gorm:"column:display_name"`
+	Description  string    `gorm:"column:description"`
+	Disabled     bool      `gorm:"column:disabled"`
 	BaseURL      string    `gorm:"column:base_url"`
 	AuthScheme   string    `gorm:"column:auth_scheme"`
 	RateLimitRPM int       `gorm:"column:rate_limit_rpm"`
@@ -63,6 +65,7 @@ func (keyRow) TableName() string { return "keys" }
 type teamRow struct {
 	ID              string    `gorm:"column:id;primaryKey"`
 	Name            string    `gorm:"column:name"`
+	Description     string    `gorm:"column:description"`
 	AllowedServices string    `gorm:"column:allowed_services"`
 	Limits          string    `gorm:"column:limits"`
 	CreatedAt       time.Time `gorm:"column:created_at;autoCreateTime:false"`
@@ -83,19 +86,20 @@ type userRow struct {
 func (userRow) TableName() string { return "users" }
 
 type tokenRow struct {
-	ID         string     `gorm:"column:id;primaryKey"`
-	Name       string     `gorm:"column:name"`
-	TeamID     string     `gorm:"column:team_id"`
-	UserID     *string    `gorm:"column:user_id"`
-	Prefix     string     `gorm:"column:prefix"`
-	Hash       []byte     `gorm:"column:hash"`
-	Scopes     string     `gorm:"column:scopes"`
-	ExpiresAt  *time.Time `gorm:"column:expires_at"`
-	IsActive   bool       `gorm:"column:is_active"`
-	Limits     string     `gorm:"column:limits"`
-	LastUsedAt *time.Time `gorm:"column:last_used_at"`
-	CreatedAt  time.Time  `gorm:"column:created_at;autoCreateTime:false"`
-	UpdatedAt  time.Time  `gorm:"column:updated_at;autoUpdateTime:false"`
+	ID          string     `gorm:"column:id;primaryKey"`
+	Name        string     `gorm:"column:name"`
+	Description string     `gorm:"column:description"`
+	TeamID      string     `gorm:"column:team_id"`
+	UserID      *string    `gorm:"column:user_id"`
+	Prefix      string     `gorm:"column:prefix"`
+	Hash        []byte     `gorm:"column:hash"`
+	Scopes      string     `gorm:"column:scopes"`
+	ExpiresAt   *time.Time `gorm:"column:expires_at"`
+	IsActive    bool       `gorm:"column:is_active"`
+	Limits      string     `gorm:"column:limits"`
+	LastUsedAt  *time.Time `gorm:"column:last_used_at"`
+	CreatedAt   time.Time  `gorm:"column:created_at;autoCreateTime:false"`
+	UpdatedAt   time.Time  `gorm:"column:updated_at;autoUpdateTime:false"`
 }
 
 func (tokenRow) TableName() string { return "tokens" }
@@ -156,7 +160,7 @@ func isZeroLimits(l store.Limits) bool {
 
 func serviceToRow(s *store.Service) (serviceRow, error) {
 	r := serviceRow{
-		Name: s.Name, DisplayName: s.DisplayName, BaseURL: s.BaseURL, AuthScheme: s.AuthScheme,
+		Name: s.Name, DisplayName: s.DisplayName, Description: s.Description, Disabled: s.Disabled, BaseURL: s.BaseURL, AuthScheme: s.AuthScheme,
 		RateLimitRPM: s.RateLimitRPM, MaxInFlight: s.MaxInFlight, Selector: s.Selector,
 		ExternalName: s.ExternalName, Prices: s.Prices, LLMFamily: s.LLMFamily, CreatedAt: s.CreatedAt, UpdatedAt: s.UpdatedAt,
 		HeaderMS: s.HeaderTimeout.Milliseconds(), IdleMS: s.IdleTimeout.Milliseconds(), RequestMS: s.RequestTimeout.Milliseconds(),
@@ -176,7 +180,7 @@ func serviceToRow(s *store.Service) (serviceRow, error) {
 
 func serviceFromRow(r *serviceRow) (store.Service, error) {
 	s := store.Service{
-		Name: r.Name, DisplayName: r.DisplayName, BaseURL: r.BaseURL, AuthScheme: r.AuthScheme,
+		Name: r.Name, DisplayName: r.DisplayName, Description: r.Description, Disabled: r.Disabled, BaseURL: r.BaseURL, AuthScheme: r.AuthScheme,
 		RateLimitRPM: r.RateLimitRPM, MaxInFlight: r.MaxInFlight, Selector: r.Selector,
 		ExternalName: r.ExternalName, Prices: r.Prices, LLMFamily: r.LLMFamily,
 		HeaderTimeout: time.Duration(r.HeaderMS) * time.Millisecond, IdleTimeout: time.Duration(r.IdleMS) * time.Millisecond,
@@ -196,7 +200,7 @@ func serviceFromRow(r *serviceRow) (store.Service, error) {
 }
 
 func teamToRow(t *store.Team) (teamRow, error) {
-	r := teamRow{ID: t.ID, Name: t.Name, CreatedAt: t.CreatedAt, UpdatedAt: t.UpdatedAt}
+	r := teamRow{ID: t.ID, Name: t.Name, Description: t.Description, CreatedAt: t.CreatedAt, UpdatedAt: t.UpdatedAt}
 	var err error
 	if r.AllowedServices, err = encodeJSON(t.AllowedServices, len(t.AllowedServices) == 0); err != nil {
 		return r, err
@@ -208,7 +212,7 @@ func teamToRow(t *store.Team) (teamRow, error) {
 }
 
 func teamFromRow(r *teamRow) (store.Team, error) {
-	t := store.Team{ID: r.ID, Name: r.Name, CreatedAt: r.CreatedAt.UTC(), UpdatedAt: r.UpdatedAt.UTC()}
+	t := store.Team{ID: r.ID, Name: r.Name, Description: r.Description, CreatedAt: r.CreatedAt.UTC(), UpdatedAt: r.UpdatedAt.UTC()}
 	if err := decodeJSON(r.AllowedServices, &t.AllowedServices); err != nil {
 		return t, fmt.Errorf("team %s allowed_services: %w", r.ID, err)
 	}
@@ -232,7 +236,7 @@ func utcPtr(t *time.Time) *time.Time {
 
 func tokenToRow(t *store.Token) (tokenRow, error) {
 	r := tokenRow{
-		ID: t.ID, Name: t.Name, TeamID: t.TeamID, Prefix: t.Prefix, Hash: t.Hash,
+		ID: t.ID, Name: t.Name, Description: t.Description, TeamID: t.TeamID, Prefix: t.Prefix, Hash: t.Hash,
 		ExpiresAt: utcPtr(t.ExpiresAt), IsActive: t.IsActive, LastUsedAt: utcPtr(t.LastUsedAt),
 		CreatedAt: t.CreatedAt, UpdatedAt: t.UpdatedAt,
 	}
@@ -252,7 +256,7 @@ func tokenToRow(t *store.Token) (tokenRow, error) {
 
 func tokenFromRow(r *tokenRow) (store.Token, error) {
 	t := store.Token{
-		ID: r.ID, Name: r.Name, TeamID: r.TeamID, Prefix: r.Prefix, Hash: r.Hash,
+		ID: r.ID, Name: r.Name, Description: r.Description, TeamID: r.TeamID, Prefix: r.Prefix, Hash: r.Hash,
 		ExpiresAt: utcPtr(r.ExpiresAt), IsActive: r.IsActive, LastUsedAt: utcPtr(r.LastUsedAt),
 		CreatedAt: r.CreatedAt.UTC(), UpdatedAt: r.UpdatedAt.UTC(),
 	}

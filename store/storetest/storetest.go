@@ -107,6 +107,7 @@ func testServices(t *testing.T, s store.Store) {
 		Name: "openai", DisplayName: "OpenAI", BaseURL: "https://api.openai.com", AuthScheme: "bearer",
 		RateLimitRPM: 60, MaxInFlight: 4, ProxyHeaders: map[string]string{"Cartesia-Version": "2024-06-10"},
 		Selector: "round_robin", ExternalName: "openai-ext", Prices: `{"gpt-4o":{"in":2.5}}`, LLMFamily: "openai",
+		Description: "chat models", Disabled: true,
 		Limits:    store.Limits{RPMLimit: 100, LimitCostDayBlock: 12.5, ModelsEnabled: []string{"gpt-4o"}},
 		KeyPolicy: store.KeyPolicy{RetryAfterCap: 600, ConfirmRefusals: 4, MinActiveKeys: 2, MaxEjectionPercent: 30},
 	}
@@ -122,7 +123,7 @@ func testServices(t *testing.T, s store.Store) {
 		got.ProxyHeaders["Cartesia-Version"] != "2024-06-10" || got.Selector != "round_robin" ||
 		got.ExternalName != "openai-ext" || got.Prices != sv.Prices || got.LLMFamily != "openai" || got.Limits.RPMLimit != 100 ||
 		got.Limits.LimitCostDayBlock != 12.5 || !slices.Equal(got.ModelsEnabled, []string{"gpt-4o"}) ||
-		got.KeyPolicy != sv.KeyPolicy {
+		got.KeyPolicy != sv.KeyPolicy || got.Description != "chat models" || !got.Disabled {
 		t.Fatalf("GetService = %+v, want %+v", got, sv)
 	}
 
@@ -138,6 +139,7 @@ func testServices(t *testing.T, s store.Store) {
 
 	got.DisplayName, got.RateLimitRPM, got.ProxyHeaders = "OpenAI 2", 120, nil
 	got.KeyPolicy.MinActiveKeys = 3
+	got.Disabled, got.Description = false, "switched on"
 	must(t, s.UpdateService(ctx, &got))
 	got2, err := s.GetService(ctx, "openai")
 	must(t, err)
@@ -145,7 +147,7 @@ func testServices(t *testing.T, s store.Store) {
 		t.Fatalf("UpdateService key policy: %+v", got2.KeyPolicy)
 	}
 	must(t, err)
-	if got2.DisplayName != "OpenAI 2" || got2.RateLimitRPM != 120 || len(got2.ProxyHeaders) != 0 {
+	if got2.DisplayName != "OpenAI 2" || got2.RateLimitRPM != 120 || len(got2.ProxyHeaders) != 0 || got2.Disabled || got2.Description != "switched on" {
 		t.Fatalf("after update: %+v", got2)
 	}
 	if !got2.CreatedAt.Equal(sv.CreatedAt) {

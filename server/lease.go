@@ -173,6 +173,10 @@ func (b *leaseBook) run(ctx context.Context) {
 	}
 }
 
+// maxClientCooldown bounds the cooldown a client token's rate_limited
+// report imposes on a key.
+const maxClientCooldown = time.Minute
+
 // leaseAuth authenticates a lease endpoint caller: the admin token, or a
 // client token with the lease scope.
 func (s *Server) leaseAuth(r *http.Request) (*auth.Principal, string, error) {
@@ -361,6 +365,13 @@ func (s *Server) serveReport(w http.ResponseWriter, r *http.Request) error {
 			// service's MinActiveKeys floor, so that one token cannot
 			// take a shared pool out of rotation.
 			o = keypool.Outcome{Kind: keypool.Refused, Reason: o.Reason}
+		}
+		if holder != "admin" && kind == keypool.RateLimited && (o.RetryAfter == 0 || o.RetryAfter > maxClientCooldown) {
+			// A client's 429 cools the key for at most a minute: one token
+			// cannot keep a shared pool cooling for the Retry-After cap.
+			// Longer waits are the upstream's to say (through the proxy),
+			// or the admin's.
+			o.RetryAfter = maxClientCooldown
 		}
 		h.lease.Release(o)
 	case p.Admin:

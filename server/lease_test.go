@@ -201,3 +201,44 @@ func TestLeaseReportsKeepFloor(t *testing.T) {
 		})
 	}
 }
+
+// TestClientRateLimitReportsCoolAMinute: a lease token that reports
+// rate_limited with a day-long retry_after cools the key for a minute at
+// most, so one token cannot keep a shared pool cooling for the
+// Retry-After cap; the admin's report is applied as it is.
+func TestClientRateLimitReportsCoolAMinute(t *testing.T) {
+	up := newUpstream(t, okJSON)
+	k := startKP(t)
+	k.addService("exa", up.URL, "x-api-key", nil)
+	k.addKey("exa", keyA, nil)
+	k.addKey("exa", keyB, nil)
+	tok := k.addToken(k.addTeam("b", nil), map[string]any{"scopes": []string{"lease"}})
+	code, m, _ := k.do("GET", "/key?service=exa", tok, nil)
+	if code != 200 {
+		t.Fatalf("lease: %d %v", code, m)
+	}
+	keyID, leaseID := m["key_id"].(string), m["lease_id"].(string)
+	before := time.Now()
+	if code, m, _ := k.do("POST", "/key/"+keyID+"/report", tok, map[string]any{"outcome": "rate_limited", "lease_id": leaseID, "retry_after": 86400}); code != 200 {
+		t.Fatalf("report: %d %v", code, m)
+	}
+	until := func(id string) time.Time {
+		st, _ := k.srv.Pool().Stats("exa")
+		for _, s := range st {
+			if s.ID == id {
+				return s.Until
+			}
+		}
+		t.Fatalf("no key %s", id)
+		return time.Time{}
+	}
+	if u := until(keyID); u.IsZero() || u.After(before.Add(time.Minute+5*time.Second)) {
+		t.Fatalf("client report cooled the key until %v (%v from now), want at most a minute", u, time.Until(u))
+	}
+	if code, m, _ := k.do("POST", "/key/"+keyID+"/report", k.admin, map[string]any{"outcome": "rate_limited", "retry_after": 3600}); code != 200 {
+		t.Fatalf("admin report: %d %v", code, m)
+	}
+	if u := until(keyID); u.Before(before.Add(50 * time.Minute)) {
+		t.Fatalf("admin report cooled the key until %v, want about an hour", u)
+	}
+}

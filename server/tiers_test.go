@@ -1,0 +1,108 @@
+package server_test
+
+import (
+	"net/http"
+	"testing"
+)
+
+// TestTierAdminValidation: bad tier bodies are 400 with the JSON error
+// shape, a second tier of a name is 409, an unknown tier 404, and nothing
+// is half-written.
+func TestTierAdminValidation(t *testing.T) {
+	k := startKP(t)
+	k.mustAdmin("POST", "/admin/tiers", map[string]any{"name": "pro", "features": map[string]int{"image-generation": 100}}, http.StatusCreated)
+	tests := []struct {
+		name   string
+		method string
+		path   string
+		body   any
+		want   int
+	}{
+		{"no name", "POST", "/admin/tiers", map[string]any{"features": map[string]int{"a": 1}}, 400},
+		{"bad name", "POST", "/admin/tiers", map[string]any{"name": "a b", "features": map[string]int{"a": 1}}, 400},
+		{"no features", "POST", "/admin/tiers", map[string]any{"name": "free"}, 400},
+		{"empty features", "POST", "/admin/tiers", map[string]any{"name": "free", "features": map[string]int{}}, 400},
+		{"negative rpm", "POST", "/admin/tiers", map[string]any{"name": "free", "features": map[string]int{"a": -1}}, 400},
+		{"blank feature", "POST", "/admin/tiers", map[string]any{"name": "free", "features": map[string]int{" ": 1}}, 400},
+		{"rpm not a number", "POST", "/admin/tiers", `{"name":"free","features":{"a":"ten"}}`, 400},
+		{"unknown field", "POST", "/admin/tiers", map[string]any{"name": "free", "features": map[string]int{"a": 1}, "rpm": 3}, 400},
+		{"duplicate", "POST", "/admin/tiers", map[string]any{"name": "pro", "features": map[string]int{"a": 1}}, 409},
+		{"get unknown", "GET", "/admin/tiers/gold", nil, 404},
+		{"patch unknown", "PATCH", "/admin/tiers/gold", map[string]any{"features": map[string]int{"a": 1}}, 404},
+		{"patch rename", "PATCH", "/admin/tiers/pro", map[string]any{"name": "gold"}, 400},
+		{"patch null features", "PATCH", "/admin/tiers/pro", `{"features":null}`, 400},
+		{"delete unknown", "DELETE", "/admin/tiers/gold", nil, 404},
+		{"key in unknown tier", "POST", "/admin/keys", map[string]any{"name": "k", "key": "sk-unknown-tier-0123456789", "tier": "gold"}, 400},
+		{"method", "PUT", "/admin/tiers/pro", map[string]any{}, 405},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			code, m, _ := k.do(tt.method, tt.path, k.admin, tt.body)
+			if code != tt.want {
+				t.Fatalf("%s %s = %d %v, want %d", tt.method, tt.path, code, m, tt.want)
+			}
+			if e, ok := m["error"].(map[string]any); !ok || e["message"] == "" || e["type"] == nil || e["code"] == nil {
+				t.Fatalf("error body %v lacks the JSON error shape", m)
+			}
+		})
+	}
+	list := k.mustAdmin("GET", "/admin/tiers", nil, http.StatusOK)["tiers"].([]any)
+	if len(list) != 1 || list[0].(map[string]any)["name"] != "pro" {
+		t.Fatalf("GET /admin/tiers = %v, want pro alone", list)
+	}
+	feats := list[0].(map[string]any)["features"].(map[string]any)
+	if len(feats) != 1 || feats["image-generation"] != float64(100) {
+		t.Fatalf("pro features = %v, want image-generation 100 (a rejected PATCH changed nothing)", feats)
+	}
+}
+
+// TestTiersKeypooler runs keypooler's calls as written: a tier, a key
+// named and given by "key" joining it without a service (the only one),
+// then GET /key?feature=… admitting exactly the tier's rpm in the minute;
+// GET /admin/keys shows the tier and the feature's use; raising the
+// tier's rpm reaches the pool; a tier with keys cannot be deleted.
+func TestTiersKeypooler(t *testing.T) {
+	k := startKP(t)
+	k.addService("openai", "https://api.openai.com", "bearer", nil)
+	k.mustAdmin("POST", "/admin/tiers", map[string]any{"name": "pro", "features": map[string]int{"image-generation": 3}}, http.StatusCreated)
+	m := k.mustAdmin("POST", "/admin/keys", map[string]any{"name": "openai-1", "key": "sk-abc123-0123456789abcdef", "tier": "pro"}, http.StatusCreated)
+	k.secrets = append(k.secrets, "sk-abc123-0123456789abcdef")
+	id, _ := m["id"].(string)
+	if m["tier"] != "pro" || m["service"] != "openai" {
+		t.Fatalf("POST /admin/keys = %v, want tier pro in service openai", m)
+	}
+	tok := k.addToken(k.addTeam("eng", nil), map[string]any{"scopes": []string{"lease"}})
+
+	// rpm 3: three leases in the minute, the fourth refused (the bucket
+	// refills one lease per 20 s; the calls take well under that).
+	for i := range 4 {
+		code, m, _ := k.do("GET", "/key?feature=image-generation", tok, nil)
+		want := http.StatusOK
+		if i == 3 {
+			want = http.StatusTooManyRequests
+		}
+		if code != want {
+			t.Fatalf("lease %d: %d %v, want %d", i+1, code, m, want)
+		}
+		if code == 200 && m["key_id"] != id {
+			t.Fatalf("lease %d: key %v, want %s", i+1, m["key_id"], id)
+		}
+	}
+	keys := k.mustAdmin("GET", "/admin/keys", nil, http.StatusOK)["keys"].([]any)
+	kv := keys[0].(map[string]any)
+	use, _ := kv["features"].(map[string]any)["image-generation"].(map[string]any)
+	if kv["tier"] != "pro" || use["rpm"] != float64(3) || use["used"] != float64(3) || use["available"] != float64(0) {
+		t.Fatalf("GET /admin/keys: tier %v features %v, want pro with image-generation rpm 3 used 3 available 0", kv["tier"], kv["features"])
+	}
+
+	k.mustAdmin("PATCH", "/admin/tiers/pro", map[string]any{"features": map[string]int{"image-generation": 10}}, http.StatusOK)
+	eventually(t, "the raised tier rpm reaches the pool", func() bool {
+		code, _, _ := k.do("GET", "/key?feature=image-generation", tok, nil)
+		return code == http.StatusOK
+	})
+
+	k.mustAdmin("DELETE", "/admin/tiers/pro", nil, http.StatusConflict)
+	k.mustAdmin("PATCH", "/admin/keys/"+id, map[string]any{"tier": ""}, http.StatusOK)
+	k.mustAdmin("DELETE", "/admin/tiers/pro", nil, http.StatusNoContent)
+	k.checkLogs()
+}

@@ -2,7 +2,10 @@ package server_test
 
 import (
 	"net/http"
+	"strings"
 	"testing"
+
+	"github.com/keypool/keypool/server"
 )
 
 // TestTierAdminValidation: bad tier bodies are 400 with the JSON error
@@ -105,4 +108,55 @@ func TestTiersKeypooler(t *testing.T) {
 	k.mustAdmin("PATCH", "/admin/keys/"+id, map[string]any{"tier": ""}, http.StatusOK)
 	k.mustAdmin("DELETE", "/admin/tiers/pro", nil, http.StatusNoContent)
 	k.checkLogs()
+}
+
+// TestTiersInConfigFile: a tiers: section creates the tiers at start, a
+// key of the file joins one, and GET /admin/tiers and /admin/keys show
+// them; bad tiers stop the configuration with the field named.
+func TestTiersInConfigFile(t *testing.T) {
+	doc := `
+tiers:
+  - name: pro
+    description: paid plan
+    features: {image-generation: 100, chat: 0}
+services:
+  - name: openai
+    base_url: https://api.openai.com
+    keys:
+      - {key_value: sk-file-0123456789abcdef, tier: pro}
+`
+	cfg, err := server.ParseConfig([]byte(doc), func(string) (string, bool) { return "", false })
+	if err == nil {
+		err = cfg.Validate()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := startKP(t, func(c *server.Config) { c.Tiers, c.Services = cfg.Tiers, cfg.Services })
+	k.secrets = append(k.secrets, "sk-file-0123456789abcdef")
+	tier := k.mustAdmin("GET", "/admin/tiers/pro", nil, http.StatusOK)
+	if tier["description"] != "paid plan" || tier["features"].(map[string]any)["image-generation"] != float64(100) {
+		t.Fatalf("GET /admin/tiers/pro = %v", tier)
+	}
+	keys := k.mustAdmin("GET", "/admin/keys", nil, http.StatusOK)["keys"].([]any)
+	if len(keys) != 1 || keys[0].(map[string]any)["tier"] != "pro" {
+		t.Fatalf("GET /admin/keys = %v, want one key in tier pro", keys)
+	}
+
+	for _, tc := range []struct{ name, doc, want string }{
+		{"no features", "tiers: [{name: pro}]", "features must name at least one feature"},
+		{"negative rpm", "tiers: [{name: pro, features: {a: -1}}]", `features["a"] must be 0 to 1000000`},
+		{"twice", "tiers: [{name: pro, features: {a: 1}}, {name: pro, features: {a: 2}}]", `tier "pro" declared twice`},
+		{"unknown field", "tiers: [{name: pro, features: {a: 1}, rpm: 3}]", "rpm"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg, err := server.ParseConfig([]byte(tc.doc), func(string) (string, bool) { return "", false })
+			if err == nil {
+				err = cfg.Validate()
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %v, want one mentioning %q", err, tc.want)
+			}
+		})
+	}
 }

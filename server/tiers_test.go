@@ -13,6 +13,7 @@ import (
 // is half-written.
 func TestTierAdminValidation(t *testing.T) {
 	k := startKP(t)
+	k.addService("openai", "https://api.openai.com", "bearer", nil)
 	k.mustAdmin("POST", "/admin/tiers", map[string]any{"name": "pro", "features": map[string]int{"image-generation": 100}}, http.StatusCreated)
 	tests := []struct {
 		name   string
@@ -36,6 +37,10 @@ func TestTierAdminValidation(t *testing.T) {
 		{"patch null features", "PATCH", "/admin/tiers/pro", `{"features":null}`, 400},
 		{"delete unknown", "DELETE", "/admin/tiers/gold", nil, 404},
 		{"key in unknown tier", "POST", "/admin/keys", map[string]any{"name": "k", "key": "sk-unknown-tier-0123456789", "tier": "gold"}, 400},
+		{"import into unknown tier", "POST", "/admin/keys/import", []map[string]any{
+			{"service": "openai", "key_value": "sk-import-tier-0123456789", "tier": "pro"},
+			{"service": "openai", "key_value": "sk-import-gold-0123456789", "tier": "gold"},
+		}, 400},
 		{"method", "PUT", "/admin/tiers/pro", map[string]any{}, 405},
 	}
 	for _, tt := range tests {
@@ -52,6 +57,9 @@ func TestTierAdminValidation(t *testing.T) {
 	list := k.mustAdmin("GET", "/admin/tiers", nil, http.StatusOK)["tiers"].([]any)
 	if len(list) != 1 || list[0].(map[string]any)["name"] != "pro" {
 		t.Fatalf("GET /admin/tiers = %v, want pro alone", list)
+	}
+	if keys := k.mustAdmin("GET", "/admin/keys", nil, http.StatusOK)["keys"].([]any); len(keys) != 0 {
+		t.Fatalf("rejected key writes left keys: %v", keys)
 	}
 	feats := list[0].(map[string]any)["features"].(map[string]any)
 	if len(feats) != 1 || feats["image-generation"] != float64(100) {

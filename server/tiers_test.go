@@ -3,7 +3,9 @@ package server_test
 import (
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/keypool/keypool/server"
 )
@@ -166,5 +168,44 @@ services:
 				t.Errorf("error %v, want one mentioning %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestTierRPMConcurrent: 200 parallel leases for a feature whose tier
+// allows 50 a minute on the one key: exactly 50 are granted, the others
+// are 429. Bound: granted is 50 plus the bucket's refill during the run
+// (50/60 a second, +1 for rounding); exactly 50 when the run takes under
+// 1.2 s.
+func TestTierRPMConcurrent(t *testing.T) {
+	k := startKP(t)
+	k.addService("openai", "https://api.openai.com", "bearer", nil)
+	k.mustAdmin("POST", "/admin/tiers", map[string]any{"name": "pro", "features": map[string]int{"image-generation": 50}}, http.StatusCreated)
+	k.addKey("openai", "sk-conc-0123456789abcdef", map[string]any{"tier": "pro"})
+	tok := k.addToken(k.addTeam("eng", nil), map[string]any{"scopes": []string{"lease"}})
+	const n = 200
+	codes := make(chan int, n)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			code, _, _ := k.do("GET", "/key?feature=image-generation", tok, nil)
+			codes <- code
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	close(codes)
+	got := map[int]int{}
+	for c := range codes {
+		got[c]++
+	}
+	if elapsed < 1200*time.Millisecond && (got[200] != 50 || got[429] != n-50) {
+		t.Fatalf("%d parallel leases in %v: %v, want 50 granted and %d refused", n, elapsed, got, n-50)
+	}
+	t.Logf("%d parallel leases in %v: %v", n, elapsed, got)
+	if got[200] < 50 || got[200] > 50+int(elapsed.Seconds()*50/60)+1 || got[200]+got[429] != n {
+		t.Fatalf("%d parallel leases in %v: %d granted, want 50 plus the refill", n, elapsed, got[200])
 	}
 }

@@ -788,6 +788,20 @@ type KeyStats struct {
 	// Held reports whether the key's breaker tripped beyond the service's
 	// ejection cap and the key was kept in rotation.
 	Held bool `json:"held,omitempty"`
+	// Features is the use of each rate-limited feature of the key
+	// ([Key.Features]); nil when it has none.
+	Features map[string]FeatureUse `json:"features,omitempty"`
+}
+
+// FeatureUse is one feature's requests-per-minute budget on a key. The
+// budget is a bucket of RPM leases (or Service.RateBurst) refilled at RPM
+// a minute: Used is the leases the bucket is short of full, which is the
+// leases of the trailing minute when they came in one burst, and fewer as
+// the bucket refills; Available is what may be leased now.
+type FeatureUse struct {
+	RPM       int `json:"rpm"`
+	Used      int `json:"used"`
+	Available int `json:"available"`
 }
 
 // Stats returns a snapshot of every key of a service, in load order.
@@ -813,6 +827,7 @@ func (p *Pool) Stats(service string) ([]KeyStats, bool) {
 		if math.IsInf(st.Remaining, 1) {
 			st.Remaining = -1
 		}
+		st.Features = featureUse(c, s.cfg.Load().RateBurst, now)
 		if b := c.brk.Load(); b != nil {
 			st.Breaker = b.State().String()
 		}
@@ -1278,6 +1293,28 @@ func rateBurst(rpm, burst int) int {
 		return rpm
 	}
 	return burst
+}
+
+// featureUse returns the use of c's rate-limited features at now; the
+// caller holds the service's lock.
+func featureUse(c *Candidate, burst int, now time.Time) map[string]FeatureUse {
+	var out map[string]FeatureUse
+	for f, rpm := range c.key.Features {
+		if rpm <= 0 {
+			continue
+		}
+		if out == nil {
+			out = make(map[string]FeatureUse, len(c.key.Features))
+		}
+		full := rateBurst(rpm, burst)
+		u := FeatureUse{RPM: rpm, Available: full}
+		if l := c.featLim[f]; l != nil {
+			u.Available = min(full, max(0, int(math.Floor(l.TokensAt(now)))))
+		}
+		u.Used = full - u.Available
+		out[f] = u
+	}
+	return out
 }
 
 func (s *svcState) featureLimiter(c *Candidate, f string) *rate.Limiter {

@@ -679,6 +679,13 @@ func TestRateBurstIsFullRPM(t *testing.T) {
 	if got := admitted(pf, 60, Request{Feature: "image-generation"}); got != 50 {
 		t.Fatalf("feature rpm 50: %d of 60, want 50", got)
 	}
+	if st, _ := pf.Stats("svc"); st[0].Features["image-generation"] != (FeatureUse{RPM: 50, Used: 50, Available: 0}) {
+		t.Fatalf("stats after 50 leases: %+v, want rpm 50 used 50 available 0", st[0].Features)
+	}
+	clk.Advance(12 * time.Second)
+	if st, _ := pf.Stats("svc"); st[0].Features["image-generation"] != (FeatureUse{RPM: 50, Used: 40, Available: 10}) {
+		t.Fatalf("stats 12 s later: %+v, want rpm 50 used 40 available 10", st[0].Features)
+	}
 
 	sk := keysN(1)
 	sk[0].RateLimitRPM = 100

@@ -213,6 +213,8 @@ func (a *API) routes() {
 		a.handle(m+" /admin/keys/import", h)
 	}
 	a.route("/admin/keys/{id}", map[string]handlerFunc{"GET": a.getKey, "PATCH": a.patchKey, "DELETE": a.deleteKey})
+	a.route("/admin/tiers", map[string]handlerFunc{"GET": a.listTiers, "POST": a.createTier})
+	a.route("/admin/tiers/{name}", map[string]handlerFunc{"GET": a.getTier, "PATCH": a.patchTier, "DELETE": a.deleteTier})
 	a.route("/admin/teams", map[string]handlerFunc{"GET": a.listTeams, "POST": a.createTeam})
 	a.route("/admin/teams/{id}", map[string]handlerFunc{"GET": a.getTeam, "PATCH": a.patchTeam, "DELETE": a.deleteTeam})
 	a.route("/admin/users", map[string]handlerFunc{"GET": a.listUsers, "POST": a.createUser})

@@ -112,7 +112,7 @@ func (a *API) importKeys(w http.ResponseWriter, r *http.Request) error {
 			// A key added concurrently: nothing was written.
 			return conflict("a key in the import was added by another request meanwhile; nothing was imported, retry")
 		case errors.Is(err, store.ErrInvalid):
-			return badRequest("a service named in the import was deleted meanwhile; nothing was imported")
+			return badRequest("a tier named in the import does not exist, or a service named in it was deleted meanwhile; nothing was imported")
 		}
 		return err
 	}

@@ -32,6 +32,9 @@ type keyInput struct {
 	Labels       opt[map[string]string] `json:"labels"`
 	// Status is "active" or "disabled".
 	Status opt[string] `json:"status"`
+	// Tier names the tier the key joins; its features' rpm apply to the
+	// key. Empty or null leaves the tier.
+	Tier opt[string] `json:"tier"`
 }
 
 // checkKeyValue validates an upstream key value. Its errors never include
@@ -122,6 +125,13 @@ func (in *keyInput) apply(k *store.Key) error {
 			k.Labels = nil
 		}
 	}
+	if in.Tier.Set {
+		v := strings.TrimSpace(in.Tier.V)
+		if err := checkText("tier", v, 64, false); err != nil {
+			return err
+		}
+		k.Tier = v
+	}
 	if in.Status.Set {
 		switch st := strings.TrimSpace(in.Status.V); st {
 		case store.StatusActive, store.StatusDisabled:
@@ -167,9 +177,14 @@ type keyView struct {
 	RateLimitRPM int               `json:"rate_limit_rpm,omitempty"`
 	MaxInFlight  int               `json:"max_in_flight,omitempty"`
 	Labels       map[string]string `json:"labels,omitempty"`
-	BalanceTotal float64           `json:"balance_total"`
-	BalanceUsed  float64           `json:"balance_used"`
-	BalanceUnit  string            `json:"balance_unit,omitempty"`
+	// Tier is the key's tier; Features its features' use in the current
+	// minute (rpm, used, available), or their rpm alone when the pool
+	// has no live state for the key.
+	Tier         string                        `json:"tier,omitempty"`
+	Features     map[string]keypool.FeatureUse `json:"features,omitempty"`
+	BalanceTotal float64                       `json:"balance_total"`
+	BalanceUsed  float64                       `json:"balance_used"`
+	BalanceUnit  string                        `json:"balance_unit,omitempty"`
 	// BalanceRemaining is the pool's view of what is left (stored balance
 	// less live spend), when the key has a balance.
 	BalanceRemaining *float64  `json:"balance_remaining,omitempty"`
@@ -221,6 +236,13 @@ func viewKey(k *store.Key, live map[string]keypool.KeyStats) keyView {
 		RateLimitRPM: k.RateLimitRPM, MaxInFlight: k.MaxInFlight, Labels: k.Labels,
 		BalanceTotal: k.BalanceTotal, BalanceUsed: roundCost(k.BalanceUsed), BalanceUnit: k.BalanceUnit,
 		AccountEmail: k.AccountEmail, Origin: k.Origin, CreatedAt: k.CreatedAt, UpdatedAt: k.UpdatedAt,
+		Tier: k.Tier,
+	}
+	for f, rpm := range k.Features {
+		if v.Features == nil {
+			v.Features = make(map[string]keypool.FeatureUse, len(k.Features))
+		}
+		v.Features[f] = keypool.FeatureUse{RPM: rpm, Available: rpm}
 	}
 	if v.Hint == "" {
 		v.Hint = k.Secret.Hint()
@@ -233,12 +255,30 @@ func viewKey(k *store.Key, live map[string]keypool.KeyStats) keyView {
 			v.CooldownUntil = &u
 		}
 		v.InFlight, v.RequestsLastMinute = s.InFlight, s.RequestsLastMinute
+		for f, u := range s.Features {
+			if _, ok := v.Features[f]; ok && u.RPM == v.Features[f].RPM {
+				v.Features[f] = u
+			}
+		}
 		if s.Remaining >= 0 && k.BalanceTotal > 0 {
 			rem := roundCost(s.Remaining)
 			v.BalanceRemaining = &rem
 		}
 	}
 	return v
+}
+
+// onlyService names the service of a key added without one (keypooler's
+// POST /admin/keys has no service): the one service there is, else a 400.
+func (a *API) onlyService(r *http.Request) (string, error) {
+	ss, err := a.st.Services(r.Context())
+	if err != nil {
+		return "", err
+	}
+	if len(ss) != 1 {
+		return "", badRequest("service is required (it may be left out only while exactly one service exists; there are %d)", len(ss))
+	}
+	return ss[0].Name, nil
 }
 
 // service returns a service, with a 400 naming the field when it does
@@ -278,7 +318,17 @@ func (a *API) createKey(w http.ResponseWriter, r *http.Request) error {
 	if err := in.apply(&k); err != nil {
 		return err
 	}
+	if k.Service == "" {
+		svc, err := a.onlyService(r)
+		if err != nil {
+			return err
+		}
+		k.Service = svc
+	}
 	if err := a.serviceForKey(r.Context(), k.Service); err != nil {
+		return err
+	}
+	if err := a.checkTier(r, k.Tier); err != nil {
 		return err
 	}
 	if err := a.st.CreateKeys(r.Context(), []*store.Key{&k}); err != nil {
@@ -290,6 +340,7 @@ func (a *API) createKey(w http.ResponseWriter, r *http.Request) error {
 		}
 		return err
 	}
+	k.Features = a.tierFeatures(r, k.Tier)
 	a.log.InfoContext(r.Context(), "admin: key created", "service", k.Service, "key_id", k.ID, "hint", k.Hint)
 	a.changed()
 	httpx.WriteJSON(w, http.StatusCreated, viewKey(&k, a.liveStats(k.Service)))
@@ -356,12 +407,20 @@ func (a *API) patchKey(w http.ResponseWriter, r *http.Request) error {
 	if err := in.apply(&k); err != nil {
 		return err
 	}
+	if in.Tier.Set {
+		if err := a.checkTier(r, k.Tier); err != nil {
+			return err
+		}
+	}
 	if err := a.st.UpdateKey(r.Context(), &k); err != nil {
 		switch {
 		case errors.Is(err, store.ErrConflict):
 			return conflict("this key_value is already in service %q", k.Service)
 		}
 		return orNotFound(err, "key %q not found", id)
+	}
+	if in.Tier.Set {
+		k.Features = a.tierFeatures(r, k.Tier)
 	}
 	rotated := in.KeyValue.has()
 	k.Secret = ""

@@ -95,6 +95,10 @@ type Config struct {
 	// Services declares services and their keys as code; [New] creates
 	// or updates them in the store at start (see [ServiceSpec]).
 	Services []ServiceSpec `json:"services,omitempty" yaml:"services,omitempty"`
+	// Tiers declares tiers (features with requests per minute) that keys
+	// join; [New] creates or updates them in the store at start, before
+	// the services (see [TierSpec]).
+	Tiers []TierSpec `json:"tiers,omitempty" yaml:"tiers,omitempty"`
 
 	// LogLevel is debug, info, warn or error. If empty, info.
 	LogLevel string `json:"log_level,omitempty" yaml:"log_level,omitempty"`
@@ -254,6 +258,9 @@ type KeySpec struct {
 	BalanceTotal float64           `json:"balance_total,omitempty" yaml:"balance_total,omitempty"`
 	BalanceUnit  string            `json:"balance_unit,omitempty" yaml:"balance_unit,omitempty"`
 	AccountEmail string            `json:"account_email,omitempty" yaml:"account_email,omitempty"`
+	// Tier names the tier the key joins: one of the file's tiers or one
+	// already stored.
+	Tier string `json:"tier,omitempty" yaml:"tier,omitempty"`
 }
 
 // Environment variables read by [Config.ApplyEnv].
@@ -453,6 +460,9 @@ func (c *Config) Validate() error {
 	}
 	if _, err := parsePrefixes(c.TrustedProxies); err != nil {
 		return fmt.Errorf("server: trusted_proxies: %w", err)
+	}
+	if err := validateTiers(c.Tiers); err != nil {
+		return err
 	}
 	seen := map[string]bool{}
 	for i, s := range c.Services {

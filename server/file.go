@@ -252,7 +252,7 @@ func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, log
 				Service: sp.Name, Secret: ks.KeyValue, Weight: ks.Weight, Priority: ks.Priority,
 				RateLimitRPM: ks.RateLimitRPM, MaxInFlight: ks.MaxInFlight, Labels: ks.Labels,
 				BalanceTotal: ks.BalanceTotal, BalanceUnit: ks.BalanceUnit, AccountEmail: ks.AccountEmail,
-				Status: store.StatusActive,
+				Tier: ks.Tier, Status: store.StatusActive,
 			}
 			err := st.CreateKeys(ctx, []*store.Key{k})
 			switch {

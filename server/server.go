@@ -266,6 +266,9 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if s.st, err = sqlstore.Open(ctx, cfg.Database.Reveal(), sqlstore.Options{Keyring: keyring, Logger: log}); err != nil {
 		return nil, fmt.Errorf("server: open database %s: %w", cfg.Database, err)
 	}
+	if err := applyTiers(ctx, s.st, cfg.Tiers, log); err != nil {
+		return nil, err
+	}
 	if err := applyServices(ctx, s.st, cfg.Services, log); err != nil {
 		return nil, err
 	}

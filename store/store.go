@@ -13,6 +13,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/keypool/keypool"
@@ -164,6 +165,12 @@ type Key struct {
 	BalanceUsed  float64           `json:"balance_used,omitempty"`
 	BalanceUnit  string            `json:"balance_unit,omitempty"`
 	AccountEmail string            `json:"account_email,omitempty"`
+	// Tier names the [Tier] the key belongs to; empty means none. A key's
+	// tier must exist.
+	Tier string `json:"tier,omitempty"`
+	// Features is the key's tier's features (feature → requests per
+	// minute), filled when the key is read; it is not written.
+	Features map[string]int `json:"features,omitempty"`
 	// Status is one of the Status constants; StatusReason says why.
 	Status       string `json:"status"`
 	StatusReason string `json:"status_reason,omitempty"`
@@ -172,6 +179,53 @@ type Key struct {
 	Origin    string    `json:"origin,omitempty"`
 	CreatedAt time.Time `json:"created_at"`
 	UpdatedAt time.Time `json:"updated_at"`
+}
+
+// Tier is a named set of features with a requests-per-minute for each:
+// every key of the tier serves those features, each at most that many
+// times in any minute (see [keypool.Key.Features]).
+type Tier struct {
+	Name string `json:"name"`
+	// Description says what the tier is for (listings).
+	Description string         `json:"description,omitempty"`
+	Features    map[string]int `json:"features"`
+	CreatedAt   time.Time      `json:"created_at"`
+	UpdatedAt   time.Time      `json:"updated_at"`
+}
+
+// Validate reports the first invalid field of a tier, naming it as the
+// admin API does; the error wraps [ErrInvalid].
+func (t Tier) Validate() error {
+	if t.Name == "" || strings.ContainsAny(t.Name, "/?#% \t\r\n") {
+		return fmt.Errorf("%w: tier name %q must be non-empty, without '/', '?', '#', '%%' or spaces", ErrInvalid, t.Name)
+	}
+	if len(t.Features) == 0 {
+		return fmt.Errorf("%w: features must name at least one feature", ErrInvalid)
+	}
+	for f, rpm := range t.Features {
+		if f == "" {
+			return fmt.Errorf("%w: features: a feature name is empty", ErrInvalid)
+		}
+		if rpm < 0 || rpm > 1_000_000 {
+			return fmt.Errorf("%w: features[%q] must be 0 to 1000000 requests per minute (0: no limit), got %d", ErrInvalid, f, rpm)
+		}
+	}
+	return nil
+}
+
+// TierStore keeps tiers. A [Store] that supports tiers implements it
+// (sqlstore does). Every write changes [Source.Version], so pools reload
+// the features of the tier's keys.
+type TierStore interface {
+	// CreateTier inserts a tier; its name is unique (else ErrConflict).
+	CreateTier(ctx context.Context, t *Tier) error
+	GetTier(ctx context.Context, name string) (Tier, error)
+	// ListTiers returns every tier, ordered by name.
+	ListTiers(ctx context.Context) ([]Tier, error)
+	// UpdateTier replaces the description and features of tier t.Name.
+	UpdateTier(ctx context.Context, t *Tier) error
+	// DeleteTier deletes a tier no key belongs to (else ErrConflict).
+	DeleteTier(ctx context.Context, name string) error
 }
 
 // Team is a group of clients sharing limits.

@@ -612,8 +612,8 @@ func (s *Syncer) externalOK() {
 // proxy headers and labels are copied, and each key's Status becomes its
 // [keypool.Key.State] with StatusReason as Reason. An empty status is
 // active; an unknown one is treated as disabled, so a bad row never serves.
-// A key's labels["feature"] names the feature it serves; Features is left
-// empty. The error, wrapping [keypool.ErrInvalidConfig], names the service.
+// A key's labels["feature"] names a feature it serves; its Features (its
+// tier's) become [keypool.Key.Features]. The error, wrapping [keypool.ErrInvalidConfig], names the service.
 func ToPool(svc Service, keys []Key) (keypool.Service, []keypool.Key, error) {
 	auth, err := keypool.ParseAuthScheme(svc.AuthScheme)
 	if err != nil {
@@ -651,6 +651,7 @@ func ToPool(svc Service, keys []Key) (keypool.Service, []keypool.Key, error) {
 			RateLimitRPM: k.RateLimitRPM,
 			MaxInFlight:  k.MaxInFlight,
 			Labels:       maps.Clone(k.Labels),
+			Features:     maps.Clone(k.Features),
 			BalanceTotal: k.BalanceTotal,
 			BalanceUsed:  k.BalanceUsed,
 			BalanceUnit:  k.BalanceUnit,

@@ -701,7 +701,7 @@ func TestToPool(t *testing.T) {
 	k := Key{
 		ID: "k1", Service: "svc", Secret: "s3cret", Weight: 3, Priority: 2, RateLimitRPM: 30, MaxInFlight: 2,
 		Labels: map[string]string{"feature": "image-gen"}, BalanceTotal: 5, BalanceUsed: 1.5, BalanceUnit: "usd",
-		Status: StatusActive,
+		Status: StatusActive, Tier: "pro", Features: map[string]int{"image-generation": 100},
 	}
 	ps, pk, err := ToPool(base, []Key{k})
 	if err != nil {
@@ -725,6 +725,9 @@ func TestToPool(t *testing.T) {
 		pk[0].RateLimitRPM != 30 || pk[0].MaxInFlight != 2 || !maps.Equal(pk[0].Labels, want.Labels) ||
 		pk[0].BalanceTotal != 5 || pk[0].BalanceUsed != 1.5 || pk[0].BalanceUnit != "usd" || pk[0].State != keypool.StateActive {
 		t.Errorf("key = %+v", pk[0])
+	}
+	if pk[0].Features["image-generation"] != 100 || len(pk[0].Features) != 1 {
+		t.Errorf("key features = %v, want the tier's image-generation 100", pk[0].Features)
 	}
 	base.ProxyHeaders["Cartesia-Version"] = "changed"
 	if ps.Headers["Cartesia-Version"] != "2024-06-10" {

@@ -195,6 +195,9 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		}
 		return table(stdout, rows, cols...)
 	}
+	if noun == "tier" {
+		return runTier(ctx, c, fs, verb, args, stdout, show)
+	}
 	switch cmd {
 	case "service add":
 		name := fs.String("name", "", "service name, the {service} in /v1/{service}/… (required)")
@@ -256,6 +259,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		total := fs.Float64("balance-total", 0, "quota or balance of the key")
 		unit := fs.String("balance-unit", "", "unit of the balance: usd, requests, credits, …")
 		email := fs.String("email", "", "account email")
+		tier := fs.String("tier", "", "the tier the key joins (its features' rpm apply)")
 		labels := kv{}
 		fs.Var(labels, "label", "label k=v, e.g. feature=image-gen (repeatable)")
 		if err := parse(args); err != nil {
@@ -272,6 +276,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		body := map[string]any{"service": *service, "key_value": v}
 		setIf(body, "balance_unit", *unit)
 		setIf(body, "account_email", *email)
+		setIf(body, "tier", *tier)
 		for k, n := range map[string]int{"weight": *weight, "priority": *priority, "rate_limit_rpm": *rpm} {
 			if n != 0 {
 				body[k] = n

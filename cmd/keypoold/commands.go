@@ -43,6 +43,13 @@ var commands = []command{
 		{"enable", "ID", "put a key back in rotation (also an invalid or exhausted one)"},
 		{"disable", "ID", "take a key out of rotation"},
 	}},
+	{name: "tier", summary: "tiers: features with requests per minute that keys join", subs: []subcommand{
+		{"add", "--name N --feature F=RPM… [--description D]", "add a tier"},
+		{"list", "", "list tiers"},
+		{"get", "NAME", "show one tier"},
+		{"set", "NAME field=value…", `change a tier (features={"image-generation":200})`},
+		{"delete", "NAME", "delete a tier no key belongs to"},
+	}},
 	{name: "team", summary: "teams: limits and allowed services", subs: []subcommand{
 		{"add", "--name N [flags]", "add a team"},
 		{"list", "", "list teams"},

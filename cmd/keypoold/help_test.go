@@ -48,7 +48,7 @@ func TestCommandHelp(t *testing.T) {
 	t.Chdir(t.TempDir()) // no ./data/admin_token: help needs no server
 	groups := map[string]string{
 		"service": "add|list|get|set|delete", "key": "add|import|list|delete|enable|disable", "team": "add|list|set",
-		"user": "add|list", "token": "create|list|revoke|set",
+		"user": "add|list", "token": "create|list|revoke|set", "tier": "add|list|get|set|delete",
 	}
 	for noun, verbs := range groups {
 		code, _, errs := runArgs(t, nil, noun)

@@ -255,6 +255,25 @@ func TestCLI(t *testing.T) {
 	if out := cli("", "token", "set", toks[0]["id"].(string), "description=CI"); !strings.Contains(out, `"description": "CI"`) {
 		t.Errorf("token set: %q", out)
 	}
+	// Tiers: add, list, a key joining one, set, delete.
+	if out := cli("", "tier", "add", "--name", "pro", "--feature", "image-generation=100"); !strings.Contains(out, `"image-generation": 100`) {
+		t.Errorf("tier add: %q", out)
+	}
+	if out := cli("", "tier", "list"); !strings.Contains(out, "pro") || !strings.Contains(out, "image-generation") {
+		t.Errorf("tier list: %q", out)
+	}
+	if out := cli("sk-cli-tier-0123456789\n", "key", "add", "--service", "openai", "--tier", "pro", "--json"); !strings.Contains(out, `"tier": "pro"`) {
+		t.Errorf("key add --tier: %q", out)
+	}
+	if out := cli("", "tier", "set", "pro", `features={"image-generation":200}`); !strings.Contains(out, `"image-generation": 200`) {
+		t.Errorf("tier set: %q", out)
+	}
+	if out := cli("", "tier", "add", "--name", "free", "--feature", "chat=10"); !strings.Contains(out, `"chat": 10`) {
+		t.Errorf("tier add free: %q", out)
+	}
+	if out := cli("", "tier", "delete", "free"); out != "deleted tier free\n" {
+		t.Errorf("tier delete: %q", out)
+	}
 	if out := cli("", "usage", "--csv", "--group-by", "service"); !strings.HasPrefix(out, "service,requests,tokens_in,tokens_out,cost\n") {
 		t.Errorf("usage --csv: %q", out)
 	}

@@ -168,7 +168,7 @@ func (s *Store) keyToRow(k *store.Key) (keyRow, error) {
 		ID: k.ID, Service: k.Service, Weight: k.Weight, Priority: k.Priority,
 		RateLimitRPM: k.RateLimitRPM, MaxInFlight: k.MaxInFlight,
 		BalanceTotal: k.BalanceTotal, BalanceUsed: k.BalanceUsed, BalanceUnit: k.BalanceUnit,
-		AccountEmail: k.AccountEmail, Status: k.Status, StatusReason: k.StatusReason, Origin: k.Origin,
+		AccountEmail: k.AccountEmail, Tier: k.Tier, Status: k.Status, StatusReason: k.StatusReason, Origin: k.Origin,
 	}
 	if r.Status == "" {
 		r.Status = store.StatusActive
@@ -189,7 +189,7 @@ func (s *Store) keyFromRow(r *keyRow) (store.Key, error) {
 		ID: r.ID, Service: r.Service, Hint: r.Hint, Weight: r.Weight, Priority: r.Priority,
 		RateLimitRPM: r.RateLimitRPM, MaxInFlight: r.MaxInFlight,
 		BalanceTotal: r.BalanceTotal, BalanceUsed: r.BalanceUsed, BalanceUnit: r.BalanceUnit,
-		AccountEmail: r.AccountEmail, Status: r.Status, StatusReason: r.StatusReason, Origin: r.Origin,
+		AccountEmail: r.AccountEmail, Tier: r.Tier, Status: r.Status, StatusReason: r.StatusReason, Origin: r.Origin,
 		CreatedAt: r.CreatedAt.UTC(), UpdatedAt: r.UpdatedAt.UTC(),
 	}
 	if err := decodeJSON(r.Labels, &k.Labels); err != nil {
@@ -208,7 +208,7 @@ func (s *Store) keyFromRow(r *keyRow) (store.Key, error) {
 
 // keyColumns are the columns Keys reads, in scan order.
 const keyColumns = "id, service, ciphertext, hint, weight, priority, rate_limit_rpm, max_in_flight, labels, " +
-	"balance_total, balance_used, balance_unit, account_email, status, status_reason, origin, created_at, updated_at"
+	"balance_total, balance_used, balance_unit, account_email, tier, status, status_reason, origin, created_at, updated_at"
 
 // Keys returns the keys of one service, or of every service when service
 // is "", with their secrets opened; ordered by service, then creation.
@@ -258,7 +258,7 @@ func (s *Store) Keys(ctx context.Context, service string) ([]store.Key, error) {
 	for rows.Next() {
 		var k store.Key
 		if err := rows.Scan(&k.ID, &k.Service, &ct, &k.Hint, &k.Weight, &k.Priority, &k.RateLimitRPM, &k.MaxInFlight,
-			&labels, &k.BalanceTotal, &k.BalanceUsed, &k.BalanceUnit, &k.AccountEmail, &k.Status, &k.StatusReason,
+			&labels, &k.BalanceTotal, &k.BalanceUsed, &k.BalanceUnit, &k.AccountEmail, &k.Tier, &k.Status, &k.StatusReason,
 			&k.Origin, &k.CreatedAt, &k.UpdatedAt); err != nil {
 			return nil, mapErr("list keys", err)
 		}
@@ -277,6 +277,9 @@ func (s *Store) Keys(ctx context.Context, service string) ([]store.Key, error) {
 	}
 	if err := rows.Err(); err != nil {
 		return nil, mapErr("list keys", err)
+	}
+	if err := s.fillFeatures(ctx, out); err != nil {
+		return nil, fmt.Errorf("sqlstore: list keys: %w", err)
 	}
 	return sortKeys(out), nil
 }
@@ -343,6 +346,13 @@ func (s *Store) CreateKeys(ctx context.Context, keys []*store.Key) error {
 		rows[i] = row
 	}
 	if err := s.write(ctx, "create keys", true, func(tx *gorm.DB) error {
+		tiers := make([]string, 0, 1)
+		for i := range rows {
+			tiers = append(tiers, rows[i].Tier)
+		}
+		if err := checkTiers(tx, tiers); err != nil {
+			return err
+		}
 		return tx.CreateInBatches(&rows, 500).Error
 	}); err != nil {
 		return err
@@ -364,7 +374,11 @@ func (s *Store) GetKey(ctx context.Context, id string) (store.Key, error) {
 	if err != nil {
 		return store.Key{}, fmt.Errorf("sqlstore: get key: %w", err)
 	}
-	return k, nil
+	ks := []store.Key{k}
+	if err := s.fillFeatures(ctx, ks); err != nil {
+		return store.Key{}, fmt.Errorf("sqlstore: get key: %w", err)
+	}
+	return ks[0], nil
 }
 
 // UpdateKey replaces every field of key k.ID except CreatedAt and Origin.
@@ -388,6 +402,9 @@ func (s *Store) UpdateKey(ctx context.Context, k *store.Key) error {
 			Where("id = ?", k.ID).Take(&old).Error; err != nil {
 			return err
 		}
+		if err := checkTiers(tx, []string{row.Tier}); err != nil {
+			return err
+		}
 		row.Ciphertext, row.KeyVersion, row.Fingerprint, row.Hint = old.Ciphertext, old.KeyVersion, old.Fingerprint, old.Hint
 		switch {
 		case !k.Secret.IsZero():
@@ -408,7 +425,7 @@ func (s *Store) UpdateKey(ctx context.Context, k *store.Key) error {
 			"fingerprint": row.Fingerprint, "hint": row.Hint, "weight": row.Weight, "priority": row.Priority,
 			"rate_limit_rpm": row.RateLimitRPM, "max_in_flight": row.MaxInFlight, "labels": row.Labels,
 			"balance_total": row.BalanceTotal, "balance_used": row.BalanceUsed, "balance_unit": row.BalanceUnit,
-			"account_email": row.AccountEmail, "status": row.Status, "status_reason": row.StatusReason,
+			"account_email": row.AccountEmail, "tier": row.Tier, "status": row.Status, "status_reason": row.StatusReason,
 			"updated_at": now,
 		}))
 	})

@@ -176,6 +176,16 @@ var migrations = []migration{
 		`ALTER TABLE teams ADD COLUMN description TEXT NOT NULL DEFAULT ''`,
 		`ALTER TABLE tokens ADD COLUMN description TEXT NOT NULL DEFAULT ''`,
 	}},
+	{10, "tiers: named features with requests per minute; keys join a tier", []string{
+		`CREATE TABLE tiers (
+			name TEXT PRIMARY KEY,
+			description TEXT NOT NULL DEFAULT '',
+			features TEXT NOT NULL DEFAULT '',
+			created_at {ts} NOT NULL,
+			updated_at {ts} NOT NULL
+		)`,
+		`ALTER TABLE keys ADD COLUMN tier TEXT NOT NULL DEFAULT ''`,
+	}},
 }
 
 // latestVersion is the schema version this package writes.

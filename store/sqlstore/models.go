@@ -53,6 +53,7 @@ type keyRow struct {
 	BalanceUsed  float64   `gorm:"column:balance_used"`
 	BalanceUnit  string    `gorm:"column:balance_unit"`
 	AccountEmail string    `gorm:"column:account_email"`
+	Tier         string    `gorm:"column:tier"`
 	Status       string    `gorm:"column:status"`
 	StatusReason string    `gorm:"column:status_reason"`
 	Origin       string    `gorm:"column:origin"`

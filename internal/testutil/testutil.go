@@ -3,7 +3,9 @@ package testutil
 
 import (
 	"bytes"
+	"os"
 	"sync"
+	"testing"
 	"time"
 )
 
@@ -50,4 +52,30 @@ func (c *Clock) Advance(d time.Duration) {
 	c.mu.Lock()
 	c.t = c.t.Add(d)
 	c.mu.Unlock()
+}
+
+// ProfileDir returns a fresh directory for a browser profile. Register it
+// before the cleanup that stops the browser: cleanups run last-in
+// first-out, so it is removed after the browser stops. Chromium's helper
+// processes may still be writing to it for a moment after the browser
+// exits, so the removal is retried for a few seconds and a directory that
+// still cannot be removed is only logged: a leftover profile in the
+// temporary directory is not a failure of the test.
+func ProfileDir(t testing.TB) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "keypool-browser-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		var err error
+		for range 20 {
+			if err = os.RemoveAll(dir); err == nil {
+				return
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		t.Logf("browser profile %s not removed: %v", dir, err)
+	})
+	return dir
 }

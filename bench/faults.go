@@ -197,13 +197,17 @@ func selectScenarios(list string) ([]scenario, error) {
 
 // faultsArgs reports whether args select -mode faults, and returns the
 // other arguments, which are the suite's flags.
-func faultsArgs(args []string) ([]string, bool) {
+func faultsArgs(args []string) ([]string, bool) { return modeArgs(args, "faults") }
+
+// modeArgs reports whether args select -mode name and returns them
+// without it.
+func modeArgs(args []string, name string) ([]string, bool) {
 	for i := 0; i < len(args); i++ {
 		a := strings.TrimLeft(args[i], "-")
-		if a == "mode=faults" && strings.HasPrefix(args[i], "-") {
+		if a == "mode="+name && strings.HasPrefix(args[i], "-") {
 			return append(append([]string(nil), args[:i]...), args[i+1:]...), true
 		}
-		if a == "mode" && strings.HasPrefix(args[i], "-") && i+1 < len(args) && args[i+1] == "faults" {
+		if a == "mode" && strings.HasPrefix(args[i], "-") && i+1 < len(args) && args[i+1] == name {
 			return append(append([]string(nil), args[:i]...), args[i+2:]...), true
 		}
 	}

@@ -11,6 +11,7 @@
 //	go run ./bench -mode streams -streams 512
 //	go run ./bench -mode throughput -meter   # also keypoold with LLM metering and budgets on
 //	go run ./bench -mode faults              # the fault suite (see faults.go), with its own flags
+//	go run ./bench -mode replicas            # the replica suite (see replicas.go), with its own flags
 //
 // keypoold serves two services on the same upstream: "bench" with
 // llm_family none (metering off) and "bench-llm" with llm_family openai
@@ -62,10 +63,16 @@ func main() {
 		stop()
 		os.Exit(code)
 	}
+	if args, ok := modeArgs(os.Args[1:], "replicas"); ok {
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		code := replicasMain(ctx, args, os.Stdout, os.Stderr)
+		stop()
+		os.Exit(code)
+	}
 	var (
 		role      = flag.String("role", "", "internal: run as upstream, bare or keypoold")
 		target    = flag.String("upstream", "", "internal: upstream URL for the bare proxy and keypoold")
-		mode      = flag.String("mode", "all", "throughput, streams, all, or faults (the fault suite, with its own flags: -mode faults -h)")
+		mode      = flag.String("mode", "all", "throughput, streams, all, faults or replicas (the fault and replica suites have their own flags: -mode faults -h)")
 		connsFlag = flag.String("conns", "1,64", "comma-separated connection counts for the throughput mode")
 		duration  = flag.Duration("duration", 4*time.Second, "load duration per measurement")
 		rounds    = flag.Int("rounds", 3, "measurements per proxy and connection count (medians are reported)")

@@ -62,18 +62,36 @@ func TestBrowserSignIn(t *testing.T) {
 			t.Fatalf("%s: %v\nat %s\n%s", what, err, loc, html)
 		}
 	}
+	// read evaluates expr until done reports true, bounded.
+	read := func(expr string, dst any, done func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+			ctx, cancel := context.WithTimeout(bctx, 2*time.Second)
+			_ = chromedp.Run(ctx, chromedp.Evaluate(expr, dst))
+			cancel()
+			if done() {
+				return
+			}
+		}
+		var loc string
+		_ = chromedp.Run(bctx, chromedp.Location(&loc))
+		t.Fatalf("%s: not there within 15 s (at %s)", expr, loc)
+	}
 	signIn := func(start string) (token, prefix, loc string) {
 		t.Helper()
 		run("sign in from "+start,
 			chromedp.Navigate(e.base+start),
 			chromedp.WaitVisible("#approve", chromedp.ByID),
 			chromedp.Click("#approve", chromedp.ByID),
-			chromedp.WaitVisible("#token", chromedp.ByID),
-			chromedp.Text("#token", &token, chromedp.ByID),
-			chromedp.Text("#prefix", &prefix, chromedp.ByID),
-			chromedp.Location(&loc),
 		)
-		return token, prefix, loc
+		// The click navigates through the callback and a redirect; read
+		// the token page by script, which holds no node across the
+		// navigation (a node id from an intermediate page goes stale).
+		var got struct{ Token, Prefix, Loc string }
+		read(`(() => { const t = document.querySelector("#token"), p = document.querySelector("#prefix");
+			return {Token: t ? t.textContent : "", Prefix: p ? p.textContent : "", Loc: location.href}; })()`,
+			&got, func() bool { return got.Token != "" })
+		return got.Token, got.Prefix, got.Loc
 	}
 
 	tok1, pre1, loc := signIn("/auth/login")
@@ -123,9 +141,8 @@ func TestBrowserSignIn(t *testing.T) {
 		chromedp.WaitVisible("#sso-login", chromedp.ByID),
 		chromedp.Click("#sso-login", chromedp.ByID),
 		chromedp.WaitVisible("#approve", chromedp.ByID),
-		chromedp.Click("#approve", chromedp.ByID),
-		chromedp.WaitVisible("#signed-in-as", chromedp.ByID),
-		chromedp.Text("#signed-in-as", &who, chromedp.ByID))
+		chromedp.Click("#approve", chromedp.ByID))
+	read(`(document.querySelector("#signed-in-as") || {}).textContent || ""`, &who, func() bool { return who != "" })
 	if !strings.Contains(who, "root@example.com") {
 		t.Errorf("console signed in as %q", who)
 	}

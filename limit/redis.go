@@ -172,92 +172,109 @@ local sec = tonumber(ARGV[2])
 local amount = tonumber(ARGV[3])
 local member = ARGV[4]
 local ttl = tonumber(ARGV[5])
-local n = tonumber(ARGV[6])
-
-local exp = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', now)
-if #exp > 0 then
-  local sum = 0
-  for _, m in ipairs(exp) do sum = sum + tonumber(string.match(m, ':([^:]*)$')) end
-  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now)
-  redis.call('INCRBYFLOAT', KEYS[6], -sum)
-end
-local reserved = 0
-if redis.call('ZCARD', KEYS[7]) == 0 then
-  redis.call('DEL', KEYS[6])
-else
-  reserved = tonumber(redis.call('GET', KEYS[6]) or '0')
-  if reserved < 0 then reserved = 0 end
-end
-
-local secs = nil
-local minute = 0
-local function usage(w)
-  if w ~= 1 then return tonumber(redis.call('GET', KEYS[w - 1]) or '0') end
-  if secs == nil then
-    secs = {}
-    local h = redis.call('HGETALL', KEYS[5])
-    for i = 1, #h, 2 do
-      local s = tonumber(h[i])
-      if s >= sec - 60 and s <= sec then
-        local v = tonumber(h[i + 1])
-        table.insert(secs, {s, v})
-        minute = minute + v
-      end
-    end
-    table.sort(secs, function(a, b) return a[1] < b[1] end)
-  end
-  return minute
-end
-
-local allowed, warn, warnIdx, warnUsed = 1, 0, 0, 0
-local tight, tightUsed, tightRoom = 0, 0, 0
-local pick, pickW, pickUsed, pickRetry = 0, 0, 0, 0
-for i = 1, n do
-  local b = 6 + (i - 1) * 4
-  local w = tonumber(ARGV[b + 1])
-  local wl = tonumber(ARGV[b + 2])
-  local bl = tonumber(ARGV[b + 3])
-  if wl > 0 or bl > 0 then
-    local u = usage(w)
-    local tot = u + reserved
-    if wl > 0 and tot + amount >= wl and warn == 0 then
-      warn, warnIdx, warnUsed = 1, i, tot + amount
-    end
-    if bl > 0 and tot >= bl then
-      local ra = tonumber(ARGV[b + 4])
-      if w == 1 then
-        ra = 60000
-        local left = u
-        for _, e in ipairs(secs) do
-          left = left - e[2]
-          if e[2] ~= 0 and left + reserved < bl then
-            ra = (e[1] + 61) * 1000 - now
-            break
-          end
-        end
-      end
-      if allowed == 1 or (pickW ~= 5 and (w == 5 or ra > pickRetry)) then
-        pick, pickW, pickUsed, pickRetry = i, w, tot, ra
-      end
-      allowed = 0
-    elseif bl > 0 and (tight == 0 or bl - (tot + amount) < tightRoom) then
-      tight, tightUsed, tightRoom = i, tot + amount, bl - (tot + amount)
-    end
-  end
-end
-if allowed == 0 then
-  if pickW == 5 then pickRetry = 0 end
-  return {0, warn, pick, tostring(pickUsed), pickRetry, tostring(reserved)}
-end
+` + admitLua + `
+local reserved = expire(KEYS[6], KEYS[7])
+local d = check(1, 6, amount, reserved)
+if d[1] == 0 then return d end
 if amount > 0 then
   redis.call('ZADD', KEYS[7], now + ttl, member)
   redis.call('INCRBYFLOAT', KEYS[6], amount)
   redis.call('PEXPIRE', KEYS[7], ttl + 60000)
   redis.call('PEXPIRE', KEYS[6], ttl + 60000)
 end
-if warn == 1 then return {1, 1, warnIdx, tostring(warnUsed), 0, tostring(reserved + amount)} end
-return {1, 0, tight, tostring(tightUsed), 0, tostring(reserved + amount)}
+return d
 `)
+
+// admitLua defines the Lua functions both reserve scripts share:
+// expire(k6, k7) drops a counter's expired reservations and returns what
+// is still reserved; check(kb, ab, amount, reserved) applies the
+// admission rule (settled + reserved below each block) to the counter
+// whose keys start at KEYS[kb] and whose windows are described from
+// ARGV[ab] on, and returns {allowed, warn, limit index, used, retry ms,
+// reserved}. The including script defines now and sec first.
+const admitLua = `
+local function expire(k6, k7)
+  local exp = redis.call('ZRANGEBYSCORE', k7, '-inf', now)
+  if #exp > 0 then
+    local sum = 0
+    for _, m in ipairs(exp) do sum = sum + tonumber(string.match(m, ':([^:]*)$')) end
+    redis.call('ZREMRANGEBYSCORE', k7, '-inf', now)
+    redis.call('INCRBYFLOAT', k6, -sum)
+  end
+  if redis.call('ZCARD', k7) == 0 then
+    redis.call('DEL', k6)
+    return 0
+  end
+  local r = tonumber(redis.call('GET', k6) or '0')
+  if r < 0 then r = 0 end
+  return r
+end
+
+local function check(kb, ab, amount, reserved)
+  local n = tonumber(ARGV[ab])
+  local secs = nil
+  local minute = 0
+  local function usage(w)
+    if w ~= 1 then return tonumber(redis.call('GET', KEYS[kb + w - 2]) or '0') end
+    if secs == nil then
+      secs = {}
+      local h = redis.call('HGETALL', KEYS[kb + 4])
+      for i = 1, #h, 2 do
+        local s = tonumber(h[i])
+        if s >= sec - 60 and s <= sec then
+          local v = tonumber(h[i + 1])
+          table.insert(secs, {s, v})
+          minute = minute + v
+        end
+      end
+      table.sort(secs, function(a, b) return a[1] < b[1] end)
+    end
+    return minute
+  end
+  local allowed, warn, warnIdx, warnUsed = 1, 0, 0, 0
+  local tight, tightUsed, tightRoom = 0, 0, 0
+  local pick, pickW, pickUsed, pickRetry = 0, 0, 0, 0
+  for i = 1, n do
+    local b = ab + (i - 1) * 4
+    local w = tonumber(ARGV[b + 1])
+    local wl = tonumber(ARGV[b + 2])
+    local bl = tonumber(ARGV[b + 3])
+    if wl > 0 or bl > 0 then
+      local u = usage(w)
+      local tot = u + reserved
+      if wl > 0 and tot + amount >= wl and warn == 0 then
+        warn, warnIdx, warnUsed = 1, i, tot + amount
+      end
+      if bl > 0 and tot >= bl then
+        local ra = tonumber(ARGV[b + 4])
+        if w == 1 then
+          ra = 60000
+          local left = u
+          for _, e in ipairs(secs) do
+            left = left - e[2]
+            if e[2] ~= 0 and left + reserved < bl then
+              ra = (e[1] + 61) * 1000 - now
+              break
+            end
+          end
+        end
+        if allowed == 1 or (pickW ~= 5 and (w == 5 or ra > pickRetry)) then
+          pick, pickW, pickUsed, pickRetry = i, w, tot, ra
+        end
+        allowed = 0
+      elseif bl > 0 and (tight == 0 or bl - (tot + amount) < tightRoom) then
+        tight, tightUsed, tightRoom = i, tot + amount, bl - (tot + amount)
+      end
+    end
+  end
+  if allowed == 0 then
+    if pickW == 5 then pickRetry = 0 end
+    return {0, warn, pick, tostring(pickUsed), pickRetry, tostring(reserved)}
+  end
+  if warn == 1 then return {1, 1, warnIdx, tostring(warnUsed), 0, tostring(reserved + amount)} end
+  return {1, 0, tight, tostring(tightUsed), 0, tostring(reserved + amount)}
+end
+`
 
 // settleScript releases a reservation (member, may be empty) and charges
 // actual, once per member: a member already settled (a retried settle, a

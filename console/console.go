@@ -42,6 +42,7 @@ import (
 
 	"github.com/keypool/keypool/admin"
 	"github.com/keypool/keypool/auth"
+	"github.com/keypool/keypool/internal/pages"
 	"github.com/keypool/keypool/store"
 )
 
@@ -116,27 +117,7 @@ func New(cfg Config) (*Handler, error) {
 }
 
 func parsePages() (map[string]*template.Template, error) {
-	layout, err := template.New("layout.html").Funcs(funcs).ParseFS(templateFS, "templates/layout.html")
-	if err != nil {
-		return nil, err
-	}
-	files, err := fs.Glob(templateFS, "templates/*.html")
-	if err != nil {
-		return nil, err
-	}
-	pages := map[string]*template.Template{}
-	for _, f := range files {
-		name := strings.TrimSuffix(strings.TrimPrefix(f, "templates/"), ".html")
-		if name == "layout" {
-			continue
-		}
-		t, err := template.Must(layout.Clone()).ParseFS(templateFS, f)
-		if err != nil {
-			return nil, fmt.Errorf("console: template %s: %w", f, err)
-		}
-		pages[name] = t
-	}
-	return pages, nil
+	return pages.Parse(templateFS, funcs, "console")
 }
 
 // ServeHTTP serves a console request.

@@ -42,6 +42,7 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/keypool/keypool/auth"
+	"github.com/keypool/keypool/internal/pages"
 	"github.com/keypool/keypool/store"
 )
 
@@ -269,34 +270,14 @@ func (h *Handler) routes() http.Handler {
 }
 
 func parsePages() (map[string]*template.Template, error) {
-	layout, err := template.New("layout.html").Funcs(template.FuncMap{
+	return pages.Parse(templateFS, template.FuncMap{
 		"when": func(t *time.Time) string {
 			if t == nil || t.IsZero() {
 				return "—"
 			}
 			return t.UTC().Format("2006-01-02 15:04 UTC")
 		},
-	}).ParseFS(templateFS, "templates/layout.html")
-	if err != nil {
-		return nil, err
-	}
-	files, err := fs.Glob(templateFS, "templates/*.html")
-	if err != nil {
-		return nil, err
-	}
-	pages := map[string]*template.Template{}
-	for _, f := range files {
-		name := strings.TrimSuffix(strings.TrimPrefix(f, "templates/"), ".html")
-		if name == "layout" {
-			continue
-		}
-		t, err := template.Must(layout.Clone()).ParseFS(templateFS, f)
-		if err != nil {
-			return nil, fmt.Errorf("sso: template %s: %w", f, err)
-		}
-		pages[name] = t
-	}
-	return pages, nil
+	}, "sso")
 }
 
 func (h *Handler) render(w http.ResponseWriter, status int, page string, data any) {

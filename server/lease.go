@@ -174,8 +174,10 @@ func (b *leaseBook) run(ctx context.Context) {
 }
 
 // maxClientCooldown bounds the cooldown a client token's rate_limited
-// report imposes on a key.
-const maxClientCooldown = time.Minute
+// report imposes on a key. The pool spreads a Retry-After by up to 10% plus
+// 50 ms so that keys told the same time do not return together; 54 s plus
+// that spread ends within the minute the README promises.
+const maxClientCooldown = 54 * time.Second
 
 // leaseAuth authenticates a lease endpoint caller: the admin token, or a
 // client token with the lease scope.

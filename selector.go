@@ -231,3 +231,13 @@ var (
 	_ Selector = (*Ordered)(nil)
 	_ Selector = SelectorFunc(nil)
 )
+
+// hashString is FNV-1a, 64 bit.
+func hashString(v string) uint64 {
+	h := uint64(14695981039346656037)
+	for i := 0; i < len(v); i++ {
+		h ^= uint64(v[i])
+		h *= 1099511628211
+	}
+	return h
+}

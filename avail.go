@@ -9,7 +9,7 @@ import (
 )
 
 // pick chooses a key for r at now, or nil.
-func (s *svcState) pick(r Request, now time.Time) *Candidate {
+func (s *svcState) pick(r Request, now time.Time) *keyState {
 	s.wake(now)
 	s.outage = false
 	if s.held > 0 && s.allHeld() {
@@ -28,15 +28,15 @@ func (s *svcState) pick(r Request, now time.Time) *Candidate {
 }
 
 // pickAny chooses among the available keys that fit r.
-func (s *svcState) pickAny(r Request, now time.Time) *Candidate {
-	s.cands.affinity = r.Affinity
+func (s *svcState) pickAny(r Request, now time.Time) *keyState {
+	s.cands.affinity, s.cands.now = r.Affinity, now
 	for range 3 {
 		if len(s.avail) == 0 {
 			return nil
 		}
 		s.cands.list = s.avail
-		c := s.cfg.Load().Selector.Select(&s.cands)
-		if c == nil || c.availIdx < 0 || !s.fits(c, r) {
+		c := s.offered(s.cfg.Load().Selector.Select(&s.cands))
+		if c == nil || !s.fits(c, r) {
 			break
 		}
 		if s.consume(c, r, now) {
@@ -56,8 +56,8 @@ func (s *svcState) pickAny(r Request, now time.Time) *Candidate {
 			return nil
 		}
 		s.cands.list = s.scratch
-		c := s.cfg.Load().Selector.Select(&s.cands)
-		if c == nil || c.availIdx < 0 || !s.fits(c, r) {
+		c := s.offered(s.cfg.Load().Selector.Select(&s.cands))
+		if c == nil || !s.fits(c, r) {
 			c = s.scratch[0]
 		}
 		if s.consume(c, r, now) {
@@ -65,6 +65,15 @@ func (s *svcState) pickAny(r Request, now time.Time) *Candidate {
 		}
 	}
 	return nil
+}
+
+// offered returns the key behind a selector's choice, or nil when the
+// selector chose nothing or a key that is not in this service's rotation.
+func (s *svcState) offered(c *Candidate) *keyState {
+	if c == nil || c.k == nil || c.k.svc != s || c.k.availIdx < 0 {
+		return nil
+	}
+	return c.k
 }
 
 // allHeld reports whether every key in rotation is held.
@@ -77,7 +86,7 @@ func (s *svcState) allHeld() bool {
 	return len(s.avail) > 0
 }
 
-func (s *svcState) fits(c *Candidate, r Request) bool {
+func (s *svcState) fits(c *keyState, r Request) bool {
 	for _, id := range r.Exclude {
 		if id == c.key.ID {
 			return false
@@ -93,7 +102,7 @@ func (s *svcState) fits(c *Candidate, r Request) bool {
 	return true
 }
 
-func (s *svcState) hasToken(c *Candidate, r Request, now time.Time) bool {
+func (s *svcState) hasToken(c *keyState, r Request, now time.Time) bool {
 	if c.limiter != nil && c.limiter.TokensAt(now) < 1 {
 		return false
 	}
@@ -107,7 +116,7 @@ func (s *svcState) hasToken(c *Candidate, r Request, now time.Time) bool {
 
 // consume takes a request's worth of the key's rate, or throttles the key
 // until it has one.
-func (s *svcState) consume(c *Candidate, r Request, now time.Time) bool {
+func (s *svcState) consume(c *keyState, r Request, now time.Time) bool {
 	var fl *rate.Limiter
 	if r.Feature != "" {
 		if fl = s.featureLimiter(c, r.Feature); fl != nil && fl.TokensAt(now) < 1 {
@@ -129,7 +138,7 @@ func (s *svcState) consume(c *Candidate, r Request, now time.Time) bool {
 	return true
 }
 
-func (s *svcState) featureLimiter(c *Candidate, f string) *rate.Limiter {
+func (s *svcState) featureLimiter(c *keyState, f string) *rate.Limiter {
 	rpm := c.key.Features[f]
 	if rpm <= 0 {
 		return nil
@@ -154,7 +163,7 @@ func rateBurst(rpm, burst int) int {
 	return burst
 }
 
-func (s *svcState) admit(c *Candidate) {
+func (s *svcState) admit(c *keyState) {
 	if c.availIdx >= 0 || c.throttled || c.capped.Load() {
 		return
 	}
@@ -165,7 +174,7 @@ func (s *svcState) admit(c *Candidate) {
 	s.avail = append(s.avail, c)
 }
 
-func (s *svcState) dropAvail(c *Candidate) {
+func (s *svcState) dropAvail(c *keyState) {
 	i := c.availIdx
 	if i < 0 {
 		return
@@ -180,7 +189,7 @@ func (s *svcState) dropAvail(c *Candidate) {
 
 // checkCap takes a key out of rotation while its in-flight count is at the
 // cap (the breaker's probe count while half-open) and puts it back below.
-func (s *svcState) checkCap(c *Candidate) {
+func (s *svcState) checkCap(c *keyState) {
 	limit := c.maxIn
 	if c.state == StateHalfOpen {
 		probes := int64(s.bs.HalfOpenMaxRequests)

@@ -6,7 +6,7 @@ import "time"
 // second Release of the same value is a no-op. A Lease is small and
 // returned by value; copies share nothing, so release the one you hold.
 type Lease struct {
-	c        *Candidate
+	c        *keyState
 	key      *Key
 	gen      uint64
 	start    time.Time
@@ -62,7 +62,7 @@ func (l *Lease) Release(o Outcome) {
 	}
 }
 
-func (s *svcState) take(c *Candidate, now time.Time) Lease {
+func (s *svcState) take(c *keyState, now time.Time) Lease {
 	c.inFlight.Add(1)
 	c.countRequest(now)
 	s.checkCap(c)

@@ -15,7 +15,7 @@ const probeInterval = time.Second
 
 // updateSlow records whether Release must take the lock for the key: it
 // is not plainly active, or it has state a success must clear.
-func (s *svcState) updateSlow(c *Candidate) {
+func (s *svcState) updateSlow(c *keyState) {
 	c.slow.Store(c.state != StateActive || c.consec429 > 0 || c.strikes > 0 || c.held)
 }
 
@@ -54,11 +54,11 @@ func (s *svcState) nextWake(now time.Time) time.Time {
 }
 
 // report applies a released lease's outcome.
-func (s *svcState) report(c *Candidate, o Outcome, now time.Time) {
+func (s *svcState) report(c *keyState, o Outcome, now time.Time) {
 	p := s.pool
 	if o.Cost != 0 {
 		c.spent += o.Cost
-		if c.key.BalanceTotal > 0 && c.Remaining() <= 0 && (c.state == StateActive || c.state == StateHalfOpen) {
+		if c.key.BalanceTotal > 0 && c.remaining() <= 0 && (c.state == StateActive || c.state == StateHalfOpen) {
 			defer s.setState(c, StateExhausted, time.Time{}, "balance spent", now)
 		}
 	}
@@ -169,7 +169,7 @@ func (s *svcState) report(c *Candidate, o Outcome, now time.Time) {
 }
 
 // setState moves a key to st and records an event.
-func (s *svcState) setState(c *Candidate, st State, until time.Time, reason string, now time.Time) {
+func (s *svcState) setState(c *keyState, st State, until time.Time, reason string, now time.Time) {
 	switch st {
 	case StateActive:
 		if b := c.brk.Load(); b != nil && b.State() != breaker.Closed {

@@ -156,7 +156,7 @@ func (p *Pool) SetService(svc Service, keys []Key) error {
 	s := old[svc.Name]
 	fresh := s == nil
 	if fresh {
-		s = &svcState{pool: p, name: svc.Name, keys: map[string]*Candidate{}}
+		s = &svcState{pool: p, name: svc.Name, keys: map[string]*keyState{}}
 	}
 	events := s.load(svc, bs, keys, p.now())
 	if fresh {
@@ -191,7 +191,7 @@ func (p *Pool) RemoveService(name string) {
 	for _, c := range s.all {
 		c.gen.Add(1)
 	}
-	s.all, s.avail, s.keys, s.heap = nil, nil, map[string]*Candidate{}, nil
+	s.all, s.avail, s.keys, s.heap = nil, nil, map[string]*keyState{}, nil
 	s.ejected, s.held, s.prober = 0, 0, nil
 	s.mu.Unlock()
 }

@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"strings"
 	"sync/atomic"
+	"time"
 )
 
 // Selector picks one key among the available ones. The pool calls Select
@@ -14,6 +15,11 @@ import (
 // Select must be fast, must not block and must not call back into the
 // Pool; returning nil or a key the pool then refuses (excluded by the
 // request, say) makes the pool offer the selector a filtered list.
+//
+// A selector reads keys only through [Candidate]'s methods, as the
+// built-in ones do, so any of them can be rewritten outside this package
+// (examples/customselector has a variant of [Weighted]). A selector that
+// needs per-key state keeps it in [Candidate.Scratch].
 //
 // Optional capabilities are separate interfaces found by type assertion;
 // none are defined yet.
@@ -30,15 +36,16 @@ func (f SelectorFunc) Select(c *Candidates) *Candidate { return f(c) }
 // Candidates is the list of keys a [Selector] chooses from, valid only
 // during the call.
 type Candidates struct {
-	list     []*Candidate
+	list     []*keyState
 	affinity string
+	now      time.Time
 }
 
 // Len returns the number of candidates; it is at least 1.
 func (c *Candidates) Len() int { return len(c.list) }
 
 // At returns the i-th candidate.
-func (c *Candidates) At(i int) *Candidate { return c.list[i] }
+func (c *Candidates) At(i int) *Candidate { return &c.list[i].view }
 
 // Affinity returns the request's affinity value ([Request.Affinity]).
 func (c *Candidates) Affinity() string { return c.affinity }
@@ -54,23 +61,25 @@ func (r *RoundRobin) Select(c *Candidates) *Candidate {
 
 // Weighted is smooth weighted round robin (as in nginx): over any run of
 // picks each key's share follows its weight, interleaved rather than in
-// blocks. It costs O(available keys) per pick.
+// blocks. Each key's current weight lives in its [Candidate.Scratch]. It
+// costs O(available keys) per pick.
 type Weighted struct{}
 
 // Select returns the key with the highest current weight.
 func (Weighted) Select(c *Candidates) *Candidate {
 	var best *Candidate
-	var total int64
+	var bestCur, total int64
 	for i := 0; i < c.Len(); i++ {
 		k := c.At(i)
 		w := int64(k.Weight())
-		k.swrr += w
+		cur := k.Scratch()
+		*cur += w
 		total += w
-		if best == nil || k.swrr > best.swrr {
-			best = k
+		if best == nil || *cur > bestCur {
+			best, bestCur = k, *cur
 		}
 	}
-	best.swrr -= total
+	*best.Scratch() -= total
 	return best
 }
 
@@ -165,7 +174,7 @@ func (s *Sticky) Select(c *Candidates) *Candidate {
 	var bestScore uint64
 	for i := 0; i < c.Len(); i++ {
 		k := c.At(i)
-		if sc := mix64(h ^ k.idHash); best == nil || sc > bestScore {
+		if sc := mix64(h ^ k.IDHash()); best == nil || sc > bestScore {
 			best, bestScore = k, sc
 		}
 	}
@@ -180,7 +189,7 @@ type Ordered struct{ n atomic.Uint64 }
 
 // Select returns the first key by priority.
 func (o *Ordered) Select(c *Candidates) *Candidate {
-	return bestFrom(c, &o.n, func(k, best *Candidate) bool { return k.key.Priority < best.key.Priority })
+	return bestFrom(c, &o.n, func(k, best *Candidate) bool { return k.Priority() < best.Priority() })
 }
 
 // mix64 is the splitmix64 finaliser.

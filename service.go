@@ -19,19 +19,19 @@ type svcState struct {
 
 	mu      sync.Mutex // protects everything below
 	bs      breaker.Settings
-	keys    map[string]*Candidate
-	all     []*Candidate
-	avail   []*Candidate
-	heap    []*Candidate // min-heap on wakeAt
+	keys    map[string]*keyState
+	all     []*keyState
+	avail   []*keyState
+	heap    []*keyState // min-heap on wakeAt
 	cands   Candidates
-	scratch []*Candidate
+	scratch []*keyState
 	pending []Event
 	holds   []Hold
-	capped  int        // keys out of rotation at their in-flight cap
-	ejected int        // keys in StateOpen
-	held    int        // keys with held set
-	prober  *Candidate // the key a probe is out on while every key in rotation is held
-	outage  bool       // the last pick found every key held and a probe out or due later
+	capped  int       // keys out of rotation at their in-flight cap
+	ejected int       // keys in StateOpen
+	held    int       // keys with held set
+	prober  *keyState // the key a probe is out on while every key in rotation is held
+	outage  bool      // the last pick found every key held and a probe out or due later
 	// probeAfter is when the next probe may go after a failed one.
 	probeAfter time.Time
 }
@@ -59,8 +59,8 @@ func (s *svcState) load(svc Service, bs breaker.Settings, keys []Key, now time.T
 	defer s.mu.Unlock()
 	s.cfg.Store(&svc)
 	s.bs = bs
-	next := make(map[string]*Candidate, len(keys))
-	all := make([]*Candidate, 0, len(keys))
+	next := make(map[string]*keyState, len(keys))
+	all := make([]*keyState, 0, len(keys))
 	for i := range keys {
 		k := keys[i]
 		c := s.keys[k.ID]
@@ -69,10 +69,7 @@ func (s *svcState) load(svc Service, bs breaker.Settings, keys []Key, now time.T
 			c = nil
 		}
 		if c == nil {
-			c = &Candidate{svc: s, availIdx: -1, heapIdx: -1, idHash: hashString(k.ID)}
-			c.storedSt = StateActive
-			c.state = StateActive
-			c.key = &k
+			c = newKeyState(s, &k)
 			s.admit(c)
 		} else {
 			if d := k.BalanceUsed - c.key.BalanceUsed; d > 0 {
@@ -93,7 +90,7 @@ func (s *svcState) load(svc Service, bs breaker.Settings, keys []Key, now time.T
 		if k.State != c.storedSt {
 			c.storedSt = k.State
 			s.setState(c, k.State, time.Time{}, k.Reason, now)
-		} else if c.state == StateExhausted && c.until.IsZero() && k.BalanceTotal > 0 && c.Remaining() > 0 {
+		} else if c.state == StateExhausted && c.until.IsZero() && k.BalanceTotal > 0 && c.remaining() > 0 {
 			// Topped up, or the quota was reset by its owner.
 			s.setState(c, StateActive, time.Time{}, "", now)
 		}
@@ -134,7 +131,7 @@ func (s *svcState) limiterFor(k *Key, old *rate.Limiter, now time.Time) *rate.Li
 }
 
 // retire takes a key out for good: reloaded with a new secret, or removed.
-func (s *svcState) retire(c *Candidate) {
+func (s *svcState) retire(c *keyState) {
 	c.gen.Add(1)
 	if c.state == StateOpen {
 		s.ejected--

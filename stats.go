@@ -62,7 +62,7 @@ func (p *Pool) Stats(service string) ([]KeyStats, bool) {
 			InFlight: c.inFlight.Load(), RequestsLastMinute: c.lastMinute(now),
 			Requests: c.requests, Failures: c.failures,
 			Latency: time.Duration(c.ewma.Load()), Breaker: "closed",
-			Remaining: c.Remaining(), Spent: c.spent,
+			Remaining: c.remaining(), Spent: c.spent,
 			Refusals: c.strikes, Held: c.held,
 		}
 		if math.IsInf(st.Remaining, 1) {
@@ -82,7 +82,7 @@ func (p *Pool) Stats(service string) ([]KeyStats, bool) {
 
 // featureUse returns the use of c's rate-limited features at now; the
 // caller holds the service's lock.
-func featureUse(c *Candidate, burst int, now time.Time) map[string]FeatureUse {
+func featureUse(c *keyState, burst int, now time.Time) map[string]FeatureUse {
 	var out map[string]FeatureUse
 	for f, rpm := range c.key.Features {
 		if rpm <= 0 {
@@ -102,7 +102,7 @@ func featureUse(c *Candidate, burst int, now time.Time) map[string]FeatureUse {
 	return out
 }
 
-func (c *Candidate) observeLatency(d time.Duration) {
+func (c *keyState) observeLatency(d time.Duration) {
 	if d <= 0 {
 		d = 1
 	}
@@ -120,14 +120,14 @@ func (c *Candidate) observeLatency(d time.Duration) {
 
 const bucketWidth = 5 * time.Second
 
-func (c *Candidate) countRequest(now time.Time) {
+func (c *keyState) countRequest(now time.Time) {
 	c.requests++
 	slot := now.UnixNano() / int64(bucketWidth)
 	c.advance(slot)
 	c.buckets[slot%12]++
 }
 
-func (c *Candidate) advance(slot int64) {
+func (c *keyState) advance(slot int64) {
 	if slot-c.bucketBase >= 12 {
 		if slot-c.bucketBase >= 24 {
 			c.buckets = [12]uint32{}
@@ -140,7 +140,7 @@ func (c *Candidate) advance(slot int64) {
 	}
 }
 
-func (c *Candidate) lastMinute(now time.Time) int {
+func (c *keyState) lastMinute(now time.Time) int {
 	slot := now.UnixNano() / int64(bucketWidth)
 	c.advance(slot)
 	n := 0

@@ -4,7 +4,7 @@ import "time"
 
 // The wait heap: a binary min-heap of candidates on wakeAt.
 
-func (s *svcState) schedule(c *Candidate, t time.Time) {
+func (s *svcState) schedule(c *keyState, t time.Time) {
 	if c.heapIdx >= 0 {
 		c.wakeAt = t
 		s.heapFix(c.heapIdx)
@@ -16,7 +16,7 @@ func (s *svcState) schedule(c *Candidate, t time.Time) {
 	s.heapUp(c.heapIdx)
 }
 
-func (s *svcState) unschedule(c *Candidate) {
+func (s *svcState) unschedule(c *keyState) {
 	i := c.heapIdx
 	if i < 0 {
 		return

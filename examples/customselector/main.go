@@ -3,7 +3,10 @@
 //
 // cheapestFirst prefers keys labelled tier=free and falls back to paid
 // keys only when no free key is available; within a tier it defers to
-// round robin. logged wraps any selector to count its picks.
+// round robin. logged wraps any selector to count its picks. byBalance is
+// a variant of keypool.Weighted written outside the package: the same
+// smooth weighted round robin, through the same Candidate methods, with
+// each key weighted by the balance it has left.
 //
 //	go run ./examples/customselector
 package main
@@ -14,6 +17,7 @@ import (
 	"log"
 	"os"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/keypool/keypool"
@@ -29,7 +33,7 @@ func (s *cheapestFirst) Select(c *keypool.Candidates) *keypool.Candidate {
 	for i := 0; i < c.Len(); i++ {
 		// Rotate the starting point so free keys share the load.
 		k := s.rr.Select(c)
-		if k.Key().Labels["tier"] == "free" {
+		if k.Label("tier") == "free" {
 			return k
 		}
 	}
@@ -49,6 +53,28 @@ func (l *logged) Select(c *keypool.Candidates) *keypool.Candidate {
 		l.picks[k.ID()]++
 	}
 	return k
+}
+
+// byBalance is keypool.Weighted with each key's weight taken from its
+// balance left instead of Key.Weight, so keys run dry together. Like
+// Weighted it keeps each key's current weight in Candidate.Scratch.
+type byBalance struct{}
+
+// Select implements keypool.Selector.
+func (byBalance) Select(c *keypool.Candidates) *keypool.Candidate {
+	var best *keypool.Candidate
+	var total int64
+	for i := 0; i < c.Len(); i++ {
+		k := c.At(i)
+		w := int64(max(1, min(k.Remaining(), 1e9))) // +Inf: unknown balance
+		*k.Scratch() += w
+		total += w
+		if best == nil || *k.Scratch() > *best.Scratch() {
+			best = k
+		}
+	}
+	*best.Scratch() -= total
+	return best
 }
 
 func main() {
@@ -96,6 +122,41 @@ func run(w io.Writer) error {
 	sel.picks = map[string]int{}
 	use(4, keypool.OK)
 	report(w, "free keys back:", sel.picks)
+	return weighByBalance(w, pool)
+}
+
+// weighByBalance spreads requests over two keys by the balance each has
+// left: 300 and 100 credits, then 100 and 100 once the first spent 200.
+func weighByBalance(w io.Writer, pool *keypool.Pool) error {
+	sel := &logged{next: byBalance{}, picks: map[string]int{}}
+	keys := []keypool.Key{
+		{ID: "big", Secret: "big-key-xxxxxxxxxxx", BalanceTotal: 300},
+		{ID: "small", Secret: "small-key-xxxxxxxxx", BalanceTotal: 100},
+	}
+	if err := pool.SetService(keypool.Service{Name: "chat", Selector: sel}, keys); err != nil {
+		return err
+	}
+	var order strings.Builder
+	for i := 0; i < 8; i++ {
+		l, err := pool.Acquire("chat", keypool.Request{})
+		if err != nil {
+			return err
+		}
+		order.WriteString(l.KeyID()[:1])
+		l.Release(keypool.Outcome{})
+	}
+	report(w, "by balance left, 300:100, order "+order.String()+":", sel.picks)
+
+	pool.Spend("chat", "big", 200)
+	sel.picks = map[string]int{}
+	for i := 0; i < 8; i++ {
+		l, err := pool.Acquire("chat", keypool.Request{})
+		if err != nil {
+			return err
+		}
+		l.Release(keypool.Outcome{})
+	}
+	report(w, "by balance left, 100:100:", sel.picks)
 	return nil
 }
 
@@ -112,4 +173,8 @@ func report(w io.Writer, title string, picks map[string]int) {
 	fmt.Fprintln(w)
 }
 
-var _ keypool.Selector = (*cheapestFirst)(nil)
+var (
+	_ keypool.Selector = (*cheapestFirst)(nil)
+	_ keypool.Selector = (*logged)(nil)
+	_ keypool.Selector = byBalance{}
+)

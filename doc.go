@@ -55,6 +55,25 @@
 // [Config.OnEvent], and [Pool.Apply] applies an event from elsewhere, so
 // replicas can share what each learned.
 //
+// # Changing a key's state
+//
+// A key's state changes in two ways, and every change is delivered to
+// [Config.OnEvent]:
+//
+//   - Outcomes: what a request with the key met. [Lease.Release] reports
+//     it for a leased request; [Pool.Report] for a key used without its
+//     lease; [Pool.Spend] is Report of a cost learned after the release.
+//     The pool decides the state (cooldown, breaker, refusal strikes).
+//   - Events: a state decided or learned elsewhere, set as given.
+//     [Pool.Apply] takes an [Event] from another replica and
+//     emits it with Event.Remote set, so a listener that shares or
+//     persists events skips it and nothing echoes back;
+//     [Pool.SetKeyState] is an admin's decision taken here, emitted like
+//     the pool's own. [Key.State], recorded by the key's owner, is
+//     applied by [Pool.SetService] only when it differs from the value
+//     of the previous load, so a reload does not undo what the pool
+//     learned since.
+//
 // # Concurrency
 //
 // A Pool is safe for concurrent use. Acquire and Release allocate nothing

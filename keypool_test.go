@@ -510,15 +510,32 @@ func TestBalanceSpend(t *testing.T) {
 	}
 }
 
-func TestApplyEvent(t *testing.T) {
+func TestAppliedEventRoutesAroundKeyAndIsEmittedAsRemote(t *testing.T) {
 	clk := newClock()
-	var events []Event
+	var events, applied []Event
 	a := newTestPool(t, clk, Service{}, keysN(2), &events)
-	b := newTestPool(t, clk, Service{}, keysN(2), nil)
+	b := newTestPool(t, clk, Service{}, keysN(2), &applied)
 	l := acquire(t, a, Request{Exclude: []string{"k1"}})
 	l.Release(Outcome{Kind: RateLimited, RetryAfter: time.Minute})
+	if len(events) != 1 || events[0].Remote {
+		t.Fatalf("a's own events: %+v, want one, not remote", events)
+	}
 	for _, e := range events {
-		b.Apply(e)
+		if !b.Apply(e) {
+			t.Fatalf("Apply did not find %s", e.KeyID)
+		}
+	}
+	if len(applied) != 1 || !applied[0].Remote || applied[0].State != StateCooling || !applied[0].Until.Equal(events[0].Until) {
+		t.Fatalf("b's events after Apply: %+v, want the cooldown, remote", applied)
+	}
+	// The same event again changes nothing and emits nothing, so two
+	// replicas that both listened could not echo it between them.
+	b.Apply(events[0])
+	if len(applied) != 1 {
+		t.Fatalf("re-applying an event emitted %+v", applied[1:])
+	}
+	if b.Apply(Event{Service: "svc", KeyID: "nope", State: StateInvalid}) || b.Apply(Event{Service: "nope", KeyID: "k0"}) {
+		t.Fatal("Apply reported an unknown key as found")
 	}
 	if got := counts(t, b, 10, Request{}); got["k0"] != 0 {
 		t.Fatal("replica b picked k0 after applying its cooldown")

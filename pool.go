@@ -332,46 +332,33 @@ func (p *Pool) emit(events []Event) {
 	}
 }
 
-// Apply sets a key's state from an event produced elsewhere (another
-// replica, an admin action, a lease report). It does not call OnEvent.
-// Unknown services and keys are ignored.
-func (p *Pool) Apply(e Event) {
-	s := (*p.services.Load())[e.Service]
-	if s == nil {
-		return
-	}
-	now := p.now()
-	s.mu.Lock()
-	if c := s.keys[e.KeyID]; c != nil {
+// Apply sets a key's state as an event learned elsewhere says (another
+// replica's): it is how replicas share what each learned.
+// It emits the resulting change to [Config.OnEvent] with Event.Remote
+// set, so a listener that shares or persists events skips it and no
+// event echoes back to where it came from. It reports whether the key
+// exists; unknown services and keys are ignored.
+func (p *Pool) Apply(e Event) bool {
+	return p.onKey(e.Service, e.KeyID, true, func(s *svcState, c *keyState, now time.Time) {
 		s.setState(c, e.State, e.Until, e.Reason, now)
-	}
-	s.pending = s.pending[:0]
-	s.mu.Unlock()
+	})
 }
 
-// SetKeyState moves a key to a state, as an admin would: StateActive puts an
-// invalid, exhausted or disabled key back in rotation and closes its
-// breaker. It emits an event. It reports whether the key exists.
+// SetKeyState moves a key to a state by a decision taken here, as an
+// admin's: StateActive puts an invalid, exhausted or disabled key back in
+// rotation and closes its breaker. Unlike [Pool.Apply] its event is not
+// Remote, so listeners share and persist it as they do what the pool
+// learns. It reports whether the key exists.
 func (p *Pool) SetKeyState(service, keyID string, st State, until time.Time, reason string) bool {
-	s := (*p.services.Load())[service]
-	if s == nil {
-		return false
-	}
-	now := p.now()
-	s.mu.Lock()
-	c := s.keys[keyID]
-	if c != nil {
+	return p.onKey(service, keyID, false, func(s *svcState, c *keyState, now time.Time) {
 		s.setState(c, st, until, reason, now)
-	}
-	events := s.takeEvents()
-	s.mu.Unlock()
-	p.emit(events)
-	return c != nil
+	})
 }
 
 // Spend deducts amount from a key's balance, in its BalanceUnit, for spend
 // learned after its lease was released (metered usage at the end of a
-// stream). A key whose balance runs out becomes Exhausted. It reports
+// stream). A key whose balance runs out becomes Exhausted. It is
+// [Pool.Report] of an outcome that carries only the cost. It reports
 // whether the key exists.
 func (p *Pool) Spend(service, keyID string, amount float64) bool {
 	return p.Report(service, keyID, Outcome{Kind: ClientError, Cost: amount})
@@ -381,8 +368,18 @@ func (p *Pool) Spend(service, keyID string, amount float64) bool {
 // released with it: a 429 cools it down (with the same backoff), a failure
 // counts toward its breaker, and so on. It serves callers that used a key
 // without holding its lease (a leased raw key reported after its lease
-// expired). It reports whether the key exists.
+// expired, a refusal confirmed after another key served). It reports
+// whether the key exists.
 func (p *Pool) Report(service, keyID string, o Outcome) bool {
+	return p.onKey(service, keyID, false, func(s *svcState, c *keyState, now time.Time) {
+		s.report(c, o, now)
+	})
+}
+
+// onKey runs f on a key under its service's lock, then delivers the
+// events and holds f produced, marked Remote when remote. It reports
+// whether the key exists.
+func (p *Pool) onKey(service, keyID string, remote bool, f func(s *svcState, c *keyState, now time.Time)) bool {
 	s := (*p.services.Load())[service]
 	if s == nil {
 		return false
@@ -391,10 +388,13 @@ func (p *Pool) Report(service, keyID string, o Outcome) bool {
 	s.mu.Lock()
 	c := s.keys[keyID]
 	if c != nil {
-		s.report(c, o, now)
+		f(s, c, now)
 	}
 	events, holds := s.takeEvents(), s.takeHolds()
 	s.mu.Unlock()
+	for i := range events {
+		events[i].Remote = remote
+	}
 	p.emit(events)
 	p.emitHolds(holds)
 	return c != nil

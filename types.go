@@ -225,6 +225,12 @@ type Event struct {
 	Until   time.Time `json:"until,omitzero"`
 	Reason  string    `json:"reason,omitempty"`
 	At      time.Time `json:"at"`
+	// Remote reports whether the change came from elsewhere through
+	// [Pool.Apply] rather than from this pool's own outcomes and
+	// decisions. A listener that shares or persists events skips remote
+	// ones: their origin already did. It is never encoded; Apply ignores
+	// it.
+	Remote bool `json:"-"`
 }
 
 // Hold is a key the pool kept in rotation although the evidence would

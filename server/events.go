@@ -14,6 +14,11 @@ import (
 // onEvent is the pool's OnEvent hook. It runs on the request path, so it
 // only counts and queues: the store is written by persistEvents.
 func (s *Server) onEvent(e keypool.Event) {
+	if e.Remote {
+		// Applied from another replica: that replica counted, shared and
+		// persisted it; sharing it again would echo it back.
+		return
+	}
 	s.metrics.onEvent(e)
 	if s.share != nil {
 		s.share.offer(e)

@@ -71,13 +71,11 @@ func (q QueryAuth) Name() string {
 	return "query:" + q.Param
 }
 
-// BasicAuth sends HTTP basic authentication. A secret containing a colon
-// is split into user and password at the first colon; otherwise the secret
-// is the user name and the password is empty (as Stripe-style APIs expect).
-type BasicAuth struct{}
+// basicAuth is the scheme of [Basic].
+type basicAuth struct{}
 
 // Inject sets Authorization: Basic.
-func (BasicAuth) Inject(r *http.Request, s Secret) {
+func (basicAuth) Inject(r *http.Request, s Secret) {
 	if r.Header == nil {
 		r.Header = http.Header{}
 	}
@@ -89,7 +87,7 @@ func (BasicAuth) Inject(r *http.Request, s Secret) {
 }
 
 // Name returns "basic".
-func (BasicAuth) Name() string { return "basic" }
+func (basicAuth) Name() string { return "basic" }
 
 // Built-in auth schemes.
 var (
@@ -105,8 +103,11 @@ var (
 	AuthorizationToken AuthScheme = HeaderAuth{Header: "Authorization", Prefix: "Token ", name: "authorization-token"}
 	// QueryParam sends ?api_key=<key>.
 	QueryParam AuthScheme = QueryAuth{Param: "api_key", name: "query-param"}
-	// Basic sends HTTP basic authentication.
-	Basic AuthScheme = BasicAuth{}
+	// Basic sends HTTP basic authentication. A secret containing a colon
+	// is split into user and password at the first colon; otherwise the
+	// secret is the user name and the password is empty (as Stripe-style
+	// APIs expect).
+	Basic AuthScheme = basicAuth{}
 )
 
 // AuthSchemeNames lists the fixed names [ParseAuthScheme] accepts, besides
@@ -176,5 +177,5 @@ func validToken(v string) bool {
 var (
 	_ AuthScheme = HeaderAuth{}
 	_ AuthScheme = QueryAuth{}
-	_ AuthScheme = BasicAuth{}
+	_ AuthScheme = basicAuth{}
 )

@@ -111,8 +111,8 @@ func TestSecretNeverPrints(t *testing.T) {
 		t.Fatal("Reveal")
 	}
 	for in, want := range map[string]string{"sk-abcdefghijklmnf9c2": "sk-a…f9c2", "short-key-12": "…12", "abc": "…", "": ""} {
-		if got := MaskSecret(in); got != want {
-			t.Errorf("MaskSecret(%q) = %q, want %q", in, got, want)
+		if got := Secret(in).Hint(); got != want {
+			t.Errorf("Secret(%q).Hint() = %q, want %q", in, got, want)
 		}
 	}
 }

@@ -18,11 +18,6 @@ import (
 // resp is nil when err is not.
 type Classifier func(resp *http.Response, err error) Outcome
 
-// DefaultClassifier is [Classify] at the wall clock's now.
-func DefaultClassifier(resp *http.Response, err error) Outcome {
-	return Classify(resp, err, time.Now())
-}
-
 // peekLimit bounds how much of an error body Classify reads to find an
 // API's quota or invalid-key code.
 const peekLimit = 8 << 10

@@ -13,9 +13,6 @@ type Lease struct {
 	released bool
 }
 
-// Valid reports whether the lease holds a key.
-func (l *Lease) Valid() bool { return l.c != nil }
-
 // KeyID returns the key's id.
 func (l *Lease) KeyID() string { return l.key.ID }
 

@@ -41,10 +41,8 @@ func (s Secret) IsZero() bool { return s == "" }
 // Hint returns a masked form safe for listings: the first four and last four
 // characters around an ellipsis ("sk-a…f9c2"). Secrets of twelve characters
 // or fewer show only their last two ("…c2"), and empty ones show "".
-func (s Secret) Hint() string { return MaskSecret(string(s)) }
-
-// MaskSecret masks a credential the way [Secret.Hint] does.
-func MaskSecret(v string) string {
+func (s Secret) Hint() string {
+	v := string(s)
 	switch {
 	case v == "":
 		return ""

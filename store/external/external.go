@@ -478,7 +478,7 @@ func (s *Source) toKey(v [10]any) (store.Key, bool, error) {
 		ID:      KeyIDPrefix + id,
 		Service: svc,
 		Secret:  keypool.Secret(secret),
-		Hint:    keypool.MaskSecret(secret),
+		Hint:    keypool.Secret(secret).Hint(),
 		Status:  store.StatusActive,
 		Origin:  Origin,
 	}

@@ -159,7 +159,7 @@ func (s *Store) sealKey(row *keyRow, secret keypool.Secret) error {
 	row.Ciphertext = ct
 	row.KeyVersion = int64(s.keyring.Current())
 	row.Fingerprint = s.fingerprint(secret)
-	row.Hint = keypool.MaskSecret(secret.Reveal())
+	row.Hint = secret.Hint()
 	return nil
 }
 

@@ -83,3 +83,36 @@ func BenchmarkMemoryPerKey(b *testing.B) {
 		runtime.KeepAlive(keys)
 	}
 }
+
+// BenchmarkSelectors is one Acquire and Release of 10 keys with each
+// built-in selector (with an affinity for sticky).
+func BenchmarkSelectors(b *testing.B) {
+	for _, name := range SelectorNames {
+		b.Run(name, func(b *testing.B) {
+			p := benchPool(b, 10, 0)
+			sel, err := ParseSelector(name)
+			if err != nil {
+				b.Fatal(err)
+			}
+			svc, _ := p.Service("svc")
+			svc.Selector = sel
+			keys := make([]Key, 10)
+			for i := range keys {
+				keys[i] = Key{ID: fmt.Sprintf("k%d", i), Secret: Secret(fmt.Sprintf("sk-%032d", i)), Weight: i + 1, Priority: i % 3}
+			}
+			if err := p.SetService(svc, keys); err != nil {
+				b.Fatal(err)
+			}
+			r := Request{Affinity: "user-42"}
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				l, err := p.Acquire("svc", r)
+				if err != nil {
+					b.Fatal(err)
+				}
+				l.Release(Outcome{})
+			}
+		})
+	}
+}

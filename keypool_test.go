@@ -3,7 +3,6 @@ package keypool
 import (
 	"errors"
 	"fmt"
-	"math"
 	"strings"
 	"sync"
 	"testing"
@@ -64,160 +63,6 @@ func counts(t *testing.T, p *Pool, n int, r Request) map[string]int {
 		l.Release(Outcome{})
 	}
 	return got
-}
-
-func TestDistribution(t *testing.T) {
-	const picks = 100000
-	t.Run("round robin within 2%", func(t *testing.T) {
-		p := newTestPool(t, newClock(), Service{}, keysN(7), nil)
-		got := counts(t, p, picks, Request{})
-		for id, n := range got {
-			want := float64(picks) / 7
-			if math.Abs(float64(n)-want)/want > 0.02 {
-				t.Errorf("%s: %d picks, want %.0f ±2%%", id, n, want)
-			}
-		}
-		if len(got) != 7 {
-			t.Fatalf("picked %d keys, want 7", len(got))
-		}
-	})
-	t.Run("weighted within 2% of weights", func(t *testing.T) {
-		keys := keysN(4)
-		weights := []int{1, 2, 3, 10}
-		for i := range keys {
-			keys[i].Weight = weights[i]
-		}
-		p := newTestPool(t, newClock(), Service{Selector: Weighted{}}, keys, nil)
-		got := counts(t, p, picks, Request{})
-		for i, k := range keys {
-			want := float64(picks) * float64(weights[i]) / 16
-			if math.Abs(float64(got[k.ID])-want)/want > 0.02 {
-				t.Errorf("%s weight %d: %d picks, want %.0f ±2%%", k.ID, weights[i], got[k.ID], want)
-			}
-		}
-	})
-	t.Run("random covers all keys", func(t *testing.T) {
-		p := newTestPool(t, newClock(), Service{Selector: Random{}}, keysN(5), nil)
-		got := counts(t, p, 10000, Request{})
-		for id, n := range got {
-			if n < 1600 || n > 2400 {
-				t.Errorf("%s: %d of 10000", id, n)
-			}
-		}
-	})
-}
-
-func TestSticky(t *testing.T) {
-	p := newTestPool(t, newClock(), Service{Selector: &Sticky{}}, keysN(10), nil)
-	first := map[string]string{}
-	for i := 0; i < 50; i++ {
-		a := fmt.Sprintf("user-%d", i)
-		l := acquire(t, p, Request{Affinity: a})
-		first[a] = l.KeyID()
-		l.Release(Outcome{})
-	}
-	spread := map[string]bool{}
-	for a, id := range first {
-		spread[id] = true
-		for j := 0; j < 5; j++ {
-			l := acquire(t, p, Request{Affinity: a})
-			if l.KeyID() != id {
-				t.Fatalf("affinity %s moved from %s to %s", a, id, l.KeyID())
-			}
-			l.Release(Outcome{})
-		}
-	}
-	if len(spread) < 5 {
-		t.Errorf("50 affinities landed on only %d keys", len(spread))
-	}
-	// When a key becomes unhealthy its clients move, and come back after.
-	var a, id string
-	for a, id = range first {
-		break
-	}
-	l := acquire(t, p, Request{Affinity: a})
-	l.Release(Outcome{Kind: Invalid})
-	l2 := acquire(t, p, Request{Affinity: a})
-	if l2.KeyID() == id {
-		t.Fatal("sticky kept an invalid key")
-	}
-	l2.Release(Outcome{})
-	p.SetKeyState("svc", id, StateActive, time.Time{}, "")
-	l3 := acquire(t, p, Request{Affinity: a})
-	if l3.KeyID() != id {
-		t.Fatalf("affinity did not return to %s after recovery, got %s", id, l3.KeyID())
-	}
-	l3.Release(Outcome{})
-}
-
-func TestLeastInFlightPicksIdle(t *testing.T) {
-	p := newTestPool(t, newClock(), Service{Selector: &LeastInFlight{}}, keysN(3), nil)
-	busy := []Lease{acquire(t, p, Request{}), acquire(t, p, Request{})}
-	l := acquire(t, p, Request{})
-	for _, b := range busy {
-		if b.KeyID() == l.KeyID() {
-			t.Fatalf("picked busy key %s", l.KeyID())
-		}
-	}
-	// Hold three on k-any; with two more busy the idle one must win.
-	for i := 0; i < 10; i++ {
-		n := acquire(t, p, Request{})
-		if n.c.inFlight.Load() > 2 {
-			t.Fatalf("least_in_flight picked a key with %d in flight", n.c.inFlight.Load())
-		}
-		n.Release(Outcome{})
-	}
-}
-
-func TestLeastUsedAndOrdered(t *testing.T) {
-	keys := keysN(3)
-	keys[0].BalanceTotal, keys[0].BalanceUsed = 10, 9
-	keys[1].BalanceTotal, keys[1].BalanceUsed = 10, 2
-	keys[2].BalanceTotal, keys[2].BalanceUsed = 10, 5
-	p := newTestPool(t, newClock(), Service{Selector: &LeastUsed{}}, keys, nil)
-	if l := acquire(t, p, Request{}); l.KeyID() != "k1" {
-		t.Fatalf("least_used picked %s, want k1 (most left)", l.KeyID())
-	}
-	keys = keysN(3)
-	keys[0].Priority, keys[1].Priority, keys[2].Priority = 2, 0, 1
-	p = newTestPool(t, newClock(), Service{Selector: &Ordered{}}, keys, nil)
-	l := acquire(t, p, Request{})
-	if l.KeyID() != "k1" {
-		t.Fatalf("ordered picked %s, want k1", l.KeyID())
-	}
-	l.Release(Outcome{Kind: RateLimited, RetryAfter: time.Minute})
-	if l := acquire(t, p, Request{}); l.KeyID() != "k2" {
-		t.Fatalf("ordered fallback picked %s, want k2", l.KeyID())
-	}
-}
-
-func TestLatencySelectorPrefersFast(t *testing.T) {
-	clk := newClock()
-	p := newTestPool(t, clk, Service{Selector: Latency{}}, keysN(2), nil)
-	// Teach it: k0 slow, k1 fast.
-	for i := 0; i < 20; i++ {
-		l := acquire(t, p, Request{})
-		if l.KeyID() == "k0" {
-			clk.Advance(500 * time.Millisecond)
-		} else {
-			clk.Advance(10 * time.Millisecond)
-		}
-		l.Release(Outcome{})
-	}
-	got := map[string]int{}
-	for i := 0; i < 1000; i++ {
-		l := acquire(t, p, Request{})
-		got[l.KeyID()]++
-		if l.KeyID() == "k0" {
-			clk.Advance(500 * time.Millisecond)
-		} else {
-			clk.Advance(10 * time.Millisecond)
-		}
-		l.Release(Outcome{})
-	}
-	if got["k1"] < 700 {
-		t.Fatalf("fast key got %d of 1000", got["k1"])
-	}
 }
 
 func TestKeyLifecycle(t *testing.T) {
@@ -598,80 +443,69 @@ func TestConfigErrors(t *testing.T) {
 	}
 }
 
-func TestReviewRegressions(t *testing.T) {
-	t.Run("isolated 429s do not escalate the backoff", func(t *testing.T) {
-		clk := newClock()
-		var ns []int
-		p, _ := New(Config{Now: clk.Now, Backoff: func(n int, max time.Duration) time.Duration {
-			ns = append(ns, n)
-			return time.Second
-		}})
-		_ = p.SetService(Service{Name: "svc"}, keysN(1))
-		for i := 0; i < 4; i++ {
+// TestIsolated429sDoNotEscalateBackoff: a 429 followed by successes starts the next cooldown's backoff from the first step again.
+func TestIsolated429sDoNotEscalateBackoff(t *testing.T) {
+	clk := newClock()
+	var ns []int
+	p, _ := New(Config{Now: clk.Now, Backoff: func(n int, max time.Duration) time.Duration {
+		ns = append(ns, n)
+		return time.Second
+	}})
+	_ = p.SetService(Service{Name: "svc"}, keysN(1))
+	for i := 0; i < 4; i++ {
+		l := acquire(t, p, Request{})
+		l.Release(Outcome{Kind: RateLimited})
+		clk.Advance(2 * time.Second)
+		for j := 0; j < 5; j++ {
 			l := acquire(t, p, Request{})
-			l.Release(Outcome{Kind: RateLimited})
-			clk.Advance(2 * time.Second)
-			for j := 0; j < 5; j++ {
-				l := acquire(t, p, Request{})
-				l.Release(Outcome{})
-			}
+			l.Release(Outcome{})
 		}
-		if fmt.Sprint(ns) != "[1 1 1 1]" {
-			t.Fatalf("backoff attempts %v, want [1 1 1 1]", ns)
-		}
-	})
-	t.Run("half-open from another replica while this breaker is open", func(t *testing.T) {
-		clk := newClock()
-		p := newTestPool(t, clk, Service{}, keysN(1), nil)
-		for i := 0; i < 2; i++ {
-			l := acquire(t, p, Request{})
-			l.Release(Outcome{Kind: Failure})
-		}
-		p.Apply(Event{Service: "svc", KeyID: "k0", State: StateHalfOpen})
+	}
+	if fmt.Sprint(ns) != "[1 1 1 1]" {
+		t.Fatalf("backoff attempts %v, want [1 1 1 1]", ns)
+	}
+}
+
+// TestHalfOpenFromAnotherReplicaProbesWithFreshBreaker: a key another replica moved to half-open while this replica's breaker is still open takes its probe, and a good probe makes it active.
+func TestHalfOpenFromAnotherReplicaProbesWithFreshBreaker(t *testing.T) {
+	clk := newClock()
+	p := newTestPool(t, clk, Service{}, keysN(1), nil)
+	for i := 0; i < 2; i++ {
 		l := acquire(t, p, Request{})
-		l.Release(Outcome{})
-		if st, _ := p.Stats("svc"); st[0].State != StateActive {
-			t.Fatalf("after a good probe: %v (breaker %s)", st[0].State, st[0].Breaker)
-		}
-	})
-	t.Run("a topped-up key returns", func(t *testing.T) {
-		keys := keysN(1)
-		keys[0].BalanceTotal = 1
-		p := newTestPool(t, newClock(), Service{}, keys, nil)
-		l := acquire(t, p, Request{})
-		l.Release(Outcome{Cost: 1.5})
-		keys[0].BalanceTotal = 100
-		_ = p.SetService(Service{Name: "svc"}, keys)
-		if st, _ := p.Stats("svc"); st[0].State != StateActive {
-			t.Fatalf("topped-up key: %v", st[0].State)
-		}
-	})
-	t.Run("keys at their in-flight cap: retry in a second", func(t *testing.T) {
-		p := newTestPool(t, newClock(), Service{MaxInFlight: 1}, keysN(1), nil)
-		l := acquire(t, p, Request{})
-		defer l.Release(Outcome{})
-		_, err := p.Acquire("svc", Request{})
-		var nk *NoKeyError
-		if !errors.As(err, &nk) || nk.RetryAfter != time.Second {
-			t.Fatalf("err %v", err)
-		}
-	})
-	t.Run("a selector returning an excluded key is overruled", func(t *testing.T) {
-		var first *Candidate
-		sel := SelectorFunc(func(c *Candidates) *Candidate {
-			if first == nil {
-				first = c.At(0)
-			}
-			return first
-		})
-		p := newTestPool(t, newClock(), Service{Selector: sel}, keysN(2), nil)
-		l := acquire(t, p, Request{})
-		ex := l.KeyID()
-		l.Release(Outcome{})
-		if l := acquire(t, p, Request{Exclude: []string{ex}}); l.KeyID() == ex {
-			t.Fatal("excluded key picked")
-		}
-	})
+		l.Release(Outcome{Kind: Failure})
+	}
+	p.Apply(Event{Service: "svc", KeyID: "k0", State: StateHalfOpen})
+	l := acquire(t, p, Request{})
+	l.Release(Outcome{})
+	if st, _ := p.Stats("svc"); st[0].State != StateActive {
+		t.Fatalf("after a good probe: %v (breaker %s)", st[0].State, st[0].Breaker)
+	}
+}
+
+// TestToppedUpKeyReturnsToRotation: a key exhausted by spend is active again once a reload raises its balance.
+func TestToppedUpKeyReturnsToRotation(t *testing.T) {
+	keys := keysN(1)
+	keys[0].BalanceTotal = 1
+	p := newTestPool(t, newClock(), Service{}, keys, nil)
+	l := acquire(t, p, Request{})
+	l.Release(Outcome{Cost: 1.5})
+	keys[0].BalanceTotal = 100
+	_ = p.SetService(Service{Name: "svc"}, keys)
+	if st, _ := p.Stats("svc"); st[0].State != StateActive {
+		t.Fatalf("topped-up key: %v", st[0].State)
+	}
+}
+
+// TestKeysAtInFlightCapSayRetryInASecond: when every key is at its in-flight cap, NoKeyError says to retry in a second: a key is back as soon as a request ends.
+func TestKeysAtInFlightCapSayRetryInASecond(t *testing.T) {
+	p := newTestPool(t, newClock(), Service{MaxInFlight: 1}, keysN(1), nil)
+	l := acquire(t, p, Request{})
+	defer l.Release(Outcome{})
+	_, err := p.Acquire("svc", Request{})
+	var nk *NoKeyError
+	if !errors.As(err, &nk) || nk.RetryAfter != time.Second {
+		t.Fatalf("err %v", err)
+	}
 }
 
 // TestRateBurstIsFullRPM: a key with rpm 100 gives 100 of 120 quick

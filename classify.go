@@ -127,8 +127,11 @@ func retryAfterOrZero(h http.Header, now time.Time) time.Duration {
 	return d
 }
 
+// errReader is a body whose every read fails with err: the error a peek
+// met, handed on to the body's reader.
 type errReader struct{ err error }
 
+// Read returns e.err.
 func (e errReader) Read([]byte) (int, error) { return 0, e.err }
 
 type peekedBody struct {

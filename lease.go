@@ -22,9 +22,6 @@ func (l *Lease) Secret() Secret { return l.key.Secret }
 // Key returns the key's settings. Do not modify it.
 func (l *Lease) Key() *Key { return l.key }
 
-// Service returns the service's current settings. Do not modify them.
-func (l *Lease) Service() *Service { return l.c.svc.cfg.Load() }
-
 // Release reports the outcome of the request and returns the key. A report
 // for a key that was reloaded with a new secret or removed since the lease
 // was taken is ignored.

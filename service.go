@@ -36,22 +36,22 @@ type svcState struct {
 	probeAfter time.Time
 }
 
-func (s *svcState) takeEvents() []Event {
-	if len(s.pending) == 0 {
-		return nil
-	}
-	ev := append([]Event(nil), s.pending...)
-	s.pending = s.pending[:0]
-	return ev
-}
+// takeEvents returns the events recorded under the lock, for the caller
+// to deliver once it is released.
+func (s *svcState) takeEvents() []Event { return drain(&s.pending) }
 
-func (s *svcState) takeHolds() []Hold {
-	if len(s.holds) == 0 {
+// takeHolds returns the holds recorded under the lock, likewise.
+func (s *svcState) takeHolds() []Hold { return drain(&s.holds) }
+
+// drain returns a copy of *q, or nil when it is empty, and empties *q
+// keeping its storage.
+func drain[T any](q *[]T) []T {
+	if len(*q) == 0 {
 		return nil
 	}
-	h := append([]Hold(nil), s.holds...)
-	s.holds = s.holds[:0]
-	return h
+	out := append([]T(nil), *q...)
+	*q = (*q)[:0]
+	return out
 }
 
 func (s *svcState) load(svc Service, bs breaker.Settings, keys []Key, now time.Time) []Event {

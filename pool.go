@@ -241,21 +241,6 @@ func (p *Pool) ServicesWithFeature(feature string) []string {
 	return names
 }
 
-// Request narrows which key [Pool.Acquire] may pick.
-type Request struct {
-	// Affinity keeps requests with the same value on the same key while it
-	// is healthy, with the sticky selector (a user, a session, a prompt
-	// cache key).
-	Affinity string
-	// Feature restricts the pick to keys serving that feature (labels
-	// ["feature"] or an entry in Key.Features), each within its
-	// per-feature rate.
-	Feature string
-	// Exclude lists key IDs not to pick, such as keys a retry already
-	// tried.
-	Exclude []string
-}
-
 // Acquire picks a key of the service for one request. The returned lease
 // must be released exactly once with the outcome. When no key can serve it
 // returns a *[NoKeyError]; for an unknown service, [ErrUnknownService].

@@ -162,6 +162,21 @@ type Service struct {
 	Timeout       time.Duration
 }
 
+// Request narrows which key [Pool.Acquire] may pick.
+type Request struct {
+	// Affinity keeps requests with the same value on the same key while it
+	// is healthy, with the sticky selector (a user, a session, a prompt
+	// cache key).
+	Affinity string
+	// Feature restricts the pick to keys serving that feature (labels
+	// ["feature"] or an entry in Key.Features), each within its
+	// per-feature rate.
+	Feature string
+	// Exclude lists key IDs not to pick, such as keys a retry already
+	// tried.
+	Exclude []string
+}
+
 // OutcomeKind classifies what happened to a request made with a key.
 type OutcomeKind uint8
 

@@ -46,19 +46,19 @@ func (s *svcState) pickAny(r Request, now time.Time) *keyState {
 	// Slow path: the selector's choice was excluded, filtered out or over
 	// its rate. Offer it only the keys that fit.
 	for range 3 {
-		s.scratch = s.scratch[:0]
+		s.fit = s.fit[:0]
 		for _, c := range s.avail {
 			if s.fits(c, r) && s.hasToken(c, r, now) {
-				s.scratch = append(s.scratch, c)
+				s.fit = append(s.fit, c)
 			}
 		}
-		if len(s.scratch) == 0 {
+		if len(s.fit) == 0 {
 			return nil
 		}
-		s.cands.list = s.scratch
+		s.cands.list = s.fit
 		c := s.offered(s.cfg.Load().Selector.Select(&s.cands))
 		if c == nil || !s.fits(c, r) {
-			c = s.scratch[0]
+			c = s.fit[0]
 		}
 		if s.consume(c, r, now) {
 			return c

@@ -56,6 +56,7 @@ func (l *Lease) Release(o Outcome) {
 	}
 }
 
+// take leases c for one request at now; the caller holds the lock.
 func (s *svcState) take(c *keyState, now time.Time) Lease {
 	c.inFlight.Add(1)
 	c.countRequest(now)

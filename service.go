@@ -6,8 +6,9 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/keypool/keypool/breaker"
 	"golang.org/x/time/rate"
+
+	"github.com/keypool/keypool/breaker"
 )
 
 // svcState is one service's keys and their live state. It must not be
@@ -23,8 +24,8 @@ type svcState struct {
 	all     []*keyState
 	avail   []*keyState
 	heap    []*keyState // min-heap on wakeAt
-	cands   Candidates
-	scratch []*keyState
+	cands   Candidates  // what Select sees; reused by every pick
+	fit     []*keyState // the keys that fit a request, for the pick's slow path
 	pending []Event
 	holds   []Hold
 	capped  int       // keys out of rotation at their in-flight cap

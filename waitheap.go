@@ -2,8 +2,10 @@ package keypool
 
 import "time"
 
-// The wait heap: a binary min-heap of candidates on wakeAt.
+// The wait heap: a binary min-heap of the keys waiting for a time
+// (keyState.wakeAt), indexed by keyState.heapIdx, under the service's lock.
 
+// schedule puts c on the heap to wake at t, or moves it there.
 func (s *svcState) schedule(c *keyState, t time.Time) {
 	if c.heapIdx >= 0 {
 		c.wakeAt = t
@@ -16,6 +18,7 @@ func (s *svcState) schedule(c *keyState, t time.Time) {
 	s.heapUp(c.heapIdx)
 }
 
+// unschedule takes c off the heap, if it is on it.
 func (s *svcState) unschedule(c *keyState) {
 	i := c.heapIdx
 	if i < 0 {

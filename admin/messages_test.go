@@ -9,8 +9,10 @@ import (
 	"github.com/keypool/keypool/store"
 )
 
-// TestHelpfulMessages checks the messages a new user meets first.
-func TestHelpfulMessages(t *testing.T) {
+// TestFirstErrorsANewUserMeetsSayHowToFixThem: a base_url without a
+// scheme, an array posted where an object is expected and a team token on
+// the admin API each get a message that names the fix.
+func TestFirstErrorsANewUserMeetsSayHowToFixThem(t *testing.T) {
 	e := newEnv(t, backends[0])
 	team := e.must(201, "POST", "/admin/teams", map[string]any{"name": "eng"}).json(t)
 	tok := e.must(201, "POST", "/admin/tokens", map[string]any{"name": "t", "team_id": team["id"]}).json(t)["token"].(string)
@@ -47,7 +49,9 @@ func TestHelpfulMessages(t *testing.T) {
 	}
 }
 
-func TestUsageCostRounded(t *testing.T) {
+// TestUsageCostIsRoundedInJSON: a cost with float noise is listed
+// rounded (0.0000102, not 0.000010199999999999999).
+func TestUsageCostIsRoundedInJSON(t *testing.T) {
 	e := newEnv(t, backends[0])
 	e.must(201, "POST", "/admin/services", `{"name":"openai","base_url":"https://api.openai.com"}`)
 	rec := store.UsageRecord{Time: time.Date(2025, 1, 30, 10, 0, 0, 0, time.UTC), Service: "openai", Model: "gpt-4o-mini",

@@ -6,9 +6,10 @@ import (
 	"testing"
 )
 
-// Requests refused before their service is checked must not mint a
-// metric series per client-chosen name.
-func TestMetricLabelsBounded(t *testing.T) {
+// TestClientChosenServiceNamesNeverBecomeMetricLabels: requests refused
+// before their service is checked must not mint a metric series per
+// client-chosen name.
+func TestClientChosenServiceNamesNeverBecomeMetricLabels(t *testing.T) {
 	up := newUpstream(t, okJSON)
 	k := startKP(t)
 	setup(t, k, up, nil, keyA)
@@ -23,9 +24,10 @@ func TestMetricLabelsBounded(t *testing.T) {
 	}
 }
 
-// A lease-scoped token may report only on keys of services its team may
+// TestLeaseTokenReportsOnlyOnItsTeamsServicesAndHEADTakesNoLease: a
+// lease-scoped token may report only on keys of services its team may
 // use; HEAD does not take a lease.
-func TestLeaseReportScope(t *testing.T) {
+func TestLeaseTokenReportsOnlyOnItsTeamsServicesAndHEADTakesNoLease(t *testing.T) {
 	up := newUpstream(t, okJSON)
 	k := startKP(t)
 	_, ids := setup(t, k, up, nil, keyA)

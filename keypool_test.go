@@ -215,7 +215,10 @@ func TestBackoffWithoutRetryAfter(t *testing.T) {
 	}
 }
 
-func TestRateLimitPerKey(t *testing.T) {
+// TestKeyOverItsRPMIsPassedOverUntilItsNextToken: a key at its rpm burst
+// is skipped while another has room, takes one request a second as its
+// bucket refills, and alone makes NoKeyError say retry in about a second.
+func TestKeyOverItsRPMIsPassedOverUntilItsNextToken(t *testing.T) {
 	clk := newClock()
 	keys := keysN(2)
 	keys[1].RateLimitRPM = -1 // unlimited
@@ -239,7 +242,10 @@ func TestRateLimitPerKey(t *testing.T) {
 	}
 }
 
-func TestMaxInFlight(t *testing.T) {
+// TestKeyAtMaxInFlightIsPassedOverUntilARequestEnds: no key is leased
+// beyond its in-flight cap; the slot a release frees is taken by the next
+// request.
+func TestKeyAtMaxInFlightIsPassedOverUntilARequestEnds(t *testing.T) {
 	p := newTestPool(t, newClock(), Service{MaxInFlight: 2}, keysN(2), nil)
 	var ls []Lease
 	for i := 0; i < 4; i++ {
@@ -255,7 +261,10 @@ func TestMaxInFlight(t *testing.T) {
 	}
 }
 
-func TestFeatures(t *testing.T) {
+// TestFeatureRequestsGoOnlyToKeysServingTheFeature: a request for a
+// feature gets a key labelled with it or listing it, within that key's
+// feature rpm, and no key for a feature none serves.
+func TestFeatureRequestsGoOnlyToKeysServingTheFeature(t *testing.T) {
 	keys := keysN(3)
 	keys[0].Labels = map[string]string{"feature": "image-gen"}
 	keys[1].Features = map[string]int{"image-gen": 10, "chat": 0}
@@ -332,7 +341,9 @@ func TestReloadKeepsLiveState(t *testing.T) {
 	}
 }
 
-func TestBalanceSpend(t *testing.T) {
+// TestSpendingAKeysBalanceExhaustsIt: costs reported on release or later
+// through Spend exhaust a key once its balance is spent.
+func TestSpendingAKeysBalanceExhaustsIt(t *testing.T) {
 	keys := keysN(2)
 	keys[0].BalanceTotal = 1.0
 	p := newTestPool(t, newClock(), Service{}, keys, nil)
@@ -355,6 +366,9 @@ func TestBalanceSpend(t *testing.T) {
 	}
 }
 
+// TestAppliedEventRoutesAroundKeyAndIsEmittedAsRemote: another pool's
+// cooldown applied here keeps the key out until it ends, and the change is
+// emitted once, marked Remote.
 func TestAppliedEventRoutesAroundKeyAndIsEmittedAsRemote(t *testing.T) {
 	clk := newClock()
 	var events, applied []Event
@@ -391,7 +405,10 @@ func TestAppliedEventRoutesAroundKeyAndIsEmittedAsRemote(t *testing.T) {
 	}
 }
 
-func TestConcurrentUse(t *testing.T) {
+// TestConcurrentUseLeavesNothingInFlight: 8 goroutines leasing, releasing
+// with every outcome, reading stats and reloading leave no request counted
+// in flight.
+func TestConcurrentUseLeavesNothingInFlight(t *testing.T) {
 	clk := newClock()
 	p := newTestPool(t, clk, Service{MaxInFlight: 3}, keysN(8), nil)
 	var wg sync.WaitGroup
@@ -425,7 +442,10 @@ func TestConcurrentUse(t *testing.T) {
 	}
 }
 
-func TestConfigErrors(t *testing.T) {
+// TestInvalidConfigIsRejected: a breaker without half-open probes, keys
+// without or with duplicate ids and a service without a name are
+// ErrInvalidConfig.
+func TestInvalidConfigIsRejected(t *testing.T) {
 	if _, err := New(Config{Breaker: breaker.Settings{ConsecutiveFailures: 3}}); !errors.Is(err, ErrInvalidConfig) {
 		t.Fatalf("zero half-open probes accepted: %v", err)
 	}
@@ -443,7 +463,8 @@ func TestConfigErrors(t *testing.T) {
 	}
 }
 
-// TestIsolated429sDoNotEscalateBackoff: a 429 followed by successes starts the next cooldown's backoff from the first step again.
+// TestIsolated429sDoNotEscalateBackoff: a 429 followed by successes starts
+// the next cooldown's backoff from the first step again.
 func TestIsolated429sDoNotEscalateBackoff(t *testing.T) {
 	clk := newClock()
 	var ns []int
@@ -466,7 +487,9 @@ func TestIsolated429sDoNotEscalateBackoff(t *testing.T) {
 	}
 }
 
-// TestHalfOpenFromAnotherReplicaProbesWithFreshBreaker: a key another replica moved to half-open while this replica's breaker is still open takes its probe, and a good probe makes it active.
+// TestHalfOpenFromAnotherReplicaProbesWithFreshBreaker: a key another
+// replica moved to half-open while this replica's breaker is still open
+// takes its probe, and a good probe makes it active.
 func TestHalfOpenFromAnotherReplicaProbesWithFreshBreaker(t *testing.T) {
 	clk := newClock()
 	p := newTestPool(t, clk, Service{}, keysN(1), nil)
@@ -482,7 +505,8 @@ func TestHalfOpenFromAnotherReplicaProbesWithFreshBreaker(t *testing.T) {
 	}
 }
 
-// TestToppedUpKeyReturnsToRotation: a key exhausted by spend is active again once a reload raises its balance.
+// TestToppedUpKeyReturnsToRotation: a key exhausted by spend is active
+// again once a reload raises its balance.
 func TestToppedUpKeyReturnsToRotation(t *testing.T) {
 	keys := keysN(1)
 	keys[0].BalanceTotal = 1
@@ -496,7 +520,9 @@ func TestToppedUpKeyReturnsToRotation(t *testing.T) {
 	}
 }
 
-// TestKeysAtInFlightCapSayRetryInASecond: when every key is at its in-flight cap, NoKeyError says to retry in a second: a key is back as soon as a request ends.
+// TestKeysAtInFlightCapSayRetryInASecond: when every key is at its
+// in-flight cap, NoKeyError says to retry in a second: a key is back as
+// soon as a request ends.
 func TestKeysAtInFlightCapSayRetryInASecond(t *testing.T) {
 	p := newTestPool(t, newClock(), Service{MaxInFlight: 1}, keysN(1), nil)
 	l := acquire(t, p, Request{})

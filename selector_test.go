@@ -173,7 +173,8 @@ func TestLatencySelectorPrefersTheFasterKey(t *testing.T) {
 	}
 }
 
-// TestSelectorChoosingExcludedKeyIsOverruled: a selector that insists on a key the request excludes does not get it.
+// TestSelectorChoosingExcludedKeyIsOverruled: a selector that insists on a
+// key the request excludes does not get it.
 func TestSelectorChoosingExcludedKeyIsOverruled(t *testing.T) {
 	var first *Candidate
 	sel := SelectorFunc(func(c *Candidates) *Candidate {

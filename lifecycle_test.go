@@ -220,7 +220,7 @@ func TestAllEjectedIsUnavailable(t *testing.T) {
 	}
 }
 
-func TestServiceValidation(t *testing.T) {
+func TestInvalidServiceSettingsAreRejected(t *testing.T) {
 	p, _ := New(Config{})
 	for _, svc := range []Service{
 		{Name: "a", RetryAfterCap: -1}, {Name: "a", ConfirmRefusals: -1},
@@ -229,12 +229,5 @@ func TestServiceValidation(t *testing.T) {
 		if err := p.SetService(svc, nil); !errors.Is(err, ErrInvalidConfig) {
 			t.Errorf("SetService(%+v) = %v, want ErrInvalidConfig", svc, err)
 		}
-	}
-}
-
-func TestUntilPacificMidnight(t *testing.T) {
-	now := time.Date(2026, 1, 2, 7, 0, 0, 0, time.UTC) // 23:00 PST
-	if d := untilPacificMidnight(now); d != time.Hour {
-		t.Fatalf("got %v, want 1h", d)
 	}
 }

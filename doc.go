@@ -41,7 +41,9 @@
 // re-admit keys lazily. Built-ins: [RoundRobin] (the default), [Weighted],
 // [Random], [LeastInFlight], [LeastUsed], [Latency], [Sticky] and
 // [Ordered]; [ParseSelector] maps config names to them, and
-// [SelectorFunc] adapts a function.
+// [SelectorFunc] adapts a function. A selector sees each key through
+// [Candidate]'s read-only methods, the only ones the built-ins use, so a
+// variant of any of them can be written outside this package.
 //
 // Per-key limits ([Key.RateLimitRPM], [Key.MaxInFlight]) take a key out of
 // rotation while it is at its limit, so the pool never picks a key over

@@ -25,7 +25,7 @@ type keyState struct {
 
 	// The fields below are protected by svc.mu.
 	key        *Key
-	storedSt   State
+	storedSt   State // Key.State at the last load: applied only when it changes
 	state      State
 	reason     string
 	until      time.Time

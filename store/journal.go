@@ -1,21 +1,14 @@
 package store
 
 import (
-	"bufio"
-	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"hash/crc32"
-	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
-	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 )
@@ -48,6 +41,13 @@ type JournalOptions struct {
 // operating system before [UsageWriter.Add] returns) and marks it done
 // once the store has it; files whose records are all done are deleted.
 //
+// Appends commit in groups: the records of concurrent callers are
+// written together with one write(2) by the first of them (the group's
+// leader) while the others wait for it, and each caller returns once its
+// own record is written. A group forms while the previous one is being
+// written, so a lone caller writes at once and a busy journal makes one
+// system call for many records.
+//
 // Each process writes its own files, named after a random instance id
 // ("usage-<instance>-<n>.log"), and holds an advisory lock (flock) on
 // "usage-<instance>.lock" while it lives, so processes can share a
@@ -75,14 +75,19 @@ type Journal struct {
 	syncs bool // a sync goroutine runs (SyncInterval > 0)
 
 	mu      sync.Mutex // protects everything below
-	cur     *segment
+	cur     *segment   // written to outside mu by the group leader; rotated only while no group is written
 	segs    map[uint64]*segment
 	next    uint64
 	dirty   bool
 	dirNew  bool      // a file was created since the directory was synced
 	retired []segFile // rotated-out files with records not yet stored: synced and closed off the lock
 	closed  bool
-	failed  bool // a write failed; logged once until one succeeds
+	failed  bool      // a write failed; logged once until one succeeds
+	fill    *jgroup   // the group that new records join
+	writing *jgroup   // the group being written (by its leader, outside mu), or still filling while its leader yields; nil when none
+	free    []*jgroup // written groups, for reuse
+	groups  int64     // groups written
+	lines   int64     // lines in them
 }
 
 type segment struct {
@@ -124,7 +129,7 @@ func OpenJournal(opts JournalOptions) (*Journal, error) {
 		return nil, fmt.Errorf("store: journal directory: %w", err)
 	}
 	j := &Journal{dir: opts.Dir, segBytes: opts.SegmentBytes, log: opts.Logger, segs: map[uint64]*segment{},
-		stop: make(chan struct{}), done: make(chan struct{})}
+		stop: make(chan struct{}), done: make(chan struct{}), fill: &jgroup{}}
 	if j.log == nil {
 		j.log = slog.Default()
 	}
@@ -166,7 +171,9 @@ func OpenJournal(opts JournalOptions) (*Journal, error) {
 // Instance returns the journal's instance id (in its file names).
 func (j *Journal) Instance() string { return j.inst }
 
-// rotate starts a new segment; the caller holds j.mu. The old segment is deleted when all its records are done;
+// rotate starts a new segment; the caller holds j.mu and no group is
+// being written (or it is the group's leader, before or after its
+// write). The old segment is deleted when all its records are done;
 // otherwise the sync goroutine syncs and closes it (no disk flush under
 // the lock).
 func (j *Journal) rotate() error {
@@ -194,8 +201,8 @@ func (j *Journal) rotate() error {
 	return nil
 }
 
-// segFile is an open journal segment. Records are written with one
-// write(2) each: in the kernel's page cache when Append returns, which a
+// segFile is an open journal segment. A group of records is written with
+// one write(2): in the kernel's page cache when Append returns, which a
 // process crash does not lose. (A preallocated file mapped into memory
 // avoids the system call but was slower on ext4: each first write to a
 // page faults into the file system.)
@@ -209,19 +216,21 @@ type segFile interface {
 }
 
 // plainFile is a segFile on write(2).
-type plainFile struct{ f *os.File }
+type plainFile struct {
+	f  *os.File
+	fd int
+}
 
 func openPlainFile(path string) (segFile, error) {
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND|os.O_EXCL, 0o600)
 	if err != nil {
 		return nil, err
 	}
-	return plainFile{f}, nil
+	return plainFile{f: f, fd: int(f.Fd())}, nil
 }
 
-func (p plainFile) Write(b []byte) (int, error) { return p.f.Write(b) }
-func (p plainFile) Sync() error                 { return datasync(p.f) }
-func (p plainFile) Close() error                { return p.f.Close() }
+func (p plainFile) Sync() error  { return datasync(p.f) }
+func (p plainFile) Close() error { return p.f.Close() }
 
 // remove deletes a closed segment whose records are all done; the caller
 // holds j.mu.
@@ -229,94 +238,6 @@ func (j *Journal) remove(s *segment) {
 	delete(j.segs, s.seq)
 	if err := os.Remove(s.path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		j.log.Warn("store: journal: removing a replayed segment failed", "file", filepath.Base(s.path), "err", err)
-	}
-}
-
-// encodeRecord returns the journal line of rec.
-func encodeRecord(rec *UsageRecord) ([]byte, error) {
-	return appendRecordLine(nil, rec, false), nil
-}
-
-// lineBufs recycles encoding buffers: Append runs once per request.
-var lineBufs = sync.Pool{New: func() any { b := make([]byte, 0, 512); return &b }}
-
-// Append writes rec to the journal (to the operating system, before it
-// returns) and notes on rec which segment holds it, for [Journal.Done].
-func (j *Journal) Append(rec *UsageRecord) error { return j.append(rec, false) }
-
-// AppendProvisional writes a provisional line for rec: what is known of a
-// request when the upstream's answer arrives (its key, status and the
-// admission estimate), replayed only if the process dies before the final
-// record with the same ID is appended. The line counts as a record of its
-// segment until [UsageWriter.Add] appends the final one and marks it done.
-func (j *Journal) AppendProvisional(rec *UsageRecord) error { return j.append(rec, true) }
-
-func (j *Journal) append(rec *UsageRecord, provisional bool) error {
-	bp := lineBufs.Get().(*[]byte)
-	line := appendRecordLine((*bp)[:0], rec, provisional)
-	defer func() {
-		if cap(line) <= 64<<10 {
-			*bp = line
-			lineBufs.Put(bp)
-		}
-	}()
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	if j.closed {
-		return ErrJournalClosed
-	}
-	if j.cur.bytes >= j.segBytes {
-		if err := j.rotate(); err != nil {
-			return err
-		}
-	}
-	n, err := j.cur.f.Write(line)
-	j.cur.bytes += int64(n)
-	if err != nil {
-		if !j.failed {
-			j.failed = true
-			j.log.Error("store: journal write failed; usage records are not crash-safe until it works again", "err", err)
-		}
-		if n > 0 {
-			// A partial line: start a new file so the next record does
-			// not follow garbage (replay skips the torn line).
-			_ = j.rotate()
-		}
-		return fmt.Errorf("store: journal: %w", err)
-	}
-	j.failed = false
-	j.cur.appended++
-	j.dirty = true
-	if provisional {
-		rec.pseg = j.cur.seq
-	} else {
-		rec.seg = j.cur.seq
-	}
-	return nil
-}
-
-// Done marks n records of segment seg as stored. A segment other than
-// the current one is deleted once all its records are done; the current
-// one is rotated out and deleted when it is all done and at least a
-// sixteenth of SegmentBytes, so a quiet journal stays small.
-func (j *Journal) Done(seg uint64, n int) {
-	if seg == 0 || n <= 0 {
-		return
-	}
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	s := j.segs[seg]
-	if s == nil {
-		return
-	}
-	s.done += int64(n)
-	if s.done < s.appended {
-		return
-	}
-	if s != j.cur {
-		j.remove(s)
-	} else if !j.closed && s.bytes >= j.segBytes/16 {
-		_ = j.rotate()
 	}
 }
 
@@ -368,7 +289,12 @@ func (j *Journal) Close() error {
 		return ErrJournalClosed
 	}
 	j.closed = true
+	wait := j.awaitGroupsLocked()
 	j.mu.Unlock()
+	if wait != nil {
+		<-wait // records accepted before Close are written
+		waiters.Put(wait)
+	}
 	close(j.stop)
 	<-j.done
 	j.syncOnce()
@@ -403,193 +329,4 @@ func (j *Journal) unlock() {
 	if j.lock != nil {
 		_ = j.lock.Close() // releases the flock
 	}
-}
-
-// ReplayStats counts what a replay did.
-type ReplayStats struct {
-	// Journals is how many dead processes' journals were replayed.
-	Journals int
-	// Records is how many records were read and appended (a record the
-	// store already had is skipped by the store).
-	Records int
-	// Torn is how many lines were skipped: torn by a crash mid-write or
-	// failing their checksum.
-	Torn int
-}
-
-// replayBatch is how many records one replay AppendUsage carries.
-const replayBatch = 1000
-
-// ReplayOrphans appends to dst the records of every journal in the
-// directory whose process is gone (its instance lock is free), this
-// journal's own excepted, and deletes those journals once dst has them.
-// Several processes may call it at once: each orphan is replayed by one.
-// A journal that fails to replay is left in place for the next call.
-func (j *Journal) ReplayOrphans(ctx context.Context, dst UsageAppender) (ReplayStats, error) {
-	return replayDir(ctx, j.dir, j.inst, dst, j.log)
-}
-
-func replayDir(ctx context.Context, dir, self string, dst UsageAppender, log *slog.Logger) (ReplayStats, error) {
-	var st ReplayStats
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		return st, fmt.Errorf("store: journal replay: %w", err)
-	}
-	segs := map[string][]string{} // instance → segment files
-	var locks []string            // instances with a lock file
-	for _, e := range ents {
-		name := e.Name()
-		if inst, ok := strings.CutSuffix(strings.TrimPrefix(name, journalPrefix), journalLock); ok && inst != self &&
-			strings.HasPrefix(name, journalPrefix) {
-			locks = append(locks, inst)
-			continue
-		}
-		if !strings.HasPrefix(name, journalPrefix) || !strings.HasSuffix(name, journalExt) {
-			continue
-		}
-		inst, _, ok := strings.Cut(strings.TrimSuffix(strings.TrimPrefix(name, journalPrefix), journalExt), "-")
-		if !ok || inst == self {
-			continue
-		}
-		segs[inst] = append(segs[inst], filepath.Join(dir, name))
-	}
-	// A lock file whose process died after all its records were stored
-	// has no segments left: remove it once it can be locked.
-	for _, inst := range locks {
-		if _, ok := segs[inst]; ok {
-			continue
-		}
-		path := filepath.Join(dir, journalPrefix+inst+journalLock)
-		if lf, ok, err := lockFile(path); err == nil && ok {
-			_ = os.Remove(path)
-			_ = lf.Close()
-		}
-	}
-	var errs []error
-	for inst, files := range segs {
-		if err := ctx.Err(); err != nil {
-			return st, err
-		}
-		lockPath := filepath.Join(dir, journalPrefix+inst+journalLock)
-		lf, ok, err := lockFile(lockPath)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if !ok {
-			continue // its process is alive
-		}
-		slices.Sort(files) // zero-padded sequence numbers: oldest first
-		n, torn, err := replayFiles(ctx, files, dst)
-		st.Records += n
-		st.Torn += torn
-		if err != nil {
-			_ = lf.Close()
-			errs = append(errs, fmt.Errorf("store: journal replay of %s: %w", inst, err))
-			continue
-		}
-		for _, f := range files {
-			_ = os.Remove(f)
-		}
-		_ = os.Remove(lockPath)
-		_ = lf.Close()
-		st.Journals++
-		log.Info("store: replayed the usage journal of a stopped process", "instance", inst, "records", n, "torn_lines", torn)
-	}
-	return st, errors.Join(errs...)
-}
-
-// replayFiles appends the records of files to dst in batches: each
-// final record, and the provisional record of a request whose final
-// record was never written (the process died while relaying its answer).
-func replayFiles(ctx context.Context, files []string, dst UsageAppender) (n, torn int, err error) {
-	var recs []UsageRecord
-	at := map[string]int{} // id → index in recs
-	final := map[string]bool{}
-	for _, path := range files {
-		t, err := readSegment(path, func(rec UsageRecord, provisional bool) error {
-			i, seen := at[rec.ID]
-			switch {
-			case rec.ID == "" || !seen:
-				at[rec.ID] = len(recs)
-				recs = append(recs, rec)
-			case !final[rec.ID]:
-				recs[i] = rec // a later line supersedes a provisional one
-			default:
-				return nil
-			}
-			if !provisional {
-				final[rec.ID] = true
-			}
-			return nil
-		})
-		torn += t
-		if err != nil {
-			return n, torn, err
-		}
-	}
-	for len(recs) > 0 {
-		k := min(len(recs), replayBatch)
-		if err := dst.AppendUsage(ctx, recs[:k]); err != nil {
-			return n, torn, err
-		}
-		n += k
-		recs = recs[k:]
-	}
-	return n, torn, nil
-}
-
-// readSegment calls fn for every intact record of a segment file (and
-// whether it is provisional) and returns how many lines it skipped (torn
-// or failing their checksum).
-func readSegment(path string, fn func(rec UsageRecord, provisional bool) error) (torn int, err error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return 0, err
-	}
-	defer f.Close()
-	r := bufio.NewReaderSize(f, 64<<10)
-	for {
-		line, err := r.ReadBytes('\n')
-		if len(line) > 0 && line[0] == 0 {
-			return torn, nil // the unused, zeroed end of a preallocated file
-		}
-		if errors.Is(err, io.EOF) {
-			if len(line) > 0 {
-				torn++ // the last write was cut short
-			}
-			return torn, nil
-		}
-		if err != nil {
-			return torn, err
-		}
-		rec, provisional, ok := decodeRecord(line)
-		if !ok {
-			torn++
-			continue
-		}
-		if err := fn(rec, provisional); err != nil {
-			return torn, err
-		}
-	}
-}
-
-// decodeRecord parses one journal line (with its newline) and reports
-// whether it is a provisional record.
-func decodeRecord(line []byte) (rec UsageRecord, provisional, ok bool) {
-	if len(line) < 11 || line[8] != ' ' || line[len(line)-1] != '\n' {
-		return rec, false, false
-	}
-	want, err := strconv.ParseUint(string(line[:8]), 16, 32)
-	body := line[9 : len(line)-1]
-	if err != nil || crc32.Checksum(body, crcTable) != uint32(want) {
-		return rec, false, false
-	}
-	if len(body) > 0 && body[0] == 'P' {
-		provisional, body = true, body[1:]
-	}
-	if json.Unmarshal(body, &rec) != nil {
-		return rec, false, false
-	}
-	return rec, provisional, true
 }

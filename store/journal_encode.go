@@ -80,6 +80,18 @@ func appendJSONString(b []byte, s string) []byte {
 	const hexDigits = "0123456789abcdef"
 	b = append(b, '"')
 	for i := 0; i < len(s); {
+		// Copy the run of bytes that need no escaping at once: ids,
+		// names and models are plain ASCII.
+		k := i
+		for k < len(s) && s[k] >= 0x20 && s[k] < utf8.RuneSelf && s[k] != '"' && s[k] != '\\' {
+			k++
+		}
+		if k > i {
+			b = append(b, s[i:k]...)
+			if i = k; i == len(s) {
+				break
+			}
+		}
 		c := s[i]
 		if c < utf8.RuneSelf {
 			switch {

@@ -21,3 +21,6 @@ func lockFile(path string) (*os.File, bool, error) {
 func datasync(f *os.File) error { return f.Sync() }
 
 func syncDir(string) {}
+
+// Write appends b.
+func (p plainFile) Write(b []byte) (int, error) { return p.f.Write(b) }

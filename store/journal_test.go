@@ -7,8 +7,10 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -278,28 +280,6 @@ func TestUsageWriterJournal(t *testing.T) {
 	}
 }
 
-func BenchmarkJournalAppend(b *testing.B) {
-	j, err := OpenJournal(JournalOptions{Dir: b.TempDir(), Logger: quietLog})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer j.Close()
-	r := jrec(1)
-	r.ID = "0123456789abcdef-1a2b"
-	r.RequestID = "0123456789ab0123456789ab"
-	r.TeamID, r.TokenID = "team_0123456789abcdef", "tok_0123456789abcdef"
-	b.ReportAllocs()
-	b.RunParallel(func(pb *testing.PB) {
-		for pb.Next() {
-			rr := r
-			if err := j.Append(&rr); err != nil {
-				b.Fatal(err)
-			}
-			j.Done(rr.seg, 1)
-		}
-	})
-}
-
 // TestJournalLineRoundTrip: the hand-written encoding decodes with
 // encoding/json to the same record, tricky strings included.
 func TestJournalLineRoundTrip(t *testing.T) {
@@ -370,5 +350,129 @@ func TestJournalProvisional(t *testing.T) {
 	}
 	if names := journalFiles(t, dir2); len(names) != 0 {
 		t.Fatalf("files left: %v", names)
+	}
+}
+
+// TestJournalConcurrentAppendsReplayOnce: hundreds of goroutines journal
+// requests (a provisional line, sometimes a retry's second one, then the
+// final record) through a writer whose store takes batches meanwhile,
+// while small segments rotate and stored ones are deleted; then the store
+// goes down and the process dies. The replay leaves every request in the
+// store exactly once, with its final record.
+func TestJournalConcurrentAppendsReplayOnce(t *testing.T) {
+	const goroutines, perG = 300, 20
+	dir := t.TempDir()
+	j := openTestJournal(t, dir, 2048) // a segment per ~8 lines
+	st := newIDStore()
+	w := newUsageWriter(st, UsageWriterOptions{Journal: j, Retention: -1, BatchSize: 64}, make(chan time.Time), time.Now)
+	ids := make([][]string, goroutines)
+	var wg sync.WaitGroup
+	for g := range goroutines {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range perG {
+				rec := UsageRecord{Service: "svc", KeyID: "k", TokensIn: 1000} // the estimate
+				w.Provisional(&rec)
+				if i%3 == 0 {
+					w.Provisional(&rec) // a retry on another key
+				}
+				rec.Status, rec.TokensIn, rec.TokensOut = 200, int64(g), int64(i) // metered
+				ids[g] = append(ids[g], rec.ID)
+				w.Add(rec)
+			}
+		}()
+	}
+	wg.Wait()
+	if st.len() == 0 {
+		t.Fatal("the store took no batch while the goroutines ran; the test does not exercise deletion")
+	}
+	st.mu.Lock()
+	st.fail = true // the rest never reaches the store before the crash
+	st.mu.Unlock()
+	_ = w.Close(context.Background())
+	j.crash()
+
+	st.mu.Lock()
+	st.fail = false
+	st.mu.Unlock()
+	live := openTestJournal(t, dir, 0)
+	defer live.Close()
+	stats, err := live.ReplayOrphans(context.Background(), st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stats.Torn != 0 {
+		t.Errorf("%d torn lines without a torn write", stats.Torn)
+	}
+	if n := st.len(); n != goroutines*perG {
+		t.Fatalf("store has %d records after the replay, want %d", n, goroutines*perG)
+	}
+	for g, gids := range ids {
+		for i, id := range gids {
+			r, ok := st.byID[id]
+			if !ok || r.Status != 200 || r.TokensIn != int64(g) || r.TokensOut != int64(i) {
+				t.Fatalf("request %d/%d: stored %+v (present %v), want its final record", g, i, r, ok)
+			}
+		}
+	}
+}
+
+// TestJournalCloseWritesAcceptedRecords: Close during concurrent appends
+// returns after every record whose Append succeeded is in a file, and
+// later appends fail with ErrJournalClosed.
+func TestJournalCloseWritesAcceptedRecords(t *testing.T) {
+	dir := t.TempDir()
+	j := openTestJournal(t, dir, 4096)
+	var accepted sync.Map
+	var n0 atomic.Int64
+	var wg sync.WaitGroup
+	for g := range 200 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				r := jrec(g*100000 + i)
+				if err := j.Append(&r); err != nil {
+					if err != ErrJournalClosed {
+						t.Errorf("append: %v", err)
+					}
+					return
+				}
+				accepted.Store(r.ID, true)
+				n0.Add(1)
+			}
+		}()
+	}
+	for n0.Load() < 2000 { // close in the middle of the appends
+		runtime.Gosched()
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	onDisk := map[string]int{}
+	for _, name := range journalFiles(t, dir) {
+		if !strings.HasSuffix(name, journalExt) {
+			continue
+		}
+		torn, err := readSegment(filepath.Join(dir, name), func(r UsageRecord, _ bool) error {
+			onDisk[r.ID]++
+			return nil
+		})
+		if err != nil || torn != 0 {
+			t.Fatalf("%s: %v, %d torn", name, err, torn)
+		}
+	}
+	n := 0
+	accepted.Range(func(k, _ any) bool {
+		n++
+		if onDisk[k.(string)] != 1 {
+			t.Errorf("accepted record %s is %d times on disk", k, onDisk[k.(string)])
+		}
+		return true
+	})
+	if n == 0 || len(onDisk) != n {
+		t.Fatalf("%d records accepted, %d on disk", n, len(onDisk))
 	}
 }

@@ -152,10 +152,9 @@ func (w *UsageWriter) Add(rec UsageRecord) {
 	}
 	if j := w.opts.Journal; j != nil {
 		// Failures are logged by the journal; the record is still
-		// buffered for the store.
-		if j.Append(&rec) == nil && rec.pseg != 0 {
-			j.Done(rec.pseg, 1) // the final record supersedes the provisional one
-		}
+		// buffered for the store. The final record supersedes the
+		// provisional one.
+		_ = j.Append(&rec)
 		rec.pseg = 0
 	}
 	w.mu.Lock()
@@ -205,10 +204,7 @@ func (w *UsageWriter) Provisional(rec *UsageRecord) {
 		rec.ID = w.idPrefix + strconv.FormatUint(w.idSeq.Add(1), 36)
 	}
 	if j := w.opts.Journal; j != nil {
-		old := rec.pseg
-		if j.AppendProvisional(rec) == nil && old != 0 {
-			j.Done(old, 1) // a retry's provisional line supersedes the earlier one
-		}
+		_ = j.AppendProvisional(rec) // a retry's provisional line supersedes the earlier one
 	}
 }
 

@@ -1,0 +1,206 @@
+package store
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// ReplayStats counts what a replay did.
+type ReplayStats struct {
+	// Journals is how many dead processes' journals were replayed.
+	Journals int
+	// Records is how many records were read and appended (a record the
+	// store already had is skipped by the store).
+	Records int
+	// Torn is how many lines were skipped: torn by a crash mid-write or
+	// failing their checksum.
+	Torn int
+}
+
+// replayBatch is how many records one replay AppendUsage carries.
+const replayBatch = 1000
+
+// ReplayOrphans appends to dst the records of every journal in the
+// directory whose process is gone (its instance lock is free), this
+// journal's own excepted, and deletes those journals once dst has them.
+// Several processes may call it at once: each orphan is replayed by one.
+// A journal that fails to replay is left in place for the next call.
+func (j *Journal) ReplayOrphans(ctx context.Context, dst UsageAppender) (ReplayStats, error) {
+	return replayDir(ctx, j.dir, j.inst, dst, j.log)
+}
+
+func replayDir(ctx context.Context, dir, self string, dst UsageAppender, log *slog.Logger) (ReplayStats, error) {
+	var st ReplayStats
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return st, fmt.Errorf("store: journal replay: %w", err)
+	}
+	segs := map[string][]string{} // instance → segment files
+	var locks []string            // instances with a lock file
+	for _, e := range ents {
+		name := e.Name()
+		if inst, ok := strings.CutSuffix(strings.TrimPrefix(name, journalPrefix), journalLock); ok && inst != self &&
+			strings.HasPrefix(name, journalPrefix) {
+			locks = append(locks, inst)
+			continue
+		}
+		if !strings.HasPrefix(name, journalPrefix) || !strings.HasSuffix(name, journalExt) {
+			continue
+		}
+		inst, _, ok := strings.Cut(strings.TrimSuffix(strings.TrimPrefix(name, journalPrefix), journalExt), "-")
+		if !ok || inst == self {
+			continue
+		}
+		segs[inst] = append(segs[inst], filepath.Join(dir, name))
+	}
+	// A lock file whose process died after all its records were stored
+	// has no segments left: remove it once it can be locked.
+	for _, inst := range locks {
+		if _, ok := segs[inst]; ok {
+			continue
+		}
+		path := filepath.Join(dir, journalPrefix+inst+journalLock)
+		if lf, ok, err := lockFile(path); err == nil && ok {
+			_ = os.Remove(path)
+			_ = lf.Close()
+		}
+	}
+	var errs []error
+	for inst, files := range segs {
+		if err := ctx.Err(); err != nil {
+			return st, err
+		}
+		lockPath := filepath.Join(dir, journalPrefix+inst+journalLock)
+		lf, ok, err := lockFile(lockPath)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if !ok {
+			continue // its process is alive
+		}
+		slices.Sort(files) // zero-padded sequence numbers: oldest first
+		n, torn, err := replayFiles(ctx, files, dst)
+		st.Records += n
+		st.Torn += torn
+		if err != nil {
+			_ = lf.Close()
+			errs = append(errs, fmt.Errorf("store: journal replay of %s: %w", inst, err))
+			continue
+		}
+		for _, f := range files {
+			_ = os.Remove(f)
+		}
+		_ = os.Remove(lockPath)
+		_ = lf.Close()
+		st.Journals++
+		log.Info("store: replayed the usage journal of a stopped process", "instance", inst, "records", n, "torn_lines", torn)
+	}
+	return st, errors.Join(errs...)
+}
+
+// replayFiles appends the records of files to dst in batches: each
+// final record, and the provisional record of a request whose final
+// record was never written (the process died while relaying its answer).
+func replayFiles(ctx context.Context, files []string, dst UsageAppender) (n, torn int, err error) {
+	var recs []UsageRecord
+	at := map[string]int{} // id → index in recs
+	final := map[string]bool{}
+	for _, path := range files {
+		t, err := readSegment(path, func(rec UsageRecord, provisional bool) error {
+			i, seen := at[rec.ID]
+			switch {
+			case rec.ID == "" || !seen:
+				at[rec.ID] = len(recs)
+				recs = append(recs, rec)
+			case !final[rec.ID]:
+				recs[i] = rec // a later line supersedes a provisional one
+			default:
+				return nil
+			}
+			if !provisional {
+				final[rec.ID] = true
+			}
+			return nil
+		})
+		torn += t
+		if err != nil {
+			return n, torn, err
+		}
+	}
+	for len(recs) > 0 {
+		k := min(len(recs), replayBatch)
+		if err := dst.AppendUsage(ctx, recs[:k]); err != nil {
+			return n, torn, err
+		}
+		n += k
+		recs = recs[k:]
+	}
+	return n, torn, nil
+}
+
+// readSegment calls fn for every intact record of a segment file (and
+// whether it is provisional) and returns how many lines it skipped (torn
+// or failing their checksum).
+func readSegment(path string, fn func(rec UsageRecord, provisional bool) error) (torn int, err error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	r := bufio.NewReaderSize(f, 64<<10)
+	for {
+		line, err := r.ReadBytes('\n')
+		if len(line) > 0 && line[0] == 0 {
+			return torn, nil // the unused, zeroed end of a preallocated file
+		}
+		if errors.Is(err, io.EOF) {
+			if len(line) > 0 {
+				torn++ // the last write was cut short
+			}
+			return torn, nil
+		}
+		if err != nil {
+			return torn, err
+		}
+		rec, provisional, ok := decodeRecord(line)
+		if !ok {
+			torn++
+			continue
+		}
+		if err := fn(rec, provisional); err != nil {
+			return torn, err
+		}
+	}
+}
+
+// decodeRecord parses one journal line (with its newline) and reports
+// whether it is a provisional record.
+func decodeRecord(line []byte) (rec UsageRecord, provisional, ok bool) {
+	if len(line) < 11 || line[8] != ' ' || line[len(line)-1] != '\n' {
+		return rec, false, false
+	}
+	want, err := strconv.ParseUint(string(line[:8]), 16, 32)
+	body := line[9 : len(line)-1]
+	if err != nil || crc32.Checksum(body, crcTable) != uint32(want) {
+		return rec, false, false
+	}
+	if len(body) > 0 && body[0] == 'P' {
+		provisional, body = true, body[1:]
+	}
+	if json.Unmarshal(body, &rec) != nil {
+		return rec, false, false
+	}
+	return rec, provisional, true
+}

@@ -420,3 +420,121 @@ func TestBrowser(t *testing.T) {
 	b.run("sign out", chromedp.Click(".who button", chromedp.ByQuery), chromedp.WaitVisible("#username", chromedp.ByID))
 	t.Logf("browser suite took %s", time.Since(start).Round(time.Millisecond))
 }
+
+// TestBrowserTiers manages tiers in a real browser: create one (a bad
+// feature line first shows the admin API's error), edit its features,
+// put a key in it from the service page and see the key's feature use,
+// fail to delete it while it has a key, take the key out and delete it.
+func TestBrowserTiers(t *testing.T) {
+	exe := chromium(t)
+	up := upstream(t)
+	base, pw := startServer(t)
+	shots := os.Getenv("KEYPOOL_SCREENSHOT_DIR")
+	if shots == "" {
+		shots = t.TempDir()
+	} else if err := os.MkdirAll(shots, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if code, m := adminAPI(t, base, "POST", "/admin/services", map[string]any{"name": "echo", "base_url": up.URL}); code != 201 {
+		t.Fatalf("create service: %d %v", code, m)
+	}
+	if code, m := adminAPI(t, base, "POST", "/admin/keys", map[string]any{"service": "echo", "key_value": "sk-test-good-000000000001"}); code != 201 {
+		t.Fatalf("create key: %d %v", code, m)
+	}
+	_, ks := adminAPI(t, base, "GET", "/admin/keys?service=echo", nil)
+	keyID := ks["keys"].([]any)[0].(map[string]any)["id"].(string)
+	keyTier := func() string {
+		_, k := adminAPI(t, base, "GET", "/admin/keys/"+keyID, nil)
+		s, _ := k["tier"].(string)
+		return s
+	}
+	b := newBrowser(t, exe, shots)
+	b.signIn(base, "admin", pw)
+
+	b.run("tiers page", chromedp.Navigate(base+"/console/tiers"), chromedp.WaitVisible("#tier-name", chromedp.ByID))
+	b.run("bad tier",
+		chromedp.SendKeys("#tier-name", "pro", chromedp.ByID),
+		chromedp.SendKeys("#tier-features", "image-generation: lots", chromedp.ByID),
+		chromedp.Submit("#tier-name", chromedp.ByID),
+		chromedp.WaitVisible(".error", chromedp.ByQuery),
+	)
+	if s := b.text(".error"); !strings.Contains(s, `"features" must be int`) {
+		t.Errorf("error for a non-numeric rpm = %q, want the admin API's message", s)
+	}
+	var kept string
+	b.run("form kept", chromedp.Value("#tier-name", &kept, chromedp.ByID))
+	if kept != "pro" {
+		t.Errorf("the form lost its values after an error: name %q", kept)
+	}
+	b.run("create tier",
+		chromedp.SetValue("#tier-description", "paying customers", chromedp.ByID),
+		chromedp.SetValue("#tier-features", "image-generation: 100\nchat", chromedp.ByID),
+		chromedp.Submit("#tier-name", chromedp.ByID),
+		chromedp.WaitVisible(".flash", chromedp.ByQuery),
+	)
+	if s := b.text(".flash"); !strings.Contains(s, "Tier pro created") {
+		t.Errorf("flash after create = %q", s)
+	}
+	if s := b.text(`tr[data-tier="pro"]`); !strings.Contains(s, "image-generation 100 rpm") || !strings.Contains(s, "chat no limit of its own") ||
+		!strings.Contains(s, "paying customers") {
+		t.Errorf("tier row = %q", s)
+	}
+	b.shot("tiers-01-created")
+
+	b.run("edit tier",
+		chromedp.Click(`tr[data-tier="pro"] a.button`, chromedp.ByQuery),
+		chromedp.WaitVisible("#tier-features", chromedp.ByID),
+		chromedp.SetValue("#tier-features", "image-generation: 200", chromedp.ByID),
+		chromedp.Submit("#tier-features", chromedp.ByID),
+		chromedp.WaitVisible(`//p[@class="flash" and contains(., "Tier pro saved")]`, chromedp.BySearch),
+	)
+	_, tier := adminAPI(t, base, "GET", "/admin/tiers/pro", nil)
+	if f, _ := tier["features"].(map[string]any); len(f) != 1 || f["image-generation"] != float64(200) {
+		t.Errorf("tier after edit: %v", tier)
+	}
+
+	// The key joins the tier from its service's page.
+	sel := "#tier-" + keyID
+	b.run("key joins tier",
+		chromedp.Navigate(base+"/console/services/echo"),
+		chromedp.WaitVisible(sel, chromedp.ByID),
+		chromedp.SetValue(sel, "pro", chromedp.ByID),
+		chromedp.Submit(sel, chromedp.ByID),
+		chromedp.WaitVisible(`//p[@class="flash" and contains(., "now in tier pro")]`, chromedp.BySearch),
+	)
+	if got := keyTier(); got != "pro" {
+		t.Errorf("key's tier after the form = %q, want pro", got)
+	}
+	if s := b.text(`#keys [data-feature="image-generation"]`); !strings.Contains(s, "0 / 200") {
+		t.Errorf("key's feature use = %q, want 0 / 200", s)
+	}
+	b.shot("tiers-02-key-in-tier")
+
+	// A tier with keys is not deleted; the API's reason is shown.
+	b.run("delete refused",
+		chromedp.Navigate(base+"/console/tiers"),
+		chromedp.WaitVisible(`tr[data-tier="pro"] button.danger`, chromedp.ByQuery),
+		chromedp.Click(`tr[data-tier="pro"] button.danger`, chromedp.ByQuery),
+		chromedp.WaitVisible(`//p[@class="flash" and contains(., "still has keys")]`, chromedp.BySearch),
+	)
+	b.run("key leaves tier",
+		chromedp.Navigate(base+"/console/services/echo"),
+		chromedp.WaitVisible(sel, chromedp.ByID),
+		chromedp.SetValue(sel, "", chromedp.ByID),
+		chromedp.Submit(sel, chromedp.ByID),
+		chromedp.WaitVisible(`//p[@class="flash" and contains(., "in no tier")]`, chromedp.BySearch),
+	)
+	if got := keyTier(); got != "" {
+		t.Errorf("key's tier after leaving = %q", got)
+	}
+	b.run("delete tier",
+		chromedp.Navigate(base+"/console/tiers"),
+		chromedp.WaitVisible(`tr[data-tier="pro"] button.danger`, chromedp.ByQuery),
+		chromedp.Click(`tr[data-tier="pro"] button.danger`, chromedp.ByQuery),
+		chromedp.WaitVisible(`//p[@class="flash" and contains(., "Tier pro deleted")]`, chromedp.BySearch),
+	)
+	if code, _ := adminAPI(t, base, "GET", "/admin/tiers/pro", nil); code != 404 {
+		t.Errorf("deleted tier: GET answers %d", code)
+	}
+	b.shot("tiers-03-deleted")
+}

@@ -73,6 +73,7 @@ var keyFields = []field{
 	{"account_email", "Account email", text, ""},
 	{"weight", "Weight", number, ""},
 	{"rate_limit_rpm", "Requests per minute (this key)", number, "0 = the service's"},
+	{"tier", "Tier", text, "the tier the key joins (see Tiers); empty = none"},
 }
 
 // body turns the posted form into an admin API body. On create, empty

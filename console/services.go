@@ -249,30 +249,49 @@ type keyRow struct {
 	BalanceUsed        float64    `json:"balance_used"`
 	BalanceUnit        string     `json:"balance_unit"`
 	Origin             string     `json:"origin"`
+	Tier               string     `json:"tier"`
+	// Features is the use of each feature of the key's tier in the
+	// current minute.
+	Features map[string]struct {
+		RPM  int `json:"rpm"`
+		Used int `json:"used"`
+	} `json:"features"`
 	// RPM is the limit the bar is drawn against (the key's, else the
 	// service's).
 	RPM int `json:"-"`
 }
 
-func (h *Handler) serviceData(r *http.Request, id auth.Identity, name string) (map[string]any, []keyRow, error) {
+// serviceData returns what the service page shows: the service, its
+// keys and the data of its live keys table.
+func (h *Handler) serviceData(r *http.Request, id auth.Identity, name string) (map[string]any, error) {
 	var s map[string]any
 	if err := h.get(r, id, "/admin/services/"+url.PathEscape(name), &s); err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	var ks struct {
 		Keys []keyRow `json:"keys"`
 	}
 	if err := h.get(r, id, "/admin/keys?service="+url.QueryEscape(name), &ks); err != nil {
-		return nil, nil, err
+		return nil, err
 	}
+	var ts struct {
+		Tiers []tierRow `json:"tiers"`
+	}
+	_ = h.get(r, id, "/admin/tiers", &ts)
+	tiers := make([]string, len(ts.Tiers))
+	for i, t := range ts.Tiers {
+		tiers[i] = t.Name
+	}
+	showTiers := len(tiers) > 0
 	svcRPM := int(num64(s["rate_limit_rpm"]))
 	for i := range ks.Keys {
 		ks.Keys[i].RPM = ks.Keys[i].RateLimitRPM
 		if ks.Keys[i].RPM == 0 {
 			ks.Keys[i].RPM = svcRPM
 		}
+		showTiers = showTiers || ks.Keys[i].Tier != ""
 	}
-	return s, ks.Keys, nil
+	return map[string]any{"Service": s, "Name": name, "Keys": ks.Keys, "Tiers": tiers, "ShowTiers": showTiers}, nil
 }
 
 func num64(v any) float64 { f, _ := v.(float64); return f }
@@ -284,24 +303,24 @@ func (h *Handler) serviceDetail(w http.ResponseWriter, r *http.Request, id auth.
 // showService renders the service page, with v's messages and Lines.
 func (h *Handler) showService(w http.ResponseWriter, r *http.Request, id auth.Identity, status int, v view) {
 	name := r.PathValue("name")
-	s, keys, err := h.serviceData(r, id, name)
+	d, err := h.serviceData(r, id, name)
 	if err != nil {
 		h.render(w, http.StatusNotFound, "error", view{Title: "Not found", Nav: "services", User: id, Error: err.Error()})
 		return
 	}
 	v.Title, v.Nav, v.User = name, "services", id
-	v.Data = map[string]any{"Service": s, "Name": name, "Keys": keys, "KeyForm": form{"key", keyFields, map[string]string{}}}
+	d["KeyForm"] = form{"key", keyFields, map[string]string{}}
+	v.Data = d
 	h.render(w, status, "service", v)
 }
 
 func (h *Handler) serviceKeysLive(w http.ResponseWriter, r *http.Request, id auth.Identity) {
-	name := r.PathValue("name")
-	s, keys, err := h.serviceData(r, id, name)
+	d, err := h.serviceData(r, id, r.PathValue("name"))
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusNotFound)
 		return
 	}
-	h.renderFragment(w, "service", "keys", view{User: id, Data: map[string]any{"Service": s, "Name": name, "Keys": keys}})
+	h.renderFragment(w, "service", "keys", view{User: id, Data: d})
 }
 
 func (h *Handler) keyCreate(w http.ResponseWriter, r *http.Request, id auth.Identity) {

@@ -34,6 +34,14 @@ type Options struct {
 	// other event passes byte for byte, each as soon as its blank line
 	// has arrived.
 	StripUsageChunk bool
+	// CheckShape, with FamilyOpenAI, looks in the answer for the OpenAI
+	// shape (a "choices" member, which chat and completion answers and
+	// their stream chunks have) and reports it in [Usage.Shaped]; it also
+	// counts the text of JSON answers, not only of streams (see
+	// [Usage.TextBytes]). Set it when the family was assumed rather than
+	// configured or recognised from the URL, so that the answer itself
+	// tells an OpenAI-compatible server from any other JSON API.
+	CheckShape bool
 	// OnDone, if not nil, is called exactly once with the final usage:
 	// when a Read returns io.EOF, or else at the first Close. It is called
 	// from the goroutine that reads or closes, with no lock held.
@@ -57,7 +65,8 @@ type Reader struct {
 
 	mu    sync.Mutex // protects sn, done and usage
 	sn    sniffer
-	text  *textCounter // OpenAI event streams only
+	text  *textCounter // OpenAI event streams, and answers whose shape is checked
+	shape *keyFinder   // the "choices" key, when the shape is checked
 	done  bool
 	usage Usage
 
@@ -76,8 +85,11 @@ func NewReader(body io.ReadCloser, opts Options) *Reader {
 		fam = FamilyNone
 	}
 	r.sn.init(fam)
-	if fam == FamilyOpenAI && IsEventStream(opts.ContentType) {
+	if fam == FamilyOpenAI && (IsEventStream(opts.ContentType) || opts.CheckShape) {
 		r.text = &textCounter{} // streams may lack usage; JSON answers carry it
+	}
+	if fam == FamilyOpenAI && opts.CheckShape {
+		r.shape = &keyFinder{key: `"choices":`}
 	}
 	r.strip = opts.StripUsageChunk && fam == FamilyOpenAI && IsEventStream(opts.ContentType)
 	return r
@@ -127,6 +139,9 @@ func (r *Reader) observe(b []byte, err error) int {
 		if r.text != nil {
 			r.text.feed(b)
 		}
+		if r.shape != nil {
+			r.shape.feed(b)
+		}
 	}
 	objs := r.sn.objs
 	if err != io.EOF {
@@ -151,6 +166,9 @@ func (r *Reader) finishLocked(complete bool) (func(Usage), Usage) {
 	r.usage = r.sn.result(r.model, complete)
 	if r.text != nil && !r.usage.Found {
 		r.usage.TextBytes = r.text.n
+	}
+	if r.shape != nil {
+		r.usage.Shaped = r.shape.found
 	}
 	r.sn.release()
 	return r.onDone, r.usage

@@ -82,3 +82,33 @@ func (t *textCounter) match(c byte) {
 // EstimateTokens estimates the tokens of n bytes of text: one per four
 // bytes, rounded up (OpenAI's rule of thumb for English).
 func EstimateTokens(n int64) int64 { return (n + 3) / 4 }
+
+// keyFinder reports whether a JSON member name (its quotes and colon
+// included, e.g. `"choices":`) occurs in a stream fed chunk by chunk,
+// wherever the chunks are split. The name's quotes must be its only ones.
+// An escaped quote inside a string value never starts a match.
+type keyFinder struct {
+	key   string
+	at    int // bytes of key matched so far
+	found bool
+}
+
+// feed observes the next chunk.
+func (k *keyFinder) feed(b []byte) {
+	if k.found {
+		return
+	}
+	for _, c := range b {
+		if k.key[k.at] == c {
+			if k.at++; k.at == len(k.key) {
+				k.found = true
+				return
+			}
+			continue
+		}
+		k.at = 0
+		if c == '"' {
+			k.at = 1
+		}
+	}
+}

@@ -34,6 +34,9 @@ type Usage struct {
 	TextBytes int64
 	// Found reports whether the response carried any token usage.
 	Found bool
+	// Shaped reports whether the answer had the OpenAI shape (a
+	// "choices" member); only looked for with [Options.CheckShape].
+	Shaped bool
 	// Complete reports whether the body was read to its end (EOF). A
 	// stream closed early has Complete == false and, depending on the
 	// family, partial or no usage.

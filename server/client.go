@@ -33,6 +33,7 @@ type call struct {
 
 	// Set by prepare, for metered requests.
 	family  meter.Family
+	guessed bool // family openai assumed (see prepare): the answer's shape confirms it
 	model   string
 	strip   bool // include_usage was added: hide the usage chunk
 	prices  *meter.PriceTable
@@ -241,7 +242,7 @@ func (s *Server) modifyResponse(resp *http.Response) error {
 	}
 	c.metered = true
 	meter.WrapResponse(resp, meter.Options{Family: c.family, Model: c.model, ContentType: ct,
-		StripUsageChunk: c.strip, OnDone: func(u meter.Usage) { c.usage = u }})
+		StripUsageChunk: c.strip, CheckShape: c.guessed, OnDone: func(u meter.Usage) { c.usage = u }})
 	return nil
 }
 

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -251,12 +252,19 @@ func (s *Server) prepare(r *http.Request, svc *keypool.Service, body []byte) (*h
 	}
 	p := c.principal
 	lists := len(meta.limits.ModelsEnabled) > 0 || len(p.Team.ModelsEnabled) > 0 || len(p.Token.ModelsEnabled) > 0
-	if fam == meter.FamilyNone && !lists {
+	guess := fam == meter.FamilyNone && meta.detect && jsonObject(body)
+	if fam == meter.FamilyNone && !lists && !guess {
 		return nil, nil, nil
 	}
 	var info meter.RequestInfo
 	if len(body) > 0 {
 		info = meter.InspectRequest(body)
+	}
+	if guess && info.Model != "" {
+		// Neither llm_family nor the URL says: a JSON request naming a
+		// model is metered as OpenAI-compatible, and the answer decides
+		// (its "choices"; see chargedUsage).
+		fam, c.guessed = meter.FamilyOpenAI, true
 	}
 	model := info.Model
 	stream := info.Stream
@@ -773,6 +781,9 @@ func chargedUsage(c *call, res proxy.Result) (meter.Usage, float64) {
 	if c.family == meter.FamilyNone || res.KeyID == "" || (c.model == "" && c.estIn == 0) {
 		return u, cost // not an LLM call: no model and no body (GET /v1/models)
 	}
+	if c.guessed && !c.usage.Found && !c.usage.Shaped {
+		return meter.Usage{}, 0 // the answer is not OpenAI-shaped: not an LLM call keypoold can meter
+	}
 	if c.metered && !c.usage.Found && c.usage.Complete && c.family == meter.FamilyOpenAI && res.Status != 499 {
 		// An OpenAI-shaped answer read to its end without usage (a
 		// server that ignores stream_options.include_usage): charge what
@@ -805,6 +816,12 @@ func chargedUsage(c *call, res proxy.Result) (meter.Usage, float64) {
 		}
 	}
 	return u, max(cost, c.estCost)
+}
+
+// jsonObject reports whether body starts like a JSON object.
+func jsonObject(body []byte) bool {
+	b := bytes.TrimLeft(body, " \t\r\n")
+	return len(b) > 0 && b[0] == '{'
 }
 
 // streamOptionsHosts are OpenAI-compatible APIs known to accept

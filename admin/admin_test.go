@@ -695,6 +695,80 @@ func TestImport(t *testing.T) {
 	})
 }
 
+// TestImportUnknownTier: an import line naming a tier that does not
+// exist is rejected with its line and the tier named; by default nothing
+// is written, with ?partial=true the other lines are, and the answer
+// lists the rejected ones.
+func TestImportUnknownTier(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b backend) {
+		e := newEnv(t, b)
+		e.must(201, "POST", "/admin/services", `{"name":"groq","base_url":"https://api.groq.com"}`)
+		e.must(201, "POST", "/admin/tiers", `{"name":"pro","features":{"image-generation":100}}`)
+		count := func() int {
+			ks, err := e.st.Keys(context.Background(), "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			return len(ks)
+		}
+		type answer struct {
+			Created  int
+			Keys     []struct{ Tier string }
+			Rejected []struct {
+				Line    int
+				Code    string
+				Message string
+			}
+			Lines []struct {
+				Line    int
+				Message string
+			}
+		}
+		decode := func(res resp) answer {
+			var a answer
+			if err := json.Unmarshal(res.body, &a); err != nil {
+				t.Fatal(err)
+			}
+			return a
+		}
+		batch := `[{"key_value":"gsk_tier_pro_111111111111","tier":"pro"},
+			{"key_value":"gsk_tier_gold_22222222222","tier":"gold"},
+			{"key_value":"gsk_no_tier_3333333333333"},
+			{"key_value":"gsk_tier_gold_44444444444","tier":"gold"}]`
+		a := decode(e.must(400, "POST", "/admin/keys/import?service=groq", batch))
+		if len(a.Lines) != 2 || a.Lines[0].Line != 2 || a.Lines[1].Line != 4 || !strings.Contains(a.Lines[0].Message, `tier "gold" does not exist`) {
+			t.Fatalf("per-line errors = %+v", a.Lines)
+		}
+		if count() != 0 {
+			t.Fatalf("an all-or-nothing import with a bad line wrote %d keys", count())
+		}
+		a = decode(e.must(201, "POST", "/admin/keys/import?service=groq&partial=true", batch))
+		if a.Created != 2 || len(a.Keys) != 2 || a.Keys[0].Tier != "pro" || len(a.Rejected) != 2 ||
+			a.Rejected[0].Line != 2 || a.Rejected[1].Line != 4 || !strings.Contains(a.Rejected[1].Message, `"gold"`) {
+			t.Fatalf("partial import = %+v", a)
+		}
+		if count() != 2 {
+			t.Fatalf("%d keys after the partial import, want 2", count())
+		}
+		text := withHeader("Content-Type", "text/plain")
+		a = decode(e.must(400, "POST", "/admin/keys/import?service=groq&tier=gold&partial=true", "gsk_text_gold_555555555555\n", text))
+		if len(a.Lines) != 1 || !strings.Contains(a.Lines[0].Message, `"gold"`) {
+			t.Fatalf("text import into an unknown tier = %+v", a)
+		}
+		a = decode(e.must(201, "POST", "/admin/keys/import?service=groq&tier=pro", "gsk_text_pro_6666666666666\n", text))
+		if a.Created != 1 || a.Keys[0].Tier != "pro" {
+			t.Fatalf("text import with ?tier = %+v", a)
+		}
+		e.runBad(t, []badCase{
+			{"partial not a bool", "POST", "/admin/keys/import?service=groq&partial=maybe", "gsk_x_77777777777777\n", []reqOpt{text}, 400, "bad_request", "partial"},
+			{"tier with JSON", "POST", "/admin/keys/import?service=groq&tier=pro", `[{"key_value":"gsk_x_88888888888888"}]`, nil, 400, "bad_request", "tier"},
+		})
+		if count() != 3 {
+			t.Fatalf("%d keys at the end, want 3", count())
+		}
+	})
+}
+
 func TestClients(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b backend) {
 		e := newEnv(t, b)

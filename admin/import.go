@@ -10,6 +10,7 @@ import (
 	"mime"
 	"net/http"
 	"sort"
+	"strconv"
 	"strings"
 
 	"github.com/keypool/keypool"
@@ -41,20 +42,34 @@ type importError struct {
 type importResult struct {
 	Created int       `json:"created"`
 	Keys    []keyView `json:"keys"`
+	// Rejected are the lines a partial import left out.
+	Rejected []lineError `json:"rejected,omitempty"`
 }
 
 // importKeys handles POST /admin/keys/import: a JSON array of key objects
 // (as POST /admin/keys takes; "service" may come from the query instead) or
 // text/plain with one key value per line (blank lines and lines starting
-// with '#' skipped) and ?service=. All or nothing: if any line is bad,
-// nothing is written and the answer lists every bad line, 400 when any is
-// invalid, 409 when the only problems are duplicates (within the batch or
-// already stored).
+// with '#' skipped), ?service= and optionally ?tier=. All or nothing: if
+// any line is bad (an unknown service or tier, a duplicate, an invalid
+// value), nothing is written and the answer lists every bad line, 400 when
+// any is invalid, 409 when the only problems are duplicates (within the
+// batch or already stored). With ?partial=true the good lines are written
+// and the bad ones listed as "rejected" in the 201 answer (or, when no
+// line is good, the error as above).
 func (a *API) importKeys(w http.ResponseWriter, r *http.Request) error {
-	if err := checkQuery(r, "service"); err != nil {
+	if err := checkQuery(r, "service", "tier", "partial"); err != nil {
 		return err
 	}
-	defService := strings.TrimSpace(r.URL.Query().Get("service"))
+	q := r.URL.Query()
+	defService := strings.TrimSpace(q.Get("service"))
+	defTier := strings.TrimSpace(q.Get("tier"))
+	partial := false
+	if v := q.Get("partial"); v != "" {
+		var err error
+		if partial, err = strconv.ParseBool(v); err != nil {
+			return badRequest("partial must be true or false, not %q", v)
+		}
+	}
 	mt := "application/json"
 	if ct := r.Header.Get("Content-Type"); ct != "" {
 		var err error
@@ -81,8 +96,11 @@ func (a *API) importKeys(w http.ResponseWriter, r *http.Request) error {
 		if defService == "" {
 			return badRequest("service query parameter is required for a text/plain import")
 		}
-		keys, lines, bad, err = parseTextImport(body, defService)
+		keys, lines, bad, err = parseTextImport(body, defService, defTier)
 	case "application/json":
+		if defTier != "" {
+			return badRequest("tier query parameter is for text/plain imports; give each JSON element its \"tier\"")
+		}
 		keys, lines, bad, err = parseJSONImport(body, defService)
 	default:
 		return badRequest("Content-Type must be application/json (an array of keys) or text/plain (one key per line), not %q", mt)
@@ -101,8 +119,11 @@ func (a *API) importKeys(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	bad = append(bad, moreBad...)
-	if len(bad) > 0 {
-		sort.SliceStable(bad, func(i, j int) bool { return bad[i].Line < bad[j].Line })
+	sort.SliceStable(bad, func(i, j int) bool { return bad[i].Line < bad[j].Line })
+	if len(moreBad) > 0 && partial {
+		keys = withoutLines(keys, lines, moreBad)
+	}
+	if len(bad) > 0 && (!partial || len(keys) == 0) {
 		writeImportError(w, bad)
 		return nil
 	}
@@ -116,14 +137,14 @@ func (a *API) importKeys(w http.ResponseWriter, r *http.Request) error {
 		}
 		return err
 	}
-	res := importResult{Created: len(keys), Keys: make([]keyView, len(keys))}
+	res := importResult{Created: len(keys), Keys: make([]keyView, len(keys)), Rejected: bad}
 	services := map[string]bool{}
 	for i, k := range keys {
 		res.Keys[i] = viewKey(k, nil)
 		services[k.Service] = true
 		k.Secret = ""
 	}
-	a.log.InfoContext(r.Context(), "admin: keys imported", "count", len(keys), "services", len(services))
+	a.log.InfoContext(r.Context(), "admin: keys imported", "count", len(keys), "services", len(services), "rejected", len(bad))
 	a.changed()
 	httpx.WriteJSON(w, http.StatusCreated, res)
 	return nil
@@ -146,8 +167,25 @@ func writeImportError(w http.ResponseWriter, bad []lineError) {
 	httpx.WriteJSON(w, status, body)
 }
 
-// parseTextImport reads one key value per line.
-func parseTextImport(body []byte, service string) (keys []*store.Key, lines []int, bad []lineError, err error) {
+// withoutLines returns the keys whose line is not one of bad's; lines
+// are the keys' line numbers.
+func withoutLines(keys []*store.Key, lines []int, bad []lineError) []*store.Key {
+	skip := make(map[int]bool, len(bad))
+	for _, b := range bad {
+		skip[b.Line] = true
+	}
+	var out []*store.Key
+	for i, k := range keys {
+		if !skip[lines[i]] {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// parseTextImport reads one key value per line; every key joins tier (if
+// not empty).
+func parseTextImport(body []byte, service, tier string) (keys []*store.Key, lines []int, bad []lineError, err error) {
 	sc := bufio.NewScanner(bytes.NewReader(body))
 	sc.Buffer(make([]byte, 64<<10), MaxImportBody)
 	n := 0
@@ -159,6 +197,9 @@ func parseTextImport(body []byte, service string) (keys []*store.Key, lines []in
 		}
 		k := &store.Key{Service: service, Status: store.StatusActive}
 		in := keyInput{KeyValue: opt[keypool.Secret]{Set: true, V: keypool.Secret(v)}}
+		if tier != "" {
+			in.Tier = opt[string]{Set: true, V: tier}
+		}
 		if e := in.apply(k); e != nil {
 			bad = append(bad, lineError{Line: n, Code: httpx.CodeBadRequest, Message: errMessage(e)})
 			continue
@@ -248,8 +289,8 @@ func errMessage(err error) string {
 	return "invalid"
 }
 
-// checkImport finds what only the store knows: unknown services, and
-// values already stored or repeated within the batch.
+// checkImport finds what only the store knows: unknown services and
+// tiers, and values already stored or repeated within the batch.
 func (a *API) checkImport(r *http.Request, keys []*store.Key, lines []int) ([]lineError, error) {
 	var bad []lineError
 	type svcInfo struct {
@@ -257,8 +298,24 @@ func (a *API) checkImport(r *http.Request, keys []*store.Key, lines []int) ([]li
 		values map[string]bool // stored values
 	}
 	services := map[string]*svcInfo{}
-	seen := map[string]int{} // service + "\x00" + value → first line
+	tiers := map[string]error{} // tier → its checkTier answer
+	seen := map[string]int{}    // service + "\x00" + value → first line
 	for i, k := range keys {
+		if k.Tier != "" {
+			terr, ok := tiers[k.Tier]
+			if !ok {
+				terr = a.checkTier(r, k.Tier)
+				var he *httpx.Error
+				if terr != nil && !errors.As(terr, &he) {
+					return nil, terr // the store failed
+				}
+				tiers[k.Tier] = terr
+			}
+			if terr != nil {
+				bad = append(bad, lineError{Line: lines[i], Code: httpx.CodeBadRequest, Message: errMessage(terr)})
+				continue
+			}
+		}
 		info, ok := services[k.Service]
 		if !ok {
 			info = &svcInfo{}

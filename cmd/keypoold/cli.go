@@ -298,24 +298,61 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		fmt.Fprintf(stdout, "added key %v (%v) to %v\n", out["id"], out["hint"], out["service"])
 		return nil
 	case "key import":
-		service := fs.String("service", "", "service the keys belong to (required)")
+		service := fs.String("service", "", "service the keys belong to (required; a JSON element may name its own)")
+		tier := fs.String("tier", "", "tier every key of a one-per-line import joins")
+		partial := fs.Bool("partial", false, "import the good lines and list the rejected ones (default: all or nothing)")
 		if err := parse(args); err != nil {
 			return err
 		}
-		if *service == "" {
+		in, err := io.ReadAll(stdin)
+		if err != nil {
+			return err
+		}
+		// A JSON array of key objects (each with its own tier, weight, …)
+		// or one key value per line.
+		ct := "text/plain"
+		if t := bytes.TrimSpace(in); len(t) > 0 && t[0] == '[' {
+			ct = "application/json"
+		}
+		if *service == "" && ct == "text/plain" {
 			return &usageError{msg: "keypoold key import: --service is required", help: func(w io.Writer) { fs.SetOutput(w); fs.Usage() }}
 		}
-		var out struct {
-			Created int              `json:"created"`
-			Keys    []map[string]any `json:"keys"`
+		q := url.Values{}
+		for k, v := range map[string]string{"service": *service, "tier": *tier} {
+			if v != "" {
+				q.Set(k, v)
+			}
 		}
-		if err := c.call(ctx, "POST", "/admin/keys/import?service="+url.QueryEscape(*service), "text/plain", stdin, &out); err != nil {
+		if *partial {
+			q.Set("partial", "true")
+		}
+		var out struct {
+			Created  int              `json:"created"`
+			Keys     []map[string]any `json:"keys"`
+			Rejected []struct {
+				Line    int    `json:"line"`
+				Code    string `json:"code"`
+				Message string `json:"message"`
+			} `json:"rejected,omitempty"`
+		}
+		if err := c.call(ctx, "POST", "/admin/keys/import?"+q.Encode(), ct, bytes.NewReader(in), &out); err != nil {
 			return err
 		}
 		if *asJSON {
 			return writeJSON(stdout, out)
 		}
-		fmt.Fprintf(stdout, "imported %d %s to %s\n", out.Created, plural(out.Created, "key", "keys"), *service)
+		to := ""
+		if *service != "" {
+			to = " to " + *service
+		}
+		fmt.Fprintf(stdout, "imported %d %s%s", out.Created, plural(out.Created, "key", "keys"), to)
+		if n := len(out.Rejected); n > 0 {
+			fmt.Fprintf(stdout, "; %d %s rejected:", n, plural(n, "line", "lines"))
+			for _, l := range out.Rejected {
+				fmt.Fprintf(stdout, "\n  line %d: %s: %s", l.Line, l.Code, l.Message)
+			}
+		}
+		fmt.Fprintln(stdout)
 		return show(out.Keys, "id", "hint", "state")
 	case "key list":
 		service := fs.String("service", "", "only keys of this service")

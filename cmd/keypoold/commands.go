@@ -37,7 +37,7 @@ var commands = []command{
 	}},
 	{name: "key", summary: "the upstream keys of a service", subs: []subcommand{
 		{"add", "--service S [--value V | the value on stdin] [flags]", "add one key"},
-		{"import", "--service S < keys.txt", "add many keys, one per line (all or nothing)"},
+		{"import", "--service S [--tier T] [--partial] < keys.txt", "add many keys, one per line or a JSON array (all or nothing; --partial imports the good lines)"},
 		{"list", "[--service S]", "list keys and their live state"},
 		{"delete", "ID", "delete a key"},
 		{"enable", "ID", "put a key back in rotation (also an invalid or exhausted one)"},

@@ -268,6 +268,22 @@ func TestCLI(t *testing.T) {
 	if out := cli("", "tier", "set", "pro", `features={"image-generation":200}`); !strings.Contains(out, `"image-generation": 200`) {
 		t.Errorf("tier set: %q", out)
 	}
+	// An import line naming an unknown tier: all or nothing by default,
+	// the line and the tier named; --partial imports the other lines and
+	// the summary counts both.
+	tierImport := `[{"key_value":"sk-cli-tier-import-1","tier":"pro"},{"key_value":"sk-cli-tier-import-2","tier":"gold"},{"key_value":"sk-cli-tier-import-3"}]`
+	var errb2 bytes.Buffer
+	if c := run(context.Background(), []string{"key", "import", "--service", "openai"}, mapEnv(e), strings.NewReader(tierImport), io.Discard, &errb2); c != 1 ||
+		!strings.Contains(errb2.String(), `line 2: bad_request: tier "gold" does not exist`) {
+		t.Errorf("import with an unknown tier: exit %d %q", c, errb2.String())
+	}
+	out = cli(tierImport, "key", "import", "--service", "openai", "--partial")
+	if !strings.HasPrefix(out, "imported 2 keys to openai; 1 line rejected:\n  line 2: bad_request: tier \"gold\" does not exist") {
+		t.Errorf("partial import summary: %q", out)
+	}
+	if out := cli("sk-cli-tier-import-4\nsk-cli-tier-import-5\n", "key", "import", "--service", "openai", "--tier", "pro", "--json"); strings.Count(out, `"tier": "pro"`) != 2 {
+		t.Errorf("import --tier: %q", out)
+	}
 	if out := cli("", "tier", "add", "--name", "free", "--feature", "chat=10"); !strings.Contains(out, `"chat": 10`) {
 		t.Errorf("tier add free: %q", out)
 	}

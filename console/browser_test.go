@@ -493,15 +493,28 @@ func TestBrowserTiers(t *testing.T) {
 		t.Errorf("tier after edit: %v", tier)
 	}
 
-	// The key joins the tier from its service's page.
-	sel := "#tier-" + keyID
-	b.run("key joins tier",
-		chromedp.Navigate(base+"/console/services/echo"),
-		chromedp.WaitVisible(sel, chromedp.ByID),
-		chromedp.SetValue(sel, "pro", chromedp.ByID),
-		chromedp.Submit(sel, chromedp.ByID),
-		chromedp.WaitVisible(`//p[@class="flash" and contains(., "now in tier pro")]`, chromedp.BySearch),
-	)
+	// setTier picks a tier for the key on its service's page and waits
+	// for the flash saying so; deleteTier presses the tier's Delete
+	// button and waits for the flash.
+	setTier := func(tier, flash string) {
+		sel := "#tier-" + keyID
+		b.run("key's tier "+tier,
+			chromedp.Navigate(base+"/console/services/echo"),
+			chromedp.WaitVisible(sel, chromedp.ByID),
+			chromedp.SetValue(sel, tier, chromedp.ByID),
+			chromedp.Submit(sel, chromedp.ByID),
+			chromedp.WaitVisible(`//p[@class="flash" and contains(., "`+flash+`")]`, chromedp.BySearch),
+		)
+	}
+	deleteTier := func(flash string) {
+		b.run("delete tier, expecting "+flash,
+			chromedp.Navigate(base+"/console/tiers"),
+			chromedp.WaitVisible(`tr[data-tier="pro"] button.danger`, chromedp.ByQuery),
+			chromedp.Click(`tr[data-tier="pro"] button.danger`, chromedp.ByQuery),
+			chromedp.WaitVisible(`//p[@class="flash" and contains(., "`+flash+`")]`, chromedp.BySearch),
+		)
+	}
+	setTier("pro", "now in tier pro")
 	if got := keyTier(); got != "pro" {
 		t.Errorf("key's tier after the form = %q, want pro", got)
 	}
@@ -511,28 +524,12 @@ func TestBrowserTiers(t *testing.T) {
 	b.shot("tiers-02-key-in-tier")
 
 	// A tier with keys is not deleted; the API's reason is shown.
-	b.run("delete refused",
-		chromedp.Navigate(base+"/console/tiers"),
-		chromedp.WaitVisible(`tr[data-tier="pro"] button.danger`, chromedp.ByQuery),
-		chromedp.Click(`tr[data-tier="pro"] button.danger`, chromedp.ByQuery),
-		chromedp.WaitVisible(`//p[@class="flash" and contains(., "still has keys")]`, chromedp.BySearch),
-	)
-	b.run("key leaves tier",
-		chromedp.Navigate(base+"/console/services/echo"),
-		chromedp.WaitVisible(sel, chromedp.ByID),
-		chromedp.SetValue(sel, "", chromedp.ByID),
-		chromedp.Submit(sel, chromedp.ByID),
-		chromedp.WaitVisible(`//p[@class="flash" and contains(., "in no tier")]`, chromedp.BySearch),
-	)
+	deleteTier("still has keys")
+	setTier("", "in no tier")
 	if got := keyTier(); got != "" {
 		t.Errorf("key's tier after leaving = %q", got)
 	}
-	b.run("delete tier",
-		chromedp.Navigate(base+"/console/tiers"),
-		chromedp.WaitVisible(`tr[data-tier="pro"] button.danger`, chromedp.ByQuery),
-		chromedp.Click(`tr[data-tier="pro"] button.danger`, chromedp.ByQuery),
-		chromedp.WaitVisible(`//p[@class="flash" and contains(., "Tier pro deleted")]`, chromedp.BySearch),
-	)
+	deleteTier("Tier pro deleted")
 	if code, _ := adminAPI(t, base, "GET", "/admin/tiers/pro", nil); code != 404 {
 		t.Errorf("deleted tier: GET answers %d", code)
 	}

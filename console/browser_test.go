@@ -90,6 +90,20 @@ func startServer(t *testing.T) (string, string) {
 	return hs.URL, strings.TrimSpace(string(pw))
 }
 
+// shotsDir returns where screenshots go: under the test's temp dir, or
+// KEYPOOL_SCREENSHOT_DIR to keep them after the test.
+func shotsDir(t *testing.T) string {
+	t.Helper()
+	shots := os.Getenv("KEYPOOL_SCREENSHOT_DIR")
+	if shots == "" {
+		shots = t.TempDir()
+	} else if err := os.MkdirAll(shots, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("screenshots in %s", shots)
+	return shots
+}
+
 // browser is a headless Chromium with a fresh profile.
 type browser struct {
 	t       *testing.T
@@ -221,15 +235,7 @@ func TestBrowser(t *testing.T) {
 	start := time.Now()
 	up := upstream(t)
 	base, pw := startServer(t)
-	// Screenshots go under the test's temp dir; set KEYPOOL_SCREENSHOT_DIR
-	// to keep them after the test.
-	shots := os.Getenv("KEYPOOL_SCREENSHOT_DIR")
-	if shots == "" {
-		shots = t.TempDir()
-	} else if err := os.MkdirAll(shots, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("screenshots in %s", shots)
+	shots := shotsDir(t)
 	b := newBrowser(t, exe, shots)
 
 	b.run("login page", chromedp.Navigate(base+"/"), chromedp.WaitVisible("#username", chromedp.ByID))
@@ -429,12 +435,7 @@ func TestBrowserTiers(t *testing.T) {
 	exe := chromium(t)
 	up := upstream(t)
 	base, pw := startServer(t)
-	shots := os.Getenv("KEYPOOL_SCREENSHOT_DIR")
-	if shots == "" {
-		shots = t.TempDir()
-	} else if err := os.MkdirAll(shots, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	shots := shotsDir(t)
 	if code, m := adminAPI(t, base, "POST", "/admin/services", map[string]any{"name": "echo", "base_url": up.URL}); code != 201 {
 		t.Fatalf("create service: %d %v", code, m)
 	}

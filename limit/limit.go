@@ -201,6 +201,9 @@ type Reservation struct {
 	// recorded reports whether the backend holds the reservation (false
 	// for a zero estimate or a fail-open admission).
 	recorded bool
+	// local reports a Redis admission on the replica's local share while
+	// Redis was unreachable (member identifies its settlement).
+	local bool
 	done     *atomic.Bool
 }
 

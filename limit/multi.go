@@ -94,8 +94,9 @@ func (l *Local) ReserveAll(_ context.Context, charges []Charge, res []Reservatio
 // number of charges, whether the epoch key (the last KEY) must exist,
 // then per charge: amount, member, n, then n ×
 // (window, warn, block, calendar retry ms). Returns {which (0: admitted,
-// else the 1-based refusing charge), then per charge checked: allowed,
-// warn, limit index, used, retry ms, reserved}.
+// else the 1-based refusing charge), then per charge checked: check's
+// reply (see admitLua)}, or {-1} when the epoch key must exist and does
+// not.
 var reserveManyScript = redis.NewScript(`
 if ARGV[5] == '1' and redis.call('EXISTS', KEYS[#KEYS]) == 0 then return {-1} end
 local now = tonumber(ARGV[1])
@@ -136,14 +137,56 @@ return out
 // ReserveAll implements [Admitter] with one script run. All keys must be
 // served by one Redis node (a single Redis, or keys in one Cluster slot).
 // When Redis cannot be reached, it follows the budget fail policy for the
-// whole request, as Reserve does. It returns an error for an invalid
-// limit or amount, or when ctx is done.
+// whole request: refuse (FailClosedBudget), admit (the default), or, with
+// FailLocalBudget, admit against this replica's local share of each
+// counter's remaining budget (see [localShare]). With RequireSeed, a call
+// that finds Redis unseeded waits (at most SeedWait) for the seed and
+// tries again. It returns an error for an invalid limit or amount, or
+// when ctx is done.
 func (r *Redis) ReserveAll(ctx context.Context, charges []Charge, res []Reservation, ds []Decision, now time.Time) (int, error) {
 	if err := validateAll(charges, res, ds); err != nil || len(charges) == 0 {
 		return -1, err
 	}
-	keys := make([]string, 0, 7*len(charges))
-	args := make([]any, 0, 4+len(charges)*7)
+	which, unseeded, err := r.reserveAll(ctx, charges, res, ds, now)
+	if err == nil && unseeded {
+		if r.cfg.OnUnseeded != nil {
+			r.cfg.OnUnseeded()
+		}
+		if r.awaitSeed(ctx) {
+			which, unseeded, err = r.reserveAll(ctx, charges, res, ds, now)
+		}
+	}
+	switch {
+	case err != nil && errors.Is(err, ErrUnavailable), err == nil && unseeded:
+		return r.failBudget(charges, res, ds), nil
+	case err != nil:
+		return -1, err
+	}
+	return which, nil
+}
+
+// failBudget fills res and ds per the budget fail policy and returns
+// ReserveAll's which.
+func (r *Redis) failBudget(charges []Charge, res []Reservation, ds []Decision) int {
+	if r.cfg.FailLocalBudget {
+		return r.share.reserve(r, charges, res, ds)
+	}
+	for i, c := range charges {
+		res[i] = Reservation{key: c.Key, amount: c.Amount, done: new(atomic.Bool)}
+		ds[i] = Decision{Allowed: !r.cfg.FailClosedBudget, Degraded: true}
+	}
+	if r.cfg.FailClosedBudget {
+		ds[0].RetryAfter = failRetry
+		return 0
+	}
+	return -1
+}
+
+// reserveAll runs reserveManyScript once. unseeded reports that Redis
+// holds no epoch key (with RequireSeed): nothing was checked.
+func (r *Redis) reserveAll(ctx context.Context, charges []Charge, res []Reservation, ds []Decision, now time.Time) (which int, unseeded bool, err error) {
+	keys := make([]string, 0, 7*len(charges)+1)
+	args := make([]any, 0, 5+len(charges)*7)
 	seed := 0
 	if r.cfg.RequireSeed {
 		seed = 1
@@ -161,9 +204,9 @@ func (r *Redis) ReserveAll(ctx context.Context, charges []Charge, res []Reservat
 		}
 	}
 	keys = append(keys, r.epochKey())
-	which := -1
-	unseeded := false
-	err := r.run(ctx, "reserve", func(cctx context.Context) error {
+	var rooms []float64
+	which = -1
+	err = r.run(ctx, "reserve", func(cctx context.Context) error {
 		out, err := reserveManyScript.Run(cctx, r.c, keys, args...).Slice()
 		if err == nil && len(out) == 1 {
 			if v, _ := out[0].(int64); v == -1 {
@@ -172,7 +215,7 @@ func (r *Redis) ReserveAll(ctx context.Context, charges []Charge, res []Reservat
 			}
 		}
 		if err == nil {
-			which, err = parseReserveMany(out, charges, ds)
+			which, rooms, err = parseReserveMany(out, charges, ds)
 		}
 		return err
 	})
@@ -186,35 +229,16 @@ func (r *Redis) ReserveAll(ctx context.Context, charges []Charge, res []Reservat
 				}
 			}
 		}
-		if errors.Is(err, ErrUnavailable) {
-			for i, c := range charges {
-				res[i] = Reservation{key: c.Key, amount: c.Amount, done: new(atomic.Bool)}
-				ds[i] = Decision{Allowed: !r.cfg.FailClosedBudget, Degraded: true}
-			}
-			if r.cfg.FailClosedBudget {
-				ds[0].RetryAfter = failRetry
-				return 0, nil
-			}
-			return -1, nil
-		}
-		return -1, err
+		return -1, false, err
 	}
 	if unseeded {
-		if r.cfg.OnUnseeded != nil {
-			r.cfg.OnUnseeded()
-		}
-		for i, c := range charges {
-			res[i] = Reservation{key: c.Key, amount: c.Amount, done: new(atomic.Bool)}
-			ds[i] = Decision{Allowed: !r.cfg.FailClosedBudget, Degraded: true}
-		}
-		if r.cfg.FailClosedBudget {
-			ds[0].RetryAfter = failRetry
-			return 0, nil
-		}
-		return -1, nil
+		return -1, true, nil
+	}
+	if r.cfg.FailLocalBudget {
+		r.share.seen(charges, rooms)
 	}
 	if which >= 0 {
-		return which, nil
+		return which, false, nil
 	}
 	for i, c := range charges {
 		res[i] = Reservation{key: c.Key, amount: c.Amount, done: new(atomic.Bool)}
@@ -222,26 +246,27 @@ func (r *Redis) ReserveAll(ctx context.Context, charges []Charge, res []Reservat
 			res[i].recorded, res[i].member = true, members[i]
 		}
 	}
-	return -1, nil
+	return -1, false, nil
 }
 
-func parseReserveMany(out []any, charges []Charge, ds []Decision) (int, error) {
+func parseReserveMany(out []any, charges []Charge, ds []Decision) (int, []float64, error) {
 	if len(out) < 1 {
-		return -1, fmt.Errorf("unexpected reply %v", out)
+		return -1, nil, fmt.Errorf("unexpected reply %v", out)
 	}
 	refused, _ := out[0].(int64)
-	n := (len(out) - 1) / 6
-	if (len(out)-1)%6 != 0 || n > len(charges) || (refused == 0 && n != len(charges)) || (refused > 0 && int(refused) != n) {
-		return -1, fmt.Errorf("unexpected reply %v", out)
+	n := (len(out) - 1) / 7
+	if (len(out)-1)%7 != 0 || n > len(charges) || (refused == 0 && n != len(charges)) || (refused > 0 && int(refused) != n) {
+		return -1, nil, fmt.Errorf("unexpected reply %v", out)
 	}
+	rooms := make([]float64, n)
 	for i := range n {
-		d, err := parseReserve(out[1+6*i:7+6*i], charges[i].Limits)
+		d, room, err := parseReserve(out[1+7*i:8+7*i], charges[i].Limits)
 		if err != nil {
-			return -1, err
+			return -1, nil, err
 		}
-		ds[i] = d
+		ds[i], rooms[i] = d, room
 	}
-	return int(refused) - 1, nil
+	return int(refused) - 1, rooms, nil
 }
 
 var (

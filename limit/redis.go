@@ -29,6 +29,11 @@ type RedisConfig struct {
 	// while Redis is unreachable. If false (the default), Reserve admits
 	// without recording a reservation.
 	FailClosedBudget bool `json:"fail_closed_budget,omitempty"`
+	// FailLocalBudget makes ReserveAll, while Redis is unreachable, admit
+	// against this replica's share of each counter's remaining budget
+	// (see [Redis.ReserveAll]); it takes precedence over FailClosedBudget
+	// for ReserveAll. Reserve follows FailClosedBudget.
+	FailLocalBudget bool `json:"fail_local_budget,omitempty"`
 	// ReservationTTL is how long an unsettled reservation is held, so the
 	// reservations of a replica that crashed are released. A later Settle
 	// still charges its actual amount. Set it to the longest a request can
@@ -39,17 +44,23 @@ type RedisConfig struct {
 	// that while Redis is down a request pays Timeout at most once per
 	// BreakerOpen. If zero, 1s.
 	BreakerOpen time.Duration `json:"breaker_open,omitempty"`
-	// RequireSeed makes [Redis.ReserveAll] refuse (Degraded, as when
-	// Redis is unreachable, per FailClosedBudget) while Redis holds no
-	// epoch key, that is until a replica has seeded the counters from the
-	// usage records ([Redis.ClaimSeed]): a Redis restarted empty never
-	// admits against counters that forgot the budget's usage. OnUnseeded,
-	// if set, is then called (it must not block).
+	// RequireSeed makes [Redis.ReserveAll] wait, at most SeedWait, while
+	// Redis holds no epoch key, that is until a replica has seeded the
+	// counters from the usage records ([Redis.ClaimSeed]), and then
+	// refuse (Degraded, as when Redis is unreachable): a Redis restarted
+	// empty never admits against counters that forgot the budget's
+	// usage. OnUnseeded, if set, is called when a call finds Redis
+	// unseeded (it must not block).
 	RequireSeed bool   `json:"require_seed,omitempty"`
 	OnUnseeded  func() `json:"-"`
+	// SeedWait bounds how long ReserveAll waits for a seed (RequireSeed).
+	// If zero, 3s.
+	SeedWait time.Duration `json:"seed_wait,omitempty"`
 	// Logger receives one warning when Redis becomes unreachable and one
 	// info line when it is back. If nil, [slog.Default].
 	Logger *slog.Logger `json:"-"`
+
+	watchTick time.Duration // tests: the watcher's period, if not watchTick
 }
 
 // failRetry is the RetryAfter of a fail-closed refusal.
@@ -70,16 +81,26 @@ const failRetry = time.Second
 // When Redis cannot be reached within Timeout, admission follows the fail
 // policy (default: admit) with Degraded set, and Settle, Add and Usage
 // return an error wrapping [ErrUnavailable]; a warning is logged once per
-// outage. Redis is safe for concurrent use and starts no goroutine.
+// outage. Redis is safe for concurrent use; it runs one background
+// goroutine (the watcher: breaker recovery, replay of queued settlements,
+// heartbeat) until Close.
 type Redis struct {
 	c      redis.UniversalClient
+	pc     redis.UniversalClient // the watcher's PING client (see pingClient)
 	cfg    RedisConfig
 	log    *slog.Logger
 	idBase uint64
 	nextID atomic.Uint64
-	cb     *gobreaker.CircuitBreaker[struct{}]
+	br     breaker
 	down   atomic.Bool // reports whether the last call failed
 	orph   orphans
+	share  localShare
+	seed   seedWaiter
+
+	ctx    context.Context // done when Close is called
+	cancel context.CancelFunc
+	wake   chan struct{} // a call succeeded: replay queued settlements now
+	done   chan struct{} // closed when the watcher has returned
 
 	failures atomic.Uint64 // calls failed or refused by the breaker
 	released atomic.Uint64 // orphan reservations released
@@ -104,10 +125,27 @@ func NewRedis(c redis.UniversalClient, cfg RedisConfig) (*Redis, error) {
 	if cfg.BreakerOpen == 0 {
 		cfg.BreakerOpen = time.Second
 	}
-	r := &Redis{c: c, cfg: cfg, log: cfg.Logger, idBase: rand.Uint64(), cb: newBreaker(cfg.BreakerOpen)}
+	if cfg.SeedWait <= 0 {
+		cfg.SeedWait = 3 * time.Second
+	}
+	tick := cfg.watchTick
+	if tick <= 0 {
+		tick = watchTick
+	}
+	r := &Redis{c: c, cfg: cfg, log: cfg.Logger, idBase: rand.Uint64(),
+		wake: make(chan struct{}, 1), done: make(chan struct{})}
+	r.br.reset(cfg.BreakerOpen)
+	r.share.init()
+	var closePing func()
+	r.pc, closePing = pingClient(c)
+	r.ctx, r.cancel = context.WithCancel(context.Background())
 	if r.log == nil {
 		r.log = slog.Default()
 	}
+	go func() {
+		defer closePing()
+		r.watch(tick)
+	}()
 	return r, nil
 }
 
@@ -121,7 +159,7 @@ const DefaultPoolSize = 256
 // or rediss://…) with ContextTimeoutEnabled set, so that a [Redis]
 // backend's Timeout bounds every call, a 1s dial timeout unless url sets
 // one (dial_timeout=) and [DefaultPoolSize] connections unless url sets
-// pool_size=.
+// pool_size=, and a single dial attempt per call.
 func NewRedisClient(url string) (*redis.Client, error) {
 	o, err := redis.ParseURL(url)
 	if err != nil {
@@ -135,12 +173,27 @@ func NewRedisClient(url string) (*redis.Client, error) {
 	if o.DialTimeout == 0 { // not set in url
 		o.DialTimeout = time.Second
 	}
+	// One dial attempt per call: the backend's breaker decides when to
+	// try again (go-redis's 5 attempts 100 ms apart would make every call
+	// during an outage wait out its Timeout).
+	o.DialerRetries = 1
 	return redis.NewClient(o), nil
 }
 
-// Close implements [Backend]. It does not close the client passed to
-// [NewRedis].
-func (r *Redis) Close() error { return nil }
+// pingClient returns the client the watcher PINGs Redis with while the
+// breaker is open: its own one-connection client when c is a
+// [redis.Client] (so probing neither waits behind nor fails the dials of
+// c's pool), else c.
+func pingClient(c redis.UniversalClient) (redis.UniversalClient, func()) {
+	rc, ok := c.(*redis.Client)
+	if !ok {
+		return c, func() {}
+	}
+	o := *rc.Options()
+	o.PoolSize, o.MinIdleConns, o.MaxIdleConns, o.DialerRetries = 1, 0, 1, 1
+	p := redis.NewClient(&o)
+	return p, func() { _ = p.Close() }
+}
 
 // rateScript is the sliding-window log behind Allow.
 // KEYS[1] sorted set of admissions (score: Unix µs).
@@ -164,8 +217,7 @@ return {0, n, tonumber(old[2]) + win - now}
 // reserveScript checks limits and records a reservation.
 // KEYS: hour, day, month, total, minute hash, reserved sum, reservations.
 // ARGV: now ms, now s, amount, member, ttl ms, n, then n × (window, warn,
-// block, calendar retry ms). Returns {allowed, warn, limit index, used,
-// retry ms, reserved}.
+// block, calendar retry ms). Returns check's reply (see admitLua).
 var reserveScript = redis.NewScript(`
 local now = tonumber(ARGV[1])
 local sec = tonumber(ARGV[2])
@@ -191,7 +243,9 @@ return d
 // admission rule (settled + reserved below each block) to the counter
 // whose keys start at KEYS[kb] and whose windows are described from
 // ARGV[ab] on, and returns {allowed, warn, limit index, used, retry ms,
-// reserved}. The including script defines now and sec first.
+// reserved, room}, room being what is left under the tightest block
+// after this request ("inf" without one, "0" when refused). The
+// including script defines now and sec first.
 const admitLua = `
 local function expire(k6, k7)
   local exp = redis.call('ZRANGEBYSCORE', k7, '-inf', now)
@@ -269,10 +323,12 @@ local function check(kb, ab, amount, reserved)
   end
   if allowed == 0 then
     if pickW == 5 then pickRetry = 0 end
-    return {0, warn, pick, tostring(pickUsed), pickRetry, tostring(reserved)}
+    return {0, warn, pick, tostring(pickUsed), pickRetry, tostring(reserved), '0'}
   end
-  if warn == 1 then return {1, 1, warnIdx, tostring(warnUsed), 0, tostring(reserved + amount)} end
-  return {1, 0, tight, tostring(tightUsed), 0, tostring(reserved + amount)}
+  local room = 'inf'
+  if tight ~= 0 then room = tostring(tightRoom) end
+  if warn == 1 then return {1, 1, warnIdx, tostring(warnUsed), 0, tostring(reserved + amount), room} end
+  return {1, 0, tight, tostring(tightUsed), 0, tostring(reserved + amount), room}
 end
 `
 
@@ -358,8 +414,14 @@ func (r *Redis) failed(parent context.Context, op string, err error) error {
 func (r *Redis) ok() {
 	if r.down.Load() && r.down.CompareAndSwap(true, false) {
 		r.log.Info("limit: redis reachable again")
+		r.share.reset()
 	}
-	r.releaseOrphans()
+	if r.orph.pending() {
+		select {
+		case r.wake <- struct{}{}:
+		default:
+		}
+	}
 }
 
 // Allow implements [Limiter] with an exact sliding-window log in Redis
@@ -416,7 +478,7 @@ func (r *Redis) Reserve(ctx context.Context, key string, amount float64, limits 
 	err := r.run(ctx, "reserve", func(cctx context.Context) error {
 		out, err := reserveScript.Run(cctx, r.c, r.counterKeys(key, now), args...).Slice()
 		if err == nil {
-			d, err = parseReserve(out, limits)
+			d, _, err = parseReserve(out, limits)
 		}
 		return err
 	})
@@ -442,9 +504,11 @@ func (r *Redis) Reserve(ctx context.Context, key string, amount float64, limits 
 	return res, d, nil
 }
 
-func parseReserve(out []any, limits []Limit) (Decision, error) {
-	if len(out) != 6 {
-		return Decision{}, fmt.Errorf("unexpected reply %v", out)
+// parseReserve reads check's reply (see admitLua): the decision and the
+// room left under the tightest block (+Inf without one, never negative).
+func parseReserve(out []any, limits []Limit) (Decision, float64, error) {
+	if len(out) != 7 {
+		return Decision{}, 0, fmt.Errorf("unexpected reply %v", out)
 	}
 	allowed, _ := out[0].(int64)
 	warn, _ := out[1].(int64)
@@ -452,16 +516,18 @@ func parseReserve(out []any, limits []Limit) (Decision, error) {
 	usedS, _ := out[3].(string)
 	retry, _ := out[4].(int64)
 	resS, _ := out[5].(string)
+	roomS, _ := out[6].(string)
 	used, err := strconv.ParseFloat(usedS, 64)
 	reserved, err2 := strconv.ParseFloat(resS, 64)
-	if err != nil || err2 != nil {
-		return Decision{}, fmt.Errorf("unexpected reply %v", out)
+	room, err3 := strconv.ParseFloat(roomS, 64)
+	if err != nil || err2 != nil || err3 != nil {
+		return Decision{}, 0, fmt.Errorf("unexpected reply %v", out)
 	}
 	d := Decision{Allowed: allowed == 1, Warn: warn == 1, Used: used, Reserved: reserved, RetryAfter: time.Duration(retry) * time.Millisecond}
 	if idx >= 1 && int(idx) <= len(limits) {
 		d.Limit = limits[idx-1]
 	}
-	return d, nil
+	return d, max(room, 0), nil
 }
 
 // Settle implements [Counter].
@@ -473,10 +539,13 @@ func (r *Redis) Settle(ctx context.Context, res Reservation, actual float64, now
 		actual = 0
 	}
 	member := ""
-	if res.recorded {
+	if res.recorded || res.local {
 		member = res.member
 	}
-	if member == "" && actual == 0 {
+	if res.local {
+		r.share.settle(res, actual)
+	}
+	if member == "" && actual == 0 || res.local && actual == 0 {
 		return nil
 	}
 	return r.charge(ctx, "settle", res.key, member, actual, now)

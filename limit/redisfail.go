@@ -23,10 +23,11 @@ const breakerTrip = 3
 
 // newBreaker returns the circuit breaker in front of Redis: it opens after
 // breakerTrip failed calls in a row and then fails every call at once for
-// open, after which one call probes Redis. So while Redis is down a
-// request pays the Timeout at most once per open period, and most pay
-// nothing.
-func newBreaker(open time.Duration) *gobreaker.CircuitBreaker[struct{}] {
+// open, after which one call probes Redis (half-open) while the others
+// wait for its answer (see [Redis.run]). So while Redis is down a request
+// pays the Timeout at most once per open period, and most pay nothing.
+// onChange is called on every state change, under the breaker's lock.
+func newBreaker(open time.Duration, onChange func(from, to gobreaker.State)) *gobreaker.CircuitBreaker[struct{}] {
 	return gobreaker.NewCircuitBreaker[struct{}](gobreaker.Settings{
 		Name:        "redis",
 		MaxRequests: 1,
@@ -35,18 +36,77 @@ func newBreaker(open time.Duration) *gobreaker.CircuitBreaker[struct{}] {
 		IsSuccessful: func(err error) bool {
 			return err == nil || errors.Is(err, redis.Nil)
 		},
-		IsExcluded: func(err error) bool { return errors.Is(err, errCallerGone) },
+		IsExcluded:    func(err error) bool { return errors.Is(err, errCallerGone) },
+		OnStateChange: func(_ string, from, to gobreaker.State) { onChange(from, to) },
 	})
+}
+
+// breaker is the circuit breaker in front of Redis and what calls wait on
+// while it is half-open. The background watcher replaces a breaker that
+// is open by a fresh (closed) one as soon as Redis answers a PING, so that
+// Redis coming back is noticed within watchTick rather than after the
+// open period.
+type breaker struct {
+	cb   atomic.Pointer[gobreaker.CircuitBreaker[struct{}]]
+	mu   sync.Mutex    // protects half
+	half chan struct{} // closed when the half-open probe has its answer
+}
+
+func (b *breaker) reset(open time.Duration) {
+	b.cb.Store(newBreaker(open, b.changed))
+	b.probed()
+}
+
+func (b *breaker) changed(from, to gobreaker.State) {
+	if from == gobreaker.StateHalfOpen {
+		b.probed()
+	}
+	if to == gobreaker.StateHalfOpen {
+		b.mu.Lock()
+		b.half = make(chan struct{})
+		b.mu.Unlock()
+	}
+}
+
+func (b *breaker) probed() {
+	b.mu.Lock()
+	if b.half != nil {
+		close(b.half)
+		b.half = nil
+	}
+	b.mu.Unlock()
+}
+
+// waitProbe waits, at most d, for the half-open breaker's probe to be
+// answered.
+func (b *breaker) waitProbe(ctx context.Context, d time.Duration) {
+	b.mu.Lock()
+	ch := b.half
+	b.mu.Unlock()
+	if ch == nil {
+		return
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ch:
+	case <-t.C:
+	case <-ctx.Done():
+	}
 }
 
 // run calls f with a context bounded by Timeout through the breaker. It
 // returns nil, ctx's own error when the caller went away, or an error
-// wrapping [ErrUnavailable] (Redis failed or the breaker is open).
+// wrapping [ErrUnavailable] (Redis failed or the breaker is open). A call
+// that finds the breaker half-open with its one probe in flight waits
+// for the probe's answer (at most Timeout, which the probe is bounded by)
+// and then tries once more: a hiccup that opened the breaker does not
+// send the concurrent calls after it to the fail policies.
 func (r *Redis) run(ctx context.Context, op string, f func(context.Context) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	_, err := r.cb.Execute(func() (struct{}, error) {
+	call := func() (struct{}, error) {
 		cctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
 		defer cancel()
 		err := f(cctx)
@@ -54,7 +114,12 @@ func (r *Redis) run(ctx context.Context, op string, f func(context.Context) erro
 			return struct{}{}, fmt.Errorf("%w: %w", errCallerGone, err)
 		}
 		return struct{}{}, err
-	})
+	}
+	_, err := r.br.cb.Load().Execute(call)
+	if errors.Is(err, gobreaker.ErrTooManyRequests) {
+		r.br.waitProbe(ctx, r.cfg.Timeout)
+		_, err = r.br.cb.Load().Execute(call)
+	}
 	switch {
 	case err == nil || errors.Is(err, redis.Nil):
 		r.ok()
@@ -77,11 +142,11 @@ func (r *Redis) Failures() uint64 { return r.failures.Load() }
 // failed after it may have reached Redis (a timeout: the reply was lost,
 // so nobody will settle them; released at 0 instead of being held until
 // their TTL), and settles that failed (replayed with their actual). Both
-// run once Redis answers again, idempotently by member.
+// are replayed by the watcher once Redis answers again, idempotently by
+// member.
 type orphans struct {
-	mu      sync.Mutex // protects list
-	list    []orphan
-	running atomic.Bool
+	mu   sync.Mutex // protects list
+	list []orphan
 }
 
 type orphan struct {
@@ -102,6 +167,12 @@ func (o *orphans) add(key, member string, actual float64, at time.Time) {
 	o.mu.Unlock()
 }
 
+func (o *orphans) pending() bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return len(o.list) > 0
+}
+
 func (o *orphans) take() []orphan {
 	o.mu.Lock()
 	defer o.mu.Unlock()
@@ -110,27 +181,71 @@ func (o *orphans) take() []orphan {
 	return l
 }
 
-// releaseOrphans releases the remembered orphan reservations, one settle
-// script each, in a goroutine that ends when they are released or Redis
-// fails again (then they wait for the next success). At most one runs.
-func (r *Redis) releaseOrphans() {
-	r.orph.mu.Lock()
-	n := len(r.orph.list)
-	r.orph.mu.Unlock()
-	if n == 0 || !r.orph.running.CompareAndSwap(false, true) {
+// watchTick is how often the background watcher of a [Redis] looks at
+// the breaker (PING while it is open) and at the queued settlements.
+const watchTick = 100 * time.Millisecond
+
+// watch is the one background goroutine of a [Redis], until Close: while
+// the breaker is open it PINGs Redis every tick and closes the breaker as
+// soon as Redis answers; otherwise it replays the queued settlements
+// (woken at once by a call that succeeds) and, with FailLocalBudget,
+// keeps this replica's heartbeat.
+func (r *Redis) watch(tick time.Duration) {
+	defer close(r.done)
+	t := time.NewTicker(tick)
+	defer t.Stop()
+	var beat time.Time
+	for {
+		select {
+		case <-r.ctx.Done():
+			return
+		case <-t.C:
+		case <-r.wake:
+		}
+		if r.br.cb.Load().State() == gobreaker.StateOpen {
+			r.ping()
+			continue
+		}
+		r.replayOrphans()
+		if r.cfg.FailLocalBudget && time.Since(beat) >= heartbeatEvery {
+			r.heartbeat()
+			beat = time.Now()
+		}
+	}
+}
+
+// ping closes an open breaker when Redis answers a PING within Timeout.
+func (r *Redis) ping() {
+	ctx, cancel := context.WithTimeout(r.ctx, r.cfg.Timeout)
+	defer cancel()
+	if r.pc.Ping(ctx).Err() != nil {
 		return
 	}
-	go func() {
-		defer r.orph.running.Store(false)
-		list := r.orph.take()
-		for i, o := range list {
-			if err := r.settleMember(context.Background(), "release", o.key, o.member, o.actual, o.at); err != nil {
-				for _, rest := range list[i:] {
-					r.orph.add(rest.key, rest.member, rest.actual, rest.at)
-				}
-				return
+	r.br.reset(r.cfg.BreakerOpen)
+	r.ok()
+}
+
+// replayOrphans settles the queued orphans, one settle script each, until
+// they are all done or Redis fails again (the rest wait for the next
+// tick).
+func (r *Redis) replayOrphans() {
+	list := r.orph.take()
+	for i, o := range list {
+		if err := r.settleMember(r.ctx, "release", o.key, o.member, o.actual, o.at); err != nil {
+			for _, rest := range list[i:] {
+				r.orph.add(rest.key, rest.member, rest.actual, rest.at)
 			}
-			r.released.Add(1)
+			return
 		}
-	}()
+		r.released.Add(1)
+	}
+}
+
+// Close implements [Backend]: it stops the background watcher (settlements
+// still queued are left to their reservations' TTL). It does not close the
+// client passed to [NewRedis].
+func (r *Redis) Close() error {
+	r.cancel()
+	<-r.done
+	return nil
 }

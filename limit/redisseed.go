@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -62,4 +63,66 @@ func (r *Redis) ClaimSeed(ctx context.Context) (seed bool, done func(context.Con
 				strconv.FormatInt(time.Now().UnixMilli(), 10)).Err()
 		})
 	}, nil
+}
+
+// seedWaiter lets the calls that find Redis unseeded wait together for
+// the seed: one goroutine polls the epoch key for all of them.
+type seedWaiter struct {
+	mu    sync.Mutex // protects round
+	round *seedRound
+}
+
+type seedRound struct {
+	done chan struct{}
+	ok   bool // Redis holds the epoch key; set before done is closed
+}
+
+// seedPoll is how often the waiting calls' poller reads the epoch key.
+const seedPoll = 10 * time.Millisecond
+
+// awaitSeed waits, at most SeedWait, until Redis holds the epoch key,
+// and reports whether it does.
+func (r *Redis) awaitSeed(ctx context.Context) bool {
+	r.seed.mu.Lock()
+	rd := r.seed.round
+	if rd == nil {
+		rd = &seedRound{done: make(chan struct{})}
+		r.seed.round = rd
+		go r.pollSeed(rd)
+	}
+	r.seed.mu.Unlock()
+	select {
+	case <-rd.done:
+		return rd.ok
+	case <-ctx.Done():
+		return false
+	}
+}
+
+func (r *Redis) pollSeed(rd *seedRound) {
+	defer func() {
+		r.seed.mu.Lock()
+		r.seed.round = nil
+		r.seed.mu.Unlock()
+		close(rd.done)
+	}()
+	t := time.NewTicker(seedPoll)
+	defer t.Stop()
+	for deadline := time.Now().Add(r.cfg.SeedWait); time.Now().Before(deadline); {
+		var n int64
+		err := r.run(r.ctx, "seed", func(cctx context.Context) error {
+			var err error
+			n, err = r.c.Exists(cctx, r.epochKey()).Result()
+			return err
+		})
+		if err == nil && n == 1 {
+			rd.ok = true
+			return
+		}
+		select {
+		case <-r.ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }

@@ -204,7 +204,7 @@ type Reservation struct {
 	// local reports a Redis admission on the replica's local share while
 	// Redis was unreachable (member identifies its settlement).
 	local bool
-	done     *atomic.Bool
+	done  *atomic.Bool
 }
 
 // Key returns the counter key the reservation was made on.

@@ -3,11 +3,15 @@ package server
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/keypool/keypool/internal/httpx"
 	"github.com/keypool/keypool/limit"
@@ -20,6 +24,11 @@ const (
 	FailOpen = "open"
 	// FailClosed refuses with 503 and Retry-After 1.
 	FailClosed = "closed"
+	// FailLocal (budgets only) admits on the replica's share of each
+	// budget's remaining room, as last seen on Redis, divided by the
+	// number of live replicas; past it, or for a budget the replica has
+	// no figure for, it refuses as FailClosed.
+	FailLocal = "local"
 )
 
 // Defaults of [LimitsConfig].
@@ -36,8 +45,9 @@ const (
 // their own fail policy: money fails closed unless told otherwise.
 type LimitsConfig struct {
 	// RedisFail is the fail policy of budgets: "closed" (refuse 503 while
-	// Redis is unreachable) or "open" (admit, uncounted: a replica may
-	// then sell past the budget). If empty, closed.
+	// Redis is unreachable), "open" (admit, uncounted: a replica may
+	// then sell past the budget) or "local" (admit on this replica's
+	// share of the remaining budget, see [FailLocal]). If empty, closed.
 	RedisFail string `json:"redis_fail,omitempty" yaml:"redis_fail,omitempty"`
 	// RedisFailRate is the fail policy of rpm limits: "open" or "closed".
 	// If empty, open.
@@ -52,21 +62,30 @@ type LimitsConfig struct {
 	RedisBreakerOpen Duration `json:"redis_breaker_open,omitempty" yaml:"redis_breaker_open,omitempty"`
 }
 
-func parseFail(what, v, def string) (string, error) {
+// parseFail reads a fail policy; local is accepted only when budget is
+// set (redis_fail).
+func parseFail(what, v, def string, budget bool) (string, error) {
 	switch s := strings.ToLower(v); s {
 	case "":
 		return def, nil
 	case FailOpen, FailClosed:
 		return s, nil
+	case FailLocal:
+		if budget {
+			return s, nil
+		}
+	}
+	if budget {
+		return "", fmt.Errorf("server: limits.%s %q: want open, closed or local", what, v)
 	}
 	return "", fmt.Errorf("server: limits.%s %q: want open or closed", what, v)
 }
 
 func (c LimitsConfig) validate() error {
-	if _, err := parseFail("redis_fail", c.RedisFail, FailClosed); err != nil {
+	if _, err := parseFail("redis_fail", c.RedisFail, FailClosed, true); err != nil {
 		return err
 	}
-	if _, err := parseFail("redis_fail_rate", c.RedisFailRate, FailOpen); err != nil {
+	if _, err := parseFail("redis_fail_rate", c.RedisFailRate, FailOpen, false); err != nil {
 		return err
 	}
 	if c.RedisTimeout < 0 || c.RedisBreakerOpen < 0 {
@@ -78,12 +97,13 @@ func (c LimitsConfig) validate() error {
 // redisConfig returns the limit backend's configuration for c, with
 // reservations held for the request timeout plus a margin.
 func (c LimitsConfig) redisConfig(requestTimeout time.Duration) limit.RedisConfig {
-	budget, _ := parseFail("redis_fail", c.RedisFail, FailClosed)
-	rate, _ := parseFail("redis_fail_rate", c.RedisFailRate, FailOpen)
+	budget, _ := parseFail("redis_fail", c.RedisFail, FailClosed, true)
+	rate, _ := parseFail("redis_fail_rate", c.RedisFailRate, FailOpen, false)
 	rc := limit.RedisConfig{
 		Timeout:          time.Duration(c.RedisTimeout),
 		BreakerOpen:      time.Duration(c.RedisBreakerOpen),
-		FailClosedBudget: budget == FailClosed,
+		FailClosedBudget: budget != FailOpen,
+		FailLocalBudget:  budget == FailLocal,
 		FailClosedRate:   rate == FailClosed,
 		ReservationTTL:   requestTimeout + reservationMargin,
 	}
@@ -110,7 +130,11 @@ func (s *Server) redisDegraded() string {
 		}
 		return "fail open"
 	}
-	return "redis unreachable: rate limits " + pol(rc.FailClosedRate) + ", budgets " + pol(rc.FailClosedBudget)
+	budgets := pol(rc.FailClosedBudget)
+	if rc.FailLocalBudget {
+		budgets = fmt.Sprintf("on a local share (1/%d of the room left)", r.Replicas())
+	}
+	return "redis unreachable: rate limits " + pol(rc.FailClosedRate) + ", budgets " + budgets
 }
 
 // errLimitsUnavailable is the refusal of a fail-closed kind of limit while
@@ -136,7 +160,59 @@ func (s *Server) registerRedisMetrics(r *limit.Redis) {
 			Name: "keypool_limit_redis_failures_total",
 			Help: "Calls to Redis for limits that failed or were refused at once by the open circuit breaker.",
 		}, func() float64 { return float64(r.Failures()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "keypool_budget_charge_failures_total",
+			Help: "Settlements and charges of finished requests that the budget counters (Redis) did not take at once; settlements are queued and replayed when Redis is back.",
+		}, func() float64 { return float64(s.charges.failures.Load()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "keypool_limit_redis_replicas",
+			Help: "Live replicas counted by this one's heartbeat on Redis (limits.redis_fail: local divides the remaining budgets by it); 1 without the local policy.",
+		}, func() float64 { return float64(r.Replicas()) }),
 	)
+}
+
+// chargeLog logs failed budget charges (settlements of finished requests
+// while Redis is unreachable) once per outage: a warning when they start
+// failing and one line with the count when they succeed again, instead of
+// a line per request.
+type chargeLog struct {
+	failing  atomic.Bool
+	failures atomic.Uint64
+	mu       sync.Mutex // serialises the two lines
+	since    time.Time
+	base     uint64 // failures when the outage started
+}
+
+// budgetCharged records the outcome of one settle or charge (op) on the
+// budget counters.
+func (s *Server) budgetCharged(op string, err error) {
+	s.charges.record(s.log, op, err)
+}
+
+func (c *chargeLog) record(log *slog.Logger, op string, err error) {
+	if err == nil {
+		if !c.failing.Load() {
+			return
+		}
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if c.failing.CompareAndSwap(true, false) {
+			log.Info("budget charges succeed again", "failed", c.failures.Load()-c.base,
+				"for", time.Since(c.since).Round(time.Millisecond).String())
+		}
+		return
+	}
+	n := c.failures.Add(1)
+	if c.failing.Load() {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.failing.CompareAndSwap(false, true) {
+		c.since, c.base = time.Now(), n-1
+		log.Warn("budget charges failing (Redis unreachable): settlements of budgeted requests are queued and replayed when it answers; logged once until charges succeed, counted in keypool_budget_charge_failures_total",
+			"op", op, "err", err)
+	}
 }
 
 // seedRedis seeds the budget counters on Redis from the store's usage
@@ -180,4 +256,29 @@ func (s *Server) watchSeed(ctx context.Context, r *limit.Redis) {
 			owed = !s.seedRedis(ctx, r)
 		}
 	}
+}
+
+// redisLog is the logger go-redis's own lines go to (see routeRedisLog).
+var (
+	redisLog     atomic.Pointer[slog.Logger]
+	redisLogOnce sync.Once
+)
+
+// redisLogger sends go-redis's own log lines (one per failed dial while
+// Redis is down, several a second) to the server's logger at debug level:
+// the outage itself is reported once by the limiter.
+type redisLogger struct{}
+
+// Printf implements go-redis's logging interface.
+func (redisLogger) Printf(ctx context.Context, format string, v ...any) {
+	if l := redisLog.Load(); l != nil {
+		l.DebugContext(ctx, "redis: "+fmt.Sprintf(format, v...))
+	}
+}
+
+// routeRedisLog makes log the destination of go-redis's log lines (a
+// process-wide setting: the last server made wins).
+func routeRedisLog(log *slog.Logger) {
+	redisLog.Store(log)
+	redisLogOnce.Do(func() { redis.SetLogger(redisLogger{}) })
 }

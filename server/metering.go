@@ -507,9 +507,7 @@ func (s *Server) settle(c *call, tokens, cost float64, now time.Time) {
 		if h.unit == unitCost {
 			actual = cost
 		}
-		if err := s.limiter.Settle(ctx, h.r, actual, now); err != nil {
-			s.log.Warn("budget settle failed", "err", err)
-		}
+		s.budgetCharged("settle", s.limiter.Settle(ctx, h.r, actual, now))
 	}
 	for i := range c.nUnheld {
 		h := c.unheld[i]
@@ -518,9 +516,7 @@ func (s *Server) settle(c *call, tokens, cost float64, now time.Time) {
 			actual = cost
 		}
 		if actual > 0 {
-			if err := s.limiter.Add(ctx, h.key, actual, now); err != nil {
-				s.log.Warn("budget charge failed", "err", err)
-			}
+			s.budgetCharged("charge", s.limiter.Add(ctx, h.key, actual, now))
 		}
 	}
 	c.nHolds, c.nUnheld = 0, 0

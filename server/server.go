@@ -175,6 +175,7 @@ type Server struct {
 	// authSync carries auth invalidations to and from other replicas.
 	authSync *authSync
 	share    *sharer // nil without Redis
+	charges  chargeLog
 	clients  clientIPs
 	usage    *store.UsageWriter
 	journal  *store.Journal // nil when disabled
@@ -323,6 +324,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	s.clients = clientIPs{trusted: trusted}
 
 	if cfg.RedisURL != "" {
+		routeRedisLog(log)
 		if s.rdb, err = limit.NewRedisClient(cfg.RedisURL.Reveal()); err != nil {
 			return nil, fmt.Errorf("server: KEYPOOL_REDIS_URL %s: %w", cfg.RedisURL, err)
 		}

@@ -32,6 +32,12 @@ type replConfig struct {
 	workers int           // concurrent clients of the load scenarios
 }
 
+// ciReplConfig is the suite's CI size (TestReplicas, -short): the full
+// bursts, a 10 s rpm run and a 5 s Redis outage.
+func ciReplConfig() replConfig {
+	return replConfig{burst: 1000, budget: 100, rpmRun: 10 * time.Second, outage: 5 * time.Second, workers: 32}
+}
+
 // replCluster is 3 keypoold processes on one PostgreSQL database and one
 // private redis-server, in front of an in-process stand-in upstream
 // whose reported usage equals keypool's estimate.
@@ -71,7 +77,7 @@ func startCluster(ctx context.Context, bin, dir, dsn string, n int) (*replCluste
 			c.close()
 			return nil, err
 		}
-		k, err := newKeypoold(bin, d, c.up.URL, serviceSpec{"openai", 1, "openai"}, "warn", 5*time.Second)
+		k, err := newKeypoold(bin, d, c.up.URL, serviceSpec{"openai", 1, "openai"}, "info", 5*time.Second)
 		if err != nil {
 			c.close()
 			return nil, err
@@ -303,7 +309,8 @@ func replicasMain(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	}
 	cfg := replConfig{burst: *burstN, budget: *budget, rpmRun: *rpmRun, outage: *outage, workers: *workers}
 	if *short {
-		cfg.rpmRun, cfg.outage = 10*time.Second, 5*time.Second
+		ci := ciReplConfig()
+		cfg.rpmRun, cfg.outage = ci.rpmRun, ci.outage
 	}
 	sel, err := selectReplScenarios(*list)
 	if err != nil {

@@ -95,16 +95,55 @@ func budgetScenario(ctx context.Context, c *replCluster, cfg replConfig, rep *re
 	if err != nil {
 		return err
 	}
+	calls0, err := c.redisCalls(ctx)
+	if err != nil {
+		return err
+	}
+	hist0, err := c.admissionHist()
+	if err != nil {
+		return err
+	}
 	r := c.burst(cfg.burst, tok, during)
 	reqs, tokens, err := c.usage(ctx, team, r.admitted)
 	if err != nil {
 		return err
 	}
 	counter, cerr := c.counter(ctx, team, tokens)
+	if during == nil {
+		// Every settlement has landed (the counter equals the records):
+		// the Redis calls since the burst began are the burst's.
+		if err := c.burstCalls(ctx, rep, name, calls0, hist0, cfg.burst, r.admitted); err != nil {
+			return err
+		}
+	}
 	rep.add(r.admitted <= budget+bound, name+": admitted", "%d of %d (budget %d + bound %d); %d budget_exceeded, %d unavailable, %d other, %v",
 		r.admitted, cfg.burst, budget, bound, r.budget, r.unavailable, r.other, r.took.Round(time.Millisecond))
 	rep.add(reqs == r.admitted && tokens == r.admitted*int64(c.perReq), name+": records = admitted", "%d records, %d tokens", reqs, tokens)
 	rep.add(cerr == nil && int64(counter) == tokens, name+": redis counter = records", "%.0f tokens (%v)", counter, errOrOK(cerr))
+	return nil
+}
+
+// burstCalls reports the Redis calls per request of a burst of n
+// requests (admitted of them admitted), from INFO commandstats, and the
+// p99 of the replicas' budget admission (keypool_budget_admission_seconds;
+// bound: 5 ms).
+func (c *replCluster) burstCalls(ctx context.Context, rep *replReport, name string, calls0 map[string]int64, hist0 histogram, n int, admitted int64) error {
+	time.Sleep(200 * time.Millisecond) // charges of counters without a budget may trail the team's settle
+	calls1, err := c.redisCalls(ctx)
+	if err != nil {
+		return err
+	}
+	hist1, err := c.admissionHist()
+	if err != nil {
+		return err
+	}
+	total, per := callsDiff(calls0, calls1)
+	rep.add(true, name+": redis calls", "%d for %d requests (%d admitted): %.2f per request; %s",
+		total, n, admitted, float64(total)/float64(n), per)
+	obs, p99 := quantile(hist0, hist1, 0.99)
+	_, p50 := quantile(hist0, hist1, 0.50)
+	rep.add(p99 <= 0.005, name+": admission p99", "≤ %v (p50 ≤ %v) over %.0f admissions at %d concurrent (bound 5 ms)",
+		time.Duration(p99*float64(time.Second)), time.Duration(p50*float64(time.Second)), obs, n)
 	return nil
 }
 
@@ -302,8 +341,13 @@ func outageScenario(ctx context.Context, c *replCluster, cfg replConfig, rep *re
 	// from the records; wait for it (bounded), one request at a time.
 	recovered := time.Duration(-1)
 	var lastRefusal string
+	var late503 int
 	for i := 0; time.Since(restarted) < 60*time.Second; i++ {
+		sent := time.Since(restarted)
 		r := c.send(c.reps[i%len(c.reps)], btok)
+		if r.code == 503 && sent > recoveryGrace {
+			late503++
+		}
 		if r.code == 200 {
 			admittedBudget.Add(1)
 			recovered = time.Since(restarted)
@@ -312,7 +356,8 @@ func outageScenario(ctx context.Context, c *replCluster, cfg replConfig, rep *re
 		lastRefusal = fmt.Sprintf("%d %s", r.code, strings.TrimSpace(r.body))
 		time.Sleep(50 * time.Millisecond)
 	}
-	rep.add(recovered >= 0, "outage: budget admitted again", "%v after the restart (last refusal before: %.120s)", recovered.Round(time.Millisecond), lastRefusal)
+	rep.add(recovered >= 0 && late503 == 0, "outage: budget admitted again", "%v after the restart, %d × 503 sent later than %v after it (last refusal before: %.120s)",
+		recovered.Round(time.Millisecond), late503, recoveryGrace, lastRefusal)
 	// After recovery: spend the rest one request at a time; every refusal
 	// before the budget is spent is a phantom refusal.
 	var phantom int64
@@ -341,6 +386,10 @@ func outageScenario(ctx context.Context, c *replCluster, cfg replConfig, rep *re
 	rep.add(over <= int64(len(c.reps)), "outage: overspend after", "%d requests past the budget of %d (bound %d); %d records", over, cfg.budget, len(c.reps), reqs)
 	return nil
 }
+
+// recoveryGrace is how long after Redis restarts budgets may still
+// answer 503: the replicas' watchers PING every 100 ms.
+const recoveryGrace = 150 * time.Millisecond
 
 // revokeScenario: a token deactivated through replica 1 is refused by
 // the others within 1 s.

@@ -54,7 +54,7 @@ type RedisConfig struct {
 	RequireSeed bool   `json:"require_seed,omitempty"`
 	OnUnseeded  func() `json:"-"`
 	// SeedWait bounds how long ReserveAll waits for a seed (RequireSeed).
-	// If zero, 3s.
+	// If zero, 5s.
 	SeedWait time.Duration `json:"seed_wait,omitempty"`
 	// Logger receives one warning when Redis becomes unreachable and one
 	// info line when it is back. If nil, [slog.Default].
@@ -86,13 +86,14 @@ const failRetry = time.Second
 // heartbeat) until Close.
 type Redis struct {
 	c      redis.UniversalClient
-	pc     redis.UniversalClient // the watcher's PING client (see pingClient)
+	ping   func(context.Context) error // the watcher's PING (see pinger)
 	cfg    RedisConfig
 	log    *slog.Logger
 	idBase uint64
 	nextID atomic.Uint64
 	br     breaker
-	down   atomic.Bool // reports whether the last call failed
+	down   atomic.Bool // the breaker is open or half-open
+	logged atomic.Bool // this outage's warning is logged
 	orph   orphans
 	share  localShare
 	seed   seedWaiter
@@ -126,7 +127,7 @@ func NewRedis(c redis.UniversalClient, cfg RedisConfig) (*Redis, error) {
 		cfg.BreakerOpen = time.Second
 	}
 	if cfg.SeedWait <= 0 {
-		cfg.SeedWait = 3 * time.Second
+		cfg.SeedWait = 5 * time.Second
 	}
 	tick := cfg.watchTick
 	if tick <= 0 {
@@ -134,18 +135,15 @@ func NewRedis(c redis.UniversalClient, cfg RedisConfig) (*Redis, error) {
 	}
 	r := &Redis{c: c, cfg: cfg, log: cfg.Logger, idBase: rand.Uint64(),
 		wake: make(chan struct{}, 1), done: make(chan struct{})}
+	r.br.onOpen = r.breakerChanged
 	r.br.reset(cfg.BreakerOpen)
 	r.share.init()
-	var closePing func()
-	r.pc, closePing = pingClient(c)
+	r.ping = pinger(c)
 	r.ctx, r.cancel = context.WithCancel(context.Background())
 	if r.log == nil {
 		r.log = slog.Default()
 	}
-	go func() {
-		defer closePing()
-		r.watch(tick)
-	}()
+	go r.watch(tick)
 	return r, nil
 }
 
@@ -180,19 +178,23 @@ func NewRedisClient(url string) (*redis.Client, error) {
 	return redis.NewClient(o), nil
 }
 
-// pingClient returns the client the watcher PINGs Redis with while the
-// breaker is open: its own one-connection client when c is a
-// [redis.Client] (so probing neither waits behind nor fails the dials of
-// c's pool), else c.
-func pingClient(c redis.UniversalClient) (redis.UniversalClient, func()) {
+// pinger returns how the watcher PINGs Redis while the breaker is open:
+// when c is a [redis.Client], through a fresh one-connection client each
+// time, so that the probe neither waits behind c's pool nor inherits the
+// dial back-off of a pool whose dials failed (go-redis then fails fast
+// until its own redial, up to a second later, succeeds); else through c.
+func pinger(c redis.UniversalClient) func(context.Context) error {
 	rc, ok := c.(*redis.Client)
 	if !ok {
-		return c, func() {}
+		return func(ctx context.Context) error { return c.Ping(ctx).Err() }
 	}
 	o := *rc.Options()
-	o.PoolSize, o.MinIdleConns, o.MaxIdleConns, o.DialerRetries = 1, 0, 1, 1
-	p := redis.NewClient(&o)
-	return p, func() { _ = p.Close() }
+	o.PoolSize, o.MinIdleConns, o.MaxIdleConns, o.DialerRetries = 1, 0, 0, 1
+	return func(ctx context.Context) error {
+		p := redis.NewClient(&o)
+		defer p.Close()
+		return p.Ping(ctx).Err()
+	}
 }
 
 // rateScript is the sliding-window log behind Allow.
@@ -396,14 +398,15 @@ func (r *Redis) id() string {
 }
 
 // failed sorts out an error from Redis: the caller's own cancellation is
-// returned as is; anything else marks Redis down (logging once) and is
-// returned wrapped in ErrUnavailable.
+// returned as is; anything else is counted and returned wrapped in
+// ErrUnavailable. The first failure after the breaker opened logs the
+// outage's one warning.
 func (r *Redis) failed(parent context.Context, op string, err error) error {
 	if perr := parent.Err(); perr != nil {
 		return perr
 	}
 	r.failures.Add(1)
-	if r.down.CompareAndSwap(false, true) {
+	if r.down.Load() && r.logged.CompareAndSwap(false, true) {
 		r.log.Warn("limit: redis unreachable, applying fail policy",
 			"op", op, "err", err,
 			"fail_closed_rate", r.cfg.FailClosedRate, "fail_closed_budget", r.cfg.FailClosedBudget)
@@ -411,11 +414,22 @@ func (r *Redis) failed(parent context.Context, op string, err error) error {
 	return fmt.Errorf("%w: %s: %w", ErrUnavailable, op, err)
 }
 
-func (r *Redis) ok() {
-	if r.down.Load() && r.down.CompareAndSwap(true, false) {
-		r.log.Info("limit: redis reachable again")
-		r.share.reset()
+// breakerChanged follows the breaker: Redis is down from when it opens
+// until it closes (a half-open probe that succeeds, or the watcher's PING).
+func (r *Redis) breakerChanged(open bool) {
+	if open {
+		r.down.Store(true)
+		return
 	}
+	if r.down.CompareAndSwap(true, false) {
+		r.share.reset()
+		if r.logged.CompareAndSwap(true, false) {
+			r.log.Info("limit: redis reachable again")
+		}
+	}
+}
+
+func (r *Redis) ok() {
 	if r.orph.pending() {
 		select {
 		case r.wake <- struct{}{}:

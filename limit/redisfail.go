@@ -47,17 +47,25 @@ func newBreaker(open time.Duration, onChange func(from, to gobreaker.State)) *go
 // Redis coming back is noticed within watchTick rather than after the
 // open period.
 type breaker struct {
-	cb   atomic.Pointer[gobreaker.CircuitBreaker[struct{}]]
-	mu   sync.Mutex    // protects half
-	half chan struct{} // closed when the half-open probe has its answer
+	cb     atomic.Pointer[gobreaker.CircuitBreaker[struct{}]]
+	onOpen func(open bool) // called when the breaker opens and closes
+	mu     sync.Mutex      // protects half
+	half   chan struct{}   // closed when the half-open probe has its answer
 }
 
 func (b *breaker) reset(open time.Duration) {
 	b.cb.Store(newBreaker(open, b.changed))
 	b.probed()
+	b.onOpen(false)
 }
 
 func (b *breaker) changed(from, to gobreaker.State) {
+	switch to {
+	case gobreaker.StateOpen:
+		b.onOpen(true)
+	case gobreaker.StateClosed:
+		b.onOpen(false)
+	}
 	if from == gobreaker.StateHalfOpen {
 		b.probed()
 	}
@@ -130,8 +138,8 @@ func (r *Redis) run(ctx context.Context, op string, f func(context.Context) erro
 	return r.failed(ctx, op, err)
 }
 
-// Down reports whether the last call to Redis failed (or was refused by
-// the open breaker): admission is following the fail policies.
+// Down reports whether the breaker in front of Redis is open (or
+// half-open, probing): admission is following the fail policies.
 func (r *Redis) Down() bool { return r.down.Load() }
 
 // Failures returns how many calls to Redis failed or were refused by the
@@ -203,7 +211,7 @@ func (r *Redis) watch(tick time.Duration) {
 		case <-r.wake:
 		}
 		if r.br.cb.Load().State() == gobreaker.StateOpen {
-			r.ping()
+			r.probe()
 			continue
 		}
 		r.replayOrphans()
@@ -214,11 +222,11 @@ func (r *Redis) watch(tick time.Duration) {
 	}
 }
 
-// ping closes an open breaker when Redis answers a PING within Timeout.
-func (r *Redis) ping() {
+// probe closes an open breaker when Redis answers a PING within Timeout.
+func (r *Redis) probe() {
 	ctx, cancel := context.WithTimeout(r.ctx, r.cfg.Timeout)
 	defer cancel()
-	if r.pc.Ping(ctx).Err() != nil {
+	if r.ping(ctx) != nil {
 		return
 	}
 	r.br.reset(r.cfg.BreakerOpen)

@@ -94,7 +94,7 @@ func TestRedisHalfOpenBreakerLetsConcurrentCallsThrough(t *testing.T) {
 	url, kill := startRedis(t, 0)
 	// The watcher never runs here, so the breaker recovers by its own
 	// half-open probe.
-	b := privateRedis(t, url, RedisConfig{Timeout: time.Second, BreakerOpen: 100 * time.Millisecond,
+	b := privateRedis(t, url, RedisConfig{Timeout: 2 * time.Second, BreakerOpen: 100 * time.Millisecond,
 		FailClosedBudget: true, watchTick: time.Hour})
 	ctx := context.Background()
 	lims := []Limit{{Window: Total, Block: 1e6}}
@@ -120,7 +120,7 @@ func TestRedisHalfOpenBreakerLetsConcurrentCallsThrough(t *testing.T) {
 	time.Sleep(10 * time.Millisecond)
 	var degraded atomic.Int64
 	var wg sync.WaitGroup
-	for range 200 {
+	for range 100 {
 		wg.Go(func() {
 			res, ds := make([]Reservation, 1), make([]Decision, 1)
 			which, err := b.ReserveAll(ctx, []Charge{{"k", 1, lims}}, res, ds, t0)
@@ -131,7 +131,7 @@ func TestRedisHalfOpenBreakerLetsConcurrentCallsThrough(t *testing.T) {
 	}
 	wg.Wait()
 	if n := degraded.Load(); n != 0 {
-		t.Errorf("%d of 200 calls during the half-open probe got the fail policy, want 0", n)
+		t.Errorf("%d of 100 calls during the half-open probe got the fail policy, want 0", n)
 	}
 }
 

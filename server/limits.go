@@ -119,8 +119,8 @@ func (c LimitsConfig) redisConfig(requestTimeout time.Duration) limit.RedisConfi
 // degraded describes a Redis limiter that is following its fail
 // policies, for /readyz; "" when Redis answers (or is not used).
 func (s *Server) redisDegraded() string {
-	r, ok := s.limiter.(*limit.Redis)
-	if !ok || !r.Down() {
+	r := s.redis
+	if r == nil || !r.Down() {
 		return ""
 	}
 	rc := s.cfg.Limits.redisConfig(0)
@@ -173,15 +173,19 @@ func (s *Server) registerRedisMetrics(r *limit.Redis) {
 
 // chargeLog logs failed budget charges (settlements of finished requests
 // while Redis is unreachable) once per outage: a warning when they start
-// failing and one line with the count when they succeed again, instead of
-// a line per request.
+// failing and, at the first success after a second without failures, one
+// line with the count, instead of a line per request.
 type chargeLog struct {
 	failing  atomic.Bool
 	failures atomic.Uint64
-	mu       sync.Mutex // serialises the two lines
+	lastFail atomic.Int64 // Unix ns of the last failure
+	mu       sync.Mutex   // serialises the two lines
 	since    time.Time
 	base     uint64 // failures when the outage started
 }
+
+// chargeQuiet is how long charges must not fail for an outage to end.
+const chargeQuiet = time.Second
 
 // budgetCharged records the outcome of one settle or charge (op) on the
 // budget counters.
@@ -190,26 +194,28 @@ func (s *Server) budgetCharged(op string, err error) {
 }
 
 func (c *chargeLog) record(log *slog.Logger, op string, err error) {
+	now := time.Now()
 	if err == nil {
-		if !c.failing.Load() {
+		if !c.failing.Load() || now.Sub(time.Unix(0, c.lastFail.Load())) < chargeQuiet {
 			return
 		}
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		if c.failing.CompareAndSwap(true, false) {
 			log.Info("budget charges succeed again", "failed", c.failures.Load()-c.base,
-				"for", time.Since(c.since).Round(time.Millisecond).String())
+				"for", now.Sub(c.since).Round(time.Millisecond).String())
 		}
 		return
 	}
 	n := c.failures.Add(1)
+	c.lastFail.Store(now.UnixNano())
 	if c.failing.Load() {
 		return
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.failing.CompareAndSwap(false, true) {
-		c.since, c.base = time.Now(), n-1
+		c.since, c.base = now, n-1
 		log.Warn("budget charges failing (Redis unreachable): settlements of budgeted requests are queued and replayed when it answers; logged once until charges succeed, counted in keypool_budget_charge_failures_total",
 			"op", op, "err", err)
 	}
@@ -239,9 +245,10 @@ func (s *Server) seedRedis(ctx context.Context, r *limit.Redis) bool {
 }
 
 // watchSeed re-seeds Redis when a request finds it unseeded (kick) or a
-// seed is still owed, until ctx ends.
+// seed is still owed (retried every 100 ms: requests wait for it), until
+// ctx ends.
 func (s *Server) watchSeed(ctx context.Context, r *limit.Redis) {
-	t := time.NewTicker(time.Second)
+	t := time.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
 	owed := !s.seedRedis(ctx, r)
 	for {
@@ -281,4 +288,30 @@ func (redisLogger) Printf(ctx context.Context, format string, v ...any) {
 func routeRedisLog(log *slog.Logger) {
 	redisLog.Store(log)
 	redisLogOnce.Do(func() { redis.SetLogger(redisLogger{}) })
+}
+
+// timedBackend is a limit backend whose budget admissions are timed
+// (keypool_budget_admission_seconds).
+type timedBackend struct {
+	limit.Backend
+	h prometheus.Histogram
+}
+
+// ReserveAll implements [limit.Admitter], timed.
+func (t timedBackend) ReserveAll(ctx context.Context, charges []limit.Charge, res []limit.Reservation, ds []limit.Decision, now time.Time) (int, error) {
+	start := time.Now()
+	which, err := t.Backend.ReserveAll(ctx, charges, res, ds, now)
+	t.h.Observe(time.Since(start).Seconds())
+	return which, err
+}
+
+// timeAdmission wraps b so that its budget admissions are timed.
+func (s *Server) timeAdmission(b limit.Backend) limit.Backend {
+	h := prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name:    "keypool_budget_admission_seconds",
+		Help:    "Time to admit a metered request against its budgets (one Lua script on Redis, or the local counters), refusals included.",
+		Buckets: []float64{.0001, .00025, .0005, .001, .002, .003, .005, .0075, .01, .02, .05, .1, .25, .5, 1},
+	})
+	s.metrics.reg.MustRegister(h)
+	return timedBackend{b, h}
 }

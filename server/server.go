@@ -169,6 +169,7 @@ type Server struct {
 	sso     *sso.Handler     // nil without OIDC sign-in
 	proxy   *proxy.Handler
 	limiter limit.Backend
+	redis   *limit.Redis // the limiter's Redis backend; nil without Redis
 	rdb     *redis.Client
 	// seedKick asks watchSeed to seed the counters on Redis.
 	seedKick chan struct{}
@@ -350,7 +351,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		if err != nil {
 			return nil, err
 		}
-		s.limiter = rl
+		s.limiter, s.redis = rl, rl
 		s.registerRedisMetrics(rl)
 		s.seedRedis(ctx, rl)
 		s.share = newSharer(s.rdb, s.pool, log)
@@ -362,6 +363,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 			return nil, err
 		}
 	}
+	s.limiter = s.timeAdmission(s.limiter)
 
 	s.authSync = newAuthSync(s.st, s.rdb, log)
 	s.authSync.auth = s.auth
@@ -435,7 +437,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		// A rotation: re-seal what older keys sealed, online.
 		s.bg.Go(func() { s.rewrap(bgctx) })
 	}
-	if rl, ok := s.limiter.(*limit.Redis); ok {
+	if rl := s.redis; rl != nil {
 		s.bg.Go(func() { s.watchSeed(bgctx, rl) })
 	}
 	s.bg.Go(func() { s.authSync.send(bgctx) })

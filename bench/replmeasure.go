@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // redisCalls returns Redis's calls per command (INFO commandstats).
@@ -125,4 +126,13 @@ func quantile(before, after histogram, q float64) (n float64, upper float64) {
 		}
 	}
 	return n, math.Inf(1)
+}
+
+// bucketBound prints a histogram bucket's upper bound in seconds as a
+// duration ("> 1s" past the last bound).
+func bucketBound(b float64) string {
+	if math.IsInf(b, 1) {
+		return "∞ (> 1s)"
+	}
+	return time.Duration(b * float64(time.Second)).String()
 }

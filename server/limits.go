@@ -278,7 +278,7 @@ type redisLogger struct{}
 
 // Printf implements go-redis's logging interface.
 func (redisLogger) Printf(ctx context.Context, format string, v ...any) {
-	if l := redisLog.Load(); l != nil {
+	if l := redisLog.Load(); l != nil && l.Enabled(ctx, slog.LevelDebug) {
 		l.DebugContext(ctx, "redis: "+fmt.Sprintf(format, v...))
 	}
 }

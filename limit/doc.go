@@ -75,7 +75,8 @@
 //     request settles: their room is handed to others while the late
 //     Settle still charges;
 //   - Redis being unreachable with the fail-open policy
-//     (FailClosedBudget refuses instead; keypoold's default);
+//     (FailClosedBudget refuses instead, keypoold's default;
+//     FailLocalBudget holds the bound of the Failure section);
 //   - several replicas each using Local: each counts only its own traffic.
 //
 // # Failure
@@ -85,25 +86,34 @@
 // Reserve admit (the default) or refuse per FailClosedRate and
 // FailClosedBudget, with [Decision.Degraded] set and one warning logged per
 // outage; Settle, Add and Usage return an error wrapping [ErrUnavailable].
+// With FailLocalBudget, ReserveAll admits on this replica's share of each
+// counter's remaining budget instead (room at its last decision ÷ live
+// replicas, counted by a heartbeat on Redis): across N replicas a
+// counter's outage spends at most the room left + what was admitted after
+// the stalest replica's last decision + N × one request's actual.
 // A caller whose context is done gets its context's error. A circuit
 // breaker (gobreaker) opens after 3 failed calls in a row and fails every
-// call at once for RedisConfig.BreakerOpen (default 1s) before one call
-// probes Redis: while Redis is down a request pays the Timeout at most
-// once per window.
+// call at once for RedisConfig.BreakerOpen (default 1s): while Redis is
+// down a request pays the Timeout at most once per window. While it is
+// open, a watcher PINGs Redis every 100 ms and closes it as soon as Redis
+// answers; if the open period ends first, one call probes (half-open)
+// and the calls arriving meanwhile wait for its answer, then go to Redis.
 //
 // Settlement is idempotent by reservation id: a settle replayed (after a
 // failure, or late) charges once. A reserve whose reply was lost (a
-// timeout after Redis ran it) and a settle that failed are queued and
-// replayed, idempotently, once Redis answers again. With
-// RedisConfig.RequireSeed, ReserveAll admits nothing while Redis holds no
-// epoch key, until [Redis.ClaimSeed]'s caller has re-seeded the counters
-// from the usage records.
+// timeout after Redis ran it), a settle that failed and the settlements of
+// local-share admissions are queued and replayed, idempotently, by the
+// watcher once Redis answers again. With RedisConfig.RequireSeed,
+// ReserveAll waits (at most SeedWait) while Redis holds no epoch key, until
+// [Redis.ClaimSeed]'s caller has re-seeded the counters from the usage
+// records, and then admits or follows the fail policy.
 //
 // # Concurrency
 //
-// [Local] and [Redis] are safe for concurrent use; Local starts no
-// goroutine, Redis only a short-lived one that replays queued settlements;
-// Close is an off switch kept for the [Backend] interface. Local's Allow
-// takes about 100 ns and allocates nothing in steady state; state is
+// [Local] and [Redis] are safe for concurrent use. Local starts no
+// goroutine and its Close does nothing. Redis runs one watcher goroutine
+// (breaker recovery, replay of queued settlements, heartbeat) until
+// Close, and a short-lived poller while calls wait for a seed. Local's
+// Allow takes about 100 ns and allocates nothing in steady state; state is
 // sharded 64 ways by key hash.
 package limit

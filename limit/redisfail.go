@@ -236,9 +236,37 @@ func (r *Redis) probe() {
 // replayOrphans settles the queued orphans, one settle script each, until
 // they are all done or Redis fails again (the rest wait for the next
 // tick).
+//
+// With RequireSeed, an orphan made before Redis was last seeded (the
+// epoch key holds the seed's time) or while it is unseeded is dropped:
+// Redis restarted empty since, and the seed from the usage records
+// counts the request already (replaying it would count it twice).
 func (r *Redis) replayOrphans() {
 	list := r.orph.take()
+	if len(list) == 0 {
+		return
+	}
+	seeded := int64(0)
+	if r.cfg.RequireSeed {
+		err := r.run(r.ctx, "release", func(cctx context.Context) error {
+			var err error
+			seeded, err = r.c.Get(cctx, r.epochKey()).Int64()
+			return err
+		})
+		switch {
+		case errors.Is(err, redis.Nil):
+			return // unseeded: the seed will count them
+		case err != nil:
+			for _, o := range list {
+				r.orph.add(o.key, o.member, o.actual, o.at)
+			}
+			return
+		}
+	}
 	for i, o := range list {
+		if seeded > o.at.UnixMilli() {
+			continue
+		}
 		if err := r.settleMember(r.ctx, "release", o.key, o.member, o.actual, o.at); err != nil {
 			for _, rest := range list[i:] {
 				r.orph.add(rest.key, rest.member, rest.actual, rest.at)

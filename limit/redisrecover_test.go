@@ -268,3 +268,60 @@ func TestRedisLocalShareBoundsOutageAcrossReplicas(t *testing.T) {
 		t.Errorf("counter on the restarted Redis = %v, want the %d settlements of the outage", rawUsage(t, url, "team"), n)
 	}
 }
+
+// TestRedisReplayDropsSettlesTheReseedCounts: with RequireSeed, a settle
+// that failed before Redis restarted empty and was re-seeded from the
+// usage records is not replayed (the seed counts the request: replaying
+// would count it twice); one that failed while Redis kept its data (a
+// stall) is.
+func TestRedisReplayDropsSettlesTheReseedCounts(t *testing.T) {
+	url, kill := startRedis(t, 0)
+	b := privateRedis(t, url, RedisConfig{Timeout: 100 * time.Millisecond, BreakerOpen: time.Hour, RequireSeed: true, FailClosedBudget: true})
+	ctx := context.Background()
+	seed := func() {
+		t.Helper()
+		ok, done, err := b.ClaimSeed(ctx)
+		if err != nil || !ok {
+			t.Fatalf("ClaimSeed: %v %v", ok, err)
+		}
+		if err := done(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	seed()
+	lims := []Limit{{Window: Total, Block: 1000}}
+	reserve := func() Reservation {
+		t.Helper()
+		res, ds := make([]Reservation, 1), make([]Decision, 1)
+		if which, err := b.ReserveAll(ctx, []Charge{{"team", 10, lims}}, res, ds, time.Now()); err != nil || which != -1 || ds[0].Degraded {
+			t.Fatalf("ReserveAll: %d %+v %v", which, ds[0], err)
+		}
+		return res[0]
+	}
+	// A stall: the settle times out, Redis keeps its data; replayed.
+	r1 := reserve()
+	o, _ := redis.ParseURL(url)
+	stall := redis.NewClient(o)
+	defer stall.Close()
+	go stall.Do(context.Background(), "DEBUG", "SLEEP", "0.3")
+	time.Sleep(30 * time.Millisecond)
+	if err := b.Settle(ctx, r1, 7, time.Now()); err == nil {
+		t.Fatal("Settle during the stall succeeded")
+	}
+	if !waitFor(3*time.Second, func() bool { return rawUsage(t, url, "team") == 7 }) {
+		t.Fatalf("counter after the stall = %v, want 7 (the settle replayed)", rawUsage(t, url, "team"))
+	}
+	// A restart-empty and a re-seed: the settle made before is dropped.
+	r2 := reserve()
+	kill()
+	if err := b.Settle(ctx, r2, 5, time.Now()); err == nil {
+		t.Fatal("Settle with Redis killed succeeded")
+	}
+	time.Sleep(5 * time.Millisecond) // the seed is later than the settle
+	restartRedis(t, url, func() {})
+	seed()
+	time.Sleep(500 * time.Millisecond) // the watcher replays within ~100 ms
+	if u := rawUsage(t, url, "team"); u != 0 {
+		t.Errorf("counter after restart and re-seed = %v, want 0: the seed counts that request, the replay must not", u)
+	}
+}

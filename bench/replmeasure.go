@@ -13,6 +13,22 @@ import (
 	"time"
 )
 
+// redisSnap is what the suite reads before and after a burst: Redis's
+// calls per command and the replicas' admission latency histogram.
+type redisSnap struct {
+	calls map[string]int64
+	hist  histogram
+}
+
+func (c *replCluster) snapshot(ctx context.Context) (redisSnap, error) {
+	calls, err := c.redisCalls(ctx)
+	if err != nil {
+		return redisSnap{}, err
+	}
+	hist, err := c.admissionHist()
+	return redisSnap{calls, hist}, err
+}
+
 // redisCalls returns Redis's calls per command (INFO commandstats).
 func (c *replCluster) redisCalls(ctx context.Context) (map[string]int64, error) {
 	info, err := c.rdb.Info(ctx, "commandstats").Result()

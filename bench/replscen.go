@@ -94,11 +94,7 @@ func budgetScenario(ctx context.Context, c *replCluster, cfg replConfig, rep *re
 	if err != nil {
 		return err
 	}
-	calls0, err := c.redisCalls(ctx)
-	if err != nil {
-		return err
-	}
-	hist0, err := c.admissionHist()
+	snap0, err := c.snapshot(ctx)
 	if err != nil {
 		return err
 	}
@@ -111,7 +107,7 @@ func budgetScenario(ctx context.Context, c *replCluster, cfg replConfig, rep *re
 	if during == nil {
 		// Every settlement has landed (the counter equals the records):
 		// the Redis calls since the burst began are the burst's.
-		if err := c.burstCalls(ctx, rep, name, calls0, hist0, r); err != nil {
+		if err := c.burstCalls(ctx, rep, name, snap0, r); err != nil {
 			return err
 		}
 	}
@@ -122,21 +118,17 @@ func budgetScenario(ctx context.Context, c *replCluster, cfg replConfig, rep *re
 	return nil
 }
 
-// burstCalls reports the Redis calls per request of a burst of n
-// requests (admitted of them admitted), from INFO commandstats, and the
-// p99 of the replicas' budget admission (keypool_budget_admission_seconds;
-// bound: 5 ms).
-func (c *replCluster) burstCalls(ctx context.Context, rep *replReport, name string, calls0 map[string]int64, hist0 histogram, r burstResult) error {
+// burstCalls reports the Redis round trips per request of burst r since
+// snap0, from INFO commandstats, and the latency of the replicas' budget
+// admissions (keypool_budget_admission_seconds) against the 5 ms goal.
+func (c *replCluster) burstCalls(ctx context.Context, rep *replReport, name string, snap0 redisSnap, r burstResult) error {
 	n := r.admitted + r.budget + r.unavailable + r.other
 	time.Sleep(200 * time.Millisecond) // charges of counters without a budget may trail the team's settle
-	calls1, err := c.redisCalls(ctx)
+	snap1, err := c.snapshot(ctx)
 	if err != nil {
 		return err
 	}
-	hist1, err := c.admissionHist()
-	if err != nil {
-		return err
-	}
+	calls0, calls1, hist0, hist1 := snap0.calls, snap1.calls, snap0.hist, snap1.hist
 	// commandstats counts the commands a script runs as well; a request's
 	// round trips are the scripts (EVALSHA): one admission each, the rest
 	// settlements and charges.

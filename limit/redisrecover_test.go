@@ -2,8 +2,6 @@ package limit
 
 import (
 	"context"
-	"fmt"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -13,18 +11,6 @@ import (
 
 	"github.com/keypool/keypool/internal/testutil"
 )
-
-// restartRedis kills the test redis-server at url and starts an empty one
-// on the same port.
-func restartRedis(t *testing.T, url string, kill func()) {
-	t.Helper()
-	kill()
-	var port int
-	if _, err := fmt.Sscan(strings.TrimSuffix(strings.TrimPrefix(url, "redis://127.0.0.1:"), "/0"), &port); err != nil {
-		t.Fatal(err)
-	}
-	testutil.StartRedis(t, port)
-}
 
 // privateRedis returns a backend on the private redis-server at url.
 func privateRedis(t *testing.T, url string, cfg RedisConfig) *Redis {
@@ -56,6 +42,24 @@ func rawUsage(t *testing.T, url, key string) float64 {
 	return v
 }
 
+// failedOf runs n ReserveAll calls of 1 on key at once on b and returns
+// how many were not admitted by Redis (refused, degraded or an error).
+func failedOf(b *Redis, n int, key string, lims []Limit) int64 {
+	var failed atomic.Int64
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() {
+			res, ds := make([]Reservation, 1), make([]Decision, 1)
+			which, err := b.ReserveAll(context.Background(), []Charge{{key, 1, lims}}, res, ds, t0)
+			if err != nil || which != -1 || ds[0].Degraded {
+				failed.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	return failed.Load()
+}
+
 // waitFor polls cond every 10 ms for up to d.
 func waitFor(d time.Duration, cond func() bool) bool {
 	for deadline := time.Now().Add(d); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
@@ -79,7 +83,7 @@ func TestRedisSettleFailedWhileDownIsReplayedWhenRedisReturns(t *testing.T) {
 	if err := b.Settle(ctx, res[0], 7, t0); err == nil {
 		t.Fatal("Settle with Redis killed succeeded")
 	}
-	restartRedis(t, url, func() {})
+	testutil.RestartRedis(t, url)
 	// No call goes through b: the watcher notices Redis is back and
 	// replays the settle on its own.
 	if !waitFor(3*time.Second, func() bool { return rawUsage(t, url, "team") == 7 }) {
@@ -112,25 +116,13 @@ func TestRedisHalfOpenBreakerLetsConcurrentCallsThrough(t *testing.T) {
 	if !b.Down() {
 		t.Fatal("breaker did not open while Redis was down")
 	}
-	restartRedis(t, url, func() {})
+	testutil.RestartRedis(t, url)
 	time.Sleep(150 * time.Millisecond) // open period over: half-open next
 	// The probe is slowed (50 ms, below Timeout) so that the concurrent calls
 	// arrive while it is in flight.
 	go stall("0.05")
 	time.Sleep(10 * time.Millisecond)
-	var degraded atomic.Int64
-	var wg sync.WaitGroup
-	for range 100 {
-		wg.Go(func() {
-			res, ds := make([]Reservation, 1), make([]Decision, 1)
-			which, err := b.ReserveAll(ctx, []Charge{{"k", 1, lims}}, res, ds, t0)
-			if err != nil || which != -1 || ds[0].Degraded {
-				degraded.Add(1)
-			}
-		})
-	}
-	wg.Wait()
-	if n := degraded.Load(); n != 0 {
+	if n := failedOf(b, 100, "k", lims); n != 0 {
 		t.Errorf("%d of 100 calls during the half-open probe got the fail policy, want 0", n)
 	}
 }
@@ -154,19 +146,7 @@ func TestRedisReserveAllWaitsForTheSeed(t *testing.T) {
 			t.Error(err)
 		}
 	}()
-	var refused atomic.Int64
-	var wg sync.WaitGroup
-	for range 300 {
-		wg.Go(func() {
-			res, ds := make([]Reservation, 1), make([]Decision, 1)
-			which, err := b.ReserveAll(ctx, []Charge{{"k", 1, lims}}, res, ds, t0)
-			if err != nil || which != -1 || ds[0].Degraded {
-				refused.Add(1)
-			}
-		})
-	}
-	wg.Wait()
-	if n := refused.Load(); n != 0 {
+	if n := failedOf(b, 300, "k", lims); n != 0 {
 		t.Errorf("%d of 300 calls refused while the seed was under way, want 0 (they wait for it)", n)
 	}
 	if kicked.Load() == 0 {
@@ -263,7 +243,7 @@ func TestRedisLocalShareBoundsOutageAcrossReplicas(t *testing.T) {
 	}
 	// Redis restarted empty: the outage's settlements are replayed
 	// (BreakerOpen is an hour: only the watcher can notice Redis is back).
-	restartRedis(t, url, func() {})
+	testutil.RestartRedis(t, url)
 	if !waitFor(5*time.Second, func() bool { return rawUsage(t, url, "team") == float64(n) }) {
 		t.Errorf("counter on the restarted Redis = %v, want the %d settlements of the outage", rawUsage(t, url, "team"), n)
 	}
@@ -318,7 +298,7 @@ func TestRedisReplayDropsSettlesTheReseedCounts(t *testing.T) {
 		t.Fatal("Settle with Redis killed succeeded")
 	}
 	time.Sleep(5 * time.Millisecond) // the seed is later than the settle
-	restartRedis(t, url, func() {})
+	testutil.RestartRedis(t, url)
 	seed()
 	time.Sleep(500 * time.Millisecond) // the watcher replays within ~100 ms
 	if u := rawUsage(t, url, "team"); u != 0 {

@@ -1,7 +1,6 @@
 package server_test
 
 import (
-	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -16,14 +15,7 @@ import (
 // fail open, no request pays the Redis timeout more than once per breaker
 // window, the outage is logged once, and /readyz and the metrics say so.
 func TestRedisDownFailPolicies(t *testing.T) {
-	url, kill := testutil.StartRedis(t, 0)
-	up := newUpstream(t, usage150)
-	k := startKP(t, fastUsage, func(c *server.Config) {
-		c.RedisURL = server.SecretURL(url)
-		c.Limits = server.LimitsConfig{RedisTimeout: server.Duration(200 * time.Millisecond), RedisBreakerOpen: server.Duration(time.Hour)}
-	})
-	k.addService("openai", up.URL, "bearer", map[string]any{"llm_family": "openai"})
-	k.addKey("openai", "sk-redis-fail-0123456789abcdef", nil)
+	k, _, kill := redisKP(t, server.LimitsConfig{RedisTimeout: server.Duration(200 * time.Millisecond), RedisBreakerOpen: server.Duration(time.Hour)})
 	budgeted := k.addToken(k.addTeam("eng", map[string]any{"limit_tokens_day_block": 100000}), nil)
 	rated := k.addToken(k.addTeam("ops", map[string]any{"rpm_limit": 1000}), nil)
 	body := `{"model":"gpt-4o-mini","max_tokens":50,"messages":[{"role":"user","content":"hi"}]}`
@@ -65,14 +57,7 @@ func TestRedisDownFailPolicies(t *testing.T) {
 // is admitted against it, so a team with room for 2 more requests gets 2,
 // not a fresh budget.
 func TestRedisRestartedEmptyReseeds(t *testing.T) {
-	url, kill := testutil.StartRedis(t, 0)
-	up := newUpstream(t, usage150)
-	k := startKP(t, fastUsage, func(c *server.Config) {
-		c.RedisURL = server.SecretURL(url)
-		c.Limits = server.LimitsConfig{RedisBreakerOpen: server.Duration(100 * time.Millisecond)}
-	})
-	k.addService("openai", up.URL, "bearer", map[string]any{"llm_family": "openai"})
-	k.addKey("openai", "sk-redis-reseed-0123456789abcdef", nil)
+	k, url, kill := redisKP(t, server.LimitsConfig{RedisBreakerOpen: server.Duration(100 * time.Millisecond)})
 	tok := k.addToken(k.addTeam("eng", map[string]any{"limit_tokens_day_block": 1000}), nil)
 	body := `{"model":"gpt-4o-mini","max_tokens":50,"messages":[{"role":"user","content":"hi"}]}`
 	path := "/v1/openai/v1/chat/completions"
@@ -83,12 +68,7 @@ func TestRedisRestartedEmptyReseeds(t *testing.T) {
 	}
 	k.waitUsage(5) // 750 of 1000 tokens used
 	kill()
-	port := strings.TrimSuffix(strings.TrimPrefix(url, "redis://127.0.0.1:"), "/0")
-	var p int
-	if _, err := fmt.Sscan(port, &p); err != nil {
-		t.Fatal(err)
-	}
-	testutil.StartRedis(t, p)
+	testutil.RestartRedis(t, url)
 	admitted := 0
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -112,4 +92,20 @@ func TestRedisRestartedEmptyReseeds(t *testing.T) {
 	if admitted != 2 {
 		t.Errorf("admitted %d after Redis restarted empty with 750 of 1000 tokens used, want 2 (750, 900)", admitted)
 	}
+}
+
+// redisKP starts keypoold on a private redis-server with limits lim and
+// an openai service on an upstream that reports 150 tokens a request; it
+// returns the server, the Redis URL and the function that kills Redis.
+func redisKP(t *testing.T, lim server.LimitsConfig) (*kp, string, func()) {
+	t.Helper()
+	url, kill := testutil.StartRedis(t, 0)
+	up := newUpstream(t, usage150)
+	k := startKP(t, fastUsage, func(c *server.Config) {
+		c.RedisURL = server.SecretURL(url)
+		c.Limits = lim
+	})
+	k.addService("openai", up.URL, "bearer", map[string]any{"llm_family": "openai"})
+	k.addKey("openai", "sk-redis-limits-0123456789abcdef", nil)
+	return k, url, kill
 }

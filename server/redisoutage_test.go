@@ -16,14 +16,7 @@ import (
 // warning when it starts and one line with the count when Redis is back,
 // not a line per request, and a metric counts them.
 func TestRedisOutageLogsChargeFailuresOncePerOutage(t *testing.T) {
-	url, kill := testutil.StartRedis(t, 0)
-	up := newUpstream(t, usage150)
-	k := startKP(t, fastUsage, func(c *server.Config) {
-		c.RedisURL = server.SecretURL(url)
-		c.Limits = server.LimitsConfig{RedisBreakerOpen: server.Duration(100 * time.Millisecond)}
-	})
-	k.addService("openai", up.URL, "bearer", map[string]any{"llm_family": "openai"})
-	k.addKey("openai", "sk-redis-chargelog-0123456789abcdef", nil)
+	k, url, kill := redisKP(t, server.LimitsConfig{RedisBreakerOpen: server.Duration(100 * time.Millisecond)})
 	tok := k.addToken(k.addTeam("eng", nil), nil) // no budget: each request charges its counters
 	body := `{"model":"gpt-4o-mini","max_tokens":50,"messages":[{"role":"user","content":"hi"}]}`
 	path := "/v1/openai/v1/chat/completions"
@@ -43,12 +36,7 @@ func TestRedisOutageLogsChargeFailuresOncePerOutage(t *testing.T) {
 		}
 	}
 	wg.Wait()
-	port := strings.TrimSuffix(strings.TrimPrefix(url, "redis://127.0.0.1:"), "/0")
-	var p int
-	if _, err := fmt.Sscan(port, &p); err != nil {
-		t.Fatal(err)
-	}
-	testutil.StartRedis(t, p)
+	testutil.RestartRedis(t, url)
 	deadline := time.Now().Add(10 * time.Second)
 	for !strings.Contains(k.logs.String(), "budget charges succeed again") && time.Now().Before(deadline) {
 		k.send("POST", path, tok, body)
@@ -100,14 +88,7 @@ func TestLimitsRedisFailPolicies(t *testing.T) {
 // its share of them on this (single) replica, then 503 — not every
 // request (open), not none (closed). /readyz says which policy applies.
 func TestRedisFailLocalAdmitsAShareDuringAnOutage(t *testing.T) {
-	url, kill := testutil.StartRedis(t, 0)
-	up := newUpstream(t, usage150)
-	k := startKP(t, fastUsage, func(c *server.Config) {
-		c.RedisURL = server.SecretURL(url)
-		c.Limits = server.LimitsConfig{RedisFail: "local", RedisBreakerOpen: server.Duration(time.Hour)}
-	})
-	k.addService("openai", up.URL, "bearer", map[string]any{"llm_family": "openai"})
-	k.addKey("openai", "sk-redis-local-0123456789abcdef", nil)
+	k, _, kill := redisKP(t, server.LimitsConfig{RedisFail: "local", RedisBreakerOpen: server.Duration(time.Hour)})
 	tok := k.addToken(k.addTeam("eng", map[string]any{"limit_tokens_day_block": 1500}), nil)
 	body := `{"model":"gpt-4o-mini","max_tokens":150,"messages":[{"role":"user","content":"hi"}]}`
 	path := "/v1/openai/v1/chat/completions"

@@ -54,3 +54,16 @@ func StartRedis(t testing.TB, port int) (url string, kill func()) {
 	}
 	return "redis://" + addr + "/0", kill
 }
+
+// RestartRedis starts an empty redis-server (see [StartRedis]) on the
+// port of url, the URL of one the test killed: Redis restarted without
+// its data. It returns the new server's kill function.
+func RestartRedis(t testing.TB, url string) (kill func()) {
+	t.Helper()
+	var port int
+	if _, err := fmt.Sscanf(url, "redis://127.0.0.1:%d/0", &port); err != nil {
+		t.Fatalf("testutil: not a StartRedis URL: %s", url)
+	}
+	_, kill = StartRedis(t, port)
+	return kill
+}

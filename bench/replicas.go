@@ -31,9 +31,10 @@ type replConfig struct {
 	outage  time.Duration // how long Redis is down
 	workers int           // concurrent clients of the load scenarios
 	// noisy relaxes the outage's added-latency bound from 5 ms to the
-	// larger of 5 ms and half the p99 before the outage: at CI size, under
-	// -race on shared cores, a 5 s window's p99 moves by more than 5 ms
-	// on its own.
+	// larger of 5 ms and the p99 before the outage (p99 at most doubled):
+	// at CI size, under -race on shared cores beside other tests, a 5 s
+	// window's p99 moves by tens of ms on its own. A request paying the
+	// Redis timeout (500 ms) still fails it.
 	noisy bool
 }
 

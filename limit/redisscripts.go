@@ -1,0 +1,180 @@
+package limit
+
+import "github.com/redis/go-redis/v9"
+
+// The Lua scripts of [Redis]: each call is one of them, run atomically
+// in one round trip (EVALSHA).
+
+// rateScript is the sliding-window log behind Allow.
+// KEYS[1] sorted set of admissions (score: Unix µs).
+// ARGV: now µs, window µs, limit, member. Returns {allowed, count, retry µs}.
+var rateScript = redis.NewScript(`
+local key = KEYS[1]
+local now = tonumber(ARGV[1])
+local win = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now - win)
+local n = redis.call('ZCARD', key)
+if n < limit then
+  redis.call('ZADD', key, now, ARGV[4])
+  redis.call('PEXPIRE', key, math.ceil(win / 1000) + 1000)
+  return {1, n + 1, 0}
+end
+local old = redis.call('ZRANGE', key, n - limit, n - limit, 'WITHSCORES')
+return {0, n, tonumber(old[2]) + win - now}
+`)
+
+// reserveScript checks limits and records a reservation.
+// KEYS: hour, day, month, total, minute hash, reserved sum, reservations.
+// ARGV: now ms, now s, amount, member, ttl ms, n, then n × (window, warn,
+// block, calendar retry ms). Returns check's reply (see admitLua).
+var reserveScript = redis.NewScript(`
+local now = tonumber(ARGV[1])
+local sec = tonumber(ARGV[2])
+local amount = tonumber(ARGV[3])
+local member = ARGV[4]
+local ttl = tonumber(ARGV[5])
+` + admitLua + `
+local reserved = expire(KEYS[6], KEYS[7])
+local d = check(1, 6, amount, reserved)
+if d[1] == 0 then return d end
+if amount > 0 then
+  redis.call('ZADD', KEYS[7], now + ttl, member)
+  redis.call('INCRBYFLOAT', KEYS[6], amount)
+  redis.call('PEXPIRE', KEYS[7], ttl + 60000)
+  redis.call('PEXPIRE', KEYS[6], ttl + 60000)
+end
+return d
+`)
+
+// admitLua defines the Lua functions both reserve scripts share:
+// expire(k6, k7) drops a counter's expired reservations and returns what
+// is still reserved; check(kb, ab, amount, reserved) applies the
+// admission rule (settled + reserved below each block) to the counter
+// whose keys start at KEYS[kb] and whose windows are described from
+// ARGV[ab] on, and returns {allowed, warn, limit index, used, retry ms,
+// reserved, room}, room being what is left under the tightest block
+// after this request ("inf" without one, "0" when refused). The
+// including script defines now and sec first.
+const admitLua = `
+local function expire(k6, k7)
+  local exp = redis.call('ZRANGEBYSCORE', k7, '-inf', now)
+  if #exp > 0 then
+    local sum = 0
+    for _, m in ipairs(exp) do sum = sum + tonumber(string.match(m, ':([^:]*)$')) end
+    redis.call('ZREMRANGEBYSCORE', k7, '-inf', now)
+    redis.call('INCRBYFLOAT', k6, -sum)
+  end
+  if redis.call('ZCARD', k7) == 0 then
+    redis.call('DEL', k6)
+    return 0
+  end
+  local r = tonumber(redis.call('GET', k6) or '0')
+  if r < 0 then r = 0 end
+  return r
+end
+
+local function check(kb, ab, amount, reserved)
+  local n = tonumber(ARGV[ab])
+  local secs = nil
+  local minute = 0
+  local function usage(w)
+    if w ~= 1 then return tonumber(redis.call('GET', KEYS[kb + w - 2]) or '0') end
+    if secs == nil then
+      secs = {}
+      local h = redis.call('HGETALL', KEYS[kb + 4])
+      for i = 1, #h, 2 do
+        local s = tonumber(h[i])
+        if s >= sec - 60 and s <= sec then
+          local v = tonumber(h[i + 1])
+          table.insert(secs, {s, v})
+          minute = minute + v
+        end
+      end
+      table.sort(secs, function(a, b) return a[1] < b[1] end)
+    end
+    return minute
+  end
+  local allowed, warn, warnIdx, warnUsed = 1, 0, 0, 0
+  local tight, tightUsed, tightRoom = 0, 0, 0
+  local pick, pickW, pickUsed, pickRetry = 0, 0, 0, 0
+  for i = 1, n do
+    local b = ab + (i - 1) * 4
+    local w = tonumber(ARGV[b + 1])
+    local wl = tonumber(ARGV[b + 2])
+    local bl = tonumber(ARGV[b + 3])
+    if wl > 0 or bl > 0 then
+      local u = usage(w)
+      local tot = u + reserved
+      if wl > 0 and tot + amount >= wl and warn == 0 then
+        warn, warnIdx, warnUsed = 1, i, tot + amount
+      end
+      if bl > 0 and tot >= bl then
+        local ra = tonumber(ARGV[b + 4])
+        if w == 1 then
+          ra = 60000
+          local left = u
+          for _, e in ipairs(secs) do
+            left = left - e[2]
+            if e[2] ~= 0 and left + reserved < bl then
+              ra = (e[1] + 61) * 1000 - now
+              break
+            end
+          end
+        end
+        if allowed == 1 or (pickW ~= 5 and (w == 5 or ra > pickRetry)) then
+          pick, pickW, pickUsed, pickRetry = i, w, tot, ra
+        end
+        allowed = 0
+      elseif bl > 0 and (tight == 0 or bl - (tot + amount) < tightRoom) then
+        tight, tightUsed, tightRoom = i, tot + amount, bl - (tot + amount)
+      end
+    end
+  end
+  if allowed == 0 then
+    if pickW == 5 then pickRetry = 0 end
+    return {0, warn, pick, tostring(pickUsed), pickRetry, tostring(reserved), '0'}
+  end
+  local room = 'inf'
+  if tight ~= 0 then room = tostring(tightRoom) end
+  if warn == 1 then return {1, 1, warnIdx, tostring(warnUsed), 0, tostring(reserved + amount), room} end
+  return {1, 0, tight, tostring(tightUsed), 0, tostring(reserved + amount), room}
+end
+`
+
+// settleScript releases a reservation (member, may be empty) and charges
+// actual, once per member: a member already settled (a retried settle, a
+// settle after the reservation was released as an orphan) changes
+// nothing and returns 0. KEYS as reserveScript, then the sorted set of
+// settled members (score: when the mark may be forgotten). ARGV: actual,
+// member, now s, the TTL in ms of the hour, day and month keys, now ms,
+// how long in ms a settled mark is kept.
+var settleScript = redis.NewScript(`
+local actual = tonumber(ARGV[1])
+local member = ARGV[2]
+local sec = tonumber(ARGV[3])
+if member ~= '' then
+  local nowms = tonumber(ARGV[7])
+  local keep = tonumber(ARGV[8])
+  redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', nowms)
+  if redis.call('ZADD', KEYS[8], 'NX', nowms + keep, member) == 0 then return 0 end
+  redis.call('PEXPIRE', KEYS[8], keep + 60000)
+  if redis.call('ZREM', KEYS[7], member) == 1 then
+    redis.call('INCRBYFLOAT', KEYS[6], -tonumber(string.match(member, ':([^:]*)$')))
+  end
+  if redis.call('ZCARD', KEYS[7]) == 0 then redis.call('DEL', KEYS[6]) end
+end
+if actual > 0 then
+  for i = 1, 3 do
+    redis.call('INCRBYFLOAT', KEYS[i], actual)
+    redis.call('PEXPIRE', KEYS[i], ARGV[3 + i])
+  end
+  redis.call('INCRBYFLOAT', KEYS[4], actual)
+  redis.call('HINCRBYFLOAT', KEYS[5], ARGV[3], actual)
+  for _, f in ipairs(redis.call('HKEYS', KEYS[5])) do
+    if tonumber(f) < sec - 60 then redis.call('HDEL', KEYS[5], f) end
+  end
+  redis.call('PEXPIRE', KEYS[5], 62000)
+end
+return 1
+`)

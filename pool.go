@@ -287,6 +287,26 @@ func (p *Pool) Acquire(service string, r Request) (Lease, error) {
 	return l, nil
 }
 
+// Available reports whether a key of the service could be picked now: one
+// is in rotation and not cooling, spent, open, held or at a limit. It is
+// false for an unknown service. A caller that routes between services
+// uses it to skip one before spending a request on it; the answer may be
+// stale by the time it acts (Acquire still decides).
+func (p *Pool) Available(service string) bool {
+	s := (*p.services.Load())[service]
+	if s == nil {
+		return false
+	}
+	now := p.now()
+	s.mu.Lock()
+	s.wake(now)
+	ok := len(s.avail) > 0 && !(s.held > 0 && s.allHeld() && (s.prober != nil || now.Before(s.probeAfter)))
+	events := s.takeEvents()
+	s.mu.Unlock()
+	p.emit(events)
+	return ok
+}
+
 func (p *Pool) noKey(service string, now, until time.Time, reason string) error {
 	if until.IsZero() {
 		until = now.Add(p.cfg.MaxCooldown)

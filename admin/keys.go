@@ -287,11 +287,15 @@ func (a *API) serviceForKey(ctx context.Context, name string) error {
 	if name == "" {
 		return badRequest("service is required")
 	}
-	if _, err := a.st.GetService(ctx, name); err != nil {
+	svc, err := a.st.GetService(ctx, name)
+	if err != nil {
 		if errors.Is(err, store.ErrNotFound) {
 			return badRequest("service %q does not exist; create it first", name)
 		}
 		return err
+	}
+	if svc.Kind == store.KindRouter {
+		return badRequest("service %q is a router: it holds no keys; add keys to the services its routes name", name)
 	}
 	return nil
 }

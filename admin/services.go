@@ -2,6 +2,7 @@ package admin
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"net"
@@ -14,6 +15,7 @@ import (
 	"github.com/keypool/keypool"
 	"github.com/keypool/keypool/internal/httpx"
 	"github.com/keypool/keypool/meter"
+	"github.com/keypool/keypool/route"
 	"github.com/keypool/keypool/store"
 )
 
@@ -37,6 +39,10 @@ type serviceInput struct {
 	// LLMFamily is the metered wire format: openai, anthropic, gemini,
 	// none, or empty for detection per request.
 	LLMFamily opt[string] `json:"llm_family"`
+	// Kind is "router" for a router (set at creation only).
+	Kind opt[string] `json:"kind"`
+	// Routes are a router's model routes (see package route).
+	Routes opt[[]store.Route] `json:"routes"`
 	timeoutsInput
 	limitsInput
 	keyPolicyInput
@@ -162,6 +168,9 @@ func (in *serviceInput) apply(s *store.Service, allowMD bool) error {
 		}
 		s.LLMFamily = v
 	}
+	if in.Routes.Set {
+		s.Routes = in.Routes.V
+	}
 	if in.Prices.Set {
 		p, err := checkPrices(in.Prices.V)
 		if err != nil {
@@ -176,6 +185,36 @@ func (in *serviceInput) apply(s *store.Service, allowMD bool) error {
 		return err
 	}
 	return in.limitsInput.apply(&s.Limits)
+}
+
+// checkRouter validates a router's routes against the other services
+// (see route.Validate), and refuses routes, base_url and keys' settings
+// on a service that is not a router.
+func (a *API) checkRouter(ctx context.Context, s *store.Service, routesSet bool) error {
+	if s.Kind != store.KindRouter {
+		if routesSet && len(s.Routes) > 0 {
+			return badRequest("routes are for services of kind \"router\"")
+		}
+		return nil
+	}
+	if s.BaseURL != "" {
+		return badRequest("a router has no base_url: its routes name the services that serve each model")
+	}
+	ss, err := a.st.Services(ctx)
+	if err != nil {
+		return err
+	}
+	byName := make(map[string]store.Service, len(ss))
+	for _, sv := range ss {
+		byName[sv.Name] = sv
+	}
+	if _, err := route.Validate(s.Name, s.Routes, func(name string) (store.Service, bool) {
+		sv, ok := byName[name]
+		return sv, ok
+	}); err != nil {
+		return badRequest("%s", strings.TrimPrefix(err.Error(), route.ErrInvalid.Error()+": "))
+	}
+	return nil
 }
 
 // trimInvalid drops the "keypool: invalid configuration: " prefix of a
@@ -403,16 +442,22 @@ func (a *API) createService(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	name := strings.TrimSpace(in.Name.V)
+	kind := strings.TrimSpace(in.Kind.V)
 	switch {
 	case !in.Name.has() || name == "":
 		return badRequest("name is required")
 	case !isName(name):
 		return badRequest("name %q is invalid: use 1-64 of a-z, 0-9, '.', '_', '-', starting with a letter or digit", name)
-	case !in.BaseURL.has():
+	case kind != "" && kind != store.KindRouter:
+		return badRequest("kind %q: want \"router\", or leave it out for an upstream service", kind)
+	case kind == "" && !in.BaseURL.has():
 		return badRequest("base_url is required")
 	}
-	s := store.Service{Name: name, AuthScheme: "bearer", Selector: "round_robin"}
+	s := store.Service{Name: name, Kind: kind, AuthScheme: "bearer", Selector: "round_robin"}
 	if err := in.apply(&s, a.allowMD); err != nil {
+		return err
+	}
+	if err := a.checkRouter(r.Context(), &s, in.Routes.Set); err != nil {
 		return err
 	}
 	if err := a.st.CreateService(r.Context(), &s); err != nil {
@@ -466,10 +511,16 @@ func (a *API) patchService(w http.ResponseWriter, r *http.Request) error {
 	if in.Name.Set && strings.TrimSpace(in.Name.V) != name {
 		return badRequest("name cannot be changed; create a new service instead")
 	}
-	if in.BaseURL.Null {
+	if in.BaseURL.Null && s.Kind != store.KindRouter {
 		return badRequest("base_url cannot be removed")
 	}
+	if in.Kind.Set && strings.TrimSpace(in.Kind.V) != s.Kind {
+		return badRequest("kind cannot be changed; create a new service instead")
+	}
 	if err := in.apply(&s, a.allowMD); err != nil {
+		return err
+	}
+	if err := a.checkRouter(r.Context(), &s, in.Routes.Set); err != nil {
 		return err
 	}
 	if err := a.st.UpdateService(r.Context(), &s); err != nil {
@@ -483,6 +534,19 @@ func (a *API) patchService(w http.ResponseWriter, r *http.Request) error {
 
 func (a *API) deleteService(w http.ResponseWriter, r *http.Request) error {
 	name := r.PathValue("name")
+	ss, err := a.st.Services(r.Context())
+	if err != nil {
+		return err
+	}
+	for _, sv := range ss {
+		for _, rt := range sv.Routes {
+			for _, tg := range rt.Targets {
+				if tg.Service == name {
+					return conflict("service %q is a target of router %q (route %q); remove it from the routes first", name, sv.Name, rt.Model)
+				}
+			}
+		}
+	}
 	if err := a.st.DeleteService(r.Context(), name); err != nil {
 		return orNotFound(err, "service %q not found", name)
 	}

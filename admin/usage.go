@@ -25,6 +25,7 @@ type usageRow struct {
 	KeyID     *string `json:"key_id,omitempty"`
 	KeyHint   *string `json:"key_hint,omitempty"`
 	Model     *string `json:"model,omitempty"`
+	Router    *string `json:"router,omitempty"`
 	Day       *string `json:"day,omitempty"`
 	Requests  int64   `json:"requests"`
 	TokensIn  int64   `json:"tokens_in"`
@@ -32,7 +33,7 @@ type usageRow struct {
 	Cost      float64 `json:"cost"`
 }
 
-var groupDims = []string{store.GroupTeam, store.GroupToken, store.GroupService, store.GroupKey, store.GroupModel, store.GroupDay}
+var groupDims = []string{store.GroupTeam, store.GroupToken, store.GroupService, store.GroupKey, store.GroupModel, store.GroupRouter, store.GroupDay}
 
 // parseTime reads RFC 3339 or YYYY-MM-DD (UTC midnight). endOfDay moves a
 // bare date to the next midnight, so that until=2025-01-31 includes that
@@ -56,7 +57,7 @@ func parseTime(field, v string, endOfDay bool) (time.Time, error) {
 // usage handles GET /admin/usage. Filters: team (id or name), token (id
 // or prefix), service, key (id), model; since (inclusive) and until
 // (exclusive; a bare date includes that whole day, UTC); group_by, a comma
-// list of team, token, service, key, model, day (none: one total row);
+// list of team, token, service, key, model, router, day (none: one total row);
 // format=csv or Accept: text/csv for CSV.
 func (a *API) usage(w http.ResponseWriter, r *http.Request) error {
 	if err := checkQuery(r, "team", "token", "service", "key", "model", "since", "until", "group_by", "format"); err != nil {
@@ -181,6 +182,8 @@ func (a *API) usage(w http.ResponseWriter, r *http.Request) error {
 				u.KeyID, u.KeyHint = &v, &h
 			case store.GroupModel:
 				u.Model = &v
+			case store.GroupRouter:
+				u.Router = &v
 			case store.GroupDay:
 				u.Day = &v
 			}
@@ -202,6 +205,7 @@ var csvColumns = map[string][]string{
 	store.GroupService: {"service"},
 	store.GroupKey:     {"key_id", "key_hint"},
 	store.GroupModel:   {"model"},
+	store.GroupRouter:  {"router"},
 	store.GroupDay:     {"day"},
 }
 
@@ -236,6 +240,8 @@ func writeUsageCSV(w http.ResponseWriter, groupBy []string, rows []usageRow) {
 				rec = append(rec, str(u.KeyID), str(u.KeyHint))
 			case store.GroupModel:
 				rec = append(rec, str(u.Model))
+			case store.GroupRouter:
+				rec = append(rec, str(u.Router))
 			case store.GroupDay:
 				rec = append(rec, str(u.Day))
 			}

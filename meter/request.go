@@ -296,6 +296,32 @@ func NegotiateIdentity(h http.Header) {
 	h.Set("Accept-Encoding", "identity")
 }
 
+// SetModel returns body with the value of every top-level model member
+// ("model", "model_id", "modelId", names compared unescaped) replaced by
+// model as a JSON string, and whether any was found. The body is not
+// changed when it is not a JSON object; the input slice is never written.
+func SetModel(body []byte, model string) ([]byte, bool) {
+	var spans [][2]int
+	eachMember(body, func(key, _ []byte, _, vs, ve int) bool {
+		if IsModelParam(string(memberName(key))) {
+			spans = append(spans, [2]int{vs, ve})
+		}
+		return true
+	})
+	if len(spans) == 0 {
+		return body, false
+	}
+	quoted, _ := json.Marshal(model)
+	out := make([]byte, 0, len(body)+len(spans)*len(quoted))
+	last := 0
+	for _, sp := range spans {
+		out = append(out, body[last:sp[0]]...)
+		out = append(out, quoted...)
+		last = sp[1]
+	}
+	return append(out, body[last:]...), true
+}
+
 // EachPathModel calls fn with every model a path names in a "models/{m}"
 // segment (Gemini, Vertex AI: ".../models/gemini-2.0-flash:generateContent"),
 // matched without regard to case. [ModelFromPath] returns the last one.

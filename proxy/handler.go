@@ -324,33 +324,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	max := h.MaxBodyBytes
-	if max <= 0 {
-		max = DefaultMaxBodyBytes
-	}
-	if r.ContentLength > max {
-		h.reject(rec, st, httpx.Errorf(http.StatusRequestEntityTooLarge, httpx.CodeRequestTooLarge, "request body is larger than %d bytes", max))
+	body, hasBody, err := ReadBody(w, r, h.MaxBodyBytes)
+	if err != nil {
+		h.reject(rec, st, err)
 		return
 	}
-	if r.Body != nil && r.Body != http.NoBody && r.ContentLength != 0 {
-		var b bytes.Buffer
-		if r.ContentLength > 0 {
-			b.Grow(int(r.ContentLength) + bytes.MinRead)
-		}
-		_, err := b.ReadFrom(http.MaxBytesReader(w, r.Body, max))
-		if err != nil {
-			var mbe *http.MaxBytesError
-			var he *httpx.Error
-			if errors.As(err, &he) {
-				h.reject(rec, st, he) // a body read timeout (408), say
-			} else if errors.As(err, &mbe) {
-				h.reject(rec, st, httpx.Errorf(http.StatusRequestEntityTooLarge, httpx.CodeRequestTooLarge, "request body is larger than %d bytes", max))
-			} else {
-				h.reject(rec, st, httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "reading the request body failed"))
-			}
-			return
-		}
-		st.body, st.hasBody = b.Bytes(), true
+	if hasBody {
+		st.body, st.hasBody = body, true
 		if err := checkTokenInBody(st.body, st.tokenSet); err != nil {
 			h.reject(rec, st, err)
 			return
@@ -398,6 +378,42 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// close it now so the key is released before OnDone.
 		_ = st.upgraded.Close()
 	}
+}
+
+// ReadBody reads r's body for replay, up to max bytes (zero means
+// [DefaultMaxBodyBytes]); has is false when the request has none. Its
+// errors are *httpx.Error: 413 request_too_large above max, a read error
+// that is an *httpx.Error as it is (keypoold's 408 request_timeout for a
+// body that stalls), 400 bad_request for any other.
+func ReadBody(w http.ResponseWriter, r *http.Request, max int64) (body []byte, has bool, err error) {
+	if max <= 0 {
+		max = DefaultMaxBodyBytes
+	}
+	tooLarge := func() error {
+		return httpx.Errorf(http.StatusRequestEntityTooLarge, httpx.CodeRequestTooLarge, "request body is larger than %d bytes", max)
+	}
+	if r.ContentLength > max {
+		return nil, false, tooLarge()
+	}
+	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 {
+		return nil, false, nil
+	}
+	var b bytes.Buffer
+	if r.ContentLength > 0 {
+		b.Grow(int(r.ContentLength) + bytes.MinRead)
+	}
+	if _, err := b.ReadFrom(http.MaxBytesReader(w, r.Body, max)); err != nil {
+		var mbe *http.MaxBytesError
+		var he *httpx.Error
+		switch {
+		case errors.As(err, &he):
+			return nil, false, he
+		case errors.As(err, &mbe):
+			return nil, false, tooLarge()
+		}
+		return nil, false, httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "reading the request body failed")
+	}
+	return b.Bytes(), true, nil
 }
 
 // pick returns the service's setting when it has one, else the default.

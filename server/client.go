@@ -12,6 +12,7 @@ import (
 	"github.com/keypool/keypool/internal/httpx"
 	"github.com/keypool/keypool/meter"
 	"github.com/keypool/keypool/proxy"
+	"github.com/keypool/keypool/route"
 	"github.com/keypool/keypool/store"
 )
 
@@ -24,6 +25,10 @@ type call struct {
 	principal *auth.Principal
 	open      *openCall // in Server.open until OnDone
 	service   string
+	// router is the router the request came through ("" for a direct
+	// call): the caller's allow-lists were checked on the model it named,
+	// and the router's budgets apply too.
+	router string
 	usage     meter.Usage
 	metered   bool
 	// rec is the request's usage record from the upstream's answer on:
@@ -38,9 +43,9 @@ type call struct {
 	strip   bool // include_usage was added: hide the usage chunk
 	prices  *meter.PriceTable
 	warning string // HeaderBudgetWarning value
-	holds   [9]hold
+	holds   [maxHolds]hold
 	nHolds  int
-	unheld  [6]unheld
+	unheld  [8]unheld
 	nUnheld int
 
 	// The admission estimate: input and output tokens, and cost. A
@@ -119,15 +124,33 @@ func (s *Server) admit(ctx context.Context, p *auth.Principal, service string) e
 	if p.Admin {
 		return nil
 	}
-	now := s.now()
-	checks := [...]struct {
-		scope, key string
-		rpm        int
-	}{
+	return s.allowRPM(ctx, []rpmCheck{
 		{"token", "token:" + p.Token.ID, p.Token.RPMLimit},
 		{"team", "team:" + p.Team.ID, p.Team.RPMLimit},
 		{"service", "service:" + service, s.serviceLimits(service).RPMLimit},
+	})
+}
+
+// admitTarget checks what a target service of a router asks of an
+// attempt on it: that it is active and under its own rpm_limit (the
+// caller's were checked by the router).
+func (s *Server) admitTarget(ctx context.Context, service string) error {
+	if s.meta(service).disabled {
+		return httpx.Errorf(http.StatusForbidden, httpx.CodeForbidden, "service %q is disabled", service)
 	}
+	return s.allowRPM(ctx, []rpmCheck{{"service", "service:" + service, s.serviceLimits(service).RPMLimit}})
+}
+
+// rpmCheck is one rpm limit a request counts against.
+type rpmCheck struct {
+	scope, key string
+	rpm        int
+}
+
+// allowRPM counts a request against each limit in turn and refuses at the
+// first one reached.
+func (s *Server) allowRPM(ctx context.Context, checks []rpmCheck) error {
+	now := s.now()
 	for _, c := range checks {
 		if c.rpm <= 0 {
 			continue
@@ -156,6 +179,11 @@ func (s *Server) admit(ctx context.Context, p *auth.Principal, service string) e
 
 // authorize is the proxy's Authorize hook.
 func (s *Server) authorize(r *http.Request, service, cred string) (*http.Request, error) {
+	if a := route.AttemptFrom(r.Context()); a != nil {
+		if p, ok := r.Context().Value(routedKey{}).(*auth.Principal); ok {
+			return s.authorizeAttempt(r, service, p, a)
+		}
+	}
 	ri := infoFrom(r.Context())
 	if ri != nil {
 		ri.service = service
@@ -174,15 +202,19 @@ func (s *Server) authorize(r *http.Request, service, cred string) (*http.Request
 		}
 		return nil, err
 	}
-	// Registered until OnDone, so that a revocation ends the request
-	// (see openCalls).
+	return s.openRequest(r, p, service, ""), nil
+}
+
+// openRequest registers an authorized request until OnDone, so that a
+// revocation ends it (see openCalls), and puts its call on its context.
+func (s *Server) openRequest(r *http.Request, p *auth.Principal, service, router string) *http.Request {
 	ctx, stop := context.WithCancelCause(r.Context())
 	oc := &openCall{tokenID: p.Token.ID, teamID: p.Team.ID, service: service, stop: stop}
 	if p.User != nil {
 		oc.userID = p.User.ID
 	}
 	s.open.add(oc)
-	return r.WithContext(context.WithValue(ctx, callKey{}, &call{principal: p, open: oc, service: service})), nil
+	return r.WithContext(context.WithValue(ctx, callKey{}, &call{principal: p, open: oc, service: service, router: router}))
 }
 
 // onAttempt feeds the per-attempt metrics.
@@ -207,6 +239,7 @@ func (s *Server) onSend(req *http.Request, keyID string) {
 	r := &c.rec // fields set one by one: a retry keeps the record's ID and journal position
 	r.Time, r.RequestID = s.now().UTC(), RequestID(req.Context())
 	r.TeamID, r.TokenID, r.Service, r.KeyID, r.Model = c.principal.Team.ID, c.principal.Token.ID, c.service, keyID, c.model
+	r.Router = c.router
 	r.TokensIn, r.TokensOut, r.Cost, r.KeySpend = c.estIn, c.estOut, c.estCost, store.KeySpendByUnit
 	if c.family == meter.FamilyNone || (c.model == "" && c.estIn == 0) {
 		r.TokensIn, r.TokensOut, r.Cost = 0, 0, 0
@@ -259,8 +292,12 @@ func (s *Server) onProxyDone(r *http.Request, res proxy.Result) {
 	if res.KeyID != "" {
 		s.metrics.service(svc).duration.Observe(res.Duration.Seconds())
 	}
+	c := callFrom(r.Context())
 	if ri := infoFrom(r.Context()); ri != nil {
 		ri.service, ri.keyID = res.Service, res.KeyID
+		if c != nil && c.router != "" {
+			ri.model = c.model
+		}
 		if res.Code != "" {
 			ri.code = res.Code
 		}
@@ -268,7 +305,6 @@ func (s *Server) onProxyDone(r *http.Request, res proxy.Result) {
 			ri.retries = res.Attempts - 1
 		}
 	}
-	c := callFrom(r.Context())
 	if c == nil {
 		return
 	}
@@ -300,7 +336,7 @@ func (s *Server) onProxyDone(r *http.Request, res proxy.Result) {
 	rec.Time = now.UTC()
 	rec.RequestID = RequestID(r.Context())
 	rec.TeamID, rec.TokenID = c.principal.Team.ID, c.principal.Token.ID
-	rec.Service, rec.KeyID, rec.Status = res.Service, res.KeyID, res.Status
+	rec.Service, rec.Router, rec.KeyID, rec.Status = res.Service, c.router, res.KeyID, res.Status
 	rec.LatencyMS = res.Duration.Milliseconds()
 	rec.Model = c.model
 	rec.TokensIn, rec.TokensOut, rec.CachedTokens, rec.Cost = 0, 0, 0, 0

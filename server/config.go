@@ -15,6 +15,7 @@ import (
 	"github.com/keypool/keypool"
 	"github.com/keypool/keypool/admin"
 	"github.com/keypool/keypool/meter"
+	"github.com/keypool/keypool/route"
 	"github.com/keypool/keypool/store"
 	"github.com/keypool/keypool/store/external"
 )
@@ -210,7 +211,11 @@ type ServiceSpec struct {
 	Description string `json:"description,omitempty" yaml:"description,omitempty"`
 	// IsActive false switches the service off (403 forbidden on the proxy
 	// and leases; keys kept). Unset: active when created, unchanged after.
-	IsActive     *bool             `json:"is_active,omitempty" yaml:"is_active,omitempty"`
+	IsActive *bool `json:"is_active,omitempty" yaml:"is_active,omitempty"`
+	// Kind is "router" for a router: no base_url and no keys; Routes send
+	// each request by its model to the services that serve it.
+	Kind         string            `json:"kind,omitempty" yaml:"kind,omitempty"`
+	Routes       []store.Route     `json:"routes,omitempty" yaml:"routes,omitempty"`
 	BaseURL      string            `json:"base_url" yaml:"base_url"`
 	AuthScheme   string            `json:"auth_scheme,omitempty" yaml:"auth_scheme,omitempty"`
 	RateLimitRPM int               `json:"rate_limit_rpm,omitempty" yaml:"rate_limit_rpm,omitempty"`
@@ -480,6 +485,22 @@ func (c *Config) Validate() error {
 func (s *ServiceSpec) validate() error {
 	if s.Name == "" {
 		return fmt.Errorf("name is required")
+	}
+	switch s.Kind {
+	case store.KindRouter:
+		if s.BaseURL != "" || len(s.Keys) > 0 {
+			return fmt.Errorf("service %q: a router has no base_url and no keys", s.Name)
+		}
+		if _, err := route.Compile(s.Routes); err != nil {
+			return fmt.Errorf("service %q: %w", s.Name, err)
+		}
+		return nil
+	case "":
+		if len(s.Routes) > 0 {
+			return fmt.Errorf("service %q: routes are for services of kind router", s.Name)
+		}
+	default:
+		return fmt.Errorf("service %q: kind %q: want router, or leave it out", s.Name, s.Kind)
 	}
 	u, err := url.Parse(s.BaseURL)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {

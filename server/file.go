@@ -2,18 +2,21 @@ package server
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
 	"gopkg.in/yaml.v3"
 
 	"github.com/keypool/keypool/meter"
+	"github.com/keypool/keypool/route"
 	"github.com/keypool/keypool/store"
 )
 
@@ -173,13 +176,53 @@ func (sp *ServiceSpec) keyPolicy() store.KeyPolicy {
 		MinActiveKeys: sp.MinActiveKeys, MaxEjectionPercent: sp.MaxEjectionPercent}
 }
 
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// checkRoutes validates a router's routes against the services in the
+// store (see route.Validate).
+func checkRoutes(ctx context.Context, st store.Store, sp ServiceSpec) error {
+	ss, err := st.Services(ctx)
+	if err != nil {
+		return fmt.Errorf("server: config service %q: %w", sp.Name, err)
+	}
+	_, err = route.Validate(sp.Name, sp.Routes, func(name string) (store.Service, bool) {
+		for _, sv := range ss {
+			if sv.Name == name {
+				return sv, true
+			}
+		}
+		return store.Service{}, false
+	})
+	if err != nil {
+		return fmt.Errorf("server: config service %q: %w", sp.Name, err)
+	}
+	return nil
+}
+
 // applyServices creates or updates the services declared in the
 // configuration and adds their keys. A key whose value its service
 // already holds is left as it is.
 func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, log *slog.Logger) error {
+	// Routers last, so that their routes can name the services declared
+	// beside them.
+	specs = slices.Clone(specs)
+	slices.SortStableFunc(specs, func(a, b ServiceSpec) int {
+		return cmp.Compare(boolInt(a.Kind == store.KindRouter), boolInt(b.Kind == store.KindRouter))
+	})
 	for _, sp := range specs {
+		if sp.Kind == store.KindRouter {
+			if err := checkRoutes(ctx, st, sp); err != nil {
+				return err
+			}
+		}
 		rec := store.Service{
 			Name: sp.Name, DisplayName: sp.DisplayName, Description: sp.Description, BaseURL: sp.BaseURL,
+			Kind: sp.Kind, Routes: sp.Routes,
 			AuthScheme: sp.AuthScheme, RateLimitRPM: sp.RateLimitRPM, MaxInFlight: sp.MaxInFlight,
 			ProxyHeaders: sp.ProxyHeaders, Selector: sp.Selector, ExternalName: sp.ExternalName,
 			KeyPolicy:     sp.keyPolicy(),

@@ -53,6 +53,12 @@ func RequestID(ctx context.Context) string {
 // the handler returns.
 type reqInfo struct {
 	service string
+	// router, model and attempts are set for a request to a router: the
+	// router, the upstream model and the targets tried (service is the
+	// last one).
+	router   string
+	model    string
+	attempts int
 	keyID   string
 	teamID  string
 	tokenID string
@@ -275,6 +281,9 @@ func (s *Server) access(r *http.Request, sw *statusWriter, ri *reqInfo, id strin
 	)
 	if ri.service != "" {
 		attrs = append(attrs, slog.String("service", ri.service))
+	}
+	if ri.router != "" {
+		attrs = append(attrs, slog.String("router", ri.router), slog.String("model", ri.model), slog.Int("route_attempts", ri.attempts))
 	}
 	if ri.keyID != "" {
 		attrs = append(attrs, slog.String("key_id", ri.keyID))

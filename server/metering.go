@@ -163,9 +163,10 @@ const (
 	scopeToken uint8 = iota
 	scopeTeam
 	scopeService
+	scopeRouter // the router a routed request came through
 )
 
-var scopeNames = [...]string{"token", "team", "service"}
+var scopeNames = [...]string{"token", "team", "service", "router"}
 
 // hold is one reservation a request holds until it settles.
 type hold struct {
@@ -251,7 +252,13 @@ func (s *Server) prepare(r *http.Request, svc *keypool.Service, body []byte) (*h
 		fam = meter.DetectFamily(svc.BaseURL, r.URL.Path, "")
 	}
 	p := c.principal
-	lists := len(meta.limits.ModelsEnabled) > 0 || len(p.Team.ModelsEnabled) > 0 || len(p.Token.ModelsEnabled) > 0
+	if c.router != "" {
+		// A routed attempt: the router checked the caller's lists on the
+		// model the client named; the target's own list applies to the
+		// model sent upstream.
+		p = nil
+	}
+	lists := len(meta.limits.ModelsEnabled) > 0 || p != nil && (len(p.Team.ModelsEnabled) > 0 || len(p.Token.ModelsEnabled) > 0)
 	guess := fam == meter.FamilyNone && meta.detect && jsonObject(body)
 	if fam == meter.FamilyNone && !lists && !guess {
 		return nil, nil, nil
@@ -382,24 +389,28 @@ func checkModels(r *http.Request, meta *svcMeta, p *auth.Principal, fam meter.Fa
 }
 
 // modelAllowed reports whether every non-empty allow-list (service, team,
-// token) holds model.
+// token) holds model; p nil checks the service's alone.
 func modelAllowed(meta *svcMeta, p *auth.Principal, model string) bool {
 	if l := meta.limits.ModelsEnabled; len(l) > 0 && !slices.Contains(l, model) {
 		return false
 	}
-	return p.AllowsModel(model)
+	return p == nil || p.AllowsModel(model)
 }
 
 // admission is the scratch space of one request's admission: its charges
 // (one per scope and unit with a budget), their decisions and
 // reservations, pooled so that admitting allocates nothing.
 type admission struct {
-	charges [9]limit.Charge
-	scope   [9]uint8
-	unit    [9]uint8
-	res     [9]limit.Reservation
-	ds      [9]limit.Decision
+	charges [maxHolds]limit.Charge
+	scope   [maxHolds]uint8
+	unit    [maxHolds]uint8
+	res     [maxHolds]limit.Reservation
+	ds      [maxHolds]limit.Decision
 }
+
+// maxHolds is the most reservations a request holds: one per scope
+// (token, team, service, router) and unit (tpm, tokens, cost).
+const maxHolds = 12
 
 var admissions = sync.Pool{New: func() any { return new(admission) }}
 
@@ -416,7 +427,7 @@ func (s *Server) reserve(ctx context.Context, c *call, service string, meta *svc
 		return nil
 	}
 	now := s.now()
-	var scopes [3]*scopeBudget
+	var scopes [4]*scopeBudget
 	if p.Token.ID != "" {
 		scopes[scopeToken] = s.budgets.get(scopeToken, p.Token.ID, &p.Token.Limits)
 	}
@@ -424,6 +435,9 @@ func (s *Server) reserve(ctx context.Context, c *call, service string, meta *svc
 		scopes[scopeTeam] = s.budgets.get(scopeTeam, p.Team.ID, &p.Team.Limits)
 	}
 	scopes[scopeService] = meta.budget
+	if c.router != "" {
+		scopes[scopeRouter] = s.meta(c.router).budget
+	}
 	a := admissions.Get().(*admission)
 	n := 0
 	defer func() {
@@ -621,9 +635,13 @@ func (s *Server) seedCounters(ctx context.Context) error {
 	monthStart, _ := limit.WindowBounds(limit.Month, now)
 	type sums struct{ tok, cost [4]float64 } // total, month, day, hour
 	since := [4]time.Time{{}, monthStart, dayStart, hourStart}
-	groups := [...]string{store.GroupToken, store.GroupTeam, store.GroupService}
+	// A router's budget counters are its service counters.
+	groups := [...]struct{ dim, scope string }{
+		{store.GroupToken, "token"}, {store.GroupTeam, "team"}, {store.GroupService, "service"}, {store.GroupRouter, "service"},
+	}
 	n := 0
-	for gi, g := range groups {
+	for _, grp := range groups {
+		g := grp.dim
 		per := map[string]*sums{}
 		for wi, from := range since {
 			rows, err := s.st.QueryUsage(ctx, store.UsageQuery{Since: from, Until: now.Add(time.Second), GroupBy: []string{g}})
@@ -649,7 +667,7 @@ func (s *Server) seedCounters(ctx context.Context) error {
 		// before this hour, this hour.
 		at := [4]time.Time{monthStart.Add(-time.Second), dayStart.Add(-time.Second), hourStart.Add(-time.Second), hourStart}
 		for id, sm := range per {
-			base := scopeNames[gi] + ":" + id
+			base := grp.scope + ":" + id
 			for i := range 4 {
 				tok, cost := sm.tok[i], sm.cost[i]
 				if i < 3 {
@@ -689,6 +707,14 @@ func modelsPath(path string) (string, bool) {
 // serveV1 answers model listings of services with an allow-list itself,
 // and hands everything else to the proxy.
 func (s *Server) serveV1(w http.ResponseWriter, r *http.Request) {
+	if name, t, ok := s.routerFor(r.URL.Path); ok {
+		if _, models := modelsPath(r.URL.Path); models && r.Method == http.MethodGet {
+			s.serveRouterModels(w, r, name, t)
+			return
+		}
+		s.routes.ServeHTTP(w, r)
+		return
+	}
 	if r.Method == http.MethodGet {
 		if name, ok := modelsPath(r.URL.Path); ok {
 			if meta := s.meta(name); len(meta.limits.ModelsEnabled) > 0 {

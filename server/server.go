@@ -141,6 +141,7 @@ import (
 	"github.com/keypool/keypool/limit"
 	"github.com/keypool/keypool/meter"
 	"github.com/keypool/keypool/proxy"
+	"github.com/keypool/keypool/route"
 	"github.com/keypool/keypool/sso"
 	"github.com/keypool/keypool/store"
 	"github.com/keypool/keypool/store/external"
@@ -168,6 +169,7 @@ type Server struct {
 	console *console.Handler // nil when disabled
 	sso     *sso.Handler     // nil without OIDC sign-in
 	proxy   *proxy.Handler
+	routes  *route.Handler // routers, in front of proxy
 	limiter limit.Backend
 	redis   *limit.Redis // the limiter's Redis backend; nil without Redis
 	rdb     *redis.Client
@@ -311,6 +313,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if err := s.syncer.Load(ctx); err != nil {
 		return nil, fmt.Errorf("server: load services and keys: %w", err)
 	}
+	s.routes = new(route.Handler) // set up below, with the proxy
 	if err := s.refreshServiceLimits(ctx); err != nil {
 		return nil, err
 	}
@@ -418,7 +421,8 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		OnDone:         s.onProxyDone,
 		Logger:         log,
 	}
-	s.handler = s.observe(s.routes())
+	s.initRoutes()
+	s.handler = s.observe(s.mux())
 
 	bgctx, cancel := context.WithCancel(context.Background())
 	s.bgCancel = cancel
@@ -527,7 +531,7 @@ func (s *Server) AdminToken() keypool.Secret { return s.cfg.AdminToken }
 // included.
 func (s *Server) Config() Config { return s.cfg }
 
-func (s *Server) routes() http.Handler {
+func (s *Server) mux() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", s.healthz)
 	mux.HandleFunc("/health", s.healthz)
@@ -753,6 +757,7 @@ func (s *Server) refreshServiceLimits(ctx context.Context) error {
 	}
 	m := s.buildMeta(svcs)
 	s.svcMeta.Store(&m)
+	s.setRouters(svcs)
 	for _, sv := range svcs {
 		s.metrics.service(sv.Name) // its zero series, from the start
 	}

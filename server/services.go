@@ -27,7 +27,8 @@ type clientModel struct {
 // caller may use (its team's allowed services that are active), each with
 // the models it may call there — the service's models_enabled narrowed by
 // the team's and the token's (without a service list, the token's list,
-// else the team's) — described from the price table.
+// else the team's; for a router, its exact routes those lists allow) —
+// described from the price table.
 func (s *Server) listServices(w http.ResponseWriter, r *http.Request) {
 	cred, err := proxy.Credential(r)
 	if err != nil {
@@ -51,7 +52,11 @@ func (s *Server) listServices(w http.ResponseWriter, r *http.Request) {
 			continue
 		}
 		cs := clientService{Name: name, Description: meta.description, Models: []clientModel{}}
-		for _, m := range clientModels(p, meta.limits.ModelsEnabled) {
+		models := clientModels(p, meta.limits.ModelsEnabled)
+		if t, ok := s.routes.Router(name); ok {
+			models = s.routerModels(p, name, t)
+		}
+		for _, m := range models {
 			pr, _ := meta.prices.Lookup(m)
 			cs.Models = append(cs.Models, clientModel{ID: m, Description: pr.Description})
 		}

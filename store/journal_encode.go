@@ -28,6 +28,7 @@ func appendRecordLine(b []byte, rec *UsageRecord, provisional bool) []byte {
 	b = appendStrField(b, "team_id", rec.TeamID)
 	b = appendStrField(b, "token_id", rec.TokenID)
 	b = appendStrField(b, "service", rec.Service)
+	b = appendStrField(b, "router", rec.Router)
 	b = appendStrField(b, "key_id", rec.KeyID)
 	b = appendStrField(b, "model", rec.Model)
 	b = appendIntField(b, "status", int64(rec.Status))

@@ -76,6 +76,13 @@ type Service struct {
 	DisplayName string `json:"display_name,omitempty"`
 	// Description says what the service is for (listings, GET /services).
 	Description string `json:"description,omitempty"`
+	// Kind is "" for an upstream API and [KindRouter] for a router: a
+	// service without keys or base_url whose Routes send each request, by
+	// the model it names, to other services.
+	Kind string `json:"kind,omitempty"`
+	// Routes are a router's model routes, tried in order (see package
+	// route); empty for other services.
+	Routes []Route `json:"routes,omitempty"`
 	// Disabled switches the service off: its proxy and leases answer 403
 	// forbidden; its keys and their state are kept. The API shows it as
 	// is_active false.
@@ -104,6 +111,32 @@ type Service struct {
 	KeyPolicy
 	CreatedAt time.Time `json:"created_at"`
 	UpdatedAt time.Time `json:"updated_at"`
+}
+
+// KindRouter is the [Service.Kind] of a router.
+const KindRouter = "router"
+
+// Route maps the model a client names (exact, or a glob such as
+// "claude-*") to the services that serve it, in order of preference.
+type Route struct {
+	Model   string   `json:"model"`
+	Targets []Target `json:"targets"`
+}
+
+// Target is one service a [Route] may send a request to.
+type Target struct {
+	// Service names the target service; it must exist and not be a
+	// router.
+	Service string `json:"service"`
+	// Path is the path prefix of the service's OpenAI-compatible API
+	// ("/v1", "/v1beta/openai", "/openai/v1"); empty means "/v1".
+	Path string `json:"path,omitempty"`
+	// Model is the model sent upstream; empty sends the one the client
+	// named.
+	Model string `json:"model,omitempty"`
+	// Weight spreads a route's first choice over the targets that have
+	// one, in proportion; targets without weight follow in order.
+	Weight int `json:"weight,omitempty"`
 }
 
 // KeyPolicy is how a service's pool judges its keys (see
@@ -286,21 +319,25 @@ type Token struct {
 // the store to derive it from the key's balance unit: the cost for "usd",
 // the tokens for "tokens", one for a 2xx in "requests".
 type UsageRecord struct {
-	Time         time.Time `json:"time"`
-	ID           string    `json:"id,omitempty"`
-	RequestID    string    `json:"request_id,omitempty"`
-	TeamID       string    `json:"team_id,omitempty"`
-	TokenID      string    `json:"token_id,omitempty"`
-	Service      string    `json:"service"`
-	KeyID        string    `json:"key_id,omitempty"`
-	Model        string    `json:"model,omitempty"`
-	Status       int       `json:"status"`
-	TokensIn     int64     `json:"tokens_in"`
-	TokensOut    int64     `json:"tokens_out"`
-	CachedTokens int64     `json:"cached_tokens,omitempty"`
-	Cost         float64   `json:"cost"`
-	LatencyMS    int64     `json:"latency_ms"`
-	KeySpend     float64   `json:"key_spend,omitempty"`
+	Time      time.Time `json:"time"`
+	ID        string    `json:"id,omitempty"`
+	RequestID string    `json:"request_id,omitempty"`
+	TeamID    string    `json:"team_id,omitempty"`
+	TokenID   string    `json:"token_id,omitempty"`
+	Service   string    `json:"service"`
+	// Router is the router the request came through ("" for a direct
+	// call); Service is then the target that served it and Model the
+	// upstream model.
+	Router       string  `json:"router,omitempty"`
+	KeyID        string  `json:"key_id,omitempty"`
+	Model        string  `json:"model,omitempty"`
+	Status       int     `json:"status"`
+	TokensIn     int64   `json:"tokens_in"`
+	TokensOut    int64   `json:"tokens_out"`
+	CachedTokens int64   `json:"cached_tokens,omitempty"`
+	Cost         float64 `json:"cost"`
+	LatencyMS    int64   `json:"latency_ms"`
+	KeySpend     float64 `json:"key_spend,omitempty"`
 
 	seg  uint64 // the journal segment holding the record; 0 when none
 	pseg uint64 // the journal segment holding its provisional line; 0 when none
@@ -316,6 +353,7 @@ const (
 	GroupTeam    = "team"
 	GroupToken   = "token"
 	GroupService = "service"
+	GroupRouter  = "router"
 	GroupKey     = "key"
 	GroupModel   = "model"
 	GroupDay     = "day"

@@ -186,6 +186,11 @@ var migrations = []migration{
 		)`,
 		`ALTER TABLE keys ADD COLUMN tier TEXT NOT NULL DEFAULT ''`,
 	}},
+	{11, "routers: services of kind router with model routes; usage records name the router", []string{
+		`ALTER TABLE services ADD COLUMN kind TEXT NOT NULL DEFAULT ''`,
+		`ALTER TABLE services ADD COLUMN routes TEXT NOT NULL DEFAULT ''`,
+		`ALTER TABLE usage_records ADD COLUMN router TEXT NOT NULL DEFAULT ''`,
+	}},
 }
 
 // latestVersion is the schema version this package writes.

@@ -16,6 +16,8 @@ type serviceRow struct {
 	Name         string    `gorm:"column:name;primaryKey"`
 	DisplayName  string    `gorm:"column:display_name"`
 	Description  string    `gorm:"column:description"`
+	Kind         string    `gorm:"column:kind"`
+	Routes       string    `gorm:"column:routes"`
 	Disabled     bool      `gorm:"column:disabled"`
 	BaseURL      string    `gorm:"column:base_url"`
 	AuthScheme   string    `gorm:"column:auth_scheme"`
@@ -113,6 +115,7 @@ type usageRow struct {
 	TeamID       string  `gorm:"column:team_id"`
 	TokenID      string  `gorm:"column:token_id"`
 	Service      string  `gorm:"column:service"`
+	Router       string  `gorm:"column:router"`
 	KeyID        string  `gorm:"column:key_id"`
 	Model        string  `gorm:"column:model"`
 	Status       int     `gorm:"column:status"`
@@ -161,7 +164,7 @@ func isZeroLimits(l store.Limits) bool {
 
 func serviceToRow(s *store.Service) (serviceRow, error) {
 	r := serviceRow{
-		Name: s.Name, DisplayName: s.DisplayName, Description: s.Description, Disabled: s.Disabled, BaseURL: s.BaseURL, AuthScheme: s.AuthScheme,
+		Name: s.Name, DisplayName: s.DisplayName, Description: s.Description, Kind: s.Kind, Disabled: s.Disabled, BaseURL: s.BaseURL, AuthScheme: s.AuthScheme,
 		RateLimitRPM: s.RateLimitRPM, MaxInFlight: s.MaxInFlight, Selector: s.Selector,
 		ExternalName: s.ExternalName, Prices: s.Prices, LLMFamily: s.LLMFamily, CreatedAt: s.CreatedAt, UpdatedAt: s.UpdatedAt,
 		HeaderMS: s.HeaderTimeout.Milliseconds(), IdleMS: s.IdleTimeout.Milliseconds(), RequestMS: s.RequestTimeout.Milliseconds(),
@@ -176,12 +179,15 @@ func serviceToRow(s *store.Service) (serviceRow, error) {
 	if r.KeyPolicy, err = encodeJSON(s.KeyPolicy, s.KeyPolicy == store.KeyPolicy{}); err != nil {
 		return r, err
 	}
+	if r.Routes, err = encodeJSON(s.Routes, len(s.Routes) == 0); err != nil {
+		return r, err
+	}
 	return r, nil
 }
 
 func serviceFromRow(r *serviceRow) (store.Service, error) {
 	s := store.Service{
-		Name: r.Name, DisplayName: r.DisplayName, Description: r.Description, Disabled: r.Disabled, BaseURL: r.BaseURL, AuthScheme: r.AuthScheme,
+		Name: r.Name, DisplayName: r.DisplayName, Description: r.Description, Kind: r.Kind, Disabled: r.Disabled, BaseURL: r.BaseURL, AuthScheme: r.AuthScheme,
 		RateLimitRPM: r.RateLimitRPM, MaxInFlight: r.MaxInFlight, Selector: r.Selector,
 		ExternalName: r.ExternalName, Prices: r.Prices, LLMFamily: r.LLMFamily,
 		HeaderTimeout: time.Duration(r.HeaderMS) * time.Millisecond, IdleTimeout: time.Duration(r.IdleMS) * time.Millisecond,
@@ -196,6 +202,9 @@ func serviceFromRow(r *serviceRow) (store.Service, error) {
 	}
 	if err := decodeJSON(r.KeyPolicy, &s.KeyPolicy); err != nil {
 		return s, fmt.Errorf("service %q key_policy: %w", r.Name, err)
+	}
+	if err := decodeJSON(r.Routes, &s.Routes); err != nil {
+		return s, fmt.Errorf("service %q routes: %w", r.Name, err)
 	}
 	return s, nil
 }

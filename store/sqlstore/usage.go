@@ -40,7 +40,7 @@ func (s *Store) AppendUsage(ctx context.Context, recs []store.UsageRecord) error
 		}
 		rows[i] = usageRow{
 			Ts: t.UnixMicro(), RequestID: r.RequestID, TeamID: r.TeamID, TokenID: r.TokenID,
-			Service: r.Service, KeyID: r.KeyID, Model: r.Model, Status: r.Status,
+			Service: r.Service, Router: r.Router, KeyID: r.KeyID, Model: r.Model, Status: r.Status,
 			TokensIn: r.TokensIn, TokensOut: r.TokensOut, CachedTokens: r.CachedTokens,
 			Cost: r.Cost, LatencyMS: r.LatencyMS,
 		}
@@ -163,7 +163,7 @@ func unitSpend(unit string, r *store.UsageRecord) float64 {
 // usageChunk is how many rows one prepared multi-row INSERT carries.
 const usageChunk = 64
 
-const usageColumns = 14
+const usageColumns = 15
 
 // usageStmts holds the prepared usage INSERTs: parsing a statement costs
 // more than the rows it inserts, so it is prepared once, when the Store
@@ -188,7 +188,7 @@ func (s *Store) prepareUsage(ctx context.Context) error {
 
 func (s *Store) usageInsertSQL(rows int) string {
 	var b strings.Builder
-	b.WriteString("INSERT INTO usage_records (ts, record_id, request_id, team_id, token_id, service, key_id, model, status, tokens_in, tokens_out, cached_tokens, cost, latency_ms) VALUES ")
+	b.WriteString("INSERT INTO usage_records (ts, record_id, request_id, team_id, token_id, service, router, key_id, model, status, tokens_in, tokens_out, cached_tokens, cost, latency_ms) VALUES ")
 	n := 0
 	for r := 0; r < rows; r++ {
 		if r > 0 {
@@ -224,7 +224,7 @@ func (s *Store) insertUsage(ctx context.Context, tx *sql.Tx, rows []usageRow) er
 		if r.RecordID != nil {
 			id = *r.RecordID
 		}
-		args = append(args, r.Ts, id, r.RequestID, r.TeamID, r.TokenID, r.Service, r.KeyID, r.Model,
+		args = append(args, r.Ts, id, r.RequestID, r.TeamID, r.TokenID, r.Service, r.Router, r.KeyID, r.Model,
 			r.Status, r.TokensIn, r.TokensOut, r.CachedTokens, r.Cost, r.LatencyMS)
 	}
 	if len(rows) >= usageChunk {
@@ -264,6 +264,8 @@ func (s *Store) groupColumn(dim string) (string, bool) {
 		return "token_id", true
 	case store.GroupService:
 		return "service", true
+	case store.GroupRouter:
+		return "router", true
 	case store.GroupKey:
 		return "key_id", true
 	case store.GroupModel:

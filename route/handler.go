@@ -1,0 +1,351 @@
+package route
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/keypool/keypool/breaker"
+	"github.com/keypool/keypool/internal/httpx"
+	"github.com/keypool/keypool/meter"
+	"github.com/keypool/keypool/proxy"
+)
+
+// HeaderService names the service that served a routed request (the
+// key is in [proxy.HeaderKeyID]).
+const HeaderService = "X-Keypool-Service"
+
+// DefaultMaxAttempts is the number of targets a request may try when
+// [Handler.MaxAttempts] is zero.
+const DefaultMaxAttempts = 3
+
+// Attempt is one try of a routed request on one target, on the context
+// of the request the [Handler] passes to Next.
+type Attempt struct {
+	// Router is the router service the client called.
+	Router string
+	// Model is the model the client named.
+	Model string
+	// Upstream is the model sent to the target (Model unless the target
+	// renames it).
+	Upstream string
+	// Service is the target service.
+	Service string
+	// N counts the attempts of the request, from 1.
+	N int
+}
+
+type attemptKey struct{}
+
+// AttemptFrom returns the attempt a request is, or nil when it was not
+// routed.
+func AttemptFrom(ctx context.Context) *Attempt {
+	a, _ := ctx.Value(attemptKey{}).(*Attempt)
+	return a
+}
+
+// Handler serves /v1/{router}/v1/{rest} for router services: it reads
+// the model the request body names, finds its route, and sends the
+// request to the route's targets one after another as
+// /v1/{service}{path}/{rest} through Next (keypoold's proxy, with each
+// service's own pool, failover, limits, budgets and metering), with the
+// body's model renamed when the target says so. A target is tried only
+// while nothing has reached the client: an attempt answered 401, 403,
+// 408, 429 or 5xx is dropped and the next target tried, within
+// MaxAttempts and the request's deadline; any other answer (a 2xx, a
+// stream, a 400 or 404 the request caused) goes to the client at once,
+// and so does the last attempt's whatever it is. The answer carries
+// [HeaderService].
+//
+// Health: a target whose service has no key available (Available) or
+// whose recent attempts failed with 5xx (a per-service breaker: Breaker
+// consecutive failures open it for its open period, then one probe) is
+// skipped before a request is spent on it. When every target is
+// skipped, the first one is tried anyway, so that the client gets its
+// answer (429 no_key_available with Retry-After, say).
+//
+// Set the fields before the first request; a Handler must not be copied
+// after first use. It is safe for concurrent use.
+type Handler struct {
+	// Next serves the attempts: /v1/{service}/… with the client's
+	// credentials. Required.
+	Next http.Handler
+	// Authorize is called first, with the router's name, to authenticate
+	// the caller and check its access to the router and the router's
+	// limits. It returns the request to go on with (nil means r) or an
+	// error, written as [httpx.WriteError] does. Required.
+	Authorize func(r *http.Request, router string) (*http.Request, error)
+	// AllowModel, if set, checks the model the client named against the
+	// allow-lists that apply (the router's, the caller's); an error is
+	// written as Authorize's are.
+	AllowModel func(r *http.Request, router, model string) error
+	// Available, if set, reports whether a service has a key available
+	// now (keypool.Pool.Available).
+	Available func(service string) bool
+	// MaxBodyBytes caps request bodies; zero means
+	// proxy.DefaultMaxBodyBytes.
+	MaxBodyBytes int64
+	// MaxAttempts caps the targets one request tries. If zero,
+	// [DefaultMaxAttempts].
+	MaxAttempts int
+	// Timeout bounds a whole routed request, every attempt included. If
+	// zero, only each attempt's own deadline applies.
+	Timeout time.Duration
+	// Breaker configures the per-service breakers. If zero, 3
+	// consecutive failures open a breaker for 10 s (growing on repeated
+	// trips up to 5 minutes).
+	Breaker breaker.Settings
+	// Logger receives fallbacks at debug level. If nil, slog.Default().
+	Logger *slog.Logger
+	// now is the clock of the breakers; nil means time.Now.
+	now func() time.Time
+
+	tables   atomic.Pointer[map[string]*Table]
+	breakers sync.Map // service name → *breaker.Breaker
+}
+
+// SetRouters replaces the routers the Handler serves (router name →
+// table).
+func (h *Handler) SetRouters(m map[string]*Table) { h.tables.Store(&m) }
+
+// Router returns the table of a router, if name is one.
+func (h *Handler) Router(name string) (*Table, bool) {
+	if m := h.tables.Load(); m != nil {
+		t, ok := (*m)[name]
+		return t, ok
+	}
+	return nil, false
+}
+
+func (h *Handler) logger() *slog.Logger {
+	if h.Logger != nil {
+		return h.Logger
+	}
+	return slog.Default()
+}
+
+func (h *Handler) clock() time.Time {
+	if h.now != nil {
+		return h.now()
+	}
+	return time.Now()
+}
+
+// breakerOf returns the breaker of a target service.
+func (h *Handler) breakerOf(service string) *breaker.Breaker {
+	if b, ok := h.breakers.Load(service); ok {
+		return b.(*breaker.Breaker)
+	}
+	s := h.Breaker
+	if s == (breaker.Settings{}) {
+		s = breaker.Settings{ConsecutiveFailures: 3, OpenTimeout: 10 * time.Second, MaxOpenTimeout: 5 * time.Minute, HalfOpenMaxRequests: 1}
+	}
+	b, err := breaker.New(s)
+	if err != nil {
+		b, _ = breaker.New(breaker.DefaultSettings())
+	}
+	v, _ := h.breakers.LoadOrStore(service, b)
+	return v.(*breaker.Breaker)
+}
+
+// ServeHTTP serves a request to the router named in its path,
+// /v1/{router}/….
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	raw := r.RequestURI
+	if raw == "" {
+		raw = r.URL.RequestURI()
+	}
+	p, query, _ := strings.Cut(raw, "?")
+	router, rest, _ := strings.Cut(strings.TrimPrefix(p, "/v1/"), "/")
+	table, ok := h.Router(router)
+	if !ok {
+		httpx.WriteError(w, httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", router))
+		return
+	}
+	r2, err := h.Authorize(r, router)
+	if err != nil {
+		httpx.WriteError(w, err)
+		return
+	}
+	if r2 != nil {
+		r = r2
+	}
+	tail, ok := strings.CutPrefix("/"+rest, "/v1/")
+	if !ok {
+		httpx.WriteError(w, httpx.Errorf(http.StatusNotFound, httpx.CodeNotFound,
+			"router %q serves the OpenAI API under /v1/%s/v1/ (point the SDK's base URL there)", router, router))
+		return
+	}
+	body, _, err := proxy.ReadBody(w, r, h.MaxBodyBytes)
+	if err != nil {
+		httpx.WriteError(w, err)
+		return
+	}
+	info := meter.InspectRequest(body)
+	switch {
+	case info.ModelAmbiguous:
+		httpx.WriteError(w, httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "the request names its model ambiguously"))
+		return
+	case info.Model == "":
+		httpx.WriteError(w, httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest,
+			"router %q routes by model: the JSON body must name a \"model\"", router))
+		return
+	}
+	model := info.Model
+	if h.AllowModel != nil {
+		if err := h.AllowModel(r, router, model); err != nil {
+			httpx.WriteError(w, err)
+			return
+		}
+	}
+	rt := table.lookup(model)
+	if rt == nil {
+		httpx.WriteError(w, httpx.Errorf(http.StatusNotFound, httpx.CodeNotFound, "router %q has no route for model %q", router, model))
+		return
+	}
+	if h.Timeout > 0 {
+		ctx, cancel := context.WithTimeoutCause(r.Context(), h.Timeout, httpx.Errorf(http.StatusGatewayTimeout, httpx.CodeUpstreamTimeout,
+			"the request to router %q did not finish within its %s deadline", router, h.Timeout))
+		defer cancel()
+		r = r.WithContext(ctx)
+	}
+	h.dispatch(w, r, rt, router, model, tail, query, body)
+}
+
+// dispatch tries the route's targets in order until one serves.
+func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request, rt *compiled, router, model, tail, query string, body []byte) {
+	var buf [MaxTargets]int
+	order := h.order(rt, buf[:0])
+	max := h.MaxAttempts
+	if max <= 0 {
+		max = DefaultMaxAttempts
+	}
+	if len(order) > max {
+		order = order[:max]
+	}
+	for n, i := range order {
+		tg := rt.targets[i]
+		final := n == len(order)-1
+		upstream := model
+		b := body
+		if tg.Model != "" && tg.Model != model {
+			upstream = tg.Model
+			b, _ = meter.SetModel(body, upstream)
+		}
+		inner := "/v1/" + tg.Service + tg.Path + "/" + tail
+		path, err := url.PathUnescape(inner)
+		if err != nil {
+			httpx.WriteError(w, httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "the path has malformed percent-encoding"))
+			return
+		}
+		a := &Attempt{Router: router, Model: model, Upstream: upstream, Service: tg.Service, N: n + 1}
+		ar := r.WithContext(context.WithValue(r.Context(), attemptKey{}, a))
+		ar.URL = &url.URL{Path: path, RawPath: inner, RawQuery: query}
+		ar.RequestURI = inner
+		if query != "" {
+			ar.RequestURI += "?" + query
+		}
+		ar.Body, ar.ContentLength = io.NopCloser(bytes.NewReader(b)), int64(len(b))
+		ar.GetBody = nil
+		hw := newHeldWriter(w, tg.Service, final)
+		h.Next.ServeHTTP(hw, ar)
+		h.learn(tg.Service, hw.status)
+		if hw.committed || hw.status == 0 {
+			// Served (or the client went away: nothing to answer).
+			return
+		}
+		if r.Context().Err() != nil {
+			if e := stopCause(r.Context()); e != nil {
+				httpx.WriteError(w, e)
+			}
+			return
+		}
+		h.logger().Debug("route: target could not serve; trying the next", "router", router, "model", model,
+			"service", tg.Service, "status", hw.status, "attempt", n+1)
+	}
+}
+
+// stopCause returns the *httpx.Error a context was ended with, if any.
+func stopCause(ctx context.Context) *httpx.Error {
+	var e *httpx.Error
+	if errors.As(context.Cause(ctx), &e) {
+		return e
+	}
+	return nil
+}
+
+// learn feeds an attempt's status to its service's breaker: 5xx are
+// failures, 2xx–4xx successes (the upstream answered); no status (the
+// client went away) is neither.
+func (h *Handler) learn(service string, status int) {
+	switch {
+	case status == 0:
+	case status >= 500:
+		h.breakerOf(service).Failure(h.clock())
+	default:
+		if b, ok := h.breakers.Load(service); ok {
+			b.(*breaker.Breaker).Success()
+		}
+	}
+}
+
+// order returns the indexes of the route's targets in the order to try
+// them: the weighted targets by a weighted draw without replacement, then
+// the others as given; targets whose service has no key available or
+// whose breaker is open are left out, unless every target is, in which
+// case the first in that order alone is returned.
+func (h *Handler) order(rt *compiled, out []int) []int {
+	n := len(rt.targets)
+	if rt.weighted > 1 {
+		total := rt.total
+		var taken uint32
+		for range rt.weighted {
+			x := rand.IntN(total)
+			for i := range rt.weighted {
+				if taken&(1<<i) != 0 {
+					continue
+				}
+				if x < rt.targets[i].Weight {
+					out = append(out, i)
+					taken |= 1 << i
+					total -= rt.targets[i].Weight
+					break
+				}
+				x -= rt.targets[i].Weight
+			}
+		}
+		for i := rt.weighted; i < n; i++ {
+			out = append(out, i)
+		}
+	} else {
+		for i := range n {
+			out = append(out, i)
+		}
+	}
+	now := h.clock()
+	first := out[0]
+	healthy := out[:0]
+	for _, i := range out {
+		svc := rt.targets[i].Service
+		if h.Available != nil && !h.Available(svc) {
+			continue
+		}
+		if b, ok := h.breakers.Load(svc); ok && !b.(*breaker.Breaker).Ready(now) {
+			continue
+		}
+		healthy = append(healthy, i)
+	}
+	if len(healthy) == 0 {
+		return append(healthy, first)
+	}
+	return healthy
+}

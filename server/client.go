@@ -28,9 +28,9 @@ type call struct {
 	// router is the router the request came through ("" for a direct
 	// call): the caller's allow-lists were checked on the model it named,
 	// and the router's budgets apply too.
-	router string
-	usage     meter.Usage
-	metered   bool
+	router  string
+	usage   meter.Usage
+	metered bool
 	// rec is the request's usage record from the upstream's answer on:
 	// provisional (journaled with the estimate) until OnDone completes it.
 	rec  store.UsageRecord

@@ -59,11 +59,11 @@ type reqInfo struct {
 	router   string
 	model    string
 	attempts int
-	keyID   string
-	teamID  string
-	tokenID string
-	code    string // keypool error code, if any
-	retries int
+	keyID    string
+	teamID   string
+	tokenID  string
+	code     string // keypool error code, if any
+	retries  int
 }
 
 func infoFrom(ctx context.Context) *reqInfo {

@@ -134,6 +134,23 @@ func testServices(t *testing.T, s store.Store) {
 		t.Fatalf("Services: %d, want 2", len(list))
 	}
 
+	// A router keeps its kind and routes, and an update replaces them.
+	rt := store.Service{Name: "llm", Kind: store.KindRouter, AuthScheme: "bearer", Routes: []store.Route{
+		{Model: "claude-*", Targets: []store.Target{{Service: "openai", Path: "/v1", Model: "x", Weight: 2}, {Service: "groq"}}},
+	}}
+	must(t, s.CreateService(ctx, &rt))
+	gotR, err := s.GetService(ctx, "llm")
+	must(t, err)
+	if gotR.Kind != store.KindRouter || len(gotR.Routes) != 1 || !slices.Equal(gotR.Routes[0].Targets, rt.Routes[0].Targets) {
+		t.Fatalf("router = %+v, want %+v", gotR, rt)
+	}
+	gotR.Routes = []store.Route{{Model: "fast", Targets: []store.Target{{Service: "groq"}}}}
+	must(t, s.UpdateService(ctx, &gotR))
+	if gotR, err = s.GetService(ctx, "llm"); err != nil || len(gotR.Routes) != 1 || gotR.Routes[0].Model != "fast" {
+		t.Fatalf("router after update = %+v, %v", gotR, err)
+	}
+	must(t, s.DeleteService(ctx, "llm"))
+
 	dup := store.Service{Name: "openai", BaseURL: "https://x"}
 	wantErr(t, "duplicate service", s.CreateService(ctx, &dup), store.ErrConflict)
 	wantErr(t, "empty name", s.CreateService(ctx, &store.Service{}), store.ErrInvalid)

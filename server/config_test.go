@@ -232,6 +232,10 @@ external:
 		{"ejection over 100", "services: [{name: a, base_url: 'http://x', max_ejection_percent: 101}]", "max_ejection_percent must be 0 to 100"},
 		{"negative floor", "services: [{name: a, base_url: 'http://x', min_active_keys: -1}]", "min_active_keys"},
 		{"unknown policy field", "services: [{name: a, base_url: 'http://x', retry_after_caps: 5}]", "retry_after_caps"},
+		{"router bad glob", "services: [{name: r, kind: router, routes: [{model: 'gpt-[4', targets: [{service: a}]}]}]", "not a valid glob"},
+		{"router empty targets", "services: [{name: r, kind: router, routes: [{model: m, targets: []}]}]", "targets must not be empty"},
+		{"router base_url", "services: [{name: r, kind: router, base_url: 'http://x', routes: [{model: m, targets: [{service: a}]}]}]", "no base_url"},
+		{"routes without router", "services: [{name: a, base_url: 'http://x', routes: [{model: m, targets: [{service: b}]}]}]", "kind router"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg, err := server.ParseConfig([]byte(tc.doc), lookup)
@@ -297,5 +301,45 @@ func TestDeclaredServicesApplied(t *testing.T) {
 	k2 := startKP(t, func(c *server.Config) { c.Services = []server.ServiceSpec{spec}; c.Database = server.SecretURL(dbPath) })
 	if got, _ := k2.srv.Pool().Stats("groq"); len(got) != 2 {
 		t.Errorf("after restart: %d keys", len(got))
+	}
+}
+
+// TestDeclaredRouterApplied: a router declared in the file before the
+// services it routes to is created after them and serves; one naming a
+// service that does not exist stops the start with the reason.
+func TestDeclaredRouterApplied(t *testing.T) {
+	up := newUpstream(t, okJSON)
+	doc := `
+services:
+  - name: llm
+    kind: router
+    routes:
+      - model: fast
+        targets: [{service: groq, path: /openai/v1, model: llama-3.1-8b-instant}]
+  - name: groq
+    base_url: ` + up.URL + `
+    keys: [{key_value: ` + keyA + `}]
+`
+	cfg, err := server.ParseConfig([]byte(doc), os.LookupEnv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := startKP(t, func(c *server.Config) { c.Services = cfg.Services })
+	tok := k.addToken(k.addTeam("t", nil), nil)
+	code, m, resp := k.do("POST", "/v1/llm/v1/chat/completions", tok, map[string]any{"model": "fast"})
+	if code != 200 || resp.Header.Get("X-Keypool-Service") != "groq" {
+		t.Fatalf("%d %v", code, m)
+	}
+	if last := up.last(); last.Path != "/openai/v1/chat/completions" || !strings.Contains(last.Body, "llama-3.1-8b-instant") {
+		t.Errorf("upstream got %s %s", last.Path, last.Body)
+	}
+
+	bad := []server.ServiceSpec{{Name: "llm", Kind: "router", Routes: []store.Route{{Model: "m", Targets: []store.Target{{Service: "nope"}}}}}}
+	_, err = server.New(context.Background(), server.Config{
+		Database: server.SecretURL("sqlite:" + filepath.Join(t.TempDir(), "k.db")), EncryptionKey: testEncKey,
+		AdminToken: "kpadm_test_admin_token_0123456789abcdef", Services: bad, LogOutput: io.Discard, Output: io.Discard,
+	})
+	if err == nil || !strings.Contains(err.Error(), `service "nope" does not exist`) {
+		t.Errorf("router to an unknown service: %v", err)
 	}
 }

@@ -248,11 +248,17 @@ func (s *Server) prepare(r *http.Request, svc *keypool.Service, body []byte) (*h
 	}
 	meta := s.meta(svc.Name)
 	fam := meta.family
-	if meta.detect {
+	routed := c.router != ""
+	switch {
+	case routed:
+		// A router speaks the OpenAI API to every target (their
+		// OpenAI-compatible endpoints), whatever their own family.
+		fam = meter.FamilyOpenAI
+	case meta.detect:
 		fam = meter.DetectFamily(svc.BaseURL, r.URL.Path, "")
 	}
 	p := c.principal
-	if c.router != "" {
+	if routed {
 		// A routed attempt: the router checked the caller's lists on the
 		// model the client named; the target's own list applies to the
 		// model sent upstream.
@@ -298,7 +304,7 @@ func (s *Server) prepare(r *http.Request, svc *keypool.Service, body []byte) (*h
 	c.family, c.model, c.prices = fam, model, meta.prices
 	var newBody []byte
 	if fam == meter.FamilyOpenAI && stream && !info.IncludeUsage && meter.AcceptsStreamOptions(r.URL.Path) &&
-		(!meta.detect || acceptsStreamOptions(svc.BaseURL)) {
+		(routed || !meta.detect || acceptsStreamOptions(svc.BaseURL)) {
 		if b, added := meter.EnsureStreamUsage(body); added {
 			newBody, c.strip = b, true
 		}

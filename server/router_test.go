@@ -118,12 +118,11 @@ func newRouterFixture(t *testing.T, routerExtra, tokenExtra map[string]any) *rou
 	}
 	k := startKP(t)
 	f.k = k
-	// llm_family openai: their OpenAI-compatible streams report usage
-	// when asked (keypool asks unknown hosts only when told).
-	openaiFamily := map[string]any{"llm_family": "openai"}
-	k.addService("openai", f.openai.URL, "bearer", openaiFamily)
-	k.addService("anthropic", f.anthropic.URL, "x-api-key", openaiFamily)
-	k.addService("gemini", f.gemini.URL, "header:x-goog-api-key", openaiFamily)
+	// Their families as for direct calls: routed requests are metered as
+	// the OpenAI API they speak.
+	k.addService("openai", f.openai.URL, "bearer", nil)
+	k.addService("anthropic", f.anthropic.URL, "x-api-key", map[string]any{"llm_family": "anthropic"})
+	k.addService("gemini", f.gemini.URL, "header:x-goog-api-key", map[string]any{"llm_family": "gemini"})
 	for _, kv := range []struct{ svc, prefix string }{{"openai", "sk-oa-"}, {"anthropic", "sk-ant-"}, {"gemini", "AIza-"}} {
 		for i := range 2 {
 			k.addKey(kv.svc, fmt.Sprintf("%skey%d-0123456789abcdef", kv.prefix, i), nil)

@@ -110,7 +110,7 @@ func (in *serviceInput) apply(s *store.Service, allowMD bool) error {
 	if in.IsActive.Set {
 		s.Disabled = !in.IsActive.Null && !in.IsActive.V
 	}
-	if in.BaseURL.Set {
+	if in.BaseURL.Set && !(s.Kind == store.KindRouter && strings.TrimSpace(in.BaseURL.V) == "") {
 		u, err := checkBaseURL(in.BaseURL.V, allowMD)
 		if err != nil {
 			return err

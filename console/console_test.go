@@ -146,3 +146,43 @@ func TestAssetBudget(t *testing.T) {
 	}
 	t.Logf("JS + CSS: %d bytes gzipped", total)
 }
+
+// TestConsoleRouter: a router is created from the services form with its
+// routes as JSON, its page lists the routes, and its edit form shows them
+// for editing.
+func TestConsoleRouter(t *testing.T) {
+	base, pw := startServer(t)
+	c := client(t)
+	post(t, c, base+"/console/login", url.Values{"username": {"admin"}, "password": {pw}}, nil)
+	resp, body := post(t, c, base+"/console/services", url.Values{"name": {"openai"}, "base_url": {"http://127.0.0.1:9"}}, nil)
+	if resp.StatusCode != 303 {
+		t.Fatalf("create openai: %d %s", resp.StatusCode, body)
+	}
+	routes := `[{"model":"claude-*","targets":[{"service":"nope"}]}]`
+	resp, body = post(t, c, base+"/console/services", url.Values{"name": {"llm"}, "kind": {"router"}, "routes": {routes}}, nil)
+	if resp.StatusCode != 400 || !strings.Contains(body, "does not exist") {
+		t.Fatalf("router to an unknown service: %d", resp.StatusCode)
+	}
+	routes = `[{"model":"fast","targets":[{"service":"openai","model":"gpt-4o-mini"}]}]`
+	resp, body = post(t, c, base+"/console/services", url.Values{"name": {"llm"}, "kind": {"router"}, "routes": {routes}}, nil)
+	if resp.StatusCode != 303 {
+		t.Fatalf("create router: %d %s", resp.StatusCode, body)
+	}
+	_, body = get(t, c, base+"/console/services/llm")
+	if !strings.Contains(body, "<code>fast</code>") || !strings.Contains(body, "as <code>gpt-4o-mini</code>") || !strings.Contains(body, "/v1/llm/v1") {
+		t.Errorf("router page does not show its routes:\n%s", body)
+	}
+	if strings.Contains(body, "Add one key") {
+		t.Error("a router page offers to add keys")
+	}
+	_, body = get(t, c, base+"/console/services/llm/edit")
+	if !strings.Contains(body, "gpt-4o-mini") {
+		t.Error("the edit form does not show the routes")
+	}
+	// Saving the edit form unchanged keeps the router working.
+	form := url.Values{"kind": {"router"}, "routes": {routes}, "base_url": {""}, "auth_scheme": {"bearer"}}
+	resp, body = post(t, c, base+"/console/services/llm/edit", form, nil)
+	if resp.StatusCode != 303 {
+		t.Fatalf("save router: %d %s", resp.StatusCode, body)
+	}
+}

@@ -64,6 +64,8 @@ var serviceFields = []field{
 	{"llm_family", "LLM family", text, "openai, anthropic, gemini or none; empty = detect"},
 	{"proxy_headers", "Headers sent upstream", headers, "one per line, Name: value"},
 	{"prices", "Prices (JSON)", rawJSON, `model → price, e.g. {"my-model":{"input":1,"output":2}}`},
+	{"kind", "Kind", text, "empty for an upstream API; router for a model router (no base URL, no keys), set at creation"},
+	{"routes", "Routes (JSON, routers only)", rawJSON, `e.g. [{"model":"claude-*","targets":[{"service":"anthropic","path":"/v1"}]}]`},
 }
 
 // keyFields are the "add a key" form's fields besides its value.
@@ -220,6 +222,10 @@ var funcs = template.FuncMap{
 	},
 	"until":  untilText,
 	"lookup": func(m map[string]string, k string) string { return m[k] },
+	"json": func(v any) string {
+		b, _ := json.MarshalIndent(v, "", "  ")
+		return string(b)
+	},
 	"add":    func(a, b int) int { return a + b },
 	"seq": func(n int) []int {
 		s := make([]int, n)

@@ -226,7 +226,7 @@ var funcs = template.FuncMap{
 		b, _ := json.MarshalIndent(v, "", "  ")
 		return string(b)
 	},
-	"add":    func(a, b int) int { return a + b },
+	"add": func(a, b int) int { return a + b },
 	"seq": func(n int) []int {
 		s := make([]int, n)
 		for i := range s {

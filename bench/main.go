@@ -10,6 +10,7 @@
 //	go run ./bench -mode throughput -conns 1,16,64 -duration 5s -rounds 5
 //	go run ./bench -mode streams -streams 512
 //	go run ./bench -mode throughput -meter   # also keypoold with LLM metering and budgets on
+//	go run ./bench -mode throughput -router  # also the same call through a router (kind router), vs direct
 //	go run ./bench -mode faults              # the fault suite (see faults.go), with its own flags
 //	go run ./bench -mode replicas            # the replica suite (see replicas.go), with its own flags
 //
@@ -18,7 +19,10 @@
 // (usage read from each answer, priced, a team daily token budget and a
 // service cost budget reserved and settled, usage records written). With
 // -meter the throughput mode measures both in the same rounds and prints
-// the metered/unmetered ratio.
+// the metered/unmetered ratio. With -router it also measures the metered
+// call through "bench-router", a router whose one route sends
+// gpt-4o-mini to bench-llm, and prints the router's added CPU per request
+// over the direct /v1/bench-llm call (-router implies -meter).
 //
 // Rounds alternate the order of the two proxies and the figures reported
 // are medians over rounds, so that a noisy, shared machine skews both
@@ -81,6 +85,7 @@ func main() {
 		logLevel  = flag.String("log-level", "info", "keypoold's log level (its logs go to a file, as in production)")
 		timeout   = flag.Duration("timeout", 10*time.Minute, "bound on the whole run")
 		meterFlag = flag.Bool("meter", false, "throughput mode: also measure keypoold with LLM metering and budgets on")
+		routeFlag = flag.Bool("router", false, "throughput mode: also measure the metered call through a router (implies -meter)")
 	)
 	flag.Parse()
 	if *role != "" {
@@ -107,7 +112,7 @@ func main() {
 		}
 		conns = append(conns, n)
 	}
-	if err := harness(ctx, *mode, conns, *duration, *rounds, *streams, *waves, *logLevel, *meterFlag); err != nil {
+	if err := harness(ctx, *mode, conns, *duration, *rounds, *streams, *waves, *logLevel, *meterFlag || *routeFlag, *routeFlag); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
@@ -252,6 +257,10 @@ func seed(ctx context.Context, s *server.Server, upstream string) (string, error
 		}
 	}
 	if err := st.CreateKeys(ctx, keys); err != nil {
+		return "", err
+	}
+	if err := st.CreateService(ctx, &store.Service{Name: "bench-router", Kind: store.KindRouter, AuthScheme: "bearer",
+		Routes: []store.Route{{Model: "gpt-4o-mini", Targets: []store.Target{{Service: "bench-llm"}}}}}); err != nil {
 		return "", err
 	}
 	team := &store.Team{Name: "bench", Limits: store.Limits{DailyTokenLimit: 1e12, TPMLimit: 1e12}}
@@ -509,7 +518,7 @@ func median[T int | float64 | time.Duration](xs []T) T {
 
 func ms(d time.Duration) string { return fmt.Sprintf("%.3fms", float64(d)/1e6) }
 
-func harness(ctx context.Context, mode string, conns []int, d time.Duration, rounds, nStreams, waves int, logLevel string, metered bool) error {
+func harness(ctx context.Context, mode string, conns []int, d time.Duration, rounds, nStreams, waves int, logLevel string, metered, routed bool) error {
 	up, err := startChild(ctx, "upstream", "", logLevel)
 	if err != nil {
 		return err
@@ -531,19 +540,24 @@ func harness(ctx context.Context, mode string, conns []int, d time.Duration, rou
 	tBare := target{name: "bare", url: "http://" + bare.addr + "/v1/chat/completions", proc: bare}
 	tKP := target{name: "keypoold", url: "http://" + kp.addr + "/v1/bench/v1/chat/completions", token: kp.token, proc: kp}
 	tMeter := target{name: "kp+meter", url: "http://" + kp.addr + "/v1/bench-llm/v1/chat/completions", token: kp.token, proc: kp}
+	tRouter := target{name: "kp+router", url: "http://" + kp.addr + "/v1/bench-router/v1/chat/completions", token: kp.token, proc: kp}
 
 	fmt.Println(header(mode, numCPU(), conns, d, rounds, nStreams, waves, metered, logLevel))
 	fmt.Printf("upstream %s, bare proxy %s, keypoold %s (1 service, 4 keys, team token)\n\n", up.addr, bare.addr, kp.addr)
 
 	if mode == "all" || mode == "throughput" {
 		for _, c := range conns {
-			var rb, rk, rm, rd []result
+			var rb, rk, rm, rr, rd []result
 			for r := range rounds {
 				order := []*[]result{&rb, &rk}
 				ts := []target{tBare, tKP}
 				if metered {
 					order = append(order, &rm)
 					ts = append(ts, tMeter)
+				}
+				if routed {
+					order = append(order, &rr)
+					ts = append(ts, tRouter)
 				}
 				if r%2 == 1 {
 					// Reverse the order every other round.
@@ -561,7 +575,7 @@ func harness(ctx context.Context, mode string, conns []int, d time.Duration, rou
 					return ctx.Err()
 				}
 			}
-			printConns(c, rb, rk, rm, rd)
+			printConns(c, rb, rk, rm, rr, rd)
 		}
 	}
 	if mode == "all" || mode == "streams" {
@@ -581,7 +595,7 @@ func harness(ctx context.Context, mode string, conns []int, d time.Duration, rou
 	return nil
 }
 
-func printConns(c int, rb, rk, rm, rd []result) {
+func printConns(c int, rb, rk, rm, rr, rd []result) {
 	get := func(rs []result, f func(result) float64) float64 {
 		xs := make([]float64, len(rs))
 		for i, r := range rs {
@@ -608,9 +622,16 @@ func printConns(c int, rb, rk, rm, rd []result) {
 	if len(rm) > 0 {
 		row("kp+meter", rm)
 	}
+	if len(rr) > 0 {
+		row("kp+router", rr)
+	}
 	fmt.Printf("ratio keypoold/bare: throughput %.3f, cpu/req %.3f", get(rk, rps)/get(rb, rps), get(rk, cpu)/get(rb, cpu))
 	if len(rm) > 0 {
 		fmt.Printf("\nratio metered/unmetered keypoold: throughput %.3f, cpu/req %.3f", get(rm, rps)/get(rk, rps), get(rm, cpu)/get(rk, cpu))
+	}
+	if len(rr) > 0 {
+		fmt.Printf("\nratio router/direct (both metered): throughput %.3f, cpu/req %.3f (router adds %+.1f%% CPU per request)",
+			get(rr, rps)/get(rm, rps), get(rr, cpu)/get(rm, cpu), 100*(get(rr, cpu)/get(rm, cpu)-1))
 	}
 	if len(rd) > 0 {
 		addB := get(rb, p50) - get(rd, p50)

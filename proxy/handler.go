@@ -398,6 +398,10 @@ func ReadBody(w http.ResponseWriter, r *http.Request, max int64) (body []byte, h
 	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 {
 		return nil, false, nil
 	}
+	if bb, ok := r.Body.(*BufferedBody); ok && bb.off == 0 {
+		bb.off = len(bb.b)
+		return bb.b, true, nil
+	}
 	var b bytes.Buffer
 	if r.ContentLength > 0 {
 		b.Grow(int(r.ContentLength) + bytes.MinRead)
@@ -415,6 +419,32 @@ func ReadBody(w http.ResponseWriter, r *http.Request, max int64) (body []byte, h
 	}
 	return b.Bytes(), true, nil
 }
+
+// BufferedBody is a request body already in memory: [ReadBody] (and so a
+// [Handler]) takes its bytes as they are instead of copying them. A
+// caller that hands one request body to several Handlers in turn (a
+// router trying one service after another) wraps it with
+// [NewBufferedBody] for each; the bytes must not change while in use.
+type BufferedBody struct {
+	b   []byte
+	off int
+}
+
+// NewBufferedBody returns a body reading b.
+func NewBufferedBody(b []byte) *BufferedBody { return &BufferedBody{b: b} }
+
+// Read reads the body.
+func (bb *BufferedBody) Read(p []byte) (int, error) {
+	if bb.off >= len(bb.b) {
+		return 0, io.EOF
+	}
+	n := copy(p, bb.b[bb.off:])
+	bb.off += n
+	return n, nil
+}
+
+// Close does nothing.
+func (bb *BufferedBody) Close() error { return nil }
 
 // pick returns the service's setting when it has one, else the default.
 func pick(svc, def time.Duration) time.Duration {

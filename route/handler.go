@@ -1,10 +1,8 @@
 package route
 
 import (
-	"bytes"
 	"context"
 	"errors"
-	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
@@ -42,6 +40,9 @@ type Attempt struct {
 	Service string
 	// N counts the attempts of the request, from 1.
 	N int
+	// Caller is what [Handler.Authorize] returned for the request (the
+	// caller's identity).
+	Caller any
 }
 
 type attemptKey struct{}
@@ -81,13 +82,14 @@ type Handler struct {
 	Next http.Handler
 	// Authorize is called first, with the router's name, to authenticate
 	// the caller and check its access to the router and the router's
-	// limits. It returns the request to go on with (nil means r) or an
-	// error, written as [httpx.WriteError] does. Required.
-	Authorize func(r *http.Request, router string) (*http.Request, error)
+	// limits. It returns the caller's identity, handed to AllowModel and
+	// to every attempt ([Attempt.Caller]), or an error, written as
+	// [httpx.WriteError] does. Required.
+	Authorize func(r *http.Request, router string) (caller any, err error)
 	// AllowModel, if set, checks the model the client named against the
 	// allow-lists that apply (the router's, the caller's); an error is
 	// written as Authorize's are.
-	AllowModel func(r *http.Request, router, model string) error
+	AllowModel func(r *http.Request, router, model string, caller any) error
 	// Available, if set, reports whether a service has a key available
 	// now (keypool.Pool.Available).
 	Available func(service string) bool
@@ -97,8 +99,10 @@ type Handler struct {
 	// MaxAttempts caps the targets one request tries. If zero,
 	// [DefaultMaxAttempts].
 	MaxAttempts int
-	// Timeout bounds a whole routed request, every attempt included. If
-	// zero, only each attempt's own deadline applies.
+	// Timeout bounds a routed request's fallbacks: a later attempt gets
+	// what is left of it since the request began (the first runs under
+	// its target's own deadline). If zero, only each attempt's own
+	// deadline applies.
 	Timeout time.Duration
 	// Breaker configures the per-service breakers. If zero, 3
 	// consecutive failures open a breaker for 10 s (growing on repeated
@@ -171,13 +175,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		httpx.WriteError(w, httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", router))
 		return
 	}
-	r2, err := h.Authorize(r, router)
+	caller, err := h.Authorize(r, router)
 	if err != nil {
 		httpx.WriteError(w, err)
 		return
-	}
-	if r2 != nil {
-		r = r2
 	}
 	tail, ok := strings.CutPrefix("/"+rest, "/v1/")
 	if !ok {
@@ -202,7 +203,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	model := info.Model
 	if h.AllowModel != nil {
-		if err := h.AllowModel(r, router, model); err != nil {
+		if err := h.AllowModel(r, router, model, caller); err != nil {
 			httpx.WriteError(w, err)
 			return
 		}
@@ -212,17 +213,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		httpx.WriteError(w, httpx.Errorf(http.StatusNotFound, httpx.CodeNotFound, "router %q has no route for model %q", router, model))
 		return
 	}
-	if h.Timeout > 0 {
-		ctx, cancel := context.WithTimeoutCause(r.Context(), h.Timeout, httpx.Errorf(http.StatusGatewayTimeout, httpx.CodeUpstreamTimeout,
-			"the request to router %q did not finish within its %s deadline", router, h.Timeout))
-		defer cancel()
-		r = r.WithContext(ctx)
-	}
-	h.dispatch(w, r, rt, router, model, tail, query, body)
+	h.dispatch(w, r, &Attempt{Router: router, Model: model, Caller: caller}, rt, tail, query, body)
 }
 
-// dispatch tries the route's targets in order until one serves.
-func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request, rt *compiled, router, model, tail, query string, body []byte) {
+// dispatch tries the route's targets in order until one serves. The
+// first attempt runs under its own deadline (the target's); a fallback
+// runs under what is left of Timeout, counted from the start.
+func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request, base *Attempt, rt *compiled, tail, query string, body []byte) {
+	start := h.clock()
+	router, model := base.Router, base.Model
 	var buf [MaxTargets]int
 	order := h.order(rt, buf[:0])
 	max := h.MaxAttempts
@@ -247,14 +246,28 @@ func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request, rt *compiled,
 			httpx.WriteError(w, httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "the path has malformed percent-encoding"))
 			return
 		}
-		a := &Attempt{Router: router, Model: model, Upstream: upstream, Service: tg.Service, N: n + 1}
+		a := base
+		if n > 0 {
+			a = &Attempt{Router: router, Model: model, Caller: base.Caller}
+			if h.Timeout > 0 {
+				left := h.Timeout - h.clock().Sub(start)
+				if left <= 0 {
+					httpx.WriteError(w, errDeadline(router, h.Timeout))
+					return
+				}
+				ctx, cancel := context.WithTimeoutCause(r.Context(), left, errDeadline(router, h.Timeout))
+				defer cancel()
+				r = r.WithContext(ctx)
+			}
+		}
+		a.Upstream, a.Service, a.N = upstream, tg.Service, n+1
 		ar := r.WithContext(context.WithValue(r.Context(), attemptKey{}, a))
 		ar.URL = &url.URL{Path: path, RawPath: inner, RawQuery: query}
 		ar.RequestURI = inner
 		if query != "" {
 			ar.RequestURI += "?" + query
 		}
-		ar.Body, ar.ContentLength = io.NopCloser(bytes.NewReader(b)), int64(len(b))
+		ar.Body, ar.ContentLength = proxy.NewBufferedBody(b), int64(len(b))
 		ar.GetBody = nil
 		hw := newHeldWriter(w, tg.Service, final)
 		h.Next.ServeHTTP(hw, ar)
@@ -272,6 +285,12 @@ func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request, rt *compiled,
 		h.logger().Debug("route: target could not serve; trying the next", "router", router, "model", model,
 			"service", tg.Service, "status", hw.status, "attempt", n+1)
 	}
+}
+
+// errDeadline is the answer of a routed request out of time.
+func errDeadline(router string, d time.Duration) *httpx.Error {
+	return httpx.Errorf(http.StatusGatewayTimeout, httpx.CodeUpstreamTimeout,
+		"the request to router %q did not finish within its %s deadline", router, d)
 }
 
 // stopCause returns the *httpx.Error a context was ended with, if any.

@@ -165,7 +165,7 @@ func newTestHandler(next http.Handler, routes []store.Route, avail func(string) 
 	}
 	h := &Handler{
 		Next:      next,
-		Authorize: func(r *http.Request, _ string) (*http.Request, error) { return nil, nil },
+		Authorize: func(r *http.Request, _ string) (any, error) { return nil, nil },
 		Available: avail,
 	}
 	h.SetRouters(map[string]*Table{"llm": tb})

@@ -36,7 +36,8 @@ func (u inProcessUpstream) RoundTrip(r *http.Request) (*http.Response, error) {
 // BenchmarkProxyRequest sends a chat completion through the server's
 // handler to an in-process upstream, with metering off (llm_family none)
 // and on (llm_family openai, a team token budget and a service cost
-// budget, a usd key balance), and reports allocations per request.
+// budget, a usd key balance) and through a router to the metered
+// service, and reports allocations per request.
 func BenchmarkProxyRequest(b *testing.B) {
 	dir := b.TempDir()
 	ctx := context.Background()
@@ -68,6 +69,10 @@ func BenchmarkProxyRequest(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+	if err := st.CreateService(ctx, &store.Service{Name: "router", Kind: store.KindRouter, AuthScheme: "bearer",
+		Routes: []store.Route{{Model: "gpt-4o-mini", Targets: []store.Target{{Service: "llm"}}}}}); err != nil {
+		b.Fatal(err)
+	}
 	team := &store.Team{Name: "bench", Limits: store.Limits{DailyTokenLimit: 1e15, TPMLimit: 1e15}}
 	if err := st.CreateTeam(ctx, team); err != nil {
 		b.Fatal(err)
@@ -92,8 +97,8 @@ func BenchmarkProxyRequest(b *testing.B) {
 		h.ServeHTTP(w, req)
 		return w
 	}
-	for _, svc := range []string{"plain", "llm"} {
-		name := map[string]string{"plain": "meter=off", "llm": "meter=on"}[svc]
+	for _, svc := range []string{"plain", "llm", "router"} {
+		name := map[string]string{"plain": "meter=off", "llm": "meter=on", "router": "router"}[svc]
 		b.Run(name, func(b *testing.B) {
 			b.ReportAllocs()
 			b.RunParallel(func(pb *testing.PB) {

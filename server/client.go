@@ -180,7 +180,7 @@ func (s *Server) allowRPM(ctx context.Context, checks []rpmCheck) error {
 // authorize is the proxy's Authorize hook.
 func (s *Server) authorize(r *http.Request, service, cred string) (*http.Request, error) {
 	if a := route.AttemptFrom(r.Context()); a != nil {
-		if p, ok := r.Context().Value(routedKey{}).(*auth.Principal); ok {
+		if p, ok := a.Caller.(*auth.Principal); ok {
 			return s.authorizeAttempt(r, service, p, a)
 		}
 	}

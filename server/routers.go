@@ -1,7 +1,6 @@
 package server
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"net/http"
@@ -23,10 +22,6 @@ import (
 // service, where only the target's own checks apply (is_active, its
 // rpm_limit, its models_enabled on the upstream model) and the budgets
 // of the token, the team, the target and the router are reserved.
-
-// routedKey carries the principal a router authenticated to the
-// attempts it sends through the proxy.
-type routedKey struct{}
 
 // initRoutes sets up the route handler in front of the proxy.
 func (s *Server) initRoutes() {
@@ -62,7 +57,7 @@ func (s *Server) setRouters(svcs []store.Service) {
 // authorizeRouter is the route handler's Authorize hook: the caller's
 // token, its team's access to the router, the router's is_active, and
 // the rpm limits of the token, the team and the router.
-func (s *Server) authorizeRouter(r *http.Request, router string) (*http.Request, error) {
+func (s *Server) authorizeRouter(r *http.Request, router string) (any, error) {
 	ri := infoFrom(r.Context())
 	if ri != nil {
 		ri.service, ri.router = router, router
@@ -85,14 +80,14 @@ func (s *Server) authorizeRouter(r *http.Request, router string) (*http.Request,
 		}
 		return nil, err
 	}
-	return r.WithContext(context.WithValue(r.Context(), routedKey{}, p)), nil
+	return p, nil
 }
 
 // allowRouterModel is the route handler's AllowModel hook: the model the
 // client named must be on the router's models_enabled and the caller's
 // team's and token's, when they have one.
-func (s *Server) allowRouterModel(r *http.Request, router, model string) error {
-	p, _ := r.Context().Value(routedKey{}).(*auth.Principal)
+func (s *Server) allowRouterModel(r *http.Request, router, model string, caller any) error {
+	p, _ := caller.(*auth.Principal)
 	if p == nil || modelAllowed(s.meta(router), p, model) {
 		return nil
 	}
@@ -137,12 +132,12 @@ func (s *Server) routerModels(p *auth.Principal, router string, t *route.Table) 
 // exact routes (aliases included; globs are not listed) that the router's
 // and the caller's allow-lists let the caller name.
 func (s *Server) serveRouterModels(w http.ResponseWriter, r *http.Request, router string, t *route.Table) {
-	r2, err := s.authorizeRouter(r, router)
+	caller, err := s.authorizeRouter(r, router)
 	if err != nil {
 		writeError(w, err)
 		return
 	}
-	p := r2.Context().Value(routedKey{}).(*auth.Principal)
+	p := caller.(*auth.Principal)
 	models := s.routerModels(p, router, t)
 	data := make([]modelEntry, 0, len(models))
 	for _, m := range models {

@@ -269,7 +269,7 @@ func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request, base *Attempt
 		}
 		ar.Body, ar.ContentLength = proxy.NewBufferedBody(b), int64(len(b))
 		ar.GetBody = nil
-		hw := newHeldWriter(w, tg.Service, final)
+		hw := newHeldWriter(w, rt.names[i], final)
 		h.Next.ServeHTTP(hw, ar)
 		h.learn(tg.Service, hw.status)
 		if hw.committed || hw.status == 0 {

@@ -310,7 +310,7 @@ func TestHandlerRefusesRequestsItCannotRoute(t *testing.T) {
 // through as it is written.
 func TestHeldWriterStreamsOnceCommitted(t *testing.T) {
 	rec := httptest.NewRecorder()
-	hw := newHeldWriter(rec, "a", false)
+	hw := newHeldWriter(rec, []string{"a"}, false)
 	hw.Header().Set("Content-Type", "text/event-stream")
 	hw.WriteHeader(200)
 	_, _ = hw.Write([]byte("data: 1\n\n"))
@@ -319,7 +319,7 @@ func TestHeldWriterStreamsOnceCommitted(t *testing.T) {
 	}
 	// A held failure writes nothing.
 	rec = httptest.NewRecorder()
-	hw = newHeldWriter(rec, "a", false)
+	hw = newHeldWriter(rec, []string{"a"}, false)
 	hw.Header().Set("X-Keypool-Key-Id", "k1")
 	hw.WriteHeader(503)
 	_, _ = hw.Write([]byte("overloaded"))

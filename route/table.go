@@ -35,6 +35,10 @@ type Table struct {
 type compiled struct {
 	model   string
 	targets []store.Target // paths normalised
+	// names holds each target's service as a header value
+	// (HeaderService), shared by every answer: full slices, so that an
+	// append copies.
+	names [][]string
 	// weighted counts the leading targets that carry a weight: they
 	// are ordered by weight, the rest follow in order.
 	weighted int
@@ -118,6 +122,9 @@ func compileTargets(at, model string, targets []store.Target) (*compiled, error)
 	}
 	c.weighted = len(c.targets)
 	c.targets = append(c.targets, plain...)
+	for _, tg := range c.targets {
+		c.names = append(c.names, []string{tg.Service}[:1:1])
+	}
 	return c, nil
 }
 

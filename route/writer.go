@@ -13,8 +13,8 @@ import (
 // hijacking reach it.
 type heldWriter struct {
 	w       http.ResponseWriter
-	service string // the target, for HeaderService
-	final   bool   // commit whatever comes
+	service []string // the target, the value of HeaderService
+	final   bool     // commit whatever comes
 	header  http.Header
 
 	status    int  // the status written, 0 until then
@@ -22,14 +22,21 @@ type heldWriter struct {
 	wrote     bool // a body byte went to the client
 }
 
-func newHeldWriter(w http.ResponseWriter, service string, final bool) *heldWriter {
-	return &heldWriter{w: w, service: service, final: final, header: http.Header{}}
+// newHeldWriter returns the writer of one attempt. The last attempt's
+// answer goes to the client whatever it is: its writer holds nothing and
+// writes the headers straight into the client's.
+func newHeldWriter(w http.ResponseWriter, service []string, final bool) *heldWriter {
+	h := &heldWriter{w: w, service: service, final: final}
+	if !final {
+		h.header = http.Header{}
+	}
+	return h
 }
 
 // Header returns the attempt's own header map until the answer is
-// committed.
+// committed (the client's for the last attempt).
 func (h *heldWriter) Header() http.Header {
-	if h.committed {
+	if h.committed || h.final {
 		return h.w.Header()
 	}
 	return h.header
@@ -42,9 +49,9 @@ func (h *heldWriter) WriteHeader(code int) {
 		return
 	}
 	if code < 200 && code != http.StatusSwitchingProtocols {
-		// 1xx informational answers (103 Early Hints): pass through only
-		// once committed.
-		if h.committed {
+		// 1xx informational answers (103 Early Hints): passed through by
+		// the last attempt only.
+		if h.final {
 			h.w.WriteHeader(code)
 		}
 		return
@@ -57,7 +64,7 @@ func (h *heldWriter) WriteHeader(code int) {
 	for k, v := range h.header {
 		dst[k] = v
 	}
-	dst.Set(HeaderService, h.service)
+	dst[HeaderService] = h.service
 	h.committed = true
 	h.w.WriteHeader(code)
 }

@@ -175,6 +175,10 @@ func TestConsoleRouter(t *testing.T) {
 	if strings.Contains(body, "Add one key") {
 		t.Error("a router page offers to add keys")
 	}
+	_, body = get(t, c, base+"/console/services")
+	if !strings.Contains(body, "router: <code>/v1/llm/v1</code>, 1 route(s)") {
+		t.Error("the services list does not mark the router")
+	}
 	_, body = get(t, c, base+"/console/services/llm/edit")
 	if !strings.Contains(body, "gpt-4o-mini") {
 		t.Error("the edit form does not show the routes")

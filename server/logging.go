@@ -283,7 +283,10 @@ func (s *Server) access(r *http.Request, sw *statusWriter, ri *reqInfo, id strin
 		attrs = append(attrs, slog.String("service", ri.service))
 	}
 	if ri.router != "" {
-		attrs = append(attrs, slog.String("router", ri.router), slog.String("model", ri.model), slog.Int("route_attempts", ri.attempts))
+		attrs = append(attrs, slog.String("router", ri.router), slog.Int("route_attempts", ri.attempts))
+		if ri.model != "" {
+			attrs = append(attrs, slog.String("model", ri.model))
+		}
 	}
 	if ri.keyID != "" {
 		attrs = append(attrs, slog.String("key_id", ri.keyID))

@@ -303,11 +303,11 @@ func stopCause(ctx context.Context) *httpx.Error {
 }
 
 // learn feeds an attempt's status to its service's breaker: 5xx are
-// failures, 2xx–4xx successes (the upstream answered); no status (the
-// client went away) is neither.
+// failures, 1xx–3xx successes; 4xx (the request's, or no key: the pool
+// says so itself) and no status (the client went away) are neither.
 func (h *Handler) learn(service string, status int) {
 	switch {
-	case status == 0:
+	case status == 0 || (status >= 400 && status < 500):
 	case status >= 500:
 		h.breakerOf(service).Failure(h.clock())
 	default:

@@ -184,6 +184,17 @@ func (s *Server) authorize(r *http.Request, service, cred string) (*http.Request
 			return s.authorizeAttempt(r, service, p, a)
 		}
 	}
+	p, err := s.admitClient(r, service, cred)
+	if err != nil {
+		return nil, err
+	}
+	return s.openRequest(r, p, service, ""), nil
+}
+
+// admitClient authenticates a client credential and admits it to a
+// service (see admit), noting who it is, or the refusal's code, for the
+// access log.
+func (s *Server) admitClient(r *http.Request, service, cred string) (*auth.Principal, error) {
 	ri := infoFrom(r.Context())
 	if ri != nil {
 		ri.service = service
@@ -202,7 +213,7 @@ func (s *Server) authorize(r *http.Request, service, cred string) (*http.Request
 		}
 		return nil, err
 	}
-	return s.openRequest(r, p, service, ""), nil
+	return p, nil
 }
 
 // openRequest registers an authorized request until OnDone, so that a

@@ -774,11 +774,20 @@ func (s *Server) serveModels(w http.ResponseWriter, r *http.Request, service str
 		fail(httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", service))
 		return
 	}
-	data := make([]modelEntry, 0, len(meta.limits.ModelsEnabled))
+	var models []string
 	for _, m := range meta.limits.ModelsEnabled {
 		if p.AllowsModel(m) {
-			data = append(data, modelEntry{ID: m, Object: "model", OwnedBy: service})
+			models = append(models, m)
 		}
+	}
+	writeModels(w, models, service)
+}
+
+// writeModels answers an OpenAI-style model list.
+func writeModels(w http.ResponseWriter, models []string, owner string) {
+	data := make([]modelEntry, 0, len(models))
+	for _, m := range models {
+		data = append(data, modelEntry{ID: m, Object: "model", OwnedBy: owner})
 	}
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(struct {

@@ -1,7 +1,6 @@
 package server
 
 import (
-	"encoding/json"
 	"errors"
 	"net/http"
 	"time"
@@ -58,26 +57,15 @@ func (s *Server) setRouters(svcs []store.Service) {
 // token, its team's access to the router, the router's is_active, and
 // the rpm limits of the token, the team and the router.
 func (s *Server) authorizeRouter(r *http.Request, router string) (any, error) {
-	ri := infoFrom(r.Context())
-	if ri != nil {
-		ri.service, ri.router = router, router
+	if ri := infoFrom(r.Context()); ri != nil {
+		ri.router = router
 	}
 	cred, err := proxy.Credential(r)
 	if err != nil {
 		return nil, err
 	}
-	p, err := s.authenticate(r, cred, false)
-	if err == nil {
-		if ri != nil {
-			ri.teamID, ri.tokenID = p.Team.ID, p.Token.ID
-		}
-		err = s.admit(r.Context(), p, router)
-	}
+	p, err := s.admitClient(r, router, cred)
 	if err != nil {
-		var e *httpx.Error
-		if ri != nil && errors.As(err, &e) {
-			ri.code = e.Code
-		}
 		return nil, err
 	}
 	return p, nil
@@ -137,17 +125,7 @@ func (s *Server) serveRouterModels(w http.ResponseWriter, r *http.Request, route
 		writeError(w, err)
 		return
 	}
-	p := caller.(*auth.Principal)
-	models := s.routerModels(p, router, t)
-	data := make([]modelEntry, 0, len(models))
-	for _, m := range models {
-		data = append(data, modelEntry{ID: m, Object: "model", OwnedBy: router})
-	}
-	w.Header().Set("Content-Type", "application/json")
-	_ = json.NewEncoder(w).Encode(struct {
-		Object string       `json:"object"`
-		Data   []modelEntry `json:"data"`
-	}{"list", data})
+	writeModels(w, s.routerModels(caller.(*auth.Principal), router, t), router)
 }
 
 // routerFor returns the table of the router a /v1/… path names, if it

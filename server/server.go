@@ -14,6 +14,7 @@
 // # Endpoints
 //
 //	ANY  /v1/{service}/{rest}   proxy with a pooled key (team token)
+//	POST /v1/{router}/v1/{rest} a router: by the body's model, to one target service after another (see routers.go)
 //	     /admin/…               admin API (admin token)
 //	GET  /key?service=&feature= lease a raw key (admin token, or a token with scope "lease")
 //	POST /key/{key_id}/report   report what a leased key met (with its lease_id)

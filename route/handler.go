@@ -47,6 +47,21 @@ type Attempt struct {
 
 type attemptKey struct{}
 
+// attemptCtx is an attempt's context: its parent's, with the Attempt as
+// a value (one allocation for both).
+type attemptCtx struct {
+	context.Context
+	a Attempt
+}
+
+// Value returns the Attempt for attemptKey, else the parent's value.
+func (c *attemptCtx) Value(key any) any {
+	if key == (attemptKey{}) {
+		return &c.a
+	}
+	return c.Context.Value(key)
+}
+
 // AttemptFrom returns the attempt a request is, or nil when it was not
 // routed.
 func AttemptFrom(ctx context.Context) *Attempt {
@@ -213,13 +228,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		httpx.WriteError(w, httpx.Errorf(http.StatusNotFound, httpx.CodeNotFound, "router %q has no route for model %q", router, model))
 		return
 	}
-	h.dispatch(w, r, &Attempt{Router: router, Model: model, Caller: caller}, rt, tail, query, body)
+	h.dispatch(w, r, Attempt{Router: router, Model: model, Caller: caller}, rt, tail, query, body)
 }
 
 // dispatch tries the route's targets in order until one serves. The
 // first attempt runs under its own deadline (the target's); a fallback
 // runs under what is left of Timeout, counted from the start.
-func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request, base *Attempt, rt *compiled, tail, query string, body []byte) {
+func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request, base Attempt, rt *compiled, tail, query string, body []byte) {
 	start := h.clock()
 	router, model := base.Router, base.Model
 	var buf [MaxTargets]int
@@ -240,28 +255,25 @@ func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request, base *Attempt
 			upstream = tg.Model
 			b, _ = meter.SetModel(body, upstream)
 		}
-		inner := "/v1/" + tg.Service + tg.Path + "/" + tail
+		inner := rt.prefixes[i] + tail
 		path, err := url.PathUnescape(inner)
 		if err != nil {
 			httpx.WriteError(w, httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "the path has malformed percent-encoding"))
 			return
 		}
-		a := base
-		if n > 0 {
-			a = &Attempt{Router: router, Model: model, Caller: base.Caller}
-			if h.Timeout > 0 {
-				left := h.Timeout - h.clock().Sub(start)
-				if left <= 0 {
-					httpx.WriteError(w, errDeadline(router, h.Timeout))
-					return
-				}
-				ctx, cancel := context.WithTimeoutCause(r.Context(), left, errDeadline(router, h.Timeout))
-				defer cancel()
-				r = r.WithContext(ctx)
+		if n > 0 && h.Timeout > 0 {
+			left := h.Timeout - h.clock().Sub(start)
+			if left <= 0 {
+				httpx.WriteError(w, errDeadline(router, h.Timeout))
+				return
 			}
+			ctx, cancel := context.WithTimeoutCause(r.Context(), left, errDeadline(router, h.Timeout))
+			defer cancel()
+			r = r.WithContext(ctx)
 		}
-		a.Upstream, a.Service, a.N = upstream, tg.Service, n+1
-		ar := r.WithContext(context.WithValue(r.Context(), attemptKey{}, a))
+		actx := &attemptCtx{Context: r.Context(), a: base}
+		actx.a.Upstream, actx.a.Service, actx.a.N = upstream, tg.Service, n+1
+		ar := r.WithContext(actx)
 		ar.URL = &url.URL{Path: path, RawPath: inner, RawQuery: query}
 		ar.RequestURI = inner
 		if query != "" {

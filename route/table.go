@@ -39,6 +39,8 @@ type compiled struct {
 	// (HeaderService), shared by every answer: full slices, so that an
 	// append copies.
 	names [][]string
+	// prefixes holds each target's proxy path, "/v1/{service}{path}/".
+	prefixes []string
 	// weighted counts the leading targets that carry a weight: they
 	// are ordered by weight, the rest follow in order.
 	weighted int
@@ -124,6 +126,7 @@ func compileTargets(at, model string, targets []store.Target) (*compiled, error)
 	c.targets = append(c.targets, plain...)
 	for _, tg := range c.targets {
 		c.names = append(c.names, []string{tg.Service}[:1:1])
+		c.prefixes = append(c.prefixes, "/v1/"+tg.Service+tg.Path+"/")
 	}
 	return c, nil
 }

@@ -37,7 +37,7 @@ func (u inProcessUpstream) RoundTrip(r *http.Request) (*http.Response, error) {
 // handler to an in-process upstream, with metering off (llm_family none)
 // and on (llm_family openai, a team token budget and a service cost
 // budget, a usd key balance) and through a router to the metered
-// service, and reports allocations per request.
+// service, and reports allocations and process CPU time per request.
 func BenchmarkProxyRequest(b *testing.B) {
 	dir := b.TempDir()
 	ctx := context.Background()
@@ -101,6 +101,7 @@ func BenchmarkProxyRequest(b *testing.B) {
 		name := map[string]string{"plain": "meter=off", "llm": "meter=on", "router": "router"}[svc]
 		b.Run(name, func(b *testing.B) {
 			b.ReportAllocs()
+			cpu0 := processCPU()
 			b.RunParallel(func(pb *testing.PB) {
 				for pb.Next() {
 					if w := do(svc); w.Code != 200 {
@@ -109,6 +110,9 @@ func BenchmarkProxyRequest(b *testing.B) {
 					}
 				}
 			})
+			// CPU per request, background work (usage writes) included:
+			// steadier than ns/op on a shared machine.
+			b.ReportMetric(float64(processCPU()-cpu0)/float64(b.N), "cpu-ns/op")
 		})
 	}
 }

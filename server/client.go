@@ -125,9 +125,9 @@ func (s *Server) admit(ctx context.Context, p *auth.Principal, service string) e
 		return nil
 	}
 	return s.allowRPM(ctx, []rpmCheck{
-		{"token", "token:" + p.Token.ID, p.Token.RPMLimit},
-		{"team", "team:" + p.Team.ID, p.Team.RPMLimit},
-		{"service", "service:" + service, s.serviceLimits(service).RPMLimit},
+		{"token", p.Token.ID, p.Token.RPMLimit},
+		{"team", p.Team.ID, p.Team.RPMLimit},
+		{"service", service, s.serviceLimits(service).RPMLimit},
 	})
 }
 
@@ -138,13 +138,14 @@ func (s *Server) admitTarget(ctx context.Context, service string) error {
 	if s.meta(service).disabled {
 		return httpx.Errorf(http.StatusForbidden, httpx.CodeForbidden, "service %q is disabled", service)
 	}
-	return s.allowRPM(ctx, []rpmCheck{{"service", "service:" + service, s.serviceLimits(service).RPMLimit}})
+	return s.allowRPM(ctx, []rpmCheck{{"service", service, s.serviceLimits(service).RPMLimit}})
 }
 
-// rpmCheck is one rpm limit a request counts against.
+// rpmCheck is one rpm limit a request counts against: its counter is
+// scope:id.
 type rpmCheck struct {
-	scope, key string
-	rpm        int
+	scope, id string
+	rpm       int
 }
 
 // allowRPM counts a request against each limit in turn and refuses at the
@@ -155,7 +156,7 @@ func (s *Server) allowRPM(ctx context.Context, checks []rpmCheck) error {
 		if c.rpm <= 0 {
 			continue
 		}
-		d, err := s.limiter.Allow(ctx, c.key, c.rpm, now)
+		d, err := s.limiter.Allow(ctx, c.scope+":"+c.id, c.rpm, now)
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()

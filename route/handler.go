@@ -336,6 +336,9 @@ func (h *Handler) learn(service string, status int) {
 // case the first in that order alone is returned.
 func (h *Handler) order(rt *compiled, out []int) []int {
 	n := len(rt.targets)
+	if n == 1 {
+		return append(out, 0) // nothing to choose: the target answers
+	}
 	if rt.weighted > 1 {
 		total := rt.total
 		var taken uint32

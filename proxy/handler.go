@@ -1,20 +1,17 @@
 package proxy
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/keypool/keypool"
@@ -201,35 +198,6 @@ type Result struct {
 	Err error
 }
 
-// reqState is one request's state, on its context under trackerKey. The
-// Handler writes it before forwarding; the Transport writes keyID and
-// attempts from the goroutine running RoundTrip; the Handler reads them
-// after RoundTrip returned (ReverseProxy.ServeHTTP orders these).
-type reqState struct {
-	keyID    string
-	keyUnit  string
-	attempts int
-
-	start    time.Time
-	service  string
-	target   *url.URL
-	body     []byte
-	hasBody  bool
-	wsToken  bool      // the client sent its token as a WebSocket subprotocol
-	upstream int       // the upstream's status
-	upgraded io.Closer // the upstream connection of a 101 answer
-	status   int       // set when the client went away
-	code     string
-	err      error
-
-	tokenSet *patternSet             // the spellings of the client's credential, scrubbed from answers
-	relaying bool                    // ReverseProxy is serving; still set if it panicked
-	cancel   context.CancelCauseFunc // stops the request (see stopCause)
-	idle     time.Duration
-	stopCode atomic.Pointer[string] // the code of a stop that ended the body
-	client   hijackConn             // the client connection of an upgrade
-}
-
 func (h *Handler) init() {
 	h.tr = h.Transport
 	if h.tr == nil {
@@ -277,33 +245,42 @@ func (h *Handler) logger() *slog.Logger {
 // ServeHTTP proxies r; see [Handler].
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.once.Do(h.init)
-	st := &reqState{start: time.Now()}
-	rec := &responseRecorder{ResponseWriter: w}
+	rw, ok := w.(*ResponseWriter)
+	if !ok {
+		rw = &ResponseWriter{ResponseWriter: w}
+	}
+	st := &Record{start: time.Now(), w: rw}
+	rw.rec = st
+	client := r.Context()
+	inner, cancel := context.WithCancelCause(client)
+	defer cancel(nil)
+	st.ctx, st.cancel = recordCtx{inner, st}, cancel
+	r = r.WithContext(&st.ctx)
 	if h.OnDone != nil {
 		defer func() {
-			if st.relaying && st.status == 0 && r.Context().Err() != nil {
+			if st.relaying && !st.gone && client.Err() != nil {
 				// ReverseProxy gave up copying the answer (it panics with
 				// http.ErrAbortHandler): the client went away mid-response.
-				st.status, st.code = 499, "canceled"
+				st.gone, st.res.Code = true, "canceled"
 			}
-			h.OnDone(r, st.result(rec))
+			h.OnDone(r, st.Result())
 		}()
 	}
 	service, restRaw, err := parseTarget(r)
 	if err != nil {
-		h.reject(rec, st, err)
+		h.reject(rw, st, err)
 		return
 	}
-	st.service = service
+	st.res.Service = service
 	cred, err := Credential(r)
 	if err != nil {
-		h.reject(rec, st, err)
+		h.reject(rw, st, err)
 		return
 	}
 	if h.Authorize != nil {
 		r2, err := h.Authorize(r, service, cred)
 		if err != nil {
-			h.reject(rec, st, err)
+			h.reject(rw, st, err)
 			return
 		}
 		if r2 != nil {
@@ -313,54 +290,24 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// Only a credential Authorize accepted is searched for (and cached).
 	st.tokenSet = setFor(cred)
 	if err := checkTokenInPath(restRaw, st.tokenSet); err != nil {
-		h.reject(rec, st, err)
+		h.reject(rw, st, err)
 		return
 	}
 	// Authorize runs first so that unauthenticated callers cannot probe
 	// which services exist.
 	svc, ok := h.Pool.Service(service)
 	if !ok {
-		h.reject(rec, st, httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", service))
+		h.reject(rw, st, httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", service))
 		return
 	}
-
-	max := h.MaxBodyBytes
-	if max <= 0 {
-		max = DefaultMaxBodyBytes
-	}
-	if r.ContentLength > max {
-		h.reject(rec, st, httpx.Errorf(http.StatusRequestEntityTooLarge, httpx.CodeRequestTooLarge, "request body is larger than %d bytes", max))
+	if err := h.readBody(rw, r, st); err != nil {
+		h.reject(rw, st, err)
 		return
 	}
-	if r.Body != nil && r.Body != http.NoBody && r.ContentLength != 0 {
-		var b bytes.Buffer
-		if r.ContentLength > 0 {
-			b.Grow(int(r.ContentLength) + bytes.MinRead)
-		}
-		_, err := b.ReadFrom(http.MaxBytesReader(w, r.Body, max))
-		if err != nil {
-			var mbe *http.MaxBytesError
-			var he *httpx.Error
-			if errors.As(err, &he) {
-				h.reject(rec, st, he) // a body read timeout (408), say
-			} else if errors.As(err, &mbe) {
-				h.reject(rec, st, httpx.Errorf(http.StatusRequestEntityTooLarge, httpx.CodeRequestTooLarge, "request body is larger than %d bytes", max))
-			} else {
-				h.reject(rec, st, httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "reading the request body failed"))
-			}
-			return
-		}
-		st.body, st.hasBody = b.Bytes(), true
-		if err := checkTokenInBody(st.body, st.tokenSet); err != nil {
-			h.reject(rec, st, err)
-			return
-		}
-	}
-
 	if h.Prepare != nil {
 		r2, body, err := h.Prepare(r, &svc, st.body)
 		if err != nil {
-			h.reject(rec, st, err)
+			h.reject(rw, st, err)
 			return
 		}
 		if r2 != nil {
@@ -373,31 +320,66 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	target, err := targetURL(svc.BaseURL, restRaw, r.URL.RawQuery, st.tokenSet)
 	if err != nil {
-		h.reject(rec, st, err)
+		h.reject(rw, st, err)
 		return
 	}
 	st.target = target
 	_, st.wsToken = wsToken(r.Header)
-	ctx, cancel := context.WithCancelCause(context.WithValue(r.Context(), trackerKey, st))
-	defer cancel(nil)
-	st.cancel = cancel
 	if r.Header.Get("Upgrade") == "" {
 		st.idle = pick(svc.IdleTimeout, h.IdleTimeout)
-		if total := pick(svc.Timeout, h.Timeout); total > 0 {
-			var stop context.CancelFunc
-			ctx, stop = context.WithTimeoutCause(ctx, total, httpx.Errorf(http.StatusGatewayTimeout, httpx.CodeUpstreamTimeout,
-				"the request to service %q did not finish within its %s deadline", service, total))
-			defer stop()
+		if st.total = pick(svc.Timeout, h.Timeout); st.total > 0 {
+			st.timer = time.AfterFunc(st.total, st.deadline)
+			defer st.timer.Stop()
 		}
 	}
 	st.relaying = true
-	h.rp.ServeHTTP(hijackRecorder{rec, st}, r.WithContext(ctx))
+	h.rp.ServeHTTP(rw, r)
 	st.relaying = false
 	if st.upgraded != nil {
 		// ReverseProxy closes the upstream connection from a goroutine;
 		// close it now so the key is released before OnDone.
 		_ = st.upgraded.Close()
 	}
+}
+
+// readBody reads the request body into st, up to MaxBodyBytes, so that it
+// can be replayed on another key, and refuses one that holds the
+// client's credential.
+func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, st *Record) error {
+	max := h.MaxBodyBytes
+	if max <= 0 {
+		max = DefaultMaxBodyBytes
+	}
+	if r.ContentLength > max {
+		return httpx.Errorf(http.StatusRequestEntityTooLarge, httpx.CodeRequestTooLarge, "request body is larger than %d bytes", max)
+	}
+	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 {
+		return nil
+	}
+	var b bytes.Buffer
+	if r.ContentLength > 0 {
+		b.Grow(int(r.ContentLength) + bytes.MinRead)
+	}
+	body := r.Body
+	if r.ContentLength < 0 {
+		body = http.MaxBytesReader(w, r.Body, max)
+	} // else net/http ends the body at its Content-Length, checked above
+	if _, err := b.ReadFrom(body); err != nil {
+		var mbe *http.MaxBytesError
+		var he *httpx.Error
+		switch {
+		case errors.As(err, &he):
+			return he // a body read timeout (408), say
+		case errors.As(err, &mbe):
+			return httpx.Errorf(http.StatusRequestEntityTooLarge, httpx.CodeRequestTooLarge, "request body is larger than %d bytes", max)
+		}
+		return httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "reading the request body failed")
+	}
+	if int64(b.Len()) > max {
+		return httpx.Errorf(http.StatusRequestEntityTooLarge, httpx.CodeRequestTooLarge, "request body is larger than %d bytes", max)
+	}
+	st.body, st.hasBody = b.Bytes(), true
+	return checkTokenInBody(st.body, st.tokenSet)
 }
 
 // pick returns the service's setting when it has one, else the default.
@@ -408,68 +390,67 @@ func pick(svc, def time.Duration) time.Duration {
 	return def
 }
 
-// reject answers with err before anything was forwarded.
-func (h *Handler) reject(w http.ResponseWriter, st *reqState, err error) {
-	var e *httpx.Error
-	if errors.As(err, &e) {
-		st.code = e.Code
-	} else {
-		st.code = httpx.CodeInternal
-		h.logger().Error("proxy: authorize failed", "service", st.service, "error", err)
+// reject answers with err before anything was forwarded: as it is when
+// it is an *Error, the answer of a stop when the request was stopped
+// meanwhile, else 500 internal_error.
+func (h *Handler) reject(w http.ResponseWriter, st *Record, err error) {
+	e, ok := answerOf(err)
+	if !ok {
+		e = stopCause(&st.ctx)
 	}
-	st.err = err
+	if e != nil {
+		st.res.Code = e.Code
+		st.res.Err = err
+		httpx.WriteError(w, e)
+		return
+	}
+	st.res.Code = httpx.CodeInternal
+	st.res.Err = err
+	h.logger().Error("proxy: authorize failed", "service", st.res.Service, "error", err)
 	httpx.WriteError(w, err)
 }
 
 func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
-	st := pr.In.Context().Value(trackerKey).(*reqState)
+	st := RecordOf(pr.In.Context())
 	out := pr.Out
 	out.URL = st.target
 	out.Host = ""
 	stripInbound(out.Header)
 	stripTokenHeaders(out.Header, st.tokenSet)
 	// Answers come back unencoded, so that the scrubber can read them.
-	out.Header.Set("Accept-Encoding", "identity")
+	out.Header["Accept-Encoding"] = []string{"identity"}
 	out.TransferEncoding = nil
 	out.Trailer = nil
+	// The Transport replays the body from the record.
+	out.GetBody = nil
 	switch {
 	case !st.hasBody:
-		out.Body, out.GetBody, out.ContentLength = nil, nil, 0
-	case len(st.body) == 0:
-		out.Body, out.GetBody, out.ContentLength = http.NoBody, nil, 0
+		out.Body, out.ContentLength = nil, 0
 	default:
-		body := st.body
-		out.Body = io.NopCloser(bytes.NewReader(body))
-		out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
-		out.ContentLength = int64(len(body))
+		out.Body, out.ContentLength = http.NoBody, int64(len(st.body))
 	}
 }
 
 // handlerTransport sends a Handler's requests through its Transport with
-// the service the path named.
+// the service the path named, filling the request's record.
 type handlerTransport struct{ h *Handler }
 
 func (t handlerTransport) RoundTrip(req *http.Request) (*http.Response, error) {
-	st := req.Context().Value(trackerKey).(*reqState)
-	return t.h.tr.roundTrip(req, t.h.Pool, st.service)
+	st := RecordOf(req.Context())
+	return t.h.tr.roundTrip(req, t.h.Pool, st.res.Service, st)
 }
 
 func (h *Handler) modifyResponse(resp *http.Response) error {
+	var st *Record
 	if resp.Request != nil {
-		if st, ok := resp.Request.Context().Value(trackerKey).(*reqState); ok {
-			st.upstream = resp.StatusCode
-			if st.tokenSet != nil {
-				m := newMatcher(st.tokenSet, nil)
-				scrubHeaderWith(resp.Header, &m)
-			}
-			if st.keyID != "" {
-				resp.Header.Set(HeaderKeyID, st.keyID)
-			}
-			if resp.StatusCode == http.StatusSwitchingProtocols {
-				st.upgraded = resp.Body
-				if st.wsToken && resp.Header.Get("Sec-WebSocket-Protocol") == "" {
-					resp.Header.Set("Sec-WebSocket-Protocol", "token")
-				}
+		st = RecordOf(resp.Request.Context())
+	}
+	if st != nil {
+		st.upstream = resp.StatusCode
+		if resp.StatusCode == http.StatusSwitchingProtocols {
+			st.upgraded = resp.Body
+			if st.wsToken && resp.Header.Get("Sec-WebSocket-Protocol") == "" {
+				resp.Header.Set("Sec-WebSocket-Protocol", "token")
 			}
 		}
 	}
@@ -478,21 +459,24 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 			return err
 		}
 	}
-	wrapStream(resp)
+	if st != nil {
+		wrapStream(resp, st)
+	}
 	return nil
 }
 
 // wrapStream wraps an upstream response body so that a stop or the idle
-// timeout ends it as the response allows (see stopCause).
-func wrapStream(resp *http.Response) {
-	if resp.Request == nil || resp.Body == nil || resp.Body == http.NoBody {
+// timeout ends it as the response allows (see stopCause). A body already
+// in memory (scrubbed whole) cannot stall: it is left as it is.
+func wrapStream(resp *http.Response, st *Record) {
+	switch resp.Body.(type) {
+	case nil, *memBody:
+		return
+	}
+	if resp.Body == http.NoBody {
 		return
 	}
 	ctx := resp.Request.Context()
-	st, ok := ctx.Value(trackerKey).(*reqState)
-	if !ok || st.cancel == nil {
-		return
-	}
 	if rwc, ok := resp.Body.(io.ReadWriteCloser); ok && resp.StatusCode == http.StatusSwitchingProtocols {
 		resp.Body = &wsConn{rwc: rwc, ctx: ctx, st: st}
 		return
@@ -503,47 +487,48 @@ func wrapStream(resp *http.Response) {
 
 // errorHandler maps every error of a forwarded request to its answer.
 func (h *Handler) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
-	st, _ := r.Context().Value(trackerKey).(*reqState)
+	st := RecordOf(r.Context())
 	if st == nil {
-		st = &reqState{}
+		st = &Record{}
 	}
-	st.err = err
+	st.res.Err = err
+	service := st.res.Service
 	var nk *keypool.NoKeyError
 	var ue *keypool.UnavailableError
 	var e *httpx.Error
 	switch {
 	case errors.As(err, &nk):
 		e = &httpx.Error{Status: http.StatusTooManyRequests, Code: httpx.CodeNoKeyAvailable, RetryAfter: nk.RetryAfter,
-			Message: fmt.Sprintf("no key available for service %q; retry after %d s", st.service, int64((nk.RetryAfter+time.Second-1)/time.Second))}
+			Message: fmt.Sprintf("no key available for service %q; retry after %d s", service, int64((nk.RetryAfter+time.Second-1)/time.Second))}
 		if nk.Reason != "" {
 			e.Message += " (" + nk.Reason + ")"
 		}
 	case errors.As(err, &ue):
 		e = &httpx.Error{Status: http.StatusServiceUnavailable, Code: httpx.CodeUpstreamUnavailable, RetryAfter: ue.RetryAfter,
-			Message: fmt.Sprintf("upstream of service %q unavailable; retry after %d s", st.service, int64((ue.RetryAfter+time.Second-1)/time.Second))}
+			Message: fmt.Sprintf("upstream of service %q unavailable; retry after %d s", service, int64((ue.RetryAfter+time.Second-1)/time.Second))}
 		if ue.Reason != "" {
 			e.Message += " (" + ue.Reason + ")"
 		}
 	case errors.Is(err, keypool.ErrUnknownService):
-		e = httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", st.service)
+		e = httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", service)
 	case stopCause(r.Context()) != nil:
 		// Stopped: the token was revoked, or the deadline passed.
 		e = stopCause(r.Context())
 	case r.Context().Err() != nil:
 		// The client went away: nobody to answer.
-		st.code, st.status = "canceled", 499
-		h.logger().Debug("proxy: client went away", "service", st.service, "key_id", st.keyID, "attempts", st.attempts)
+		st.res.Code, st.gone = "canceled", true
+		h.logger().Debug("proxy: client went away", "service", service, "key_id", st.res.KeyID, "attempts", st.res.Attempts)
 		return
 	case isTimeout(err):
-		e = httpx.Errorf(http.StatusGatewayTimeout, httpx.CodeUpstreamTimeout, "upstream of service %q timed out", st.service)
+		e = httpx.Errorf(http.StatusGatewayTimeout, httpx.CodeUpstreamTimeout, "upstream of service %q timed out", service)
 	default:
-		e = httpx.Errorf(http.StatusBadGateway, httpx.CodeUpstreamUnreachable, "upstream of service %q unreachable", st.service)
+		e = httpx.Errorf(http.StatusBadGateway, httpx.CodeUpstreamUnreachable, "upstream of service %q unreachable", service)
 	}
-	st.code = e.Code
-	h.logger().Warn("proxy: request failed", "service", st.service, "key_id", st.keyID,
-		"attempts", st.attempts, "code", e.Code, "error", err.Error())
-	if st.keyID != "" {
-		w.Header().Set(HeaderKeyID, st.keyID)
+	st.res.Code = e.Code
+	h.logger().Warn("proxy: request failed", "service", service, "key_id", st.res.KeyID,
+		"attempts", st.res.Attempts, "code", e.Code, "error", err.Error())
+	if st.res.KeyID != "" {
+		w.Header().Set(HeaderKeyID, st.res.KeyID)
 	}
 	httpx.WriteError(w, e)
 }
@@ -555,82 +540,6 @@ func isTimeout(err error) bool {
 	var te interface{ Timeout() bool }
 	return errors.As(err, &te) && te.Timeout()
 }
-
-func (st *reqState) result(rec *responseRecorder) Result {
-	res := Result{
-		Service: st.service, KeyID: st.keyID, BalanceUnit: st.keyUnit, Attempts: st.attempts,
-		BytesIn: int64(len(st.body)), BytesOut: rec.bytes,
-		Duration: time.Since(st.start), Code: st.code, Err: st.err,
-		Status: rec.status,
-	}
-	if res.Code == "" {
-		res.Code = st.stopCodeOf()
-	}
-	switch {
-	case st.status != 0:
-		res.Status = st.status
-	case res.Status == 0 && st.upstream != 0:
-		res.Status = st.upstream // a hijacked upgrade
-	}
-	return res
-}
-
-// responseRecorder records the status and body size written. It unwraps
-// to the ResponseWriter it wraps, so http.ResponseController (flushing,
-// hijacking for upgrades, deadlines) reaches the real one.
-type responseRecorder struct {
-	http.ResponseWriter
-	status int
-	bytes  int64
-}
-
-func (w *responseRecorder) WriteHeader(code int) {
-	if w.status == 0 && (code >= 200 || code == http.StatusSwitchingProtocols) {
-		w.status = code
-	}
-	w.ResponseWriter.WriteHeader(code)
-}
-
-func (w *responseRecorder) Write(p []byte) (int, error) {
-	if w.status == 0 {
-		w.status = http.StatusOK
-	}
-	n, err := w.ResponseWriter.Write(p)
-	w.bytes += int64(n)
-	return n, err
-}
-
-// Flush flushes the underlying writer, if it can.
-func (w *responseRecorder) Flush() { _ = http.NewResponseController(w.ResponseWriter).Flush() }
-
-// Unwrap returns the wrapped ResponseWriter.
-func (w *responseRecorder) Unwrap() http.ResponseWriter { return w.ResponseWriter }
-
-// hijackRecorder is the responseRecorder ReverseProxy writes to: it notes
-// the client connection of an upgrade, so that a stopped WebSocket can
-// be closed (see reqState.closeClientSoon).
-type hijackRecorder struct {
-	*responseRecorder
-	st *reqState
-}
-
-// Hijack hijacks the client connection and notes it.
-func (w hijackRecorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
-	c, brw, err := http.NewResponseController(w.responseRecorder).Hijack()
-	if err == nil {
-		h := &w.st.client
-		h.mu.Lock()
-		h.conn = c
-		if h.closing {
-			_ = c.SetReadDeadline(time.Now())
-		}
-		h.mu.Unlock()
-	}
-	return c, brw, err
-}
-
-// Unwrap returns the responseRecorder.
-func (w hijackRecorder) Unwrap() http.ResponseWriter { return w.responseRecorder }
 
 // parseTarget splits /v1/{service}/{rest} and rejects targets that could
 // leave the service's base path.

@@ -420,14 +420,12 @@ func (m *matcher) replaceString(s string) string {
 	return b.String()
 }
 
-// keyMatcher returns the matcher for a key's secret and for the team token
-// of the request resp answers, if a [Handler] forwarded it.
-func keyMatcher(secret string, req *http.Request) matcher {
+// keyMatcher returns the matcher for a key's secret and for the team
+// token of the request rec records (nil: none).
+func keyMatcher(secret string, rec *Record) matcher {
 	var tok *patternSet
-	if req != nil {
-		if st, ok := req.Context().Value(trackerKey).(*reqState); ok {
-			tok = st.tokenSet
-		}
+	if rec != nil {
+		tok = rec.tokenSet
 	}
 	return newMatcher(setFor(secret), tok)
 }
@@ -454,23 +452,21 @@ func scrubHeaderWith(h http.Header, m *matcher) {
 	}
 }
 
-// scrubBody replaces the spellings of secret, and of the team token of the
-// request resp answers (see [Handler]), in the body of resp, whatever its
+// scrubBody replaces the spellings of secret in the body of resp, whatever its
 // status: in memory when the body is small and of known length (the
 // Content-Length is corrected), otherwise as it streams, holding back only
 // the bytes that could begin a secret (Content-Length is dropped). Trailers
 // are scrubbed when the body ends. Bodies of 101 answers (a WebSocket's
 // frames) are not looked into.
 func scrubBody(resp *http.Response, secret string) {
-	scrubBodyIdle(resp, secret, 0)
+	scrubBodyWith(resp, newMatcher(setFor(secret), nil), 0)
 }
 
-// scrubBodyIdle is scrubBody whose in-memory read of a small body gives
-// up when no byte arrives for idle (zero: no bound): the body then ends
-// with an error after what did arrive, as a streamed body would when its
-// idle timeout passes.
-func scrubBodyIdle(resp *http.Response, secret string, idle time.Duration) {
-	m := keyMatcher(secret, resp.Request)
+// scrubBodyWith is scrubBody for the secrets m finds, whose in-memory
+// read of a small body gives up when no byte arrives for idle (zero: no
+// bound): the body then ends with an error after what did arrive, as a
+// streamed body would when its idle timeout passes.
+func scrubBodyWith(resp *http.Response, m matcher, idle time.Duration) {
 	if m.empty() || resp.Body == nil || resp.Body == http.NoBody || resp.StatusCode == http.StatusSwitchingProtocols ||
 		(resp.Request != nil && resp.Request.Method == http.MethodHead) {
 		return

@@ -169,7 +169,6 @@ const (
 	serviceKey ctxKey = iota
 	affinityKey
 	featureKey
-	trackerKey
 )
 
 // WithService returns a context under which a [Transport] uses the named
@@ -216,7 +215,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if s := ctxString(req.Context(), serviceKey); s != "" {
 		service = s
 	}
-	return t.roundTrip(req, t.Pool, service)
+	return t.roundTrip(req, t.Pool, service, nil)
 }
 
 func (t *Transport) base() http.RoundTripper {
@@ -249,7 +248,9 @@ func (rp *replay) body(attempt int) (io.ReadCloser, error) {
 		if len(rp.buf) == 0 {
 			return http.NoBody, nil
 		}
-		return io.NopCloser(bytes.NewReader(rp.buf)), nil
+		b := &memBody{}
+		b.Reset(rp.buf)
+		return b, nil
 	case req.Body == nil || req.Body == http.NoBody:
 		return req.Body, nil
 	case attempt == 1:
@@ -260,9 +261,13 @@ func (rp *replay) body(attempt int) (io.ReadCloser, error) {
 }
 
 // prepareBody decides how the body is replayed and reports whether it can
-// be.
-func (t *Transport) prepareBody(rp *replay, req *http.Request) (bool, error) {
+// be. A Handler's request is replayed from the body its record holds.
+func (t *Transport) prepareBody(rp *replay, req *http.Request, rec *Record) (bool, error) {
 	rp.req = req
+	if rec != nil && rec.hasBody {
+		rp.buf, rp.buffered = rec.body, true
+		return true, nil
+	}
 	if req.Body == nil || req.Body == http.NoBody || req.GetBody != nil {
 		return true, nil
 	}
@@ -375,7 +380,10 @@ func (a *attempts) settle(pool *keypool.Pool, service string, served bool) {
 	}
 }
 
-func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service string) (*http.Response, error) {
+// roundTrip is RoundTrip on pool's service. rec, when a Handler forwards
+// the request, is its record: the body is replayed from it, its idle
+// timeout and team token apply, and each attempt's key is noted on it.
+func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service string, rec *Record) (*http.Response, error) {
 	if pool == nil {
 		closeReqBody(req)
 		return nil, errors.New("proxy: Transport has no Pool")
@@ -402,7 +410,7 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 	}
 
 	var rp replay
-	canReplay, err := t.prepareBody(&rp, req)
+	canReplay, err := t.prepareBody(&rp, req, rec)
 	if err != nil {
 		return nil, err
 	}
@@ -418,7 +426,10 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 		attemptTimeout = svc.HeaderTimeout
 	}
 	ctx := req.Context()
-	tr, _ := ctx.Value(trackerKey).(*reqState)
+	idle := svc.IdleTimeout
+	if rec != nil && rec.idle > 0 {
+		idle = rec.idle
+	}
 	areq := keypool.Request{Affinity: ctxString(ctx, affinityKey), Feature: ctxString(ctx, featureKey)}
 	var tried []string // allocated only when a retry happens
 	var (
@@ -451,16 +462,14 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			return nil, fmt.Errorf("proxy: replaying request body: %w", err)
 		}
 		secret := lease.Secret().Reveal()
-		out := outRequest(req, target, body, &svc, &lease)
-
+		actx := ctx
 		var cancel context.CancelCauseFunc
 		var timer *time.Timer
 		if attemptTimeout > 0 {
-			var actx context.Context
 			actx, cancel = context.WithCancelCause(ctx)
 			timer = time.AfterFunc(attemptTimeout, func() { cancel(errAttemptTimeout) })
-			out = out.WithContext(actx)
 		}
+		out := outRequest(req, actx, target, body, &svc, &lease)
 		var start time.Time
 		if t.OnAttempt != nil {
 			start = time.Now()
@@ -476,10 +485,6 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 				resp = nil
 			}
 			err = &attemptTimeoutError{attemptTimeout}
-		}
-		idle := svc.IdleTimeout
-		if tr != nil && tr.idle > 0 {
-			idle = tr.idle
 		}
 		if err == nil && idle > 0 && resp.StatusCode >= 400 && resp.Body != nil && resp.Body != http.NoBody {
 			// An error answer's body is read to classify it, kept while
@@ -501,8 +506,8 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			outcome = keypool.Classify(resp, err, pool.Now())
 		}
 		id := lease.KeyID()
-		if tr != nil {
-			tr.keyID, tr.keyUnit, tr.attempts = id, lease.Key().BalanceUnit, attempt
+		if rec != nil {
+			rec.attempted(id, lease.Key().BalanceUnit, attempt)
 		}
 		retry := budget.next(outcome, id) && canReplay && ctx.Err() == nil
 		release := outcome
@@ -546,7 +551,7 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			if lastResp != nil {
 				// An earlier key's own answer (a 429 with its Retry-After,
 				// say) tells the client more than this connection error.
-				scrubBody(lastResp, lastSecret)
+				scrubBodyWith(lastResp, keyMatcher(lastSecret, rec), 0)
 				return lastResp, nil
 			}
 			return nil, err
@@ -556,9 +561,10 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			resp.Header = http.Header{}
 		}
 		resp.Header.Set(HeaderKeyID, id)
-		scrubHeader(resp.Header, secret)
+		m := keyMatcher(secret, rec)
+		scrubHeaderWith(resp.Header, &m)
 		if outcome.Kind == keypool.OK {
-			scrubBodyIdle(resp, secret, idle)
+			scrubBodyWith(resp, m, idle)
 			wrapBody(resp, lease, ctx, cancel)
 			budget.settle(pool, service, true)
 			return resp, nil
@@ -575,12 +581,12 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			continue
 		}
 		budget.settle(pool, service, false)
-		scrubBody(resp, secret)
+		scrubBodyWith(resp, m, 0)
 		return resp, nil
 	}
 	budget.settle(pool, service, false)
 	if lastResp != nil {
-		scrubBody(lastResp, lastSecret)
+		scrubBodyWith(lastResp, keyMatcher(lastSecret, rec), 0)
 		return lastResp, nil
 	}
 	return nil, lastErr
@@ -613,10 +619,10 @@ type keptBody struct{ *bytes.Reader }
 
 func (keptBody) Close() error { return nil }
 
-// outRequest returns the copy of req that is sent with the lease's key.
-func outRequest(req *http.Request, target *url.URL, body io.ReadCloser, svc *keypool.Service, lease *keypool.Lease) *http.Request {
-	out := new(http.Request)
-	*out = *req
+// outRequest returns the copy of req that is sent with the lease's key,
+// on ctx (one shallow copy).
+func outRequest(req *http.Request, ctx context.Context, target *url.URL, body io.ReadCloser, svc *keypool.Service, lease *keypool.Lease) *http.Request {
+	out := req.WithContext(ctx)
 	out.URL = target
 	if target != req.URL {
 		out.Host = ""

@@ -50,11 +50,14 @@ type call struct {
 	estCost       float64
 }
 
-type callKey struct{}
-
+// callFrom returns the call of the proxied request ctx belongs to: the
+// proxy's record holds it (Data) from authorize on.
 func callFrom(ctx context.Context) *call {
-	c, _ := ctx.Value(callKey{}).(*call)
-	return c
+	if rec := proxy.RecordOf(ctx); rec != nil {
+		c, _ := rec.Data.(*call)
+		return c
+	}
+	return nil
 }
 
 // authenticate turns a client credential into a principal, answering as
@@ -175,14 +178,25 @@ func (s *Server) authorize(r *http.Request, service, cred string) (*http.Request
 		return nil, err
 	}
 	// Registered until OnDone, so that a revocation ends the request
-	// (see openCalls).
-	ctx, stop := context.WithCancelCause(r.Context())
-	oc := &openCall{tokenID: p.Token.ID, teamID: p.Team.ID, service: service, stop: stop}
+	// (see openCalls). The call and its openCall live in the request's
+	// reqInfo: no allocation of their own.
+	rec := proxy.RecordOf(r.Context())
+	if ri == nil || rec == nil {
+		ri = &reqInfo{} // served without observe (or without a proxy.Handler)
+	}
+	oc := &ri.open
+	oc.tokenID, oc.teamID, oc.service, oc.rec = p.Token.ID, p.Team.ID, service, rec
 	if p.User != nil {
 		oc.userID = p.User.ID
 	}
-	s.open.add(oc)
-	return r.WithContext(context.WithValue(ctx, callKey{}, &call{principal: p, open: oc, service: service})), nil
+	c := &ri.call
+	c.principal, c.service = p, service
+	if rec != nil {
+		c.open = oc
+		s.open.add(oc)
+		rec.Data = c
+	}
+	return nil, nil
 }
 
 // onAttempt feeds the per-attempt metrics.
@@ -274,7 +288,6 @@ func (s *Server) onProxyDone(r *http.Request, res proxy.Result) {
 	}
 	if c.open != nil {
 		s.open.remove(c.open)
-		c.open.stop(nil)
 	}
 	now := s.now()
 	u, cost := chargedUsage(c, res)

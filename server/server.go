@@ -195,6 +195,7 @@ type Server struct {
 	inflight   atomic.Int64
 	draining   atomic.Bool
 	hijacked   connSet
+	onHijack   func(net.Conn) // onHijackConn, bound once
 	open       openCalls
 
 	bgCancel context.CancelFunc
@@ -249,6 +250,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 
 	s := &Server{cfg: cfg, log: log, logBuf: logBuf, done: make(chan struct{}), events: make(chan keypool.Event, 4096), now: cfg.Now}
+	s.onHijack = s.onHijackConn
 	if s.now == nil {
 		s.now = time.Now
 	}

@@ -220,19 +220,23 @@ var copyBuffers bufferPool
 
 type bufferPool struct{ p sync.Pool }
 
+// copyBufferSize is the size of the buffers in copyBuffers.
+const copyBufferSize = 32 << 10
+
+// Get returns a buffer of copyBufferSize bytes.
 func (b *bufferPool) Get() []byte {
-	if v, ok := b.p.Get().(*[]byte); ok {
-		return *v
+	if v, ok := b.p.Get().(*[copyBufferSize]byte); ok {
+		return v[:]
 	}
-	return make([]byte, 32<<10)
+	return new([copyBufferSize]byte)[:]
 }
 
+// Put recycles buf (as an array pointer: no allocation).
 func (b *bufferPool) Put(buf []byte) {
-	if cap(buf) < 32<<10 {
+	if cap(buf) < copyBufferSize {
 		return
 	}
-	buf = buf[:32<<10]
-	b.p.Put(&buf)
+	b.p.Put((*[copyBufferSize]byte)(buf[:copyBufferSize]))
 }
 
 func (h *Handler) logger() *slog.Logger {
@@ -356,15 +360,30 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, st *Record) e
 	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 {
 		return nil
 	}
-	var b bytes.Buffer
+	var b []byte
+	var err error
 	if r.ContentLength > 0 {
-		b.Grow(int(r.ContentLength) + bytes.MinRead)
+		// One exact buffer, then the read that sees the end (net/http
+		// ends the body at its Content-Length; a body that goes on is
+		// too large).
+		b = make([]byte, r.ContentLength)
+		var n int
+		if n, err = io.ReadFull(r.Body, b); err == nil {
+			var one [1]byte
+			switch k, rerr := r.Body.Read(one[:]); {
+			case k > 0:
+				err = &http.MaxBytesError{Limit: r.ContentLength}
+			case rerr != io.EOF:
+				err = rerr
+			}
+		}
+		b = b[:n]
+	} else {
+		var buf bytes.Buffer
+		_, err = buf.ReadFrom(http.MaxBytesReader(w, r.Body, max))
+		b = buf.Bytes()
 	}
-	body := r.Body
-	if r.ContentLength < 0 {
-		body = http.MaxBytesReader(w, r.Body, max)
-	} // else net/http ends the body at its Content-Length, checked above
-	if _, err := b.ReadFrom(body); err != nil {
+	if err != nil {
 		var mbe *http.MaxBytesError
 		var he *httpx.Error
 		switch {
@@ -375,14 +394,42 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, st *Record) e
 		}
 		return httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "reading the request body failed")
 	}
-	if int64(b.Len()) > max {
-		return httpx.Errorf(http.StatusRequestEntityTooLarge, httpx.CodeRequestTooLarge, "request body is larger than %d bytes", max)
-	}
-	st.body, st.hasBody = b.Bytes(), true
+	st.body, st.hasBody = b, true
 	return checkTokenInBody(st.body, st.tokenSet)
 }
 
 // pick returns the service's setting when it has one, else the default.
+// bases caches parsed base URLs (read-only once parsed), so that a request
+// parses none; it is emptied when it holds baseCacheMax.
+var bases struct {
+	mu sync.Mutex // protects m
+	m  map[string]*url.URL
+}
+
+const baseCacheMax = 1024
+
+// parseBase returns base parsed, or nil when it does not parse. The result
+// must not be changed.
+func parseBase(base string) *url.URL {
+	bases.mu.Lock()
+	u, ok := bases.m[base]
+	bases.mu.Unlock()
+	if ok {
+		return u
+	}
+	u, err := url.Parse(base)
+	if err != nil {
+		u = nil
+	}
+	bases.mu.Lock()
+	if bases.m == nil || len(bases.m) >= baseCacheMax {
+		bases.m = make(map[string]*url.URL)
+	}
+	bases.m[base] = u
+	bases.mu.Unlock()
+	return u
+}
+
 func pick(svc, def time.Duration) time.Duration {
 	if svc > 0 {
 		return svc
@@ -418,7 +465,7 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 	stripInbound(out.Header)
 	stripTokenHeaders(out.Header, st.tokenSet)
 	// Answers come back unencoded, so that the scrubber can read them.
-	out.Header["Accept-Encoding"] = []string{"identity"}
+	out.Header["Accept-Encoding"] = identity
 	out.TransferEncoding = nil
 	out.Trailer = nil
 	// The Transport replays the body from the record.
@@ -430,6 +477,10 @@ func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 		out.Body, out.ContentLength = http.NoBody, int64(len(st.body))
 	}
 }
+
+// identity is the Accept-Encoding of every forwarded request. It is shared:
+// the Transport clones the header before changing it.
+var identity = []string{"identity"}
 
 // handlerTransport sends a Handler's requests through its Transport with
 // the service the path named, filling the request's record.
@@ -469,9 +520,13 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 // timeout ends it as the response allows (see stopCause). A body already
 // in memory (scrubbed whole) cannot stall: it is left as it is.
 func wrapStream(resp *http.Response, st *Record) {
-	switch resp.Body.(type) {
+	switch b := resp.Body.(type) {
 	case nil, *memBody:
 		return
+	case *leaseBody:
+		if _, ok := b.rc.(*memBody); ok {
+			return
+		}
 	}
 	if resp.Body == http.NoBody {
 		return
@@ -481,8 +536,9 @@ func wrapStream(resp *http.Response, st *Record) {
 		resp.Body = &wsConn{rwc: rwc, ctx: ctx, st: st}
 		return
 	}
-	resp.Body = &streamBody{rc: resp.Body, ctx: ctx, st: st, cancel: st.cancel, idle: st.idle,
+	st.stream = streamBody{rc: resp.Body, ctx: ctx, st: st, cancel: st.cancel, idle: st.idle,
 		sse: isEventStream(resp.Header.Get("Content-Type"))}
+	resp.Body = &st.stream
 }
 
 // errorHandler maps every error of a forwarded request to its answer.
@@ -568,14 +624,11 @@ func parseTarget(r *http.Request) (service, restRaw string, err error) {
 	if msg := checkPath(p); msg != "" {
 		return bad(msg)
 	}
-	service, rest, slash := strings.Cut(p[len(prefix):], "/")
+	service, _, _ = strings.Cut(p[len(prefix):], "/")
 	if service == "" || strings.IndexByte(service, '%') >= 0 {
 		return "", "", httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", service)
 	}
-	if slash {
-		rest = "/" + rest
-	}
-	return service, rest, nil
+	return service, p[len(prefix)+len(service):], nil // "" or "/…"
 }
 
 // checkPath returns why an escaped path is unsafe to forward, or "". It
@@ -663,11 +716,12 @@ func unhex(c byte) (byte, bool) {
 // without inbound credentials (by name, and by value: any parameter that
 // holds a spelling of token).
 func targetURL(base, restRaw, rawQuery string, token *patternSet) (*url.URL, error) {
-	b, err := url.Parse(base)
-	if err != nil || b.Host == "" || (b.Scheme != "http" && b.Scheme != "https") {
+	b := parseBase(base)
+	if b == nil || b.Host == "" || (b.Scheme != "http" && b.Scheme != "https") {
 		return nil, httpx.Errorf(http.StatusInternalServerError, httpx.CodeInternal, "the service's base URL is not valid")
 	}
 	u := *b
+	var err error
 	raw := strings.TrimSuffix(b.EscapedPath(), "/") + restRaw
 	if raw == "" {
 		raw = "/"

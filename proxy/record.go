@@ -49,6 +49,8 @@ type Record struct {
 	relaying bool                   // ReverseProxy is serving; still set if it panicked
 	stopCode atomic.Pointer[string] // the code of a stop that ended the body
 	client   hijackConn             // the client connection of an upgrade
+	lease    leaseBody              // the served answer's body (see wrapBody)
+	stream   streamBody             // the same, as the Handler relays it (see wrapStream)
 }
 
 type recordKey struct{}

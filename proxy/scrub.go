@@ -504,8 +504,9 @@ func scrubBodyWith(resp *http.Response, m matcher, idle time.Duration) {
 		mb := &memBody{}
 		mb.Reset(b)
 		resp.Body = mb
+		changed := resp.ContentLength != int64(len(b))
 		resp.ContentLength = int64(len(b))
-		if resp.Header.Get("Content-Length") != "" {
+		if changed && resp.Header.Get("Content-Length") != "" {
 			resp.Header.Set("Content-Length", strconv.Itoa(len(b)))
 		}
 		return

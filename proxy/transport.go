@@ -314,9 +314,9 @@ type attempts struct {
 	// repeated is set when a second key refused the same request: the
 	// refusal is the request's, and no key is penalised.
 	repeated bool
-	// gone reports the request's context error: a client that went away
-	// before another key was tried leaves a lasting refusal unconfirmed.
-	gone func() error
+	// ctx is the request's context: a client that went away before
+	// another key was tried leaves a lasting refusal unconfirmed.
+	ctx context.Context
 }
 
 // lasting reports whether o takes a key out of rotation until somebody
@@ -365,7 +365,7 @@ func (a *attempts) settle(pool *keypool.Pool, service string, served bool) {
 	if a.repeated {
 		return
 	}
-	if a.penalty != "" && !served && a.gone != nil && a.gone() != nil {
+	if a.penalty != "" && !served && a.ctx != nil && a.ctx.Err() != nil {
 		// The client went away before another key could be tried: the
 		// refusal may be the request's as much as the key's.
 		a.penalty = ""
@@ -414,7 +414,7 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 	if err != nil {
 		return nil, err
 	}
-	budget := attempts{max: t.MaxAttempts, gone: req.Context().Err}
+	budget := attempts{max: t.MaxAttempts, ctx: req.Context()}
 	if budget.max == 0 {
 		budget.max = 3
 	} else if budget.max < 0 {
@@ -565,7 +565,7 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 		scrubHeaderWith(resp.Header, &m)
 		if outcome.Kind == keypool.OK {
 			scrubBodyWith(resp, m, idle)
-			wrapBody(resp, lease, ctx, cancel)
+			wrapBody(resp, lease, ctx, cancel, rec)
 			budget.settle(pool, service, true)
 			return resp, nil
 		}
@@ -780,7 +780,9 @@ type leaseConn struct{ leaseBody }
 
 func (c *leaseConn) Write(p []byte) (int, error) { return c.rc.(io.Writer).Write(p) }
 
-func wrapBody(resp *http.Response, lease keypool.Lease, ctx context.Context, cancel context.CancelCauseFunc) {
+// wrapBody makes resp's body release lease when it ends. The body of a
+// Handler's request lives in its record (rec): no allocation of its own.
+func wrapBody(resp *http.Response, lease keypool.Lease, ctx context.Context, cancel context.CancelCauseFunc, rec *Record) {
 	if resp.Body == nil {
 		resp.Body = http.NoBody
 	}
@@ -799,8 +801,13 @@ func wrapBody(resp *http.Response, lease keypool.Lease, ctx context.Context, can
 		}
 		return
 	}
-	b := &leaseBody{rc: resp.Body, ctx: ctx, cancel: cancel}
-	b.lease = lease
+	var b *leaseBody
+	if rec != nil {
+		b = &rec.lease
+	} else {
+		b = new(leaseBody)
+	}
+	b.rc, b.ctx, b.cancel, b.lease = resp.Body, ctx, cancel, lease
 	resp.Body = b
 }
 

@@ -124,18 +124,18 @@ func (s *Server) admit(ctx context.Context, p *auth.Principal, service string) e
 	}
 	now := s.now()
 	checks := [...]struct {
-		scope, key string
-		rpm        int
+		scope, id string
+		rpm       int
 	}{
-		{"token", "token:" + p.Token.ID, p.Token.RPMLimit},
-		{"team", "team:" + p.Team.ID, p.Team.RPMLimit},
-		{"service", "service:" + service, s.serviceLimits(service).RPMLimit},
+		{"token", p.Token.ID, p.Token.RPMLimit},
+		{"team", p.Team.ID, p.Team.RPMLimit},
+		{"service", service, s.serviceLimits(service).RPMLimit},
 	}
 	for _, c := range checks {
 		if c.rpm <= 0 {
 			continue
 		}
-		d, err := s.limiter.Allow(ctx, c.key, c.rpm, now)
+		d, err := s.limiter.Allow(ctx, c.scope+":"+c.id, c.rpm, now)
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()

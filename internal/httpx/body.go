@@ -60,6 +60,8 @@ func (b *timedBody) Read(p []byte) (int, error) {
 	n, err := b.rc.Read(p)
 	switch {
 	case err == nil:
+	case err == io.EOF:
+		b.clear()
 	case errors.Is(err, os.ErrDeadlineExceeded) || isTimeout(err):
 		b.err = Errorf(http.StatusRequestTimeout, CodeRequestTimeout,
 			"the request body was not received in time (no byte for %s, or not all of it within %s)", b.idle, b.total)

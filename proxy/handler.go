@@ -258,6 +258,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	client := r.Context()
 	inner, cancel := context.WithCancelCause(client)
 	defer cancel(nil)
+	defer st.stopClock()
 	st.ctx, st.cancel = recordCtx{inner, st}, cancel
 	r = r.WithContext(&st.ctx)
 	if h.OnDone != nil {
@@ -299,7 +300,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	// Authorize runs first so that unauthenticated callers cannot probe
 	// which services exist.
-	svc, ok := h.Pool.Service(service)
+	st.svc, ok = h.Pool.Service(service)
+	svc := &st.svc
 	if !ok {
 		h.reject(rw, st, httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", service))
 		return
@@ -309,7 +311,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if h.Prepare != nil {
-		r2, body, err := h.Prepare(r, &svc, st.body)
+		r2, body, err := h.Prepare(r, svc, st.body)
 		if err != nil {
 			h.reject(rw, st, err)
 			return
@@ -332,8 +334,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Header.Get("Upgrade") == "" {
 		st.idle = pick(svc.IdleTimeout, h.IdleTimeout)
 		if st.total = pick(svc.Timeout, h.Timeout); st.total > 0 {
-			st.timer = time.AfterFunc(st.total, st.deadline)
-			defer st.timer.Stop()
+			st.startDeadline(st.total)
 		}
 	}
 	st.relaying = true

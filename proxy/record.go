@@ -7,9 +7,11 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/keypool/keypool"
 	"github.com/keypool/keypool/internal/httpx"
 )
 
@@ -31,10 +33,11 @@ type Record struct {
 
 	ctx    recordCtx
 	cancel context.CancelCauseFunc
-	timer  *time.Timer   // ends the request when Timeout passes
+	clock  clock
 	total  time.Duration // the Timeout
 	idle   time.Duration // the IdleTimeout
 	w      *ResponseWriter
+	svc    keypool.Service
 
 	res      Result // Service, KeyID, BalanceUnit, Attempts, Code, Err
 	start    time.Time
@@ -51,6 +54,119 @@ type Record struct {
 	client   hijackConn             // the client connection of an upgrade
 	lease    leaseBody              // the served answer's body (see wrapBody)
 	stream   streamBody             // the same, as the Handler relays it (see wrapStream)
+	mem      memBody                // the answer, when scrubbed in memory
+	idleRead idleRead               // bounds the reads of an answer scrubbed in memory
+	body1    memBody                // the request body of the first attempt
+}
+
+// clock is a record's one timer: it ends the request when its Timeout
+// passes, and the attempt under way when its header timeout (or, while a
+// small answer is read into memory, the idle timeout) passes.
+type clock struct {
+	mu       sync.Mutex // protects the fields below
+	t        *time.Timer
+	deadline time.Time               // the request's end; zero: none
+	attempt  time.Time               // the attempt's end; zero: none armed
+	cancel   context.CancelCauseFunc // the attempt's
+	fired    bool                    // the attempt's time ran out
+}
+
+// startDeadline ends the request in d.
+func (rec *Record) startDeadline(d time.Duration) {
+	c := &rec.clock
+	c.mu.Lock()
+	c.deadline = time.Now().Add(d)
+	rec.armLocked()
+	c.mu.Unlock()
+}
+
+// armAttempt cancels the attempt under way (cancel, with
+// errAttemptTimeout) in d, unless disarmAttempt comes first.
+func (rec *Record) armAttempt(d time.Duration, cancel context.CancelCauseFunc) {
+	c := &rec.clock
+	c.mu.Lock()
+	c.attempt, c.cancel, c.fired = time.Now().Add(d), cancel, false
+	rec.armLocked()
+	c.mu.Unlock()
+}
+
+// disarmAttempt stops timing the attempt and reports whether its time ran
+// out first.
+func (rec *Record) disarmAttempt() bool {
+	c := &rec.clock
+	c.mu.Lock()
+	fired := c.fired
+	c.attempt, c.cancel, c.fired = time.Time{}, nil, false
+	c.mu.Unlock()
+	return fired
+}
+
+// stopClock stops the timer, when the request is over.
+func (rec *Record) stopClock() {
+	c := &rec.clock
+	c.mu.Lock()
+	c.deadline, c.attempt, c.cancel = time.Time{}, time.Time{}, nil
+	if c.t != nil {
+		c.t.Stop()
+	}
+	c.mu.Unlock()
+}
+
+// armLocked sets the timer for the next end due. The clock's lock is held.
+func (rec *Record) armLocked() {
+	c := &rec.clock
+	next := c.deadline
+	if !c.attempt.IsZero() && (next.IsZero() || c.attempt.Before(next)) {
+		next = c.attempt
+	}
+	if next.IsZero() {
+		return // a timer that fires finds nothing due
+	}
+	d := time.Until(next)
+	if c.t == nil {
+		c.t = time.AfterFunc(d, rec.tick)
+	} else {
+		c.t.Reset(d)
+	}
+}
+
+// tick ends what is due: the request, or the attempt under way.
+func (rec *Record) tick() {
+	c := &rec.clock
+	c.mu.Lock()
+	now := time.Now()
+	if !c.deadline.IsZero() && !now.Before(c.deadline) {
+		c.deadline = time.Time{}
+		c.mu.Unlock()
+		rec.deadline() // the attempt's context is the request's child
+		return
+	}
+	var cancel context.CancelCauseFunc
+	if !c.attempt.IsZero() && !now.Before(c.attempt) {
+		cancel = c.cancel
+		c.attempt, c.cancel, c.fired = time.Time{}, nil, true
+	}
+	rec.armLocked()
+	c.mu.Unlock()
+	if cancel != nil {
+		cancel(errAttemptTimeout)
+	}
+}
+
+// idleRead bounds each read of r by idle through the record's clock,
+// which cancels the attempt (cancel) when it passes.
+type idleRead struct {
+	r      io.Reader
+	rec    *Record
+	idle   time.Duration
+	cancel context.CancelCauseFunc
+}
+
+func (w *idleRead) Read(p []byte) (int, error) {
+	w.rec.armAttempt(w.idle, w.cancel)
+	n, err := w.r.Read(p)
+	w.rec.disarmAttempt()
+	return n, err
 }
 
 type recordKey struct{}

@@ -459,14 +459,17 @@ func scrubHeaderWith(h http.Header, m *matcher) {
 // are scrubbed when the body ends. Bodies of 101 answers (a WebSocket's
 // frames) are not looked into.
 func scrubBody(resp *http.Response, secret string) {
-	scrubBodyWith(resp, newMatcher(setFor(secret), nil), 0)
+	scrubBodyWith(resp, newMatcher(setFor(secret), nil), 0, nil, nil)
 }
 
 // scrubBodyWith is scrubBody for the secrets m finds, whose in-memory
 // read of a small body gives up when no byte arrives for idle (zero: no
 // bound): the body then ends with an error after what did arrive, as a
-// streamed body would when its idle timeout passes.
-func scrubBodyWith(resp *http.Response, m matcher, idle time.Duration) {
+// streamed body would when its idle timeout passes. With a record (rec)
+// and the attempt's cancel, the idle bound is kept by the record's clock
+// (canceling the attempt) and the body lives in the record: nothing is
+// allocated for either.
+func scrubBodyWith(resp *http.Response, m matcher, idle time.Duration, rec *Record, cancel context.CancelCauseFunc) {
 	if m.empty() || resp.Body == nil || resp.Body == http.NoBody || resp.StatusCode == http.StatusSwitchingProtocols ||
 		(resp.Request != nil && resp.Request.Method == http.MethodHead) {
 		return
@@ -475,7 +478,11 @@ func scrubBodyWith(resp *http.Response, m matcher, idle time.Duration) {
 	if resp.ContentLength >= 0 && resp.ContentLength <= smallBody {
 		b := make([]byte, resp.ContentLength)
 		var src io.Reader = resp.Body
-		if idle > 0 {
+		switch {
+		case idle > 0 && rec != nil && cancel != nil:
+			rec.idleRead = idleRead{r: resp.Body, rec: rec, idle: idle, cancel: cancel}
+			src = &rec.idleRead
+		case idle > 0:
 			w := newIdleWatch(resp.Body, idle)
 			defer w.stop()
 			src = w
@@ -502,6 +509,9 @@ func scrubBodyWith(resp *http.Response, m matcher, idle time.Duration) {
 			return
 		}
 		mb := &memBody{}
+		if rec != nil {
+			mb = &rec.mem
+		}
 		mb.Reset(b)
 		resp.Body = mb
 		changed := resp.ContentLength != int64(len(b))

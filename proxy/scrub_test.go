@@ -269,7 +269,7 @@ func BenchmarkScrubBody(b *testing.B) {
 					}
 					resp := &http.Response{StatusCode: 200, Header: http.Header{}, ContentLength: cl, Body: &chunkReader{chunks: c.chunks}, Request: req}
 					if scrub {
-						scrubBodyWith(resp, m, 0)
+						scrubBodyWith(resp, m, 0, nil, nil)
 					}
 					for {
 						if _, err := resp.Body.Read(buf); err != nil {

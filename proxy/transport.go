@@ -237,6 +237,7 @@ type replay struct {
 	buf      []byte        // buffered body, when the request had no GetBody
 	once     io.ReadCloser // the one-shot body when it could not be buffered
 	buffered bool
+	rec      *Record // the Handler's record the body comes from, if any
 }
 
 func (rp *replay) body(attempt int) (io.ReadCloser, error) {
@@ -249,6 +250,11 @@ func (rp *replay) body(attempt int) (io.ReadCloser, error) {
 			return http.NoBody, nil
 		}
 		b := &memBody{}
+		if attempt == 1 && rp.rec != nil {
+			// An attempt's body may still be read after its answer
+			// came: only the first lives in the record.
+			b = &rp.rec.body1
+		}
 		b.Reset(rp.buf)
 		return b, nil
 	case req.Body == nil || req.Body == http.NoBody:
@@ -265,7 +271,7 @@ func (rp *replay) body(attempt int) (io.ReadCloser, error) {
 func (t *Transport) prepareBody(rp *replay, req *http.Request, rec *Record) (bool, error) {
 	rp.req = req
 	if rec != nil && rec.hasBody {
-		rp.buf, rp.buffered = rec.body, true
+		rp.buf, rp.buffered, rp.rec = rec.body, true, rec
 		return true, nil
 	}
 	if req.Body == nil || req.Body == http.NoBody || req.GetBody != nil {
@@ -467,7 +473,11 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 		var timer *time.Timer
 		if attemptTimeout > 0 {
 			actx, cancel = context.WithCancelCause(ctx)
-			timer = time.AfterFunc(attemptTimeout, func() { cancel(errAttemptTimeout) })
+			if rec != nil {
+				rec.armAttempt(attemptTimeout, cancel) // the record's one timer
+			} else {
+				timer = time.AfterFunc(attemptTimeout, func() { cancel(errAttemptTimeout) })
+			}
 		}
 		out := outRequest(req, actx, target, body, &svc, &lease)
 		var start time.Time
@@ -478,7 +488,14 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			t.OnSend(req, lease.KeyID())
 		}
 		resp, err := base.RoundTrip(out)
-		if timer != nil && !timer.Stop() && context.Cause(out.Context()) == errAttemptTimeout && ctx.Err() == nil {
+		fired := false
+		switch {
+		case timer != nil:
+			fired = !timer.Stop()
+		case cancel != nil:
+			fired = rec.disarmAttempt()
+		}
+		if fired && context.Cause(actx) == errAttemptTimeout && ctx.Err() == nil {
 			// The attempt ran out of time, even if headers raced in.
 			if resp != nil {
 				drainClose(resp.Body)
@@ -551,7 +568,7 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			if lastResp != nil {
 				// An earlier key's own answer (a 429 with its Retry-After,
 				// say) tells the client more than this connection error.
-				scrubBodyWith(lastResp, keyMatcher(lastSecret, rec), 0)
+				scrubBodyWith(lastResp, keyMatcher(lastSecret, rec), 0, nil, nil)
 				return lastResp, nil
 			}
 			return nil, err
@@ -564,7 +581,7 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 		m := keyMatcher(secret, rec)
 		scrubHeaderWith(resp.Header, &m)
 		if outcome.Kind == keypool.OK {
-			scrubBodyWith(resp, m, idle)
+			scrubBodyWith(resp, m, idle, rec, cancel)
 			wrapBody(resp, lease, ctx, cancel, rec)
 			budget.settle(pool, service, true)
 			return resp, nil
@@ -581,12 +598,12 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			continue
 		}
 		budget.settle(pool, service, false)
-		scrubBodyWith(resp, m, 0)
+		scrubBodyWith(resp, m, 0, nil, nil)
 		return resp, nil
 	}
 	budget.settle(pool, service, false)
 	if lastResp != nil {
-		scrubBodyWith(lastResp, keyMatcher(lastSecret, rec), 0)
+		scrubBodyWith(lastResp, keyMatcher(lastSecret, rec), 0, nil, nil)
 		return lastResp, nil
 	}
 	return nil, lastErr

@@ -61,6 +61,7 @@ type reqInfo struct {
 	retries int
 
 	w    proxy.ResponseWriter
+	body httpx.BodyTimer
 	call call
 	open openCall
 }
@@ -173,16 +174,18 @@ func (s *Server) observe(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		id := clientRequestID(r)
+		ids := []string{id} // shared by both headers; never changed in place
 		if id == "" {
 			id = newRequestID()
-			r.Header.Set(RequestIDHeader, id)
+			ids[0] = id
+			r.Header[RequestIDHeader] = ids
 		}
-		w.Header()[RequestIDHeader] = []string{id}
+		w.Header()[RequestIDHeader] = ids
 		ri := &reqInfo{id: id}
 		ri.w.ResponseWriter, ri.w.OnHijack = w, s.onHijack
 		r = r.WithContext(context.WithValue(r.Context(), ctxInfo, ri))
 		sw := &ri.w
-		httpx.TimedBody(w, r, time.Duration(s.cfg.BodyIdleTimeout), time.Duration(s.cfg.BodyTimeout))
+		ri.body.Wrap(w, r, time.Duration(s.cfg.BodyIdleTimeout), time.Duration(s.cfg.BodyTimeout))
 		s.inflight.Add(1)
 		defer func() {
 			s.inflight.Add(-1)

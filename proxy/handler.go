@@ -44,8 +44,8 @@ const DefaultMaxBodyBytes = 32 << 20
 //     services exist;
 //  3. reads the body, up to MaxBodyBytes (413 request_too_large above it),
 //     so that it can be replayed byte for byte on another key (a read
-//     error that is an *httpx.Error, such as keypoold's 408
-//     request_timeout for a body that stalls, is answered as it is);
+//     error that is an answer, such as keypoold's 408 request_timeout
+//     for a body that stalls, is answered as it is);
 //  4. calls Prepare, if set, with the buffered body (keypoold meters,
 //     checks model allow-lists and admits budgets there).
 //
@@ -90,10 +90,17 @@ const DefaultMaxBodyBytes = 32 << 20
 // [Result] has status 499 and code "canceled" — also when it goes away in
 // the middle of a streamed answer.
 //
-// Ending early. A request whose context is canceled with a cause that is
-// an *httpx.Error (context.WithCancelCause; keypoold does so when the
-// caller's token is revoked, and the Handler itself when Timeout passes or
-// the upstream is silent for IdleTimeout) is answered with that error in
+// Each request has one [Record], from its arrival to the end of its
+// response, on its context from Authorize on ([RecordOf]): the hooks keep
+// their own state in it and read what happened so far; OnDone gets its
+// final [Result]. The Handler wraps the ResponseWriter it is given in a
+// [ResponseWriter] unless it is one already, so a caller that wraps
+// first (for its access log) adds no second wrapper.
+//
+// Ending early. A request stopped with [Record.Stop] and an *[Error]
+// (keypoold does so when the caller's token is revoked, and the Handler
+// itself when Timeout passes or the upstream is silent for IdleTimeout)
+// is answered with that error in
 // the form the response allows: before the response headers, as the JSON
 // error with its status; in a text/event-stream, as a final event
 // "event: error\ndata: {"error":{…}}\n\n" after the last complete event,
@@ -117,9 +124,11 @@ type Handler struct {
 	// Authorize is called with the inbound credential ("" when the client
 	// sent none) before any key is picked. It returns the request to go on
 	// with (for example with the caller's identity in its context; nil
-	// means r) or an error: an *httpx.Error is written as it is, any other
-	// error as 500 internal_error. If nil, every request is let through:
-	// only for embedding behind another authenticating layer.
+	// means r) or an error: an *[Error] is written as it is (its status,
+	// code, message and Retry-After), any other error as 500
+	// internal_error. If nil, every request is let through: only for
+	// embedding behind another authenticating layer. The request's
+	// [Record] is on its context.
 	Authorize func(r *http.Request, service, credential string) (*http.Request, error)
 	// MaxBodyBytes caps request bodies, which are buffered for replay. If
 	// zero, [DefaultMaxBodyBytes] (32 MiB). A larger Content-Length, or a

@@ -394,10 +394,16 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 		closeReqBody(req)
 		return nil, errors.New("proxy: Transport has no Pool")
 	}
-	svc, ok := pool.Service(service)
-	if !ok {
-		closeReqBody(req)
-		return nil, fmt.Errorf("%w: %q", keypool.ErrUnknownService, service)
+	var svc *keypool.Service
+	if rec != nil && rec.svc.Name == service {
+		svc = &rec.svc // looked up once, by the Handler
+	} else {
+		s, ok := pool.Service(service)
+		if !ok {
+			closeReqBody(req)
+			return nil, fmt.Errorf("%w: %q", keypool.ErrUnknownService, service)
+		}
+		svc = &s
 	}
 	var target *url.URL
 	switch {
@@ -479,7 +485,7 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 				timer = time.AfterFunc(attemptTimeout, func() { cancel(errAttemptTimeout) })
 			}
 		}
-		out := outRequest(req, actx, target, body, &svc, &lease)
+		out := outRequest(req, actx, target, body, svc, &lease)
 		var start time.Time
 		if t.OnAttempt != nil {
 			start = time.Now()

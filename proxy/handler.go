@@ -527,18 +527,11 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 }
 
 // wrapStream wraps an upstream response body so that a stop or the idle
-// timeout ends it as the response allows (see stopCause). A body already
-// in memory (scrubbed whole) cannot stall: it is left as it is.
+// timeout ends it as the response allows (see stopCause). An answer the
+// Transport read into memory (to scrub it whole) cannot stall, whatever
+// ModifyResponse wrapped it in: it is left as it is.
 func wrapStream(resp *http.Response, st *Record) {
-	switch b := resp.Body.(type) {
-	case nil, *memBody:
-		return
-	case *leaseBody:
-		if _, ok := b.rc.(*memBody); ok {
-			return
-		}
-	}
-	if resp.Body == http.NoBody {
+	if resp.Body == nil || resp.Body == http.NoBody || st.inMemory {
 		return
 	}
 	ctx := resp.Request.Context()

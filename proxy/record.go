@@ -55,6 +55,7 @@ type Record struct {
 	lease    leaseBody              // the served answer's body (see wrapBody)
 	stream   streamBody             // the same, as the Handler relays it (see wrapStream)
 	mem      memBody                // the answer, when scrubbed in memory
+	inMemory bool                   // the answer was read into mem
 	idleRead idleRead               // bounds the reads of an answer scrubbed in memory
 	body1    memBody                // the request body of the first attempt
 }

@@ -510,7 +510,7 @@ func scrubBodyWith(resp *http.Response, m matcher, idle time.Duration, rec *Reco
 		}
 		mb := &memBody{}
 		if rec != nil {
-			mb = &rec.mem
+			mb, rec.inMemory = &rec.mem, true
 		}
 		mb.Reset(b)
 		resp.Body = mb

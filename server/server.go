@@ -123,6 +123,7 @@ import (
 	"net/netip"
 	"os"
 	"reflect"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"sync"
@@ -460,6 +461,10 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		go func() { defer close(s.logDone); logBuf.run(lctx) }()
 	}
 	ok = true
+	// Starting hashed the console password (argon2id: 19 MiB by
+	// default) and read the store: hand that scratch memory back to the
+	// OS now rather than carry it as resident memory while serving.
+	debug.FreeOSMemory()
 	return s, nil
 }
 

@@ -181,21 +181,21 @@ func (s *Server) authorize(r *http.Request, service, cred string) (*http.Request
 	// (see openCalls). The call and its openCall live in the request's
 	// reqInfo: no allocation of their own.
 	rec := proxy.RecordOf(r.Context())
-	if ri == nil || rec == nil {
-		ri = &reqInfo{} // served without observe (or without a proxy.Handler)
+	if rec == nil {
+		return nil, nil // not served by a proxy.Handler: nothing to track
+	}
+	if ri == nil {
+		ri = &reqInfo{} // served without observe
 	}
 	oc := &ri.open
 	oc.tokenID, oc.teamID, oc.service, oc.rec = p.Token.ID, p.Team.ID, service, rec
 	if p.User != nil {
 		oc.userID = p.User.ID
 	}
+	s.open.add(oc)
 	c := &ri.call
-	c.principal, c.service = p, service
-	if rec != nil {
-		c.open = oc
-		s.open.add(oc)
-		rec.Data = c
-	}
+	c.principal, c.service, c.open = p, service, oc
+	rec.Data = c
 	return nil, nil
 }
 

@@ -621,6 +621,15 @@ type errReader struct{ err error }
 
 func (e errReader) Read([]byte) (int, error) { return 0, e.err }
 
+// scrubBufSize is the size of a streamed scrub's buffer: it holds what one
+// upstream read returns plus the held-back tail. Small, since a stream
+// keeps its buffer while it lasts (512 streams hold 4 MiB), and
+// ReverseProxy copies from it with its own 32 KiB buffer.
+const scrubBufSize = 8 << 10
+
+// scrubBuffers recycles the buffers of streamed scrubs.
+var scrubBuffers = sync.Pool{New: func() any { return new([scrubBufSize]byte) }}
+
 // scrubReader replaces secrets in a stream. Of what it has read it hands
 // out at once everything that cannot be part of a match, holding back only
 // the longest tail that begins some spelling (at most the longest
@@ -633,8 +642,9 @@ type scrubReader struct {
 	m       matcher
 	trailer http.Header // scrubbed when the body ends
 
-	buf  []byte // from copyBuffers; returned when the body ends
-	off  int    // buf[off:end] is read and not yet handed out
+	buf  []byte              // arr's, or larger for long secrets
+	arr  *[scrubBufSize]byte // from scrubBuffers; returned when the body ends
+	off  int                 // buf[off:end] is read and not yet handed out
 	end  int
 	safe int   // buf[off:safe] can be handed out as it is
 	cut  int   // when > 0, a match spans buf[safe:cut]: the marker goes out instead
@@ -695,8 +705,10 @@ func (s *scrubReader) scan() bool {
 // fill moves the held-back bytes to the front and reads more after them.
 func (s *scrubReader) fill() {
 	if s.buf == nil {
-		s.buf = copyBuffers.Get()
-		if need := 2*s.m.maxLen() + 4096; len(s.buf) < need {
+		if need := 2*s.m.maxLen() + 4096; need <= scrubBufSize {
+			s.arr = scrubBuffers.Get().(*[scrubBufSize]byte)
+			s.buf = s.arr[:]
+		} else {
 			s.buf = make([]byte, need)
 		}
 	}
@@ -716,10 +728,11 @@ func (s *scrubReader) finish() {
 	if s.err == io.EOF {
 		scrubHeaderWith(s.trailer, &s.m)
 	}
-	if s.buf != nil {
-		copyBuffers.Put(s.buf)
-		s.buf = nil
+	if s.arr != nil {
+		scrubBuffers.Put(s.arr)
+		s.arr = nil
 	}
+	s.buf = nil
 }
 
 // Close closes the upstream body. The buffer is left to the collector

@@ -333,7 +333,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 
-	target, err := targetURL(svc.BaseURL, restRaw, r.URL.RawQuery, st.tokenSet)
+	target, err := targetURL(&st.url, svc.BaseURL, restRaw, r.URL.RawQuery, st.tokenSet)
 	if err != nil {
 		h.reject(rw, st, err)
 		return
@@ -717,13 +717,13 @@ func unhex(c byte) (byte, bool) {
 
 // targetURL is base's URL with restRaw appended to its path and rawQuery
 // without inbound credentials (by name, and by value: any parameter that
-// holds a spelling of token).
-func targetURL(base, restRaw, rawQuery string, token *patternSet) (*url.URL, error) {
+// holds a spelling of token), made in u.
+func targetURL(u *url.URL, base, restRaw, rawQuery string, token *patternSet) (*url.URL, error) {
 	b := parseBase(base)
 	if b == nil || b.Host == "" || (b.Scheme != "http" && b.Scheme != "https") {
 		return nil, httpx.Errorf(http.StatusInternalServerError, httpx.CodeInternal, "the service's base URL is not valid")
 	}
-	u := *b
+	*u = *b
 	var err error
 	raw := strings.TrimSuffix(b.EscapedPath(), "/") + restRaw
 	if raw == "" {
@@ -735,5 +735,5 @@ func targetURL(base, restRaw, rawQuery string, token *patternSet) (*url.URL, err
 	u.RawPath = raw
 	u.RawQuery = stripCredentialParams(rawQuery, token)
 	u.Fragment, u.RawFragment = "", ""
-	return &u, nil
+	return u, nil
 }

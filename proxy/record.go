@@ -58,6 +58,8 @@ type Record struct {
 	inMemory bool                   // the answer was read into mem
 	idleRead idleRead               // bounds the reads of an answer scrubbed in memory
 	body1    memBody                // the request body of the first attempt
+	out      http.Request           // the request of the first attempt
+	url      url.URL                // target's storage
 }
 
 // clock is a record's one timer: it ends the request when its Timeout

@@ -485,7 +485,11 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 				timer = time.AfterFunc(attemptTimeout, func() { cancel(errAttemptTimeout) })
 			}
 		}
-		out := outRequest(req, actx, target, body, svc, &lease)
+		var out *http.Request
+		if attempt == 1 && rec != nil {
+			out = &rec.out // an attempt's request may be read after its answer came: only the first lives in the record
+		}
+		out = outRequest(out, req, actx, target, body, svc, &lease)
 		var start time.Time
 		if t.OnAttempt != nil {
 			start = time.Now()
@@ -643,9 +647,14 @@ type keptBody struct{ *bytes.Reader }
 func (keptBody) Close() error { return nil }
 
 // outRequest returns the copy of req that is sent with the lease's key,
-// on ctx (one shallow copy).
-func outRequest(req *http.Request, ctx context.Context, target *url.URL, body io.ReadCloser, svc *keypool.Service, lease *keypool.Lease) *http.Request {
-	out := req.WithContext(ctx)
+// on ctx (one shallow copy, made in out when it is not nil).
+// out, when not nil, is where the copy is made.
+func outRequest(out, req *http.Request, ctx context.Context, target *url.URL, body io.ReadCloser, svc *keypool.Service, lease *keypool.Lease) *http.Request {
+	if out == nil {
+		out = req.WithContext(ctx)
+	} else {
+		*out = *req.WithContext(ctx)
+	}
 	out.URL = target
 	if target != req.URL {
 		out.Host = ""

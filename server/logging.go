@@ -53,6 +53,7 @@ func RequestID(ctx context.Context) string {
 // the goroutine serving the request and read after the handler returns.
 type reqInfo struct {
 	id      string
+	ids     [1]string // id, as the X-Request-Id headers' value
 	service string
 	keyID   string
 	teamID  string
@@ -174,14 +175,16 @@ func (s *Server) observe(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		id := clientRequestID(r)
-		ids := []string{id} // shared by both headers; never changed in place
 		if id == "" {
 			id = newRequestID()
-			ids[0] = id
+		}
+		ri := &reqInfo{id: id}
+		ri.ids[0] = id
+		ids := ri.ids[:] // both headers' value; never changed in place
+		if r.Header.Get(RequestIDHeader) != id {
 			r.Header[RequestIDHeader] = ids
 		}
 		w.Header()[RequestIDHeader] = ids
-		ri := &reqInfo{id: id}
 		ri.w.ResponseWriter, ri.w.OnHijack = w, s.onHijack
 		r = r.WithContext(context.WithValue(r.Context(), ctxInfo, ri))
 		sw := &ri.w

@@ -4,7 +4,11 @@
 // keypoold (server.New on a temporary SQLite database with one service,
 // four keys, a team and a token), then drives each with the same load and
 // prints throughput, latency percentiles, CPU per request and peak RSS,
-// with keypoold/bare ratios.
+// with keypoold/bare ratios. The streams mode opens -streams concurrent
+// SSE streams at once, -waves times, through each proxy in turn, and
+// prints the wall time of the waves, the time to first event (p50, p99),
+// peak RSS, and keypoold's wall and RSS ratios and added time to first
+// event against the bare proxy.
 //
 //	go run ./bench                          # throughput at 1 and 64 connections, then 512 streams
 //	go run ./bench -mode throughput -conns 1,16,64 -duration 5s -rounds 5
@@ -470,38 +474,6 @@ func doChat(ctx context.Context, c *http.Client, t target) error {
 	return nil
 }
 
-// streamsOnce opens n concurrent SSE streams through t and returns how
-// many failed (not 200, or not every event).
-func streamsOnce(ctx context.Context, t target, n int) int {
-	client := newClient(n)
-	defer client.CloseIdleConnections()
-	var errs atomic.Int64
-	var wg sync.WaitGroup
-	startGate := make(chan struct{})
-	for range n {
-		wg.Go(func() {
-			<-startGate
-			req, _ := http.NewRequestWithContext(ctx, "GET", t.streamURL(), nil)
-			if t.token != "" {
-				req.Header.Set("Authorization", "Bearer "+t.token)
-			}
-			resp, err := client.Do(req)
-			if err != nil {
-				errs.Add(1)
-				return
-			}
-			defer resp.Body.Close()
-			b, err := io.ReadAll(resp.Body)
-			if err != nil || resp.StatusCode != 200 || strings.Count(string(b), "data: ") != streamEvents+1 {
-				errs.Add(1)
-			}
-		})
-	}
-	close(startGate)
-	wg.Wait()
-	return int(errs.Load())
-}
-
 func (t target) streamURL() string { return strings.TrimSuffix(t.url, "/chat/completions") + "/stream" }
 
 // ---- report ----
@@ -546,6 +518,8 @@ func harness(ctx context.Context, mode string, conns []int, d time.Duration, rou
 	fmt.Printf("upstream %s, bare proxy %s, keypoold %s (1 service, 4 keys, team token)\n\n", up.addr, bare.addr, kp.addr)
 
 	if mode == "all" || mode == "throughput" {
+		bare.resetPeakRSS()
+		kp.resetPeakRSS()
 		for _, c := range conns {
 			var rb, rk, rm, rr, rd []result
 			for r := range rounds {
@@ -577,20 +551,27 @@ func harness(ctx context.Context, mode string, conns []int, d time.Duration, rou
 			}
 			printConns(c, rb, rk, rm, rr, rd)
 		}
+		fmt.Printf("peak RSS over the throughput rounds: bare %.1f MiB, keypoold %.1f MiB, ratio keypoold/bare %.3f\n",
+			float64(bare.peakRSS())/(1<<20), float64(kp.peakRSS())/(1<<20), float64(kp.peakRSS())/float64(max(bare.peakRSS(), 1)))
 	}
 	if mode == "all" || mode == "streams" {
-		fmt.Printf("\n== %d concurrent SSE streams of %v (%d events), %d waves\n", nStreams, streamEvents*streamGap, streamEvents+1, waves)
-		for _, t := range []target{tBare, tKP} {
-			t.proc.resetPeakRSS()
-			errsTotal := 0
-			start := time.Now()
-			for range waves {
-				errsTotal += streamsOnce(ctx, t, nStreams)
+		fmt.Printf("\n== %d concurrent SSE streams of %v (%d events), %d waves, keypoold and bare alternating\n", nStreams, streamEvents*streamGap, streamEvents+1, waves)
+		bare.resetPeakRSS()
+		kp.resetPeakRSS()
+		var wb, wk []wave
+		for w := range waves {
+			ts, outs := []target{tBare, tKP}, []*[]wave{&wb, &wk}
+			if w%2 == 1 {
+				ts[0], ts[1], outs[0], outs[1] = ts[1], ts[0], outs[1], outs[0]
 			}
-			fmt.Printf("%-9s errors %d/%d  peak RSS %.1f MiB  (%.2fs)\n", t.name, errsTotal, nStreams*waves,
-				float64(t.proc.peakRSS())/(1<<20), time.Since(start).Seconds())
+			for i, t := range ts {
+				*outs[i] = append(*outs[i], streamsOnce(ctx, t, nStreams))
+			}
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
 		}
-		fmt.Printf("RSS ratio keypoold/bare: %.2f\n", float64(kp.peakRSS())/float64(max(bare.peakRSS(), 1)))
+		fmt.Print(streamsReport(summarize(wb, bare.peakRSS()), summarize(wk, kp.peakRSS())))
 	}
 	return nil
 }

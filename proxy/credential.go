@@ -41,7 +41,8 @@ var deniedHeaders = map[string]bool{
 // parameters, or, for WebSocket clients that cannot set headers, a
 // "token, <t>" pair in Sec-WebSocket-Protocol. It returns "" when there is
 // none. The same value in several places is fine; two different values
-// are a 400 bad_request (*httpx.Error), which never echoes them.
+// are a 400 bad_request (an error the [Handler] answers as it is), which
+// never echoes them.
 func Credential(r *http.Request) (string, error) {
 	var found string
 	conflict := false

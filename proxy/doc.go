@@ -32,6 +32,15 @@
 // byte before anything is written to the client; streams (SSE) are flushed
 // as they arrive and WebSocket upgrades pass through.
 //
+// Each request a Handler serves has one [Record], its state from arrival
+// to the end of the response: the hooks (Authorize, Prepare,
+// ModifyResponse, OnDone) reach it with [RecordOf], keep their own state
+// in it (Record.Data) and end the request with [Record.Stop]; the
+// Transport notes each attempt's key on it; OnDone gets its [Result]. A
+// hook refuses a request with any status through an [Error]. One
+// [ResponseWriter] counts what is written; the Handler adds none when it
+// is given one.
+//
 // # Secrets
 //
 // A key's secret is only ever set on the Transport's private copy of a

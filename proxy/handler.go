@@ -1,20 +1,17 @@
 package proxy
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/keypool/keypool"
@@ -47,8 +44,8 @@ const DefaultMaxBodyBytes = 32 << 20
 //     services exist;
 //  3. reads the body, up to MaxBodyBytes (413 request_too_large above it),
 //     so that it can be replayed byte for byte on another key (a read
-//     error that is an *httpx.Error, such as keypoold's 408
-//     request_timeout for a body that stalls, is answered as it is);
+//     error that is an answer, such as keypoold's 408 request_timeout
+//     for a body that stalls, is answered as it is);
 //  4. calls Prepare, if set, with the buffered body (keypoold meters,
 //     checks model allow-lists and admits budgets there).
 //
@@ -93,10 +90,17 @@ const DefaultMaxBodyBytes = 32 << 20
 // [Result] has status 499 and code "canceled" — also when it goes away in
 // the middle of a streamed answer.
 //
-// Ending early. A request whose context is canceled with a cause that is
-// an *httpx.Error (context.WithCancelCause; keypoold does so when the
-// caller's token is revoked, and the Handler itself when Timeout passes or
-// the upstream is silent for IdleTimeout) is answered with that error in
+// Each request has one [Record], from its arrival to the end of its
+// response, on its context from Authorize on ([RecordOf]): the hooks keep
+// their own state in it and read what happened so far; OnDone gets its
+// final [Result]. The Handler wraps the ResponseWriter it is given in a
+// [ResponseWriter] unless it is one already, so a caller that wraps
+// first (for its access log) adds no second wrapper.
+//
+// Ending early. A request stopped with [Record.Stop] and an *[Error]
+// (keypoold does so when the caller's token is revoked, and the Handler
+// itself when Timeout passes or the upstream is silent for IdleTimeout)
+// is answered with that error in
 // the form the response allows: before the response headers, as the JSON
 // error with its status; in a text/event-stream, as a final event
 // "event: error\ndata: {"error":{…}}\n\n" after the last complete event,
@@ -120,9 +124,11 @@ type Handler struct {
 	// Authorize is called with the inbound credential ("" when the client
 	// sent none) before any key is picked. It returns the request to go on
 	// with (for example with the caller's identity in its context; nil
-	// means r) or an error: an *httpx.Error is written as it is, any other
-	// error as 500 internal_error. If nil, every request is let through:
-	// only for embedding behind another authenticating layer.
+	// means r) or an error: an *[Error] is written as it is (its status,
+	// code, message and Retry-After), any other error as 500
+	// internal_error. If nil, every request is let through: only for
+	// embedding behind another authenticating layer. The request's
+	// [Record] is on its context.
 	Authorize func(r *http.Request, service, credential string) (*http.Request, error)
 	// MaxBodyBytes caps request bodies, which are buffered for replay. If
 	// zero, [DefaultMaxBodyBytes] (32 MiB). A larger Content-Length, or a
@@ -201,35 +207,6 @@ type Result struct {
 	Err error
 }
 
-// reqState is one request's state, on its context under trackerKey. The
-// Handler writes it before forwarding; the Transport writes keyID and
-// attempts from the goroutine running RoundTrip; the Handler reads them
-// after RoundTrip returned (ReverseProxy.ServeHTTP orders these).
-type reqState struct {
-	keyID    string
-	keyUnit  string
-	attempts int
-
-	start    time.Time
-	service  string
-	target   *url.URL
-	body     []byte
-	hasBody  bool
-	wsToken  bool      // the client sent its token as a WebSocket subprotocol
-	upstream int       // the upstream's status
-	upgraded io.Closer // the upstream connection of a 101 answer
-	status   int       // set when the client went away
-	code     string
-	err      error
-
-	tokenSet *patternSet             // the spellings of the client's credential, scrubbed from answers
-	relaying bool                    // ReverseProxy is serving; still set if it panicked
-	cancel   context.CancelCauseFunc // stops the request (see stopCause)
-	idle     time.Duration
-	stopCode atomic.Pointer[string] // the code of a stop that ended the body
-	client   hijackConn             // the client connection of an upgrade
-}
-
 func (h *Handler) init() {
 	h.tr = h.Transport
 	if h.tr == nil {
@@ -252,19 +229,23 @@ var copyBuffers bufferPool
 
 type bufferPool struct{ p sync.Pool }
 
+// copyBufferSize is the size of the buffers in copyBuffers.
+const copyBufferSize = 32 << 10
+
+// Get returns a buffer of copyBufferSize bytes.
 func (b *bufferPool) Get() []byte {
-	if v, ok := b.p.Get().(*[]byte); ok {
-		return *v
+	if v, ok := b.p.Get().(*[copyBufferSize]byte); ok {
+		return v[:]
 	}
-	return make([]byte, 32<<10)
+	return new([copyBufferSize]byte)[:]
 }
 
+// Put recycles buf (as an array pointer: no allocation).
 func (b *bufferPool) Put(buf []byte) {
-	if cap(buf) < 32<<10 {
+	if cap(buf) < copyBufferSize {
 		return
 	}
-	buf = buf[:32<<10]
-	b.p.Put(&buf)
+	b.p.Put((*[copyBufferSize]byte)(buf[:copyBufferSize]))
 }
 
 func (h *Handler) logger() *slog.Logger {
@@ -277,33 +258,43 @@ func (h *Handler) logger() *slog.Logger {
 // ServeHTTP proxies r; see [Handler].
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.once.Do(h.init)
-	st := &reqState{start: time.Now()}
-	rec := &responseRecorder{ResponseWriter: w}
+	rw, ok := w.(*ResponseWriter)
+	if !ok {
+		rw = &ResponseWriter{ResponseWriter: w}
+	}
+	st := &Record{start: time.Now(), w: rw}
+	rw.rec = st
+	client := r.Context()
+	inner, cancel := context.WithCancelCause(client)
+	defer cancel(nil)
+	defer st.stopClock()
+	st.ctx, st.cancel = recordCtx{inner, st}, cancel
+	r = r.WithContext(&st.ctx)
 	if h.OnDone != nil {
 		defer func() {
-			if st.relaying && st.status == 0 && r.Context().Err() != nil {
+			if st.relaying && !st.gone && client.Err() != nil {
 				// ReverseProxy gave up copying the answer (it panics with
 				// http.ErrAbortHandler): the client went away mid-response.
-				st.status, st.code = 499, "canceled"
+				st.gone, st.res.Code = true, "canceled"
 			}
-			h.OnDone(r, st.result(rec))
+			h.OnDone(r, st.Result())
 		}()
 	}
 	service, restRaw, err := parseTarget(r)
 	if err != nil {
-		h.reject(rec, st, err)
+		h.reject(rw, st, err)
 		return
 	}
-	st.service = service
+	st.res.Service = service
 	cred, err := Credential(r)
 	if err != nil {
-		h.reject(rec, st, err)
+		h.reject(rw, st, err)
 		return
 	}
 	if h.Authorize != nil {
 		r2, err := h.Authorize(r, service, cred)
 		if err != nil {
-			h.reject(rec, st, err)
+			h.reject(rw, st, err)
 			return
 		}
 		if r2 != nil {
@@ -313,34 +304,25 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// Only a credential Authorize accepted is searched for (and cached).
 	st.tokenSet = setFor(cred)
 	if err := checkTokenInPath(restRaw, st.tokenSet); err != nil {
-		h.reject(rec, st, err)
+		h.reject(rw, st, err)
 		return
 	}
 	// Authorize runs first so that unauthenticated callers cannot probe
 	// which services exist.
-	svc, ok := h.Pool.Service(service)
+	st.svc, ok = h.Pool.Service(service)
+	svc := &st.svc
 	if !ok {
-		h.reject(rec, st, httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", service))
+		h.reject(rw, st, httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", service))
 		return
 	}
-
-	body, hasBody, err := ReadBody(w, r, h.MaxBodyBytes)
-	if err != nil {
-		h.reject(rec, st, err)
+	if err := h.readBody(rw, r, st); err != nil {
+		h.reject(rw, st, err)
 		return
 	}
-	if hasBody {
-		st.body, st.hasBody = body, true
-		if err := checkTokenInBody(st.body, st.tokenSet); err != nil {
-			h.reject(rec, st, err)
-			return
-		}
-	}
-
 	if h.Prepare != nil {
-		r2, body, err := h.Prepare(r, &svc, st.body)
+		r2, body, err := h.Prepare(r, svc, st.body)
 		if err != nil {
-			h.reject(rec, st, err)
+			h.reject(rw, st, err)
 			return
 		}
 		if r2 != nil {
@@ -351,27 +333,21 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 
-	target, err := targetURL(svc.BaseURL, restRaw, r.URL.RawQuery, st.tokenSet)
+	target, err := targetURL(&st.url, svc.BaseURL, restRaw, r.URL.RawQuery, st.tokenSet)
 	if err != nil {
-		h.reject(rec, st, err)
+		h.reject(rw, st, err)
 		return
 	}
 	st.target = target
 	_, st.wsToken = wsToken(r.Header)
-	ctx, cancel := context.WithCancelCause(context.WithValue(r.Context(), trackerKey, st))
-	defer cancel(nil)
-	st.cancel = cancel
 	if r.Header.Get("Upgrade") == "" {
 		st.idle = pick(svc.IdleTimeout, h.IdleTimeout)
-		if total := pick(svc.Timeout, h.Timeout); total > 0 {
-			var stop context.CancelFunc
-			ctx, stop = context.WithTimeoutCause(ctx, total, httpx.Errorf(http.StatusGatewayTimeout, httpx.CodeUpstreamTimeout,
-				"the request to service %q did not finish within its %s deadline", service, total))
-			defer stop()
+		if st.total = pick(svc.Timeout, h.Timeout); st.total > 0 {
+			st.startDeadline(st.total)
 		}
 	}
 	st.relaying = true
-	h.rp.ServeHTTP(hijackRecorder{rec, st}, r.WithContext(ctx))
+	h.rp.ServeHTTP(rw, r)
 	st.relaying = false
 	if st.upgraded != nil {
 		// ReverseProxy closes the upstream connection from a goroutine;
@@ -380,20 +356,29 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// readBody reads the request body into st (see [ReadBody]) and refuses
+// one that holds the client's credential.
+func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, st *Record) error {
+	b, has, err := ReadBody(w, r, h.MaxBodyBytes)
+	if err != nil || !has {
+		return err
+	}
+	st.body, st.hasBody = b, true
+	return checkTokenInBody(st.body, st.tokenSet)
+}
+
 // ReadBody reads r's body for replay, up to max bytes (zero means
 // [DefaultMaxBodyBytes]); has is false when the request has none. Its
 // errors are *httpx.Error: 413 request_too_large above max, a read error
 // that is an *httpx.Error as it is (keypoold's 408 request_timeout for a
-// body that stalls), 400 bad_request for any other.
+// body that stalls), 400 bad_request for any other. A [BufferedBody] is
+// taken as it is, without a copy.
 func ReadBody(w http.ResponseWriter, r *http.Request, max int64) (body []byte, has bool, err error) {
 	if max <= 0 {
 		max = DefaultMaxBodyBytes
 	}
-	tooLarge := func() error {
-		return httpx.Errorf(http.StatusRequestEntityTooLarge, httpx.CodeRequestTooLarge, "request body is larger than %d bytes", max)
-	}
 	if r.ContentLength > max {
-		return nil, false, tooLarge()
+		return nil, false, httpx.Errorf(http.StatusRequestEntityTooLarge, httpx.CodeRequestTooLarge, "request body is larger than %d bytes", max)
 	}
 	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 {
 		return nil, false, nil
@@ -402,22 +387,40 @@ func ReadBody(w http.ResponseWriter, r *http.Request, max int64) (body []byte, h
 		bb.off = len(bb.b)
 		return bb.b, true, nil
 	}
-	var b bytes.Buffer
+	var b []byte
 	if r.ContentLength > 0 {
-		b.Grow(int(r.ContentLength) + bytes.MinRead)
+		// One exact buffer, then the read that sees the end (net/http
+		// ends the body at its Content-Length; a body that goes on is
+		// too large).
+		b = make([]byte, r.ContentLength)
+		var n int
+		if n, err = io.ReadFull(r.Body, b); err == nil {
+			var one [1]byte
+			switch k, rerr := r.Body.Read(one[:]); {
+			case k > 0:
+				err = &http.MaxBytesError{Limit: r.ContentLength}
+			case rerr != io.EOF:
+				err = rerr
+			}
+		}
+		b = b[:n]
+	} else {
+		var buf bytes.Buffer
+		_, err = buf.ReadFrom(http.MaxBytesReader(w, r.Body, max))
+		b = buf.Bytes()
 	}
-	if _, err := b.ReadFrom(http.MaxBytesReader(w, r.Body, max)); err != nil {
+	if err != nil {
 		var mbe *http.MaxBytesError
 		var he *httpx.Error
 		switch {
 		case errors.As(err, &he):
 			return nil, false, he
 		case errors.As(err, &mbe):
-			return nil, false, tooLarge()
+			return nil, false, httpx.Errorf(http.StatusRequestEntityTooLarge, httpx.CodeRequestTooLarge, "request body is larger than %d bytes", max)
 		}
 		return nil, false, httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "reading the request body failed")
 	}
-	return b.Bytes(), true, nil
+	return b, true, nil
 }
 
 // BufferedBody is a request body already in memory: [ReadBody] (and so a
@@ -447,6 +450,37 @@ func (bb *BufferedBody) Read(p []byte) (int, error) {
 func (bb *BufferedBody) Close() error { return nil }
 
 // pick returns the service's setting when it has one, else the default.
+// bases caches parsed base URLs (read-only once parsed), so that a request
+// parses none; it is emptied when it holds baseCacheMax.
+var bases struct {
+	mu sync.Mutex // protects m
+	m  map[string]*url.URL
+}
+
+const baseCacheMax = 1024
+
+// parseBase returns base parsed, or nil when it does not parse. The result
+// must not be changed.
+func parseBase(base string) *url.URL {
+	bases.mu.Lock()
+	u, ok := bases.m[base]
+	bases.mu.Unlock()
+	if ok {
+		return u
+	}
+	u, err := url.Parse(base)
+	if err != nil {
+		u = nil
+	}
+	bases.mu.Lock()
+	if bases.m == nil || len(bases.m) >= baseCacheMax {
+		bases.m = make(map[string]*url.URL)
+	}
+	bases.m[base] = u
+	bases.mu.Unlock()
+	return u
+}
+
 func pick(svc, def time.Duration) time.Duration {
 	if svc > 0 {
 		return svc
@@ -454,68 +488,71 @@ func pick(svc, def time.Duration) time.Duration {
 	return def
 }
 
-// reject answers with err before anything was forwarded.
-func (h *Handler) reject(w http.ResponseWriter, st *reqState, err error) {
-	var e *httpx.Error
-	if errors.As(err, &e) {
-		st.code = e.Code
-	} else {
-		st.code = httpx.CodeInternal
-		h.logger().Error("proxy: authorize failed", "service", st.service, "error", err)
+// reject answers with err before anything was forwarded: as it is when
+// it is an *Error, the answer of a stop when the request was stopped
+// meanwhile, else 500 internal_error.
+func (h *Handler) reject(w http.ResponseWriter, st *Record, err error) {
+	e, ok := answerOf(err)
+	if !ok {
+		e = stopCause(&st.ctx)
 	}
-	st.err = err
+	if e != nil {
+		st.res.Code = e.Code
+		st.res.Err = err
+		httpx.WriteError(w, e)
+		return
+	}
+	st.res.Code = httpx.CodeInternal
+	st.res.Err = err
+	h.logger().Error("proxy: authorize failed", "service", st.res.Service, "error", err)
 	httpx.WriteError(w, err)
 }
 
 func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
-	st := pr.In.Context().Value(trackerKey).(*reqState)
+	st := RecordOf(pr.In.Context())
 	out := pr.Out
 	out.URL = st.target
 	out.Host = ""
 	stripInbound(out.Header)
 	stripTokenHeaders(out.Header, st.tokenSet)
 	// Answers come back unencoded, so that the scrubber can read them.
-	out.Header.Set("Accept-Encoding", "identity")
+	out.Header["Accept-Encoding"] = identity
 	out.TransferEncoding = nil
 	out.Trailer = nil
+	// The Transport replays the body from the record.
+	out.GetBody = nil
 	switch {
 	case !st.hasBody:
-		out.Body, out.GetBody, out.ContentLength = nil, nil, 0
-	case len(st.body) == 0:
-		out.Body, out.GetBody, out.ContentLength = http.NoBody, nil, 0
+		out.Body, out.ContentLength = nil, 0
 	default:
-		body := st.body
-		out.Body = io.NopCloser(bytes.NewReader(body))
-		out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
-		out.ContentLength = int64(len(body))
+		out.Body, out.ContentLength = http.NoBody, int64(len(st.body))
 	}
 }
 
+// identity is the Accept-Encoding of every forwarded request. It is shared:
+// the Transport clones the header before changing it.
+var identity = []string{"identity"}
+
 // handlerTransport sends a Handler's requests through its Transport with
-// the service the path named.
+// the service the path named, filling the request's record.
 type handlerTransport struct{ h *Handler }
 
 func (t handlerTransport) RoundTrip(req *http.Request) (*http.Response, error) {
-	st := req.Context().Value(trackerKey).(*reqState)
-	return t.h.tr.roundTrip(req, t.h.Pool, st.service)
+	st := RecordOf(req.Context())
+	return t.h.tr.roundTrip(req, t.h.Pool, st.res.Service, st)
 }
 
 func (h *Handler) modifyResponse(resp *http.Response) error {
+	var st *Record
 	if resp.Request != nil {
-		if st, ok := resp.Request.Context().Value(trackerKey).(*reqState); ok {
-			st.upstream = resp.StatusCode
-			if st.tokenSet != nil {
-				m := newMatcher(st.tokenSet, nil)
-				scrubHeaderWith(resp.Header, &m)
-			}
-			if st.keyID != "" {
-				resp.Header.Set(HeaderKeyID, st.keyID)
-			}
-			if resp.StatusCode == http.StatusSwitchingProtocols {
-				st.upgraded = resp.Body
-				if st.wsToken && resp.Header.Get("Sec-WebSocket-Protocol") == "" {
-					resp.Header.Set("Sec-WebSocket-Protocol", "token")
-				}
+		st = RecordOf(resp.Request.Context())
+	}
+	if st != nil {
+		st.upstream = resp.StatusCode
+		if resp.StatusCode == http.StatusSwitchingProtocols {
+			st.upgraded = resp.Body
+			if st.wsToken && resp.Header.Get("Sec-WebSocket-Protocol") == "" {
+				resp.Header.Set("Sec-WebSocket-Protocol", "token")
 			}
 		}
 	}
@@ -524,72 +561,74 @@ func (h *Handler) modifyResponse(resp *http.Response) error {
 			return err
 		}
 	}
-	wrapStream(resp)
+	if st != nil {
+		wrapStream(resp, st)
+	}
 	return nil
 }
 
 // wrapStream wraps an upstream response body so that a stop or the idle
-// timeout ends it as the response allows (see stopCause).
-func wrapStream(resp *http.Response) {
-	if resp.Request == nil || resp.Body == nil || resp.Body == http.NoBody {
+// timeout ends it as the response allows (see stopCause). An answer the
+// Transport read into memory (to scrub it whole) cannot stall, whatever
+// ModifyResponse wrapped it in: it is left as it is.
+func wrapStream(resp *http.Response, st *Record) {
+	if resp.Body == nil || resp.Body == http.NoBody || st.inMemory {
 		return
 	}
 	ctx := resp.Request.Context()
-	st, ok := ctx.Value(trackerKey).(*reqState)
-	if !ok || st.cancel == nil {
-		return
-	}
 	if rwc, ok := resp.Body.(io.ReadWriteCloser); ok && resp.StatusCode == http.StatusSwitchingProtocols {
 		resp.Body = &wsConn{rwc: rwc, ctx: ctx, st: st}
 		return
 	}
-	resp.Body = &streamBody{rc: resp.Body, ctx: ctx, st: st, cancel: st.cancel, idle: st.idle,
+	st.stream = streamBody{rc: resp.Body, ctx: ctx, st: st, cancel: st.cancel, idle: st.idle,
 		sse: isEventStream(resp.Header.Get("Content-Type"))}
+	resp.Body = &st.stream
 }
 
 // errorHandler maps every error of a forwarded request to its answer.
 func (h *Handler) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
-	st, _ := r.Context().Value(trackerKey).(*reqState)
+	st := RecordOf(r.Context())
 	if st == nil {
-		st = &reqState{}
+		st = &Record{}
 	}
-	st.err = err
+	st.res.Err = err
+	service := st.res.Service
 	var nk *keypool.NoKeyError
 	var ue *keypool.UnavailableError
 	var e *httpx.Error
 	switch {
 	case errors.As(err, &nk):
 		e = &httpx.Error{Status: http.StatusTooManyRequests, Code: httpx.CodeNoKeyAvailable, RetryAfter: nk.RetryAfter,
-			Message: fmt.Sprintf("no key available for service %q; retry after %d s", st.service, int64((nk.RetryAfter+time.Second-1)/time.Second))}
+			Message: fmt.Sprintf("no key available for service %q; retry after %d s", service, int64((nk.RetryAfter+time.Second-1)/time.Second))}
 		if nk.Reason != "" {
 			e.Message += " (" + nk.Reason + ")"
 		}
 	case errors.As(err, &ue):
 		e = &httpx.Error{Status: http.StatusServiceUnavailable, Code: httpx.CodeUpstreamUnavailable, RetryAfter: ue.RetryAfter,
-			Message: fmt.Sprintf("upstream of service %q unavailable; retry after %d s", st.service, int64((ue.RetryAfter+time.Second-1)/time.Second))}
+			Message: fmt.Sprintf("upstream of service %q unavailable; retry after %d s", service, int64((ue.RetryAfter+time.Second-1)/time.Second))}
 		if ue.Reason != "" {
 			e.Message += " (" + ue.Reason + ")"
 		}
 	case errors.Is(err, keypool.ErrUnknownService):
-		e = httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", st.service)
+		e = httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", service)
 	case stopCause(r.Context()) != nil:
 		// Stopped: the token was revoked, or the deadline passed.
 		e = stopCause(r.Context())
 	case r.Context().Err() != nil:
 		// The client went away: nobody to answer.
-		st.code, st.status = "canceled", 499
-		h.logger().Debug("proxy: client went away", "service", st.service, "key_id", st.keyID, "attempts", st.attempts)
+		st.res.Code, st.gone = "canceled", true
+		h.logger().Debug("proxy: client went away", "service", service, "key_id", st.res.KeyID, "attempts", st.res.Attempts)
 		return
 	case isTimeout(err):
-		e = httpx.Errorf(http.StatusGatewayTimeout, httpx.CodeUpstreamTimeout, "upstream of service %q timed out", st.service)
+		e = httpx.Errorf(http.StatusGatewayTimeout, httpx.CodeUpstreamTimeout, "upstream of service %q timed out", service)
 	default:
-		e = httpx.Errorf(http.StatusBadGateway, httpx.CodeUpstreamUnreachable, "upstream of service %q unreachable", st.service)
+		e = httpx.Errorf(http.StatusBadGateway, httpx.CodeUpstreamUnreachable, "upstream of service %q unreachable", service)
 	}
-	st.code = e.Code
-	h.logger().Warn("proxy: request failed", "service", st.service, "key_id", st.keyID,
-		"attempts", st.attempts, "code", e.Code, "error", err.Error())
-	if st.keyID != "" {
-		w.Header().Set(HeaderKeyID, st.keyID)
+	st.res.Code = e.Code
+	h.logger().Warn("proxy: request failed", "service", service, "key_id", st.res.KeyID,
+		"attempts", st.res.Attempts, "code", e.Code, "error", err.Error())
+	if st.res.KeyID != "" {
+		w.Header().Set(HeaderKeyID, st.res.KeyID)
 	}
 	httpx.WriteError(w, e)
 }
@@ -601,82 +640,6 @@ func isTimeout(err error) bool {
 	var te interface{ Timeout() bool }
 	return errors.As(err, &te) && te.Timeout()
 }
-
-func (st *reqState) result(rec *responseRecorder) Result {
-	res := Result{
-		Service: st.service, KeyID: st.keyID, BalanceUnit: st.keyUnit, Attempts: st.attempts,
-		BytesIn: int64(len(st.body)), BytesOut: rec.bytes,
-		Duration: time.Since(st.start), Code: st.code, Err: st.err,
-		Status: rec.status,
-	}
-	if res.Code == "" {
-		res.Code = st.stopCodeOf()
-	}
-	switch {
-	case st.status != 0:
-		res.Status = st.status
-	case res.Status == 0 && st.upstream != 0:
-		res.Status = st.upstream // a hijacked upgrade
-	}
-	return res
-}
-
-// responseRecorder records the status and body size written. It unwraps
-// to the ResponseWriter it wraps, so http.ResponseController (flushing,
-// hijacking for upgrades, deadlines) reaches the real one.
-type responseRecorder struct {
-	http.ResponseWriter
-	status int
-	bytes  int64
-}
-
-func (w *responseRecorder) WriteHeader(code int) {
-	if w.status == 0 && (code >= 200 || code == http.StatusSwitchingProtocols) {
-		w.status = code
-	}
-	w.ResponseWriter.WriteHeader(code)
-}
-
-func (w *responseRecorder) Write(p []byte) (int, error) {
-	if w.status == 0 {
-		w.status = http.StatusOK
-	}
-	n, err := w.ResponseWriter.Write(p)
-	w.bytes += int64(n)
-	return n, err
-}
-
-// Flush flushes the underlying writer, if it can.
-func (w *responseRecorder) Flush() { _ = http.NewResponseController(w.ResponseWriter).Flush() }
-
-// Unwrap returns the wrapped ResponseWriter.
-func (w *responseRecorder) Unwrap() http.ResponseWriter { return w.ResponseWriter }
-
-// hijackRecorder is the responseRecorder ReverseProxy writes to: it notes
-// the client connection of an upgrade, so that a stopped WebSocket can
-// be closed (see reqState.closeClientSoon).
-type hijackRecorder struct {
-	*responseRecorder
-	st *reqState
-}
-
-// Hijack hijacks the client connection and notes it.
-func (w hijackRecorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
-	c, brw, err := http.NewResponseController(w.responseRecorder).Hijack()
-	if err == nil {
-		h := &w.st.client
-		h.mu.Lock()
-		h.conn = c
-		if h.closing {
-			_ = c.SetReadDeadline(time.Now())
-		}
-		h.mu.Unlock()
-	}
-	return c, brw, err
-}
-
-// Unwrap returns the responseRecorder.
-func (w hijackRecorder) Unwrap() http.ResponseWriter { return w.responseRecorder }
 
 // parseTarget splits /v1/{service}/{rest} and rejects targets that could
 // leave the service's base path.
@@ -705,14 +668,11 @@ func parseTarget(r *http.Request) (service, restRaw string, err error) {
 	if msg := checkPath(p); msg != "" {
 		return bad(msg)
 	}
-	service, rest, slash := strings.Cut(p[len(prefix):], "/")
+	service, _, _ = strings.Cut(p[len(prefix):], "/")
 	if service == "" || strings.IndexByte(service, '%') >= 0 {
 		return "", "", httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", service)
 	}
-	if slash {
-		rest = "/" + rest
-	}
-	return service, rest, nil
+	return service, p[len(prefix)+len(service):], nil // "" or "/…"
 }
 
 // checkPath returns why an escaped path is unsafe to forward, or "". It
@@ -798,13 +758,14 @@ func unhex(c byte) (byte, bool) {
 
 // targetURL is base's URL with restRaw appended to its path and rawQuery
 // without inbound credentials (by name, and by value: any parameter that
-// holds a spelling of token).
-func targetURL(base, restRaw, rawQuery string, token *patternSet) (*url.URL, error) {
-	b, err := url.Parse(base)
-	if err != nil || b.Host == "" || (b.Scheme != "http" && b.Scheme != "https") {
+// holds a spelling of token), made in u.
+func targetURL(u *url.URL, base, restRaw, rawQuery string, token *patternSet) (*url.URL, error) {
+	b := parseBase(base)
+	if b == nil || b.Host == "" || (b.Scheme != "http" && b.Scheme != "https") {
 		return nil, httpx.Errorf(http.StatusInternalServerError, httpx.CodeInternal, "the service's base URL is not valid")
 	}
-	u := *b
+	*u = *b
+	var err error
 	raw := strings.TrimSuffix(b.EscapedPath(), "/") + restRaw
 	if raw == "" {
 		raw = "/"
@@ -815,5 +776,5 @@ func targetURL(base, restRaw, rawQuery string, token *patternSet) (*url.URL, err
 	u.RawPath = raw
 	u.RawQuery = stripCredentialParams(rawQuery, token)
 	u.Fragment, u.RawFragment = "", ""
-	return &u, nil
+	return u, nil
 }

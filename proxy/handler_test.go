@@ -776,13 +776,16 @@ func TestHandlerNoSecretLeaks(t *testing.T) {
 	}
 }
 
-func TestResponseRecorderUnwrap(t *testing.T) {
+func TestResponseWriterFlushesAndUnwrapsToTheWriterItWraps(t *testing.T) {
 	w := httptest.NewRecorder()
-	rec := &responseRecorder{ResponseWriter: w}
+	rec := &ResponseWriter{ResponseWriter: w}
 	if http.NewResponseController(rec).Flush() != nil || !w.Flushed {
 		t.Errorf("flush did not reach the underlying writer")
 	}
 	if rec.Unwrap() != w {
 		t.Errorf("Unwrap")
+	}
+	if _, err := rec.Write([]byte("abc")); err != nil || rec.Status() != 200 || rec.BytesWritten() != 3 {
+		t.Errorf("status %d, bytes %d after a write of 3", rec.Status(), rec.BytesWritten())
 	}
 }

@@ -420,14 +420,12 @@ func (m *matcher) replaceString(s string) string {
 	return b.String()
 }
 
-// keyMatcher returns the matcher for a key's secret and for the team token
-// of the request resp answers, if a [Handler] forwarded it.
-func keyMatcher(secret string, req *http.Request) matcher {
+// keyMatcher returns the matcher for a key's secret and for the team
+// token of the request rec records (nil: none).
+func keyMatcher(secret string, rec *Record) matcher {
 	var tok *patternSet
-	if req != nil {
-		if st, ok := req.Context().Value(trackerKey).(*reqState); ok {
-			tok = st.tokenSet
-		}
+	if rec != nil {
+		tok = rec.tokenSet
 	}
 	return newMatcher(setFor(secret), tok)
 }
@@ -454,23 +452,24 @@ func scrubHeaderWith(h http.Header, m *matcher) {
 	}
 }
 
-// scrubBody replaces the spellings of secret, and of the team token of the
-// request resp answers (see [Handler]), in the body of resp, whatever its
+// scrubBody replaces the spellings of secret in the body of resp, whatever its
 // status: in memory when the body is small and of known length (the
 // Content-Length is corrected), otherwise as it streams, holding back only
 // the bytes that could begin a secret (Content-Length is dropped). Trailers
 // are scrubbed when the body ends. Bodies of 101 answers (a WebSocket's
 // frames) are not looked into.
 func scrubBody(resp *http.Response, secret string) {
-	scrubBodyIdle(resp, secret, 0)
+	scrubBodyWith(resp, newMatcher(setFor(secret), nil), 0, nil, nil)
 }
 
-// scrubBodyIdle is scrubBody whose in-memory read of a small body gives
-// up when no byte arrives for idle (zero: no bound): the body then ends
-// with an error after what did arrive, as a streamed body would when its
-// idle timeout passes.
-func scrubBodyIdle(resp *http.Response, secret string, idle time.Duration) {
-	m := keyMatcher(secret, resp.Request)
+// scrubBodyWith is scrubBody for the secrets m finds, whose in-memory
+// read of a small body gives up when no byte arrives for idle (zero: no
+// bound): the body then ends with an error after what did arrive, as a
+// streamed body would when its idle timeout passes. With a record (rec)
+// and the attempt's cancel, the idle bound is kept by the record's clock
+// (canceling the attempt) and the body lives in the record: nothing is
+// allocated for either.
+func scrubBodyWith(resp *http.Response, m matcher, idle time.Duration, rec *Record, cancel context.CancelCauseFunc) {
 	if m.empty() || resp.Body == nil || resp.Body == http.NoBody || resp.StatusCode == http.StatusSwitchingProtocols ||
 		(resp.Request != nil && resp.Request.Method == http.MethodHead) {
 		return
@@ -479,7 +478,11 @@ func scrubBodyIdle(resp *http.Response, secret string, idle time.Duration) {
 	if resp.ContentLength >= 0 && resp.ContentLength <= smallBody {
 		b := make([]byte, resp.ContentLength)
 		var src io.Reader = resp.Body
-		if idle > 0 {
+		switch {
+		case idle > 0 && rec != nil && cancel != nil:
+			rec.idleRead = idleRead{r: resp.Body, rec: rec, idle: idle, cancel: cancel}
+			src = &rec.idleRead
+		case idle > 0:
 			w := newIdleWatch(resp.Body, idle)
 			defer w.stop()
 			src = w
@@ -506,10 +509,14 @@ func scrubBodyIdle(resp *http.Response, secret string, idle time.Duration) {
 			return
 		}
 		mb := &memBody{}
+		if rec != nil {
+			mb, rec.inMemory = &rec.mem, true
+		}
 		mb.Reset(b)
 		resp.Body = mb
+		changed := resp.ContentLength != int64(len(b))
 		resp.ContentLength = int64(len(b))
-		if resp.Header.Get("Content-Length") != "" {
+		if changed && resp.Header.Get("Content-Length") != "" {
 			resp.Header.Set("Content-Length", strconv.Itoa(len(b)))
 		}
 		return
@@ -614,6 +621,15 @@ type errReader struct{ err error }
 
 func (e errReader) Read([]byte) (int, error) { return 0, e.err }
 
+// scrubBufSize is the size of a streamed scrub's buffer: it holds what one
+// upstream read returns plus the held-back tail. Small, since a stream
+// keeps its buffer while it lasts (512 streams hold 4 MiB), and
+// ReverseProxy copies from it with its own 32 KiB buffer.
+const scrubBufSize = 8 << 10
+
+// scrubBuffers recycles the buffers of streamed scrubs.
+var scrubBuffers = sync.Pool{New: func() any { return new([scrubBufSize]byte) }}
+
 // scrubReader replaces secrets in a stream. Of what it has read it hands
 // out at once everything that cannot be part of a match, holding back only
 // the longest tail that begins some spelling (at most the longest
@@ -626,8 +642,9 @@ type scrubReader struct {
 	m       matcher
 	trailer http.Header // scrubbed when the body ends
 
-	buf  []byte // from copyBuffers; returned when the body ends
-	off  int    // buf[off:end] is read and not yet handed out
+	buf  []byte              // arr's, or larger for long secrets
+	arr  *[scrubBufSize]byte // from scrubBuffers; returned when the body ends
+	off  int                 // buf[off:end] is read and not yet handed out
 	end  int
 	safe int   // buf[off:safe] can be handed out as it is
 	cut  int   // when > 0, a match spans buf[safe:cut]: the marker goes out instead
@@ -688,8 +705,10 @@ func (s *scrubReader) scan() bool {
 // fill moves the held-back bytes to the front and reads more after them.
 func (s *scrubReader) fill() {
 	if s.buf == nil {
-		s.buf = copyBuffers.Get()
-		if need := 2*s.m.maxLen() + 4096; len(s.buf) < need {
+		if need := 2*s.m.maxLen() + 4096; need <= scrubBufSize {
+			s.arr = scrubBuffers.Get().(*[scrubBufSize]byte)
+			s.buf = s.arr[:]
+		} else {
 			s.buf = make([]byte, need)
 		}
 	}
@@ -709,10 +728,11 @@ func (s *scrubReader) finish() {
 	if s.err == io.EOF {
 		scrubHeaderWith(s.trailer, &s.m)
 	}
-	if s.buf != nil {
-		copyBuffers.Put(s.buf)
-		s.buf = nil
+	if s.arr != nil {
+		scrubBuffers.Put(s.arr)
+		s.arr = nil
 	}
+	s.buf = nil
 }
 
 // Close closes the upstream body. The buffer is left to the collector

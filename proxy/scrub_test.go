@@ -242,7 +242,7 @@ func BenchmarkScrubBody(b *testing.B) {
 		sse = append(sse, []byte(fmt.Sprintf("data: {\"choices\":[{\"delta\":{\"content\":\"tok%d\"}}]}\n\n", i)))
 	}
 	req := httptest.NewRequest("POST", "/v1/svc/x", nil)
-	req = req.WithContext(context.WithValue(req.Context(), trackerKey, &reqState{tokenSet: setFor(teamToken)}))
+	m := newMatcher(setFor(goodSecret), setFor(teamToken)) // a key and the team token, as the Handler scrubs
 	cases := []struct {
 		name   string
 		chunks [][]byte
@@ -269,7 +269,7 @@ func BenchmarkScrubBody(b *testing.B) {
 					}
 					resp := &http.Response{StatusCode: 200, Header: http.Header{}, ContentLength: cl, Body: &chunkReader{chunks: c.chunks}, Request: req}
 					if scrub {
-						scrubBody(resp, goodSecret)
+						scrubBodyWith(resp, m, 0, nil, nil)
 					}
 					for {
 						if _, err := resp.Body.Read(buf); err != nil {

@@ -3,11 +3,10 @@ package proxy
 import (
 	"context"
 	"encoding/binary"
-	"errors"
 	"io"
-	"mime"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 	"unicode/utf8"
@@ -19,23 +18,12 @@ import (
 // frame, to close its side before its connection is closed.
 const wsCloseGrace = time.Second
 
-// stopCause returns the *httpx.Error ctx was canceled with, or nil when
-// ctx is live or ended for another reason (the client went away).
-func stopCause(ctx context.Context) *httpx.Error {
-	if ctx.Err() == nil {
-		return nil
-	}
-	var e *httpx.Error
-	if errors.As(context.Cause(ctx), &e) {
-		return e
-	}
-	return nil
-}
-
 // isEventStream reports whether a Content-Type is text/event-stream.
+// It reads the media type as mime.ParseMediaType does (parameters and
+// spaces ignored, case-insensitive), without allocating.
 func isEventStream(ct string) bool {
-	mt, _, err := mime.ParseMediaType(ct)
-	return err == nil && mt == "text/event-stream"
+	mt, _, _ := strings.Cut(ct, ";")
+	return strings.EqualFold(strings.TrimSpace(mt), "text/event-stream")
 }
 
 // streamBody is an upstream response body that enforces the idle timeout
@@ -44,7 +32,7 @@ func isEventStream(ct string) bool {
 type streamBody struct {
 	rc     io.ReadCloser
 	ctx    context.Context
-	st     *reqState
+	st     *Record
 	sse    bool
 	idle   time.Duration
 	timer  *time.Timer // fires cancel with the idle error
@@ -98,7 +86,7 @@ func (b *streamBody) Read(p []byte) (int, error) {
 
 func (b *streamBody) idleOut() {
 	b.cancel(httpx.Errorf(http.StatusGatewayTimeout, httpx.CodeUpstreamTimeout,
-		"upstream of service %q sent nothing for %s", b.st.service, b.idle))
+		"upstream of service %q sent nothing for %s", b.st.res.Service, b.idle))
 }
 
 // finalEvent is the SSE event that ends a stopped stream, starting on a
@@ -132,7 +120,7 @@ func (b *streamBody) Close() error {
 type wsConn struct {
 	rwc    io.ReadWriteCloser
 	ctx    context.Context
-	st     *reqState
+	st     *Record
 	frames frameTracker
 	tail   []byte
 	ended  bool
@@ -252,10 +240,21 @@ type hijackConn struct {
 	closing bool
 }
 
+// set notes c, hijacked for an upgrade: it is cut at once when the client
+// should already be closing.
+func (h *hijackConn) set(c net.Conn) {
+	h.mu.Lock()
+	h.conn = c
+	if h.closing {
+		_ = c.SetReadDeadline(time.Now())
+	}
+	h.mu.Unlock()
+}
+
 // closeClientSoon gives an upgraded client wsCloseGrace to close its side
 // after keypool ended the connection, then ends the read that holds
 // ReverseProxy's copy goroutine.
-func (st *reqState) closeClientSoon() {
+func (st *Record) closeClientSoon() {
 	h := &st.client
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -263,12 +262,4 @@ func (st *reqState) closeClientSoon() {
 	if h.conn != nil {
 		_ = h.conn.SetReadDeadline(time.Now().Add(wsCloseGrace))
 	}
-}
-
-// stopCodeOf returns the code of the stop that ended the response, or "".
-func (st *reqState) stopCodeOf() string {
-	if c := st.stopCode.Load(); c != nil {
-		return *c
-	}
-	return ""
 }

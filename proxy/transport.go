@@ -169,7 +169,6 @@ const (
 	serviceKey ctxKey = iota
 	affinityKey
 	featureKey
-	trackerKey
 )
 
 // WithService returns a context under which a [Transport] uses the named
@@ -216,7 +215,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if s := ctxString(req.Context(), serviceKey); s != "" {
 		service = s
 	}
-	return t.roundTrip(req, t.Pool, service)
+	return t.roundTrip(req, t.Pool, service, nil)
 }
 
 func (t *Transport) base() http.RoundTripper {
@@ -238,6 +237,7 @@ type replay struct {
 	buf      []byte        // buffered body, when the request had no GetBody
 	once     io.ReadCloser // the one-shot body when it could not be buffered
 	buffered bool
+	rec      *Record // the Handler's record the body comes from, if any
 }
 
 func (rp *replay) body(attempt int) (io.ReadCloser, error) {
@@ -249,7 +249,14 @@ func (rp *replay) body(attempt int) (io.ReadCloser, error) {
 		if len(rp.buf) == 0 {
 			return http.NoBody, nil
 		}
-		return io.NopCloser(bytes.NewReader(rp.buf)), nil
+		b := &memBody{}
+		if attempt == 1 && rp.rec != nil {
+			// An attempt's body may still be read after its answer
+			// came: only the first lives in the record.
+			b = &rp.rec.body1
+		}
+		b.Reset(rp.buf)
+		return b, nil
 	case req.Body == nil || req.Body == http.NoBody:
 		return req.Body, nil
 	case attempt == 1:
@@ -260,9 +267,13 @@ func (rp *replay) body(attempt int) (io.ReadCloser, error) {
 }
 
 // prepareBody decides how the body is replayed and reports whether it can
-// be.
-func (t *Transport) prepareBody(rp *replay, req *http.Request) (bool, error) {
+// be. A Handler's request is replayed from the body its record holds.
+func (t *Transport) prepareBody(rp *replay, req *http.Request, rec *Record) (bool, error) {
 	rp.req = req
+	if rec != nil && rec.hasBody {
+		rp.buf, rp.buffered, rp.rec = rec.body, true, rec
+		return true, nil
+	}
 	if req.Body == nil || req.Body == http.NoBody || req.GetBody != nil {
 		return true, nil
 	}
@@ -309,9 +320,9 @@ type attempts struct {
 	// repeated is set when a second key refused the same request: the
 	// refusal is the request's, and no key is penalised.
 	repeated bool
-	// gone reports the request's context error: a client that went away
-	// before another key was tried leaves a lasting refusal unconfirmed.
-	gone func() error
+	// ctx is the request's context: a client that went away before
+	// another key was tried leaves a lasting refusal unconfirmed.
+	ctx context.Context
 }
 
 // lasting reports whether o takes a key out of rotation until somebody
@@ -360,7 +371,7 @@ func (a *attempts) settle(pool *keypool.Pool, service string, served bool) {
 	if a.repeated {
 		return
 	}
-	if a.penalty != "" && !served && a.gone != nil && a.gone() != nil {
+	if a.penalty != "" && !served && a.ctx != nil && a.ctx.Err() != nil {
 		// The client went away before another key could be tried: the
 		// refusal may be the request's as much as the key's.
 		a.penalty = ""
@@ -375,15 +386,24 @@ func (a *attempts) settle(pool *keypool.Pool, service string, served bool) {
 	}
 }
 
-func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service string) (*http.Response, error) {
+// roundTrip is RoundTrip on pool's service. rec, when a Handler forwards
+// the request, is its record: the body is replayed from it, its idle
+// timeout and team token apply, and each attempt's key is noted on it.
+func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service string, rec *Record) (*http.Response, error) {
 	if pool == nil {
 		closeReqBody(req)
 		return nil, errors.New("proxy: Transport has no Pool")
 	}
-	svc, ok := pool.Service(service)
-	if !ok {
-		closeReqBody(req)
-		return nil, fmt.Errorf("%w: %q", keypool.ErrUnknownService, service)
+	var svc *keypool.Service
+	if rec != nil && rec.svc.Name == service {
+		svc = &rec.svc // looked up once, by the Handler
+	} else {
+		s, ok := pool.Service(service)
+		if !ok {
+			closeReqBody(req)
+			return nil, fmt.Errorf("%w: %q", keypool.ErrUnknownService, service)
+		}
+		svc = &s
 	}
 	var target *url.URL
 	switch {
@@ -402,11 +422,11 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 	}
 
 	var rp replay
-	canReplay, err := t.prepareBody(&rp, req)
+	canReplay, err := t.prepareBody(&rp, req, rec)
 	if err != nil {
 		return nil, err
 	}
-	budget := attempts{max: t.MaxAttempts, gone: req.Context().Err}
+	budget := attempts{max: t.MaxAttempts, ctx: req.Context()}
 	if budget.max == 0 {
 		budget.max = 3
 	} else if budget.max < 0 {
@@ -418,7 +438,10 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 		attemptTimeout = svc.HeaderTimeout
 	}
 	ctx := req.Context()
-	tr, _ := ctx.Value(trackerKey).(*reqState)
+	idle := svc.IdleTimeout
+	if rec != nil && rec.idle > 0 {
+		idle = rec.idle
+	}
 	areq := keypool.Request{Affinity: ctxString(ctx, affinityKey), Feature: ctxString(ctx, featureKey)}
 	var tried []string // allocated only when a retry happens
 	var (
@@ -451,16 +474,22 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			return nil, fmt.Errorf("proxy: replaying request body: %w", err)
 		}
 		secret := lease.Secret().Reveal()
-		out := outRequest(req, target, body, &svc, &lease)
-
+		actx := ctx
 		var cancel context.CancelCauseFunc
 		var timer *time.Timer
 		if attemptTimeout > 0 {
-			var actx context.Context
 			actx, cancel = context.WithCancelCause(ctx)
-			timer = time.AfterFunc(attemptTimeout, func() { cancel(errAttemptTimeout) })
-			out = out.WithContext(actx)
+			if rec != nil {
+				rec.armAttempt(attemptTimeout, cancel) // the record's one timer
+			} else {
+				timer = time.AfterFunc(attemptTimeout, func() { cancel(errAttemptTimeout) })
+			}
 		}
+		var out *http.Request
+		if attempt == 1 && rec != nil {
+			out = &rec.out // an attempt's request may be read after its answer came: only the first lives in the record
+		}
+		out = outRequest(out, req, actx, target, body, svc, &lease)
 		var start time.Time
 		if t.OnAttempt != nil {
 			start = time.Now()
@@ -469,17 +498,20 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			t.OnSend(req, lease.KeyID())
 		}
 		resp, err := base.RoundTrip(out)
-		if timer != nil && !timer.Stop() && context.Cause(out.Context()) == errAttemptTimeout && ctx.Err() == nil {
+		fired := false
+		switch {
+		case timer != nil:
+			fired = !timer.Stop()
+		case cancel != nil:
+			fired = rec.disarmAttempt()
+		}
+		if fired && context.Cause(actx) == errAttemptTimeout && ctx.Err() == nil {
 			// The attempt ran out of time, even if headers raced in.
 			if resp != nil {
 				drainClose(resp.Body)
 				resp = nil
 			}
 			err = &attemptTimeoutError{attemptTimeout}
-		}
-		idle := svc.IdleTimeout
-		if tr != nil && tr.idle > 0 {
-			idle = tr.idle
 		}
 		if err == nil && idle > 0 && resp.StatusCode >= 400 && resp.Body != nil && resp.Body != http.NoBody {
 			// An error answer's body is read to classify it, kept while
@@ -501,8 +533,8 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			outcome = keypool.Classify(resp, err, pool.Now())
 		}
 		id := lease.KeyID()
-		if tr != nil {
-			tr.keyID, tr.keyUnit, tr.attempts = id, lease.Key().BalanceUnit, attempt
+		if rec != nil {
+			rec.attempted(id, lease.Key().BalanceUnit, attempt)
 		}
 		retry := budget.next(outcome, id) && canReplay && ctx.Err() == nil
 		release := outcome
@@ -546,7 +578,7 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			if lastResp != nil {
 				// An earlier key's own answer (a 429 with its Retry-After,
 				// say) tells the client more than this connection error.
-				scrubBody(lastResp, lastSecret)
+				scrubBodyWith(lastResp, keyMatcher(lastSecret, rec), 0, nil, nil)
 				return lastResp, nil
 			}
 			return nil, err
@@ -556,10 +588,11 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			resp.Header = http.Header{}
 		}
 		resp.Header.Set(HeaderKeyID, id)
-		scrubHeader(resp.Header, secret)
+		m := keyMatcher(secret, rec)
+		scrubHeaderWith(resp.Header, &m)
 		if outcome.Kind == keypool.OK {
-			scrubBodyIdle(resp, secret, idle)
-			wrapBody(resp, lease, ctx, cancel)
+			scrubBodyWith(resp, m, idle, rec, cancel)
+			wrapBody(resp, lease, ctx, cancel, rec)
 			budget.settle(pool, service, true)
 			return resp, nil
 		}
@@ -575,12 +608,12 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			continue
 		}
 		budget.settle(pool, service, false)
-		scrubBody(resp, secret)
+		scrubBodyWith(resp, m, 0, nil, nil)
 		return resp, nil
 	}
 	budget.settle(pool, service, false)
 	if lastResp != nil {
-		scrubBody(lastResp, lastSecret)
+		scrubBodyWith(lastResp, keyMatcher(lastSecret, rec), 0, nil, nil)
 		return lastResp, nil
 	}
 	return nil, lastErr
@@ -613,10 +646,15 @@ type keptBody struct{ *bytes.Reader }
 
 func (keptBody) Close() error { return nil }
 
-// outRequest returns the copy of req that is sent with the lease's key.
-func outRequest(req *http.Request, target *url.URL, body io.ReadCloser, svc *keypool.Service, lease *keypool.Lease) *http.Request {
-	out := new(http.Request)
-	*out = *req
+// outRequest returns the copy of req that is sent with the lease's key,
+// on ctx (one shallow copy, made in out when it is not nil).
+// out, when not nil, is where the copy is made.
+func outRequest(out, req *http.Request, ctx context.Context, target *url.URL, body io.ReadCloser, svc *keypool.Service, lease *keypool.Lease) *http.Request {
+	if out == nil {
+		out = req.WithContext(ctx)
+	} else {
+		*out = *req.WithContext(ctx)
+	}
 	out.URL = target
 	if target != req.URL {
 		out.Host = ""
@@ -774,7 +812,9 @@ type leaseConn struct{ leaseBody }
 
 func (c *leaseConn) Write(p []byte) (int, error) { return c.rc.(io.Writer).Write(p) }
 
-func wrapBody(resp *http.Response, lease keypool.Lease, ctx context.Context, cancel context.CancelCauseFunc) {
+// wrapBody makes resp's body release lease when it ends. The body of a
+// Handler's request lives in its record (rec): no allocation of its own.
+func wrapBody(resp *http.Response, lease keypool.Lease, ctx context.Context, cancel context.CancelCauseFunc, rec *Record) {
 	if resp.Body == nil {
 		resp.Body = http.NoBody
 	}
@@ -793,8 +833,13 @@ func wrapBody(resp *http.Response, lease keypool.Lease, ctx context.Context, can
 		}
 		return
 	}
-	b := &leaseBody{rc: resp.Body, ctx: ctx, cancel: cancel}
-	b.lease = lease
+	var b *leaseBody
+	if rec != nil {
+		b = &rec.lease
+	} else {
+		b = new(leaseBody)
+	}
+	b.rc, b.ctx, b.cancel, b.lease = resp.Body, ctx, cancel, lease
 	resp.Body = b
 }
 

@@ -55,11 +55,14 @@ type call struct {
 	estCost       float64
 }
 
-type callKey struct{}
-
+// callFrom returns the call of the proxied request ctx belongs to: the
+// proxy's record holds it (Data) from authorize on.
 func callFrom(ctx context.Context) *call {
-	c, _ := ctx.Value(callKey{}).(*call)
-	return c
+	if rec := proxy.RecordOf(ctx); rec != nil {
+		c, _ := rec.Data.(*call)
+		return c
+	}
+	return nil
 }
 
 // authenticate turns a client credential into a principal, answering as
@@ -218,15 +221,32 @@ func (s *Server) admitClient(r *http.Request, service, cred string) (*auth.Princ
 }
 
 // openRequest registers an authorized request until OnDone, so that a
-// revocation ends it (see openCalls), and puts its call on its context.
+// revocation ends it (see openCalls), and hands its call to the proxy's
+// record. The call and its openCall live in the request's reqInfo: no
+// allocation of their own. A router's attempts on one request take them
+// in turn (each attempt's OnDone has run before the next is authorized),
+// each starting afresh. It returns nil: the request goes on as it is.
 func (s *Server) openRequest(r *http.Request, p *auth.Principal, service, router string) *http.Request {
-	ctx, stop := context.WithCancelCause(r.Context())
-	oc := &openCall{tokenID: p.Token.ID, teamID: p.Team.ID, service: service, stop: stop}
+	rec := proxy.RecordOf(r.Context())
+	if rec == nil {
+		return nil // not served by a proxy.Handler: nothing to track
+	}
+	ri := infoFrom(r.Context())
+	if ri == nil {
+		ri = &reqInfo{} // served without observe
+	}
+	oc := &ri.open
+	*oc = openCall{}
+	oc.tokenID, oc.teamID, oc.service, oc.rec = p.Token.ID, p.Team.ID, service, rec
 	if p.User != nil {
 		oc.userID = p.User.ID
 	}
 	s.open.add(oc)
-	return r.WithContext(context.WithValue(ctx, callKey{}, &call{principal: p, open: oc, service: service, router: router}))
+	c := &ri.call
+	*c = call{}
+	c.principal, c.service, c.open, c.router = p, service, oc, router
+	rec.Data = c
+	return nil
 }
 
 // onAttempt feeds the per-attempt metrics.
@@ -322,7 +342,6 @@ func (s *Server) onProxyDone(r *http.Request, res proxy.Result) {
 	}
 	if c.open != nil {
 		s.open.remove(c.open)
-		c.open.stop(nil)
 	}
 	now := s.now()
 	u, cost := chargedUsage(c, res)

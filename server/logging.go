@@ -1,7 +1,6 @@
 package server
 
 import (
-	"bufio"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -37,21 +36,24 @@ const RequestIDHeader = "X-Request-Id"
 
 type ctxKey int
 
-const (
-	ctxRequestID ctxKey = iota
-	ctxInfo
-)
+const ctxInfo ctxKey = 0
 
 // RequestID returns the id of the request ctx belongs to, or "".
 func RequestID(ctx context.Context) string {
-	id, _ := ctx.Value(ctxRequestID).(string)
-	return id
+	if ri := infoFrom(ctx); ri != nil {
+		return ri.id
+	}
+	return ""
 }
 
-// reqInfo collects what handlers learn about a request for its access
-// line. It is filled by the goroutine serving the request and read after
-// the handler returns.
+// reqInfo is the server's one record of a request, allocated once when it
+// arrives: its id, what handlers learn about it for its access line, the
+// writer that counts its answer and, for a proxied request, its call
+// (the proxy's record points to it from Authorize on). It is filled by
+// the goroutine serving the request and read after the handler returns.
 type reqInfo struct {
+	id      string
+	ids     [1]string // id, as the X-Request-Id headers' value
 	service string
 	// router, model and attempts are set for a request to a router: the
 	// router, the upstream model and the targets tried (service is the
@@ -64,6 +66,11 @@ type reqInfo struct {
 	tokenID  string
 	code     string // keypool error code, if any
 	retries  int
+
+	w    proxy.ResponseWriter
+	body httpx.BodyTimer
+	call call
+	open openCall
 }
 
 func infoFrom(ctx context.Context) *reqInfo {
@@ -122,62 +129,6 @@ func newRequestID() string {
 	return string(b[:])
 }
 
-// statusWriter records the status and size of a response. It keeps the
-// underlying writer reachable (Unwrap) so http.ResponseController,
-// flushing and WebSocket hijacking still work, and registers hijacked
-// connections with the server so a shutdown can close them.
-type statusWriter struct {
-	http.ResponseWriter
-	srv      *Server
-	status   int
-	bytes    int64
-	hijacked net.Conn
-}
-
-func (w *statusWriter) WriteHeader(code int) {
-	if w.status == 0 && (code >= 200 || code == http.StatusSwitchingProtocols) {
-		w.status = code
-	}
-	w.ResponseWriter.WriteHeader(code)
-}
-
-func (w *statusWriter) Write(b []byte) (int, error) {
-	if w.status == 0 {
-		w.status = http.StatusOK
-	}
-	n, err := w.ResponseWriter.Write(b)
-	w.bytes += int64(n)
-	return n, err
-}
-
-// Flush sends buffered data to the client.
-func (w *statusWriter) Flush() {
-	if w.status == 0 {
-		w.status = http.StatusOK
-	}
-	_ = http.NewResponseController(w.ResponseWriter).Flush()
-}
-
-// Hijack takes over the connection (WebSocket upgrades) and registers it
-// so that a shutdown closes it after the drain.
-func (w *statusWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
-	c, rw, err := http.NewResponseController(w.ResponseWriter).Hijack()
-	if err != nil {
-		return nil, nil, err
-	}
-	if w.status == 0 {
-		w.status = http.StatusSwitchingProtocols
-	}
-	w.hijacked = c
-	if w.srv != nil {
-		w.srv.trackConn(c, true)
-	}
-	return c, rw, nil
-}
-
-// Unwrap returns the underlying writer.
-func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
-
 // connSet tracks hijacked connections.
 type connSet struct {
 	mu    sync.Mutex // protects conns and closed
@@ -205,6 +156,10 @@ func (s *Server) trackConn(c net.Conn, add bool) {
 	s.hijacked.mu.Unlock()
 }
 
+// onHijackConn registers a connection hijacked for an upgrade, so that a
+// shutdown closes it after the drain.
+func (s *Server) onHijackConn(c net.Conn) { s.trackConn(c, true) }
+
 // closeHijacked closes every hijacked connection (WebSockets) and returns
 // how many there were.
 func (s *Server) closeHijacked() int {
@@ -228,41 +183,53 @@ func (s *Server) observe(h http.Handler) http.Handler {
 		id := clientRequestID(r)
 		if id == "" {
 			id = newRequestID()
-			r.Header.Set(RequestIDHeader, id)
 		}
-		w.Header().Set(RequestIDHeader, id)
-		ri := &reqInfo{}
-		ctx := context.WithValue(context.WithValue(r.Context(), ctxRequestID, id), ctxInfo, ri)
-		r = r.WithContext(ctx)
-		sw := &statusWriter{ResponseWriter: w, srv: s}
-		httpx.TimedBody(w, r, time.Duration(s.cfg.BodyIdleTimeout), time.Duration(s.cfg.BodyTimeout))
+		ri := &reqInfo{id: id}
+		ri.ids[0] = id
+		ids := ri.ids[:] // both headers' value; never changed in place
+		if r.Header.Get(RequestIDHeader) != id {
+			r.Header[RequestIDHeader] = ids
+		}
+		w.Header()[RequestIDHeader] = ids
+		ri.w.ResponseWriter, ri.w.OnHijack = w, s.onHijack
+		r = r.WithContext(context.WithValue(r.Context(), ctxInfo, ri))
+		sw := &ri.w
+		ri.body.Wrap(w, r, time.Duration(s.cfg.BodyIdleTimeout), time.Duration(s.cfg.BodyTimeout))
 		s.inflight.Add(1)
 		defer func() {
 			s.inflight.Add(-1)
-			if sw.hijacked != nil {
-				s.trackConn(sw.hijacked, false)
+			if c := sw.Hijacked(); c != nil {
+				s.trackConn(c, false)
 			}
 			if p := recover(); p != nil {
 				if p == http.ErrAbortHandler {
+					status := 0
 					if r.Context().Err() != nil {
-						sw.status = 499 // the client went away mid-response
+						status = 499 // the client went away mid-response
 					}
-					s.access(r, sw, ri, id, start)
+					s.access(r, ri, status, start)
 					panic(p)
 				}
 				s.log.Error("panic serving request", "request_id", id, "path", r.URL.Path, "panic", redactPanic(p))
-				if sw.status == 0 {
+				if sw.Status() == 0 {
 					writeError(sw, errInternal)
 				}
 			}
-			s.access(r, sw, ri, id, start)
+			s.access(r, ri, 0, start)
 		}()
 		h.ServeHTTP(sw, r)
 	})
 }
 
-func (s *Server) access(r *http.Request, sw *statusWriter, ri *reqInfo, id string, start time.Time) {
-	status := sw.status
+// access writes the access line of a request; status, when not zero,
+// overrides the status written.
+func (s *Server) access(r *http.Request, ri *reqInfo, status int, start time.Time) {
+	if !s.log.Enabled(context.Background(), slog.LevelInfo) {
+		return
+	}
+	if status == 0 {
+		status = ri.w.Status()
+	}
 	if status == 0 {
 		status = http.StatusOK
 		if r.Context().Err() != nil {
@@ -271,11 +238,11 @@ func (s *Server) access(r *http.Request, sw *statusWriter, ri *reqInfo, id strin
 	}
 	attrs := make([]slog.Attr, 0, 14)
 	attrs = append(attrs,
-		slog.String("request_id", id),
+		slog.String("request_id", ri.id),
 		slog.String("method", r.Method),
 		slog.String("path", safePath(redactCredential(r, r.URL.Path))),
 		slog.Int("status", status),
-		slog.Int64("bytes", sw.bytes),
+		slog.Int64("bytes", ri.w.BytesWritten()),
 		slog.Float64("duration_ms", float64(time.Since(start).Microseconds())/1000),
 		slog.String("remote", s.clients.of(r)),
 	)

@@ -124,6 +124,7 @@ import (
 	"net/netip"
 	"os"
 	"reflect"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"sync"
@@ -198,6 +199,7 @@ type Server struct {
 	inflight   atomic.Int64
 	draining   atomic.Bool
 	hijacked   connSet
+	onHijack   func(net.Conn) // onHijackConn, bound once
 	open       openCalls
 
 	bgCancel context.CancelFunc
@@ -252,6 +254,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 
 	s := &Server{cfg: cfg, log: log, logBuf: logBuf, done: make(chan struct{}), events: make(chan keypool.Event, 4096), now: cfg.Now}
+	s.onHijack = s.onHijackConn
 	if s.now == nil {
 		s.now = time.Now
 	}
@@ -463,6 +466,10 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		go func() { defer close(s.logDone); logBuf.run(lctx) }()
 	}
 	ok = true
+	// Starting hashed the console password (argon2id: 19 MiB by
+	// default) and read the store: hand that scratch memory back to the
+	// OS now rather than carry it as resident memory while serving.
+	debug.FreeOSMemory()
 	return s, nil
 }
 

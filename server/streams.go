@@ -10,6 +10,7 @@ import (
 
 	"github.com/keypool/keypool"
 	"github.com/keypool/keypool/internal/httpx"
+	"github.com/keypool/keypool/proxy"
 	"github.com/keypool/keypool/store"
 )
 
@@ -44,9 +45,12 @@ import (
 // openCall is one proxied request under way.
 type openCall struct {
 	tokenID, teamID, userID, service string
-	stop                             context.CancelCauseFunc
-	keyID                            string // protected by openCalls.mu
+	rec                              *proxy.Record // Stop ends the request
+	keyID                            string        // protected by openCalls.mu
 }
+
+// stop ends the call's request with cause (see proxy.Record.Stop).
+func (c *openCall) stop(cause error) { c.rec.Stop(cause) }
 
 // openCalls indexes the open calls of this replica. It is safe for
 // concurrent use; stop functions run outside its lock.
@@ -73,12 +77,12 @@ func index(m *map[string]map[*openCall]struct{}, id string, c *openCall) {
 	set[c] = struct{}{}
 }
 
+// unindex removes c from id's set. An emptied set is kept for id's next
+// call (the sets are bounded by the tokens, teams, users and keys there
+// are), so that a steady client does not allocate one per request.
 func unindex(m map[string]map[*openCall]struct{}, id string, c *openCall) {
 	if set := m[id]; set != nil {
 		delete(set, c)
-		if len(set) == 0 {
-			delete(m, id)
-		}
 	}
 }
 

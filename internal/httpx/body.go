@@ -22,15 +22,24 @@ const CodeRequestTimeout = "request_timeout"
 // the connection's later reads are not cut. Where the connection offers
 // no deadlines (http.ErrNotSupported), reads are not bounded.
 func TimedBody(w http.ResponseWriter, r *http.Request, idle, total time.Duration) {
+	new(BodyTimer).Wrap(w, r, idle, total)
+}
+
+// Wrap is [TimedBody] with b as the wrapper.
+func (b *BodyTimer) Wrap(w http.ResponseWriter, r *http.Request, idle, total time.Duration) {
 	if r.Body == nil || r.Body == http.NoBody || (idle <= 0 && total <= 0) {
 		return
 	}
-	r.Body = &timedBody{rc: r.Body, ctl: http.NewResponseController(w), idle: idle, total: total}
+	*b = BodyTimer{rc: r.Body, w: w, idle: idle, total: total}
+	r.Body = b
 }
 
-type timedBody struct {
+// BodyTimer is [TimedBody]'s wrapper, for a caller that keeps it beside
+// its own per-request state (no allocation of its own). Its zero value is
+// ready; it serves one request.
+type BodyTimer struct {
 	rc          io.ReadCloser
-	ctl         *http.ResponseController
+	w           http.ResponseWriter // reached through http.ResponseController
 	idle, total time.Duration
 	end         time.Time // first read + total
 	unsupported bool
@@ -38,7 +47,7 @@ type timedBody struct {
 	err         error
 }
 
-func (b *timedBody) Read(p []byte) (int, error) {
+func (b *BodyTimer) Read(p []byte) (int, error) {
 	if b.err != nil {
 		return 0, b.err
 	}
@@ -51,7 +60,7 @@ func (b *timedBody) Read(p []byte) (int, error) {
 		if b.idle > 0 && (dl.IsZero() || now.Add(b.idle).Before(dl)) {
 			dl = now.Add(b.idle)
 		}
-		if err := b.ctl.SetReadDeadline(dl); err != nil {
+		if err := http.NewResponseController(b.w).SetReadDeadline(dl); err != nil {
 			b.unsupported = errors.Is(err, http.ErrNotSupported)
 		} else {
 			b.set = true
@@ -60,6 +69,8 @@ func (b *timedBody) Read(p []byte) (int, error) {
 	n, err := b.rc.Read(p)
 	switch {
 	case err == nil:
+	case err == io.EOF:
+		b.clear()
 	case errors.Is(err, os.ErrDeadlineExceeded) || isTimeout(err):
 		b.err = Errorf(http.StatusRequestTimeout, CodeRequestTimeout,
 			"the request body was not received in time (no byte for %s, or not all of it within %s)", b.idle, b.total)
@@ -71,14 +82,14 @@ func (b *timedBody) Read(p []byte) (int, error) {
 }
 
 // clear lifts the read deadline once the body has ended.
-func (b *timedBody) clear() {
+func (b *BodyTimer) clear() {
 	if b.set {
 		b.set = false
-		_ = b.ctl.SetReadDeadline(time.Time{})
+		_ = http.NewResponseController(b.w).SetReadDeadline(time.Time{})
 	}
 }
 
-func (b *timedBody) Close() error { return b.rc.Close() }
+func (b *BodyTimer) Close() error { return b.rc.Close() }
 
 func isTimeout(err error) bool {
 	var te interface{ Timeout() bool }

@@ -1,0 +1,135 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// wave is one wave of concurrent SSE streams through one proxy.
+type wave struct {
+	wall time.Duration   // from the start gate to the end of the last stream
+	ttfe []time.Duration // per stream: request sent to its first event read
+	errs int             // streams that failed (not 200, or not every event)
+}
+
+// streamsOnce opens n concurrent SSE streams through t at once and
+// measures the wave.
+func streamsOnce(ctx context.Context, t target, n int) wave {
+	client := newClient(n)
+	defer client.CloseIdleConnections()
+	var errs atomic.Int64
+	ttfe := make([]time.Duration, n)
+	var wg sync.WaitGroup
+	startGate := make(chan struct{})
+	for i := range n {
+		wg.Go(func() {
+			<-startGate
+			ttfe[i] = -1
+			if err := oneStream(ctx, client, t, &ttfe[i]); err != nil {
+				errs.Add(1)
+			}
+		})
+	}
+	start := time.Now()
+	close(startGate)
+	wg.Wait()
+	w := wave{wall: time.Since(start), errs: int(errs.Load())}
+	for _, d := range ttfe {
+		if d >= 0 {
+			w.ttfe = append(w.ttfe, d)
+		}
+	}
+	return w
+}
+
+// oneStream reads one SSE stream to its end, noting when its first event
+// arrived.
+func oneStream(ctx context.Context, client *http.Client, t target, ttfe *time.Duration) error {
+	req, err := http.NewRequestWithContext(ctx, "GET", t.streamURL(), nil)
+	if err != nil {
+		return err
+	}
+	if t.token != "" {
+		req.Header.Set("Authorization", "Bearer "+t.token)
+	}
+	t0 := time.Now()
+	resp, err := client.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	var b strings.Builder
+	buf := make([]byte, 4096)
+	for {
+		n, err := resp.Body.Read(buf)
+		if n > 0 && b.Len() == 0 {
+			*ttfe = time.Since(t0)
+		}
+		b.Write(buf[:n])
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if resp.StatusCode != 200 || strings.Count(b.String(), "data: ") != streamEvents+1 {
+		return fmt.Errorf("status %d, %d events", resp.StatusCode, strings.Count(b.String(), "data: "))
+	}
+	return nil
+}
+
+// streamStats sums up one proxy's waves.
+type streamStats struct {
+	waves      int
+	streams    int
+	errs       int
+	wall       time.Duration // all waves
+	waveMedian time.Duration
+	ttfe50     time.Duration
+	ttfe99     time.Duration
+	rss        int64 // peak, bytes
+}
+
+func summarize(ws []wave, rss int64) streamStats {
+	s := streamStats{waves: len(ws), rss: rss}
+	var walls, ttfe []time.Duration
+	for _, w := range ws {
+		s.wall += w.wall
+		s.errs += w.errs
+		s.streams += len(w.ttfe)
+		walls = append(walls, w.wall)
+		ttfe = append(ttfe, w.ttfe...)
+	}
+	s.streams += s.errs
+	s.waveMedian = median(walls)
+	sort.Slice(ttfe, func(i, j int) bool { return ttfe[i] < ttfe[j] })
+	if len(ttfe) > 0 {
+		s.ttfe50 = ttfe[len(ttfe)/2]
+		s.ttfe99 = ttfe[min(len(ttfe)-1, len(ttfe)*99/100)]
+	}
+	return s
+}
+
+// streamsReport prints both proxies' figures and keypoold's against the
+// bare proxy's: wall time ratio, time to first event added, RSS ratio.
+func streamsReport(bare, kp streamStats) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%-9s %10s %10s %10s %10s %10s %8s\n", "", "wall", "wave p50", "TTFE p50", "TTFE p99", "peak RSS", "errors")
+	row := func(name string, s streamStats) {
+		fmt.Fprintf(&b, "%-9s %9.2fs %9.2fs %10s %10s %6.1f MiB %4d/%d\n", name, s.wall.Seconds(), s.waveMedian.Seconds(),
+			ms(s.ttfe50), ms(s.ttfe99), float64(s.rss)/(1<<20), s.errs, s.streams)
+	}
+	row("bare", bare)
+	row("keypoold", kp)
+	fmt.Fprintf(&b, "ratio keypoold/bare: wall %.3f, peak RSS %.3f; TTFE p50 added %s\n",
+		kp.wall.Seconds()/max(bare.wall.Seconds(), 1e-9), float64(kp.rss)/float64(max(bare.rss, 1)), ms(kp.ttfe50-bare.ttfe50))
+	return b.String()
+}

@@ -146,6 +146,15 @@ func (m *metrics) preinit() {
 		}
 	}
 	m.leases.WithLabelValues("unknown", httpx.CodeUnknownService)
+	for k := keypool.OK; k <= keypool.Refused; k++ {
+		m.reports.WithLabelValues(k.String())
+	}
+}
+
+// key creates the zero series of a key's counters, so that
+// keypool_key_cooldowns_total is exported before the key first cools.
+func (m *metrics) key(service, keyID string) {
+	m.cooldowns.WithLabelValues(service, keyID)
 }
 
 // onEvent counts a key state change.
@@ -199,6 +208,13 @@ func (m *metrics) service(name string) *perService {
 	}
 	for _, result := range []string{"ok", httpx.CodeNoKeyAvailable, httpx.CodeUpstreamUnavailable} {
 		m.leases.WithLabelValues(name, result)
+	}
+	m.requests.WithLabelValues(name, "200", "")
+	for _, st := range allStates {
+		m.stateChanges.WithLabelValues(name, st.String())
+	}
+	for _, kind := range []string{keypool.HoldFloor, keypool.HoldEjectionCap} {
+		m.holds.WithLabelValues(name, kind)
 	}
 	m.serviceCache.Store(name, p)
 	return p

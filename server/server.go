@@ -762,6 +762,10 @@ func (s *Server) refreshServiceLimits(ctx context.Context) error {
 	s.svcMeta.Store(&m)
 	for _, sv := range svcs {
 		s.metrics.service(sv.Name) // its zero series, from the start
+		stats, _ := s.pool.Stats(sv.Name)
+		for _, k := range stats {
+			s.metrics.key(sv.Name, k.ID)
+		}
 	}
 	return nil
 }

@@ -583,7 +583,7 @@ func (s *Syncer) primaryOK(version string, reloaded bool, nsvc, nkeys int) {
 	}
 	s.mu.Unlock()
 	if wasDown {
-		s.log.Info("store: source reachable again", "down_for", now.Sub(since).Round(time.Millisecond))
+		s.log.Info("store: source reachable again", "down_for", now.Sub(since).Round(time.Millisecond).String())
 	}
 }
 

@@ -222,6 +222,13 @@ var metadataAddrs = []netip.Prefix{
 	netip.MustParsePrefix("fd00:ec2::254/128"),  // AWS IMDS over IPv6
 }
 
+// CheckBaseURL validates a service's base_url as POST /admin/services
+// does (the YAML file's services go through it too), and returns it
+// without a trailing slash; see [checkBaseURL].
+func CheckBaseURL(raw string, allowMetadata bool) (string, error) {
+	return checkBaseURL(raw, allowMetadata)
+}
+
 // checkBaseURL validates a service's base_url: http or https, a host, no
 // user info, query or fragment, and (unless allowMD) not a link-local or
 // metadata address. Loopback and private addresses are allowed. It

@@ -466,7 +466,7 @@ func (c *Config) Validate() error {
 	}
 	seen := map[string]bool{}
 	for i, s := range c.Services {
-		if err := s.validate(); err != nil {
+		if err := s.validate(c.AllowMetadataUpstreams); err != nil {
 			return fmt.Errorf("server: services[%d]: %w", i, err)
 		}
 		if seen[s.Name] {
@@ -477,13 +477,14 @@ func (c *Config) Validate() error {
 	return nil
 }
 
-func (s *ServiceSpec) validate() error {
+// validate checks a service of the YAML file as the admin API checks one
+// (base_url by [admin.CheckBaseURL]).
+func (s *ServiceSpec) validate(allowMetadata bool) error {
 	if s.Name == "" {
 		return fmt.Errorf("name is required")
 	}
-	u, err := url.Parse(s.BaseURL)
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return fmt.Errorf("service %q: base_url must be an http(s) URL", s.Name)
+	if _, err := admin.CheckBaseURL(s.BaseURL, allowMetadata); err != nil {
+		return fmt.Errorf("service %q: %w", s.Name, err)
 	}
 	if s.AuthScheme != "" {
 		if _, err := keypool.ParseAuthScheme(s.AuthScheme); err != nil {

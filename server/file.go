@@ -3,7 +3,6 @@ package server
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -13,7 +12,6 @@ import (
 
 	"gopkg.in/yaml.v3"
 
-	"github.com/keypool/keypool/meter"
 	"github.com/keypool/keypool/store"
 )
 
@@ -167,47 +165,18 @@ func validEnvName(n string) bool {
 	return true
 }
 
-// keyPolicy returns the spec's key policy fields.
-func (sp *ServiceSpec) keyPolicy() store.KeyPolicy {
-	return store.KeyPolicy{RetryAfterCap: sp.RetryAfterCap, ConfirmRefusals: sp.ConfirmRefusals,
-		MinActiveKeys: sp.MinActiveKeys, MaxEjectionPercent: sp.MaxEjectionPercent}
-}
-
 // applyServices creates or updates the services declared in the
 // configuration and adds their keys. A key whose value its service
 // already holds is left as it is.
-func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, log *slog.Logger) error {
+func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, v store.Validator, log *slog.Logger) error {
 	for _, sp := range specs {
-		rec := store.Service{
-			Name: sp.Name, DisplayName: sp.DisplayName, Description: sp.Description, BaseURL: sp.BaseURL,
-			AuthScheme: sp.AuthScheme, RateLimitRPM: sp.RateLimitRPM, MaxInFlight: sp.MaxInFlight,
-			ProxyHeaders: sp.ProxyHeaders, Selector: sp.Selector, ExternalName: sp.ExternalName,
-			KeyPolicy:     sp.keyPolicy(),
-			HeaderTimeout: time.Duration(sp.HeaderTimeout), IdleTimeout: time.Duration(sp.IdleTimeout),
-			RequestTimeout: time.Duration(sp.RequestTimeout),
-		}
-		if rec.AuthScheme == "" {
-			rec.AuthScheme = "bearer"
-		}
-		if sp.IsActive != nil {
-			rec.Disabled = !*sp.IsActive
-		}
-		if sp.LLMFamily != "" {
-			f, _ := meter.ParseFamily(sp.LLMFamily) // validated
-			rec.LLMFamily = f.String()
-		}
-		if len(sp.Prices) > 0 {
-			b, err := json.Marshal(sp.Prices)
-			if err != nil {
-				return fmt.Errorf("server: config service %q: prices: %w", sp.Name, err)
-			}
-			rec.Prices = string(b)
+		rec, keys, err := sp.records(v)
+		if err != nil {
+			return fmt.Errorf("server: config %w", err)
 		}
 		old, err := st.GetService(ctx, sp.Name)
 		switch {
 		case errors.Is(err, store.ErrNotFound):
-			rec.Limits.RPMLimit = sp.RPMLimit
-			rec.Limits.ModelsEnabled = sp.ModelsEnabled
 			if err := st.CreateService(ctx, &rec); err != nil {
 				return fmt.Errorf("server: config service %q: %w", sp.Name, err)
 			}
@@ -215,12 +184,13 @@ func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, log
 		case err != nil:
 			return fmt.Errorf("server: config service %q: %w", sp.Name, err)
 		default:
+			declared := rec.Limits
 			rec.Limits = old.Limits
-			if sp.RPMLimit != 0 {
-				rec.Limits.RPMLimit = sp.RPMLimit
+			if declared.RPMLimit != 0 {
+				rec.Limits.RPMLimit = declared.RPMLimit
 			}
-			if len(sp.ModelsEnabled) > 0 {
-				rec.Limits.ModelsEnabled = sp.ModelsEnabled
+			if len(declared.ModelsEnabled) > 0 {
+				rec.Limits.ModelsEnabled = declared.ModelsEnabled
 			}
 			if rec.Prices == "" {
 				rec.Prices = old.Prices
@@ -247,13 +217,7 @@ func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, log
 			}
 		}
 		added := 0
-		for i, ks := range sp.Keys {
-			k := &store.Key{
-				Service: sp.Name, Secret: ks.KeyValue, Weight: ks.Weight, Priority: ks.Priority,
-				RateLimitRPM: ks.RateLimitRPM, MaxInFlight: ks.MaxInFlight, Labels: ks.Labels,
-				BalanceTotal: ks.BalanceTotal, BalanceUnit: ks.BalanceUnit, AccountEmail: ks.AccountEmail,
-				Tier: ks.Tier, Status: store.StatusActive,
-			}
+		for i, k := range keys {
 			err := st.CreateKeys(ctx, []*store.Key{k})
 			switch {
 			case errors.Is(err, store.ErrConflict):

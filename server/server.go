@@ -274,7 +274,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if err := applyTiers(ctx, s.st, cfg.Tiers, log); err != nil {
 		return nil, err
 	}
-	if err := applyServices(ctx, s.st, cfg.Services, log); err != nil {
+	if err := applyServices(ctx, s.st, cfg.Services, cfg.validator(), log); err != nil {
 		return nil, err
 	}
 	if cfg.ExternalDatabase != "" {
@@ -303,7 +303,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		return float64(s.usage.Dropped())
 	})
 
-	opts := store.SyncerOptions{Interval: time.Duration(cfg.SyncInterval), Notify: s.st, Logger: log}
+	opts := store.SyncerOptions{Interval: time.Duration(cfg.SyncInterval), Notify: s.st, Logger: log, Registry: cfg.registry()}
 	if s.ext != nil {
 		opts.External = s.ext
 		if r := time.Duration(cfg.External.Refresh); r > 0 {
@@ -388,7 +388,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	if s.admin, err = admin.New(admin.Config{
 		Store: s.st, Pool: s.pool, Auth: s.auth, Failures: s.fails,
-		OnChange: s.onAdminChange, Logger: log, AllowMetadataUpstreams: cfg.AllowMetadataUpstreams,
+		OnChange: s.onAdminChange, Logger: log, AllowMetadataUpstreams: cfg.AllowMetadataUpstreams, Registry: cfg.registry(),
 		ClientIP: s.clients.of, Sessions: s.sess,
 	}); err != nil {
 		return nil, err

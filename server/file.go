@@ -165,10 +165,18 @@ func validEnvName(n string) bool {
 	return true
 }
 
+// serviceWriter is what applyServices needs of a store.
+type serviceWriter interface {
+	GetService(ctx context.Context, name string) (store.Service, error)
+	CreateService(ctx context.Context, s *store.Service) error
+	UpdateService(ctx context.Context, s *store.Service) error
+	CreateKeys(ctx context.Context, keys []*store.Key) error
+}
+
 // applyServices creates or updates the services declared in the
 // configuration and adds their keys. A key whose value its service
 // already holds is left as it is.
-func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, v store.Validator, log *slog.Logger) error {
+func applyServices(ctx context.Context, st serviceWriter, specs []ServiceSpec, v store.Validator, log *slog.Logger) error {
 	for _, sp := range specs {
 		rec, keys, err := sp.records(v)
 		if err != nil {

@@ -1,11 +1,18 @@
 package server_test
 
 import (
+	"context"
 	"fmt"
+	"net/http"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/keypool/keypool"
 	"github.com/keypool/keypool/server"
+	"github.com/keypool/keypool/store/seal"
+	"github.com/keypool/keypool/store/sqlstore"
 )
 
 // TestConfigFileAndAdminAPIRefuseTheSameServices pins the one set of
@@ -77,5 +84,63 @@ func TestConfigFileAndAdminAPIRefuseTheSameServices(t *testing.T) {
 	}
 	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), want) {
 		t.Errorf("config file key: %v, want %q", err, want)
+	}
+}
+
+// TestRegisteredClassifierAndStoreServeTheProxy runs keypoold with a
+// store opened by the caller (Config.Store) and a classifier registered
+// by name: a service that names it has its answers judged by it (a 418
+// taken as rate-limited fails over to the next key), while a service
+// without it keeps the built-in rules (418 goes back to the client).
+func TestRegisteredClassifierAndStoreServeTheProxy(t *testing.T) {
+	up := newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		if bearerKey(r.Header) == "sk-teapot" {
+			w.WriteHeader(http.StatusTeapot)
+			return
+		}
+		okJSON(w, r)
+	})
+	teapotCools := func(resp *http.Response, err error) keypool.Outcome {
+		if err == nil && resp.StatusCode == http.StatusTeapot {
+			return keypool.Outcome{Kind: keypool.RateLimited, RetryAfter: time.Minute, Reason: "teapot"}
+		}
+		return keypool.Classify(resp, err, time.Now())
+	}
+	ring, err := seal.ParseKeyring(testEncKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := sqlstore.Open(context.Background(), "sqlite:"+filepath.Join(t.TempDir(), "own.db"), sqlstore.Options{Keyring: ring})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := startKP(t, func(c *server.Config) {
+		c.Store = st
+		c.Classifiers = map[string]keypool.Classifier{"teapot_cools": teapotCools}
+	})
+	if k.srv.Store() != st {
+		t.Fatalf("server store = %v, want the one given", k.srv.Store())
+	}
+	for _, svc := range []struct {
+		name  string
+		extra map[string]any
+	}{{"judged", map[string]any{"classifier": "teapot_cools", "selector": "ordered"}}, {"plain", map[string]any{"selector": "ordered"}}} {
+		k.addService(svc.name, up.URL, "bearer", svc.extra)
+		k.addKey(svc.name, "sk-teapot", map[string]any{"priority": 0})
+		k.addKey(svc.name, "sk-good", map[string]any{"priority": 1})
+	}
+	// The store given is the one written to.
+	if s, err := st.GetService(context.Background(), "judged"); err != nil || s.Classifier != "teapot_cools" {
+		t.Fatalf("stored service: %+v, %v", s, err)
+	}
+	tok := k.addToken(k.addTeam("eng", nil), nil)
+	if code, m, _ := k.do("POST", "/v1/judged/v1/chat/completions", tok, `{"model":"gpt-4o-mini"}`); code != 200 {
+		t.Errorf("judged service: %d %v, want 200 after failing over from the teapot key", code, m)
+	}
+	if got := up.last(); bearerKey(got.Header) != "sk-good" {
+		t.Errorf("judged service served by %q", bearerKey(got.Header))
+	}
+	if code, _, _ := k.do("POST", "/v1/plain/v1/chat/completions", tok, `{"model":"gpt-4o-mini"}`); code != http.StatusTeapot {
+		t.Errorf("plain service: %d, want the upstream's 418", code)
 	}
 }

@@ -3,7 +3,6 @@ package server_test
 import (
 	"context"
 	"encoding/json"
-	"github.com/keypool/keypool/store"
 	"io"
 	"net"
 	"net/http"
@@ -11,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/keypool/keypool/store"
 
 	"github.com/keypool/keypool"
 	"github.com/keypool/keypool/server"

@@ -158,7 +158,7 @@ type Server struct {
 	// (after the bind, so a port conflict never follows a ready line).
 	ready   sync.Once
 	log     *slog.Logger
-	st      *sqlstore.Store
+	st      serverStore
 	ext     *external.Source
 	pool    *keypool.Pool
 	syncer  *store.Syncer
@@ -210,11 +210,28 @@ type Server struct {
 	done         chan struct{} // closed when Shutdown has finished
 }
 
+// serverStore is what the server needs of its store: records, and admin
+// users with their sessions. Other capabilities are used when the store
+// has them (see [New]).
+type serverStore interface {
+	store.Store
+	store.AdminStore
+}
+
 // New opens the store, loads the pool and prepares every handler; it
 // starts the background work (store sync, key state persistence, lease
 // expiry, usage batching) but does not listen. See [Config] for the
 // defaults of a zero Config. Call [Server.Shutdown] to release what it
 // opened.
+//
+// A [Config.Store] must implement [store.AdminStore]; New uses what else
+// it implements, as sqlstore's Store does: [store.Listener] (changes
+// arrive without waiting for the poll), [store.TierStore] (tiers),
+// [store.StatusCounter] (the console's overview), Probe(ctx) error
+// (/readyz tells a read-only database apart; otherwise Ping),
+// Rewrap(ctx) (int, error) (re-sealing after a key rotation) and
+// NotifyAuth/ListenAuth (auth invalidations between replicas besides
+// Redis).
 func New(ctx context.Context, cfg Config) (*Server, error) {
 	cfg = cfg.withDefaults()
 	if err := cfg.Validate(); err != nil {
@@ -268,8 +285,8 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		}
 	}()
 
-	if s.st, err = sqlstore.Open(ctx, cfg.Database.Reveal(), sqlstore.Options{Keyring: keyring, Logger: log}); err != nil {
-		return nil, fmt.Errorf("server: open database %s: %w", cfg.Database, err)
+	if err := s.openStore(ctx, keyring); err != nil {
+		return nil, err
 	}
 	if err := applyTiers(ctx, s.st, cfg.Tiers, log); err != nil {
 		return nil, err
@@ -303,7 +320,10 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		return float64(s.usage.Dropped())
 	})
 
-	opts := store.SyncerOptions{Interval: time.Duration(cfg.SyncInterval), Notify: s.st, Logger: log, Registry: cfg.registry()}
+	opts := store.SyncerOptions{Interval: time.Duration(cfg.SyncInterval), Logger: log, Registry: cfg.registry()}
+	if l, ok := s.st.(store.Listener); ok {
+		opts.Notify = l
+	}
 	if s.ext != nil {
 		opts.External = s.ext
 		if r := time.Duration(cfg.External.Refresh); r > 0 {
@@ -368,7 +388,8 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	s.limiter = s.timeAdmission(s.limiter)
 
-	s.authSync = newAuthSync(s.st, s.rdb, log)
+	notifier, _ := s.st.(authNotifier)
+	s.authSync = newAuthSync(notifier, s.rdb, log)
 	s.authSync.auth = s.auth
 
 	uopts := cfg.Usage
@@ -395,7 +416,8 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 
 	if !cfg.Console.Disabled {
-		if s.console, err = console.New(console.Config{API: s.admin, Sessions: s.sess, Statuses: s.st,
+		statuses, _ := s.st.(store.StatusCounter)
+		if s.console, err = console.New(console.Config{API: s.admin, Sessions: s.sess, Statuses: statuses,
 			Secure: s.cookieSecure, Logger: log, Now: s.now, SSOLogin: cfg.OIDC.Enabled() && (len(cfg.OIDC.Admins) > 0 || cfg.OIDC.AdminGroup != "")}); err != nil {
 			return nil, err
 		}
@@ -436,7 +458,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if s.journal != nil {
 		s.bg.Go(func() { s.replayJournals(bgctx) })
 	}
-	if len(keyring.Versions()) > 1 {
+	if _, ok := s.st.(rewrapper); ok && len(keyring.Versions()) > 1 {
 		// A rotation: re-seal what older keys sealed, online.
 		s.bg.Go(func() { s.rewrap(bgctx) })
 	}
@@ -819,12 +841,17 @@ func externalNamed(cfg Config) []string {
 	return named
 }
 
+// rewrapper is a store that re-seals its secrets (sqlstore does).
+type rewrapper interface {
+	Rewrap(ctx context.Context) (int, error)
+}
+
 // rewrap re-seals every stored secret with the current encryption key
 // after a rotation (KEYPOOL_ENCRYPTION_KEY=new,old), while serving. When
 // it reports done, the old key can be dropped from the list.
 func (s *Server) rewrap(ctx context.Context) {
 	start := time.Now()
-	n, err := s.st.Rewrap(ctx)
+	n, err := s.st.(rewrapper).Rewrap(ctx)
 	if err != nil {
 		if ctx.Err() == nil {
 			s.log.Error("re-sealing stored keys with the current encryption key failed; the old keys are still needed", "error", err.Error(), "rewrapped", n)
@@ -833,4 +860,22 @@ func (s *Server) rewrap(ctx context.Context) {
 	}
 	s.log.Info("stored keys re-sealed with the current encryption key; older keys can be removed from KEYPOOL_ENCRYPTION_KEY",
 		"rewrapped", n, "took", time.Since(start).Round(time.Millisecond).String())
+}
+
+// openStore takes [Config.Store], or opens [Config.Database] with keyring.
+func (s *Server) openStore(ctx context.Context, keyring *seal.Keyring) error {
+	if s.cfg.Store == nil {
+		st, err := sqlstore.Open(ctx, s.cfg.Database.Reveal(), sqlstore.Options{Keyring: keyring, Logger: s.log})
+		if err != nil {
+			return fmt.Errorf("server: open database %s: %w", s.cfg.Database, err)
+		}
+		s.st = st
+		return nil
+	}
+	st, ok := s.cfg.Store.(serverStore)
+	if !ok {
+		return fmt.Errorf("server: Config.Store (%T) must also implement store.AdminStore (admin users, sessions, audit log)", s.cfg.Store)
+	}
+	s.st = st
+	return nil
 }

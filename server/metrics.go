@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/keypool/keypool"
+	"github.com/keypool/keypool/budget"
 	"github.com/keypool/keypool/internal/httpx"
 	"github.com/keypool/keypool/limit"
 )
@@ -137,11 +138,11 @@ func (m *metrics) preinit() {
 	for _, scope := range []string{"auth_failures", "token", "team", "service"} {
 		m.limiterRejections.WithLabelValues(scope)
 	}
-	for _, scope := range scopeNames {
+	for scope := budget.Token; scope <= budget.Service; scope++ {
 		for w := limit.Minute; w <= limit.Total; w++ {
-			for _, u := range []uint8{unitTokens, unitCost} {
-				m.budgetWarnings.WithLabelValues(scope, w.String(), unitName(u))
-				m.budgetRejections.WithLabelValues(scope, w.String(), unitName(u))
+			for _, u := range []budget.Unit{budget.Tokens, budget.Cost} {
+				m.budgetWarnings.WithLabelValues(scope.String(), w.String(), u.String())
+				m.budgetRejections.WithLabelValues(scope.String(), w.String(), u.String())
 			}
 		}
 	}

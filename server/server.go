@@ -137,6 +137,7 @@ import (
 	"github.com/keypool/keypool"
 	"github.com/keypool/keypool/admin"
 	"github.com/keypool/keypool/auth"
+	"github.com/keypool/keypool/budget"
 	"github.com/keypool/keypool/console"
 	"github.com/keypool/keypool/internal/httpx"
 	"github.com/keypool/keypool/limit"
@@ -191,7 +192,7 @@ type Server struct {
 
 	svcMeta    atomic.Pointer[map[string]*svcMeta]
 	basePrices *meter.PriceTable // shipped table merged with Config.PricesFile
-	budgets    budgetCache
+	budgets    *budget.Budgets
 	now        func() time.Time
 	inflight   atomic.Int64
 	draining   atomic.Bool
@@ -374,19 +375,22 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		if err != nil {
 			return nil, err
 		}
-		s.limiter, s.redis = rl, rl
+		s.limiter, s.redis = s.timeAdmission(rl), rl
+		s.budgets = s.newBudgets()
 		s.registerRedisMetrics(rl)
 		s.seedRedis(ctx, rl)
 		s.share = newSharer(s.rdb, s.pool, log)
 	} else {
-		if s.limiter, err = limit.NewLocal(limit.LocalConfig{}); err != nil {
+		local, err := limit.NewLocal(limit.LocalConfig{})
+		if err != nil {
 			return nil, err
 		}
+		s.limiter = s.timeAdmission(local)
+		s.budgets = s.newBudgets()
 		if err := s.seedCounters(ctx); err != nil {
 			return nil, err
 		}
 	}
-	s.limiter = s.timeAdmission(s.limiter)
 
 	notifier, _ := s.st.(authNotifier)
 	s.authSync = newAuthSync(notifier, s.rdb, log)
@@ -769,7 +773,7 @@ func (s *Server) onAdminChange() {
 	if err := s.refreshServiceLimits(ctx); err != nil {
 		s.log.Warn("reading service limits failed", "err", err)
 	}
-	s.budgets.clear()
+	s.budgets.Clear()
 	s.sweepKeys()
 }
 

@@ -84,54 +84,57 @@ type limitsInput struct {
 	ModelsEnabled opt[[]string] `json:"models_enabled"`
 }
 
+// field pairs an optional input field with the record field it sets.
+type field[T any] struct {
+	in  opt[T]
+	dst *T
+}
+
+// setPresent copies every present field into its destination (null: the
+// zero value).
+func setPresent[T any](fs ...field[T]) {
+	for _, f := range fs {
+		if f.in.Set {
+			*f.dst = f.in.V
+		}
+	}
+}
+
+// setValues copies every field that holds a value (null leaves the
+// destination as it is).
+func setValues[T any](fs ...field[T]) {
+	for _, f := range fs {
+		if f.in.has() {
+			*f.dst = f.in.V
+		}
+	}
+}
+
 // set copies the present, non-null fields into l (models_enabled: null
 // clears it).
 func (in *limitsInput) set(l *store.Limits) {
-	for _, f := range []struct {
-		v   opt[int]
-		dst *int
-	}{{in.RPMLimit, &l.RPMLimit}} {
-		if f.v.has() {
-			*f.dst = f.v.V
-		}
-	}
-	for _, f := range []struct {
-		v   opt[int64]
-		dst *int64
-	}{
-		{in.TPMLimit, &l.TPMLimit},
-		{in.DailyTokenLimit, &l.DailyTokenLimit},
-		{in.LimitTokensHourWarn, &l.LimitTokensHourWarn},
-		{in.LimitTokensHourBlock, &l.LimitTokensHourBlock},
-		{in.LimitTokensDayWarn, &l.LimitTokensDayWarn},
-		{in.LimitTokensDayBlock, &l.LimitTokensDayBlock},
-		{in.LimitTokensMonthWarn, &l.LimitTokensMonthWarn},
-		{in.LimitTokensMonthBlock, &l.LimitTokensMonthBlock},
-		{in.LimitTokensTotalBlock, &l.LimitTokensTotalBlock},
-	} {
-		if f.v.has() {
-			*f.dst = f.v.V
-		}
-	}
-	for _, f := range []struct {
-		v   opt[float64]
-		dst *float64
-	}{
-		{in.LimitCostHourWarn, &l.LimitCostHourWarn},
-		{in.LimitCostHourBlock, &l.LimitCostHourBlock},
-		{in.LimitCostDayWarn, &l.LimitCostDayWarn},
-		{in.LimitCostDayBlock, &l.LimitCostDayBlock},
-		{in.LimitCostMonthWarn, &l.LimitCostMonthWarn},
-		{in.LimitCostMonthBlock, &l.LimitCostMonthBlock},
-		{in.LimitCostTotalBlock, &l.LimitCostTotalBlock},
-	} {
-		if f.v.has() {
-			*f.dst = f.v.V
-		}
-	}
-	if in.ModelsEnabled.Set {
-		l.ModelsEnabled = in.ModelsEnabled.V
-	}
+	setValues(field[int]{in.RPMLimit, &l.RPMLimit})
+	setValues(
+		field[int64]{in.TPMLimit, &l.TPMLimit},
+		field[int64]{in.DailyTokenLimit, &l.DailyTokenLimit},
+		field[int64]{in.LimitTokensHourWarn, &l.LimitTokensHourWarn},
+		field[int64]{in.LimitTokensHourBlock, &l.LimitTokensHourBlock},
+		field[int64]{in.LimitTokensDayWarn, &l.LimitTokensDayWarn},
+		field[int64]{in.LimitTokensDayBlock, &l.LimitTokensDayBlock},
+		field[int64]{in.LimitTokensMonthWarn, &l.LimitTokensMonthWarn},
+		field[int64]{in.LimitTokensMonthBlock, &l.LimitTokensMonthBlock},
+		field[int64]{in.LimitTokensTotalBlock, &l.LimitTokensTotalBlock},
+	)
+	setValues(
+		field[float64]{in.LimitCostHourWarn, &l.LimitCostHourWarn},
+		field[float64]{in.LimitCostHourBlock, &l.LimitCostHourBlock},
+		field[float64]{in.LimitCostDayWarn, &l.LimitCostDayWarn},
+		field[float64]{in.LimitCostDayBlock, &l.LimitCostDayBlock},
+		field[float64]{in.LimitCostMonthWarn, &l.LimitCostMonthWarn},
+		field[float64]{in.LimitCostMonthBlock, &l.LimitCostMonthBlock},
+		field[float64]{in.LimitCostTotalBlock, &l.LimitCostTotalBlock},
+	)
+	setPresent(field[[]string]{in.ModelsEnabled, &l.ModelsEnabled})
 }
 
 // apply copies the present fields into l and validates the result

@@ -51,33 +51,11 @@ func (in *keyInput) apply(k *store.Key) error {
 		}
 		k.Secret = in.KeyValue.V
 	}
-	for _, f := range []struct {
-		o   opt[float64]
-		dst *float64
-	}{{in.BalanceTotal, &k.BalanceTotal}, {in.BalanceUsed, &k.BalanceUsed}} {
-		if f.o.Set {
-			*f.dst = f.o.V
-		}
-	}
-	for _, f := range []struct {
-		o   opt[string]
-		dst *string
-	}{{in.BalanceUnit, &k.BalanceUnit}, {in.AccountEmail, &k.AccountEmail}, {in.Tier, &k.Tier}} {
-		if f.o.Set {
-			*f.dst = f.o.V
-		}
-	}
-	for _, f := range []struct {
-		o   opt[int]
-		dst *int
-	}{{in.Weight, &k.Weight}, {in.Priority, &k.Priority}, {in.RateLimitRPM, &k.RateLimitRPM}, {in.MaxInFlight, &k.MaxInFlight}} {
-		if f.o.Set {
-			*f.dst = f.o.V
-		}
-	}
-	if in.Labels.Set {
-		k.Labels = in.Labels.V
-	}
+	setPresent(field[float64]{in.BalanceTotal, &k.BalanceTotal}, field[float64]{in.BalanceUsed, &k.BalanceUsed})
+	setPresent(field[string]{in.BalanceUnit, &k.BalanceUnit}, field[string]{in.AccountEmail, &k.AccountEmail}, field[string]{in.Tier, &k.Tier})
+	setPresent(field[int]{in.Weight, &k.Weight}, field[int]{in.Priority, &k.Priority},
+		field[int]{in.RateLimitRPM, &k.RateLimitRPM}, field[int]{in.MaxInFlight, &k.MaxInFlight})
+	setPresent(field[map[string]string]{in.Labels, &k.Labels})
 	if err := (store.Validator{}).Key(k); err != nil {
 		return invalid(err)
 	}

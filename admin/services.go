@@ -50,22 +50,13 @@ type keyPolicyInput struct {
 
 // apply copies the present fields into p.
 func (in *keyPolicyInput) apply(p *store.KeyPolicy) {
-	for _, f := range []struct {
-		o   opt[int]
-		dst *int
-	}{
-		{in.RetryAfterCap, &p.RetryAfterCap},
-		{in.ConfirmRefusals, &p.ConfirmRefusals},
-		{in.MinActiveKeys, &p.MinActiveKeys},
-		{in.MaxEjectionPercent, &p.MaxEjectionPercent},
-	} {
-		if f.o.Set {
-			*f.dst = f.o.V
-		}
-	}
-	if in.Classifier.Set {
-		p.Classifier = in.Classifier.V
-	}
+	setPresent(
+		field[int]{in.RetryAfterCap, &p.RetryAfterCap},
+		field[int]{in.ConfirmRefusals, &p.ConfirmRefusals},
+		field[int]{in.MinActiveKeys, &p.MinActiveKeys},
+		field[int]{in.MaxEjectionPercent, &p.MaxEjectionPercent},
+	)
+	setPresent(field[string]{in.Classifier, &p.Classifier})
 }
 
 // serviceView is a service as the API shows it: prices as a JSON object.
@@ -87,30 +78,17 @@ func viewService(s store.Service) serviceView {
 // apply copies the present fields into s; a null clears a field. The
 // caller validates the whole record (store.Validator.Service).
 func (in *serviceInput) apply(s *store.Service) error {
-	for _, f := range []struct {
-		o   opt[string]
-		dst *string
-	}{
-		{in.DisplayName, &s.DisplayName}, {in.Description, &s.Description}, {in.BaseURL, &s.BaseURL},
-		{in.AuthScheme, &s.AuthScheme}, {in.Selector, &s.Selector}, {in.ExternalName, &s.ExternalName},
-		{in.LLMFamily, &s.LLMFamily},
-	} {
-		if f.o.Set {
-			*f.dst = f.o.V
-		}
-	}
+	setPresent(
+		field[string]{in.DisplayName, &s.DisplayName}, field[string]{in.Description, &s.Description},
+		field[string]{in.BaseURL, &s.BaseURL}, field[string]{in.AuthScheme, &s.AuthScheme},
+		field[string]{in.Selector, &s.Selector}, field[string]{in.ExternalName, &s.ExternalName},
+		field[string]{in.LLMFamily, &s.LLMFamily},
+	)
 	if in.IsActive.Set {
 		s.Disabled = !in.IsActive.Null && !in.IsActive.V
 	}
-	if in.RateLimitRPM.Set {
-		s.RateLimitRPM = in.RateLimitRPM.V
-	}
-	if in.MaxInFlight.Set {
-		s.MaxInFlight = in.MaxInFlight.V
-	}
-	if in.ProxyHeaders.Set {
-		s.ProxyHeaders = in.ProxyHeaders.V
-	}
+	setPresent(field[int]{in.RateLimitRPM, &s.RateLimitRPM}, field[int]{in.MaxInFlight, &s.MaxInFlight})
+	setPresent(field[map[string]string]{in.ProxyHeaders, &s.ProxyHeaders})
 	if in.Prices.Set {
 		s.Prices = string(bytes.TrimSpace(in.Prices.V))
 	}

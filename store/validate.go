@@ -136,48 +136,54 @@ func trimInvalid(err error) string {
 // Validate checks that no limit is negative and normalises ModelsEnabled
 // (trimmed, without duplicates; nil when empty).
 func (l *Limits) Validate() error {
-	if l.RPMLimit < 0 {
-		return invalidf("rpm_limit must not be negative (0 means no limit)")
+	if err := nonNegative(named[int]{"rpm_limit", l.RPMLimit}); err != nil {
+		return err
 	}
-	for _, f := range []struct {
-		name string
-		v    int64
-	}{
-		{"tpm_limit", l.TPMLimit},
-		{"daily_token_limit", l.DailyTokenLimit},
-		{"limit_tokens_hour_warn", l.LimitTokensHourWarn},
-		{"limit_tokens_hour_block", l.LimitTokensHourBlock},
-		{"limit_tokens_day_warn", l.LimitTokensDayWarn},
-		{"limit_tokens_day_block", l.LimitTokensDayBlock},
-		{"limit_tokens_month_warn", l.LimitTokensMonthWarn},
-		{"limit_tokens_month_block", l.LimitTokensMonthBlock},
-		{"limit_tokens_total_block", l.LimitTokensTotalBlock},
-	} {
-		if f.v < 0 {
-			return invalidf("%s must not be negative (0 means no limit)", f.name)
-		}
+	if err := nonNegative(
+		named[int64]{"tpm_limit", l.TPMLimit},
+		named[int64]{"daily_token_limit", l.DailyTokenLimit},
+		named[int64]{"limit_tokens_hour_warn", l.LimitTokensHourWarn},
+		named[int64]{"limit_tokens_hour_block", l.LimitTokensHourBlock},
+		named[int64]{"limit_tokens_day_warn", l.LimitTokensDayWarn},
+		named[int64]{"limit_tokens_day_block", l.LimitTokensDayBlock},
+		named[int64]{"limit_tokens_month_warn", l.LimitTokensMonthWarn},
+		named[int64]{"limit_tokens_month_block", l.LimitTokensMonthBlock},
+		named[int64]{"limit_tokens_total_block", l.LimitTokensTotalBlock},
+	); err != nil {
+		return err
 	}
-	for _, f := range []struct {
-		name string
-		v    float64
-	}{
-		{"limit_cost_hour_warn", l.LimitCostHourWarn},
-		{"limit_cost_hour_block", l.LimitCostHourBlock},
-		{"limit_cost_day_warn", l.LimitCostDayWarn},
-		{"limit_cost_day_block", l.LimitCostDayBlock},
-		{"limit_cost_month_warn", l.LimitCostMonthWarn},
-		{"limit_cost_month_block", l.LimitCostMonthBlock},
-		{"limit_cost_total_block", l.LimitCostTotalBlock},
-	} {
-		if f.v < 0 {
-			return invalidf("%s must not be negative (0 means no limit)", f.name)
-		}
+	if err := nonNegative(
+		named[float64]{"limit_cost_hour_warn", l.LimitCostHourWarn},
+		named[float64]{"limit_cost_hour_block", l.LimitCostHourBlock},
+		named[float64]{"limit_cost_day_warn", l.LimitCostDayWarn},
+		named[float64]{"limit_cost_day_block", l.LimitCostDayBlock},
+		named[float64]{"limit_cost_month_warn", l.LimitCostMonthWarn},
+		named[float64]{"limit_cost_month_block", l.LimitCostMonthBlock},
+		named[float64]{"limit_cost_total_block", l.LimitCostTotalBlock},
+	); err != nil {
+		return err
 	}
 	ms, err := CleanList("models_enabled", l.ModelsEnabled, 256, 1000)
 	if err != nil {
 		return err
 	}
 	l.ModelsEnabled = ms
+	return nil
+}
+
+// named is a limit's value with its field name.
+type named[T int | int64 | float64] struct {
+	name string
+	v    T
+}
+
+// nonNegative reports the first negative limit of fs.
+func nonNegative[T int | int64 | float64](fs ...named[T]) error {
+	for _, f := range fs {
+		if f.v < 0 {
+			return invalidf("%s must not be negative (0 means no limit)", f.name)
+		}
+	}
 	return nil
 }
 

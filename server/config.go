@@ -212,6 +212,7 @@ type Config struct {
 
 	// Store, if set, is the store the server uses instead of opening
 	// Database: a ready [store.Store] that the server closes at shutdown.
+	// It seals its own secrets: EncryptionKey is not used.
 	// The server uses the optional interfaces it implements (see
 	// [New]); [store.AdminStore] is required.
 	Store store.Store `json:"-" yaml:"-"`

@@ -263,9 +263,11 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		log.Warn("using a generated encryption key stored beside the database; set KEYPOOL_ENCRYPTION_KEY for production",
 			"file", EncryptionKeyFile, "data_dir", cfg.DataDir)
 	}
-	keyring, err := seal.ParseKeyring(cfg.EncryptionKey.Reveal())
-	if err != nil {
-		return nil, fmt.Errorf("server: KEYPOOL_ENCRYPTION_KEY: %w", err)
+	var keyring *seal.Keyring // nil with Config.Store, which seals its own
+	if cfg.Store == nil {
+		if keyring, err = seal.ParseKeyring(cfg.EncryptionKey.Reveal()); err != nil {
+			return nil, fmt.Errorf("server: KEYPOOL_ENCRYPTION_KEY: %w", err)
+		}
 	}
 
 	s := &Server{cfg: cfg, log: log, logBuf: logBuf, done: make(chan struct{}), events: make(chan keypool.Event, 4096), now: cfg.Now}
@@ -462,7 +464,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if s.journal != nil {
 		s.bg.Go(func() { s.replayJournals(bgctx) })
 	}
-	if _, ok := s.st.(rewrapper); ok && len(keyring.Versions()) > 1 {
+	if _, ok := s.st.(rewrapper); ok && keyring != nil && len(keyring.Versions()) > 1 {
 		// A rotation: re-seal what older keys sealed, online.
 		s.bg.Go(func() { s.rewrap(bgctx) })
 	}

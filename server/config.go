@@ -232,7 +232,11 @@ func (c *Config) validator() store.Validator {
 }
 
 // ServiceSpec is a service declared in the configuration file. Its fields
-// mirror POST /admin/services; Keys mirror POST /admin/keys. At start the
+// mirror POST /admin/services; Keys mirror POST /admin/keys; both are
+// checked by the admin API's rules ([store.Validator], with the names
+// registered in [Config.Selectors], [Config.AuthSchemes] and
+// [Config.Classifiers]), so a file the admin API would refuse does not
+// start. At start the
 // service is created, or updated to match; each key is added unless the
 // service already holds the same value. Keys removed from the file are
 // not deleted from the store.

@@ -3,6 +3,7 @@ package server_test
 import (
 	"context"
 	"encoding/json"
+	"github.com/keypool/keypool/store"
 	"io"
 	"net"
 	"net/http"
@@ -10,8 +11,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/keypool/keypool/store"
 
 	"github.com/keypool/keypool"
 	"github.com/keypool/keypool/server"

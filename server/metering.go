@@ -279,7 +279,16 @@ func (s *Server) reserve(ctx context.Context, c *call, service string, meta *svc
 		scopes[budget.Team] = s.budgets.Scope(budget.Team, p.Team.ID, &p.Team.Limits)
 	}
 	scopes[budget.Service] = meta.budget
-	err := s.budgets.Reserve(ctx, &c.budget, scopes, estTok, estCost, s.now())
+	if err := s.budgets.Reserve(ctx, &c.budget, scopes, estTok, estCost, s.now()); err != nil {
+		return budgetError(err)
+	}
+	return nil
+}
+
+// budgetError maps a refusal by the budgets to its answer: 429
+// budget_exceeded with Retry-After at the end of the refusing window, or
+// 503 unavailable when the counters are down and budgets fail closed.
+func budgetError(err error) error {
 	var ref *budget.Refusal
 	switch {
 	case errors.Is(err, budget.ErrUnavailable):

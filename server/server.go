@@ -92,8 +92,8 @@
 // request under any budget goes through; a budget is overspent by at most
 // the last admitted request's actual usage plus the sum, over concurrently
 // admitted requests, of their actual usage above their estimate (see
-// package limit). The in-process counters are seeded from stored usage at
-// start.
+// packages budget and limit). The in-process counters are seeded from
+// stored usage at start.
 //
 // models_enabled on a service, team or token restricts the models a
 // request may name (403 forbidden naming the model), and GET

@@ -54,7 +54,7 @@ type freeFirst struct {
 // Select implements keypool.Selector.
 func (s *freeFirst) Select(c *keypool.Candidates) *keypool.Candidate {
 	for i := 0; i < c.Len(); i++ {
-		if k := s.rr.Select(c); k.Key().Labels["tier"] == "free" {
+		if k := s.rr.Select(c); k.Label("tier") == "free" {
 			return k
 		}
 	}

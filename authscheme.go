@@ -137,10 +137,10 @@ func ParseAuthScheme(name string) (AuthScheme, error) {
 	}
 	kind, arg, ok := strings.Cut(n, ":")
 	switch {
-	case ok && strings.EqualFold(kind, "header") && validToken(arg) && droppedHeader(arg):
+	case ok && strings.EqualFold(kind, "header") && ValidHeaderName(arg) && droppedHeader(arg):
 		return nil, fmt.Errorf("%w: auth_scheme %q: %s cannot carry a key (HTTP clients and proxies set, drop or consume it); use the header the API documents, e.g. header:X-Api-Key",
 			ErrInvalidConfig, name, textproto.CanonicalMIMEHeaderKey(arg))
-	case ok && strings.EqualFold(kind, "header") && validToken(arg):
+	case ok && strings.EqualFold(kind, "header") && ValidHeaderName(arg):
 		return HeaderAuth{Header: textproto.CanonicalMIMEHeaderKey(arg), name: "header:" + arg}, nil
 	case ok && strings.EqualFold(kind, "query") && arg != "" && url.QueryEscape(arg) == arg:
 		return QueryAuth{Param: arg, name: "query:" + arg}, nil
@@ -160,9 +160,11 @@ func droppedHeader(name string) bool {
 	return len(name) >= 6 && strings.EqualFold(name[:6], "proxy-")
 }
 
-// validToken reports whether v is a valid HTTP header name.
-func validToken(v string) bool {
-	if v == "" {
+// ValidHeaderName reports whether v is a valid HTTP header name: an RFC
+// 9110 token of at most 256 bytes. Auth schemes ("header:<Name>") and a
+// service's proxy_headers follow this one rule.
+func ValidHeaderName(v string) bool {
+	if v == "" || len(v) > 256 {
 		return false
 	}
 	for i := 0; i < len(v); i++ {

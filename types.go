@@ -123,6 +123,10 @@ type Service struct {
 	MaxInFlight int
 	// Selector picks among available keys. If nil, [RoundRobin].
 	Selector Selector
+	// Classifier decides what an upstream answer says about the key that
+	// served it, for proxies that classify per service (proxy.Transport
+	// does). If nil, the proxy's own classifier.
+	Classifier Classifier
 	// Headers are added to every upstream request (proxy_headers).
 	Headers map[string]string
 	// Breaker overrides the pool's breaker settings for this service.

@@ -137,6 +137,10 @@ type Config struct {
 	// passes, so the proxy's dialer should refuse link-local addresses
 	// at connect time as well.
 	AllowMetadataUpstreams bool
+	// Registry holds the selector, auth_scheme and classifier names a
+	// service may name besides the built-in ones (the server passes the
+	// ones registered in its Config). Nil: the built-in names only.
+	Registry *store.Registry
 	// Sessions, if set, signs admin users in (POST /admin/auth/login),
 	// accepts their session tokens like the admin token, and serves
 	// /admin/admin-users and /admin/audit; every write is then recorded
@@ -155,7 +159,7 @@ type API struct {
 	clientIP func(*http.Request) string
 	onChange func()
 	log      *slog.Logger
-	allowMD  bool
+	valid    store.Validator  // the rules of every service and key written
 	sessions *auth.Sessions   // nil: only the admin token
 	audit    store.AdminStore // nil: no audit log
 	now      func() time.Time
@@ -173,7 +177,7 @@ func New(cfg Config) (*API, error) {
 	a := &API{
 		st: cfg.Store, pool: cfg.Pool, auth: cfg.Auth, failures: cfg.Failures,
 		clientIP: cfg.ClientIP, onChange: cfg.OnChange, log: cfg.Logger,
-		allowMD: cfg.AllowMetadataUpstreams, now: cfg.Now, sessions: cfg.Sessions,
+		valid: store.Validator{Registry: cfg.Registry, AllowMetadataUpstreams: cfg.AllowMetadataUpstreams}, now: cfg.Now, sessions: cfg.Sessions,
 	}
 	if a.sessions != nil {
 		a.audit = a.sessions.Store()
@@ -400,6 +404,16 @@ func (a *API) changed() {
 // badRequest returns a 400 bad_request error.
 func badRequest(format string, args ...any) *httpx.Error {
 	return httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, format, args...)
+}
+
+// invalid turns a *store.ValidationError into a 400 bad_request with its
+// message; other errors pass as they are.
+func invalid(err error) error {
+	var ve *store.ValidationError
+	if errors.As(err, &ve) {
+		return badRequest("%s", ve.Message)
+	}
+	return err
 }
 
 // notFound returns a 404 not_found error.

@@ -36,7 +36,7 @@ func (in *teamInput) apply(t *store.Team) error {
 			return err
 		}
 		for _, s := range l {
-			if !isName(s) {
+			if !store.ValidName(s) {
 				return badRequest("allowed_services: %q is not a valid service name", s)
 			}
 		}

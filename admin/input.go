@@ -3,10 +3,8 @@ package admin
 import (
 	"encoding/json"
 	"errors"
-	"fmt"
 	"net/http"
 	"strings"
-	"unicode/utf8"
 
 	"github.com/keypool/keypool/internal/httpx"
 	"github.com/keypool/keypool/store"
@@ -86,145 +84,87 @@ type limitsInput struct {
 	ModelsEnabled opt[[]string] `json:"models_enabled"`
 }
 
-// apply validates the present fields and copies them into l.
+// field pairs an optional input field with the record field it sets.
+type field[T any] struct {
+	in  opt[T]
+	dst *T
+}
+
+// setPresent copies every present field into its destination (null: the
+// zero value).
+func setPresent[T any](fs ...field[T]) {
+	for _, f := range fs {
+		if f.in.Set {
+			*f.dst = f.in.V
+		}
+	}
+}
+
+// setValues copies every field that holds a value (null leaves the
+// destination as it is).
+func setValues[T any](fs ...field[T]) {
+	for _, f := range fs {
+		if f.in.has() {
+			*f.dst = f.in.V
+		}
+	}
+}
+
+// set copies the present, non-null fields into l (models_enabled: null
+// clears it).
+func (in *limitsInput) set(l *store.Limits) {
+	setValues(field[int]{in.RPMLimit, &l.RPMLimit})
+	setValues(
+		field[int64]{in.TPMLimit, &l.TPMLimit},
+		field[int64]{in.DailyTokenLimit, &l.DailyTokenLimit},
+		field[int64]{in.LimitTokensHourWarn, &l.LimitTokensHourWarn},
+		field[int64]{in.LimitTokensHourBlock, &l.LimitTokensHourBlock},
+		field[int64]{in.LimitTokensDayWarn, &l.LimitTokensDayWarn},
+		field[int64]{in.LimitTokensDayBlock, &l.LimitTokensDayBlock},
+		field[int64]{in.LimitTokensMonthWarn, &l.LimitTokensMonthWarn},
+		field[int64]{in.LimitTokensMonthBlock, &l.LimitTokensMonthBlock},
+		field[int64]{in.LimitTokensTotalBlock, &l.LimitTokensTotalBlock},
+	)
+	setValues(
+		field[float64]{in.LimitCostHourWarn, &l.LimitCostHourWarn},
+		field[float64]{in.LimitCostHourBlock, &l.LimitCostHourBlock},
+		field[float64]{in.LimitCostDayWarn, &l.LimitCostDayWarn},
+		field[float64]{in.LimitCostDayBlock, &l.LimitCostDayBlock},
+		field[float64]{in.LimitCostMonthWarn, &l.LimitCostMonthWarn},
+		field[float64]{in.LimitCostMonthBlock, &l.LimitCostMonthBlock},
+		field[float64]{in.LimitCostTotalBlock, &l.LimitCostTotalBlock},
+	)
+	setPresent(field[[]string]{in.ModelsEnabled, &l.ModelsEnabled})
+}
+
+// apply copies the present fields into l and validates the result
+// (store.Limits.Validate): the limits of teams and tokens.
 func (in *limitsInput) apply(l *store.Limits) error {
-	ints := []struct {
-		name string
-		v    opt[int]
-		dst  *int
-	}{{"rpm_limit", in.RPMLimit, &l.RPMLimit}}
-	for _, f := range ints {
-		if f.v.has() {
-			if f.v.V < 0 {
-				return badRequest("%s must not be negative (0 means no limit)", f.name)
-			}
-			*f.dst = f.v.V
-		}
-	}
-	int64s := []struct {
-		name string
-		v    opt[int64]
-		dst  *int64
-	}{
-		{"tpm_limit", in.TPMLimit, &l.TPMLimit},
-		{"daily_token_limit", in.DailyTokenLimit, &l.DailyTokenLimit},
-		{"limit_tokens_hour_warn", in.LimitTokensHourWarn, &l.LimitTokensHourWarn},
-		{"limit_tokens_hour_block", in.LimitTokensHourBlock, &l.LimitTokensHourBlock},
-		{"limit_tokens_day_warn", in.LimitTokensDayWarn, &l.LimitTokensDayWarn},
-		{"limit_tokens_day_block", in.LimitTokensDayBlock, &l.LimitTokensDayBlock},
-		{"limit_tokens_month_warn", in.LimitTokensMonthWarn, &l.LimitTokensMonthWarn},
-		{"limit_tokens_month_block", in.LimitTokensMonthBlock, &l.LimitTokensMonthBlock},
-		{"limit_tokens_total_block", in.LimitTokensTotalBlock, &l.LimitTokensTotalBlock},
-	}
-	for _, f := range int64s {
-		if f.v.has() {
-			if f.v.V < 0 {
-				return badRequest("%s must not be negative (0 means no limit)", f.name)
-			}
-			*f.dst = f.v.V
-		}
-	}
-	floats := []struct {
-		name string
-		v    opt[float64]
-		dst  *float64
-	}{
-		{"limit_cost_hour_warn", in.LimitCostHourWarn, &l.LimitCostHourWarn},
-		{"limit_cost_hour_block", in.LimitCostHourBlock, &l.LimitCostHourBlock},
-		{"limit_cost_day_warn", in.LimitCostDayWarn, &l.LimitCostDayWarn},
-		{"limit_cost_day_block", in.LimitCostDayBlock, &l.LimitCostDayBlock},
-		{"limit_cost_month_warn", in.LimitCostMonthWarn, &l.LimitCostMonthWarn},
-		{"limit_cost_month_block", in.LimitCostMonthBlock, &l.LimitCostMonthBlock},
-		{"limit_cost_total_block", in.LimitCostTotalBlock, &l.LimitCostTotalBlock},
-	}
-	for _, f := range floats {
-		if f.v.has() {
-			if f.v.V < 0 {
-				return badRequest("%s must not be negative (0 means no limit)", f.name)
-			}
-			*f.dst = f.v.V
-		}
-	}
-	if in.ModelsEnabled.Set {
-		ms, err := cleanList("models_enabled", in.ModelsEnabled.V, 256, 1000)
-		if err != nil {
-			return err
-		}
-		l.ModelsEnabled = ms
-	}
-	return nil
+	in.set(l)
+	return invalid(l.Validate())
 }
 
-// cleanList trims a list of names, rejecting empty, overlong, control
-// characters and too many entries, and dropping duplicates. Nil for empty.
+// cleanList is store.CleanList with the error as a 400.
 func cleanList(field string, in []string, maxLen, maxN int) ([]string, error) {
-	if len(in) > maxN {
-		return nil, badRequest("%s has %d entries; at most %d", field, len(in), maxN)
-	}
-	var out []string
-	seen := map[string]bool{}
-	for i, v := range in {
-		v = strings.TrimSpace(v)
-		if err := checkText(fmt.Sprintf("%s[%d]", field, i), v, maxLen, true); err != nil {
-			return nil, err
-		}
-		if !seen[v] {
-			seen[v] = true
-			out = append(out, v)
-		}
-	}
-	return out, nil
+	out, err := store.CleanList(field, in, maxLen, maxN)
+	return out, invalid(err)
 }
 
-// checkText rejects text that is too long, not UTF-8, holds control
-// characters or, when required, is empty.
+// checkText is store.CheckText with the error as a 400.
 func checkText(field, v string, maxLen int, required bool) error {
-	switch {
-	case required && v == "":
-		return badRequest("%s is required and must not be empty", field)
-	case len(v) > maxLen:
-		return badRequest("%s is longer than %d bytes", field, maxLen)
-	case !utf8.ValidString(v):
-		return badRequest("%s is not valid UTF-8", field)
-	}
-	for _, c := range v {
-		if c < 0x20 || c == 0x7f {
-			return badRequest("%s must not contain control characters", field)
-		}
-	}
-	return nil
+	return invalid(store.CheckText(field, v, maxLen, required))
 }
 
-// isName reports whether v matches [a-z0-9][a-z0-9._-]{0,63}: service
-// names, which appear in URLs.
-func isName(v string) bool {
-	if v == "" || len(v) > 64 {
-		return false
+// setDescription validates a present description field and copies it
+// into dst (null clears it).
+func setDescription(in opt[string], dst *string) error {
+	if !in.Set {
+		return nil
 	}
-	for i := 0; i < len(v); i++ {
-		c := v[i]
-		switch {
-		case 'a' <= c && c <= 'z', '0' <= c && c <= '9':
-		case i > 0 && (c == '.' || c == '_' || c == '-'):
-		default:
-			return false
-		}
+	v := strings.TrimSpace(in.V)
+	if err := checkText("description", v, store.MaxDescription, false); err != nil {
+		return err
 	}
-	return true
-}
-
-// checkLabels validates a key's labels.
-func checkLabels(labels map[string]string) error {
-	if len(labels) > 64 {
-		return badRequest("labels has %d entries; at most 64", len(labels))
-	}
-	for k, v := range labels {
-		if err := checkText("labels key", k, 64, true); err != nil {
-			return err
-		}
-		if err := checkText(fmt.Sprintf("labels[%q]", k), v, 256, false); err != nil {
-			return err
-		}
-	}
+	*dst = v
 	return nil
 }

@@ -37,100 +37,27 @@ type keyInput struct {
 	Tier opt[string] `json:"tier"`
 }
 
-// checkKeyValue validates an upstream key value. Its errors never include
-// the value.
-func checkKeyValue(v keypool.Secret) error {
-	s := v.Reveal()
-	switch {
-	case s == "":
-		return badRequest("key_value is required and must not be empty")
-	case len(s) > 8192:
-		return badRequest("key_value is longer than 8192 bytes")
-	case strings.TrimSpace(s) != s:
-		return badRequest("key_value must not start or end with white space")
-	}
-	for i := 0; i < len(s); i++ {
-		if c := s[i]; c < 0x21 || c == 0x7f {
-			return badRequest("key_value must not contain spaces or control characters")
-		}
-	}
-	return nil
-}
-
-// apply validates the present fields other than service and copies them
-// into k.
+// apply copies the present fields other than service into k and
+// validates the result (store.Validator.Key).
 func (in *keyInput) apply(k *store.Key) error {
 	if err := in.aliases(); err != nil {
 		return err
 	}
 	if in.KeyValue.Set {
-		if err := checkKeyValue(in.KeyValue.V); err != nil {
-			return err
+		// Checked here too: an empty value on a stored key would mean
+		// "keep the stored one" to the validator.
+		if err := store.CheckKeyValue(in.KeyValue.V); err != nil {
+			return invalid(err)
 		}
 		k.Secret = in.KeyValue.V
 	}
-	if in.BalanceTotal.Set {
-		if in.BalanceTotal.V < 0 {
-			return badRequest("balance_total must not be negative (0 means unknown or unlimited)")
-		}
-		k.BalanceTotal = in.BalanceTotal.V
-	}
-	if in.BalanceUsed.Set {
-		if in.BalanceUsed.V < 0 {
-			return badRequest("balance_used must not be negative")
-		}
-		k.BalanceUsed = in.BalanceUsed.V
-	}
-	if in.BalanceUnit.Set {
-		v := strings.ToLower(strings.TrimSpace(in.BalanceUnit.V))
-		if err := checkText("balance_unit", v, 32, false); err != nil {
-			return err
-		}
-		k.BalanceUnit = v
-	}
-	if in.AccountEmail.Set {
-		v := strings.TrimSpace(in.AccountEmail.V)
-		if err := checkText("account_email", v, 320, false); err != nil {
-			return err
-		}
-		k.AccountEmail = v
-	}
-	if in.Weight.Set {
-		if in.Weight.V < 0 {
-			return badRequest("weight must not be negative (0 means 1)")
-		}
-		k.Weight = in.Weight.V
-	}
-	if in.Priority.Set {
-		k.Priority = in.Priority.V
-	}
-	if in.RateLimitRPM.Set {
-		if in.RateLimitRPM.V < -1 {
-			return badRequest("rate_limit_rpm must be -1 (unlimited), 0 (the service's) or positive")
-		}
-		k.RateLimitRPM = in.RateLimitRPM.V
-	}
-	if in.MaxInFlight.Set {
-		if in.MaxInFlight.V < 0 {
-			return badRequest("max_in_flight must not be negative (0 means the service's)")
-		}
-		k.MaxInFlight = in.MaxInFlight.V
-	}
-	if in.Labels.Set {
-		if err := checkLabels(in.Labels.V); err != nil {
-			return err
-		}
-		k.Labels = in.Labels.V
-		if len(k.Labels) == 0 {
-			k.Labels = nil
-		}
-	}
-	if in.Tier.Set {
-		v := strings.TrimSpace(in.Tier.V)
-		if err := checkText("tier", v, 64, false); err != nil {
-			return err
-		}
-		k.Tier = v
+	setPresent(field[float64]{in.BalanceTotal, &k.BalanceTotal}, field[float64]{in.BalanceUsed, &k.BalanceUsed})
+	setPresent(field[string]{in.BalanceUnit, &k.BalanceUnit}, field[string]{in.AccountEmail, &k.AccountEmail}, field[string]{in.Tier, &k.Tier})
+	setPresent(field[int]{in.Weight, &k.Weight}, field[int]{in.Priority, &k.Priority},
+		field[int]{in.RateLimitRPM, &k.RateLimitRPM}, field[int]{in.MaxInFlight, &k.MaxInFlight})
+	setPresent(field[map[string]string]{in.Labels, &k.Labels})
+	if err := (store.Validator{}).Key(k); err != nil {
+		return invalid(err)
 	}
 	if in.Status.Set {
 		switch st := strings.TrimSpace(in.Status.V); st {

@@ -5,16 +5,10 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"net"
 	"net/http"
-	"net/netip"
-	"net/textproto"
-	"net/url"
 	"strings"
 
-	"github.com/keypool/keypool"
 	"github.com/keypool/keypool/internal/httpx"
-	"github.com/keypool/keypool/meter"
 	"github.com/keypool/keypool/route"
 	"github.com/keypool/keypool/store"
 )
@@ -55,28 +49,20 @@ type keyPolicyInput struct {
 	ConfirmRefusals    opt[int] `json:"confirm_refusals"`
 	MinActiveKeys      opt[int] `json:"min_active_keys"`
 	MaxEjectionPercent opt[int] `json:"max_ejection_percent"`
+	// Classifier names a classifier registered with the server; empty or
+	// null means the built-in one.
+	Classifier opt[string] `json:"classifier"`
 }
 
-func (in *keyPolicyInput) apply(p *store.KeyPolicy) error {
-	next := *p
-	for _, f := range []struct {
-		o   opt[int]
-		dst *int
-	}{
-		{in.RetryAfterCap, &next.RetryAfterCap},
-		{in.ConfirmRefusals, &next.ConfirmRefusals},
-		{in.MinActiveKeys, &next.MinActiveKeys},
-		{in.MaxEjectionPercent, &next.MaxEjectionPercent},
-	} {
-		if f.o.Set {
-			*f.dst = f.o.V
-		}
-	}
-	if err := next.Validate(); err != nil {
-		return badRequest("%s", strings.TrimPrefix(err.Error(), store.ErrInvalid.Error()+": "))
-	}
-	*p = next
-	return nil
+// apply copies the present fields into p.
+func (in *keyPolicyInput) apply(p *store.KeyPolicy) {
+	setPresent(
+		field[int]{in.RetryAfterCap, &p.RetryAfterCap},
+		field[int]{in.ConfirmRefusals, &p.ConfirmRefusals},
+		field[int]{in.MinActiveKeys, &p.MinActiveKeys},
+		field[int]{in.MaxEjectionPercent, &p.MaxEjectionPercent},
+	)
+	setPresent(field[string]{in.Classifier, &p.Classifier})
 }
 
 // serviceView is a service as the API shows it: prices as a JSON object.
@@ -95,110 +81,40 @@ func viewService(s store.Service) serviceView {
 	return v
 }
 
-// apply validates the present fields and copies them into s.
-func (in *serviceInput) apply(s *store.Service, allowMD bool) error {
-	if in.DisplayName.Set {
-		v := strings.TrimSpace(in.DisplayName.V)
-		if err := checkText("display_name", v, 256, false); err != nil {
-			return err
-		}
-		s.DisplayName = v
-	}
-	if err := setDescription(in.Description, &s.Description); err != nil {
-		return err
-	}
+// apply copies the present fields into s; a null clears a field. The
+// caller validates the whole record (store.Validator.Service).
+func (in *serviceInput) apply(s *store.Service) error {
+	setPresent(
+		field[string]{in.DisplayName, &s.DisplayName}, field[string]{in.Description, &s.Description},
+		field[string]{in.BaseURL, &s.BaseURL}, field[string]{in.AuthScheme, &s.AuthScheme},
+		field[string]{in.Selector, &s.Selector}, field[string]{in.ExternalName, &s.ExternalName},
+		field[string]{in.LLMFamily, &s.LLMFamily},
+	)
 	if in.IsActive.Set {
 		s.Disabled = !in.IsActive.Null && !in.IsActive.V
 	}
-	if in.BaseURL.Set && !(s.Kind == store.KindRouter && strings.TrimSpace(in.BaseURL.V) == "") {
-		u, err := checkBaseURL(in.BaseURL.V, allowMD)
-		if err != nil {
-			return err
-		}
-		s.BaseURL = u
-	}
-	if in.AuthScheme.Set {
-		sch, err := keypool.ParseAuthScheme(in.AuthScheme.V)
-		if err != nil {
-			return badRequest("%s", trimInvalid(err))
-		}
-		s.AuthScheme = sch.Name()
-	}
-	if in.Selector.Set {
-		name := strings.ToLower(strings.TrimSpace(in.Selector.V))
-		if _, err := keypool.ParseSelector(name); err != nil {
-			return badRequest("selector: %s", trimInvalid(err))
-		}
-		s.Selector = name
-	}
-	if in.RateLimitRPM.Set {
-		if in.RateLimitRPM.V < 0 {
-			return badRequest("rate_limit_rpm must not be negative (0 means unlimited)")
-		}
-		s.RateLimitRPM = in.RateLimitRPM.V
-	}
-	if in.MaxInFlight.Set {
-		if in.MaxInFlight.V < 0 {
-			return badRequest("max_in_flight must not be negative (0 means unlimited)")
-		}
-		s.MaxInFlight = in.MaxInFlight.V
-	}
-	if in.ProxyHeaders.Set {
-		h, err := checkProxyHeaders(in.ProxyHeaders.V)
-		if err != nil {
-			return err
-		}
-		s.ProxyHeaders = h
-	}
-	if in.ExternalName.Set {
-		v := strings.TrimSpace(in.ExternalName.V)
-		if err := checkText("external_name", v, 128, false); err != nil {
-			return err
-		}
-		s.ExternalName = v
-	}
-	if in.LLMFamily.Set {
-		v := strings.TrimSpace(in.LLMFamily.V)
-		if v != "" {
-			f, err := meter.ParseFamily(v)
-			if err != nil {
-				return badRequest("llm_family %q: want openai, anthropic, gemini, none, or empty to detect it", v)
-			}
-			v = f.String()
-		}
-		s.LLMFamily = v
-	}
-	if in.Routes.Set {
-		s.Routes = in.Routes.V
-	}
+	setPresent(field[int]{in.RateLimitRPM, &s.RateLimitRPM}, field[int]{in.MaxInFlight, &s.MaxInFlight})
+	setPresent(field[map[string]string]{in.ProxyHeaders, &s.ProxyHeaders})
 	if in.Prices.Set {
-		p, err := checkPrices(in.Prices.V)
-		if err != nil {
-			return err
-		}
-		s.Prices = p
+		s.Prices = string(bytes.TrimSpace(in.Prices.V))
 	}
-	if err := in.keyPolicyInput.apply(&s.KeyPolicy); err != nil {
-		return err
-	}
+	in.keyPolicyInput.apply(&s.KeyPolicy)
 	if err := in.timeoutsInput.apply(s); err != nil {
 		return err
 	}
-	return in.limitsInput.apply(&s.Limits)
+	in.limitsInput.set(&s.Limits)
+	if in.Routes.Set {
+		s.Routes = in.Routes.V
+	}
+	return nil
 }
 
 // checkRouter validates a router's routes against the other services
-// (see route.Validate), and refuses routes, base_url and keys' settings
-// on a service that is not a router.
-func (a *API) checkRouter(ctx context.Context, s *store.Service, routesSet bool) error {
+// (see route.Validate); the record itself (kind, no base_url, routes only
+// on a router) is store.Validator's to check.
+func (a *API) checkRouter(ctx context.Context, s *store.Service) error {
 	if s.Kind != store.KindRouter {
-		if routesSet && len(s.Routes) > 0 {
-			return badRequest("routes are for services of kind \"router\"")
-		}
 		return nil
-	}
-	if s.BaseURL != "" {
-		return badRequest("a router has no base_url: its routes name the services that serve each model")
 	}
 	ss, err := a.st.Services(ctx)
 	if err != nil {
@@ -217,222 +133,6 @@ func (a *API) checkRouter(ctx context.Context, s *store.Service, routesSet bool)
 	return nil
 }
 
-// trimInvalid drops the "keypool: invalid configuration: " prefix of a
-// parse error; what is left names the value and the valid options.
-func trimInvalid(err error) string {
-	return strings.TrimPrefix(err.Error(), keypool.ErrInvalidConfig.Error()+": ")
-}
-
-// checkPrices validates a price table and returns it as compact JSON.
-func checkPrices(raw json.RawMessage) (string, error) {
-	raw = bytes.TrimSpace(raw)
-	if len(raw) == 0 || string(raw) == "null" {
-		return "", nil
-	}
-	if raw[0] != '{' {
-		return "", badRequest("prices must be a JSON object of model name to price")
-	}
-	if _, err := meter.ParsePrices(raw); err != nil {
-		return "", badRequest("prices: %s", strings.TrimPrefix(err.Error(), "meter: prices: "))
-	}
-	var b bytes.Buffer
-	if err := json.Compact(&b, raw); err != nil {
-		return "", badRequest("prices: malformed JSON")
-	}
-	return b.String(), nil
-}
-
-// metadataHosts are cloud metadata endpoints by name.
-var metadataHosts = map[string]bool{
-	"metadata.google.internal":   true,
-	"metadata.goog":              true,
-	"metadata":                   true,
-	"instance-data":              true,
-	"instance-data.ec2.internal": true,
-	"metadata.azure.internal":    true,
-}
-
-// metadataAddrs are cloud metadata endpoints by address, besides the
-// link-local ranges.
-var metadataAddrs = []netip.Prefix{
-	netip.MustParsePrefix("169.254.0.0/16"),     // IPv4 link-local: AWS, GCP, Azure, OpenStack metadata
-	netip.MustParsePrefix("fe80::/10"),          // IPv6 link-local
-	netip.MustParsePrefix("100.100.100.200/32"), // Alibaba Cloud metadata
-	netip.MustParsePrefix("fd00:ec2::254/128"),  // AWS IMDS over IPv6
-}
-
-// checkBaseURL validates a service's base_url: http or https, a host, no
-// user info, query or fragment, and (unless allowMD) not a link-local or
-// metadata address. Loopback and private addresses are allowed. It
-// returns the URL without a trailing slash.
-func checkBaseURL(raw string, allowMD bool) (string, error) {
-	raw = strings.TrimSpace(raw)
-	if raw == "" {
-		return "", badRequest("base_url is required")
-	}
-	if err := checkText("base_url", raw, 2048, true); err != nil {
-		return "", err
-	}
-	u, err := url.Parse(raw)
-	if err != nil && !strings.Contains(raw, "://") && !strings.HasPrefix(raw, "/") {
-		// host:port/path parses as a scheme "host" or not at all.
-		return "", badRequest("base_url must be an http:// or https:// URL, not %q; did you mean %q?", raw, suggestScheme(raw)+raw)
-	}
-	if err != nil {
-		return "", badRequest("base_url is not a valid URL")
-	}
-	switch {
-	case u.Scheme != "http" && u.Scheme != "https":
-		if !strings.Contains(raw, "://") && !strings.HasPrefix(raw, "/") {
-			return "", badRequest("base_url must be an http:// or https:// URL, not %q; did you mean %q?", raw, suggestScheme(raw)+raw)
-		}
-		return "", badRequest("base_url must be an http:// or https:// URL, not %q", raw)
-	case u.Opaque != "" || u.Host == "":
-		return "", badRequest("base_url must name a host (http://host[:port][/path])")
-	case u.User != nil:
-		return "", badRequest("base_url must not contain user info; put credentials in keys")
-	case u.RawQuery != "" || u.ForceQuery:
-		return "", badRequest("base_url must not have a query; use auth_scheme query:<name> for a key parameter")
-	case u.Fragment != "":
-		return "", badRequest("base_url must not have a fragment")
-	}
-	host := strings.ToLower(strings.TrimSuffix(u.Hostname(), "."))
-	if host == "" {
-		return "", badRequest("base_url must name a host")
-	}
-	if p := u.Port(); p != "" {
-		if n, err := netip.ParseAddrPort("0.0.0.0:" + p); err != nil || n.Port() == 0 {
-			return "", badRequest("base_url has an invalid port %q", p)
-		}
-	}
-	addr, isIP := parseHostAddr(host)
-	if !isIP && looksNumeric(host) {
-		// "2852039166" or "0xa9.0xfe.0xa9.0xfe": some resolvers read these
-		// as addresses; accept only canonical dotted quads.
-		return "", badRequest("base_url host %q is a non-canonical IP address", host)
-	}
-	if !isIP && !validHostname(host) {
-		return "", badRequest("base_url host %q is not a valid host name", host)
-	}
-	if !allowMD {
-		if metadataHosts[host] {
-			return "", badRequest("base_url points at a cloud metadata endpoint (%s); not allowed", host)
-		}
-		if isIP {
-			for _, p := range metadataAddrs {
-				if p.Contains(addr) {
-					return "", badRequest("base_url points at a link-local or metadata address (%s); not allowed", addr)
-				}
-			}
-		}
-	}
-	return strings.TrimRight(u.String(), "/"), nil
-}
-
-// parseHostAddr parses host as an IP address (zone dropped, IPv4-mapped
-// IPv6 unmapped).
-func parseHostAddr(host string) (netip.Addr, bool) {
-	if i := strings.IndexByte(host, '%'); i >= 0 {
-		host = host[:i]
-	}
-	a, err := netip.ParseAddr(host)
-	if err != nil {
-		return netip.Addr{}, false
-	}
-	return a.Unmap(), true
-}
-
-// looksNumeric reports whether the last label of host is numeric (decimal
-// or 0x hex): no top-level domain is, so such a host is an address in
-// disguise.
-func looksNumeric(host string) bool {
-	last := host[strings.LastIndexByte(host, '.')+1:]
-	digits, isHex := last, false
-	if len(last) > 2 && last[:2] == "0x" {
-		digits, isHex = last[2:], true
-	}
-	if digits == "" {
-		return false
-	}
-	for i := 0; i < len(digits); i++ {
-		c := digits[i]
-		if !('0' <= c && c <= '9' || isHex && 'a' <= c && c <= 'f') {
-			return false
-		}
-	}
-	return true
-}
-
-// validHostname reports whether host is a plausible DNS name.
-func validHostname(host string) bool {
-	if len(host) > 253 {
-		return false
-	}
-	for _, label := range strings.Split(host, ".") {
-		if label == "" || len(label) > 63 {
-			return false
-		}
-		for i := 0; i < len(label); i++ {
-			c := label[i]
-			if !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-' || c == '_') {
-				return false
-			}
-		}
-	}
-	return true
-}
-
-// hopByHop are headers that proxy_headers may not set: connection-level
-// headers, and headers the proxy computes itself.
-var hopByHop = map[string]bool{
-	"Connection": true, "Keep-Alive": true, "Proxy-Authenticate": true, "Proxy-Authorization": true,
-	"Proxy-Connection": true, "Te": true, "Trailer": true, "Transfer-Encoding": true, "Upgrade": true,
-	"Host": true, "Content-Length": true,
-}
-
-// checkProxyHeaders validates proxy_headers and canonicalises their names.
-func checkProxyHeaders(h map[string]string) (map[string]string, error) {
-	if len(h) > 64 {
-		return nil, badRequest("proxy_headers has %d entries; at most 64", len(h))
-	}
-	if len(h) == 0 {
-		return nil, nil
-	}
-	out := make(map[string]string, len(h))
-	for name, v := range h {
-		if !validToken(name) {
-			return nil, badRequest("proxy_headers: %q is not a valid header name", name)
-		}
-		c := textproto.CanonicalMIMEHeaderKey(name)
-		if hopByHop[c] {
-			return nil, badRequest("proxy_headers: %s is a hop-by-hop or computed header and cannot be set", c)
-		}
-		if _, dup := out[c]; dup {
-			return nil, badRequest("proxy_headers: %s is given twice", c)
-		}
-		if len(v) > 4096 || strings.ContainsAny(v, "\r\n\x00") {
-			return nil, badRequest("proxy_headers: the value of %s is not a valid header value", c)
-		}
-		out[c] = strings.TrimSpace(v)
-	}
-	return out, nil
-}
-
-// validToken reports whether v is a valid HTTP header name (RFC 9110
-// token).
-func validToken(v string) bool {
-	if v == "" || len(v) > 256 {
-		return false
-	}
-	for i := 0; i < len(v); i++ {
-		c := v[i]
-		if c <= ' ' || c >= 0x7f || strings.IndexByte("()<>@,;:\\\"/[]?={}", c) >= 0 {
-			return false
-		}
-	}
-	return true
-}
-
 func (a *API) createService(w http.ResponseWriter, r *http.Request) error {
 	if err := checkQuery(r); err != nil {
 		return err
@@ -441,25 +141,17 @@ func (a *API) createService(w http.ResponseWriter, r *http.Request) error {
 	if err := decode(w, r, &in); err != nil {
 		return err
 	}
-	name := strings.TrimSpace(in.Name.V)
-	kind := strings.TrimSpace(in.Kind.V)
-	switch {
-	case !in.Name.has() || name == "":
-		return badRequest("name is required")
-	case !isName(name):
-		return badRequest("name %q is invalid: use 1-64 of a-z, 0-9, '.', '_', '-', starting with a letter or digit", name)
-	case kind != "" && kind != store.KindRouter:
-		return badRequest("kind %q: want \"router\", or leave it out for an upstream service", kind)
-	case kind == "" && !in.BaseURL.has():
-		return badRequest("base_url is required")
-	}
-	s := store.Service{Name: name, Kind: kind, AuthScheme: "bearer", Selector: "round_robin"}
-	if err := in.apply(&s, a.allowMD); err != nil {
+	s := store.Service{Name: in.Name.V, Kind: strings.TrimSpace(in.Kind.V), AuthScheme: "bearer", Selector: "round_robin"}
+	if err := in.apply(&s); err != nil {
 		return err
 	}
-	if err := a.checkRouter(r.Context(), &s, in.Routes.Set); err != nil {
+	if err := a.valid.Service(&s); err != nil {
+		return invalid(err)
+	}
+	if err := a.checkRouter(r.Context(), &s); err != nil {
 		return err
 	}
+	name := s.Name
 	if err := a.st.CreateService(r.Context(), &s); err != nil {
 		if errors.Is(err, store.ErrConflict) {
 			return conflict("service %q already exists", name)
@@ -517,10 +209,13 @@ func (a *API) patchService(w http.ResponseWriter, r *http.Request) error {
 	if in.Kind.Set && strings.TrimSpace(in.Kind.V) != s.Kind {
 		return badRequest("kind cannot be changed; create a new service instead")
 	}
-	if err := in.apply(&s, a.allowMD); err != nil {
+	if err := in.apply(&s); err != nil {
 		return err
 	}
-	if err := a.checkRouter(r.Context(), &s, in.Routes.Set); err != nil {
+	if err := a.valid.Service(&s); err != nil {
+		return invalid(err)
+	}
+	if err := a.checkRouter(r.Context(), &s); err != nil {
 		return err
 	}
 	if err := a.st.UpdateService(r.Context(), &s); err != nil {
@@ -556,43 +251,5 @@ func (a *API) deleteService(w http.ResponseWriter, r *http.Request) error {
 	a.log.InfoContext(r.Context(), "admin: service deleted", "service", name)
 	a.changed()
 	w.WriteHeader(http.StatusNoContent)
-	return nil
-}
-
-// suggestScheme is the scheme to suggest for a base_url written without
-// one: http:// for a loopback host (localhost, 127.x, ::1), which serves
-// plain HTTP as a rule, https:// for the others.
-func suggestScheme(raw string) string {
-	host := raw
-	if i := strings.IndexAny(host, "/?#"); i >= 0 {
-		host = host[:i]
-	}
-	if h, _, err := net.SplitHostPort(host); err == nil {
-		host = h
-	}
-	host = strings.Trim(host, "[]")
-	if strings.EqualFold(host, "localhost") || strings.HasSuffix(strings.ToLower(host), ".localhost") {
-		return "http://"
-	}
-	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
-		return "http://"
-	}
-	return "https://"
-}
-
-// maxDescription bounds a description's length, in bytes.
-const maxDescription = 2000
-
-// setDescription validates a present description field and copies it
-// into dst (null clears it).
-func setDescription(in opt[string], dst *string) error {
-	if !in.Set {
-		return nil
-	}
-	v := strings.TrimSpace(in.V)
-	if err := checkText("description", v, maxDescription, false); err != nil {
-		return err
-	}
-	*dst = v
 	return nil
 }

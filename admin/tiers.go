@@ -105,7 +105,7 @@ func (a *API) createTier(w http.ResponseWriter, r *http.Request) error {
 	switch {
 	case !in.Name.has() || name == "":
 		return badRequest("name is required")
-	case !isName(name):
+	case !store.ValidName(name):
 		return badRequest("name %q is invalid: use 1-64 of a-z, 0-9, '.', '_', '-', starting with a letter or digit", name)
 	case !in.Features.has():
 		return badRequest("features is required, e.g. {\"image-generation\": 100}")

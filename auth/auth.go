@@ -177,7 +177,7 @@ type entry struct {
 // reaps expired entries; that library offers no way to stop it, so create
 // one Authenticator per process, not one per request.
 type Authenticator struct {
-	st       store.Store
+	st       TokenStore
 	cfg      Config
 	now      func() time.Time
 	adminSum [sha256.Size]byte
@@ -193,8 +193,16 @@ type Authenticator struct {
 	mu sync.Mutex
 }
 
+// TokenStore is what an [Authenticator] reads: a token by its hash, and
+// its user and team. Every [store.Store] is one.
+type TokenStore interface {
+	GetTokenByHash(ctx context.Context, hash []byte) (store.Token, error)
+	GetUser(ctx context.Context, id string) (store.User, error)
+	GetTeam(ctx context.Context, id string) (store.Team, error)
+}
+
 // New returns an Authenticator reading tokens from st.
-func New(st store.Store, cfg Config) *Authenticator {
+func New(st TokenStore, cfg Config) *Authenticator {
 	if cfg.CacheTTL == 0 {
 		cfg.CacheTTL = 5 * time.Second
 	}

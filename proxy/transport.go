@@ -103,7 +103,8 @@ type Transport struct {
 	Service string
 	// Base sends the requests. If nil, [http.DefaultTransport].
 	Base http.RoundTripper
-	// Classifier decides what an answer says about the key. If nil,
+	// Classifier decides what an answer says about the key, for services
+	// whose [keypool.Service.Classifier] is nil. If nil,
 	// [keypool.Classify] at the pool's clock ([keypool.Pool.Now]).
 	Classifier keypool.Classifier
 	// MaxAttempts bounds the attempts a request may spend on ambiguous
@@ -525,6 +526,8 @@ func (t *Transport) roundTrip(req *http.Request, pool *keypool.Pool, service str
 			// The caller canceled or its own deadline passed: not the
 			// key's fault (AttemptTimeout is how keys are timed out).
 			outcome = keypool.Outcome{Kind: keypool.Canceled, Reason: "canceled"}
+		case svc.Classifier != nil:
+			outcome = svc.Classifier(resp, err)
 		case t.Classifier != nil:
 			outcome = t.Classifier(resp, err)
 		case err == nil && resp.StatusCode < 400:

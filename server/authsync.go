@@ -13,7 +13,6 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/keypool/keypool/auth"
-	"github.com/keypool/keypool/store/sqlstore"
 )
 
 // authChannel is the Redis pub/sub channel of auth invalidations, beside
@@ -36,7 +35,7 @@ type authMsg struct {
 // With both down, the auth cache's TTL bounds the delay (at most 5 s by
 // default).
 type authSync struct {
-	st   *sqlstore.Store
+	st   authNotifier  // nil: the store carries no invalidations
 	rdb  *redis.Client // nil without Redis
 	auth *auth.Authenticator
 	log  *slog.Logger
@@ -47,7 +46,14 @@ type authSync struct {
 	incoming map[authMsg]struct{} // being applied from another replica: not re-sent
 }
 
-func newAuthSync(st *sqlstore.Store, rdb *redis.Client, log *slog.Logger) *authSync {
+// authNotifier carries auth invalidations through the store (sqlstore's
+// PostgreSQL NOTIFY; on SQLite both calls report errors.ErrUnsupported).
+type authNotifier interface {
+	NotifyAuth(ctx context.Context, payload string) error
+	ListenAuth(ctx context.Context, fn func(payload string)) error
+}
+
+func newAuthSync(st authNotifier, rdb *redis.Client, log *slog.Logger) *authSync {
 	b := make([]byte, 8)
 	_, _ = rand.Read(b)
 	return &authSync{st: st, rdb: rdb, log: log, id: hex.EncodeToString(b), out: make(chan authMsg, 1024),
@@ -81,7 +87,10 @@ func (a *authSync) send(ctx context.Context) {
 		case m := <-a.out:
 			b, _ := json.Marshal(m)
 			cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-			perr := a.st.NotifyAuth(cctx, string(b))
+			perr := errors.ErrUnsupported
+			if a.st != nil {
+				perr = a.st.NotifyAuth(cctx, string(b))
+			}
 			var rerr error
 			if a.rdb != nil {
 				rerr = a.rdb.Publish(cctx, authChannel, b).Err()
@@ -128,7 +137,9 @@ func (a *authSync) apply(payload string) {
 // listenPostgres applies invalidations from PostgreSQL until ctx ends (at
 // once on SQLite, which has no notifications).
 func (a *authSync) listenPostgres(ctx context.Context) {
-	_ = a.st.ListenAuth(ctx, a.apply)
+	if a.st != nil {
+		_ = a.st.ListenAuth(ctx, a.apply)
+	}
 }
 
 // listenRedis applies invalidations from Redis pub/sub until ctx ends.

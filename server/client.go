@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/keypool/keypool/auth"
+	"github.com/keypool/keypool/budget"
 	"github.com/keypool/keypool/internal/httpx"
 	"github.com/keypool/keypool/meter"
 	"github.com/keypool/keypool/proxy"
@@ -42,11 +43,9 @@ type call struct {
 	model   string
 	strip   bool // include_usage was added: hide the usage chunk
 	prices  *meter.PriceTable
-	warning string // HeaderBudgetWarning value
-	holds   [maxHolds]hold
-	nHolds  int
-	unheld  [8]unheld
-	nUnheld int
+	// budget is what the request holds on its budgets until it
+	// settles; its Warning is the HeaderBudgetWarning value.
+	budget budget.Holds
 
 	// The admission estimate: input and output tokens, and cost. A
 	// request that reached an upstream key but did not end with its
@@ -295,8 +294,8 @@ func (s *Server) modifyResponse(resp *http.Response) error {
 	if id := resp.Header.Get(proxy.HeaderKeyID); id != "" && c.open != nil {
 		s.open.setKey(c.open, id)
 	}
-	if c.warning != "" {
-		resp.Header.Set(HeaderBudgetWarning, c.warning)
+	if c.budget.Warning != "" {
+		resp.Header.Set(HeaderBudgetWarning, c.budget.Warning)
 	}
 	if c.family == meter.FamilyNone || resp.StatusCode < 200 || resp.StatusCode > 299 {
 		return nil

@@ -2,18 +2,20 @@ package server
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
 	"net/url"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/keypool/keypool"
-	"github.com/keypool/keypool/admin"
 	"github.com/keypool/keypool/meter"
 	"github.com/keypool/keypool/route"
 	"github.com/keypool/keypool/store"
@@ -197,10 +199,45 @@ type Config struct {
 	// Upstream is the transport used to reach upstreams. If nil, a clone
 	// of http.DefaultTransport tuned for many connections per host.
 	Upstream http.RoundTripper `json:"-" yaml:"-"`
+
+	// Selectors, AuthSchemes and Classifiers register policies by name,
+	// besides the built-in ones: a service may then name them as its
+	// selector, auth_scheme or classifier, through the admin API or the
+	// configuration file, and the pool uses them. Names are matched in
+	// lower case and must not be built-in names. Selectors makes a new
+	// selector per service (a service keeps it while its selector name is
+	// unchanged). Nil: the built-in names only.
+	Selectors   map[string]func() keypool.Selector `json:"-" yaml:"-"`
+	AuthSchemes map[string]keypool.AuthScheme      `json:"-" yaml:"-"`
+	Classifiers map[string]keypool.Classifier      `json:"-" yaml:"-"`
+
+	// Store, if set, is the store the server uses instead of opening
+	// Database: a ready [store.Store] that the server closes at shutdown.
+	// It seals its own secrets: EncryptionKey is not used.
+	// The server uses the optional interfaces it implements (see
+	// [New]); [store.AdminStore] is required.
+	Store store.Store `json:"-" yaml:"-"`
+}
+
+// registry returns the policies registered in c; nil when none is.
+func (c *Config) registry() *store.Registry {
+	if len(c.Selectors) == 0 && len(c.AuthSchemes) == 0 && len(c.Classifiers) == 0 {
+		return nil
+	}
+	return &store.Registry{Selectors: c.Selectors, AuthSchemes: c.AuthSchemes, Classifiers: c.Classifiers}
+}
+
+// validator returns the rules services and keys are checked by.
+func (c *Config) validator() store.Validator {
+	return store.Validator{Registry: c.registry(), AllowMetadataUpstreams: c.AllowMetadataUpstreams}
 }
 
 // ServiceSpec is a service declared in the configuration file. Its fields
-// mirror POST /admin/services; Keys mirror POST /admin/keys. At start the
+// mirror POST /admin/services; Keys mirror POST /admin/keys; both are
+// checked by the admin API's rules ([store.Validator], with the names
+// registered in [Config.Selectors], [Config.AuthSchemes] and
+// [Config.Classifiers]), so a file the admin API would refuse does not
+// start. At start the
 // service is created, or updated to match; each key is added unless the
 // service already holds the same value. Keys removed from the file are
 // not deleted from the store.
@@ -223,6 +260,9 @@ type ServiceSpec struct {
 	ProxyHeaders map[string]string `json:"proxy_headers,omitempty" yaml:"proxy_headers,omitempty"`
 	Selector     string            `json:"selector,omitempty" yaml:"selector,omitempty"`
 	ExternalName string            `json:"external_name,omitempty" yaml:"external_name,omitempty"`
+	// Classifier names a classifier registered in [Config.Classifiers];
+	// empty means the built-in one.
+	Classifier string `json:"classifier,omitempty" yaml:"classifier,omitempty"`
 	// RPMLimit limits every client of the service together (requests per
 	// minute), like a team's rpm_limit.
 	RPMLimit int `json:"rpm_limit,omitempty" yaml:"rpm_limit,omitempty"`
@@ -469,78 +509,89 @@ func (c *Config) Validate() error {
 	if err := validateTiers(c.Tiers); err != nil {
 		return err
 	}
+	if err := c.registry().Check(); err != nil {
+		return fmt.Errorf("server: %w", err)
+	}
 	seen := map[string]bool{}
-	for i, s := range c.Services {
-		if err := s.validate(); err != nil {
+	v := c.validator()
+	for i := range c.Services {
+		rec, _, err := c.Services[i].records(v)
+		if err != nil {
 			return fmt.Errorf("server: services[%d]: %w", i, err)
 		}
-		if seen[s.Name] {
-			return fmt.Errorf("server: services[%d]: service %q declared twice", i, s.Name)
+		if seen[rec.Name] {
+			return fmt.Errorf("server: services[%d]: service %q declared twice", i, rec.Name)
 		}
-		seen[s.Name] = true
+		seen[rec.Name] = true
 	}
 	return nil
 }
 
-func (s *ServiceSpec) validate() error {
-	if s.Name == "" {
-		return fmt.Errorf("name is required")
+// records returns the spec as a stored service and keys, checked and
+// normalised by v (the admin API's rules).
+func (sp *ServiceSpec) records(v store.Validator) (store.Service, []*store.Key, error) {
+	rec := store.Service{
+		Name: sp.Name, DisplayName: sp.DisplayName, Description: sp.Description, BaseURL: sp.BaseURL,
+		AuthScheme: sp.AuthScheme, RateLimitRPM: sp.RateLimitRPM, MaxInFlight: sp.MaxInFlight,
+		ProxyHeaders: maps.Clone(sp.ProxyHeaders), Selector: sp.Selector, ExternalName: sp.ExternalName,
+		LLMFamily: sp.LLMFamily,
+		KeyPolicy: store.KeyPolicy{RetryAfterCap: sp.RetryAfterCap, ConfirmRefusals: sp.ConfirmRefusals,
+			MinActiveKeys: sp.MinActiveKeys, MaxEjectionPercent: sp.MaxEjectionPercent, Classifier: sp.Classifier},
+		HeaderTimeout: time.Duration(sp.HeaderTimeout), IdleTimeout: time.Duration(sp.IdleTimeout),
+		RequestTimeout: time.Duration(sp.RequestTimeout),
+		Limits:         store.Limits{RPMLimit: sp.RPMLimit, ModelsEnabled: slices.Clone(sp.ModelsEnabled)},
+		Kind:           sp.Kind, Routes: sp.Routes,
 	}
-	switch s.Kind {
-	case store.KindRouter:
-		if s.BaseURL != "" || len(s.Keys) > 0 {
-			return fmt.Errorf("service %q: a router has no base_url and no keys", s.Name)
+	if sp.IsActive != nil {
+		rec.Disabled = !*sp.IsActive
+	}
+	if len(sp.Prices) > 0 {
+		b, err := json.Marshal(sp.Prices)
+		if err != nil {
+			return rec, nil, fmt.Errorf("service %q: prices: %w", sp.Name, err)
 		}
-		if _, err := route.Compile(s.Routes); err != nil {
-			return fmt.Errorf("service %q: %w", s.Name, err)
+		rec.Prices = string(b)
+	}
+	if err := v.Service(&rec); err != nil {
+		return rec, nil, fmt.Errorf("service %q: %s", sp.Name, validationMessage(err))
+	}
+	if rec.Kind == store.KindRouter {
+		// Its targets are checked against the services when the file is
+		// applied (checkRoutes); the routes themselves here.
+		if len(sp.Keys) > 0 {
+			return rec, nil, fmt.Errorf("service %q: a router has no keys: its routes name the services that hold them", sp.Name)
 		}
-		return nil
-	case "":
-		if len(s.Routes) > 0 {
-			return fmt.Errorf("service %q: routes are for services of kind router", s.Name)
-		}
-	default:
-		return fmt.Errorf("service %q: kind %q: want router, or leave it out", s.Name, s.Kind)
-	}
-	u, err := url.Parse(s.BaseURL)
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return fmt.Errorf("service %q: base_url must be an http(s) URL", s.Name)
-	}
-	if s.AuthScheme != "" {
-		if _, err := keypool.ParseAuthScheme(s.AuthScheme); err != nil {
-			return fmt.Errorf("service %q: %w", s.Name, err)
-		}
-	}
-	if s.Selector != "" {
-		if _, err := keypool.ParseSelector(s.Selector); err != nil {
-			return fmt.Errorf("service %q: selector: %w", s.Name, err)
-		}
-	}
-	if s.LLMFamily != "" {
-		if _, err := meter.ParseFamily(s.LLMFamily); err != nil {
-			return fmt.Errorf("service %q: llm_family: %w", s.Name, err)
-		}
-	}
-	if _, err := json.Marshal(s.Prices); err != nil {
-		return fmt.Errorf("service %q: prices: %w", s.Name, err)
-	}
-	if err := s.keyPolicy().Validate(); err != nil {
-		return fmt.Errorf("service %q: %w", s.Name, err)
-	}
-	for _, d := range [...]struct {
-		name string
-		v    Duration
-	}{{"header_timeout", s.HeaderTimeout}, {"idle_timeout", s.IdleTimeout}, {"request_timeout", s.RequestTimeout}} {
-		if d.v < 0 || time.Duration(d.v) > admin.MaxServiceTimeout {
-			return fmt.Errorf("service %q: %s must be between 0 and %s", s.Name, d.name, admin.MaxServiceTimeout)
+		if _, err := route.Compile(rec.Routes); err != nil {
+			return rec, nil, fmt.Errorf("service %q: %w", sp.Name, err)
 		}
 	}
-	for j, k := range s.Keys {
-		if k.KeyValue.IsZero() {
-			return fmt.Errorf("service %q: keys[%d]: key_value is empty (is its ${ENV} variable set?)", s.Name, j)
+	keys := make([]*store.Key, len(sp.Keys))
+	for j, ks := range sp.Keys {
+		if ks.KeyValue.IsZero() {
+			return rec, nil, fmt.Errorf("service %q: keys[%d]: key_value is empty (is its ${ENV} variable set?)", sp.Name, j)
 		}
+		k := &store.Key{
+			Service: rec.Name, Secret: ks.KeyValue, Weight: ks.Weight, Priority: ks.Priority,
+			RateLimitRPM: ks.RateLimitRPM, MaxInFlight: ks.MaxInFlight, Labels: maps.Clone(ks.Labels),
+			BalanceTotal: ks.BalanceTotal, BalanceUnit: ks.BalanceUnit, AccountEmail: ks.AccountEmail,
+			Tier: ks.Tier, Status: store.StatusActive,
+		}
+		if err := v.Key(k); err != nil {
+			return rec, nil, fmt.Errorf("service %q: keys[%d]: %s", sp.Name, j, validationMessage(err))
+		}
+		keys[j] = k
 	}
-	return nil
+	return rec, keys, nil
+}
+
+// validationMessage returns a *store.ValidationError's message, or err's
+// text.
+func validationMessage(err error) string {
+	var ve *store.ValidationError
+	if errors.As(err, &ve) {
+		return ve.Message
+	}
+	return err.Error()
 }
 
 func parseLevel(s string) (slog.Level, error) {

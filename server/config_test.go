@@ -159,7 +159,10 @@ func httpServe(t *testing.T, s *server.Server) string {
 }
 
 func TestParseConfig(t *testing.T) {
-	env := map[string]string{"OPENAI_KEY_1": "sk-from-env-1: not yaml {", "PORT_RPM": "90", "EXA": "exa-key"}
+	// The key is full of YAML syntax (but, like every key value the admin
+	// API accepts, has no spaces): substitution after parsing keeps it a
+	// plain string.
+	env := map[string]string{"OPENAI_KEY_1": "[sk-from-env-1]:{not#yaml", "PORT_RPM": "90", "EXA": "exa-key"}
 	lookup := func(n string) (string, bool) { v, ok := env[n]; return v, ok }
 	doc := `
 listen: 127.0.0.1:9999
@@ -228,6 +231,9 @@ external:
 		{"unknown field", "listen: x\nlisten_addr: y\n", "listen_addr"},
 		{"bad scheme", "services: [{name: a, base_url: 'http://x', auth_scheme: weird}]", "auth_scheme"},
 		{"bad url", "services: [{name: a, base_url: 'ftp://x'}]", "base_url"},
+		{"local port without scheme", "services: [{name: a, base_url: 'localhost:22001'}]", `did you mean "http://localhost:22001"?`},
+		{"host without scheme", "services: [{name: a, base_url: 'api.openai.com'}]", `did you mean "https://api.openai.com"?`},
+		{"metadata address", "services: [{name: a, base_url: 'http://169.254.169.254'}]", "metadata"},
 		{"empty key", "services: [{name: a, base_url: 'http://x', keys: [{key_value: ''}]}]", "key_value is empty"},
 		{"ejection over 100", "services: [{name: a, base_url: 'http://x', max_ejection_percent: 101}]", "max_ejection_percent must be 0 to 100"},
 		{"negative floor", "services: [{name: a, base_url: 'http://x', min_active_keys: -1}]", "min_active_keys"},
@@ -235,7 +241,7 @@ external:
 		{"router bad glob", "services: [{name: r, kind: router, routes: [{model: 'gpt-[4', targets: [{service: a}]}]}]", "not a valid glob"},
 		{"router empty targets", "services: [{name: r, kind: router, routes: [{model: m, targets: []}]}]", "targets must not be empty"},
 		{"router base_url", "services: [{name: r, kind: router, base_url: 'http://x', routes: [{model: m, targets: [{service: a}]}]}]", "no base_url"},
-		{"routes without router", "services: [{name: a, base_url: 'http://x', routes: [{model: m, targets: [{service: b}]}]}]", "kind router"},
+		{"routes without router", "services: [{name: a, base_url: 'http://x', routes: [{model: m, targets: [{service: b}]}]}]", `kind "router"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg, err := server.ParseConfig([]byte(tc.doc), lookup)

@@ -94,3 +94,29 @@ func (s *Server) persist(ctx context.Context, e keypool.Event) {
 		s.log.Warn("persisting key status failed", "service", e.Service, "key_id", e.KeyID, "status", status, "err", err)
 	}
 }
+
+// chargeKey deducts a finished request's metered spend from the serving
+// key's balance, in the key's balance unit: USD for "usd", tokens for
+// "tokens", one per successful request for "requests", and returns it.
+// The pool learns it at once (a spent key turns exhausted); the store
+// gets it with the request's usage record (its KeySpend), in the same
+// transaction as the record and only once per record, so balance_used
+// follows the records, also after a crash and a journal replay.
+func (s *Server) chargeKey(service, keyID, unit string, status int, tokens, cost float64) float64 {
+	var amt float64
+	switch strings.ToLower(unit) {
+	case "usd", "$", "dollars":
+		amt = cost
+	case "tokens", "token":
+		amt = tokens
+	case "requests", "request", "calls":
+		if status >= 200 && status < 300 {
+			amt = 1
+		}
+	}
+	if amt <= 0 {
+		return 0
+	}
+	s.pool.Spend(service, keyID, amt)
+	return amt
+}

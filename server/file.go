@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"cmp"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -15,7 +14,6 @@ import (
 
 	"gopkg.in/yaml.v3"
 
-	"github.com/keypool/keypool/meter"
 	"github.com/keypool/keypool/route"
 	"github.com/keypool/keypool/store"
 )
@@ -170,44 +168,19 @@ func validEnvName(n string) bool {
 	return true
 }
 
-// keyPolicy returns the spec's key policy fields.
-func (sp *ServiceSpec) keyPolicy() store.KeyPolicy {
-	return store.KeyPolicy{RetryAfterCap: sp.RetryAfterCap, ConfirmRefusals: sp.ConfirmRefusals,
-		MinActiveKeys: sp.MinActiveKeys, MaxEjectionPercent: sp.MaxEjectionPercent}
-}
-
-func boolInt(b bool) int {
-	if b {
-		return 1
-	}
-	return 0
-}
-
-// checkRoutes validates a router's routes against the services in the
-// store (see route.Validate).
-func checkRoutes(ctx context.Context, st store.Store, sp ServiceSpec) error {
-	ss, err := st.Services(ctx)
-	if err != nil {
-		return fmt.Errorf("server: config service %q: %w", sp.Name, err)
-	}
-	_, err = route.Validate(sp.Name, sp.Routes, func(name string) (store.Service, bool) {
-		for _, sv := range ss {
-			if sv.Name == name {
-				return sv, true
-			}
-		}
-		return store.Service{}, false
-	})
-	if err != nil {
-		return fmt.Errorf("server: config service %q: %w", sp.Name, err)
-	}
-	return nil
+// serviceWriter is what applyServices needs of a store.
+type serviceWriter interface {
+	Services(ctx context.Context) ([]store.Service, error)
+	GetService(ctx context.Context, name string) (store.Service, error)
+	CreateService(ctx context.Context, s *store.Service) error
+	UpdateService(ctx context.Context, s *store.Service) error
+	CreateKeys(ctx context.Context, keys []*store.Key) error
 }
 
 // applyServices creates or updates the services declared in the
 // configuration and adds their keys. A key whose value its service
 // already holds is left as it is.
-func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, log *slog.Logger) error {
+func applyServices(ctx context.Context, st serviceWriter, specs []ServiceSpec, v store.Validator, log *slog.Logger) error {
 	// Routers last, so that their routes can name the services declared
 	// beside them.
 	specs = slices.Clone(specs)
@@ -215,42 +188,18 @@ func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, log
 		return cmp.Compare(boolInt(a.Kind == store.KindRouter), boolInt(b.Kind == store.KindRouter))
 	})
 	for _, sp := range specs {
-		if sp.Kind == store.KindRouter {
-			if err := checkRoutes(ctx, st, sp); err != nil {
+		rec, keys, err := sp.records(v)
+		if err != nil {
+			return fmt.Errorf("server: config %w", err)
+		}
+		if rec.Kind == store.KindRouter {
+			if err := checkRoutes(ctx, st, rec); err != nil {
 				return err
 			}
-		}
-		rec := store.Service{
-			Name: sp.Name, DisplayName: sp.DisplayName, Description: sp.Description, BaseURL: sp.BaseURL,
-			Kind: sp.Kind, Routes: sp.Routes,
-			AuthScheme: sp.AuthScheme, RateLimitRPM: sp.RateLimitRPM, MaxInFlight: sp.MaxInFlight,
-			ProxyHeaders: sp.ProxyHeaders, Selector: sp.Selector, ExternalName: sp.ExternalName,
-			KeyPolicy:     sp.keyPolicy(),
-			HeaderTimeout: time.Duration(sp.HeaderTimeout), IdleTimeout: time.Duration(sp.IdleTimeout),
-			RequestTimeout: time.Duration(sp.RequestTimeout),
-		}
-		if rec.AuthScheme == "" {
-			rec.AuthScheme = "bearer"
-		}
-		if sp.IsActive != nil {
-			rec.Disabled = !*sp.IsActive
-		}
-		if sp.LLMFamily != "" {
-			f, _ := meter.ParseFamily(sp.LLMFamily) // validated
-			rec.LLMFamily = f.String()
-		}
-		if len(sp.Prices) > 0 {
-			b, err := json.Marshal(sp.Prices)
-			if err != nil {
-				return fmt.Errorf("server: config service %q: prices: %w", sp.Name, err)
-			}
-			rec.Prices = string(b)
 		}
 		old, err := st.GetService(ctx, sp.Name)
 		switch {
 		case errors.Is(err, store.ErrNotFound):
-			rec.Limits.RPMLimit = sp.RPMLimit
-			rec.Limits.ModelsEnabled = sp.ModelsEnabled
 			if err := st.CreateService(ctx, &rec); err != nil {
 				return fmt.Errorf("server: config service %q: %w", sp.Name, err)
 			}
@@ -258,12 +207,13 @@ func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, log
 		case err != nil:
 			return fmt.Errorf("server: config service %q: %w", sp.Name, err)
 		default:
+			declared := rec.Limits
 			rec.Limits = old.Limits
-			if sp.RPMLimit != 0 {
-				rec.Limits.RPMLimit = sp.RPMLimit
+			if declared.RPMLimit != 0 {
+				rec.Limits.RPMLimit = declared.RPMLimit
 			}
-			if len(sp.ModelsEnabled) > 0 {
-				rec.Limits.ModelsEnabled = sp.ModelsEnabled
+			if len(declared.ModelsEnabled) > 0 {
+				rec.Limits.ModelsEnabled = declared.ModelsEnabled
 			}
 			if rec.Prices == "" {
 				rec.Prices = old.Prices
@@ -290,13 +240,7 @@ func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, log
 			}
 		}
 		added := 0
-		for i, ks := range sp.Keys {
-			k := &store.Key{
-				Service: sp.Name, Secret: ks.KeyValue, Weight: ks.Weight, Priority: ks.Priority,
-				RateLimitRPM: ks.RateLimitRPM, MaxInFlight: ks.MaxInFlight, Labels: ks.Labels,
-				BalanceTotal: ks.BalanceTotal, BalanceUnit: ks.BalanceUnit, AccountEmail: ks.AccountEmail,
-				Tier: ks.Tier, Status: store.StatusActive,
-			}
+		for i, k := range keys {
 			err := st.CreateKeys(ctx, []*store.Key{k})
 			switch {
 			case errors.Is(err, store.ErrConflict):
@@ -309,6 +253,34 @@ func applyServices(ctx context.Context, st store.Store, specs []ServiceSpec, log
 		if added > 0 {
 			log.Info("config: keys added", "service", sp.Name, "keys", added)
 		}
+	}
+	return nil
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// checkRoutes validates a router's routes against the services in the
+// store (see route.Validate).
+func checkRoutes(ctx context.Context, st serviceWriter, rec store.Service) error {
+	ss, err := st.Services(ctx)
+	if err != nil {
+		return fmt.Errorf("server: config service %q: %w", rec.Name, err)
+	}
+	_, err = route.Validate(rec.Name, rec.Routes, func(name string) (store.Service, bool) {
+		for _, sv := range ss {
+			if sv.Name == name {
+				return sv, true
+			}
+		}
+		return store.Service{}, false
+	})
+	if err != nil {
+		return fmt.Errorf("server: config service %q: %w", rec.Name, err)
 	}
 	return nil
 }

@@ -26,6 +26,12 @@ type readiness struct {
 	Degraded string `json:"degraded,omitempty"`
 }
 
+// prober is a store that tells a read-only database from a reachable
+// one (sqlstore does); other stores are asked with Ping.
+type prober interface {
+	Probe(ctx context.Context) error
+}
+
 // readyz serves GET /readyz: 200 when the store answers a query now (and,
 // on PostgreSQL, takes writes) and the pool is loaded; 503 unavailable
 // with the reason otherwise (also while shutting down, so load balancers
@@ -43,7 +49,12 @@ func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
 		reason = "pools not loaded yet"
 	default:
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
-		err := s.st.Probe(ctx)
+		var err error
+		if p, ok := s.st.(prober); ok {
+			err = p.Probe(ctx)
+		} else {
+			err = s.st.Ping(ctx)
+		}
 		cancel()
 		switch {
 		case errors.Is(err, sqlstore.ErrReadOnly):

@@ -283,3 +283,16 @@ func eventually(t *testing.T, what string, cond func() bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// logCount returns how often substr occurs in the logs once they are
+// written: keypoold buffers its log lines for up to 100 ms, so it waits
+// (at most 2 s) for want occurrences, then one more flush for any extra.
+func (k *kp) logCount(substr string, want int) int {
+	k.t.Helper()
+	deadline := time.Now().Add(2 * time.Second)
+	for strings.Count(k.logs.String(), substr) < want && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(150 * time.Millisecond)
+	return strings.Count(k.logs.String(), substr)
+}

@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/keypool/keypool"
+	"github.com/keypool/keypool/budget"
 	"github.com/keypool/keypool/internal/httpx"
 	"github.com/keypool/keypool/limit"
 )
@@ -137,15 +138,24 @@ func (m *metrics) preinit() {
 	for _, scope := range []string{"auth_failures", "token", "team", "service"} {
 		m.limiterRejections.WithLabelValues(scope)
 	}
-	for _, scope := range scopeNames {
+	for scope := budget.Token; scope <= budget.Service; scope++ {
 		for w := limit.Minute; w <= limit.Total; w++ {
-			for _, u := range []uint8{unitTokens, unitCost} {
-				m.budgetWarnings.WithLabelValues(scope, w.String(), unitName(u))
-				m.budgetRejections.WithLabelValues(scope, w.String(), unitName(u))
+			for _, u := range []budget.Unit{budget.Tokens, budget.Cost} {
+				m.budgetWarnings.WithLabelValues(scope.String(), w.String(), u.String())
+				m.budgetRejections.WithLabelValues(scope.String(), w.String(), u.String())
 			}
 		}
 	}
 	m.leases.WithLabelValues("unknown", httpx.CodeUnknownService)
+	for k := keypool.OK; k <= keypool.Refused; k++ {
+		m.reports.WithLabelValues(k.String())
+	}
+}
+
+// key creates the zero series of a key's counters, so that
+// keypool_key_cooldowns_total is exported before the key first cools.
+func (m *metrics) key(service, keyID string) {
+	m.cooldowns.WithLabelValues(service, keyID)
 }
 
 // onEvent counts a key state change.
@@ -199,6 +209,13 @@ func (m *metrics) service(name string) *perService {
 	}
 	for _, result := range []string{"ok", httpx.CodeNoKeyAvailable, httpx.CodeUpstreamUnavailable} {
 		m.leases.WithLabelValues(name, result)
+	}
+	m.requests.WithLabelValues(name, "200", "")
+	for _, st := range allStates {
+		m.stateChanges.WithLabelValues(name, st.String())
+	}
+	for _, kind := range []string{keypool.HoldFloor, keypool.HoldEjectionCap} {
+		m.holds.WithLabelValues(name, kind)
 	}
 	m.serviceCache.Store(name, p)
 	return p

@@ -47,8 +47,8 @@ func TestRedisDownFailPolicies(t *testing.T) {
 	if !strings.Contains(string(metrics), "keypool_limit_redis_down 1") {
 		t.Errorf("metrics lack keypool_limit_redis_down 1")
 	}
-	if n := strings.Count(k.logs.String(), "limit: redis unreachable"); n != 1 {
-		t.Errorf("%d outage warnings, want 1", n)
+	if n := k.logCount("limit: redis unreachable", 1); n != 1 {
+		t.Errorf("%d outage warnings, want 1:\n%s", n, k.logs.String())
 	}
 }
 

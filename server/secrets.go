@@ -46,7 +46,7 @@ func resolveSecrets(cfg *Config, out io.Writer) (generatedKey bool, err error) {
 				tok, path)
 		}
 	}
-	if cfg.EncryptionKey.IsZero() {
+	if cfg.EncryptionKey.IsZero() && cfg.Store == nil { // a given Store seals its own secrets
 		path := filepath.Join(cfg.DataDir, EncryptionKeyFile)
 		key, _, err := readOrCreate(path, seal.GenerateKey)
 		if err != nil {

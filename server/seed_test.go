@@ -45,6 +45,11 @@ func TestMetricFamiliesFromStart(t *testing.T) {
 		"keypool_usage_records_dropped_total 0",
 		"keypool_requests_revoked_total 0",
 		"keypool_key_events_dropped_total 0",
+		`keypool_requests_total{code="",service="openai",status="200"} 0`,
+		`keypool_key_cooldowns_total{key_id="`,
+		`keypool_key_state_changes_total{service="openai",state="invalid"} 0`,
+		`keypool_key_holds_total{kind="floor",service="openai"} 0`,
+		`keypool_lease_reports_total{outcome="rate_limited"} 0`,
 	} {
 		if !strings.Contains(text, fam) {
 			t.Errorf("metrics lack %q on the first scrape", fam)
@@ -209,7 +214,7 @@ func TestClientServices(t *testing.T) {
 	}
 	k := startKP(t, func(c *server.Config) { c.PricesFile = path })
 	eventually(t, "a warning for the model file's unknown keys", func() bool { return strings.Contains(k.logs.String(), "ignoring keys") })
-	if n := strings.Count(k.logs.String(), "ignoring keys"); n != 1 {
+	if n := k.logCount("ignoring keys", 1); n != 1 {
 		t.Errorf("%d warnings for the model file's unknown keys, want 1", n)
 	}
 	models := []string{"gemini-2.0-flash", "gemini-3-pro-image-preview"}

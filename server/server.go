@@ -93,8 +93,8 @@
 // request under any budget goes through; a budget is overspent by at most
 // the last admitted request's actual usage plus the sum, over concurrently
 // admitted requests, of their actual usage above their estimate (see
-// package limit). The in-process counters are seeded from stored usage at
-// start.
+// packages budget and limit). The in-process counters are seeded from
+// stored usage at start.
 //
 // models_enabled on a service, team or token restricts the models a
 // request may name (403 forbidden naming the model), and GET
@@ -138,6 +138,7 @@ import (
 	"github.com/keypool/keypool"
 	"github.com/keypool/keypool/admin"
 	"github.com/keypool/keypool/auth"
+	"github.com/keypool/keypool/budget"
 	"github.com/keypool/keypool/console"
 	"github.com/keypool/keypool/internal/httpx"
 	"github.com/keypool/keypool/limit"
@@ -160,7 +161,7 @@ type Server struct {
 	// (after the bind, so a port conflict never follows a ready line).
 	ready   sync.Once
 	log     *slog.Logger
-	st      *sqlstore.Store
+	st      serverStore
 	ext     *external.Source
 	pool    *keypool.Pool
 	syncer  *store.Syncer
@@ -194,7 +195,7 @@ type Server struct {
 
 	svcMeta    atomic.Pointer[map[string]*svcMeta]
 	basePrices *meter.PriceTable // shipped table merged with Config.PricesFile
-	budgets    budgetCache
+	budgets    *budget.Budgets
 	now        func() time.Time
 	inflight   atomic.Int64
 	draining   atomic.Bool
@@ -213,11 +214,28 @@ type Server struct {
 	done         chan struct{} // closed when Shutdown has finished
 }
 
+// serverStore is what the server needs of its store: records, and admin
+// users with their sessions. Other capabilities are used when the store
+// has them (see [New]).
+type serverStore interface {
+	store.Store
+	store.AdminStore
+}
+
 // New opens the store, loads the pool and prepares every handler; it
 // starts the background work (store sync, key state persistence, lease
 // expiry, usage batching) but does not listen. See [Config] for the
 // defaults of a zero Config. Call [Server.Shutdown] to release what it
 // opened.
+//
+// A [Config.Store] must implement [store.AdminStore]; New uses what else
+// it implements, as sqlstore's Store does: [store.Listener] (changes
+// arrive without waiting for the poll), [store.TierStore] (tiers),
+// [store.StatusCounter] (the console's overview), Probe(ctx) error
+// (/readyz tells a read-only database apart; otherwise Ping),
+// Rewrap(ctx) (int, error) (re-sealing after a key rotation) and
+// NotifyAuth/ListenAuth (auth invalidations between replicas besides
+// Redis).
 func New(ctx context.Context, cfg Config) (*Server, error) {
 	cfg = cfg.withDefaults()
 	if err := cfg.Validate(); err != nil {
@@ -248,9 +266,11 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		log.Warn("using a generated encryption key stored beside the database; set KEYPOOL_ENCRYPTION_KEY for production",
 			"file", EncryptionKeyFile, "data_dir", cfg.DataDir)
 	}
-	keyring, err := seal.ParseKeyring(cfg.EncryptionKey.Reveal())
-	if err != nil {
-		return nil, fmt.Errorf("server: KEYPOOL_ENCRYPTION_KEY: %w", err)
+	var keyring *seal.Keyring // nil with Config.Store, which seals its own
+	if cfg.Store == nil {
+		if keyring, err = seal.ParseKeyring(cfg.EncryptionKey.Reveal()); err != nil {
+			return nil, fmt.Errorf("server: KEYPOOL_ENCRYPTION_KEY: %w", err)
+		}
 	}
 
 	s := &Server{cfg: cfg, log: log, logBuf: logBuf, done: make(chan struct{}), events: make(chan keypool.Event, 4096), now: cfg.Now}
@@ -271,13 +291,13 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		}
 	}()
 
-	if s.st, err = sqlstore.Open(ctx, cfg.Database.Reveal(), sqlstore.Options{Keyring: keyring, Logger: log}); err != nil {
-		return nil, fmt.Errorf("server: open database %s: %w", cfg.Database, err)
+	if err := s.openStore(ctx, keyring); err != nil {
+		return nil, err
 	}
 	if err := applyTiers(ctx, s.st, cfg.Tiers, log); err != nil {
 		return nil, err
 	}
-	if err := applyServices(ctx, s.st, cfg.Services, log); err != nil {
+	if err := applyServices(ctx, s.st, cfg.Services, cfg.validator(), log); err != nil {
 		return nil, err
 	}
 	if cfg.ExternalDatabase != "" {
@@ -306,7 +326,10 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		return float64(s.usage.Dropped())
 	})
 
-	opts := store.SyncerOptions{Interval: time.Duration(cfg.SyncInterval), Notify: s.st, Logger: log}
+	opts := store.SyncerOptions{Interval: time.Duration(cfg.SyncInterval), Logger: log, Registry: cfg.registry()}
+	if l, ok := s.st.(store.Listener); ok {
+		opts.Notify = l
+	}
 	if s.ext != nil {
 		opts.External = s.ext
 		if r := time.Duration(cfg.External.Refresh); r > 0 {
@@ -358,21 +381,25 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		if err != nil {
 			return nil, err
 		}
-		s.limiter, s.redis = rl, rl
+		s.limiter, s.redis = s.timeAdmission(rl), rl
+		s.budgets = s.newBudgets()
 		s.registerRedisMetrics(rl)
 		s.seedRedis(ctx, rl)
 		s.share = newSharer(s.rdb, s.pool, log)
 	} else {
-		if s.limiter, err = limit.NewLocal(limit.LocalConfig{}); err != nil {
+		local, err := limit.NewLocal(limit.LocalConfig{})
+		if err != nil {
 			return nil, err
 		}
+		s.limiter = s.timeAdmission(local)
+		s.budgets = s.newBudgets()
 		if err := s.seedCounters(ctx); err != nil {
 			return nil, err
 		}
 	}
-	s.limiter = s.timeAdmission(s.limiter)
 
-	s.authSync = newAuthSync(s.st, s.rdb, log)
+	notifier, _ := s.st.(authNotifier)
+	s.authSync = newAuthSync(notifier, s.rdb, log)
 	s.authSync.auth = s.auth
 
 	uopts := cfg.Usage
@@ -392,14 +419,15 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	if s.admin, err = admin.New(admin.Config{
 		Store: s.st, Pool: s.pool, Auth: s.auth, Failures: s.fails,
-		OnChange: s.onAdminChange, Logger: log, AllowMetadataUpstreams: cfg.AllowMetadataUpstreams,
+		OnChange: s.onAdminChange, Logger: log, AllowMetadataUpstreams: cfg.AllowMetadataUpstreams, Registry: cfg.registry(),
 		ClientIP: s.clients.of, Sessions: s.sess,
 	}); err != nil {
 		return nil, err
 	}
 
 	if !cfg.Console.Disabled {
-		if s.console, err = console.New(console.Config{API: s.admin, Sessions: s.sess, Statuses: s.st,
+		statuses, _ := s.st.(store.StatusCounter)
+		if s.console, err = console.New(console.Config{API: s.admin, Sessions: s.sess, Statuses: statuses,
 			Secure: s.cookieSecure, Logger: log, Now: s.now, SSOLogin: cfg.OIDC.Enabled() && (len(cfg.OIDC.Admins) > 0 || cfg.OIDC.AdminGroup != "")}); err != nil {
 			return nil, err
 		}
@@ -441,7 +469,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if s.journal != nil {
 		s.bg.Go(func() { s.replayJournals(bgctx) })
 	}
-	if len(keyring.Versions()) > 1 {
+	if _, ok := s.st.(rewrapper); ok && keyring != nil && len(keyring.Versions()) > 1 {
 		// A rotation: re-seal what older keys sealed, online.
 		s.bg.Go(func() { s.rewrap(bgctx) })
 	}
@@ -752,7 +780,7 @@ func (s *Server) onAdminChange() {
 	if err := s.refreshServiceLimits(ctx); err != nil {
 		s.log.Warn("reading service limits failed", "err", err)
 	}
-	s.budgets.clear()
+	s.budgets.Clear()
 	s.sweepKeys()
 }
 
@@ -768,6 +796,10 @@ func (s *Server) refreshServiceLimits(ctx context.Context) error {
 	s.setRouters(svcs)
 	for _, sv := range svcs {
 		s.metrics.service(sv.Name) // its zero series, from the start
+		stats, _ := s.pool.Stats(sv.Name)
+		for _, k := range stats {
+			s.metrics.key(sv.Name, k.ID)
+		}
 	}
 	return nil
 }
@@ -821,12 +853,17 @@ func externalNamed(cfg Config) []string {
 	return named
 }
 
+// rewrapper is a store that re-seals its secrets (sqlstore does).
+type rewrapper interface {
+	Rewrap(ctx context.Context) (int, error)
+}
+
 // rewrap re-seals every stored secret with the current encryption key
 // after a rotation (KEYPOOL_ENCRYPTION_KEY=new,old), while serving. When
 // it reports done, the old key can be dropped from the list.
 func (s *Server) rewrap(ctx context.Context) {
 	start := time.Now()
-	n, err := s.st.Rewrap(ctx)
+	n, err := s.st.(rewrapper).Rewrap(ctx)
 	if err != nil {
 		if ctx.Err() == nil {
 			s.log.Error("re-sealing stored keys with the current encryption key failed; the old keys are still needed", "error", err.Error(), "rewrapped", n)
@@ -835,4 +872,22 @@ func (s *Server) rewrap(ctx context.Context) {
 	}
 	s.log.Info("stored keys re-sealed with the current encryption key; older keys can be removed from KEYPOOL_ENCRYPTION_KEY",
 		"rewrapped", n, "took", time.Since(start).Round(time.Millisecond).String())
+}
+
+// openStore takes [Config.Store], or opens [Config.Database] with keyring.
+func (s *Server) openStore(ctx context.Context, keyring *seal.Keyring) error {
+	if s.cfg.Store == nil {
+		st, err := sqlstore.Open(ctx, s.cfg.Database.Reveal(), sqlstore.Options{Keyring: keyring, Logger: s.log})
+		if err != nil {
+			return fmt.Errorf("server: open database %s: %w", s.cfg.Database, err)
+		}
+		s.st = st
+		return nil
+	}
+	st, ok := s.cfg.Store.(serverStore)
+	if !ok {
+		return fmt.Errorf("server: Config.Store (%T) must also implement store.AdminStore (admin users, sessions, audit log)", s.cfg.Store)
+	}
+	s.st = st
+	return nil
 }

@@ -12,7 +12,6 @@ package store
 import (
 	"context"
 	"errors"
-	"fmt"
 	"strings"
 	"time"
 
@@ -155,6 +154,10 @@ type KeyPolicy struct {
 	// MaxEjectionPercent is the largest share of keys the breaker ejects
 	// at once (1–100). 0: 50.
 	MaxEjectionPercent int `json:"max_ejection_percent,omitempty"`
+	// Classifier names a classifier registered with the server (see
+	// [Registry]) that decides what an upstream answer says about a key;
+	// empty means the built-in [keypool.Classify].
+	Classifier string `json:"classifier,omitempty"`
 }
 
 // MaxRetryAfterCap is the largest KeyPolicy.RetryAfterCap accepted, in
@@ -176,7 +179,7 @@ func (p KeyPolicy) Validate() error {
 		{p.MaxEjectionPercent, "max_ejection_percent", 100, "0 means 50"},
 	} {
 		if f.v < 0 || f.v > f.hi {
-			return fmt.Errorf("%w: %s must be 0 to %d (%s), got %d", ErrInvalid, f.name, f.hi, f.zeroIs, f.v)
+			return invalidf("%s must be 0 to %d (%s), got %d", f.name, f.hi, f.zeroIs, f.v)
 		}
 	}
 	return nil
@@ -230,17 +233,17 @@ type Tier struct {
 // admin API does; the error wraps [ErrInvalid].
 func (t Tier) Validate() error {
 	if t.Name == "" || strings.ContainsAny(t.Name, "/?#% \t\r\n") {
-		return fmt.Errorf("%w: tier name %q must be non-empty, without '/', '?', '#', '%%' or spaces", ErrInvalid, t.Name)
+		return invalidf("tier name %q must be non-empty, without '/', '?', '#', '%%' or spaces", t.Name)
 	}
 	if len(t.Features) == 0 {
-		return fmt.Errorf("%w: features must name at least one feature", ErrInvalid)
+		return invalidf("features must name at least one feature")
 	}
 	for f, rpm := range t.Features {
 		if f == "" {
-			return fmt.Errorf("%w: features: a feature name is empty", ErrInvalid)
+			return invalidf("features: a feature name is empty")
 		}
 		if rpm < 0 || rpm > 1_000_000 {
-			return fmt.Errorf("%w: features[%q] must be 0 to 1000000 requests per minute (0: no limit), got %d", ErrInvalid, f, rpm)
+			return invalidf("features[%q] must be 0 to 1000000 requests per minute (0: no limit), got %d", f, rpm)
 		}
 	}
 	return nil

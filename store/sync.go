@@ -63,6 +63,9 @@ type SyncerOptions struct {
 	// change made through another replica arrives without waiting for
 	// Interval. Polling goes on regardless.
 	Notify Listener `json:"-"`
+	// Registry resolves the selector, auth_scheme and classifier names of
+	// the services (see [Registry.ToPool]). Nil: the built-in names only.
+	Registry *Registry `json:"-"`
 	// Logger receives outages (once when one starts, once when it ends),
 	// services that fail to convert, and notification errors; never a
 	// secret. If nil, slog.Default().
@@ -507,7 +510,7 @@ func (s *Syncer) apply() (nsvc, nkeys int) {
 // applyService converts and sets one service, reusing prev's selector when
 // its name is unchanged.
 func (s *Syncer) applyService(rec Service, keys []Key, prev *appliedService) error {
-	svc, pk, err := ToPool(rec, keys)
+	svc, pk, err := s.opts.Registry.ToPool(rec, keys)
 	if err != nil {
 		return err
 	}
@@ -583,7 +586,7 @@ func (s *Syncer) primaryOK(version string, reloaded bool, nsvc, nkeys int) {
 	}
 	s.mu.Unlock()
 	if wasDown {
-		s.log.Info("store: source reachable again", "down_for", now.Sub(since).Round(time.Millisecond))
+		s.log.Info("store: source reachable again", "down_for", now.Sub(since).Round(time.Millisecond).String())
 	}
 }
 
@@ -615,13 +618,23 @@ func (s *Syncer) externalOK() {
 // A key's labels["feature"] names a feature it serves; its Features (its
 // tier's) become [keypool.Key.Features]. The error, wrapping [keypool.ErrInvalidConfig], names the service.
 func ToPool(svc Service, keys []Key) (keypool.Service, []keypool.Key, error) {
-	auth, err := keypool.ParseAuthScheme(svc.AuthScheme)
+	return (*Registry)(nil).ToPool(svc, keys)
+}
+
+// ToPool is [ToPool] with the names registered in r: auth_scheme,
+// selector and classifier are resolved by r.
+func (r *Registry) ToPool(svc Service, keys []Key) (keypool.Service, []keypool.Key, error) {
+	auth, _, err := r.AuthScheme(svc.AuthScheme)
 	if err != nil {
 		return keypool.Service{}, nil, fmt.Errorf("service %q: %w", svc.Name, err)
 	}
-	sel, err := keypool.ParseSelector(svc.Selector)
+	sel, _, err := r.Selector(svc.Selector)
 	if err != nil {
 		return keypool.Service{}, nil, fmt.Errorf("service %q: %w", svc.Name, err)
+	}
+	classify, _, err := r.Classifier(svc.Classifier)
+	if err != nil {
+		return keypool.Service{}, nil, fmt.Errorf("service %q: classifier: %w", svc.Name, err)
 	}
 	ps := keypool.Service{
 		Name:         svc.Name,
@@ -630,6 +643,7 @@ func ToPool(svc Service, keys []Key) (keypool.Service, []keypool.Key, error) {
 		RateLimitRPM: svc.RateLimitRPM,
 		MaxInFlight:  svc.MaxInFlight,
 		Selector:     sel,
+		Classifier:   classify,
 		Headers:      maps.Clone(svc.ProxyHeaders),
 
 		RetryAfterCap:      time.Duration(svc.RetryAfterCap) * time.Second,

@@ -775,3 +775,22 @@ func TestToPool(t *testing.T) {
 		})
 	}
 }
+
+// TestSyncerRecoveryLogsOutageAsDuration: the "reachable again" line gives
+// the outage as a duration ("8s"), not as nanoseconds, in the JSON logs
+// keypoold writes by default.
+func TestSyncerRecoveryLogsOutageAsDuration(t *testing.T) {
+	logs := &syncLog{}
+	h := newSyncHarness(t, SyncerOptions{Logger: slog.New(slog.NewJSONHandler(logs, nil))})
+	syncSeed(h.src)
+	h.mustSync()
+	down := errors.New("dial tcp 127.0.0.1:5432: connection refused")
+	h.src.setFail(down)
+	_ = h.sync.Sync(context.Background())
+	h.clock.Add(8 * time.Second)
+	h.src.setFail(nil)
+	h.mustSync()
+	if logs.count(`"down_for":"8s"`) != 1 {
+		t.Errorf("recovery line does not give the outage as 8s:\n%s", logs.b.String())
+	}
+}

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"encoding/csv"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -14,10 +13,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
-	"sort"
-	"strconv"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/keypool/keypool/server"
@@ -196,7 +192,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		return table(stdout, rows, cols...)
 	}
 	if noun == "tier" {
-		return runTier(ctx, c, fs, verb, args, stdout, show)
+		return runTier(ctx, c, fs, verb, args, stdout, asJSON, show)
 	}
 	switch cmd {
 	case "service add":
@@ -226,7 +222,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		if len(headers) > 0 {
 			body["proxy_headers"] = map[string]string(headers)
 		}
-		return printJSON(ctx, c, stdout, "POST", "/admin/services", body)
+		return printObject(ctx, c, stdout, *asJSON, "POST", "/admin/services", body)
 	case "service list":
 		if err := parse(args); err != nil {
 			return err
@@ -235,14 +231,14 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		if err := c.json(ctx, "GET", "/admin/services", nil, &out); err != nil {
 			return err
 		}
-		return show(out.Services, "name", "base_url", "auth_scheme", "rate_limit_rpm", "selector", "external_name")
+		return show(out.Services, "name", "base_url", "auth_scheme", "rate_limit_rpm", "selector", "external_name", "is_active")
 	case "service get", "service delete":
 		args, err := parseArgs(fs, args, 1, "one argument, the service NAME", stdout)
 		if err != nil {
 			return err
 		}
 		if verb == "get" {
-			return printJSON(ctx, c, stdout, "GET", "/admin/services/"+url.PathEscape(args[0]), nil)
+			return printObject(ctx, c, stdout, *asJSON, "GET", "/admin/services/"+url.PathEscape(args[0]), nil)
 		}
 		if err := c.json(ctx, "DELETE", "/admin/services/"+url.PathEscape(args[0]), nil, nil); err != nil {
 			return err
@@ -394,10 +390,10 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		fmt.Fprintf(stdout, "key %s is %v\n", args[0], out["status"])
 		return nil
 	case "service set", "team set", "token set":
-		if err := fs.Parse(args); err != nil {
+		rest, err := parseArgs(fs, args, -1, "", stdout)
+		if err != nil {
 			return err
 		}
-		rest := fs.Args()
 		if len(rest) < 2 {
 			return &usageError{msg: fmt.Sprintf("keypoold %s: want the %s and at least one field=value", cmd, map[string]string{"service": "service NAME", "team": "team ID or NAME", "token": "token ID"}[noun]),
 				help: func(w io.Writer) { fs.SetOutput(w); fs.Usage() }}
@@ -413,7 +409,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 			}
 		}
 		path := map[string]string{"service": "/admin/services/", "team": "/admin/teams/", "token": "/admin/tokens/"}[noun] + url.PathEscape(id)
-		return printJSON(ctx, c, stdout, "PATCH", path, body)
+		return printObject(ctx, c, stdout, *asJSON, "PATCH", path, body)
 
 	case "team add":
 		name := fs.String("name", "", "team name (required)")
@@ -437,7 +433,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		if l := list(*allowed); len(l) > 0 {
 			body["allowed_services"] = l
 		}
-		return printJSON(ctx, c, stdout, "POST", "/admin/teams", body)
+		return printObject(ctx, c, stdout, *asJSON, "POST", "/admin/teams", body)
 	case "team list":
 		if err := parse(args); err != nil {
 			return err
@@ -458,7 +454,7 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		if err != nil {
 			return err
 		}
-		return printJSON(ctx, c, stdout, "POST", "/admin/users", map[string]any{"external_id": *ext, "team_id": teamID})
+		return printObject(ctx, c, stdout, *asJSON, "POST", "/admin/users", map[string]any{"external_id": *ext, "team_id": teamID})
 	case "user list":
 		team := fs.String("team", "", "only users of this team (id or name)")
 		if err := parse(args); err != nil {
@@ -514,6 +510,9 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		if err := c.json(ctx, "POST", "/admin/tokens", body, &out); err != nil {
 			return err
 		}
+		if *asJSON {
+			return writeJSON(stdout, out)
+		}
 		fmt.Fprintf(stdout, "created token %v (%v); it is shown only once:\n%v\n", out["id"], out["prefix"], out["token"])
 		return nil
 	case "token list":
@@ -558,6 +557,9 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 		var out map[string]any
 		if err := c.json(ctx, "POST", "/admin/admin-users", map[string]any{"username": *username, "password": pw, "role": *role}, &out); err != nil {
 			return err
+		}
+		if *asJSON {
+			return writeJSON(stdout, out)
 		}
 		fmt.Fprintf(stdout, "added admin user %v (%v, role %v)\n", out["username"], out["id"], out["role"])
 		return nil
@@ -610,19 +612,39 @@ func runCLI(ctx context.Context, noun string, args []string, e env, stdin io.Rea
 				q.Set(k, v)
 			}
 		}
-		if !*asCSV {
-			return printJSON(ctx, c, stdout, "GET", "/admin/usage?"+q.Encode(), nil)
+		var out struct {
+			Rows []map[string]any `json:"rows"`
 		}
-		var out struct{ Rows []map[string]any }
 		if err := c.json(ctx, "GET", "/admin/usage?"+q.Encode(), nil, &out); err != nil {
 			return err
 		}
-		return usageCSV(stdout, list(*groupBy), out.Rows)
+		if *asJSON {
+			return writeJSON(stdout, out)
+		}
+		if *asCSV {
+			return usageCSV(stdout, list(*groupBy), out.Rows)
+		}
+		return table(stdout, out.Rows, usageColumns(list(*groupBy))...)
 	case "health":
 		if err := parse(args); err != nil {
 			return err
 		}
-		return printJSON(ctx, c, stdout, "GET", "/admin/health", nil)
+		var out map[string]any
+		if err := c.json(ctx, "GET", "/admin/health", nil, &out); err != nil {
+			return err
+		}
+		if *asJSON {
+			return writeJSON(stdout, out)
+		}
+		var services []map[string]any
+		if l, ok := out["services"].([]any); ok {
+			for _, s := range l {
+				if m, ok := s.(map[string]any); ok {
+					services = append(services, m)
+				}
+			}
+		}
+		return table(stdout, services, "name", "keys", "available", "in_flight", "requests_last_minute", "states")
 	}
 	return &usageError{msg: fmt.Sprintf("keypoold: unknown command %q", cmd), help: shortUsage}
 }
@@ -653,57 +675,6 @@ func (c *client) teamID(ctx context.Context, team string) (string, error) {
 		}
 	}
 	return "", fmt.Errorf("no team %q", team)
-}
-
-func printJSON(ctx context.Context, c *client, w io.Writer, method, path string, body any) error {
-	var out any
-	if err := c.json(ctx, method, path, body, &out); err != nil {
-		return err
-	}
-	return writeJSON(w, out)
-}
-
-func writeJSON(w io.Writer, v any) error {
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	enc.SetEscapeHTML(false)
-	return enc.Encode(v)
-}
-
-// table prints rows with the given columns.
-func table(w io.Writer, rows []map[string]any, cols ...string) error {
-	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, strings.ToUpper(strings.Join(cols, "\t")))
-	sort.SliceStable(rows, func(i, j int) bool { return fmt.Sprint(rows[i][cols[0]]) < fmt.Sprint(rows[j][cols[0]]) })
-	for _, r := range rows {
-		cells := make([]string, len(cols))
-		for i, c := range cols {
-			cells[i] = cell(r[c])
-		}
-		fmt.Fprintln(tw, strings.Join(cells, "\t"))
-	}
-	return tw.Flush()
-}
-
-func cell(v any) string {
-	switch x := v.(type) {
-	case nil:
-		return "-"
-	case string:
-		if x == "" {
-			return "-"
-		}
-		return x
-	case float64:
-		return strconv.FormatFloat(x, 'f', -1, 64)
-	case []any:
-		parts := make([]string, len(x))
-		for i, p := range x {
-			parts[i] = fmt.Sprint(p)
-		}
-		return strings.Join(parts, ",")
-	}
-	return fmt.Sprint(v)
 }
 
 // readPassword reads a password from the first line of stdin (so that it
@@ -742,40 +713,4 @@ func fieldValues(args []string) (map[string]any, error) {
 		}
 	}
 	return body, nil
-}
-
-// usageCSV prints usage rows as CSV: the group-by columns, then requests,
-// tokens_in, tokens_out and cost.
-func usageCSV(w io.Writer, groupBy []string, rows []map[string]any) error {
-	var cols []string
-	for _, g := range groupBy {
-		switch g {
-		case "team":
-			cols = append(cols, "team_id", "team_name")
-		case "token":
-			cols = append(cols, "token_id", "token_name")
-		case "key":
-			cols = append(cols, "key_id", "key_hint")
-		default:
-			cols = append(cols, g)
-		}
-	}
-	cols = append(cols, "requests", "tokens_in", "tokens_out", "cost")
-	cw := csv.NewWriter(w)
-	if err := cw.Write(cols); err != nil {
-		return err
-	}
-	for _, r := range rows {
-		rec := make([]string, len(cols))
-		for i, c := range cols {
-			if v, ok := r[c]; ok && v != nil {
-				rec[i] = cell(v)
-			}
-		}
-		if err := cw.Write(rec); err != nil {
-			return err
-		}
-	}
-	cw.Flush()
-	return cw.Error()
 }

@@ -12,7 +12,7 @@ import (
 // runTier runs "keypoold tier VERB": tiers of features with requests per
 // minute, through the admin API.
 func runTier(ctx context.Context, c *client, fs *flag.FlagSet, verb string, args []string, stdout io.Writer,
-	show func(rows []map[string]any, cols ...string) error) error {
+	asJSON *bool, show func(rows []map[string]any, cols ...string) error) error {
 	switch verb {
 	case "add":
 		name := fs.String("name", "", "tier name (required)")
@@ -32,7 +32,7 @@ func runTier(ctx context.Context, c *client, fs *flag.FlagSet, verb string, args
 		}
 		body := map[string]any{"name": *name, "features": features}
 		setIf(body, "description", *desc)
-		return printJSON(ctx, c, stdout, "POST", "/admin/tiers", body)
+		return printObject(ctx, c, stdout, *asJSON, "POST", "/admin/tiers", body)
 	case "list":
 		if _, err := parseArgs(fs, args, 0, "", stdout); err != nil {
 			return err
@@ -49,7 +49,7 @@ func runTier(ctx context.Context, c *client, fs *flag.FlagSet, verb string, args
 		}
 		path := "/admin/tiers/" + url.PathEscape(args[0])
 		if verb == "get" {
-			return printJSON(ctx, c, stdout, "GET", path, nil)
+			return printObject(ctx, c, stdout, *asJSON, "GET", path, nil)
 		}
 		if err := c.json(ctx, "DELETE", path, nil, nil); err != nil {
 			return err
@@ -57,10 +57,10 @@ func runTier(ctx context.Context, c *client, fs *flag.FlagSet, verb string, args
 		fmt.Fprintln(stdout, "deleted tier", args[0])
 		return nil
 	case "set":
-		if err := fs.Parse(args); err != nil {
+		rest, err := parseArgs(fs, args, -1, "", stdout)
+		if err != nil {
 			return err
 		}
-		rest := fs.Args()
 		if len(rest) < 2 {
 			return &usageError{msg: "keypoold tier set: want the tier NAME and at least one field=value",
 				help: func(w io.Writer) { fs.SetOutput(w); fs.Usage() }}
@@ -69,7 +69,7 @@ func runTier(ctx context.Context, c *client, fs *flag.FlagSet, verb string, args
 		if err != nil {
 			return &usageError{msg: fmt.Sprintf("keypoold tier set: %v", err)}
 		}
-		return printJSON(ctx, c, stdout, "PATCH", "/admin/tiers/"+url.PathEscape(rest[0]), body)
+		return printObject(ctx, c, stdout, *asJSON, "PATCH", "/admin/tiers/"+url.PathEscape(rest[0]), body)
 	}
 	return &usageError{msg: fmt.Sprintf("keypoold: unknown command %q", "tier "+verb), help: shortUsage}
 }

@@ -143,12 +143,12 @@ func flagUsage(fs *flag.FlagSet, synopsis, summary string) func() {
 }
 
 // parseArgs parses a command's flags and wants exactly nargs positional
-// arguments after them. For -h it prints the usage on stdout and returns
+// arguments among them (any number when nargs < 0). For -h it prints the usage on stdout and returns
 // flag.ErrHelp; a bad flag or argument is a *usageError.
 func parseArgs(fs *flag.FlagSet, args []string, nargs int, argNames string, stdout io.Writer) ([]string, error) {
 	var buf bytes.Buffer
 	fs.SetOutput(&buf)
-	err := fs.Parse(args)
+	pos, err := parseInterspersed(fs, args)
 	help := func(w io.Writer) { fs.SetOutput(w); fs.Usage() }
 	switch {
 	case err == flag.ErrHelp:
@@ -156,12 +156,32 @@ func parseArgs(fs *flag.FlagSet, args []string, nargs int, argNames string, stdo
 		return nil, err
 	case err != nil:
 		return nil, &usageError{msg: fs.Name() + ": " + err.Error(), help: help}
-	case fs.NArg() != nargs && nargs == 0:
-		return nil, &usageError{msg: fmt.Sprintf("%s: unexpected argument %q", fs.Name(), fs.Arg(0)), help: help}
-	case fs.NArg() != nargs:
+	case nargs == 0 && len(pos) > 0:
+		return nil, &usageError{msg: fmt.Sprintf("%s: unexpected argument %q", fs.Name(), pos[0]), help: help}
+	case nargs >= 0 && len(pos) != nargs:
 		return nil, &usageError{msg: fmt.Sprintf("%s: want %s", fs.Name(), argNames), help: help}
 	}
-	return fs.Args(), nil
+	return pos, nil
+}
+
+// parseInterspersed parses flags before, between and after positional
+// arguments (`keypoold key disable ID --json`), and returns the positional
+// ones in order. Everything after "--" is positional.
+func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return nil, err
+		}
+		rest := fs.Args()
+		if len(rest) == 0 {
+			return pos, nil
+		}
+		if n := len(args) - len(rest); n > 0 && args[n-1] == "--" {
+			return append(pos, rest...), nil
+		}
+		pos, args = append(pos, rest[0]), rest[1:]
+	}
 }
 
 // authSchemeHelp and selectorHelp list the names the library accepts.

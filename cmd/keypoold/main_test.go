@@ -241,10 +241,14 @@ func TestCLI(t *testing.T) {
 	if out := cli("", "key", "enable", id); out != "key "+id+" is active\n" {
 		t.Errorf("key enable: %q", out)
 	}
-	if out := cli("", "service", "set", "openai", "description=chat models", "rate_limit_rpm=100", "llm_family=openai"); !strings.Contains(out, `"description": "chat models"`) || !strings.Contains(out, `"rate_limit_rpm": 100`) {
+	if out := cli("", "key", "disable", id, "--json"); !strings.Contains(out, `"status": "disabled"`) {
+		t.Errorf("key disable ID --json: %q", out)
+	}
+	cli("", "key", "enable", id)
+	if out := cli("", "service", "set", "openai", "description=chat models", "rate_limit_rpm=100", "llm_family=openai", "--json"); !strings.Contains(out, `"description": "chat models"`) || !strings.Contains(out, `"rate_limit_rpm": 100`) {
 		t.Errorf("service set: %q", out)
 	}
-	if out := cli("", "team", "set", "eng", "rpm_limit=50", "description=engineers"); !strings.Contains(out, `"rpm_limit": 50`) {
+	if out := cli("", "team", "set", "eng", "rpm_limit=50", "description=engineers", "--json"); !strings.Contains(out, `"rpm_limit": 50`) {
 		t.Errorf("team set: %q", out)
 	}
 	var toks []map[string]any
@@ -252,20 +256,20 @@ func TestCLI(t *testing.T) {
 	if len(toks) != 1 {
 		t.Fatalf("token list --json: %v", toks)
 	}
-	if out := cli("", "token", "set", toks[0]["id"].(string), "description=CI"); !strings.Contains(out, `"description": "CI"`) {
+	if out := cli("", "token", "set", toks[0]["id"].(string), "description=CI", "--json"); !strings.Contains(out, `"description": "CI"`) {
 		t.Errorf("token set: %q", out)
 	}
 	// Tiers: add, list, a key joining one, set, delete.
-	if out := cli("", "tier", "add", "--name", "pro", "--feature", "image-generation=100"); !strings.Contains(out, `"image-generation": 100`) {
+	if out := cli("", "tier", "add", "--name", "pro", "--feature", "image-generation=100", "--json"); !strings.Contains(out, `"image-generation": 100`) {
 		t.Errorf("tier add: %q", out)
 	}
-	if out := cli("", "tier", "list"); !strings.Contains(out, "pro") || !strings.Contains(out, "image-generation") {
+	if out := cli("", "tier", "list"); !strings.Contains(out, "pro") || !strings.Contains(out, `{"image-generation":100}`) {
 		t.Errorf("tier list: %q", out)
 	}
 	if out := cli("sk-cli-tier-0123456789\n", "key", "add", "--service", "openai", "--tier", "pro", "--json"); !strings.Contains(out, `"tier": "pro"`) {
 		t.Errorf("key add --tier: %q", out)
 	}
-	if out := cli("", "tier", "set", "pro", `features={"image-generation":200}`); !strings.Contains(out, `"image-generation": 200`) {
+	if out := cli("", "tier", "set", "pro", `features={"image-generation":200}`, "--json"); !strings.Contains(out, `"image-generation": 200`) {
 		t.Errorf("tier set: %q", out)
 	}
 	// An import line naming an unknown tier: all or nothing by default,
@@ -284,8 +288,32 @@ func TestCLI(t *testing.T) {
 	if out := cli("sk-cli-tier-import-4\nsk-cli-tier-import-5\n", "key", "import", "--service", "openai", "--tier", "pro", "--json"); strings.Count(out, `"tier": "pro"`) != 2 {
 		t.Errorf("import --tier: %q", out)
 	}
-	if out := cli("", "tier", "add", "--name", "free", "--feature", "chat=10"); !strings.Contains(out, `"chat": 10`) {
+	// Without --json, one object prints as a FIELD VALUE table.
+	if out := cli("", "tier", "add", "--name", "free", "--feature", "chat=10"); !strings.HasPrefix(out, "FIELD") || !regexp.MustCompile(`(?m)^features +\{"chat":10\}$`).MatchString(out) {
 		t.Errorf("tier add free: %q", out)
+	}
+	if out := cli("", "service", "set", "openai", "is_active=false"); strings.Contains(out, "{\n") || !regexp.MustCompile(`(?m)^is_active +false$`).MatchString(out) {
+		t.Errorf("service set without --json: %q", out)
+	}
+	if out := cli("", "service", "list"); !regexp.MustCompile(`IS_ACTIVE\n.*openai .* false\n`).MatchString(out) {
+		t.Errorf("service list does not show the service switched off: %q", out)
+	}
+	cli("", "service", "set", "openai", "is_active=true")
+	if out := cli("", "team", "set", "eng", "description=engineering"); !regexp.MustCompile(`(?m)^description +engineering$`).MatchString(out) {
+		t.Errorf("team set without --json: %q", out)
+	}
+	if out := cli("", "usage", "--group-by", "service"); !regexp.MustCompile(`^SERVICE +REQUESTS +TOKENS_IN`).MatchString(out) {
+		t.Errorf("usage without --json is not a table: %q", out)
+	}
+	if out := cli("", "usage", "--json"); !strings.Contains(out, `"rows"`) {
+		t.Errorf("usage --json: %q", out)
+	}
+	if out := cli("", "health"); !regexp.MustCompile(`^NAME +KEYS +AVAILABLE`).MatchString(out) || !strings.Contains(out, "openai") {
+		t.Errorf("health without --json is not a table: %q", out)
+	}
+	var created map[string]any
+	if err := json.Unmarshal([]byte(cli("", "token", "create", "--name", "ci", "--team", "eng", "--json")), &created); err != nil || created["token"] == nil {
+		t.Errorf("token create --json: %v %v", created, err)
 	}
 	if out := cli("", "tier", "delete", "free"); out != "deleted tier free\n" {
 		t.Errorf("tier delete: %q", out)

@@ -219,13 +219,14 @@ func (s *Store) insertUsage(ctx context.Context, tx *sql.Tx, rows []usageRow) er
 		return fmt.Errorf("usage insert not prepared (schema older than this build?)")
 	}
 	args := make([]any, 0, usageChunk*usageColumns)
+	boxed := boxes{}
 	add := func(r *usageRow) {
 		var id any
 		if r.RecordID != nil {
 			id = *r.RecordID
 		}
-		args = append(args, r.Ts, id, r.RequestID, r.TeamID, r.TokenID, r.Service, r.Router, r.KeyID, r.Model,
-			r.Status, r.TokensIn, r.TokensOut, r.CachedTokens, r.Cost, r.LatencyMS)
+		args = append(args, r.Ts, id, r.RequestID, boxed.of(r.TeamID), boxed.of(r.TokenID), boxed.of(r.Service),
+			boxed.of(r.Router), boxed.of(r.KeyID), boxed.of(r.Model), r.Status, r.TokensIn, r.TokensOut, r.CachedTokens, r.Cost, r.LatencyMS)
 	}
 	if len(rows) >= usageChunk {
 		chunk := tx.StmtContext(ctx, s.usageStmts.chunk)
@@ -253,6 +254,25 @@ func (s *Store) insertUsage(ctx context.Context, tx *sql.Tx, rows []usageRow) er
 		}
 	}
 	return nil
+}
+
+// boxes holds the statement arguments of the strings that repeat across
+// one insert's rows (team, token, service, key, model), so each distinct
+// value is converted to an interface once per insert instead of once per
+// row.
+type boxes map[string]any
+
+// of returns s as an argument, the same interface value for equal strings.
+func (b boxes) of(s string) any {
+	if s == "" {
+		return "" // a constant: converting it allocates nothing
+	}
+	v, ok := b[s]
+	if !ok {
+		v = s
+		b[s] = v
+	}
+	return v
 }
 
 // groupColumn returns the SQL expression of a grouping dimension.

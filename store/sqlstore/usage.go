@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -52,15 +53,16 @@ func (s *Store) AppendUsage(ctx context.Context, recs []store.UsageRecord) error
 		}
 	}
 	return s.write(ctx, "append usage", false, func(tx *gorm.DB) error {
+		boxed := boxes{}
 		var spend map[string]float64
 		if spending {
 			var err error
-			if spend, err = s.newSpend(tx, recs); err != nil {
+			if spend, err = s.newSpend(ctx, tx, recs, boxed); err != nil {
 				return err
 			}
 		}
 		if sqlTx, ok := tx.Statement.ConnPool.(*sql.Tx); ok {
-			if err := s.insertUsage(ctx, sqlTx, rows); err != nil {
+			if err := s.insertUsage(ctx, sqlTx, rows, boxed); err != nil {
 				return err
 			}
 		} else if err := tx.Clauses(clause.OnConflict{Columns: []clause.Column{{Name: "record_id"}}, DoNothing: true}).
@@ -82,7 +84,7 @@ const spendLookup = 500
 // newSpend sums, per key, the KeySpend of the records in recs that are not
 // stored yet (called in the inserting transaction, before the insert). A
 // negative KeySpend is derived from the key's balance unit.
-func (s *Store) newSpend(tx *gorm.DB, recs []store.UsageRecord) (map[string]float64, error) {
+func (s *Store) newSpend(ctx context.Context, tx *gorm.DB, recs []store.UsageRecord, boxed boxes) (map[string]float64, error) {
 	var ids, byUnit []string
 	for i := range recs {
 		if r := &recs[i]; r.KeySpend != 0 && r.KeyID != "" {
@@ -94,17 +96,9 @@ func (s *Store) newSpend(tx *gorm.DB, recs []store.UsageRecord) (map[string]floa
 			}
 		}
 	}
-	stored := map[string]bool{}
-	for len(ids) > 0 {
-		n := min(len(ids), spendLookup)
-		var found []string
-		if err := tx.Raw("SELECT record_id FROM usage_records WHERE record_id IN ?", ids[:n]).Scan(&found).Error; err != nil {
-			return nil, err
-		}
-		for _, id := range found {
-			stored[id] = true
-		}
-		ids = ids[n:]
+	stored, err := s.storedRecords(ctx, tx, ids, boxed)
+	if err != nil {
+		return nil, err
 	}
 	units := map[string]string{}
 	for len(byUnit) > 0 {
@@ -160,6 +154,71 @@ func unitSpend(unit string, r *store.UsageRecord) float64 {
 	return 0
 }
 
+// storedRecords returns which of ids are stored already. In a database/sql
+// transaction it queries without gorm (whose Scan renders the statement
+// with every argument, for its logger) and passes each id as the argument
+// the insert then reuses.
+func (s *Store) storedRecords(ctx context.Context, tx *gorm.DB, ids []string, boxed boxes) (map[string]bool, error) {
+	stored := map[string]bool{}
+	sqlTx, direct := tx.Statement.ConnPool.(*sql.Tx)
+	var (
+		q    []byte
+		args []any
+		id   sql.RawBytes
+	)
+	for len(ids) > 0 {
+		n := min(len(ids), spendLookup)
+		if !direct {
+			var found []string
+			if err := tx.Raw("SELECT record_id FROM usage_records WHERE record_id IN ?", ids[:n]).Scan(&found).Error; err != nil {
+				return nil, err
+			}
+			for _, id := range found {
+				stored[id] = true
+			}
+			ids = ids[n:]
+			continue
+		}
+		q = append(q[:0], "SELECT record_id FROM usage_records WHERE record_id IN ("...)
+		args = args[:0]
+		for i := range ids[:n] {
+			if i > 0 {
+				q = append(q, ',')
+			}
+			q = s.placeholder(q, i+1)
+			args = append(args, boxed.of(ids[i]))
+		}
+		q = append(q, ')')
+		rows, err := sqlTx.QueryContext(ctx, string(q), args...)
+		if err != nil {
+			return nil, err
+		}
+		for rows.Next() {
+			if err := rows.Scan(&id); err != nil {
+				rows.Close()
+				return nil, err
+			}
+			stored[string(id)] = true
+		}
+		if err := rows.Close(); err != nil {
+			return nil, err
+		}
+		if err := rows.Err(); err != nil {
+			return nil, err
+		}
+		ids = ids[n:]
+	}
+	return stored, nil
+}
+
+// placeholder appends the n-th (from 1) statement parameter's marker.
+func (s *Store) placeholder(q []byte, n int) []byte {
+	if s.kind == kindPostgres {
+		return strconv.AppendInt(append(q, '$'), int64(n), 10)
+	}
+	return append(q, '?')
+}
+
 // usageChunk is how many rows one prepared multi-row INSERT carries.
 const usageChunk = 64
 
@@ -200,11 +259,7 @@ func (s *Store) usageInsertSQL(rows int) string {
 				b.WriteByte(',')
 			}
 			n++
-			if s.kind == kindPostgres {
-				fmt.Fprintf(&b, "$%d", n)
-			} else {
-				b.WriteByte('?')
-			}
+			b.Write(s.placeholder(nil, n))
 		}
 		b.WriteByte(')')
 	}
@@ -214,16 +269,15 @@ func (s *Store) usageInsertSQL(rows int) string {
 
 // insertUsage writes rows through the prepared statements, usageChunk
 // rows at a time.
-func (s *Store) insertUsage(ctx context.Context, tx *sql.Tx, rows []usageRow) error {
+func (s *Store) insertUsage(ctx context.Context, tx *sql.Tx, rows []usageRow, boxed boxes) error {
 	if s.usageStmts.chunk == nil || s.usageStmts.one == nil {
 		return fmt.Errorf("usage insert not prepared (schema older than this build?)")
 	}
 	args := make([]any, 0, usageChunk*usageColumns)
-	boxed := boxes{}
 	add := func(r *usageRow) {
 		var id any
 		if r.RecordID != nil {
-			id = *r.RecordID
+			id = boxed.of(*r.RecordID)
 		}
 		args = append(args, r.Ts, id, r.RequestID, boxed.of(r.TeamID), boxed.of(r.TokenID), boxed.of(r.Service),
 			boxed.of(r.Router), boxed.of(r.KeyID), boxed.of(r.Model), r.Status, r.TokensIn, r.TokensOut, r.CachedTokens, r.Cost, r.LatencyMS)
@@ -256,10 +310,10 @@ func (s *Store) insertUsage(ctx context.Context, tx *sql.Tx, rows []usageRow) er
 	return nil
 }
 
-// boxes holds the statement arguments of the strings that repeat across
-// one insert's rows (team, token, service, key, model), so each distinct
-// value is converted to an interface once per insert instead of once per
-// row.
+// boxes holds one write's string statement arguments: the strings that
+// repeat across its rows (team, token, service, key, model) and the record
+// ids its existence query and its insert both pass, so each distinct value
+// is converted to an interface once per write instead of once per use.
 type boxes map[string]any
 
 // of returns s as an argument, the same interface value for equal strings.

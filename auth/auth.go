@@ -236,7 +236,7 @@ func (a *Authenticator) IsAdmin(token string) bool {
 	if !a.hasAdmin || token == "" {
 		return false
 	}
-	sum := sha256.Sum256([]byte(token))
+	sum := tokenSum(token)
 	return subtle.ConstantTimeCompare(sum[:], a.adminSum[:]) == 1
 }
 
@@ -249,7 +249,7 @@ func (a *Authenticator) Authenticate(ctx context.Context, token string) (*Princi
 	if !wellFormed(token) {
 		return nil, ErrInvalidToken
 	}
-	sum := sha256.Sum256([]byte(token))
+	sum := tokenSum(token)
 	now := a.now()
 	e, ok := a.cached(sum, now)
 	if !ok {
@@ -276,6 +276,28 @@ func (a *Authenticator) Authenticate(ctx context.Context, token string) (*Princi
 	}
 	p := *e.p
 	return &p, nil
+}
+
+// sumBufs holds the buffers tokenSum copies a token into: sha256.Sum256
+// keeps its argument, so hashing []byte(token) would allocate a copy per
+// request.
+var sumBufs = sync.Pool{New: func() any { return new([]byte) }}
+
+// maxPooledToken bounds the buffers sumBufs keeps, so one huge header does
+// not stay in memory.
+const maxPooledToken = 512
+
+// tokenSum is the SHA-256 of token, hashed from a pooled copy.
+func tokenSum(token string) [sha256.Size]byte {
+	bp := sumBufs.Get().(*[]byte)
+	b := append((*bp)[:0], token...)
+	sum := sha256.Sum256(b)
+	clear(b) // the buffer outlives the request: keep no token in it
+	if cap(b) <= maxPooledToken {
+		*bp = b
+		sumBufs.Put(bp)
+	}
+	return sum
 }
 
 // cached returns a fresh cache entry for sum.

@@ -508,9 +508,11 @@ func scrubBodyWith(resp *http.Response, m matcher, idle time.Duration, rec *Reco
 			resp.Body = io.NopCloser(io.MultiReader(bytes.NewReader(b), errReader{err}))
 			return
 		}
-		mb := &memBody{}
+		var mb *memBody
 		if rec != nil {
 			mb, rec.inMemory = &rec.mem, true
+		} else {
+			mb = new(memBody) // allocated only here: with a record, the record's is used
 		}
 		mb.Reset(b)
 		resp.Body = mb

@@ -11,7 +11,7 @@ import (
 type jgroup struct {
 	buf        []byte
 	lines      int64
-	supersedes []uint64       // segments of provisional lines the group's records supersede
+	supersedes []uint64       // segments of provisional lines the group's provisional lines (retries) supersede
 	waiters    []chan jresult // appenders (and Close) waiting for the group; [0] is the leader when it waits for its turn
 }
 
@@ -30,23 +30,26 @@ var waiters = sync.Pool{New: func() any { return make(chan jresult, 1) }}
 // lineBufs recycles encoding buffers: Append runs once per request.
 var lineBufs = sync.Pool{New: func() any { b := make([]byte, 0, 512); return &b }}
 
-// encodeRecord returns the journal line of rec.
+// encodeRecord returns the journal line of rec, a whole final record.
 func encodeRecord(rec *UsageRecord) ([]byte, error) {
-	return appendRecordLine(nil, rec, false), nil
+	return appendRecordLine(nil, rec, lineFinal), nil
 }
 
 // Append writes rec to the journal (to the operating system, before it
 // returns) and notes on rec which segment holds it, for [Journal.Done].
-// It supersedes the provisional line [Journal.AppendProvisional] wrote
-// for rec, if any: that line is done once rec is written.
+// When [Journal.AppendProvisional] wrote a line for rec, rec is written
+// as a delta to that line, which stays a record of its segment until
+// the store has rec ([UsageWriter] marks both done then), so that replay
+// always finds the line the delta changes.
 func (j *Journal) Append(rec *UsageRecord) error { return j.append(rec, false) }
 
 // AppendProvisional writes a provisional line for rec: what is known of a
 // request when the upstream's answer arrives (its key, status and the
 // admission estimate), replayed only if the process dies before the final
-// record with the same ID is appended. The line counts as a record of its
-// segment until [Journal.Append] writes the final record for rec (or a
-// later AppendProvisional for rec, a retry, supersedes it).
+// record with the same ID is stored. The line counts as a record of its
+// segment until it is marked done once the store has the final record
+// (see [Journal.Append]), or until a later AppendProvisional for rec (a
+// retry) supersedes it.
 func (j *Journal) AppendProvisional(rec *UsageRecord) error { return j.append(rec, true) }
 
 // append encodes rec off the lock, adds its line to the filling group and
@@ -55,8 +58,15 @@ func (j *Journal) AppendProvisional(rec *UsageRecord) error { return j.append(re
 // group's leader hands it over), by the group's leader otherwise. The
 // caller returns only once its record is written, as without groups.
 func (j *Journal) append(rec *UsageRecord, provisional bool) error {
+	kind := lineFinal
+	switch {
+	case provisional:
+		kind = lineProvisional
+	case rec.pseg != 0:
+		kind = lineDelta
+	}
 	bp := lineBufs.Get().(*[]byte)
-	line := appendRecordLine((*bp)[:0], rec, provisional)
+	line := appendRecordLine((*bp)[:0], rec, kind)
 	j.mu.Lock()
 	if j.closed {
 		j.mu.Unlock()
@@ -66,7 +76,7 @@ func (j *Journal) append(rec *UsageRecord, provisional bool) error {
 	g := j.fill
 	g.buf = append(g.buf, line...)
 	g.lines++
-	if rec.pseg != 0 {
+	if provisional && rec.pseg != 0 {
 		g.supersedes = append(g.supersedes, rec.pseg)
 	}
 	var seg uint64
@@ -100,10 +110,13 @@ func (j *Journal) append(rec *UsageRecord, provisional bool) error {
 	if err != nil {
 		return err
 	}
-	if provisional {
+	switch kind {
+	case lineProvisional:
 		rec.pseg = seg
-	} else {
-		rec.seg, rec.pseg = seg, 0
+		rec.prov = provStrings{requestID: rec.RequestID, teamID: rec.TeamID, tokenID: rec.TokenID,
+			service: rec.Service, router: rec.Router, keyID: rec.KeyID, model: rec.Model}
+	default:
+		rec.seg = seg // a delta's provisional line stays until rec is stored
 	}
 	return nil
 }

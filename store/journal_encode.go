@@ -8,29 +8,53 @@ import (
 	"unicode/utf8"
 )
 
+// Kinds of journal line.
+const (
+	lineFinal       = iota // a whole record
+	lineProvisional        // a whole record, superseded by a later line with its ID
+	lineDelta              // a final record as a change to its provisional line
+)
+
 // appendRecordLine appends the journal line of rec to b: the CRC-32C of
 // the rest of the line in 8 hex digits, a space, "P" for a provisional
-// record, the JSON (the field names of
-// [UsageRecord]'s json tags, decoded by encoding/json on replay), and a
-// newline. It is written by hand because it runs once per request.
-func appendRecordLine(b []byte, rec *UsageRecord, provisional bool) []byte {
+// record or "D" for a delta, the JSON (the field names of [UsageRecord]'s
+// json tags, decoded by encoding/json on replay), and a newline. A delta
+// is the final record of a request whose provisional line is in the
+// journal (rec.pseg is set): its ID, time and numbers, and only the
+// string fields that differ from the provisional line's, which replay
+// starts from. It is written by hand because it runs once per request.
+func appendRecordLine(b []byte, rec *UsageRecord, kind int) []byte {
 	start := len(b)
 	b = append(b, "00000000 "...)
 	js := len(b)
-	if provisional {
+	switch kind {
+	case lineProvisional:
 		b = append(b, 'P')
+	case lineDelta:
+		b = append(b, 'D')
 	}
 	b = append(b, `{"time":"`...)
 	b = rec.Time.AppendFormat(b, time.RFC3339Nano)
 	b = append(b, '"')
 	b = appendStrField(b, "id", rec.ID)
-	b = appendStrField(b, "request_id", rec.RequestID)
-	b = appendStrField(b, "team_id", rec.TeamID)
-	b = appendStrField(b, "token_id", rec.TokenID)
-	b = appendStrField(b, "service", rec.Service)
-	b = appendStrField(b, "router", rec.Router)
-	b = appendStrField(b, "key_id", rec.KeyID)
-	b = appendStrField(b, "model", rec.Model)
+	if kind == lineDelta {
+		p := &rec.prov
+		b = appendChangedField(b, "request_id", rec.RequestID, p.requestID)
+		b = appendChangedField(b, "team_id", rec.TeamID, p.teamID)
+		b = appendChangedField(b, "token_id", rec.TokenID, p.tokenID)
+		b = appendChangedField(b, "service", rec.Service, p.service)
+		b = appendChangedField(b, "router", rec.Router, p.router)
+		b = appendChangedField(b, "key_id", rec.KeyID, p.keyID)
+		b = appendChangedField(b, "model", rec.Model, p.model)
+	} else {
+		b = appendStrField(b, "request_id", rec.RequestID)
+		b = appendStrField(b, "team_id", rec.TeamID)
+		b = appendStrField(b, "token_id", rec.TokenID)
+		b = appendStrField(b, "service", rec.Service)
+		b = appendStrField(b, "router", rec.Router)
+		b = appendStrField(b, "key_id", rec.KeyID)
+		b = appendStrField(b, "model", rec.Model)
+	}
 	b = appendIntField(b, "status", int64(rec.Status))
 	b = appendIntField(b, "tokens_in", rec.TokensIn)
 	b = appendIntField(b, "tokens_out", rec.TokensOut)
@@ -46,6 +70,19 @@ func appendRecordLine(b []byte, rec *UsageRecord, provisional bool) []byte {
 		sum >>= 4
 	}
 	return append(b, '\n')
+}
+
+// appendChangedField appends field name with value v when v differs from
+// was, the provisional line's value (an empty v too, so that replay
+// clears the field).
+func appendChangedField(b []byte, name, v, was string) []byte {
+	if v == was {
+		return b
+	}
+	b = append(b, ',', '"')
+	b = append(b, name...)
+	b = append(b, '"', ':')
+	return appendJSONString(b, v)
 }
 
 func appendStrField(b []byte, name, v string) []byte {

@@ -113,13 +113,31 @@ func replayDir(ctx context.Context, dir, self string, dst UsageAppender, log *sl
 // replayFiles appends the records of files to dst in batches: each
 // final record, and the provisional record of a request whose final
 // record was never written (the process died while relaying its answer).
+// A delta line applies to the provisional record of its ID, read before
+// it; that line is kept until the store has the final record, so a delta
+// without one is skipped (stored already).
 func replayFiles(ctx context.Context, files []string, dst UsageAppender) (n, torn int, err error) {
 	var recs []UsageRecord
 	at := map[string]int{} // id → index in recs
 	final := map[string]bool{}
 	for _, path := range files {
-		t, err := readSegment(path, func(rec UsageRecord, provisional bool) error {
+		t, err := readSegment(path, func(body []byte, kind int) bool {
+			var rec UsageRecord
+			if json.Unmarshal(body, &rec) != nil {
+				return false
+			}
 			i, seen := at[rec.ID]
+			if kind == lineDelta {
+				if !seen || final[rec.ID] {
+					// Its provisional line is deleted only once the
+					// store has the record: nothing to replay.
+					return true
+				}
+				rec = recs[i]
+				if json.Unmarshal(body, &rec) != nil {
+					return false
+				}
+			}
 			switch {
 			case rec.ID == "" || !seen:
 				at[rec.ID] = len(recs)
@@ -127,12 +145,12 @@ func replayFiles(ctx context.Context, files []string, dst UsageAppender) (n, tor
 			case !final[rec.ID]:
 				recs[i] = rec // a later line supersedes a provisional one
 			default:
-				return nil
+				return true
 			}
-			if !provisional {
+			if kind != lineProvisional {
 				final[rec.ID] = true
 			}
-			return nil
+			return true
 		})
 		torn += t
 		if err != nil {
@@ -150,10 +168,11 @@ func replayFiles(ctx context.Context, files []string, dst UsageAppender) (n, tor
 	return n, torn, nil
 }
 
-// readSegment calls fn for every intact record of a segment file (and
-// whether it is provisional) and returns how many lines it skipped (torn
-// or failing their checksum).
-func readSegment(path string, fn func(rec UsageRecord, provisional bool) error) (torn int, err error) {
+// readSegment calls fn with the JSON and the kind of every line of a
+// segment file whose checksum holds; fn reports whether the line could be
+// used. readSegment returns how many lines it skipped (torn, failing
+// their checksum, or refused by fn).
+func readSegment(path string, fn func(body []byte, kind int) bool) (torn int, err error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return 0, err
@@ -174,33 +193,39 @@ func readSegment(path string, fn func(rec UsageRecord, provisional bool) error) 
 		if err != nil {
 			return torn, err
 		}
-		rec, provisional, ok := decodeRecord(line)
-		if !ok {
+		body, kind, ok := checkLine(line)
+		if !ok || !fn(body, kind) {
 			torn++
-			continue
-		}
-		if err := fn(rec, provisional); err != nil {
-			return torn, err
 		}
 	}
 }
 
-// decodeRecord parses one journal line (with its newline) and reports
-// whether it is a provisional record.
-func decodeRecord(line []byte) (rec UsageRecord, provisional, ok bool) {
+// checkLine verifies one journal line (with its newline) and returns its
+// JSON and kind.
+func checkLine(line []byte) (body []byte, kind int, ok bool) {
 	if len(line) < 11 || line[8] != ' ' || line[len(line)-1] != '\n' {
-		return rec, false, false
+		return nil, 0, false
 	}
 	want, err := strconv.ParseUint(string(line[:8]), 16, 32)
-	body := line[9 : len(line)-1]
+	body = line[9 : len(line)-1]
 	if err != nil || crc32.Checksum(body, crcTable) != uint32(want) {
+		return nil, 0, false
+	}
+	switch body[0] {
+	case 'P':
+		return body[1:], lineProvisional, true
+	case 'D':
+		return body[1:], lineDelta, true
+	}
+	return body, lineFinal, true
+}
+
+// decodeRecord parses one journal line of a whole record (with its
+// newline) and reports whether it is a provisional record.
+func decodeRecord(line []byte) (rec UsageRecord, provisional, ok bool) {
+	body, kind, ok := checkLine(line)
+	if !ok || kind == lineDelta || json.Unmarshal(body, &rec) != nil {
 		return rec, false, false
 	}
-	if len(body) > 0 && body[0] == 'P' {
-		provisional, body = true, body[1:]
-	}
-	if json.Unmarshal(body, &rec) != nil {
-		return rec, false, false
-	}
-	return rec, provisional, true
+	return rec, kind == lineProvisional, true
 }

@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"math"
@@ -79,6 +80,19 @@ func journalFiles(t *testing.T, dir string) []string {
 		names = append(names, e.Name())
 	}
 	return names
+}
+
+// readRecords calls fn with the ID (and what else the line has) of every
+// intact line of a segment file, whatever its kind.
+func readRecords(path string, fn func(UsageRecord)) (torn int, err error) {
+	return readSegment(path, func(body []byte, _ int) bool {
+		var r UsageRecord
+		if json.Unmarshal(body, &r) != nil {
+			return false
+		}
+		fn(r)
+		return true
+	})
 }
 
 func jrec(i int) UsageRecord {
@@ -251,12 +265,11 @@ func TestUsageWriterJournal(t *testing.T) {
 	n := 0
 	for _, name := range journalFiles(t, dir) {
 		if strings.HasSuffix(name, journalExt) {
-			torn, err := readSegment(filepath.Join(dir, name), func(r UsageRecord, _ bool) error {
+			torn, err := readRecords(filepath.Join(dir, name), func(r UsageRecord) {
 				if r.ID == "" {
 					t.Error("journaled record without an id")
 				}
 				n++
-				return nil
 			})
 			if err != nil || torn != 0 {
 				t.Fatal(err, torn)
@@ -288,7 +301,7 @@ func TestJournalLineRoundTrip(t *testing.T) {
 		{Time: time.Date(2025, 1, 2, 3, 4, 5, 6789, time.FixedZone("x", 3600)), ID: "a", Model: "m\x00\x1f\t\r\n\"\\/<>&\u2028é\xff", Cost: 1.5e-7, KeySpend: 3, Status: 499, LatencyMS: -1},
 		{Service: "svc", Cost: math.NaN()},
 	} {
-		line := appendRecordLine(nil, &r, false)
+		line := appendRecordLine(nil, &r, lineFinal)
 		got, _, ok := decodeRecord(line)
 		if !ok {
 			t.Fatalf("line does not decode: %s", line)
@@ -456,9 +469,8 @@ func TestJournalCloseWritesAcceptedRecords(t *testing.T) {
 		if !strings.HasSuffix(name, journalExt) {
 			continue
 		}
-		torn, err := readSegment(filepath.Join(dir, name), func(r UsageRecord, _ bool) error {
+		torn, err := readRecords(filepath.Join(dir, name), func(r UsageRecord) {
 			onDisk[r.ID]++
-			return nil
 		})
 		if err != nil || torn != 0 {
 			t.Fatalf("%s: %v, %d torn", name, err, torn)

@@ -342,8 +342,15 @@ type UsageRecord struct {
 	LatencyMS    int64   `json:"latency_ms"`
 	KeySpend     float64 `json:"key_spend,omitempty"`
 
-	seg  uint64 // the journal segment holding the record; 0 when none
-	pseg uint64 // the journal segment holding its provisional line; 0 when none
+	seg  uint64      // the journal segment holding the record; 0 when none
+	pseg uint64      // the journal segment holding its provisional line; 0 when none
+	prov provStrings // the provisional line's string fields, while pseg is set
+}
+
+// provStrings are the string fields of a record's provisional journal
+// line: its final line names only those that changed since.
+type provStrings struct {
+	requestID, teamID, tokenID, service, router, keyID, model string
 }
 
 // KeySpendByUnit is the [UsageRecord.KeySpend] of a record whose spend the

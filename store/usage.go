@@ -152,10 +152,9 @@ func (w *UsageWriter) Add(rec UsageRecord) {
 	}
 	if j := w.opts.Journal; j != nil {
 		// Failures are logged by the journal; the record is still
-		// buffered for the store. The final record supersedes the
-		// provisional one.
+		// buffered for the store. Its provisional line, if any, is
+		// done once the store has it (journalDone).
 		_ = j.Append(&rec)
-		rec.pseg = 0
 	}
 	w.mu.Lock()
 	if w.closed {
@@ -258,19 +257,27 @@ func (w *UsageWriter) write(ctx context.Context, recs []UsageRecord) (int, error
 	return done, nil
 }
 
-// journalDone marks stored records done in the journal, one call per
-// run of records from the same segment.
+// journalDone marks stored records done in the journal, and the
+// provisional lines their final lines change: one call per run of
+// records from the same segment.
 func (w *UsageWriter) journalDone(recs []UsageRecord) {
 	j := w.opts.Journal
 	if j == nil {
 		return
 	}
+	doneRuns(j, recs, func(r *UsageRecord) uint64 { return r.seg })
+	doneRuns(j, recs, func(r *UsageRecord) uint64 { return r.pseg })
+}
+
+// doneRuns calls j.Done once per run of recs whose segment (seg of the
+// record) is the same.
+func doneRuns(j *Journal, recs []UsageRecord, seg func(*UsageRecord) uint64) {
 	for i := 0; i < len(recs); {
-		seg, k := recs[i].seg, i+1
-		for k < len(recs) && recs[k].seg == seg {
+		s, k := seg(&recs[i]), i+1
+		for k < len(recs) && seg(&recs[k]) == s {
 			k++
 		}
-		j.Done(seg, k-i)
+		j.Done(s, k-i)
 		i = k
 	}
 }

@@ -57,9 +57,12 @@ type JournalOptions struct {
 // [UsageRecord]). The directory must be on a local file system (flock).
 //
 // A record is one line: the CRC-32C of its JSON in 8 hex digits, a
-// space, the JSON, a newline. A torn last line (the process died in the
-// middle of a write) or a line whose checksum does not match is skipped
-// on replay and counted.
+// space, the JSON, a newline. A request's final record follows its
+// provisional line ([Journal.AppendProvisional]) as a delta that names
+// only what changed; the provisional line stays in its file until the
+// store has the final record, so replay always rebuilds it. A torn last
+// line (the process died in the middle of a write) or a line whose
+// checksum does not match is skipped on replay and counted.
 //
 // A Journal is safe for concurrent use; it starts a goroutine (the
 // periodic sync), stopped by [Journal.Close].

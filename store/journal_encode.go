@@ -55,13 +55,17 @@ func appendRecordLine(b []byte, rec *UsageRecord, kind int) []byte {
 		b = appendStrField(b, "key_id", rec.KeyID)
 		b = appendStrField(b, "model", rec.Model)
 	}
-	b = appendIntField(b, "status", int64(rec.Status))
-	b = appendIntField(b, "tokens_in", rec.TokensIn)
-	b = appendIntField(b, "tokens_out", rec.TokensOut)
-	b = appendIntField(b, "cached_tokens", rec.CachedTokens)
-	b = appendFloatField(b, "cost", rec.Cost)
-	b = appendIntField(b, "latency_ms", rec.LatencyMS)
-	b = appendFloatField(b, "key_spend", rec.KeySpend)
+	// A whole record omits zero numbers (replay decodes into a zero
+	// record); a delta names every number, each replacing its provisional
+	// line's.
+	all := kind == lineDelta
+	b = appendIntField(b, "status", int64(rec.Status), all)
+	b = appendIntField(b, "tokens_in", rec.TokensIn, all)
+	b = appendIntField(b, "tokens_out", rec.TokensOut, all)
+	b = appendIntField(b, "cached_tokens", rec.CachedTokens, all)
+	b = appendFloatField(b, "cost", rec.Cost, all)
+	b = appendIntField(b, "latency_ms", rec.LatencyMS, all)
+	b = appendFloatField(b, "key_spend", rec.KeySpend, all)
 	b = append(b, '}')
 	sum := crc32.Checksum(b[js:], crcTable)
 	const hexDigits = "0123456789abcdef"
@@ -95,16 +99,26 @@ func appendStrField(b []byte, name, v string) []byte {
 	return appendJSONString(b, v)
 }
 
-func appendIntField(b []byte, name string, v int64) []byte {
+// appendIntField appends field name with value v, unless v is zero and
+// zero is not wanted.
+func appendIntField(b []byte, name string, v int64, zero bool) []byte {
+	if v == 0 && !zero {
+		return b
+	}
 	b = append(b, ',', '"')
 	b = append(b, name...)
 	b = append(b, '"', ':')
 	return strconv.AppendInt(b, v, 10)
 }
 
-func appendFloatField(b []byte, name string, v float64) []byte {
+// appendFloatField appends field name with value v (0 for NaN and
+// infinities), unless that is zero and zero is not wanted.
+func appendFloatField(b []byte, name string, v float64, zero bool) []byte {
 	if math.IsNaN(v) || math.IsInf(v, 0) {
 		v = 0
+	}
+	if v == 0 && !zero {
+		return b
 	}
 	b = append(b, ',', '"')
 	b = append(b, name...)

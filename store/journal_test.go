@@ -488,3 +488,81 @@ func TestJournalCloseWritesAcceptedRecords(t *testing.T) {
 		t.Fatalf("%d records accepted, %d on disk", n, len(onDisk))
 	}
 }
+
+// TestJournalReplaysPreviousFormat: a journal written before final
+// records became deltas (each final line whole, superseding its
+// provisional line) replays as it did: the final record of a request
+// that finished, the provisional record of one that did not.
+func TestJournalReplaysPreviousFormat(t *testing.T) {
+	dir := t.TempDir()
+	const old = `1f364222 P{"time":"2026-12-01T10:00:00Z","id":"0123456789abcdef-1","request_id":"req1","team_id":"team_a","token_id":"tok_a","service":"svc","key_id":"key_1","model":"gpt-4o-mini","status":0,"tokens_in":1000,"tokens_out":1024,"cached_tokens":0,"cost":0.5,"latency_ms":0,"key_spend":-1}
+fefd662a {"time":"2026-12-01T10:00:01Z","id":"0123456789abcdef-1","request_id":"req1","team_id":"team_a","token_id":"tok_a","service":"svc","key_id":"key_1","model":"gpt-4o-mini","status":200,"tokens_in":12,"tokens_out":34,"cached_tokens":0,"cost":0.001,"latency_ms":900,"key_spend":0.001}
+afa8d003 P{"time":"2026-12-01T10:00:01Z","id":"0123456789abcdef-2","request_id":"req2","team_id":"team_a","token_id":"tok_a","service":"svc","key_id":"key_2","model":"gpt-4o-mini","status":0,"tokens_in":1000,"tokens_out":1024,"cached_tokens":0,"cost":0.5,"latency_ms":0,"key_spend":-1}
+`
+	if err := os.WriteFile(filepath.Join(dir, "usage-0123456789abcdef-00000001.log"), []byte(old), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	live := openTestJournal(t, dir, 0)
+	defer live.Close()
+	st := newIDStore()
+	stats, err := live.ReplayOrphans(context.Background(), st)
+	if err != nil || stats.Torn != 0 || stats.Records != 2 {
+		t.Fatalf("replay: %+v, %v", stats, err)
+	}
+	done, cut := st.byID["0123456789abcdef-1"], st.byID["0123456789abcdef-2"]
+	if done.Status != 200 || done.TokensIn != 12 || done.TokensOut != 34 || done.KeySpend != 0.001 || done.LatencyMS != 900 ||
+		done.TeamID != "team_a" || done.RequestID != "req1" || done.Model != "gpt-4o-mini" {
+		t.Errorf("finished request replayed as %+v", done)
+	}
+	if cut.Status != 0 || cut.TokensIn != 1000 || cut.KeySpend != KeySpendByUnit || cut.KeyID != "key_2" {
+		t.Errorf("unfinished request replayed as %+v", cut)
+	}
+	for _, name := range journalFiles(t, dir) {
+		if strings.Contains(name, "0123456789abcdef") {
+			t.Errorf("%s kept after its replay", name)
+		}
+	}
+}
+
+// TestJournalDeltaLine: a final record whose provisional line is in the
+// journal is written as a delta naming only what changed, and replay
+// rebuilds the whole record from the two lines: string fields that
+// changed (the model the upstream answered with, a key cleared) and
+// every number.
+func TestJournalDeltaLine(t *testing.T) {
+	dir := t.TempDir()
+	j := openTestJournal(t, dir, 0)
+	rec := UsageRecord{Time: time.Date(2026, 12, 1, 10, 0, 0, 0, time.UTC), ID: "r1", RequestID: "req1", TeamID: "team_a",
+		TokenID: "tok_a", Service: "svc", KeyID: "key_1", Model: "gpt-4o", TokensIn: 1000, TokensOut: 1024, Cost: 0.5, KeySpend: KeySpendByUnit}
+	if err := j.AppendProvisional(&rec); err != nil {
+		t.Fatal(err)
+	}
+	rec.Time = rec.Time.Add(time.Second)
+	rec.Model, rec.TokenID = "gpt-4o-2024-08-06", ""
+	rec.Status, rec.TokensIn, rec.TokensOut, rec.CachedTokens, rec.Cost, rec.LatencyMS, rec.KeySpend = 200, 12, 34, 0, 0, 900, 0
+	delta := appendRecordLine(nil, &rec, lineDelta)
+	for _, unchanged := range []string{"req1", "team_a", "key_1", `"service"`} {
+		if strings.Contains(string(delta), unchanged) {
+			t.Errorf("delta repeats %s: %s", unchanged, delta)
+		}
+	}
+	if err := j.Append(&rec); err != nil {
+		t.Fatal(err)
+	}
+	j.crash()
+	live := openTestJournal(t, dir, 0)
+	defer live.Close()
+	st := newIDStore()
+	if stats, err := live.ReplayOrphans(context.Background(), st); err != nil || stats.Records != 1 || stats.Torn != 0 {
+		t.Fatalf("replay: %+v, %v", stats, err)
+	}
+	got, want := st.byID["r1"], rec
+	if !got.Time.Equal(want.Time) {
+		t.Errorf("time %v, want %v", got.Time, want.Time)
+	}
+	got.Time, want.Time = time.Time{}, time.Time{}
+	want.seg, want.pseg, want.prov = 0, 0, provStrings{}
+	if got != want {
+		t.Errorf("replayed:\n got %+v\nwant %+v", got, want)
+	}
+}

@@ -85,12 +85,12 @@ type Journal struct {
 	dirNew  bool      // a file was created since the directory was synced
 	retired []segFile // rotated-out files with records not yet stored: synced and closed off the lock
 	closed  bool
-	failed  bool      // a write failed; logged once until one succeeds
-	fill    *jgroup   // the group that new records join
-	writing *jgroup   // the group being written (by its leader, outside mu), or still filling while its leader yields; nil when none
-	free    []*jgroup // written groups, for reuse
-	groups  int64     // groups written
-	lines   int64     // lines in them
+	failed  bool     // a write failed; logged once until one succeeds
+	fill    *jgroup  // the group that new records join
+	writing *jgroup  // the group being written (by its leader, outside mu), or still filling while its leader yields; nil when none
+	free    [][]byte // written groups' buffers, for reuse
+	groups  int64    // groups written
+	lines   int64    // lines in them
 }
 
 type segment struct {
@@ -132,7 +132,8 @@ func OpenJournal(opts JournalOptions) (*Journal, error) {
 		return nil, fmt.Errorf("store: journal directory: %w", err)
 	}
 	j := &Journal{dir: opts.Dir, segBytes: opts.SegmentBytes, log: opts.Logger, segs: map[uint64]*segment{},
-		stop: make(chan struct{}), done: make(chan struct{}), fill: &jgroup{}}
+		stop: make(chan struct{}), done: make(chan struct{})}
+	j.fill = j.newGroupLocked()
 	if j.log == nil {
 		j.log = slog.Default()
 	}
@@ -296,7 +297,6 @@ func (j *Journal) Close() error {
 	j.mu.Unlock()
 	if wait != nil {
 		<-wait // records accepted before Close are written
-		waiters.Put(wait)
 	}
 	close(j.stop)
 	<-j.done

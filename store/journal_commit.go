@@ -3,32 +3,23 @@ package store
 import (
 	"fmt"
 	"runtime"
-	"sync"
 )
 
 // jgroup is the lines of concurrent appenders, written with one write(2)
-// by the group's leader: the appender whose line opened it.
+// by the group's leader: the appender whose line opened it. A group is
+// used once: its waiters read its result after done is closed.
 type jgroup struct {
 	buf        []byte
 	lines      int64
-	supersedes []uint64       // segments of provisional lines the group's provisional lines (retries) supersede
-	waiters    []chan jresult // appenders (and Close) waiting for the group; [0] is the leader when it waits for its turn
+	supersedes []uint64      // segments of provisional lines the group's provisional lines (retries) supersede
+	done       chan struct{} // closed once the group is written, with seg and err set
+	seg        uint64        // the segment the group was written to
+	err        error         // the write's failure
 }
 
-// jresult tells a waiting appender that its group was written (to
-// segment seg, or failed with err), or that it leads its group now.
-type jresult struct {
-	seg  uint64
-	err  error
-	lead bool
-}
-
-// waiters recycles the channels appenders wait on: each registration
-// receives exactly one jresult.
-var waiters = sync.Pool{New: func() any { return make(chan jresult, 1) }}
-
-// lineBufs recycles encoding buffers: Append runs once per request.
-var lineBufs = sync.Pool{New: func() any { b := make([]byte, 0, 512); return &b }}
+// lineBufSize is the encoding buffer on an appender's stack: a line
+// longer than that (unusually long ids or names) is encoded on the heap.
+const lineBufSize = 512
 
 // encodeRecord returns the journal line of rec, a whole final record.
 func encodeRecord(rec *UsageRecord) ([]byte, error) {
@@ -65,12 +56,11 @@ func (j *Journal) append(rec *UsageRecord, provisional bool) error {
 	case rec.pseg != 0:
 		kind = lineDelta
 	}
-	bp := lineBufs.Get().(*[]byte)
-	line := appendRecordLine((*bp)[:0], rec, kind)
+	var lb [lineBufSize]byte
+	line := appendRecordLine(lb[:0], rec, kind)
 	j.mu.Lock()
 	if j.closed {
 		j.mu.Unlock()
-		putLineBuf(bp, line)
 		return ErrJournalClosed
 	}
 	g := j.fill
@@ -81,31 +71,30 @@ func (j *Journal) append(rec *UsageRecord, provisional bool) error {
 	}
 	var seg uint64
 	var err error
-	if j.writing == nil {
+	switch {
+	case j.writing == nil:
 		// Lead g. Yield once first: goroutines that are runnable now
 		// (a busy server's other requests) join g meanwhile, so one
 		// write(2) carries their records too; on an idle server the
 		// yield returns at once.
 		j.writing = g
 		j.mu.Unlock()
-		putLineBuf(bp, line)
 		runtime.Gosched()
 		j.mu.Lock()
 		j.fill = j.newGroupLocked()
-		seg, err = j.lead(g, nil)
-	} else {
-		ch := waiters.Get().(chan jresult)
-		g.waiters = append(g.waiters, ch)
+		seg, err = j.lead(g)
+	case g.lines == 1:
+		// Opened g while another group is written: lead g once that
+		// one is done (its leader makes g the group being written).
+		prev := j.writing
 		j.mu.Unlock()
-		putLineBuf(bp, line)
-		r := <-ch
-		if r.lead {
-			j.mu.Lock()
-			seg, err = j.lead(g, ch)
-		} else {
-			seg, err = r.seg, r.err
-		}
-		waiters.Put(ch)
+		<-prev.done
+		j.mu.Lock()
+		seg, err = j.lead(g)
+	default:
+		j.mu.Unlock()
+		<-g.done
+		seg, err = g.seg, g.err
 	}
 	if err != nil {
 		return err
@@ -121,19 +110,12 @@ func (j *Journal) append(rec *UsageRecord, provisional bool) error {
 	return nil
 }
 
-func putLineBuf(bp *[]byte, line []byte) {
-	if cap(line) <= 64<<10 {
-		*bp = line
-		lineBufs.Put(bp)
-	}
-}
-
 // lead writes g, which the caller leads (g is j.writing, no longer
-// j.fill), tells g's waiters and hands the next group, if any has
-// formed meanwhile, to its leader. The caller holds j.mu, which lead
-// releases while writing and on return. self is the leader's own
-// channel in g.waiters (nil when it led at once).
-func (j *Journal) lead(g *jgroup, self chan jresult) (uint64, error) {
+// j.fill), makes the next group, if any has formed meanwhile, the one
+// being written (its leader waits for g.done) and tells g's waiters by
+// closing g.done. The caller holds j.mu, which lead releases while
+// writing and on return.
+func (j *Journal) lead(g *jgroup) (uint64, error) {
 	if c := j.cur; c.bytes >= j.segBytes || (c.bytes > 0 && c.done >= c.appended && c.bytes >= j.segBytes/16) {
 		// Full, or all stored and worth deleting. A failed rotation
 		// keeps writing to the current file.
@@ -168,49 +150,43 @@ func (j *Journal) lead(g *jgroup, self chan jresult) (uint64, error) {
 			j.doneLocked(p, 1)
 		}
 	}
-	for _, w := range g.waiters {
-		if w != self {
-			w <- jresult{seg: seg, err: err} // buffered: never blocks
-		}
-	}
+	g.seg, g.err = seg, err
 	j.recycleLocked(g)
 	if next := j.fill; next.lines > 0 {
 		j.writing, j.fill = next, j.newGroupLocked()
-		next.waiters[0] <- jresult{lead: true} // the appender that opened it
 	} else {
 		j.writing = nil
 	}
+	close(g.done) // after j.writing moved on: the next leader finds it set
 	j.mu.Unlock()
 	return seg, err
 }
 
-// newGroupLocked returns an empty group; the caller holds j.mu.
+// newGroupLocked returns an empty group, with a written group's buffer
+// when one is free; the caller holds j.mu.
 func (j *Journal) newGroupLocked() *jgroup {
+	g := &jgroup{done: make(chan struct{})}
 	if n := len(j.free); n > 0 {
-		g := j.free[n-1]
+		g.buf = j.free[n-1]
 		j.free = j.free[:n-1]
-		return g
 	}
-	return &jgroup{}
+	return g
 }
 
-// recycleLocked keeps a written group for reuse; the caller holds j.mu.
+// recycleLocked keeps a written group's buffer for reuse; the caller
+// holds j.mu. The group itself is not reused: its waiters read it.
 func (j *Journal) recycleLocked(g *jgroup) {
-	if cap(g.buf) > 1<<20 {
-		g.buf = nil // an unusual burst: do not keep its buffer
-	}
-	g.buf, g.lines, g.supersedes = g.buf[:0], 0, g.supersedes[:0]
-	clear(g.waiters)
-	g.waiters = g.waiters[:0]
-	if len(j.free) < 4 {
-		j.free = append(j.free, g)
+	b := g.buf
+	g.buf = nil
+	if cap(b) <= 1<<20 && len(j.free) < 4 { // an unusual burst's buffer is not kept
+		j.free = append(j.free, b[:0])
 	}
 }
 
-// awaitGroupsLocked returns a channel that receives once every record
-// accepted so far is written, or nil when none is pending; the caller
-// holds j.mu and has set j.closed, so no record joins after.
-func (j *Journal) awaitGroupsLocked() chan jresult {
+// awaitGroupsLocked returns a channel closed once every record accepted
+// so far is written, or nil when none is pending; the caller holds j.mu
+// and has set j.closed, so no record joins after.
+func (j *Journal) awaitGroupsLocked() chan struct{} {
 	g := j.fill
 	if g.lines == 0 {
 		g = j.writing
@@ -218,9 +194,7 @@ func (j *Journal) awaitGroupsLocked() chan jresult {
 	if g == nil {
 		return nil
 	}
-	ch := waiters.Get().(chan jresult)
-	g.waiters = append(g.waiters, ch)
-	return ch
+	return g.done
 }
 
 // Done marks n records of segment seg as stored. A segment other than

@@ -57,7 +57,7 @@ func (j *Journal) append(rec *UsageRecord, provisional bool) error {
 		kind = lineDelta
 	}
 	var lb [lineBufSize]byte
-	line := appendRecordLine(lb[:0], rec, kind)
+	line := appendUnsummedLine(lb[:0], rec, kind)
 	j.mu.Lock()
 	if j.closed {
 		j.mu.Unlock()
@@ -125,6 +125,7 @@ func (j *Journal) lead(g *jgroup) (uint64, error) {
 	}
 	s := j.cur
 	j.mu.Unlock()
+	sumLines(g.buf)
 	n, err := s.f.Write(g.buf)
 	j.mu.Lock()
 	s.bytes += int64(n)

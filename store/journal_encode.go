@@ -1,6 +1,7 @@
 package store
 
 import (
+	"bytes"
 	"hash/crc32"
 	"math"
 	"strconv"
@@ -25,8 +26,17 @@ const (
 // starts from. It is written by hand because it runs once per request.
 func appendRecordLine(b []byte, rec *UsageRecord, kind int) []byte {
 	start := len(b)
+	b = appendUnsummedLine(b, rec, kind)
+	sumLine(b[start:])
+	return b
+}
+
+// appendUnsummedLine is appendRecordLine with the checksum left as
+// "00000000": [sumLines] fills it in. A group's leader does that for all
+// the group's lines, so that an appender's encoding buffer, which would
+// escape into the checksum code, can live on its stack.
+func appendUnsummedLine(b []byte, rec *UsageRecord, kind int) []byte {
 	b = append(b, "00000000 "...)
-	js := len(b)
 	switch kind {
 	case lineProvisional:
 		b = append(b, 'P')
@@ -67,13 +77,30 @@ func appendRecordLine(b []byte, rec *UsageRecord, kind int) []byte {
 	b = appendIntField(b, "latency_ms", rec.LatencyMS, all)
 	b = appendFloatField(b, "key_spend", rec.KeySpend, all)
 	b = append(b, '}')
-	sum := crc32.Checksum(b[js:], crcTable)
+	return append(b, '\n')
+}
+
+// sumLine fills in the checksum of one unsummed line (with its newline).
+func sumLine(line []byte) {
+	sum := crc32.Checksum(line[9:len(line)-1], crcTable)
 	const hexDigits = "0123456789abcdef"
 	for i := 7; i >= 0; i-- {
-		b[start+i] = hexDigits[sum&0xf]
+		line[i] = hexDigits[sum&0xf]
 		sum >>= 4
 	}
-	return append(b, '\n')
+}
+
+// sumLines fills in the checksums of unsummed lines; b holds whole lines
+// (a JSON string escapes its newlines, so a line ends at the first).
+func sumLines(b []byte) {
+	for len(b) > 0 {
+		n := bytes.IndexByte(b, '\n') + 1
+		if n < 10 {
+			return // not a line: never so, a group holds whole lines
+		}
+		sumLine(b[:n])
+		b = b[n:]
+	}
 }
 
 // appendChangedField appends field name with value v when v differs from

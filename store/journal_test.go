@@ -533,7 +533,7 @@ func TestJournalDeltaLine(t *testing.T) {
 	dir := t.TempDir()
 	j := openTestJournal(t, dir, 0)
 	rec := UsageRecord{Time: time.Date(2026, 12, 1, 10, 0, 0, 0, time.UTC), ID: "r1", RequestID: "req1", TeamID: "team_a",
-		TokenID: "tok_a", Service: "svc", KeyID: "key_1", Model: "gpt-4o", TokensIn: 1000, TokensOut: 1024, Cost: 0.5, KeySpend: KeySpendByUnit}
+		TokenID: "tok_a", Service: "svc", Router: "rtr", KeyID: "key_1", Model: "gpt-4o", TokensIn: 1000, TokensOut: 1024, Cost: 0.5, KeySpend: KeySpendByUnit}
 	if err := j.AppendProvisional(&rec); err != nil {
 		t.Fatal(err)
 	}
@@ -541,7 +541,7 @@ func TestJournalDeltaLine(t *testing.T) {
 	rec.Model, rec.TokenID = "gpt-4o-2024-08-06", ""
 	rec.Status, rec.TokensIn, rec.TokensOut, rec.CachedTokens, rec.Cost, rec.LatencyMS, rec.KeySpend = 200, 12, 34, 0, 0, 900, 0
 	delta := appendRecordLine(nil, &rec, lineDelta)
-	for _, unchanged := range []string{"req1", "team_a", "key_1", `"service"`} {
+	for _, unchanged := range []string{"req1", "team_a", "key_1", `"service"`, "rtr"} {
 		if strings.Contains(string(delta), unchanged) {
 			t.Errorf("delta repeats %s: %s", unchanged, delta)
 		}

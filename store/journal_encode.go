@@ -150,6 +150,9 @@ func appendFloatField(b []byte, name string, v float64, zero bool) []byte {
 	b = append(b, ',', '"')
 	b = append(b, name...)
 	b = append(b, '"', ':')
+	if v == math.Trunc(v) && math.Abs(v) < 1<<53 {
+		return strconv.AppendInt(b, int64(v), 10) // exact, and cheaper than the shortest-float search
+	}
 	return strconv.AppendFloat(b, v, 'g', -1, 64)
 }
 

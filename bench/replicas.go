@@ -30,11 +30,12 @@ type replConfig struct {
 	rpmRun  time.Duration // how long the rpm scenario runs
 	outage  time.Duration // how long Redis is down
 	workers int           // concurrent clients of the load scenarios
-	// noisy relaxes the outage's added-latency bound from 5 ms to the
-	// larger of 5 ms and the p99 before the outage (p99 at most doubled):
-	// at CI size, under -race on shared cores beside other tests, a 5 s
-	// window's p99 moves by tens of ms on its own. A request paying the
-	// Redis timeout (500 ms) still fails it.
+	// noisy relaxes the outage's added-latency bound from 5 ms to half
+	// the Redis timeout (250 ms): at CI size, under -race on shared cores
+	// beside other tests, a 5 s window's p99 moves by tens of ms on its
+	// own (up to 135 ms seen). What the bound must catch still fails it:
+	// requests that pay the Redis timeout (500 ms) during the outage.
+	// The full size keeps 5 ms.
 	noisy bool
 }
 

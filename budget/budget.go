@@ -140,10 +140,11 @@ func limitsOf(l *store.Limits) [3][]limit.Limit {
 }
 
 // Counters is what [Budgets] needs of a limit backend (limit.Local and
-// limit.Redis are both).
+// limit.Redis are both): one admission and one settlement per request,
+// and charges without a reservation to seed.
 type Counters interface {
 	limit.Admitter
-	Settle(ctx context.Context, r limit.Reservation, actual float64, now time.Time) error
+	limit.Settler
 	Add(ctx context.Context, key string, amount float64, now time.Time) error
 }
 
@@ -157,10 +158,11 @@ type Config struct {
 	// counters are down) and unit: the server counts them in metrics.
 	OnRefused func(scope Kind, window string, unit Unit)
 	OnWarned  func(scope Kind, window string, unit Unit)
-	// OnCharged, if set, is told the outcome of every settlement (op
-	// "settle") and every charge without a reservation ("charge"), and
-	// failures are not logged here: the server logs an outage once. If
-	// nil, each failure is logged.
+	// OnCharged, if set, is told the outcome of every request's
+	// settlement (op "settle": its reservations and its charges without
+	// one, in one call to the counters), and failures are not logged
+	// here: the server logs an outage once. If nil, each failure is
+	// logged.
 	OnCharged func(op string, err error)
 }
 
@@ -335,29 +337,42 @@ func (b *Budgets) refused(kind Kind, window string, unit Unit) {
 	}
 }
 
+// settlements is the scratch space of one settlement, pooled so that
+// settling allocates nothing.
+type settlements [len(Holds{}.holds) + len(Holds{}.unheld)]limit.Settlement
+
+var settling = sync.Pool{New: func() any { return new(settlements) }}
+
 // Settle charges a finished request's metered tokens and cost to every
 // counter it holds (0 when nothing was metered: an upstream error, a
-// client that went away before usage arrived) and empties h.
+// client that went away before usage arrived), in one call to the
+// counters (one round trip on Redis), and empties h.
 func (b *Budgets) Settle(h *Holds, tokens, cost float64, now time.Time) {
-	ctx := context.Background()
+	actual := func(u Unit) float64 {
+		if u == Cost {
+			return cost
+		}
+		return tokens
+	}
+	ss := settling.Get().(*settlements)
+	n := 0
 	for i := range h.nHolds {
 		hd := h.holds[i]
-		actual := tokens
-		if hd.unit == Cost {
-			actual = cost
-		}
-		b.charged("settle", b.c.Settle(ctx, hd.r, actual, now))
+		ss[n] = limit.Settlement{Res: hd.r, Actual: actual(hd.unit)}
+		n++
 	}
 	for i := range h.nUnheld {
 		u := h.unheld[i]
-		actual := tokens
-		if u.unit == Cost {
-			actual = cost
-		}
-		if actual > 0 {
-			b.charged("charge", b.c.Add(ctx, u.key, actual, now))
+		if a := actual(u.unit); a > 0 {
+			ss[n] = limit.Settlement{Key: u.key, Actual: a}
+			n++
 		}
 	}
+	if n > 0 {
+		b.charged("settle", b.c.SettleAll(context.Background(), ss[:n], now))
+	}
+	clear(ss[:n])
+	settling.Put(ss)
 	h.nHolds, h.nUnheld = 0, 0
 }
 

@@ -249,12 +249,13 @@ type Counter interface {
 	Usage(ctx context.Context, key string, w Window, now time.Time) (float64, error)
 }
 
-// Backend is a [Limiter], a [Counter] and an [Admitter] with an off
-// switch.
+// Backend is a [Limiter], a [Counter], an [Admitter] and a [Settler]
+// with an off switch.
 type Backend interface {
 	Limiter
 	Counter
 	Admitter
+	Settler
 	// Close releases the backend's resources. It does not close a Redis
 	// client the caller passed in.
 	Close() error

@@ -659,3 +659,38 @@ func (l lockedWriter) Write(p []byte) (int, error) {
 	defer l.mu.Unlock()
 	return l.w.Write(p)
 }
+
+// TestSettleAllChargesEachCounterOnce pins SettleAll on every backend: it
+// releases each reservation and charges its actual, charges a counter
+// without a reservation, refuses a negative charge while applying the
+// rest, and a repeated SettleAll of the same reservation charges nothing
+// more.
+func TestSettleAllChargesEachCounterOnce(t *testing.T) {
+	for name, mk := range backends(t) {
+		t.Run(name, func(t *testing.T) {
+			b := mk(t)
+			defer b.Close()
+			ctx := context.Background()
+			lims := []Limit{{Window: Day, Block: 100}}
+			res, d, err := b.Reserve(ctx, "a", 50, lims, t0)
+			if err != nil || !d.Allowed {
+				t.Fatalf("Reserve: %+v %v", d, err)
+			}
+			ss := []Settlement{{Res: res, Actual: 20}, {Key: "b", Actual: 7}, {Key: "c", Actual: -1}}
+			if err := b.SettleAll(ctx, ss, t0); !errors.Is(err, ErrInvalidLimit) {
+				t.Errorf("SettleAll with a negative charge: %v, want ErrInvalidLimit", err)
+			}
+			if err := b.SettleAll(ctx, ss[:1], t0); err != nil {
+				t.Fatalf("repeated SettleAll: %v", err)
+			}
+			for key, want := range map[string]float64{"a": 20, "b": 7, "c": 0} {
+				if u, err := b.Usage(ctx, key, Day, t0); err != nil || u != want {
+					t.Errorf("usage of %s = %v, %v; want %v", key, u, err, want)
+				}
+			}
+			if _, d, _ := b.Reserve(ctx, "a", 80, lims, t0); !d.Allowed || d.Reserved != 80 {
+				t.Errorf("after settling, the estimate is still held: %+v", d)
+			}
+		})
+	}
+}

@@ -372,23 +372,11 @@ func parseReserve(out []any, limits []Limit) (Decision, float64, error) {
 
 // Settle implements [Counter].
 func (r *Redis) Settle(ctx context.Context, res Reservation, actual float64, now time.Time) error {
-	if !res.settleOnce() {
+	o, ok := r.settling(res, actual, now)
+	if !ok {
 		return nil
 	}
-	if actual < 0 || actual != actual {
-		actual = 0
-	}
-	member := ""
-	if res.recorded || res.local {
-		member = res.member
-	}
-	if res.local {
-		r.share.settle(res, actual)
-	}
-	if member == "" && actual == 0 || res.local && actual == 0 {
-		return nil
-	}
-	return r.charge(ctx, "settle", res.key, member, actual, now)
+	return r.charge(ctx, "settle", []orphan{o})
 }
 
 // Add implements [Counter].
@@ -399,34 +387,7 @@ func (r *Redis) Add(ctx context.Context, key string, amount float64, now time.Ti
 	if amount == 0 {
 		return nil
 	}
-	return r.charge(ctx, "add", key, "", amount, now)
-}
-
-// calendarGrace keeps a calendar window's key an hour past its end, for
-// replicas whose clocks lag.
-const calendarGrace = time.Hour
-
-// charge runs settleScript. A settle of a reservation that failed is
-// queued and replayed once Redis answers again (the first try may have
-// landed: the script is idempotent by member, so it never charges twice).
-func (r *Redis) charge(ctx context.Context, op, key, member string, actual float64, now time.Time) error {
-	err := r.settleMember(ctx, op, key, member, actual, now)
-	if err != nil && member != "" && errors.Is(err, ErrUnavailable) {
-		r.orph.add(key, member, actual, now)
-	}
-	return err
-}
-
-func (r *Redis) settleMember(ctx context.Context, op, key, member string, actual float64, now time.Time) error {
-	args := []any{actual, member, now.Unix()}
-	for w := Hour; w <= Month; w++ {
-		args = append(args, (calRetry(w, now) + calendarGrace).Milliseconds())
-	}
-	args = append(args, time.Now().UnixMilli(), (r.cfg.ReservationTTL + time.Minute).Milliseconds())
-	keys := append(r.counterKeys(key, now), r.settledKey(key))
-	return r.run(ctx, op, func(cctx context.Context) error {
-		return settleScript.Run(cctx, r.c, keys, args...).Err()
-	})
+	return r.charge(ctx, "add", []orphan{{key, "", amount, now}})
 }
 
 // Usage implements [Counter].

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -233,9 +234,13 @@ func (r *Redis) probe() {
 	r.ok()
 }
 
-// replayOrphans settles the queued orphans, one settle script each, until
-// they are all done or Redis fails again (the rest wait for the next
-// tick).
+// replayBatch is how many queued settlements one settle script run
+// replays.
+const replayBatch = 64
+
+// replayOrphans settles the queued orphans, replayBatch per settle script
+// run, until they are all done or Redis fails again (the rest wait for
+// the next tick).
 //
 // With RequireSeed, an orphan made before Redis was last seeded (the
 // epoch key holds the seed's time) or while it is unseeded is dropped:
@@ -263,17 +268,16 @@ func (r *Redis) replayOrphans() {
 			return
 		}
 	}
-	for i, o := range list {
-		if seeded > o.at.UnixMilli() {
-			continue
-		}
-		if err := r.settleMember(r.ctx, "release", o.key, o.member, o.actual, o.at); err != nil {
+	list = slices.DeleteFunc(list, func(o orphan) bool { return seeded > o.at.UnixMilli() })
+	for i := 0; i < len(list); i += replayBatch {
+		batch := list[i:min(i+replayBatch, len(list))]
+		if err := r.settleMany(r.ctx, "release", batch); err != nil {
 			for _, rest := range list[i:] {
 				r.orph.add(rest.key, rest.member, rest.actual, rest.at)
 			}
 			return
 		}
-		r.released.Add(1)
+		r.released.Add(uint64(len(batch)))
 	}
 }
 

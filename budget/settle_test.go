@@ -1,0 +1,88 @@
+package budget_test
+
+import (
+	"context"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/keypool/keypool/budget"
+	"github.com/keypool/keypool/internal/testutil"
+	"github.com/keypool/keypool/limit"
+	"github.com/keypool/keypool/store"
+)
+
+// roundTrips is a go-redis hook counting the round trips a client makes
+// (a command, or a pipeline).
+type roundTrips struct{ n atomic.Int64 }
+
+func (h *roundTrips) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h *roundTrips) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		h.n.Add(1)
+		return next(ctx, cmd)
+	}
+}
+
+func (h *roundTrips) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		h.n.Add(1)
+		return next(ctx, cmds)
+	}
+}
+
+// TestSettleOnRedisIsOneRoundTrip pins issue 9's "1 round trip to
+// settle": a request holding reservations on its token's TPM and token
+// budgets and its team's cost budget, and charging its team's tokens and
+// its service's tokens and cost without a budget, settles every counter
+// in one round trip to Redis, and each counter is charged once.
+func TestSettleOnRedisIsOneRoundTrip(t *testing.T) {
+	url, _ := testutil.StartRedis(t, 0)
+	c, err := limit.NewRedisClient(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	trips := &roundTrips{}
+	c.AddHook(trips)
+	r, err := limit.NewRedis(c, limit.RedisConfig{Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	b := budget.New(r, budget.Config{})
+	now := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+	scopes := [3]*budget.Scope{
+		budget.Token:   b.Scope(budget.Token, "tk", &store.Limits{TPMLimit: 10000, LimitTokensDayBlock: 5000}),
+		budget.Team:    b.Scope(budget.Team, "tm", &store.Limits{LimitCostDayBlock: 10}),
+		budget.Service: budget.NewScope(budget.Service, "sv", &store.Limits{}),
+	}
+	ctx := context.Background()
+	for i := range 2 { // the first settle loads the script (EVALSHA, then EVAL)
+		var h budget.Holds
+		if err := b.Reserve(ctx, &h, scopes, 100, 1, now); err != nil {
+			t.Fatalf("Reserve: %v", err)
+		}
+		before := trips.n.Load()
+		b.Settle(&h, 40, 0.5, now)
+		if got := trips.n.Load() - before; i == 1 && got != 1 {
+			t.Errorf("settle took %d round trips to Redis, want 1", got)
+		}
+	}
+	for _, w := range []struct {
+		key  string
+		want float64
+	}{
+		{"tok:token:tk", 80}, {"tpm:token:tk", 80}, {"usd:team:tm", 1},
+		{"tok:team:tm", 80}, {"tok:service:sv", 80}, {"usd:service:sv", 1},
+		{"usd:token:tk", 1},
+	} {
+		if u, err := r.Usage(ctx, w.key, limit.Day, now); err != nil || u != w.want {
+			t.Errorf("%s day usage = %v, %v; want %v", w.key, u, err, w.want)
+		}
+	}
+}
+

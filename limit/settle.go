@@ -1,0 +1,185 @@
+package limit
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Settlement is one counter's part of a finished request: its
+// reservation released and Actual charged in its place, or, when Res is
+// the zero Reservation, Actual charged to Key without one (as
+// [Counter.Add]).
+type Settlement struct {
+	Res    Reservation
+	Key    string // the counter charged when Res is zero
+	Actual float64
+}
+
+// Settler settles a request on several counters at once. [Local] settles
+// each in turn; [Redis] runs one Lua script (one round trip).
+type Settler interface {
+	// SettleAll applies every settlement of ss at now: a reservation as
+	// [Counter.Settle] (only its first settle counts), a charge without
+	// one as [Counter.Add]. It returns an error for a negative or NaN
+	// charge without a reservation (the others are still applied), or
+	// when the counters could not be written.
+	SettleAll(ctx context.Context, ss []Settlement, now time.Time) error
+}
+
+// SettleAll implements [Settler].
+func (l *Local) SettleAll(ctx context.Context, ss []Settlement, now time.Time) error {
+	var errs []error
+	for _, s := range ss {
+		if s.Res.done == nil {
+			errs = append(errs, l.Add(ctx, s.Key, s.Actual, now))
+			continue
+		}
+		errs = append(errs, l.Settle(ctx, s.Res, s.Actual, now))
+	}
+	return errors.Join(errs...)
+}
+
+// settleScript releases reservations and charges actuals, once per
+// member: a member already settled (a retried settle, a settle after the
+// reservation was released as an orphan) changes nothing. A settlement
+// without a member (a charge without reservation) always charges.
+// KEYS: 8 per settlement: reserveScript's 7, then the sorted set of
+// settled members (score: when the mark may be forgotten). ARGV: now ms,
+// how long in ms a settled mark is kept, then per settlement: actual,
+// member, its time in s, the TTL in ms of its hour, day and month keys.
+// Returns how many settlements charged or released something.
+var settleScript = redis.NewScript(`
+local nowms = tonumber(ARGV[1])
+local keep = tonumber(ARGV[2])
+local function settle(kb, ab)
+  local actual = tonumber(ARGV[ab])
+  local member = ARGV[ab + 1]
+  local sec = tonumber(ARGV[ab + 2])
+  if member ~= '' then
+    redis.call('ZREMRANGEBYSCORE', KEYS[kb + 8], '-inf', nowms)
+    if redis.call('ZADD', KEYS[kb + 8], 'NX', nowms + keep, member) == 0 then return 0 end
+    redis.call('PEXPIRE', KEYS[kb + 8], keep + 60000)
+    if redis.call('ZREM', KEYS[kb + 7], member) == 1 then
+      redis.call('INCRBYFLOAT', KEYS[kb + 6], -tonumber(string.match(member, ':([^:]*)$')))
+    end
+    if redis.call('ZCARD', KEYS[kb + 7]) == 0 then redis.call('DEL', KEYS[kb + 6]) end
+  end
+  if actual > 0 then
+    for i = 1, 3 do
+      redis.call('INCRBYFLOAT', KEYS[kb + i], actual)
+      redis.call('PEXPIRE', KEYS[kb + i], ARGV[ab + 2 + i])
+    end
+    redis.call('INCRBYFLOAT', KEYS[kb + 4], actual)
+    redis.call('HINCRBYFLOAT', KEYS[kb + 5], sec, actual)
+    for _, f in ipairs(redis.call('HKEYS', KEYS[kb + 5])) do
+      if tonumber(f) < sec - 60 then redis.call('HDEL', KEYS[kb + 5], f) end
+    end
+    redis.call('PEXPIRE', KEYS[kb + 5], 62000)
+  end
+  return 1
+end
+local n = 0
+for c = 1, #KEYS / 8 do
+  n = n + settle((c - 1) * 8, 3 + (c - 1) * 6)
+end
+return n
+`)
+
+// SettleAll implements [Settler] with one script run for every
+// settlement of ss. All keys must be served by one Redis node (a single
+// Redis, or keys in one Cluster slot). When Redis cannot be reached, the
+// settlements of reservations are queued and replayed once it answers
+// again (see [Redis.Settle]); charges without a reservation are lost.
+func (r *Redis) SettleAll(ctx context.Context, ss []Settlement, now time.Time) error {
+	var buf [16]orphan
+	list := buf[:0]
+	var errs []error
+	for _, s := range ss {
+		if s.Res.done == nil {
+			if s.Actual < 0 || s.Actual != s.Actual {
+				errs = append(errs, fmt.Errorf("%w: amount %v", ErrInvalidLimit, s.Actual))
+			} else if s.Actual > 0 {
+				list = append(list, orphan{s.Key, "", s.Actual, now})
+			}
+			continue
+		}
+		if o, ok := r.settling(s.Res, s.Actual, now); ok {
+			list = append(list, o)
+		}
+	}
+	if len(list) > 0 {
+		errs = append(errs, r.charge(ctx, "settle", list))
+	}
+	return errors.Join(errs...)
+}
+
+// settling is what settling res with actual writes to Redis; ok is false
+// when there is nothing to write (a settled reservation, nothing reserved
+// on Redis and nothing charged).
+func (r *Redis) settling(res Reservation, actual float64, now time.Time) (o orphan, ok bool) {
+	if !res.settleOnce() {
+		return orphan{}, false
+	}
+	if actual < 0 || actual != actual {
+		actual = 0
+	}
+	member := ""
+	if res.recorded || res.local {
+		member = res.member
+	}
+	if res.local {
+		r.share.settle(res, actual)
+	}
+	if member == "" && actual == 0 || res.local && actual == 0 {
+		return orphan{}, false
+	}
+	return orphan{res.key, member, actual, now}, true
+}
+
+// calendarGrace keeps a calendar window's key an hour past its end, for
+// replicas whose clocks lag.
+const calendarGrace = time.Hour
+
+// charge runs settleScript once for list. When it fails, the settlements
+// of reservations are queued and replayed once Redis answers again (the
+// first try may have landed: the script is idempotent by member, so it
+// never charges twice).
+func (r *Redis) charge(ctx context.Context, op string, list []orphan) error {
+	err := r.settleMany(ctx, op, list)
+	if err != nil && errors.Is(err, ErrUnavailable) {
+		for _, o := range list {
+			if o.member != "" {
+				r.orph.add(o.key, o.member, o.actual, o.at)
+			}
+		}
+	}
+	return err
+}
+
+// settleMany runs settleScript once for list, each settlement at its own
+// time.
+func (r *Redis) settleMany(ctx context.Context, op string, list []orphan) error {
+	keys := make([]string, 0, 8*len(list))
+	args := make([]any, 0, 2+6*len(list))
+	args = append(args, time.Now().UnixMilli(), (r.cfg.ReservationTTL + time.Minute).Milliseconds())
+	for _, o := range list {
+		keys = append(keys, r.counterKeys(o.key, o.at)...)
+		keys = append(keys, r.settledKey(o.key))
+		args = append(args, o.actual, o.member, o.at.Unix())
+		for w := Hour; w <= Month; w++ {
+			args = append(args, (calRetry(w, o.at) + calendarGrace).Milliseconds())
+		}
+	}
+	return r.run(ctx, op, func(cctx context.Context) error {
+		return settleScript.Run(cctx, r.c, keys, args...).Err()
+	})
+}
+
+var (
+	_ Settler = (*Local)(nil)
+	_ Settler = (*Redis)(nil)
+)

@@ -85,4 +85,3 @@ func TestSettleOnRedisIsOneRoundTrip(t *testing.T) {
 		}
 	}
 }
-

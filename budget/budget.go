@@ -140,12 +140,10 @@ func limitsOf(l *store.Limits) [3][]limit.Limit {
 }
 
 // Counters is what [Budgets] needs of a limit backend (limit.Local and
-// limit.Redis are both): one admission and one settlement per request,
-// and charges without a reservation to seed.
+// limit.Redis are both): one admission and one settlement per request.
 type Counters interface {
 	limit.Admitter
 	limit.Settler
-	Add(ctx context.Context, key string, amount float64, now time.Time) error
 }
 
 // Config configures [New].

@@ -101,12 +101,11 @@ func TestWarningNamesTheBudgetAndShare(t *testing.T) {
 	}
 }
 
-// usageRows is a stored-usage fake: every query returns its rows for the
-// group asked.
-type usageRows map[string][]store.UsageRow
+// usageRows is a stored-usage fake: every query returns its rows.
+type usageRows []store.UsageRow
 
 func (u usageRows) QueryUsage(_ context.Context, q store.UsageQuery) ([]store.UsageRow, error) {
-	return u[q.GroupBy[0]], nil
+	return u, nil
 }
 
 // TestSeedChargesStoredUsage pins that seeding charges the stored usage,
@@ -114,7 +113,7 @@ func (u usageRows) QueryUsage(_ context.Context, q store.UsageQuery) ([]store.Us
 func TestSeedChargesStoredUsage(t *testing.T) {
 	b := newBudgets(t, budget.Config{})
 	now := time.Date(2026, 3, 1, 12, 30, 0, 0, time.UTC)
-	rows := usageRows{store.GroupTeam: {{Group: map[string]string{store.GroupTeam: "t1"}, TokensIn: 800, TokensOut: 200}}}
+	rows := usageRows{{Group: map[string]string{store.GroupTeam: "t1"}, TokensIn: 800, TokensOut: 200}}
 	lims := &store.Limits{LimitTokensHourBlock: 1000}
 	// Unseeded, the hour's budget is untouched.
 	fresh := newBudgets(t, budget.Config{})

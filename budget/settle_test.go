@@ -2,6 +2,7 @@ package budget_test
 
 import (
 	"context"
+	"errors"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -83,5 +84,49 @@ func TestSettleOnRedisIsOneRoundTrip(t *testing.T) {
 		if u, err := r.Usage(ctx, w.key, limit.Day, now); err != nil || u != w.want {
 			t.Errorf("%s day usage = %v, %v; want %v", w.key, u, err, w.want)
 		}
+	}
+}
+
+// TestSeedOnRedisFailsOnAFailedWriteAndCountsOnceWhenRetried pins the
+// re-seed after Redis restarts empty: a seed whose writes fail is an
+// error (it is retried, not marked done with counters missing), and a
+// seed retried after writes that landed counts the stored usage once.
+func TestSeedOnRedisFailsOnAFailedWriteAndCountsOnceWhenRetried(t *testing.T) {
+	url, kill := testutil.StartRedis(t, 0)
+	c, err := limit.NewRedisClient(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	r, err := limit.NewRedis(c, limit.RedisConfig{Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	b := budget.New(r, budget.Config{})
+	now := time.Date(2026, 3, 1, 12, 30, 0, 0, time.UTC)
+	rows := usageRows{
+		{Group: map[string]string{store.GroupToken: "tk", store.GroupTeam: "tm", store.GroupService: "sv"}, TokensIn: 300, TokensOut: 100, Cost: 2},
+		{Group: map[string]string{store.GroupToken: "tk2", store.GroupTeam: "tm", store.GroupService: "sv"}, TokensIn: 500, Cost: 1},
+	}
+	ctx := context.Background()
+	for range 2 {
+		if n, err := b.Seed(ctx, rows, now); err != nil || n != 4 {
+			t.Fatalf("Seed = %d, %v; want 4 scopes", n, err)
+		}
+	}
+	for key, want := range map[string]float64{"tok:token:tk": 400, "tok:team:tm": 900, "usd:service:sv": 3} {
+		// The fake returns the rows for every window: the hour holds
+		// them, the earlier parts nothing.
+		if u, err := r.Usage(ctx, key, limit.Hour, now); err != nil || u != want {
+			t.Errorf("%s hour usage after two seeds = %v, %v; want %v", key, u, err, want)
+		}
+		if u, err := r.Usage(ctx, key, limit.Total, now); err != nil || u != want {
+			t.Errorf("%s total usage after two seeds = %v, %v; want %v", key, u, err, want)
+		}
+	}
+	kill()
+	if _, err := b.Seed(ctx, rows, now); !errors.Is(err, limit.ErrUnavailable) {
+		t.Errorf("Seed with Redis down = %v, want an error wrapping limit.ErrUnavailable", err)
 	}
 }

@@ -21,9 +21,16 @@ const seedLockTTL = time.Minute
 func (r *Redis) epochKey() string { return r.cfg.Prefix + "epoch" }
 func (r *Redis) lockKey() string  { return r.cfg.Prefix + "seedlock" }
 
+// claimScript takes the seed lock (KEYS[2]) for this replica (ARGV[1])
+// unless Redis is seeded (KEYS[1]); a replica retrying a failed seed
+// takes its own lock again.
 var claimScript = redis.NewScript(`
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  return 1
+end
 return 2
 `)
 
@@ -37,12 +44,13 @@ return 1
 // usage records by this replica: Redis holds no epoch key (it is new,
 // was flushed or restarted empty) and this replica took the seed lock, so
 // replicas seed once. When it returns true, the caller charges the
-// records' usage (with [Redis.Add]) and then calls done, which marks Redis
-// seeded and releases the lock. It returns [ErrUnseeded] while another
+// records' usage (with [Redis.SettleAll]) and then calls done, which marks
+// Redis seeded and releases the lock; a replica whose seed failed claims
+// its own lock again at once. It returns [ErrUnseeded] while another
 // replica holds the lock, and an error wrapping [ErrUnavailable] when
 // Redis cannot be reached.
 func (r *Redis) ClaimSeed(ctx context.Context) (seed bool, done func(context.Context) error, err error) {
-	token := r.id()
+	token := strconv.FormatUint(r.idBase, 36) // this replica's: a failed seed is retried at once
 	var n int64
 	err = r.run(ctx, "seed", func(cctx context.Context) error {
 		var err error

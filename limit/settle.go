@@ -17,6 +17,11 @@ type Settlement struct {
 	Res    Reservation
 	Key    string // the counter charged when Res is zero
 	Actual float64
+	// ID, if set on a charge without reservation, makes [Redis] apply it
+	// once per ID and Key, as a reservation's settle, for the
+	// reservation TTL plus a minute: a retried seed does not count twice.
+	// [Local] applies every call.
+	ID string
 }
 
 // Settler settles a request on several counters at once. [Local] settles
@@ -103,7 +108,7 @@ func (r *Redis) SettleAll(ctx context.Context, ss []Settlement, now time.Time) e
 			if s.Actual < 0 || s.Actual != s.Actual {
 				errs = append(errs, fmt.Errorf("%w: amount %v", ErrInvalidLimit, s.Actual))
 			} else if s.Actual > 0 {
-				list = append(list, orphan{s.Key, "", s.Actual, now})
+				list = append(list, orphan{s.Key, s.ID, s.Actual, now})
 			}
 			continue
 		}

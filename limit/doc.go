@@ -7,10 +7,11 @@
 // requests against a per-minute rate, a [Counter] keeps windowed usage and
 // admits requests against reservations, and an [Admitter] admits one
 // request on several counters at once (token, team and service budgets,
-// in tokens and USD), all or none. [Local] implements them in process;
-// [Redis] implements them across replicas with one atomic Lua script per
-// call: Allow, Reserve, ReserveAll (every counter of a request in one
-// round trip) and Settle. Every method takes now as an argument, so tests
+// in tokens and USD), all or none, and a [Settler] settles it on them
+// all. [Local] implements them in process; [Redis] implements them across
+// replicas with one atomic Lua script per call: Allow, Reserve,
+// ReserveAll and SettleAll (every counter of a request in one round trip)
+// and Settle. Every method takes now as an argument, so tests
 // fake time.
 //
 // # Request rate

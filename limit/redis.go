@@ -67,10 +67,12 @@ type RedisConfig struct {
 const failRetry = time.Second
 
 // Redis is a [Backend] shared by every replica that uses the same Redis and
-// Prefix. Each Allow, Reserve, ReserveAll, Settle and SettleAll is one atomic Lua script run
-// (EVALSHA, one round trip); now is passed to the script, Redis's own clock
-// is not read, so replicas should keep their clocks in sync (NTP). Keys of
-// one limit key share a hash tag, so Redis Cluster works.
+// Prefix. Each Allow, Reserve, ReserveAll, Settle and SettleAll is one
+// atomic Lua script run (EVALSHA, one round trip); now is passed to the
+// script, Redis's own clock is not read, so replicas should keep their
+// clocks in sync (NTP). Keys of one limit key share a hash tag, so Redis
+// Cluster works for the calls on one key (ReserveAll and SettleAll need
+// every key of a request on one node).
 //
 // Data per key: Allow keeps a sorted set of the admissions of the last
 // minute (exact sliding-window log, expires a minute after the last

@@ -56,7 +56,7 @@ func TestSettleOnRedisIsOneRoundTrip(t *testing.T) {
 	defer r.Close()
 	b := budget.New(r, budget.Config{})
 	now := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
-	scopes := [3]*budget.Scope{
+	scopes := [budget.NumKinds]*budget.Scope{
 		budget.Token:   b.Scope(budget.Token, "tk", &store.Limits{TPMLimit: 10000, LimitTokensDayBlock: 5000}),
 		budget.Team:    b.Scope(budget.Team, "tm", &store.Limits{LimitCostDayBlock: 10}),
 		budget.Service: budget.NewScope(budget.Service, "sv", &store.Limits{}),

@@ -35,25 +35,34 @@ func (h *roundTrips) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.P
 	}
 }
 
+// privateRedis returns a Redis backend on a private redis-server (see
+// testutil.StartRedis) whose client counts its round trips in trips, and
+// the function that kills the server.
+func privateRedis(t *testing.T, trips *roundTrips) (*limit.Redis, func()) {
+	t.Helper()
+	url, kill := testutil.StartRedis(t, 0)
+	c, err := limit.NewRedisClient(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.AddHook(trips)
+	r, err := limit.NewRedis(c, limit.RedisConfig{Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r, kill
+}
+
 // TestSettleOnRedisIsOneRoundTrip pins issue 9's "1 round trip to
 // settle": a request holding reservations on its token's TPM and token
 // budgets and its team's cost budget, and charging its team's tokens and
 // its service's tokens and cost without a budget, settles every counter
 // in one round trip to Redis, and each counter is charged once.
 func TestSettleOnRedisIsOneRoundTrip(t *testing.T) {
-	url, _ := testutil.StartRedis(t, 0)
-	c, err := limit.NewRedisClient(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
 	trips := &roundTrips{}
-	c.AddHook(trips)
-	r, err := limit.NewRedis(c, limit.RedisConfig{Timeout: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
+	r, _ := privateRedis(t, trips)
 	b := budget.New(r, budget.Config{})
 	now := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
 	scopes := [budget.NumKinds]*budget.Scope{
@@ -92,17 +101,7 @@ func TestSettleOnRedisIsOneRoundTrip(t *testing.T) {
 // error (it is retried, not marked done with counters missing), and a
 // seed retried after writes that landed counts the stored usage once.
 func TestSeedOnRedisFailsOnAFailedWriteAndCountsOnceWhenRetried(t *testing.T) {
-	url, kill := testutil.StartRedis(t, 0)
-	c, err := limit.NewRedisClient(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	r, err := limit.NewRedis(c, limit.RedisConfig{Timeout: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
+	r, kill := privateRedis(t, &roundTrips{})
 	b := budget.New(r, budget.Config{})
 	now := time.Date(2026, 3, 1, 12, 30, 0, 0, time.UTC)
 	rows := usageRows{

@@ -270,16 +270,12 @@ func faultsMain(ctx context.Context, args []string, stdout, stderr io.Writer) in
 		fmt.Fprintln(stderr, "bench:", err)
 		return 2
 	}
-	dir, err := os.MkdirTemp("", "keypool-faults-")
+	dir, cleanup, err := scratchDir("keypool-faults-", *keep, stdout)
 	if err != nil {
 		fmt.Fprintln(stderr, "bench:", err)
 		return 1
 	}
-	if *keep {
-		fmt.Fprintf(stdout, "scratch directory: %s\n", dir)
-	} else {
-		defer os.RemoveAll(dir)
-	}
+	defer cleanup()
 	fc.dir = dir
 	fc.bin = *bin
 	if fc.bin == "" {
@@ -316,4 +312,18 @@ func faultsMain(ctx context.Context, args []string, stdout, stderr io.Writer) in
 		return 1
 	}
 	return 0
+}
+
+// scratchDir makes a scratch directory for a suite's processes. With keep
+// it is named on stdout and left for inspection; otherwise cleanup
+// removes it.
+func scratchDir(prefix string, keep bool, stdout io.Writer) (dir string, cleanup func(), err error) {
+	if dir, err = os.MkdirTemp("", prefix); err != nil {
+		return "", nil, err
+	}
+	if keep {
+		fmt.Fprintf(stdout, "scratch directory: %s\n", dir)
+		return dir, func() {}, nil
+	}
+	return dir, func() { os.RemoveAll(dir) }, nil
 }

@@ -326,16 +326,12 @@ func replicasMain(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	}
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
-	dir, err := os.MkdirTemp("", "keypool-replicas-")
+	dir, cleanup, err := scratchDir("keypool-replicas-", *keep, stdout)
 	if err != nil {
 		fmt.Fprintln(stderr, "bench:", err)
 		return 1
 	}
-	if *keep {
-		fmt.Fprintf(stdout, "scratch directory: %s\n", dir)
-	} else {
-		defer os.RemoveAll(dir)
-	}
+	defer cleanup()
 	if *bin == "" {
 		fmt.Fprintln(stdout, "building ./cmd/keypoold …")
 		if *bin, err = buildKeypoold(ctx, dir); err != nil {

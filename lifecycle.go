@@ -101,7 +101,15 @@ func (s *svcState) report(c *keyState, o Outcome, now time.Time) {
 		if reason == "" {
 			reason = "rate limited"
 		}
-		s.setState(c, StateCooling, now.Add(d), reason, now)
+		until := now.Add(d)
+		if c.state == StateCooling && c.until.After(until) {
+			// A 429 that raced an earlier one may announce an earlier
+			// time (an HTTP-date rounds to the second, a later answer
+			// may use another form): a cooldown the upstream announced
+			// is never shortened.
+			until = c.until
+		}
+		s.setState(c, StateCooling, until, reason, now)
 	case Invalid:
 		reason := o.Reason
 		if reason == "" {

@@ -120,6 +120,20 @@ func TestRetryAfterClampedNeverDiscarded(t *testing.T) {
 	}
 }
 
+// TestLaterShorterRetryAfterKeepsTheCooldown: two 429s of one key that
+// raced each other, the later announcing an earlier time, leave the key
+// cooling until the later of the two times.
+func TestLaterShorterRetryAfterKeepsTheCooldown(t *testing.T) {
+	clk := newClock()
+	p := newTestPool(t, clk, Service{}, keysN(1), nil)
+	first, second := acquire(t, p, Request{}), acquire(t, p, Request{})
+	first.Release(Outcome{Kind: RateLimited, RetryAfter: 10 * time.Second})
+	second.Release(Outcome{Kind: RateLimited, RetryAfter: time.Second})
+	if d := stateOf(t, p, "k0").Until.Sub(clk.Now()); d < 10*time.Second {
+		t.Fatalf("cooling for %v after a 10 s and a later 1 s Retry-After, want at least 10 s", d)
+	}
+}
+
 // TestOneProbeAfterCooldown: when a cooldown ends, one request reaches the
 // key; the rest wait until it succeeds.
 func TestOneProbeAfterCooldown(t *testing.T) {

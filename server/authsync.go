@@ -2,8 +2,6 @@ package server
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"log/slog"
@@ -54,9 +52,7 @@ type authNotifier interface {
 }
 
 func newAuthSync(st authNotifier, rdb *redis.Client, log *slog.Logger) *authSync {
-	b := make([]byte, 8)
-	_, _ = rand.Read(b)
-	return &authSync{st: st, rdb: rdb, log: log, id: hex.EncodeToString(b), out: make(chan authMsg, 1024),
+	return &authSync{st: st, rdb: rdb, log: log, id: newReplicaID(), out: make(chan authMsg, 1024),
 		incoming: map[authMsg]struct{}{}}
 }
 
@@ -143,20 +139,6 @@ func (a *authSync) listenPostgres(ctx context.Context) {
 }
 
 // listenRedis applies invalidations from Redis pub/sub until ctx ends.
-// go-redis re-subscribes by itself after a lost connection.
 func (a *authSync) listenRedis(ctx context.Context) {
-	ps := a.rdb.Subscribe(ctx, authChannel)
-	defer ps.Close()
-	ch := ps.Channel()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case m, ok := <-ch:
-			if !ok {
-				return
-			}
-			a.apply(m.Payload)
-		}
-	}
+	receive(ctx, a.rdb.Subscribe(ctx, authChannel), a.apply)
 }

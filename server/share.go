@@ -2,8 +2,6 @@ package server
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"log/slog"
 	"sync/atomic"
@@ -46,9 +44,7 @@ type sharer struct {
 }
 
 func newSharer(rdb *redis.Client, pool *keypool.Pool, log *slog.Logger) *sharer {
-	b := make([]byte, 8)
-	_, _ = rand.Read(b)
-	return &sharer{rdb: rdb, pool: pool, log: log, id: hex.EncodeToString(b), out: make(chan keypool.Event, 1024)}
+	return &sharer{rdb: rdb, pool: pool, log: log, id: newReplicaID(), out: make(chan keypool.Event, 1024)}
 }
 
 // offer queues an event for publishing without blocking the request path.
@@ -94,11 +90,9 @@ func (sh *sharer) publish(ctx context.Context) {
 	}
 }
 
-// subscribe applies other replicas' events until ctx ends. go-redis
-// re-subscribes by itself after a lost connection.
+// subscribe applies other replicas' events until ctx ends.
 func (sh *sharer) subscribe(ctx context.Context, ready chan<- struct{}) {
 	ps := sh.rdb.Subscribe(ctx, shareChannel)
-	defer ps.Close()
 	// Bounded: a Redis that accepts connections and never answers must
 	// not hold up start-up (go-redis keeps trying in the background).
 	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -108,22 +102,16 @@ func (sh *sharer) subscribe(ctx context.Context, ready chan<- struct{}) {
 	cancel()
 	sh.catchUp(ctx)
 	close(ready)
-	ch := ps.Channel()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case m, ok := <-ch:
-			if !ok {
-				return
-			}
-			var se sharedEvent
-			if err := json.Unmarshal([]byte(m.Payload), &se); err != nil || se.Replica == sh.id {
-				continue
-			}
-			sh.pool.Apply(se.Event)
-		}
+	receive(ctx, ps, sh.apply)
+}
+
+// apply applies one event published by another replica.
+func (sh *sharer) apply(payload string) {
+	var se sharedEvent
+	if err := json.Unmarshal([]byte(payload), &se); err != nil || se.Replica == sh.id {
+		return
 	}
+	sh.pool.Apply(se.Event)
 }
 
 // catchUp applies the timed states other replicas recorded before this

@@ -11,12 +11,14 @@ import (
 // teamFields are the team form's fields besides its limits.
 var teamFields = []field{
 	{"name", "Name", text, ""},
+	{"description", "Description", text, ""},
 	{"allowed_services", "Allowed services", list, "comma-separated; empty = every service"},
 }
 
 // tokenFields are the token form's fields besides its limits.
 var tokenFields = []field{
 	{"name", "Name", text, "what the token is for, e.g. dev-laptop"},
+	{"description", "Description", text, ""},
 	{"expires_at", "Expires at", text, "RFC 3339, e.g. 2026-12-31T00:00:00Z; empty = never"},
 }
 

@@ -15,11 +15,13 @@ import (
 type fieldKind int
 
 const (
-	text    fieldKind = iota // a string
-	number                   // a JSON number; anything else is sent as a string for the API to reject
-	list                     // comma- or line-separated list of strings
-	headers                  // "Name: value" lines, an object
-	rawJSON                  // a JSON document, sent as is when it parses
+	text     fieldKind = iota // a string
+	number                    // a JSON number; anything else is sent as a string for the API to reject
+	list                      // comma- or line-separated list of strings
+	headers                   // "Name: value" lines, an object
+	rawJSON                   // a JSON document, sent as is when it parses
+	boolean                   // a checkbox: a hidden "false" before a checkbox "true"
+	duration                  // a duration ("30s") or seconds; empty clears it (null)
 )
 
 // field is one form field of an admin API body.
@@ -55,6 +57,8 @@ var limitFields = []field{
 // serviceFields are the service form's fields besides its name.
 var serviceFields = []field{
 	{"display_name", "Display name", text, ""},
+	{"description", "Description", text, ""},
+	{"is_active", "Active", boolean, "off: the proxy refuses the service's requests"},
 	{"base_url", "Base URL", text, "e.g. https://api.openai.com"},
 	{"auth_scheme", "Auth scheme", text, "bearer, x-api-key, xi-api-key, authorization-raw, authorization-token, query-param, header:Name, query:name"},
 	{"selector", "Selector", text, "round_robin, weighted, random, least_in_flight, least_used, latency, sticky, ordered"},
@@ -66,6 +70,18 @@ var serviceFields = []field{
 	{"prices", "Prices (JSON)", rawJSON, `model → price, e.g. {"my-model":{"input":1,"output":2}}`},
 	{"kind", "Kind", text, "empty for an upstream API; router for a model router (no base URL, no keys), set at creation"},
 	{"routes", "Routes (JSON, routers only)", rawJSON, `e.g. [{"model":"claude-*","targets":[{"service":"anthropic","path":"/v1"}]}]`},
+}
+
+// policyFields are a service's upstream timeouts and key policy.
+var policyFields = []field{
+	{"header_timeout", "Response header timeout", duration, "per attempt, e.g. 30s; empty = the server's default"},
+	{"idle_timeout", "Idle timeout", duration, "between reads of a response body; empty = the server's default"},
+	{"request_timeout", "Request timeout", duration, "all attempts together; empty = the server's default"},
+	{"retry_after_cap", "Retry-After cap (seconds)", number, "longest cooldown a 429 imposes; 0 = 3600"},
+	{"confirm_refusals", "Refusals that make a key invalid", number, "bare 403s another key served; 0 = 3"},
+	{"min_active_keys", "Minimum keys in rotation", number, "0 = half the keys"},
+	{"max_ejection_percent", "Max ejection percent", number, "largest share of keys the breaker ejects; 0 = 50"},
+	{"classifier", "Classifier", text, "a registered classifier's name; empty = the built-in rules"},
 }
 
 // keyFields are the "add a key" form's fields besides its value.
@@ -87,10 +103,25 @@ func body(r *http.Request, fields []field, patch bool) map[string]any {
 		if _, present := r.PostForm[f.Name]; !present {
 			continue
 		}
-		if v == "" && !patch {
+		if v == "" && !patch && f.Kind != boolean {
 			continue
 		}
 		switch f.Kind {
+		case boolean:
+			out[f.Name] = false
+			for _, x := range r.PostForm[f.Name] {
+				if x == "true" {
+					out[f.Name] = true
+				}
+			}
+		case duration:
+			if v == "" {
+				out[f.Name] = json.RawMessage("null")
+			} else if _, err := strconv.ParseFloat(v, 64); err == nil {
+				out[f.Name] = json.Number(v)
+			} else {
+				out[f.Name] = v
+			}
 		case text:
 			out[f.Name] = v
 		case number:
@@ -164,6 +195,8 @@ func values(m map[string]any, fields []field) map[string]string {
 				b, _ := json.Marshal(v)
 				out[f.Name] = string(b)
 			}
+		case boolean:
+			out[f.Name] = strconv.FormatBool(v == true)
 		case number:
 			if n, ok := v.(float64); ok && n != 0 {
 				out[f.Name] = strconv.FormatFloat(n, 'f', -1, 64)
@@ -181,7 +214,7 @@ func formValues(r *http.Request) map[string]string {
 	out := map[string]string{}
 	for k, v := range r.PostForm {
 		if len(v) > 0 && k != "key_value" && k != "keys" && k != "password" {
-			out[k] = v[0]
+			out[k] = v[len(v)-1] // a checked checkbox follows its hidden "false"
 		}
 	}
 	return out
@@ -198,6 +231,7 @@ type form struct {
 var funcs = template.FuncMap{
 	"isList":   func(f field) bool { return f.Kind == list || f.Kind == headers || f.Kind == rawJSON },
 	"isNumber": func(f field) bool { return f.Kind == number },
+	"isBool":   func(f field) bool { return f.Kind == boolean },
 	"rfc3339":  func(t time.Time) string { return t.UTC().Format(time.RFC3339) },
 	"when":     when,
 	"whenPtr": func(t *time.Time) string {

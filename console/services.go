@@ -178,16 +178,24 @@ func (h *Handler) serviceForm(w http.ResponseWriter, status int, id auth.Identit
 	}
 	h.render(w, status, "service_form", view{Title: title, Nav: "services", User: id, Error: errMsg, Data: map[string]any{
 		"Name": name, "Service": form{"svc", serviceFields, vals}, "Limits": form{"lim", limitFields, vals},
+		"Policy": form{"pol", policyFields, vals},
 	}})
 }
 
+// serviceForm returns the fields of the service form, after first.
+func serviceForm(first ...field) []field {
+	out := append(first, serviceFields...)
+	out = append(out, policyFields...)
+	return append(out, limitFields...)
+}
+
 func (h *Handler) serviceNew(w http.ResponseWriter, r *http.Request, id auth.Identity) {
-	h.serviceForm(w, http.StatusOK, id, "", map[string]string{"auth_scheme": "bearer"}, "")
+	h.serviceForm(w, http.StatusOK, id, "", map[string]string{"auth_scheme": "bearer", "is_active": "true"}, "")
 }
 
 func (h *Handler) serviceCreate(w http.ResponseWriter, r *http.Request, id auth.Identity) {
 	_ = r.ParseForm()
-	b := body(r, append(append([]field{{Name: "name", Kind: text}}, serviceFields...), limitFields...), false)
+	b := body(r, serviceForm(field{Name: "name", Kind: text}), false)
 	res := h.call(r, id, http.MethodPost, "/admin/services", b)
 	if !res.ok() {
 		h.serviceForm(w, res.Status, id, "", formValues(r), res.errMessage())
@@ -203,17 +211,14 @@ func (h *Handler) serviceEdit(w http.ResponseWriter, r *http.Request, id auth.Id
 		h.render(w, http.StatusNotFound, "error", view{Title: "Not found", Nav: "services", User: id, Error: err.Error()})
 		return
 	}
-	vals := values(s, serviceFields)
-	for k, v := range values(s, limitFields) {
-		vals[k] = v
-	}
+	vals := values(s, serviceForm())
 	h.serviceForm(w, http.StatusOK, id, name, vals, "")
 }
 
 func (h *Handler) serviceUpdate(w http.ResponseWriter, r *http.Request, id auth.Identity) {
 	name := r.PathValue("name")
 	_ = r.ParseForm()
-	b := body(r, append(append([]field{}, serviceFields...), limitFields...), true)
+	b := body(r, serviceForm(), true)
 	res := h.call(r, id, http.MethodPatch, "/admin/services/"+url.PathEscape(name), b)
 	if !res.ok() {
 		h.serviceForm(w, res.Status, id, name, formValues(r), res.errMessage())

@@ -6,6 +6,7 @@ import (
 	"math"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -79,7 +80,7 @@ func (h *Handler) usage(w http.ResponseWriter, r *http.Request, id auth.Identity
 	}
 	csvQ := usageQuery(r, "day,team,service,model")
 	v.Data = map[string]any{
-		"Chart": chart(days.Rows, q.Get("since"), q.Get("until")), "Rows": rows.Rows, "Total": total,
+		"Chart": chart(days.Rows, q.Get("since"), q.Get("until"), r.URL.Query().Get("metric")), "Metrics": chartMetrics, "Rows": rows.Rows, "Total": total,
 		"Filters": filters, "Teams": teams.Teams, "Services": svcs.Services, "CSV": Prefix + "usage.csv?" + csvQ.Encode(),
 		"Budgets": h.budgetUse(r, id),
 	}
@@ -102,22 +103,31 @@ func (h *Handler) usageCSV(w http.ResponseWriter, r *http.Request, id auth.Ident
 	_, _ = io.Copy(w, strings.NewReader(string(res.Body)))
 }
 
-// bar is one day of the chart.
+// bar is one day of the chart: one segment, or two stacked (tokens in
+// and out).
 type bar struct {
-	X, Y, W, H float64
-	Day        string
-	Label      string
-	Requests   int64
-	Cost       float64
-	Tokens     int64
+	X, W      float64
+	Segs      []seg
+	Day       string
+	Label     string
+	Requests  int64
+	Cost      float64
+	TokensIn  int64
+	TokensOut int64
 }
 
-// chartData is a server-rendered SVG bar chart of requests per day.
+// seg is a stacked part of a bar.
+type seg struct {
+	Y, H  float64
+	Class string
+}
+
+// chartData is a server-rendered SVG bar chart of one metric per day.
 type chartData struct {
 	Width, Height float64
+	Metric, Title string
 	Bars          []bar
 	Ticks         []tick
-	Max           int64
 	Empty         bool
 }
 
@@ -126,9 +136,39 @@ type tick struct {
 	Label string
 }
 
-// chart lays out one bar per day from since to until (or today).
-func chart(rows []usageRow, since, until string) chartData {
-	const w, hgt, left, bottom, top = 760.0, 220.0, 48.0, 28.0, 10.0
+// chartMetrics are the usage page's chart choices, by their query value.
+var chartMetrics = []struct{ Value, Label, Title string }{
+	{"requests", "Requests", "Requests per day"},
+	{"tokens", "Tokens", "Tokens per day, in and out"},
+	{"cost", "Cost", "Cost per day (USD)"},
+}
+
+// axis returns a round step (1, 2 or 5 times a power of ten, at least
+// minStep) and the top of an axis of about four steps up to hi.
+func axis(hi, minStep float64) (step, top float64) {
+	if hi <= 0 {
+		hi = minStep
+	}
+	raw := hi / 4
+	mag := math.Pow(10, math.Floor(math.Log10(raw)))
+	switch f := raw / mag; {
+	case f <= 1:
+		step = mag
+	case f <= 2:
+		step = 2 * mag
+	case f <= 5:
+		step = 5 * mag
+	default:
+		step = 10 * mag
+	}
+	step = max(step, minStep)
+	return step, math.Ceil(hi/step-1e-9) * step
+}
+
+// chart lays out one bar per day from since to until (or today), of the
+// metric: requests (the default), tokens (in and out stacked) or cost.
+func chart(rows []usageRow, since, until, metric string) chartData {
+	const w, hgt, left, bottom, top = 760.0, 220.0, 56.0, 28.0, 10.0
 	start, err := time.Parse(time.DateOnly, since)
 	if err != nil {
 		start = time.Now().UTC().AddDate(0, 0, -13)
@@ -147,30 +187,61 @@ func chart(rows []usageRow, since, until string) chartData {
 	for d := start; !d.After(end) && len(days) < 92; d = d.AddDate(0, 0, 1) {
 		days = append(days, d.Format(time.DateOnly))
 	}
-	c := chartData{Width: w, Height: hgt, Empty: len(rows) == 0}
+	c := chartData{Width: w, Height: hgt, Empty: len(rows) == 0, Metric: chartMetrics[0].Value, Title: chartMetrics[0].Title}
+	for _, m := range chartMetrics {
+		if m.Value == metric {
+			c.Metric, c.Title = m.Value, m.Title
+		}
+	}
+	// parts are a day's stacked values, bottom first.
+	parts := func(u usageRow) []float64 {
+		switch c.Metric {
+		case "tokens":
+			return []float64{float64(u.TokensIn), float64(u.TokensOut)}
+		case "cost":
+			return []float64{u.Cost}
+		}
+		return []float64{float64(u.Requests)}
+	}
+	var hi float64
 	for _, d := range days {
-		c.Max = max(c.Max, byDay[d].Requests)
+		var sum float64
+		for _, v := range parts(byDay[d]) {
+			sum += v
+		}
+		hi = max(hi, sum)
 	}
-	scale := float64(max(c.Max, 1))
-	// A round top for the axis.
-	mag := math.Pow(10, math.Floor(math.Log10(scale)))
-	top10 := math.Ceil(scale/mag) * mag
+	minStep := 1.0 // whole requests and tokens
+	if c.Metric == "cost" {
+		minStep = 0.0001
+	}
+	step, axisTop := axis(hi, minStep)
+	decimals := max(0, int(-math.Floor(math.Log10(step)+1e-9)))
 	plotH := hgt - bottom - top
-	steps := 4
-	if top10 < 4 {
-		steps = int(top10) // whole numbers only
-	}
-	for i := 0; i <= steps; i++ {
-		val := top10 * float64(i) / float64(steps)
-		c.Ticks = append(c.Ticks, tick{Y: top + plotH - plotH*val/top10, Label: num(int64(math.Round(val)))})
+	for i := 0; float64(i)*step <= axisTop+step/2; i++ {
+		val := float64(i) * step
+		label := num(int64(math.Round(val)))
+		if c.Metric == "cost" {
+			label = "$" + strconv.FormatFloat(val, 'f', max(decimals, 2), 64)
+		}
+		c.Ticks = append(c.Ticks, tick{Y: top + plotH - plotH*val/axisTop, Label: label})
 	}
 	n := float64(max(len(days), 1))
 	slot := (w - left - 8) / n
 	for i, d := range days {
 		u := byDay[d]
-		bh := plotH * float64(u.Requests) / top10
-		b := bar{X: left + float64(i)*slot + slot*0.15, W: slot * 0.7, Y: top + plotH - bh, H: bh, Day: d,
-			Requests: u.Requests, Cost: u.Cost, Tokens: u.TokensIn + u.TokensOut}
+		b := bar{X: left + float64(i)*slot + slot*0.15, W: slot * 0.7, Day: d,
+			Requests: u.Requests, Cost: u.Cost, TokensIn: u.TokensIn, TokensOut: u.TokensOut}
+		y := top + plotH
+		for j, v := range parts(u) {
+			h := plotH * v / axisTop
+			y -= h
+			class := "bar"
+			if j > 0 {
+				class = "bar alt"
+			}
+			b.Segs = append(b.Segs, seg{Y: y, H: h, Class: class})
+		}
 		if len(days) <= 16 || i%int(math.Ceil(n/16)) == 0 {
 			b.Label = d[5:]
 		}

@@ -87,3 +87,21 @@ func TestServiceFormEveryField(t *testing.T) {
 		t.Errorf("a new service's form does not start switched on")
 	}
 }
+
+// TestViewerSeesNoCreateButtons checks that a viewer's overview offers no
+// "New service" (the API would refuse it anyway).
+func TestViewerSeesNoCreateButtons(t *testing.T) {
+	base, _ := startServer(t)
+	if code, m := adminAPI(t, base, "POST", "/admin/admin-users", map[string]any{"username": "vera", "password": "vera-password-1", "role": "viewer"}); code != 201 {
+		t.Fatalf("create viewer: %d %v", code, m)
+	}
+	c := client(t)
+	if resp, _ := post(t, c, base+"/console/login", url.Values{"username": {"vera"}, "password": {"vera-password-1"}}, nil); resp.StatusCode != 303 {
+		t.Fatalf("sign in: %d", resp.StatusCode)
+	}
+	for _, p := range []string{"/console/", "/console/live/overview", "/console/services"} {
+		if _, page := get(t, c, base+p); strings.Contains(page, "/console/services/new") {
+			t.Errorf("%s offers a viewer to create a service", p)
+		}
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"path/filepath"
 	"strings"
@@ -82,7 +83,7 @@ func (c *ConsoleConfig) validate() error {
 // install: when the store holds no admin user, it creates "admin" (role
 // admin) with the password kept in DataDir/admin_password (generated,
 // mode 0600, announced once on out, like the admin token).
-func bootstrapAdmin(ctx context.Context, st store.AdminStore, dataDir string, params auth.PasswordParams, out io.Writer) error {
+func bootstrapAdmin(ctx context.Context, st store.AdminStore, dataDir, listen string, params auth.PasswordParams, out io.Writer) error {
 	users, err := st.ListAdminUsers(ctx)
 	if err != nil {
 		return fmt.Errorf("server: read admin users: %w", err)
@@ -106,15 +107,32 @@ func bootstrapAdmin(ctx context.Context, st store.AdminStore, dataDir string, pa
 	if created {
 		fmt.Fprintf(out, "\n"+
 			"==================================================================\n"+
-			" Console sign-in (open http://<listen address>/):\n\n"+
+			" Console sign-in (open %s):\n\n"+
 			"   username: admin\n"+
 			"   password: %s\n\n"+
 			" The password is kept in %s (mode 0600); change it with\n"+
 			" `keypoold admin-user passwd admin` and delete that file.\n"+
 			"==================================================================\n\n",
-			pw, path)
+			consoleURL(listen), pw, path)
 	}
 	return nil
+}
+
+// consoleURL is the address a person on this machine opens for the
+// console of a server listening on listen (":8080" and "0.0.0.0:8080"
+// are reached as localhost).
+func consoleURL(listen string) string {
+	if listen == "" {
+		listen = DefaultListen
+	}
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		return "http://" + listen + "/"
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = "localhost"
+	}
+	return "http://" + net.JoinHostPort(host, port) + "/"
 }
 
 // cookieSecure reports whether the console's session cookie must be

@@ -414,7 +414,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		Params: cfg.Console.Password, Now: s.now}); err != nil {
 		return nil, err
 	}
-	if err := bootstrapAdmin(ctx, s.st, cfg.DataDir, cfg.Console.Password, out); err != nil {
+	if err := bootstrapAdmin(ctx, s.st, cfg.DataDir, cfg.Listen, cfg.Console.Password, out); err != nil {
 		return nil, err
 	}
 	if s.admin, err = admin.New(admin.Config{

@@ -15,9 +15,15 @@ import (
 	"github.com/keypool/keypool/server"
 )
 
-func withBodyTimeouts(idle, total time.Duration) kpOption {
+// withBodyTimeouts sets the body timeouts; minRate 0 turns the rate bound
+// off (the server's zero would be its default).
+func withBodyTimeouts(idle, total time.Duration, minRate int64) kpOption {
 	return func(c *server.Config) {
 		c.BodyIdleTimeout, c.BodyTimeout = server.Duration(idle), server.Duration(total)
+		c.BodyMinRate = minRate
+		if minRate == 0 {
+			c.BodyMinRate = -1
+		}
 	}
 }
 
@@ -65,7 +71,7 @@ func slowUpload(k *kp, path, token string, gap time.Duration) (string, string, e
 func TestSlowUploadsAreCut(t *testing.T) {
 	up := newUpstream(t, okJSON)
 	const idle, total = 150 * time.Millisecond, 600 * time.Millisecond
-	k := startKP(t, withBodyTimeouts(idle, total))
+	k := startKP(t, withBodyTimeouts(idle, total, 0))
 	tok, _ := setup(t, k, up, nil, keyA)
 	team := k.addTeam("leasers", nil)
 	leaser := k.addToken(team, map[string]any{"scopes": []string{"lease"}})
@@ -127,4 +133,70 @@ func TestSlowUploadsAreCut(t *testing.T) {
 	}
 	eventually(t, "the slow uploads' goroutines to end", func() bool { return runtime.NumGoroutine() <= before+5 })
 	t.Logf("200 slow uploads cut in %s; goroutines %d before, %d after", took, before, runtime.NumGoroutine())
+}
+
+// Issue 16 item 8, as the issue words it: a 1 byte/s upload was still open
+// at 150 s. The idle timeout never fires for it (a byte comes every
+// second) and the whole-body deadline is minutes, so a body must also keep
+// up BodyMinRate once BodyIdleTimeout has passed since its first byte
+// (500 bytes/s by default: 1 byte/s is cut after about 30 s). Scaled: a
+// 50 bytes/s trickle against a 100 bytes/s floor is cut at about
+// idle + received/minRate, long before the 20 s whole-body deadline, while
+// a body that keeps the rate is not.
+func TestTrickleBelowMinRateIsCut(t *testing.T) {
+	up := newUpstream(t, okJSON)
+	const idle, total, minRate = 200 * time.Millisecond, 20 * time.Second, 100
+	k := startKP(t, withBodyTimeouts(idle, total, minRate))
+	tok, _ := setup(t, k, up, nil, keyA)
+
+	start := time.Now()
+	status, body, err := slowUpload(k, "/v1/openai/v1/chat/completions", tok, 20*time.Millisecond)
+	took := time.Since(start)
+	if err != nil {
+		t.Fatalf("no answer after %s: %v", took, err)
+	}
+	if !strings.HasPrefix(status, "408") || !strings.Contains(body, "bytes/s") {
+		t.Fatalf("answer %q %s, want 408 request_timeout naming the rate", status, body)
+	}
+	// 50 bytes/s against 100: cut near idle/(1-50/100) = 400 ms.
+	if took < idle || took > 3*time.Second {
+		t.Errorf("a 50 bytes/s body was cut after %s, want about %s", took, 2*idle)
+	}
+	if n := len(up.seen()); n != 0 {
+		t.Errorf("the upstream got %d requests with cut bodies", n)
+	}
+
+	// 1000 bytes at 200 bytes/s (5 s) keep the rate: the body arrives
+	// whole and the request is served.
+	status, body, err = paceUpload(k, "/v1/openai/v1/chat/completions", tok, 10, 50*time.Millisecond)
+	if err != nil || !strings.HasPrefix(status, "200") {
+		t.Fatalf("a body keeping the rate: %q %s %v, want 200", status, body, err)
+	}
+}
+
+// paceUpload sends a 1000-byte JSON body chunk bytes every gap and returns
+// the answer's status line and body.
+func paceUpload(k *kp, path, token string, chunk int, gap time.Duration) (string, string, error) {
+	c, err := net.DialTimeout("tcp", strings.TrimPrefix(k.url, "http://"), 5*time.Second)
+	if err != nil {
+		return "", "", err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+	fmt.Fprintf(c, "POST %s HTTP/1.1\r\nHost: kp\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n", path, token)
+	body := `{"model":"gpt-4o-mini","pad":"` + strings.Repeat("x", 1000-32) + `"}`
+	for len(body) > 0 {
+		n := min(chunk, len(body))
+		if _, err := c.Write([]byte(body[:n])); err != nil {
+			return "", "", err
+		}
+		body = body[n:]
+		time.Sleep(gap)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		return "", "", err
+	}
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	return resp.Status, string(b), nil
 }

@@ -34,6 +34,10 @@ const (
 	// 5 minutes (32 MiB then needs about 110 KB/s), is 408.
 	DefaultBodyIdleTimeout = 30 * time.Second
 	DefaultBodyTimeout     = 5 * time.Minute
+	// DefaultBodyMinRate is the slowest a request body may arrive once
+	// the idle timeout has passed since its first byte, in bytes a second
+	// (Apache's mod_reqtimeout default): 1 byte/s is cut after about 30 s.
+	DefaultBodyMinRate = 500
 	// DefaultUpstreamHeaderTimeout, DefaultUpstreamIdleTimeout and
 	// DefaultUpstreamTimeout are the upstream timeouts of a service that
 	// sets none: 10 minutes to the response headers per attempt (enough
@@ -124,6 +128,11 @@ type Config struct {
 	// long after its first read with 408 request_timeout, however it
 	// trickles. If zero, 5 minutes.
 	BodyTimeout Duration `json:"body_timeout,omitempty" yaml:"body_timeout,omitempty"`
+	// BodyMinRate cuts a request whose body arrives slower than this many
+	// bytes a second, counted from BodyIdleTimeout after its first read
+	// (the deadline grows by one second per BodyMinRate bytes received),
+	// with 408 request_timeout. If zero, 500; negative: no rate bound.
+	BodyMinRate int64 `json:"body_min_rate,omitempty" yaml:"body_min_rate,omitempty"`
 	// UpstreamHeaderTimeout bounds how long one attempt waits for an
 	// upstream's response headers before the key counts a Failure and the
 	// next key is tried (504 upstream_timeout when none is left). If zero,
@@ -325,6 +334,7 @@ const (
 	EnvTrustedProxies   = "KEYPOOL_TRUSTED_PROXIES"
 	EnvBodyIdleTimeout  = "KEYPOOL_BODY_IDLE_TIMEOUT"
 	EnvBodyTimeout      = "KEYPOOL_BODY_TIMEOUT"
+	EnvBodyMinRate      = "KEYPOOL_BODY_MIN_RATE"
 	// EnvUsageJournal is "off" to disable the usage journal, or its
 	// directory.
 	EnvUsageJournal = "KEYPOOL_USAGE_JOURNAL"
@@ -398,6 +408,13 @@ func (c *Config) ApplyEnv(lookup func(string) (string, bool)) error {
 			}
 		}
 	}
+	if v, ok := get(EnvBodyMinRate); ok {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return fmt.Errorf("server: %s: %q is not a whole number of bytes a second", EnvBodyMinRate, v)
+		}
+		c.BodyMinRate = n
+	}
 	return nil
 }
 
@@ -465,6 +482,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.BodyTimeout <= 0 {
 		c.BodyTimeout = Duration(DefaultBodyTimeout)
+	}
+	if c.BodyMinRate == 0 {
+		c.BodyMinRate = DefaultBodyMinRate
 	}
 	if c.SyncInterval <= 0 {
 		c.SyncInterval = Duration(DefaultSyncInterval)

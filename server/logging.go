@@ -203,7 +203,7 @@ func (s *Server) observe(h http.Handler) http.Handler {
 		ri.w.ResponseWriter, ri.w.OnHijack = w, s.onHijack
 		r = r.WithContext(context.WithValue(r.Context(), ctxInfo, ri))
 		sw := &ri.w
-		ri.body.Wrap(w, r, time.Duration(s.cfg.BodyIdleTimeout), time.Duration(s.cfg.BodyTimeout))
+		ri.body.Wrap(w, r, time.Duration(s.cfg.BodyIdleTimeout), time.Duration(s.cfg.BodyTimeout), s.cfg.BodyMinRate)
 		s.inflight.Add(1)
 		defer func() {
 			s.inflight.Add(-1)

@@ -3,6 +3,7 @@ package httpx
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -14,23 +15,27 @@ import (
 const CodeRequestTimeout = "request_timeout"
 
 // TimedBody makes reads of r's body fail with a 408 request_timeout
-// *Error when no byte arrives for idle, or when the body has not ended
-// total after the first read (zero disables either bound). It sets the
+// *Error when no byte arrives for idle, when the body has not ended
+// total after the first read, or when it arrives slower than minRate
+// bytes a second once idle has passed since the first read: the deadline
+// is then first read + idle + one second per minRate bytes received
+// (Apache's mod_reqtimeout MinRate). Zero or less disables any of the
+// three. It sets the
 // connection's read deadline through [http.ResponseController] before
 // each read, so a stalled read is cut by the network poller and holds no
 // goroutine past the bound; it clears the deadline when the body ends, so
 // the connection's later reads are not cut. Where the connection offers
 // no deadlines (http.ErrNotSupported), reads are not bounded.
-func TimedBody(w http.ResponseWriter, r *http.Request, idle, total time.Duration) {
-	new(BodyTimer).Wrap(w, r, idle, total)
+func TimedBody(w http.ResponseWriter, r *http.Request, idle, total time.Duration, minRate int64) {
+	new(BodyTimer).Wrap(w, r, idle, total, minRate)
 }
 
 // Wrap is [TimedBody] with b as the wrapper.
-func (b *BodyTimer) Wrap(w http.ResponseWriter, r *http.Request, idle, total time.Duration) {
+func (b *BodyTimer) Wrap(w http.ResponseWriter, r *http.Request, idle, total time.Duration, minRate int64) {
 	if r.Body == nil || r.Body == http.NoBody || (idle <= 0 && total <= 0) {
 		return
 	}
-	*b = BodyTimer{rc: r.Body, w: w, idle: idle, total: total}
+	*b = BodyTimer{rc: r.Body, w: w, idle: idle, total: total, minRate: max(minRate, 0)}
 	r.Body = b
 }
 
@@ -41,7 +46,10 @@ type BodyTimer struct {
 	rc          io.ReadCloser
 	w           http.ResponseWriter // reached through http.ResponseController
 	idle, total time.Duration
+	minRate     int64     // bytes a second after idle; 0: no rate bound
+	first       time.Time // the first read
 	end         time.Time // first read + total
+	received    int64     // bytes read so far
 	unsupported bool
 	set         bool // a deadline is set
 	err         error
@@ -53,12 +61,22 @@ func (b *BodyTimer) Read(p []byte) (int, error) {
 	}
 	if !b.unsupported {
 		now := time.Now()
-		if b.end.IsZero() && b.total > 0 {
-			b.end = now.Add(b.total)
+		if b.first.IsZero() {
+			b.first = now
+			if b.total > 0 {
+				b.end = now.Add(b.total)
+			}
 		}
 		dl := b.end
 		if b.idle > 0 && (dl.IsZero() || now.Add(b.idle).Before(dl)) {
 			dl = now.Add(b.idle)
+		}
+		if b.minRate > 0 && b.idle > 0 {
+			// The body must keep up minRate once idle has passed.
+			earned := time.Duration(float64(b.received) / float64(b.minRate) * float64(time.Second))
+			if rate := b.first.Add(b.idle + earned); rate.Before(dl) {
+				dl = rate
+			}
 		}
 		if err := http.NewResponseController(b.w).SetReadDeadline(dl); err != nil {
 			b.unsupported = errors.Is(err, http.ErrNotSupported)
@@ -67,13 +85,18 @@ func (b *BodyTimer) Read(p []byte) (int, error) {
 		}
 	}
 	n, err := b.rc.Read(p)
+	b.received += int64(n)
 	switch {
 	case err == nil:
 	case err == io.EOF:
 		b.clear()
 	case errors.Is(err, os.ErrDeadlineExceeded) || isTimeout(err):
+		rate := ""
+		if b.minRate > 0 {
+			rate = fmt.Sprintf(", under %d bytes/s after the first %s", b.minRate, b.idle)
+		}
 		b.err = Errorf(http.StatusRequestTimeout, CodeRequestTimeout,
-			"the request body was not received in time (no byte for %s, or not all of it within %s)", b.idle, b.total)
+			"the request body was not received in time (no byte for %s%s, or not all of it within %s)", b.idle, rate, b.total)
 		return n, b.err
 	default:
 		b.clear()

@@ -214,21 +214,28 @@ func (s *svcState) checkCap(c *keyState) {
 
 // unavailable reports whether no key can serve because the upstream is
 // failing: a probe is out while every key in rotation is held, or every
-// key that could serve is ejected by its breaker (none is cooling, spent
-// until a known time, at a limit or merely excluded).
+// key that could serve is ejected by its breaker or back from an ejection
+// with its one probe out (none is cooling, spent until a known time, at
+// a limit or merely excluded).
 func (s *svcState) unavailable() bool {
 	if s.outage {
 		return true
 	}
-	if s.ejected == 0 || s.capped > 0 {
+	if s.ejected == 0 && s.capped == 0 {
 		return false
 	}
+	failing := s.ejected > 0
 	for _, c := range s.all {
 		if c.throttled {
 			return false
 		}
 		switch c.state {
-		case StateCooling, StateActive, StateHalfOpen:
+		case StateHalfOpen:
+			if !c.capped.Load() || c.reason != reasonBreakerProbe {
+				return false
+			}
+			failing = true // its probe after an ejection is out
+		case StateCooling, StateActive:
 			return false
 		case StateExhausted:
 			if !c.until.IsZero() {
@@ -236,7 +243,7 @@ func (s *svcState) unavailable() bool {
 			}
 		}
 	}
-	return true
+	return failing
 }
 
 // describe summarises why no key is available, for the error a person

@@ -19,6 +19,10 @@ func (s *svcState) updateSlow(c *keyState) {
 	c.slow.Store(c.state != StateActive || c.consec429 > 0 || c.strikes > 0 || c.held)
 }
 
+// reasonBreakerProbe is the reason of a key back from an ejection, taking
+// its one probe request.
+const reasonBreakerProbe = "breaker probing"
+
 // wake re-admits keys whose wait is over.
 func (s *svcState) wake(now time.Time) {
 	for len(s.heap) > 0 && !s.heap[0].wakeAt.After(now) {
@@ -35,7 +39,7 @@ func (s *svcState) wake(now time.Time) {
 			s.setState(c, StateHalfOpen, time.Time{}, "probing after quota reset", now)
 		case StateOpen:
 			if b := c.brk.Load(); b == nil || b.Ready(now) {
-				s.setState(c, StateHalfOpen, time.Time{}, "breaker probing", now)
+				s.setState(c, StateHalfOpen, time.Time{}, reasonBreakerProbe, now)
 			} else {
 				s.schedule(c, b.OpenUntil())
 			}

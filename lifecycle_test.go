@@ -225,9 +225,18 @@ func TestAllEjectedIsUnavailable(t *testing.T) {
 	if !errors.As(err, &ue) || ue.RetryAfter < 29*time.Second {
 		t.Fatalf("err = %v, want *UnavailableError with the open period", err)
 	}
-	// Its second ejection in a row lasts twice as long.
+	// Back from the ejection it takes one probe; the requests that come
+	// meanwhile are told the upstream is failing (503), not that the
+	// keys are busy (429).
 	clk.Advance(31 * time.Second)
 	l := acquire(t, p, Request{})
+	for range 31 {
+		_, err := p.Acquire("svc", Request{})
+		if !errors.As(err, &ue) || ue.RetryAfter < time.Second {
+			t.Fatalf("during the probe after an ejection: %v, want *UnavailableError", err)
+		}
+	}
+	// Its second ejection in a row lasts twice as long.
 	l.Release(Outcome{Kind: Failure})
 	if d := stateOf(t, p, "k0").Until.Sub(clk.Now()); d != time.Minute {
 		t.Fatalf("second ejection: %v, want 1m", d)

@@ -166,9 +166,10 @@ func TestTrickleBelowMinRateIsCut(t *testing.T) {
 		t.Errorf("the upstream got %d requests with cut bodies", n)
 	}
 
-	// 1000 bytes at 200 bytes/s (5 s) keep the rate: the body arrives
-	// whole and the request is served.
-	status, body, err = paceUpload(k, "/v1/openai/v1/chat/completions", tok, 10, 50*time.Millisecond)
+	// 1000 bytes at 1000 bytes/s over a second, past the idle timeout,
+	// keep the rate (10× it, so a loaded machine's late sleeps do not
+	// matter): the body arrives whole and the request is served.
+	status, body, err = paceUpload(k, "/v1/openai/v1/chat/completions", tok, 50, 50*time.Millisecond)
 	if err != nil || !strings.HasPrefix(status, "200") {
 		t.Fatalf("a body keeping the rate: %q %s %v, want 200", status, body, err)
 	}

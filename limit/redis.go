@@ -50,7 +50,8 @@ type RedisConfig struct {
 	// refuse (Degraded, as when Redis is unreachable): a Redis restarted
 	// empty never admits against counters that forgot the budget's
 	// usage. OnUnseeded, if set, is called when a call finds Redis
-	// unseeded (it must not block).
+	// unseeded, and when Redis answers again after an outage and holds
+	// no epoch key (it must not block).
 	RequireSeed bool   `json:"require_seed,omitempty"`
 	OnUnseeded  func() `json:"-"`
 	// SeedWait bounds how long ReserveAll waits for a seed (RequireSeed).
@@ -87,22 +88,25 @@ const failRetry = time.Second
 // goroutine (the watcher: breaker recovery, replay of queued settlements,
 // heartbeat) until Close.
 type Redis struct {
-	c      redis.UniversalClient
-	ping   func(context.Context) error // the watcher's PING (see pinger)
-	cfg    RedisConfig
-	log    *slog.Logger
-	idBase uint64
-	nextID atomic.Uint64
-	br     breaker
-	down   atomic.Bool // the breaker is open or half-open
-	logged atomic.Bool // this outage's warning is logged
-	orph   orphans
-	share  localShare
-	seed   seedWaiter
+	c       redis.UniversalClient
+	ping    func(context.Context) error // the watcher's PING (see pinger)
+	cfg     RedisConfig
+	log     *slog.Logger
+	idBase  uint64
+	nextID  atomic.Uint64
+	br      breaker
+	down    atomic.Bool // the breaker is open or half-open
+	logged  atomic.Bool // this outage's warning is logged
+	orph    orphans
+	share   localShare
+	seed    seedWaiter
+	admits  batcher[admitCall]  // ReserveAll's batches
+	settles batcher[settleCall] // SettleAll's batches
 
 	ctx    context.Context // done when Close is called
 	cancel context.CancelFunc
 	wake   chan struct{} // a call succeeded: replay queued settlements now
+	back   chan struct{} // the breaker closed: look for a restart-empty now
 	done   chan struct{} // closed when the watcher has returned
 
 	failures atomic.Uint64 // calls failed or refused by the breaker
@@ -136,7 +140,9 @@ func NewRedis(c redis.UniversalClient, cfg RedisConfig) (*Redis, error) {
 		tick = watchTick
 	}
 	r := &Redis{c: c, cfg: cfg, log: cfg.Logger, idBase: rand.Uint64(),
-		wake: make(chan struct{}, 1), done: make(chan struct{})}
+		wake: make(chan struct{}, 1), back: make(chan struct{}, 1), done: make(chan struct{})}
+	r.admits = batcher[admitCall]{run: r.admitBatch, full: admitFull}
+	r.settles = batcher[settleCall]{run: r.settleBatch, full: settleFull}
 	r.br.onOpen = r.breakerChanged
 	r.br.reset(cfg.BreakerOpen)
 	r.share.init()
@@ -251,6 +257,10 @@ func (r *Redis) breakerChanged(open bool) {
 	}
 	if r.down.CompareAndSwap(true, false) {
 		r.share.reset()
+		select {
+		case r.back <- struct{}{}:
+		default:
+		}
 		if r.logged.CompareAndSwap(true, false) {
 			r.log.Info("limit: redis reachable again")
 		}

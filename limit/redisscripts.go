@@ -47,16 +47,35 @@ end
 return d
 `)
 
-// admitLua defines the Lua functions both reserve scripts share:
+// admitLua defines the Lua functions the reserve scripts share:
 // expire(k6, k7) drops a counter's expired reservations and returns what
 // is still reserved; check(kb, ab, amount, reserved) applies the
 // admission rule (settled + reserved below each block) to the counter
 // whose keys start at KEYS[kb] and whose windows are described from
 // ARGV[ab] on, and returns {allowed, warn, limit index, used, retry ms,
 // reserved, room}, room being what is left under the tightest block
-// after this request ("inf" without one, "0" when refused). The
-// including script defines now and sec first.
+// after this request ("inf" without one, "0" when refused). A counter's
+// settled usage is read from Redis once per script run (reads), so a
+// batch of requests on one counter reads it once. The including script
+// defines now and sec first (a batch sets them per request).
 const admitLua = `
+local reads = {}
+local function settled(kb, w)
+  local g = reads[kb]
+  if g == nil then
+    g = {}
+    reads[kb] = g
+  end
+  if g[w] == nil then
+    if w ~= 1 then
+      g[w] = tonumber(redis.call('GET', KEYS[kb + w - 2]) or '0')
+    else
+      g[w] = redis.call('HGETALL', KEYS[kb + 4])
+    end
+  end
+  return g[w]
+end
+
 local function expire(k6, k7)
   local exp = redis.call('ZRANGEBYSCORE', k7, '-inf', now)
   if #exp > 0 then
@@ -79,10 +98,10 @@ local function check(kb, ab, amount, reserved)
   local secs = nil
   local minute = 0
   local function usage(w)
-    if w ~= 1 then return tonumber(redis.call('GET', KEYS[kb + w - 2]) or '0') end
+    if w ~= 1 then return settled(kb, w) end
     if secs == nil then
       secs = {}
-      local h = redis.call('HGETALL', KEYS[kb + 4])
+      local h = settled(kb, 1)
       for i = 1, #h, 2 do
         local s = tonumber(h[i])
         if s >= sec - 60 and s <= sec then

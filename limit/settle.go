@@ -149,12 +149,57 @@ func (r *Redis) settling(res Reservation, actual float64, now time.Time) (o orph
 // replicas whose clocks lag.
 const calendarGrace = time.Hour
 
-// charge runs settleScript once for list. When it fails, the settlements
-// of reservations are queued and replayed once Redis answers again (the
-// first try may have landed: the script is idempotent by member, so it
-// never charges twice).
+// charge runs settleScript for list in the next settle batch (one script
+// run for the settlements that arrive while the previous batch is in
+// flight, see [batcher]). When it fails, the settlements of reservations
+// are queued and replayed once Redis answers again (the first try may
+// have landed: the script is idempotent by member, so it never charges
+// twice). A caller whose ctx ends gets ctx's error; its settlements are
+// still sent.
 func (r *Redis) charge(ctx context.Context, op string, list []orphan) error {
-	err := r.settleMany(ctx, op, list)
+	c := &settleCall{callState: newCallState(), op: op, list: list}
+	r.settles.submit(c)
+	select {
+	case <-c.done:
+		return c.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// settleCall is one call's settlements in a settle batch.
+type settleCall struct {
+	callState
+	op   string
+	list []orphan
+	err  error // set by the batch before done is closed
+}
+
+// maxSettleBatch is how many settlements fill a settle batch: a script
+// run that long (about 30 µs of Redis time each) delays the admissions
+// queued behind it on Redis by a few milliseconds at most.
+const maxSettleBatch = 64
+
+// settleFull reports whether a settle batch is full.
+func settleFull(batch []*settleCall) bool {
+	n := 0
+	for _, c := range batch {
+		n += len(c.list)
+	}
+	return n >= maxSettleBatch
+}
+
+// settleBatch runs settleScript once for every settlement of batch and
+// delivers the outcome to each call.
+func (r *Redis) settleBatch(batch []*settleCall) {
+	list := batch[0].list
+	if len(batch) > 1 {
+		list = nil
+		for _, c := range batch {
+			list = append(list, c.list...)
+		}
+	}
+	err := r.settleMany(r.ctx, batch[0].op, list)
 	if err != nil && errors.Is(err, ErrUnavailable) {
 		for _, o := range list {
 			if o.member != "" {
@@ -162,7 +207,10 @@ func (r *Redis) charge(ctx context.Context, op string, list []orphan) error {
 			}
 		}
 	}
-	return err
+	for _, c := range batch {
+		c.err = err
+		c.deliver()
+	}
 }
 
 // settleMany runs settleScript once for list, each settlement at its own

@@ -190,13 +190,33 @@ func (o *orphans) take() []orphan {
 	return l
 }
 
+// lookForSeed, with RequireSeed and OnUnseeded, calls OnUnseeded when
+// Redis holds no epoch key: Redis that comes back from an outage empty
+// (restarted without persistence) is re-seeded at once, not when the
+// first budgeted request finds it unseeded and has to wait for the seed.
+func (r *Redis) lookForSeed() {
+	if !r.cfg.RequireSeed || r.cfg.OnUnseeded == nil {
+		return
+	}
+	var n int64
+	err := r.run(r.ctx, "seed", func(cctx context.Context) error {
+		var err error
+		n, err = r.c.Exists(cctx, r.epochKey()).Result()
+		return err
+	})
+	if err == nil && n == 0 {
+		r.cfg.OnUnseeded()
+	}
+}
+
 // watchTick is how often the background watcher of a [Redis] looks at
 // the breaker (PING while it is open) and at the queued settlements.
 const watchTick = 100 * time.Millisecond
 
 // watch is the one background goroutine of a [Redis], until Close: while
 // the breaker is open it PINGs Redis every tick and closes the breaker as
-// soon as Redis answers; otherwise it replays the queued settlements
+// soon as Redis answers (and then, with RequireSeed, looks for a
+// restart-empty, see lookForSeed); otherwise it replays the queued settlements
 // (woken at once by a call that succeeds) and, with FailLocalBudget,
 // keeps this replica's heartbeat.
 func (r *Redis) watch(tick time.Duration) {
@@ -210,6 +230,8 @@ func (r *Redis) watch(tick time.Duration) {
 			return
 		case <-t.C:
 		case <-r.wake:
+		case <-r.back:
+			r.lookForSeed()
 		}
 		if r.br.cb.Load().State() == gobreaker.StateOpen {
 			r.probe()

@@ -299,6 +299,9 @@ func TestRedisReplayDropsSettlesTheReseedCounts(t *testing.T) {
 	}
 	time.Sleep(5 * time.Millisecond) // the seed is later than the settle
 	testutil.RestartRedis(t, url)
+	// The watcher's failed replays may have opened the breaker while
+	// Redis restarted (slow on a loaded machine): it closes it.
+	waitFor(2*time.Second, func() bool { return !b.Down() })
 	seed()
 	time.Sleep(500 * time.Millisecond) // the watcher replays within ~100 ms
 	if u := rawUsage(t, url, "team"); u != 0 {

@@ -226,6 +226,7 @@ func (c *chargeLog) record(log *slog.Logger, op string, err error) {
 // across replicas (see [limit.Redis.ClaimSeed]). It reports whether Redis
 // is seeded now.
 func (s *Server) seedRedis(ctx context.Context, r *limit.Redis) bool {
+	start := time.Now()
 	seed, done, err := r.ClaimSeed(ctx)
 	switch {
 	case err != nil:
@@ -240,7 +241,7 @@ func (s *Server) seedRedis(ctx context.Context, r *limit.Redis) bool {
 	if err := done(ctx); err != nil {
 		return false
 	}
-	s.log.Info("budget counters on redis seeded from the usage records")
+	s.log.Info("budget counters on redis seeded from the usage records", "took", time.Since(start).Round(time.Millisecond).String())
 	return true
 }
 

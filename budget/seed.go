@@ -2,8 +2,10 @@ package budget
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/keypool/keypool/limit"
@@ -22,8 +24,9 @@ const seedBatch = 128
 // Seed charges the counters with the stored usage of the current hour,
 // day and month (UTC) and of all stored time, per token, team and
 // service, so that a restart does not reset a budget, and returns how
-// many scopes it charged. It reads one usage query per window and writes
-// the counters seedBatch at a time; an error reading or writing fails the
+// many scopes it charged. It reads one usage query per window (the four
+// at once: q must be safe for concurrent use) and writes the counters
+// seedBatch at a time; an error reading or writing fails the
 // seed, and a seed retried after a failed write does not count twice on
 // Redis (each part is charged once per counter, see
 // [limit.Settlement].ID). Usage older than the store's retention is
@@ -39,11 +42,21 @@ func (b *Budgets) Seed(ctx context.Context, q UsageQuerier, now time.Time) (int,
 	groups := []string{store.GroupToken, store.GroupTeam, store.GroupService, store.GroupRouter}
 	kinds := [...]Kind{Token, Team, Service, Service}
 	per := map[string]*sums{} // by "<kind>:<id>"
+	// The four windows' queries run at once: budgeted requests wait for
+	// the seed after a Redis restart-empty.
+	var rowsOf [4][]store.UsageRow
+	var errs [4]error
+	var wg sync.WaitGroup
 	for wi, from := range since {
-		rows, err := q.QueryUsage(ctx, store.UsageQuery{Since: from, Until: now.Add(time.Second), GroupBy: groups})
-		if err != nil {
-			return 0, fmt.Errorf("budget: seed from usage: %w", err)
-		}
+		wg.Go(func() {
+			rowsOf[wi], errs[wi] = q.QueryUsage(ctx, store.UsageQuery{Since: from, Until: now.Add(time.Second), GroupBy: groups})
+		})
+	}
+	wg.Wait()
+	if err := errors.Join(errs[:]...); err != nil {
+		return 0, fmt.Errorf("budget: seed from usage: %w", err)
+	}
+	for wi, rows := range rowsOf {
 		for _, row := range rows {
 			for gi, g := range groups {
 				id := row.Group[g]

@@ -30,6 +30,9 @@ type replConfig struct {
 	rpmRun  time.Duration // how long the rpm scenario runs
 	outage  time.Duration // how long Redis is down
 	workers int           // concurrent clients of the load scenarios
+	// outageRate is the requests per second the outage scenario's
+	// clients offer, the same before and during the outage.
+	outageRate float64
 	// noisy relaxes the outage's added-latency bound from 5 ms to half
 	// the Redis timeout (250 ms): at CI size, under -race on shared cores
 	// beside other tests, a 5 s window's p99 moves by tens of ms on its
@@ -39,10 +42,15 @@ type replConfig struct {
 	noisy bool
 }
 
+// defaultOutageRate is the outage scenario's offered load: well under
+// what 3 replicas serve on 2 shared CPUs with Redis up, so that neither
+// phase queues.
+const defaultOutageRate = 200
+
 // ciReplConfig is the suite's CI size (TestReplicas, -short): the full
 // bursts, a 10 s rpm run and a 5 s Redis outage.
 func ciReplConfig() replConfig {
-	return replConfig{burst: 1000, budget: 100, rpmRun: 10 * time.Second, outage: 5 * time.Second, workers: 32, noisy: true}
+	return replConfig{burst: 1000, budget: 100, rpmRun: 10 * time.Second, outage: 5 * time.Second, workers: 32, outageRate: defaultOutageRate, noisy: true}
 }
 
 // replCluster is 3 keypoold processes on one PostgreSQL database and one
@@ -303,6 +311,7 @@ func replicasMain(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		rpmRun  = fs.Duration("rpm-run", 70*time.Second, "how long the rpm scenario runs")
 		outage  = fs.Duration("outage", 60*time.Second, "how long Redis is down in the restart scenario")
 		workers = fs.Int("workers", 32, "concurrent clients of the load scenarios")
+		oRate   = fs.Float64("outage-rate", defaultOutageRate, "requests per second the outage scenario's clients offer, before and during the outage alike")
 		list    = fs.String("scenarios", "all", "comma-separated scenarios: burst,stall,rpm,outage,revoke,crash")
 		keep    = fs.Bool("keep", false, "keep the scratch directory (keypoold logs)")
 		timeout = fs.Duration("timeout", 15*time.Minute, "bound on the whole run")
@@ -310,11 +319,15 @@ func replicasMain(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
+	if *oRate <= 0 {
+		fmt.Fprintln(stderr, "bench: -outage-rate must be positive")
+		return 2
+	}
 	if *pg == "" {
 		fmt.Fprintln(stderr, "bench: -mode replicas needs -postgres or KEYPOOL_TEST_POSTGRES")
 		return 2
 	}
-	cfg := replConfig{burst: *burstN, budget: *budget, rpmRun: *rpmRun, outage: *outage, workers: *workers}
+	cfg := replConfig{burst: *burstN, budget: *budget, rpmRun: *rpmRun, outage: *outage, workers: *workers, outageRate: *oRate}
 	if *short {
 		ci := ciReplConfig()
 		cfg.rpmRun, cfg.outage, cfg.noisy = ci.rpmRun, ci.outage, ci.noisy

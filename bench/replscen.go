@@ -129,21 +129,21 @@ func (c *replCluster) burstCalls(ctx context.Context, rep *replReport, name stri
 		return err
 	}
 	calls0, calls1, hist0, hist1 := snap0.calls, snap1.calls, snap0.hist, snap1.hist
-	// commandstats counts the commands a script runs as well; a request's
-	// round trips are the scripts (EVALSHA): one admission each, the rest
-	// settlements and charges.
+	// commandstats counts the commands a script runs as well; the round
+	// trips are the scripts (EVALSHA). Concurrent admissions share one
+	// script run per batch (per replica, the requests that arrive while
+	// the previous batch is in flight), and so do settlements; each
+	// admission script checks the epoch key once (EXISTS), so the EXISTS
+	// calls count the admission scripts.
 	_, per := callsDiff(calls0, calls1)
 	scripts := calls1["evalsha"] - calls0["evalsha"] + calls1["eval"] - calls0["eval"]
+	admits := calls1["exists"] - calls0["exists"]
 	obs, p99 := quantile(hist0, hist1, 0.99)
 	_, p50 := quantile(hist0, hist1, 0.50)
-	// A request refused 503 by the open breaker runs no script.
-	reserves := obs - float64(r.unavailable)
-	settles := float64(scripts) - reserves
-	rep.add(obs == float64(n), name+": redis round trips", "%d scripts for %d requests: %.0f admissions (1 per request), %.0f settle/charge scripts (%.1f per admitted request); all commands: %.120s",
-		scripts, n, reserves, settles, settles/float64(max(r.admitted, 1)), per)
-	// At 1 000 requests released at once a single Redis runs 1 000 scripts
-	// one after the other: the p99 waits for nearly all of them. Reported
-	// against the 5 ms goal; it fails nothing.
+	rep.add(obs == float64(n), name+": redis round trips", "%d scripts for %d requests (%.2f per request): %d admission scripts, %d settle/charge scripts (%.2f per admitted request); all commands: %.120s",
+		scripts, n, float64(scripts)/float64(max(n, 1)), admits, scripts-admits, float64(scripts-admits)/float64(max(r.admitted, 1)), per)
+	// Reported against the 5 ms goal; it fails nothing (the figure is the
+	// CPUs' as much as Redis's: see the README's Reliability section).
 	rep.add(true, name+": admission latency", "p99 ≤ %s, p50 ≤ %s over %.0f admissions at %d concurrent (goal p99 5 ms: %s)",
 		bucketBound(p99), bucketBound(p50), obs, n, metOrNot(p99 <= 0.005))
 	return nil
@@ -199,11 +199,37 @@ func (c *replCluster) warm() error {
 // load runs workers clients, each sending through the replicas in turn
 // with pause between requests, until stop closes; each reply goes to f.
 func (c *replCluster) load(workers int, pause time.Duration, tok func(w int) string, f func(rep int, r reply)) (stop func()) {
+	return c.loadPaced(workers, pause, 0, tok, f)
+}
+
+// loadPaced is load where, with every > 0, each client starts a request
+// every period (workers/every requests per second in all, whatever the
+// answers' latency): a client whose answer comes later than its next
+// start sends at once and skips the starts it missed, so the offered
+// load never rises above the rate (no catch-up bursts).
+func (c *replCluster) loadPaced(workers int, pause, every time.Duration, tok func(w int) string, f func(rep int, r reply)) (stop func()) {
 	done := make(chan struct{})
 	var wg sync.WaitGroup
 	for w := range workers {
 		wg.Go(func() {
+			next := time.Now()
+			if every > 0 {
+				next = next.Add(every * time.Duration(w) / time.Duration(workers)) // spread the clients
+			}
 			for n := 0; ; n++ {
+				if every > 0 {
+					if d := time.Until(next); d > 0 {
+						select {
+						case <-done:
+							return
+						case <-time.After(d):
+						}
+					}
+					next = next.Add(every)
+					if late := time.Since(next); late > 0 {
+						next = next.Add(late.Truncate(every) + every)
+					}
+				}
 				select {
 				case <-done:
 					return
@@ -309,7 +335,14 @@ func outageScenario(ctx context.Context, c *replCluster, cfg replConfig, rep *re
 	lat := [3][]time.Duration{}
 	var failed [3]int64
 	var budgetDuring, budgetDuringOK atomic.Int64
-	stop := c.load(cfg.workers, 0, func(w int) string { return free }, func(_ int, r reply) {
+	// Paced clients: the same offered load before and during the
+	// outage, so the difference in p99 is what Redis being down adds
+	// (closed-loop clients whose requests get faster during the outage
+	// would send many times more and load the CPUs instead).
+	every := time.Duration(float64(cfg.workers) / cfg.outageRate * float64(time.Second))
+	var began [3]time.Time
+	began[0] = time.Now()
+	stop := c.loadPaced(cfg.workers, 0, every, func(w int) string { return free }, func(_ int, r reply) {
 		p := phase.Load()
 		mu.Lock()
 		defer mu.Unlock()
@@ -320,6 +353,7 @@ func outageScenario(ctx context.Context, c *replCluster, cfg replConfig, rep *re
 	})
 	time.Sleep(3 * time.Second)
 	c.redis.kill()
+	began[1] = time.Now()
 	phase.Store(1)
 	outageEnd := time.Now().Add(cfg.outage)
 	for i := 0; time.Now().Before(outageEnd); i++ {
@@ -335,10 +369,37 @@ func outageScenario(ctx context.Context, c *replCluster, cfg replConfig, rep *re
 		stop()
 		return err
 	}
+	began[2] = time.Now()
 	phase.Store(2)
 	restarted := time.Now()
+	// Recovery, under the same load: the budget team is admitted again
+	// once a replica's watcher finds the restarted Redis (it PINGs every
+	// 100 ms) empty and re-seeds the windows from the records; probe
+	// for it (bounded), one request every 20 ms.
+	recovered := time.Duration(-1)
+	var lastRefusal string
+	var late503 int
+	recDone := make(chan struct{})
+	go func() {
+		defer close(recDone)
+		for i := 0; time.Since(restarted) < 60*time.Second; i++ {
+			sent := time.Since(restarted)
+			r := c.send(c.reps[i%len(c.reps)], btok)
+			if r.code == 503 && sent > recoveryGrace {
+				late503++
+			}
+			if r.code == 200 {
+				admittedBudget.Add(1)
+				recovered = time.Since(restarted)
+				return
+			}
+			lastRefusal = fmt.Sprintf("%d %s", r.code, strings.TrimSpace(r.body))
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
 	time.Sleep(3 * time.Second)
 	stop()
+	<-recDone
 	p99b, p99o := pct(lat[0], 0.99), pct(lat[1], 0.99)
 	// noisyOutageBound: see replConfig.noisy.
 	const noisyOutageBound = 250 * time.Millisecond
@@ -347,30 +408,13 @@ func outageScenario(ctx context.Context, c *replCluster, cfg replConfig, rep *re
 	if cfg.noisy {
 		bound = noisyOutageBound
 	}
-	rep.add(added <= bound, "outage: added p99 latency", "%v (bound %v; p99 %v before, %v during %v down; %d/%d requests, %d failed during)",
-		added.Round(10*time.Microsecond), bound.Round(10*time.Microsecond), p99b.Round(10*time.Microsecond), p99o.Round(10*time.Microsecond), cfg.outage, len(lat[0]), len(lat[1]), failed[1])
+	rateB := float64(len(lat[0])) / began[1].Sub(began[0]).Seconds()
+	rateO := float64(len(lat[1])) / began[2].Sub(began[1]).Seconds()
+	rep.add(added <= bound, "outage: added p99 latency", "%v (bound %v; p99 %v before, %v during %v down; p50 %v before, %v during; %d/%d requests at %.0f/%.0f per s (paced at %.0f), %d failed during)",
+		added.Round(10*time.Microsecond), bound.Round(10*time.Microsecond), p99b.Round(10*time.Microsecond), p99o.Round(10*time.Microsecond), cfg.outage,
+		pct(lat[0], 0.5).Round(10*time.Microsecond), pct(lat[1], 0.5).Round(10*time.Microsecond), len(lat[0]), len(lat[1]), rateB, rateO, cfg.outageRate, failed[1])
 	rep.add(failed[1] == 0 && failed[2] == 0, "outage: rate-limited team served", "%d failed during, %d after (rate limits fail open)", failed[1], failed[2])
 	rep.add(budgetDuringOK.Load() == 0, "outage: budget fails closed", "%d of %d budget requests admitted while Redis was down", budgetDuringOK.Load(), budgetDuring.Load())
-	// Recovery: the budget team is admitted again once a replica's
-	// breaker probes the restarted Redis and the windows are re-seeded
-	// from the records; wait for it (bounded), one request at a time.
-	recovered := time.Duration(-1)
-	var lastRefusal string
-	var late503 int
-	for i := 0; time.Since(restarted) < 60*time.Second; i++ {
-		sent := time.Since(restarted)
-		r := c.send(c.reps[i%len(c.reps)], btok)
-		if r.code == 503 && sent > recoveryGrace {
-			late503++
-		}
-		if r.code == 200 {
-			admittedBudget.Add(1)
-			recovered = time.Since(restarted)
-			break
-		}
-		lastRefusal = fmt.Sprintf("%d %s", r.code, strings.TrimSpace(r.body))
-		time.Sleep(50 * time.Millisecond)
-	}
 	rep.add(recovered >= 0 && late503 == 0, "outage: budget admitted again", "%v after the restart, %d × 503 sent later than %v after it (last refusal before: %.120s)",
 		recovered.Round(time.Millisecond), late503, recoveryGrace, lastRefusal)
 	// After recovery: spend the rest one request at a time; every refusal

@@ -31,7 +31,7 @@ type replConfig struct {
 	outage  time.Duration // how long Redis is down
 	workers int           // concurrent clients of the load scenarios
 	// outageRate is the requests per second the outage scenario's
-	// clients offer, the same before and during the outage.
+	// open-loop load offers, the same before and during the outage.
 	outageRate float64
 	// noisy relaxes the outage's added-latency bound from 5 ms to half
 	// the Redis timeout (250 ms): at CI size, under -race on shared cores
@@ -311,7 +311,7 @@ func replicasMain(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		rpmRun  = fs.Duration("rpm-run", 70*time.Second, "how long the rpm scenario runs")
 		outage  = fs.Duration("outage", 60*time.Second, "how long Redis is down in the restart scenario")
 		workers = fs.Int("workers", 32, "concurrent clients of the load scenarios")
-		oRate   = fs.Float64("outage-rate", defaultOutageRate, "requests per second the outage scenario's clients offer, before and during the outage alike")
+		oRate   = fs.Float64("outage-rate", defaultOutageRate, "requests per second the outage scenario's open-loop load offers, before and during the outage alike")
 		list    = fs.String("scenarios", "all", "comma-separated scenarios: burst,stall,rpm,outage,revoke,crash")
 		keep    = fs.Bool("keep", false, "keep the scratch directory (keypoold logs)")
 		timeout = fs.Duration("timeout", 15*time.Minute, "bound on the whole run")

@@ -14,40 +14,49 @@ import (
 )
 
 // redisSnap is what the suite reads before and after a burst: Redis's
-// calls per command and the replicas' admission latency histogram.
+// calls and time (µs) per command and the replicas' admission latency
+// histogram.
 type redisSnap struct {
-	calls map[string]int64
-	hist  histogram
+	calls, usec map[string]int64
+	hist        histogram
 }
 
 func (c *replCluster) snapshot(ctx context.Context) (redisSnap, error) {
-	calls, err := c.redisCalls(ctx)
+	calls, usec, err := c.redisCalls(ctx)
 	if err != nil {
 		return redisSnap{}, err
 	}
 	hist, err := c.admissionHist()
-	return redisSnap{calls, hist}, err
+	return redisSnap{calls, usec, hist}, err
 }
 
-// redisCalls returns Redis's calls per command (INFO commandstats).
-func (c *replCluster) redisCalls(ctx context.Context) (map[string]int64, error) {
+// redisCalls returns Redis's calls and time in µs per command (INFO
+// commandstats; a script's time includes the commands it runs).
+func (c *replCluster) redisCalls(ctx context.Context) (calls, usec map[string]int64, err error) {
 	info, err := c.rdb.Info(ctx, "commandstats").Result()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	m := map[string]int64{}
+	calls, usec = map[string]int64{}, map[string]int64{}
 	for _, l := range strings.Split(info, "\n") {
 		name, rest, ok := strings.Cut(strings.TrimSpace(l), ":")
 		cmd, isStat := strings.CutPrefix(name, "cmdstat_")
 		if !ok || !isStat {
 			continue
 		}
-		calls, _, _ := strings.Cut(strings.TrimPrefix(rest, "calls="), ",")
-		if n, err := strconv.ParseInt(calls, 10, 64); err == nil {
-			m[cmd] = n
+		for _, f := range strings.Split(rest, ",") {
+			k, v, _ := strings.Cut(f, "=")
+			n, err := strconv.ParseInt(v, 10, 64)
+			switch {
+			case err != nil:
+			case k == "calls":
+				calls[cmd] = n
+			case k == "usec":
+				usec[cmd] = n
+			}
 		}
 	}
-	return m, nil
+	return calls, usec, nil
 }
 
 // callsDiff returns the calls in after that are not in before, in all and

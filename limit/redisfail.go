@@ -198,13 +198,7 @@ func (r *Redis) lookForSeed() {
 	if !r.cfg.RequireSeed || r.cfg.OnUnseeded == nil {
 		return
 	}
-	var n int64
-	err := r.run(r.ctx, "seed", func(cctx context.Context) error {
-		var err error
-		n, err = r.c.Exists(cctx, r.epochKey()).Result()
-		return err
-	})
-	if err == nil && n == 0 {
+	if seeded, err := r.seeded(); err == nil && !seeded {
 		r.cfg.OnUnseeded()
 	}
 }

@@ -117,13 +117,7 @@ func (r *Redis) pollSeed(rd *seedRound) {
 	t := time.NewTicker(seedPoll)
 	defer t.Stop()
 	for deadline := time.Now().Add(r.cfg.SeedWait); time.Now().Before(deadline); {
-		var n int64
-		err := r.run(r.ctx, "seed", func(cctx context.Context) error {
-			var err error
-			n, err = r.c.Exists(cctx, r.epochKey()).Result()
-			return err
-		})
-		if err == nil && n == 1 {
+		if seeded, err := r.seeded(); err == nil && seeded {
 			rd.ok = true
 			return
 		}
@@ -133,4 +127,15 @@ func (r *Redis) pollSeed(rd *seedRound) {
 		case <-t.C:
 		}
 	}
+}
+
+// seeded reports whether Redis holds the epoch key.
+func (r *Redis) seeded() (bool, error) {
+	var n int64
+	err := r.run(r.ctx, "seed", func(cctx context.Context) error {
+		var err error
+		n, err = r.c.Exists(cctx, r.epochKey()).Result()
+		return err
+	})
+	return n == 1, err
 }

@@ -11,8 +11,10 @@
 // all. [Local] implements them in process; [Redis] implements them across
 // replicas with one atomic Lua script per call: Allow, Reserve,
 // ReserveAll and SettleAll (every counter of a request in one round trip)
-// and Settle. Every method takes now as an argument, so tests
-// fake time.
+// and Settle; concurrent ReserveAll calls of one replica share a script
+// run per batch (the calls that arrive while one is in flight), and so
+// do concurrent settlements. Every method takes now as an argument, so
+// tests fake time.
 //
 // # Request rate
 //

@@ -69,7 +69,9 @@ const failRetry = time.Second
 
 // Redis is a [Backend] shared by every replica that uses the same Redis and
 // Prefix. Each Allow, Reserve, ReserveAll, Settle and SettleAll is one
-// atomic Lua script run (EVALSHA, one round trip); now is passed to the
+// atomic Lua script run (EVALSHA, one round trip); concurrent ReserveAll
+// calls share one run per batch, and so do concurrent settlements (see
+// [batcher]); now is passed to the
 // script, Redis's own clock is not read, so replicas should keep their
 // clocks in sync (NTP). Keys of one limit key share a hash tag, so Redis
 // Cluster works for the calls on one key (ReserveAll and SettleAll need

@@ -174,6 +174,10 @@ func (r *Redis) admitBatch(batch []*admitCall) {
 			}
 			return err
 		})
+		if err != nil && !errors.Is(err, ErrUnavailable) {
+			// The backend is closed (r.ctx done): the fail policy.
+			err = fmt.Errorf("%w: reserve: %w", ErrUnavailable, err)
+		}
 		if err != nil {
 			for _, c := range sent {
 				c.reply, c.unseeded, c.err = nil, false, err

@@ -200,7 +200,11 @@ func (r *Redis) settleBatch(batch []*settleCall) {
 		}
 	}
 	err := r.settleMany(r.ctx, batch[0].op, list)
-	if err != nil && errors.Is(err, ErrUnavailable) {
+	if err != nil && !errors.Is(err, ErrUnavailable) {
+		// The backend is closed (r.ctx done).
+		err = fmt.Errorf("%w: %s: %w", ErrUnavailable, batch[0].op, err)
+	}
+	if err != nil {
 		for _, o := range list {
 			if o.member != "" {
 				r.orph.add(o.key, o.member, o.actual, o.at)

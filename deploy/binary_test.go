@@ -114,6 +114,49 @@ func hasLine(lines []string, want string) bool {
 	return false
 }
 
+// built is keypoold as deploy/build.sh builds it, once per test run, in
+// a directory every user may read (removed by TestMain).
+var built struct {
+	once     sync.Once
+	dir, bin string
+	err      error
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if built.dir != "" {
+		os.RemoveAll(built.dir)
+	}
+	os.Exit(code)
+}
+
+// buildKeypoold returns the path of keypoold built by deploy/build.sh, as
+// the Dockerfile's build stage runs it, with a test version and commit.
+func buildKeypoold(t *testing.T) string {
+	t.Helper()
+	built.once.Do(func() {
+		if built.dir, built.err = os.MkdirTemp("", "keypool-deploy-bin-"); built.err != nil {
+			return
+		}
+		if built.err = os.Chmod(built.dir, 0o755); built.err != nil {
+			return
+		}
+		built.bin = filepath.Join(built.dir, "keypoold")
+		build := exec.Command("sh", "build.sh", built.bin)
+		build.Env = append(os.Environ(), "VERSION=v0.1.0-deploytest", "COMMIT=0123456789abcdef0123456789abcdef01234567")
+		start := time.Now()
+		if out, err := build.CombinedOutput(); err != nil {
+			built.err = fmt.Errorf("build.sh: %v\n%s", err, out)
+			return
+		}
+		t.Logf("deploy/build.sh took %s", time.Since(start).Round(time.Second))
+	})
+	if built.err != nil {
+		t.Fatal(built.err)
+	}
+	return built.bin
+}
+
 // TestStaticBinaryRunsAsNonRoot builds keypoold with deploy/build.sh, as
 // the Dockerfile does, checks it is statically linked, then runs it as the
 // image's non-root user in a read-only working tree with a data directory
@@ -136,15 +179,7 @@ func TestStaticBinaryRunsAsNonRoot(t *testing.T) {
 	if err := os.Chmod(base, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	bin := filepath.Join(base, "keypoold")
-	build := exec.Command("sh", "build.sh", bin)
-	build.Env = append(os.Environ(), "VERSION=v0.1.0-deploytest", "COMMIT=0123456789abcdef0123456789abcdef01234567")
-	start := time.Now()
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build.sh: %v\n%s", err, out)
-	}
-	t.Logf("deploy/build.sh took %s", time.Since(start).Round(time.Second))
-
+	bin := buildKeypoold(t)
 	checkStatic(t, bin)
 
 	out, err := exec.Command(bin, "version").Output()
@@ -164,10 +199,12 @@ func TestStaticBinaryRunsAsNonRoot(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// The config file is the chart's ConfigMap for the full values, with
-	// its ${OPENAI_KEY_1} from the environment, as extraEnv passes it.
-	cm := get[*corev1.ConfigMap](t, mustRender(t, fullValues()), "ConfigMap")
-	if err := os.WriteFile(filepath.Join(work, "keypool.yaml"), []byte(cm.Data["config.yaml"]), 0o444); err != nil {
+	// keypoold runs with the environment and the config file of the
+	// chart's Deployment (SQLite, the ConfigMap, extraEnv), its /data and
+	// /etc/keypool mapped to these directories.
+	r := mustRender(t, map[string]any{"config": fullValues()["config"], "extraEnv": fullValues()["extraEnv"], "log": map[string]any{"format": "text"}})
+	cm := get[*corev1.ConfigMap](t, r, "ConfigMap")
+	if err := os.WriteFile(filepath.Join(work, "config.yaml"), []byte(cm.Data["config.yaml"]), 0o444); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.Chown(data, uid, gid); err != nil {
@@ -183,38 +220,22 @@ func TestStaticBinaryRunsAsNonRoot(t *testing.T) {
 	if asRoot {
 		cred.Credential = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}
 	}
-	// As in the image: temporary files go to the data directory.
-	baseEnv := []string{"HOME=" + work, "TMPDIR=" + data, "KEYPOOL_LOG_FORMAT=text", "KEYPOOL_CONFIG=" + filepath.Join(work, "keypool.yaml"),
-		"OPENAI_KEY_1=sk-deploytest-0123456789"}
+	addr := freeAddr(t)
+	env := append(podEnv(t, r, map[string]string{"/data": data, "/etc/keypool": work}, upstreamKeys),
+		"HOME="+work, "KEYPOOL_LISTEN="+addr)
 
 	// Left to its defaults (./data under the read-only working tree),
 	// keypoold fails to start rather than write elsewhere.
 	refused := exec.Command(bin, "serve", "-listen", "127.0.0.1:0")
-	refused.Dir, refused.Env, refused.SysProcAttr = work, baseEnv, cred
+	refused.Dir, refused.Env, refused.SysProcAttr = work, []string{"HOME=" + work, "TMPDIR=" + data}, cred
 	if out, err := refused.CombinedOutput(); err == nil || !strings.Contains(string(out), "permission denied") {
 		t.Errorf("serve with its data under the read-only tree: %v\n%s", err, out)
 	}
 
-	addr := freeAddr(t)
-	var logs syncBuf
-	srv := exec.Command(bin, "serve")
-	srv.Dir, srv.SysProcAttr = work, cred
-	srv.Env = append(baseEnv, "KEYPOOL_LISTEN="+addr, "KEYPOOL_DATABASE=sqlite:"+filepath.Join(data, "keypool.db"), "KEYPOOL_DATA_DIR="+data)
-	srv.Stdout, srv.Stderr = &logs, &logs
-	if err := srv.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- srv.Wait() }()
-	t.Cleanup(func() {
-		if srv.ProcessState == nil {
-			srv.Process.Kill()
-			<-exited
-		}
-	})
-	waitReady(t, "http://"+addr, exited, &logs)
+	srv := startKeypoold(t, bin, work, env, cred)
+	waitReady(t, "http://"+addr, srv.exited, &srv.logs)
 
-	if got := procUIDs(t, srv.Process.Pid); got != fmt.Sprintf("%d\t%d\t%d\t%d", uid, uid, uid, uid) || (asRoot && strings.HasPrefix(got, "0\t")) {
+	if got := procUIDs(t, srv.cmd.Process.Pid); got != fmt.Sprintf("%d\t%d\t%d\t%d", uid, uid, uid, uid) || (asRoot && strings.HasPrefix(got, "0\t")) {
 		t.Errorf("keypoold runs with uids %q, want %d", got, uid)
 	}
 	hc := exec.Command(bin, "healthcheck", "--ready")
@@ -228,17 +249,7 @@ func TestStaticBinaryRunsAsNonRoot(t *testing.T) {
 		t.Errorf("keypoold healthcheck --ready: %s; want the chart config's 1 service and 1 key", out)
 	}
 
-	if err := srv.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case err := <-exited:
-		if err != nil {
-			t.Fatalf("exit after SIGTERM: %v\n%s", err, logs.String())
-		}
-	case <-time.After(40 * time.Second):
-		t.Fatalf("no exit 40s after SIGTERM\n%s", logs.String())
-	}
+	srv.stop(t)
 
 	// Only the data directory changed, and it holds what keypoold keeps.
 	after := snapshot(t, base, data)

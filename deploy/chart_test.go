@@ -206,7 +206,7 @@ func checkPod(t *testing.T, d *appsv1.Deployment) corev1.Container {
 			t.Errorf("%s %q, want /data, the only writable path", name, v)
 		}
 	}
-	checkEnvNames(t, "the Deployment", envNames(c))
+	checkEnvNames(t, "the Deployment", envNames(c), fullExtraEnv)
 	writable := 0
 	for _, m := range c.VolumeMounts {
 		if m.ReadOnly {
@@ -310,7 +310,13 @@ const (
 	testEncKey     = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
 	testDBURL      = "postgres://keypool:pw@pg.example:5432/keypool?sslmode=require"
 	testRedisURL   = "redis://:pw@redis.example:6379/0"
+	// testStateSecret MACs the sign-in state; every replica needs it.
+	testStateSecret = "state-5b1e0c9a7d3f2e8b6a4c1d0e9f8a7b6c"
 )
+
+// fullExtraEnv is the variable fullValues passes with extraEnv for its
+// config's ${…} key value.
+const fullExtraEnv = "OPENAI_KEY_1"
 
 // fullValues turns on every option.
 func fullValues() map[string]any {
@@ -322,7 +328,7 @@ func fullValues() map[string]any {
 		"secrets": map[string]any{
 			"adminToken": testAdminToken, "encryptionKey": testEncKey,
 			"googleClientId": "123456789-abc.apps.googleusercontent.com", "googleClientSecret": "GOCSPX-secret",
-			"authBaseUrl": "https://proxy.internal",
+			"authBaseUrl": "https://proxy.internal", "oidcStateSecret": testStateSecret,
 		},
 		"ingress": map[string]any{
 			"enabled": true, "className": "nginx",
@@ -336,9 +342,9 @@ func fullValues() map[string]any {
 		"log":                 map[string]any{"level": "debug", "format": "text"},
 		"trustedProxies":      []any{"10.0.0.0/8", "192.168.1.1"},
 		"config": map[string]any{
-			"services": []any{map[string]any{"name": "openai", "base_url": "https://api.openai.com", "keys": []any{map[string]any{"key_value": "${OPENAI_KEY_1}"}}}},
+			"services": []any{map[string]any{"name": "openai", "base_url": "https://api.openai.com", "keys": []any{map[string]any{"key_value": "${" + fullExtraEnv + "}"}}}},
 		},
-		"extraEnv":                  []any{map[string]any{"name": "OPENAI_KEY_1", "valueFrom": map[string]any{"secretKeyRef": map[string]any{"name": "upstream-keys", "key": "openai-1"}}}},
+		"extraEnv":                  []any{map[string]any{"name": fullExtraEnv, "valueFrom": map[string]any{"secretKeyRef": map[string]any{"name": "upstream-keys", "key": "openai-1"}}}},
 		"podAnnotations":            map[string]any{"example.com/team": "platform"},
 		"nodeSelector":              map[string]any{"kubernetes.io/os": "linux"},
 		"tolerations":               []any{map[string]any{"key": "dedicated", "operator": "Equal", "value": "proxy", "effect": "NoSchedule"}},
@@ -373,7 +379,7 @@ func TestChartFull(t *testing.T) {
 	wantData := map[string]string{
 		"admin-token": testAdminToken, "encryption-key": testEncKey, "database-url": testDBURL, "redis-url": testRedisURL,
 		"google-client-id": "123456789-abc.apps.googleusercontent.com", "google-client-secret": "GOCSPX-secret",
-		"auth-base-url": "https://proxy.internal",
+		"auth-base-url": "https://proxy.internal", "oidc-state-secret": testStateSecret,
 	}
 	got := map[string]string{}
 	for k, v := range s.Data {
@@ -393,6 +399,7 @@ func TestChartFull(t *testing.T) {
 		{"GOOGLE_CLIENT_ID", "google-client-id", true},
 		{"GOOGLE_CLIENT_SECRET", "google-client-secret", true},
 		{"AUTH_BASE_URL", "auth-base-url", true},
+		{"KEYPOOL_OIDC_STATE_SECRET", "oidc-state-secret", true},
 	} {
 		secretRef(t, c, ref.env, s.Name, ref.key, ref.optional)
 	}
@@ -417,7 +424,7 @@ func TestChartFull(t *testing.T) {
 			t.Errorf("%s = %q, want %q", name, got, want)
 		}
 	}
-	if e := env["OPENAI_KEY_1"]; e.ValueFrom == nil || e.ValueFrom.SecretKeyRef.Name != "upstream-keys" {
+	if e := env[fullExtraEnv]; e.ValueFrom == nil || e.ValueFrom.SecretKeyRef.Name != "upstream-keys" {
 		t.Errorf("extraEnv not passed: %+v", e)
 	}
 
@@ -512,6 +519,7 @@ func TestChartExistingSecret(t *testing.T) {
 	secretRef(t, c, "KEYPOOL_REDIS_URL", "keypool-prod", "redis-url", true)
 	secretRef(t, c, "GOOGLE_CLIENT_SECRET", "keypool-prod", "google-client-secret", true)
 	secretRef(t, c, "AUTH_BASE_URL", "keypool-prod", "auth-base-url", true)
+	secretRef(t, c, "KEYPOOL_OIDC_STATE_SECRET", "keypool-prod", "oidc-state-secret", true)
 	if _, ok := d.Spec.Template.Annotations["checksum/secret"]; !ok {
 		t.Error("no checksum/secret annotation")
 	}
@@ -555,6 +563,13 @@ func TestChartRefuses(t *testing.T) {
 			[]string{"needs secrets.adminToken and secrets.encryptionKey"}},
 		{"URL with SQLite", map[string]any{"database": map[string]any{"url": testDBURL}},
 			[]string{"database.url is set but database.type is sqlite"}},
+		// Sign-in state made by one replica is checked by another: without
+		// a shared state secret each pod would generate its own on its
+		// emptyDir, and most sign-ins would fail.
+		{"sign-in on PostgreSQL without a shared state secret", map[string]any{"database": postgres, "secrets": map[string]any{
+			"adminToken": testAdminToken, "encryptionKey": testEncKey, "googleClientId": "id.apps.googleusercontent.com",
+			"googleClientSecret": "GOCSPX-secret", "authBaseUrl": "https://proxy.internal"}},
+			[]string{"secrets.googleClientId with database.type=postgres needs secrets.oidcStateSecret"}},
 		{"max below min", map[string]any{"database": postgres, "secrets": secrets, "autoscaling": map[string]any{"enabled": true, "minReplicas": 5, "maxReplicas": 2}},
 			[]string{"maxReplicas must not be below"}},
 		// values.schema.json.
@@ -563,6 +578,7 @@ func TestChartRefuses(t *testing.T) {
 		{"unknown nested key", map[string]any{"database": map[string]any{"type": "postgres", "uri": testDBURL}}, []string{"uri"}},
 		{"database type enum", map[string]any{"database": map[string]any{"type": "mysql"}}, []string{"database", "type"}},
 		{"log level enum", map[string]any{"log": map[string]any{"level": "verbose"}}, []string{"log", "level"}},
+		{"state secret too short", map[string]any{"secrets": map[string]any{"oidcStateSecret": "short"}}, []string{"oidcStateSecret"}},
 		{"encryption key not hex", map[string]any{"secrets": map[string]any{"encryptionKey": "not-a-key"}}, []string{"encryptionKey"}},
 		{"database URL not postgres", map[string]any{"database": map[string]any{"type": "postgres", "url": "mysql://x"}}, []string{"url"}},
 		{"negative replicas", map[string]any{"replicaCount": -1}, []string{"replicaCount"}},
@@ -578,7 +594,7 @@ func TestChartRefuses(t *testing.T) {
 					t.Errorf("error %q does not contain %q", err, w)
 				}
 			}
-			for _, secret := range []string{testDBURL, testEncKey, testAdminToken} {
+			for _, secret := range []string{testDBURL, testEncKey, testAdminToken, "GOCSPX-secret"} {
 				if strings.Contains(err.Error(), secret) {
 					t.Errorf("error shows a secret value: %v", err)
 				}

@@ -109,6 +109,7 @@ func TestCompose(t *testing.T) {
 
 	lb := p.Services["lb"]
 	lbIP := lb.Networks["keypool"].Ipv4Address
+	var dataVolume string
 	for i, name := range replicas {
 		s := p.Services[name]
 		if s.Build == nil || s.Build.Context == "" || s.Image == "" {
@@ -117,9 +118,25 @@ func TestCompose(t *testing.T) {
 		if !slices.Equal([]string(s.HealthCheck.Test), []string{"CMD", "/keypoold", "healthcheck", "--ready"}) {
 			t.Errorf("%s health check %v", name, s.HealthCheck.Test)
 		}
-		if !s.ReadOnly || !slices.Equal(s.CapDrop, []string{"ALL"}) || !slices.Equal([]string(s.Tmpfs), []string{"/data"}) ||
-			!slices.Contains(s.SecurityOpt, "no-new-privileges:true") {
-			t.Errorf("%s: read_only %v cap_drop %v tmpfs %v security_opt %v", name, s.ReadOnly, s.CapDrop, s.Tmpfs, s.SecurityOpt)
+		if !s.ReadOnly || !slices.Equal(s.CapDrop, []string{"ALL"}) || !slices.Contains(s.SecurityOpt, "no-new-privileges:true") {
+			t.Errorf("%s: read_only %v cap_drop %v security_opt %v", name, s.ReadOnly, s.CapDrop, s.SecurityOpt)
+		}
+		// /data, the only writable path, is one named volume shared by
+		// the replicas, not a tmpfs: the usage journal must outlive a
+		// crashed container (a sibling or the restarted one replays it),
+		// and the generated sign-in state secret must be the same on
+		// every replica, or a sign-in started on one fails on another.
+		if len(s.Tmpfs) != 0 || len(s.Volumes) != 1 || s.Volumes[0].Type != types.VolumeTypeVolume || s.Volumes[0].Target != "/data" || s.Volumes[0].ReadOnly {
+			t.Errorf("%s: tmpfs %v volumes %+v, want one writable named volume at /data", name, s.Tmpfs, s.Volumes)
+		} else {
+			if _, ok := p.Volumes[s.Volumes[0].Source]; !ok {
+				t.Errorf("%s: volume %s is not declared", name, s.Volumes[0].Source)
+			}
+			if dataVolume == "" {
+				dataVolume = s.Volumes[0].Source
+			} else if s.Volumes[0].Source != dataVolume {
+				t.Errorf("%s has /data on %s, keypoold-1 on %s: the replicas must share it", name, s.Volumes[0].Source, dataVolume)
+			}
 		}
 		if !slices.Equal([]string(s.Expose), []string{"8080"}) {
 			t.Errorf("%s exposes %v", name, s.Expose)

@@ -73,6 +73,9 @@ with the message.
 {{- if not (and .Values.secrets.adminToken .Values.secrets.encryptionKey) }}
 {{- fail "keypool: database.type=postgres needs secrets.adminToken and secrets.encryptionKey (or existingSecret): every replica must share them, and a generated one would stay on a single pod's scratch volume." }}
 {{- end }}
+{{- if and .Values.secrets.googleClientId (not .Values.secrets.oidcStateSecret) }}
+{{- fail "keypool: secrets.googleClientId with database.type=postgres needs secrets.oidcStateSecret (32 characters or more, e.g. openssl rand -hex 32): a sign-in started on one replica ends on another, which must check its state with the same secret; a generated one would stay on a single pod's scratch volume." }}
+{{- end }}
 {{- end }}
 {{- if and .Values.autoscaling.enabled (lt (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas)) }}
 {{- fail "keypool: autoscaling.maxReplicas must not be below autoscaling.minReplicas." }}
@@ -119,7 +122,7 @@ generated on the volume. */}}
       key: {{ $key }}
       optional: {{ $optional }}
 {{- end }}
-{{- range $env, $key := dict "GOOGLE_CLIENT_ID" "google-client-id" "GOOGLE_CLIENT_SECRET" "google-client-secret" "AUTH_BASE_URL" "auth-base-url" }}
+{{- range $env, $key := dict "GOOGLE_CLIENT_ID" "google-client-id" "GOOGLE_CLIENT_SECRET" "google-client-secret" "AUTH_BASE_URL" "auth-base-url" "KEYPOOL_OIDC_STATE_SECRET" "oidc-state-secret" }}
 - name: {{ $env }}
   valueFrom:
     secretKeyRef:

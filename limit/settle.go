@@ -37,13 +37,17 @@ type Settler interface {
 
 // SettleAll implements [Settler].
 func (l *Local) SettleAll(ctx context.Context, ss []Settlement, now time.Time) error {
-	var errs []error
+	var errs []error // appended only on failure: no allocation otherwise
 	for _, s := range ss {
+		var err error
 		if s.Res.done == nil {
-			errs = append(errs, l.Add(ctx, s.Key, s.Actual, now))
-			continue
+			err = l.Add(ctx, s.Key, s.Actual, now)
+		} else {
+			err = l.Settle(ctx, s.Res, s.Actual, now)
 		}
-		errs = append(errs, l.Settle(ctx, s.Res, s.Actual, now))
+		if err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return errors.Join(errs...)
 }

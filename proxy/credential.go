@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"context"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -79,6 +80,29 @@ func Credential(r *http.Request) (string, error) {
 		return "", httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "the request carries two different credentials; send one")
 	}
 	return found, nil
+}
+
+// CredentialContext is a request context that carries the client's
+// credential as [Credential] read it from the same request before: a
+// [Handler] serving a request whose context is one takes its Credential
+// instead of reading the request again. keypoold's router reads the
+// credential once to authenticate the caller and sends each attempt
+// through the Handler on such a context. The credential must be the one
+// the request carries: the Handler searches the path, query and body for
+// it.
+type CredentialContext interface {
+	context.Context
+	// Credential returns the request's credential ("" for none).
+	Credential() string
+}
+
+// credentialOf returns the credential of r, whose context (before the
+// Handler wrapped it) is ctx.
+func credentialOf(ctx context.Context, r *http.Request) (string, error) {
+	if c, ok := ctx.(CredentialContext); ok {
+		return c.Credential(), nil
+	}
+	return Credential(r)
 }
 
 // authValue strips an Authorization value's Bearer or Token scheme.

@@ -38,7 +38,8 @@ const DefaultMaxBodyBytes = 32 << 20
 //     segments, so a key never reaches another host or path than the
 //     service's;
 //  2. reads the inbound credential with [Credential] (two different ones
-//     are a 400) and calls Authorize (with the service name as written in
+//     are a 400; a request whose context is a [CredentialContext] brings
+//     it along instead) and calls Authorize (with the service name as written in
 //     the path); only then is an unknown service answered 404
 //     unknown_service, so that unauthenticated callers cannot probe which
 //     services exist;
@@ -286,7 +287,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	st.res.Service = service
-	cred, err := Credential(r)
+	cred, err := credentialOf(client, r)
 	if err != nil {
 		h.reject(rw, st, err)
 		return
@@ -427,7 +428,7 @@ func ReadBody(w http.ResponseWriter, r *http.Request, max int64) (body []byte, h
 // [Handler]) takes its bytes as they are instead of copying them. A
 // caller that hands one request body to several Handlers in turn (a
 // router trying one service after another) wraps it with
-// [NewBufferedBody] for each; the bytes must not change while in use.
+// [NewBufferedBody] (or [BufferedBody.Reset]) for each; the bytes must not change while in use.
 type BufferedBody struct {
 	b   []byte
 	off int
@@ -435,6 +436,10 @@ type BufferedBody struct {
 
 // NewBufferedBody returns a body reading b.
 func NewBufferedBody(b []byte) *BufferedBody { return &BufferedBody{b: b} }
+
+// Reset makes bb read b from its start, as [NewBufferedBody] would: for
+// a BufferedBody held in a larger value, without an allocation of its own.
+func (bb *BufferedBody) Reset(b []byte) { bb.b, bb.off = b, 0 }
 
 // Read reads the body.
 func (bb *BufferedBody) Read(p []byte) (int, error) {

@@ -43,16 +43,25 @@ type Attempt struct {
 	// Caller is what [Handler.Authorize] returned for the request (the
 	// caller's identity).
 	Caller any
+	// Info is what the body sent to the target says
+	// ([meter.InspectRequest] of it; its Model is Upstream), so that the
+	// proxy's hooks need not read the body again.
+	Info meter.RequestInfo
 }
 
 type attemptKey struct{}
 
 // attemptCtx is an attempt's context: its parent's, with the Attempt as
-// a value (one allocation for both).
+// a value. It is a [proxy.CredentialContext]: the proxy takes the
+// credential the router read instead of reading the request again.
 type attemptCtx struct {
 	context.Context
-	a Attempt
+	a    Attempt
+	cred string
 }
+
+// Credential returns the client's credential, as the router read it.
+func (c *attemptCtx) Credential() string { return c.cred }
 
 // Value returns the Attempt for attemptKey, else the parent's value.
 func (c *attemptCtx) Value(key any) any {
@@ -95,12 +104,13 @@ type Handler struct {
 	// Next serves the attempts: /v1/{service}/… with the client's
 	// credentials. Required.
 	Next http.Handler
-	// Authorize is called first, with the router's name, to authenticate
-	// the caller and check its access to the router and the router's
-	// limits. It returns the caller's identity, handed to AllowModel and
-	// to every attempt ([Attempt.Caller]), or an error, written as
-	// [httpx.WriteError] does. Required.
-	Authorize func(r *http.Request, router string) (caller any, err error)
+	// Authorize is called first, with the router's name and the client's
+	// credential ([proxy.Credential]; "" when it sent none), to
+	// authenticate the caller and check its access to the router and the
+	// router's limits. It returns the caller's identity, handed to
+	// AllowModel and to every attempt ([Attempt.Caller]), or an error,
+	// written as [httpx.WriteError] does. Required.
+	Authorize func(r *http.Request, router, credential string) (caller any, err error)
 	// AllowModel, if set, checks the model the client named against the
 	// allow-lists that apply (the router's, the caller's); an error is
 	// written as Authorize's are.
@@ -190,7 +200,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		httpx.WriteError(w, httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", router))
 		return
 	}
-	caller, err := h.Authorize(r, router)
+	cred, err := proxy.Credential(r)
+	if err != nil {
+		httpx.WriteError(w, err)
+		return
+	}
+	caller, err := h.Authorize(r, router, cred)
 	if err != nil {
 		httpx.WriteError(w, err)
 		return
@@ -228,15 +243,30 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		httpx.WriteError(w, httpx.Errorf(http.StatusNotFound, httpx.CodeNotFound, "router %q has no route for model %q", router, model))
 		return
 	}
-	h.dispatch(w, r, Attempt{Router: router, Model: model, Caller: caller}, rt, tail, query, body)
+	h.dispatch(w, r, &attemptCtx{a: Attempt{Router: router, Model: model, Caller: caller, Info: info}, cred: cred},
+		rt, tail, query, body)
+}
+
+// attempt is what one attempt needs besides the inner path, in one
+// allocation: its context, the request Next gets (a copy of the
+// client's), its URL and body, the held writer and the
+// proxy.ResponseWriter around it (so that the proxy does not wrap it
+// again). Each attempt has its own: nothing of an attempt is reused.
+type attempt struct {
+	ctx  attemptCtx
+	req  http.Request
+	url  url.URL
+	body proxy.BufferedBody
+	hw   heldWriter
+	rw   proxy.ResponseWriter
 }
 
 // dispatch tries the route's targets in order until one serves. The
 // first attempt runs under its own deadline (the target's); a fallback
-// runs under what is left of Timeout, counted from the start.
-func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request, base Attempt, rt *compiled, tail, query string, body []byte) {
-	start := h.clock()
-	router, model := base.Router, base.Model
+// runs under what is left of Timeout, counted from the start. base holds
+// the request's Attempt (Router, Model, Caller, Info) and credential.
+func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request, base *attemptCtx, rt *compiled, tail, query string, body []byte) {
+	router, model := base.a.Router, base.a.Model
 	var buf [MaxTargets]int
 	order := h.order(rt, buf[:0])
 	max := h.MaxAttempts
@@ -246,14 +276,20 @@ func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request, base Attempt,
 	if len(order) > max {
 		order = order[:max]
 	}
+	var start time.Time
+	if len(order) > 1 && h.Timeout > 0 {
+		start = h.clock()
+	}
+	ctx := r.Context()
 	for n, i := range order {
 		tg := rt.targets[i]
 		final := n == len(order)-1
-		upstream := model
+		upstream, info := model, base.a.Info
 		b := body
 		if tg.Model != "" && tg.Model != model {
 			upstream = tg.Model
 			b, _ = meter.SetModel(body, upstream)
+			info = meter.InspectRequest(b)
 		}
 		inner := rt.prefixes[i] + tail
 		path, err := url.PathUnescape(inner)
@@ -267,29 +303,37 @@ func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request, base Attempt,
 				httpx.WriteError(w, errDeadline(router, h.Timeout))
 				return
 			}
-			ctx, cancel := context.WithTimeoutCause(r.Context(), left, errDeadline(router, h.Timeout))
+			c, cancel := context.WithTimeoutCause(ctx, left, errDeadline(router, h.Timeout))
 			defer cancel()
-			r = r.WithContext(ctx)
+			ctx = c
 		}
-		actx := &attemptCtx{Context: r.Context(), a: base}
-		actx.a.Upstream, actx.a.Service, actx.a.N = upstream, tg.Service, n+1
-		ar := r.WithContext(actx)
-		ar.URL = &url.URL{Path: path, RawPath: inner, RawQuery: query}
+		at := new(attempt)
+		at.ctx = *base
+		at.ctx.Context = ctx
+		at.ctx.a.Upstream, at.ctx.a.Service, at.ctx.a.N, at.ctx.a.Info = upstream, tg.Service, n+1, info
+		// WithContext's copy stays on the stack: the attempt holds it.
+		at.req = *r.WithContext(&at.ctx)
+		ar := &at.req
+		at.url = url.URL{Path: path, RawPath: inner, RawQuery: query}
+		ar.URL = &at.url
 		ar.RequestURI = inner
 		if query != "" {
 			ar.RequestURI += "?" + query
 		}
-		ar.Body, ar.ContentLength = proxy.NewBufferedBody(b), int64(len(b))
+		at.body.Reset(b)
+		ar.Body, ar.ContentLength = &at.body, int64(len(b))
 		ar.GetBody = nil
-		hw := newHeldWriter(w, rt.names[i], final)
-		h.Next.ServeHTTP(hw, ar)
+		hw := &at.hw
+		hw.reset(w, rt.names[i], final)
+		at.rw = proxy.ResponseWriter{ResponseWriter: hw}
+		h.Next.ServeHTTP(&at.rw, ar)
 		h.learn(tg.Service, hw.status)
 		if hw.committed || hw.status == 0 {
 			// Served (or the client went away: nothing to answer).
 			return
 		}
-		if r.Context().Err() != nil {
-			if e := stopCause(r.Context()); e != nil {
+		if ctx.Err() != nil {
+			if e := stopCause(ctx); e != nil {
 				httpx.WriteError(w, e)
 			}
 			return

@@ -165,7 +165,7 @@ func newTestHandler(next http.Handler, routes []store.Route, avail func(string) 
 	}
 	h := &Handler{
 		Next:      next,
-		Authorize: func(r *http.Request, _ string) (any, error) { return nil, nil },
+		Authorize: func(r *http.Request, _, _ string) (any, error) { return nil, nil },
 		Available: avail,
 	}
 	h.SetRouters(map[string]*Table{"llm": tb})
@@ -310,7 +310,8 @@ func TestHandlerRefusesRequestsItCannotRoute(t *testing.T) {
 // through as it is written.
 func TestHeldWriterStreamsOnceCommitted(t *testing.T) {
 	rec := httptest.NewRecorder()
-	hw := newHeldWriter(rec, []string{"a"}, false)
+	hw := new(heldWriter)
+	hw.reset(rec, []string{"a"}, false)
 	hw.Header().Set("Content-Type", "text/event-stream")
 	hw.WriteHeader(200)
 	_, _ = hw.Write([]byte("data: 1\n\n"))
@@ -319,7 +320,8 @@ func TestHeldWriterStreamsOnceCommitted(t *testing.T) {
 	}
 	// A held failure writes nothing.
 	rec = httptest.NewRecorder()
-	hw = newHeldWriter(rec, []string{"a"}, false)
+	hw = new(heldWriter)
+	hw.reset(rec, []string{"a"}, false)
 	hw.Header().Set("X-Keypool-Key-Id", "k1")
 	hw.WriteHeader(503)
 	_, _ = hw.Write([]byte("overloaded"))

@@ -22,15 +22,14 @@ type heldWriter struct {
 	wrote     bool // a body byte went to the client
 }
 
-// newHeldWriter returns the writer of one attempt. The last attempt's
-// answer goes to the client whatever it is: its writer holds nothing and
-// writes the headers straight into the client's.
-func newHeldWriter(w http.ResponseWriter, service []string, final bool) *heldWriter {
-	h := &heldWriter{w: w, service: service, final: final}
+// reset makes h the writer of one attempt. The last attempt's answer
+// goes to the client whatever it is: its writer holds nothing and writes
+// the headers straight into the client's.
+func (h *heldWriter) reset(w http.ResponseWriter, service []string, final bool) {
+	*h = heldWriter{w: w, service: service, final: final}
 	if !final {
 		h.header = http.Header{}
 	}
-	return h
 }
 
 // Header returns the attempt's own header map until the answer is

@@ -29,7 +29,10 @@ type call struct {
 	// router is the router the request came through ("" for a direct
 	// call): the caller's allow-lists were checked on the model it named,
 	// and the router's budgets apply too.
-	router  string
+	router string
+	// attempt is the router's attempt a routed request is (nil for a
+	// direct call): its Info is what the body says.
+	attempt *route.Attempt
 	usage   meter.Usage
 	metered bool
 	// rec is the request's usage record from the upstream's answer on:

@@ -129,7 +129,10 @@ func (s *Server) prepare(r *http.Request, svc *keypool.Service, body []byte) (*h
 		return nil, nil, nil
 	}
 	var info meter.RequestInfo
-	if len(body) > 0 {
+	switch {
+	case c.attempt != nil:
+		info = c.attempt.Info // the router read the body it sent
+	case len(body) > 0:
 		info = meter.InspectRequest(body)
 	}
 	if guess && info.Model != "" {

@@ -106,6 +106,9 @@ func modelsPath(path string) (string, bool) {
 // and hands everything else to the proxy.
 func (s *Server) serveV1(w http.ResponseWriter, r *http.Request) {
 	if name, t, ok := s.routerFor(r.URL.Path); ok {
+		if ri := infoFrom(r.Context()); ri != nil {
+			ri.router = name
+		}
 		if _, models := modelsPath(r.URL.Path); models && r.Method == http.MethodGet {
 			s.serveRouterModels(w, r, name, t)
 			return

@@ -56,14 +56,7 @@ func (s *Server) setRouters(svcs []store.Service) {
 // authorizeRouter is the route handler's Authorize hook: the caller's
 // token, its team's access to the router, the router's is_active, and
 // the rpm limits of the token, the team and the router.
-func (s *Server) authorizeRouter(r *http.Request, router string) (any, error) {
-	if ri := infoFrom(r.Context()); ri != nil {
-		ri.router = router
-	}
-	cred, err := proxy.Credential(r)
-	if err != nil {
-		return nil, err
-	}
+func (s *Server) authorizeRouter(r *http.Request, router, cred string) (any, error) {
 	p, err := s.admitClient(r, router, cred)
 	if err != nil {
 		return nil, err
@@ -101,7 +94,11 @@ func (s *Server) authorizeAttempt(r *http.Request, service string, p *auth.Princ
 		}
 		return nil, err
 	}
-	return s.openRequest(r, p, service, a.Router), nil
+	r2 := s.openRequest(r, p, service, a.Router)
+	if c := callFrom(r.Context()); c != nil {
+		c.attempt = a
+	}
+	return r2, nil
 }
 
 // routerModels returns the models of a router's exact routes the caller
@@ -120,7 +117,12 @@ func (s *Server) routerModels(p *auth.Principal, router string, t *route.Table) 
 // exact routes (aliases included; globs are not listed) that the router's
 // and the caller's allow-lists let the caller name.
 func (s *Server) serveRouterModels(w http.ResponseWriter, r *http.Request, router string, t *route.Table) {
-	caller, err := s.authorizeRouter(r, router)
+	cred, err := proxy.Credential(r)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	caller, err := s.authorizeRouter(r, router, cred)
 	if err != nil {
 		writeError(w, err)
 		return

@@ -37,6 +37,9 @@ type serviceInput struct {
 	Kind opt[string] `json:"kind"`
 	// Routes are a router's model routes (see package route).
 	Routes opt[[]store.Route] `json:"routes"`
+	// Router is a router's attempt budget and breaker settings
+	// (store.RouterSettings, read strictly); null restores the defaults.
+	Router opt[json.RawMessage] `json:"router"`
 	timeoutsInput
 	limitsInput
 	keyPolicyInput
@@ -106,7 +109,30 @@ func (in *serviceInput) apply(s *store.Service) error {
 	if in.Routes.Set {
 		s.Routes = in.Routes.V
 	}
+	if in.Router.Set {
+		rs, err := decodeRouterSettings(in.Router)
+		if err != nil {
+			return err
+		}
+		s.Router = rs
+	}
 	return nil
+}
+
+// decodeRouterSettings reads a router's settings strictly: an unknown
+// field is a 400, not a setting silently left at its default.
+func decodeRouterSettings(in opt[json.RawMessage]) (*store.RouterSettings, error) {
+	if in.Null {
+		return nil, nil
+	}
+	dec := json.NewDecoder(bytes.NewReader(in.V))
+	dec.DisallowUnknownFields()
+	var rs store.RouterSettings
+	if err := dec.Decode(&rs); err != nil {
+		return nil, badRequest("router must be an object of max_attempts, breaker_failures, breaker_open_seconds and breaker_max_open_seconds (whole numbers): %s",
+			strings.TrimPrefix(err.Error(), "json: "))
+	}
+	return &rs, nil
 }
 
 // checkRouter validates a router's routes against the other services

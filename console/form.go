@@ -70,6 +70,7 @@ var serviceFields = []field{
 	{"prices", "Prices (JSON)", rawJSON, `model → price, e.g. {"my-model":{"input":1,"output":2}}`},
 	{"kind", "Kind", text, "empty for an upstream API; router for a model router (no base URL, no keys), set at creation"},
 	{"routes", "Routes (JSON, routers only)", rawJSON, `e.g. [{"model":"claude-*","targets":[{"service":"anthropic","path":"/v1"}]}]`},
+	{"router", "Router settings (JSON, routers only)", rawJSON, `attempt budget and breakers, e.g. {"max_attempts":2,"breaker_failures":5,"breaker_open_seconds":30,"breaker_max_open_seconds":600}; empty = defaults`},
 }
 
 // policyFields are a service's upstream timeouts and key policy.

@@ -16,6 +16,7 @@ import (
 	"github.com/keypool/keypool/internal/httpx"
 	"github.com/keypool/keypool/meter"
 	"github.com/keypool/keypool/proxy"
+	"github.com/keypool/keypool/store"
 )
 
 // HeaderService names the service that served a routed request (the
@@ -23,8 +24,15 @@ import (
 const HeaderService = "X-Keypool-Service"
 
 // DefaultMaxAttempts is the number of targets a request may try when
-// [Handler.MaxAttempts] is zero.
+// neither the router ([store.RouterSettings]) nor [Handler.MaxAttempts]
+// says.
 const DefaultMaxAttempts = 3
+
+// DefaultBreaker is the breaker of a router's targets when neither the
+// router nor [Handler.Breaker] says: 3 failures in a row open it for
+// 10 s, growing by 10 s per trip in a row up to 5 minutes; one probe.
+var DefaultBreaker = breaker.Settings{ConsecutiveFailures: 3, OpenTimeout: 10 * time.Second,
+	MaxOpenTimeout: 5 * time.Minute, HalfOpenMaxRequests: 1}
 
 // Attempt is one try of a routed request on one target, on the context
 // of the request the [Handler] passes to Next.
@@ -92,9 +100,10 @@ func AttemptFrom(ctx context.Context) *Attempt {
 // [HeaderService].
 //
 // Health: a target whose service has no key available (Available) or
-// whose recent attempts failed with 5xx (a per-service breaker: Breaker
-// consecutive failures open it for its open period, then one probe) is
-// skipped before a request is spent on it. When every target is
+// whose recent attempts through the router failed with 5xx (a breaker
+// per router and target service: its consecutive failures open it for
+// its open period, then one probe) is skipped before a request is spent
+// on it. When every target is
 // skipped, the first one is tried anyway, so that the client gets its
 // answer (429 no_key_available with Retry-After, say).
 //
@@ -121,7 +130,8 @@ type Handler struct {
 	// MaxBodyBytes caps request bodies; zero means
 	// proxy.DefaultMaxBodyBytes.
 	MaxBodyBytes int64
-	// MaxAttempts caps the targets one request tries. If zero,
+	// MaxAttempts caps the targets one request tries, for routers whose
+	// settings do not ([store.RouterSettings.MaxAttempts]). If zero,
 	// [DefaultMaxAttempts].
 	MaxAttempts int
 	// Timeout bounds a routed request's fallbacks: a later attempt gets
@@ -129,22 +139,90 @@ type Handler struct {
 	// its target's own deadline). If zero, only each attempt's own
 	// deadline applies.
 	Timeout time.Duration
-	// Breaker configures the per-service breakers. If zero, 3
-	// consecutive failures open a breaker for 10 s (growing on repeated
-	// trips up to 5 minutes).
+	// Breaker configures the breakers of routers whose settings do not
+	// (each field of a router's [store.RouterSettings] overrides its
+	// own). If zero, [DefaultBreaker].
 	Breaker breaker.Settings
 	// Logger receives fallbacks at debug level. If nil, slog.Default().
 	Logger *slog.Logger
 	// now is the clock of the breakers; nil means time.Now.
 	now func() time.Time
 
-	tables   atomic.Pointer[map[string]*Table]
-	breakers sync.Map // service name → *breaker.Breaker
+	mu     sync.Mutex // serializes SetRouters
+	tables atomic.Pointer[map[string]*Table]
 }
 
 // SetRouters replaces the routers the Handler serves (router name →
-// table).
-func (h *Handler) SetRouters(m map[string]*Table) { h.tables.Store(&m) }
+// table). Each router gets a breaker per target service; one whose
+// router, service and settings are unchanged keeps its state.
+func (h *Handler) SetRouters(m map[string]*Table) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var old map[string]*Table
+	if p := h.tables.Load(); p != nil {
+		old = *p
+	}
+	out := make(map[string]*Table, len(m))
+	for name, t := range m {
+		nt := *t
+		bs := h.breakerSettings(t.settings)
+		nt.breakers = make(map[string]*breaker.Breaker)
+		for _, svc := range t.Services() {
+			if ot := old[name]; ot != nil {
+				if b := ot.breakers[svc]; b != nil && b.Settings() == bs {
+					nt.breakers[svc] = b
+					continue
+				}
+			}
+			b, err := breaker.New(bs)
+			if err != nil {
+				b, _ = breaker.New(DefaultBreaker)
+			}
+			nt.breakers[svc] = b
+		}
+		out[name] = &nt
+	}
+	h.tables.Store(&out)
+}
+
+// breakerSettings returns the breaker settings of a router: its own
+// fields, else the Handler's Breaker, else [DefaultBreaker].
+func (h *Handler) breakerSettings(rs store.RouterSettings) breaker.Settings {
+	s := h.Breaker
+	if s == (breaker.Settings{}) {
+		s = DefaultBreaker
+	}
+	if rs.BreakerFailures > 0 {
+		s.ConsecutiveFailures = uint32(rs.BreakerFailures)
+	}
+	if rs.BreakerOpenSeconds > 0 {
+		s.OpenTimeout = time.Duration(rs.BreakerOpenSeconds) * time.Second
+		if rs.BreakerMaxOpenSeconds == 0 {
+			s.MaxOpenTimeout = max(s.MaxOpenTimeout, s.OpenTimeout)
+		}
+	}
+	if rs.BreakerMaxOpenSeconds > 0 {
+		s.MaxOpenTimeout = time.Duration(rs.BreakerMaxOpenSeconds) * time.Second
+	}
+	if s.HalfOpenMaxRequests == 0 {
+		s.HalfOpenMaxRequests = 1
+	}
+	if b, err := breaker.New(s); err == nil {
+		s = b.Settings() // with the breaker's own defaults, as Settings compares
+	}
+	return s
+}
+
+// maxAttempts returns the attempt budget of a router's requests.
+func (h *Handler) maxAttempts(t *Table) int {
+	switch {
+	case t.settings.MaxAttempts > 0:
+		return t.settings.MaxAttempts
+	case h.MaxAttempts > 0:
+		return h.MaxAttempts
+	}
+	return DefaultMaxAttempts
+}
 
 // Router returns the table of a router, if name is one.
 func (h *Handler) Router(name string) (*Table, bool) {
@@ -167,23 +245,6 @@ func (h *Handler) clock() time.Time {
 		return h.now()
 	}
 	return time.Now()
-}
-
-// breakerOf returns the breaker of a target service.
-func (h *Handler) breakerOf(service string) *breaker.Breaker {
-	if b, ok := h.breakers.Load(service); ok {
-		return b.(*breaker.Breaker)
-	}
-	s := h.Breaker
-	if s == (breaker.Settings{}) {
-		s = breaker.Settings{ConsecutiveFailures: 3, OpenTimeout: 10 * time.Second, MaxOpenTimeout: 5 * time.Minute, HalfOpenMaxRequests: 1}
-	}
-	b, err := breaker.New(s)
-	if err != nil {
-		b, _ = breaker.New(breaker.DefaultSettings())
-	}
-	v, _ := h.breakers.LoadOrStore(service, b)
-	return v.(*breaker.Breaker)
 }
 
 // ServeHTTP serves a request to the router named in its path,
@@ -244,7 +305,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	h.dispatch(w, r, &attemptCtx{a: Attempt{Router: router, Model: model, Caller: caller, Info: info}, cred: cred},
-		rt, tail, query, body)
+		table, rt, tail, query, body)
 }
 
 // attempt is what one attempt needs besides the inner path, in one
@@ -265,15 +326,11 @@ type attempt struct {
 // first attempt runs under its own deadline (the target's); a fallback
 // runs under what is left of Timeout, counted from the start. base holds
 // the request's Attempt (Router, Model, Caller, Info) and credential.
-func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request, base *attemptCtx, rt *compiled, tail, query string, body []byte) {
+func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request, base *attemptCtx, table *Table, rt *compiled, tail, query string, body []byte) {
 	router, model := base.a.Router, base.a.Model
 	var buf [MaxTargets]int
-	order := h.order(rt, buf[:0])
-	max := h.MaxAttempts
-	if max <= 0 {
-		max = DefaultMaxAttempts
-	}
-	if len(order) > max {
+	order := h.order(table, rt, buf[:0])
+	if max := h.maxAttempts(table); len(order) > max {
 		order = order[:max]
 	}
 	var start time.Time
@@ -327,7 +384,7 @@ func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request, base *attempt
 		hw.reset(w, rt.names[i], final)
 		at.rw = proxy.ResponseWriter{ResponseWriter: hw}
 		h.Next.ServeHTTP(&at.rw, ar)
-		h.learn(tg.Service, hw.status)
+		h.learn(table.breakers[tg.Service], hw.status)
 		if hw.committed || hw.status == 0 {
 			// Served (or the client went away: nothing to answer).
 			return
@@ -358,18 +415,16 @@ func stopCause(ctx context.Context) *httpx.Error {
 	return nil
 }
 
-// learn feeds an attempt's status to its service's breaker: 5xx are
+// learn feeds an attempt's status to its target's breaker: 5xx are
 // failures, 1xx–3xx successes; 4xx (the request's, or no key: the pool
 // says so itself) and no status (the client went away) are neither.
-func (h *Handler) learn(service string, status int) {
+func (h *Handler) learn(b *breaker.Breaker, status int) {
 	switch {
-	case status == 0 || (status >= 400 && status < 500):
+	case b == nil || status == 0 || (status >= 400 && status < 500):
 	case status >= 500:
-		h.breakerOf(service).Failure(h.clock())
+		b.Failure(h.clock())
 	default:
-		if b, ok := h.breakers.Load(service); ok {
-			b.(*breaker.Breaker).Success()
-		}
+		b.Success()
 	}
 }
 
@@ -378,7 +433,7 @@ func (h *Handler) learn(service string, status int) {
 // the others as given; targets whose service has no key available or
 // whose breaker is open are left out, unless every target is, in which
 // case the first in that order alone is returned.
-func (h *Handler) order(rt *compiled, out []int) []int {
+func (h *Handler) order(t *Table, rt *compiled, out []int) []int {
 	n := len(rt.targets)
 	if n == 1 {
 		return append(out, 0) // nothing to choose: the target answers
@@ -417,7 +472,7 @@ func (h *Handler) order(rt *compiled, out []int) []int {
 		if h.Available != nil && !h.Available(svc) {
 			continue
 		}
-		if b, ok := h.breakers.Load(svc); ok && !b.(*breaker.Breaker).Ready(now) {
+		if b := t.breakers[svc]; b != nil && !b.Ready(now) {
 			continue
 		}
 		healthy = append(healthy, i)

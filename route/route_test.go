@@ -6,11 +6,13 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/keypool/keypool/breaker"
 	"github.com/keypool/keypool/internal/httpx"
 	"github.com/keypool/keypool/store"
 )
@@ -328,5 +330,103 @@ func TestHeldWriterStreamsOnceCommitted(t *testing.T) {
 	_ = http.NewResponseController(hw).Flush()
 	if hw.committed || rec.Flushed || rec.Body.Len() != 0 || rec.Header().Get("X-Keypool-Key-Id") != "" {
 		t.Fatalf("a held failure reached the client: %v %q", rec.Header(), rec.Body)
+	}
+}
+
+func TestHandlerAppliesEachRoutersAttemptBudgetAndBreaker(t *testing.T) {
+	routes := []store.Route{{Model: "m", Targets: targets("a", "b", "c")}}
+	next := &fakeNext{status: map[string]int{"a": 503, "b": 503}}
+	h := &Handler{Next: next, Authorize: func(r *http.Request, _, _ string) (any, error) { return nil, nil }}
+	now := time.Unix(1_000_000, 0)
+	h.now = func() time.Time { return now }
+	tables := func(strict store.RouterSettings) map[string]*Table {
+		one, err := CompileRouter(store.Service{Name: "strict", Routes: routes, Router: &strict})
+		if err != nil {
+			t.Fatal(err)
+		}
+		def, err := CompileRouter(store.Service{Name: "llm", Routes: routes})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return map[string]*Table{"strict": one, "llm": def}
+	}
+	strict := store.RouterSettings{MaxAttempts: 1, BreakerFailures: 1, BreakerOpenSeconds: 60}
+	h.SetRouters(tables(strict))
+	at := func(router string) (int, []string) {
+		t.Helper()
+		next.attempts = nil
+		req := httptest.NewRequest("POST", "/v1/"+router+"/v1/chat/completions", strings.NewReader(`{"model":"m"}`))
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		var svcs []string
+		for _, a := range next.attempts {
+			svcs = append(svcs, strings.Fields(a)[0])
+		}
+		return rec.Code, svcs
+	}
+	// max_attempts 1: the client gets the first target's 503.
+	if code, svcs := at("strict"); code != 503 || !slices.Equal(svcs, []string{"a"}) {
+		t.Fatalf("strict router: %d after %v, want 503 after [a]", code, svcs)
+	}
+	// The default budget (3) falls back to c; a's breaker of this router
+	// is still closed (one failure of 3).
+	if code, svcs := at("llm"); code != 200 || !slices.Equal(svcs, []string{"a", "b", "c"}) {
+		t.Fatalf("default router: %d after %v, want 200 after [a b c]", code, svcs)
+	}
+	// breaker_failures 1 opened a's breaker on the strict router: b is
+	// tried first; on the other router a still is.
+	if _, svcs := at("strict"); !slices.Equal(svcs, []string{"b"}) {
+		t.Fatalf("strict router after a failed once: %v, want [b]", svcs)
+	}
+	if _, svcs := at("llm"); svcs[0] != "a" {
+		t.Fatalf("default router: %v, want a first (its own breaker)", svcs)
+	}
+	// A reload with the same settings keeps the breakers' state.
+	h.SetRouters(tables(strict))
+	if _, svcs := at("strict"); svcs[0] == "a" || svcs[0] == "b" {
+		t.Fatalf("after a reload: %v, want a and b still skipped", svcs)
+	}
+	// breaker_open_seconds 60: after 61 s, a is probed again.
+	now = now.Add(61 * time.Second)
+	next.status["a"] = 0
+	if code, svcs := at("strict"); code != 200 || !slices.Equal(svcs, []string{"a"}) {
+		t.Fatalf("after the open period: %d %v, want a probed", code, svcs)
+	}
+	// New settings start new breakers.
+	next.status["a"] = 503
+	at("strict") // opens a again
+	h.SetRouters(tables(store.RouterSettings{MaxAttempts: 1, BreakerFailures: 2}))
+	if _, svcs := at("strict"); !slices.Equal(svcs, []string{"a"}) {
+		t.Fatalf("after new settings: %v, want a tried (a new breaker)", svcs)
+	}
+}
+
+func TestRouterSettingsFillTheBreakerDefaults(t *testing.T) {
+	h := &Handler{}
+	cases := []struct {
+		name string
+		in   store.RouterSettings
+		want breaker.Settings
+	}{
+		{"none", store.RouterSettings{}, DefaultBreaker},
+		{"failures", store.RouterSettings{BreakerFailures: 7},
+			breaker.Settings{ConsecutiveFailures: 7, OpenTimeout: 10 * time.Second, MaxOpenTimeout: 5 * time.Minute, HalfOpenMaxRequests: 1}},
+		{"open above the default cap", store.RouterSettings{BreakerOpenSeconds: 600},
+			breaker.Settings{ConsecutiveFailures: 3, OpenTimeout: 10 * time.Minute, MaxOpenTimeout: 10 * time.Minute, HalfOpenMaxRequests: 1}},
+		{"both", store.RouterSettings{BreakerOpenSeconds: 5, BreakerMaxOpenSeconds: 20},
+			breaker.Settings{ConsecutiveFailures: 3, OpenTimeout: 5 * time.Second, MaxOpenTimeout: 20 * time.Second, HalfOpenMaxRequests: 1}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			if got := h.breakerSettings(c.in); got != c.want {
+				t.Errorf("got %+v, want %+v", got, c.want)
+			}
+		})
+	}
+	if got := h.maxAttempts(&Table{settings: store.RouterSettings{MaxAttempts: 5}}); got != 5 {
+		t.Errorf("maxAttempts = %d, want 5", got)
+	}
+	if got := h.maxAttempts(&Table{}); got != DefaultMaxAttempts {
+		t.Errorf("maxAttempts = %d, want %d", got, DefaultMaxAttempts)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"path"
 	"strings"
 
+	"github.com/keypool/keypool/breaker"
 	"github.com/keypool/keypool/store"
 )
 
@@ -26,9 +27,13 @@ const DefaultPath = "/v1"
 // globs in the order they were given. It is immutable and safe for
 // concurrent use.
 type Table struct {
-	exact map[string]*compiled
-	globs []*compiled
-	names []string // exact route models, in the order given
+	exact    map[string]*compiled
+	globs    []*compiled
+	names    []string // exact route models, in the order given
+	settings store.RouterSettings
+	// breakers holds the breaker of each target service, set by
+	// [Handler.SetRouters] on its own copy of the table.
+	breakers map[string]*breaker.Breaker
 }
 
 // compiled is one route ready to serve.
@@ -45,6 +50,20 @@ type compiled struct {
 	// are ordered by weight, the rest follow in order.
 	weighted int
 	total    int // the sum of their weights
+}
+
+// CompileRouter compiles a router service's routes (see [Compile]) with
+// its settings ([store.RouterSettings]: attempt budget and breakers;
+// nil means the [Handler]'s).
+func CompileRouter(sv store.Service) (*Table, error) {
+	t, err := Compile(sv.Routes)
+	if err != nil {
+		return nil, err
+	}
+	if sv.Router != nil {
+		t.settings = *sv.Router
+	}
+	return t, nil
 }
 
 // Compile checks routes on their own (see [Validate] for the checks that

@@ -262,6 +262,10 @@ type ServiceSpec struct {
 	// each request by its model to the services that serve it.
 	Kind         string            `json:"kind,omitempty" yaml:"kind,omitempty"`
 	Routes       []store.Route     `json:"routes,omitempty" yaml:"routes,omitempty"`
+	// Router is a router's attempt budget and breaker settings
+	// (max_attempts, breaker_failures, breaker_open_seconds,
+	// breaker_max_open_seconds); absent means the defaults.
+	Router *store.RouterSettings `json:"router,omitempty" yaml:"router,omitempty"`
 	BaseURL      string            `json:"base_url" yaml:"base_url"`
 	AuthScheme   string            `json:"auth_scheme,omitempty" yaml:"auth_scheme,omitempty"`
 	RateLimitRPM int               `json:"rate_limit_rpm,omitempty" yaml:"rate_limit_rpm,omitempty"`
@@ -561,6 +565,10 @@ func (sp *ServiceSpec) records(v store.Validator) (store.Service, []*store.Key, 
 		RequestTimeout: time.Duration(sp.RequestTimeout),
 		Limits:         store.Limits{RPMLimit: sp.RPMLimit, ModelsEnabled: slices.Clone(sp.ModelsEnabled)},
 		Kind:           sp.Kind, Routes: sp.Routes,
+	}
+	if sp.Router != nil {
+		rs := *sp.Router
+		rec.Router = &rs
 	}
 	if sp.IsActive != nil {
 		rec.Disabled = !*sp.IsActive

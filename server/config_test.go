@@ -241,6 +241,8 @@ external:
 		{"router bad glob", "services: [{name: r, kind: router, routes: [{model: 'gpt-[4', targets: [{service: a}]}]}]", "not a valid glob"},
 		{"router empty targets", "services: [{name: r, kind: router, routes: [{model: m, targets: []}]}]", "targets must not be empty"},
 		{"router base_url", "services: [{name: r, kind: router, base_url: 'http://x', routes: [{model: m, targets: [{service: a}]}]}]", "no base_url"},
+		{"router settings", "services: [{name: r, kind: router, router: {max_attempts: 0, breaker_failures: 2000}, routes: [{model: m, targets: [{service: a}]}]}]", "router.breaker_failures must be between 1 and 1000"},
+		{"router settings typo", "services: [{name: r, kind: router, router: {max_atempts: 2}, routes: [{model: m, targets: [{service: a}]}]}]", "max_atempts"},
 		{"routes without router", "services: [{name: a, base_url: 'http://x', routes: [{model: m, targets: [{service: b}]}]}]", `kind "router"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -319,6 +321,7 @@ func TestDeclaredRouterApplied(t *testing.T) {
 services:
   - name: llm
     kind: router
+    router: {max_attempts: 2, breaker_failures: 5, breaker_open_seconds: 30}
     routes:
       - model: fast
         targets: [{service: groq, path: /openai/v1, model: llama-3.1-8b-instant}]
@@ -338,6 +341,9 @@ services:
 	}
 	if last := up.last(); last.Path != "/openai/v1/chat/completions" || !strings.Contains(last.Body, "llama-3.1-8b-instant") {
 		t.Errorf("upstream got %s %s", last.Path, last.Body)
+	}
+	if _, m, _ := k.do("GET", "/admin/services/llm", k.admin, nil); fmt.Sprint(m["router"]) != "map[breaker_failures:5 breaker_open_seconds:30 max_attempts:2]" {
+		t.Errorf("declared router settings: %v", m["router"])
 	}
 
 	bad := []server.ServiceSpec{{Name: "llm", Kind: "router", Routes: []store.Route{{Model: "m", Targets: []store.Target{{Service: "nope"}}}}}}

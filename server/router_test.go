@@ -444,3 +444,64 @@ func TestRouterValidation(t *testing.T) {
 		t.Errorf("after PATCH: %q %v", svc, err)
 	}
 }
+
+// TestRouterSettings: a router's own attempt budget and breaker settings
+// (the "router" object) are validated, shown, and applied.
+func TestRouterSettings(t *testing.T) {
+	f := newRouterFixture(t, nil, nil)
+	for _, c := range []struct {
+		name     string
+		svc      map[string]any
+		settings any
+		msg      string
+	}{
+		{"out of range", map[string]any{"kind": "router", "routes": llmRoutes}, map[string]any{"max_attempts": 17}, "router.max_attempts must be between 1 and 16"},
+		{"negative", map[string]any{"kind": "router", "routes": llmRoutes}, map[string]any{"breaker_failures": -1}, "router.breaker_failures"},
+		{"cap below the period", map[string]any{"kind": "router", "routes": llmRoutes},
+			map[string]any{"breaker_open_seconds": 60, "breaker_max_open_seconds": 30}, "must not be less than router.breaker_open_seconds"},
+		{"unknown field", map[string]any{"kind": "router", "routes": llmRoutes}, map[string]any{"max_atempts": 2}, `unknown field "max_atempts"`},
+		{"not an object", map[string]any{"kind": "router", "routes": llmRoutes}, 2, "router must be an object"},
+		{"not a router", map[string]any{"base_url": "https://api.openai.com"}, map[string]any{"max_attempts": 2}, `router settings are for services of kind "router"`},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			body := map[string]any{"name": "r2", "router": c.settings}
+			for n, v := range c.svc {
+				body[n] = v
+			}
+			code, m, _ := f.k.do("POST", "/admin/services", f.k.admin, body)
+			if code != 400 || !strings.Contains(fmt.Sprint(m), c.msg) {
+				t.Errorf("%d %v, want 400 with %q", code, m, c.msg)
+			}
+		})
+	}
+
+	// Default budget: smart falls back from openai's 503 to anthropic.
+	ctx := testCtx(t)
+	f.openai.mode.Store("503")
+	if _, svc, err := f.chat(ctx, "smart"); err != nil || svc != "anthropic" {
+		t.Fatalf("default settings: served by %q: %v", svc, err)
+	}
+	got := f.k.mustAdmin("PATCH", "/admin/services/llm", map[string]any{"router": map[string]any{"max_attempts": 1}}, http.StatusOK)
+	if rs, _ := got["router"].(map[string]any); rs["max_attempts"] != float64(1) {
+		t.Fatalf("PATCH router settings: %v", got["router"])
+	}
+	if got := f.k.mustAdmin("GET", "/admin/services/llm", nil, http.StatusOK); fmt.Sprint(got["router"]) != "map[max_attempts:1]" {
+		t.Fatalf("GET router settings: %v", got["router"])
+	}
+	before := f.anthropic.hits()
+	var apiErr *openai.Error
+	if _, _, err := f.chat(ctx, "smart"); !errorsAs(err, &apiErr) || apiErr.StatusCode != 503 {
+		t.Fatalf("max_attempts 1: %v, want openai's 503", err)
+	}
+	if f.anthropic.hits() != before {
+		t.Error("max_attempts 1 tried a second target")
+	}
+	// null restores the defaults.
+	got = f.k.mustAdmin("PATCH", "/admin/services/llm", map[string]any{"router": nil}, http.StatusOK)
+	if _, ok := got["router"]; ok {
+		t.Fatalf("router settings after null: %v", got["router"])
+	}
+	if _, svc, err := f.chat(ctx, "smart"); err != nil || svc != "anthropic" {
+		t.Fatalf("defaults restored: served by %q: %v", svc, err)
+	}
+}

@@ -43,7 +43,7 @@ func (s *Server) setRouters(svcs []store.Service) {
 		if sv.Kind != store.KindRouter {
 			continue
 		}
-		t, err := route.Compile(sv.Routes)
+		t, err := route.CompileRouter(sv)
 		if err != nil {
 			s.log.Error("router routes do not compile; the router answers 404 until they are fixed", "service", sv.Name, "err", err)
 			continue

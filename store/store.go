@@ -82,6 +82,9 @@ type Service struct {
 	// Routes are a router's model routes, tried in order (see package
 	// route); empty for other services.
 	Routes []Route `json:"routes,omitempty"`
+	// Router is a router's attempt budget and breaker settings; nil (or
+	// zero fields) means the defaults. Only a router has one.
+	Router *RouterSettings `json:"router,omitempty"`
 	// Disabled switches the service off: its proxy and leases answer 403
 	// forbidden; its keys and their state are kept. The API shows it as
 	// is_active false.
@@ -120,6 +123,27 @@ const KindRouter = "router"
 type Route struct {
 	Model   string   `json:"model"`
 	Targets []Target `json:"targets"`
+}
+
+// RouterSettings are a router's own attempt budget and per-target
+// breakers (see package route). Zero fields take the defaults written
+// on each.
+type RouterSettings struct {
+	// MaxAttempts caps the targets one request tries, 1 to 16. If zero,
+	// 3.
+	MaxAttempts int `json:"max_attempts,omitempty" yaml:"max_attempts,omitempty"`
+	// BreakerFailures is how many failed attempts in a row (5xx) on a
+	// target open its breaker, which skips the target for BreakerOpen,
+	// then lets one probe through; 1 to 1000. If zero, 3.
+	BreakerFailures int `json:"breaker_failures,omitempty" yaml:"breaker_failures,omitempty"`
+	// BreakerOpenSeconds is how long a breaker stays open after its
+	// first trip; the n-th trip in a row stays n times as long, up to
+	// BreakerMaxOpenSeconds. 1 to 86400. If zero, 10.
+	BreakerOpenSeconds int `json:"breaker_open_seconds,omitempty" yaml:"breaker_open_seconds,omitempty"`
+	// BreakerMaxOpenSeconds caps the grown open period; at least
+	// BreakerOpenSeconds, at most 86400. If zero, 300 (or
+	// BreakerOpenSeconds when that is larger).
+	BreakerMaxOpenSeconds int `json:"breaker_max_open_seconds,omitempty" yaml:"breaker_max_open_seconds,omitempty"`
 }
 
 // Target is one service a [Route] may send a request to.

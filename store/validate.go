@@ -83,9 +83,18 @@ func (v Validator) Service(s *Service) error {
 		if s.BaseURL = strings.TrimSpace(s.BaseURL); s.BaseURL != "" {
 			return invalidf("a router has no base_url: its routes name the services that serve each model")
 		}
+		if err := checkRouterSettings(s.Router); err != nil {
+			return err
+		}
+		if s.Router != nil && *s.Router == (RouterSettings{}) {
+			s.Router = nil
+		}
 	default:
 		if len(s.Routes) > 0 {
 			return invalidf("routes are for services of kind \"router\"")
+		}
+		if s.Router != nil {
+			return invalidf("router settings are for services of kind \"router\"")
 		}
 		u, err := checkBaseURL(s.BaseURL, v.AllowMetadataUpstreams)
 		if err != nil {
@@ -389,4 +398,29 @@ func checkProxyHeaders(h map[string]string) (map[string]string, error) {
 		out[c] = strings.TrimSpace(v)
 	}
 	return out, nil
+}
+
+// checkRouterSettings checks a router's settings (nil is the defaults).
+func checkRouterSettings(rs *RouterSettings) error {
+	if rs == nil {
+		return nil
+	}
+	for _, f := range [...]struct {
+		name     string
+		v, limit int
+	}{
+		{"max_attempts", rs.MaxAttempts, 16},
+		{"breaker_failures", rs.BreakerFailures, 1000},
+		{"breaker_open_seconds", rs.BreakerOpenSeconds, 86400},
+		{"breaker_max_open_seconds", rs.BreakerMaxOpenSeconds, 86400},
+	} {
+		if f.v < 0 || f.v > f.limit {
+			return invalidf("router.%s must be between 1 and %d (0 or absent for the default), not %d", f.name, f.limit, f.v)
+		}
+	}
+	if rs.BreakerMaxOpenSeconds > 0 && rs.BreakerMaxOpenSeconds < rs.BreakerOpenSeconds {
+		return invalidf("router.breaker_max_open_seconds (%d) must not be less than router.breaker_open_seconds (%d)",
+			rs.BreakerMaxOpenSeconds, rs.BreakerOpenSeconds)
+	}
+	return nil
 }

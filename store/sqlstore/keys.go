@@ -100,7 +100,7 @@ func (s *Store) UpdateService(ctx context.Context, sv *store.Service) error {
 			"rate_limit_rpm": row.RateLimitRPM, "max_in_flight": row.MaxInFlight,
 			"proxy_headers": row.ProxyHeaders, "selector": row.Selector,
 			"external_name": row.ExternalName, "prices": row.Prices, "llm_family": row.LLMFamily, "limits": row.Limits,
-			"key_policy": row.KeyPolicy, "kind": row.Kind, "routes": row.Routes,
+			"key_policy": row.KeyPolicy, "kind": row.Kind, "routes": row.Routes, "router": row.Router,
 			"header_timeout_ms": row.HeaderMS, "idle_timeout_ms": row.IdleMS, "request_timeout_ms": row.RequestMS,
 			"updated_at": now,
 		})

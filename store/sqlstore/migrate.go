@@ -191,6 +191,9 @@ var migrations = []migration{
 		`ALTER TABLE services ADD COLUMN routes TEXT NOT NULL DEFAULT ''`,
 		`ALTER TABLE usage_records ADD COLUMN router TEXT NOT NULL DEFAULT ''`,
 	}},
+	{12, "router settings: a router's attempt budget and breakers", []string{
+		`ALTER TABLE services ADD COLUMN router TEXT NOT NULL DEFAULT ''`,
+	}},
 }
 
 // latestVersion is the schema version this package writes.

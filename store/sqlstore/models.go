@@ -18,6 +18,7 @@ type serviceRow struct {
 	Description  string    `gorm:"column:description"`
 	Kind         string    `gorm:"column:kind"`
 	Routes       string    `gorm:"column:routes"`
+	Router       string    `gorm:"column:router"`
 	Disabled     bool      `gorm:"column:disabled"`
 	BaseURL      string    `gorm:"column:base_url"`
 	AuthScheme   string    `gorm:"column:auth_scheme"`
@@ -182,6 +183,9 @@ func serviceToRow(s *store.Service) (serviceRow, error) {
 	if r.Routes, err = encodeJSON(s.Routes, len(s.Routes) == 0); err != nil {
 		return r, err
 	}
+	if r.Router, err = encodeJSON(s.Router, s.Router == nil); err != nil {
+		return r, err
+	}
 	return r, nil
 }
 
@@ -205,6 +209,9 @@ func serviceFromRow(r *serviceRow) (store.Service, error) {
 	}
 	if err := decodeJSON(r.Routes, &s.Routes); err != nil {
 		return s, fmt.Errorf("service %q routes: %w", r.Name, err)
+	}
+	if err := decodeJSON(r.Router, &s.Router); err != nil {
+		return s, fmt.Errorf("service %q router: %w", r.Name, err)
 	}
 	return s, nil
 }

@@ -144,10 +144,21 @@ func testServices(t *testing.T, s store.Store) {
 	if gotR.Kind != store.KindRouter || len(gotR.Routes) != 1 || !slices.Equal(gotR.Routes[0].Targets, rt.Routes[0].Targets) {
 		t.Fatalf("router = %+v, want %+v", gotR, rt)
 	}
+	if gotR.Router != nil {
+		t.Fatalf("router settings = %+v, want none", gotR.Router)
+	}
+	settings := store.RouterSettings{MaxAttempts: 2, BreakerFailures: 5, BreakerOpenSeconds: 30, BreakerMaxOpenSeconds: 600}
 	gotR.Routes = []store.Route{{Model: "fast", Targets: []store.Target{{Service: "groq"}}}}
+	gotR.Router = &settings
 	must(t, s.UpdateService(ctx, &gotR))
-	if gotR, err = s.GetService(ctx, "llm"); err != nil || len(gotR.Routes) != 1 || gotR.Routes[0].Model != "fast" {
-		t.Fatalf("router after update = %+v, %v", gotR, err)
+	if gotR, err = s.GetService(ctx, "llm"); err != nil || len(gotR.Routes) != 1 || gotR.Routes[0].Model != "fast" ||
+		gotR.Router == nil || *gotR.Router != settings {
+		t.Fatalf("router after update = %+v (settings %+v), %v", gotR, gotR.Router, err)
+	}
+	gotR.Router = nil
+	must(t, s.UpdateService(ctx, &gotR))
+	if gotR, err = s.GetService(ctx, "llm"); err != nil || gotR.Router != nil {
+		t.Fatalf("router settings after clearing = %+v, %v", gotR.Router, err)
 	}
 	must(t, s.DeleteService(ctx, "llm"))
 

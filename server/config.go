@@ -260,19 +260,19 @@ type ServiceSpec struct {
 	IsActive *bool `json:"is_active,omitempty" yaml:"is_active,omitempty"`
 	// Kind is "router" for a router: no base_url and no keys; Routes send
 	// each request by its model to the services that serve it.
-	Kind         string            `json:"kind,omitempty" yaml:"kind,omitempty"`
-	Routes       []store.Route     `json:"routes,omitempty" yaml:"routes,omitempty"`
+	Kind   string        `json:"kind,omitempty" yaml:"kind,omitempty"`
+	Routes []store.Route `json:"routes,omitempty" yaml:"routes,omitempty"`
 	// Router is a router's attempt budget and breaker settings
 	// (max_attempts, breaker_failures, breaker_open_seconds,
 	// breaker_max_open_seconds); absent means the defaults.
-	Router *store.RouterSettings `json:"router,omitempty" yaml:"router,omitempty"`
-	BaseURL      string            `json:"base_url" yaml:"base_url"`
-	AuthScheme   string            `json:"auth_scheme,omitempty" yaml:"auth_scheme,omitempty"`
-	RateLimitRPM int               `json:"rate_limit_rpm,omitempty" yaml:"rate_limit_rpm,omitempty"`
-	MaxInFlight  int               `json:"max_in_flight,omitempty" yaml:"max_in_flight,omitempty"`
-	ProxyHeaders map[string]string `json:"proxy_headers,omitempty" yaml:"proxy_headers,omitempty"`
-	Selector     string            `json:"selector,omitempty" yaml:"selector,omitempty"`
-	ExternalName string            `json:"external_name,omitempty" yaml:"external_name,omitempty"`
+	Router       *store.RouterSettings `json:"router,omitempty" yaml:"router,omitempty"`
+	BaseURL      string                `json:"base_url" yaml:"base_url"`
+	AuthScheme   string                `json:"auth_scheme,omitempty" yaml:"auth_scheme,omitempty"`
+	RateLimitRPM int                   `json:"rate_limit_rpm,omitempty" yaml:"rate_limit_rpm,omitempty"`
+	MaxInFlight  int                   `json:"max_in_flight,omitempty" yaml:"max_in_flight,omitempty"`
+	ProxyHeaders map[string]string     `json:"proxy_headers,omitempty" yaml:"proxy_headers,omitempty"`
+	Selector     string                `json:"selector,omitempty" yaml:"selector,omitempty"`
+	ExternalName string                `json:"external_name,omitempty" yaml:"external_name,omitempty"`
 	// Classifier names a classifier registered in [Config.Classifiers];
 	// empty means the built-in one.
 	Classifier string `json:"classifier,omitempty" yaml:"classifier,omitempty"`

@@ -40,6 +40,7 @@ import (
 
 	"github.com/coreos/go-oidc/v3/oidc"
 	"golang.org/x/oauth2"
+	"golang.org/x/sync/singleflight"
 
 	"github.com/keypool/keypool/auth"
 	"github.com/keypool/keypool/internal/pages"
@@ -142,8 +143,9 @@ type Handler struct {
 	client *http.Client
 	mux    http.Handler
 
-	states usedSet // used state ids
-	shown  usedSet // tokens already shown
+	states    usedSet            // used state ids
+	shown     usedSet            // tokens already shown
+	discovery singleflight.Group // one discovery attempt at a time
 
 	mu       sync.Mutex // protects provider
 	provider *oidc.Provider
@@ -215,20 +217,38 @@ func (h *Handler) Discover(ctx context.Context) error {
 	return err
 }
 
+// getProvider returns the provider, discovering it first if need be.
+// Callers that arrive while an attempt is under way wait for that one
+// attempt (bounded by Config.Timeout from its start) or their own ctx,
+// whichever ends first; no lock is held while the provider is asked.
 func (h *Handler) getProvider(ctx context.Context) (*oidc.Provider, error) {
 	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.provider != nil {
-		return h.provider, nil
+	p := h.provider
+	h.mu.Unlock()
+	if p != nil {
+		return p, nil
 	}
-	ctx, cancel := context.WithTimeout(oidc.ClientContext(ctx, h.client), h.cfg.Timeout)
-	defer cancel()
-	p, err := oidc.NewProvider(ctx, h.cfg.Issuer)
-	if err != nil {
-		return nil, fmt.Errorf("sso: discover %s: %w", h.cfg.Issuer, err)
+	ch := h.discovery.DoChan("", func() (any, error) {
+		ctx, cancel := context.WithTimeout(oidc.ClientContext(context.Background(), h.client), h.cfg.Timeout)
+		defer cancel()
+		p, err := oidc.NewProvider(ctx, h.cfg.Issuer)
+		if err != nil {
+			return nil, fmt.Errorf("sso: discover %s: %w", h.cfg.Issuer, err)
+		}
+		h.mu.Lock()
+		h.provider = p
+		h.mu.Unlock()
+		return p, nil
+	})
+	select {
+	case res := <-ch:
+		if res.Err != nil {
+			return nil, res.Err
+		}
+		return res.Val.(*oidc.Provider), nil
+	case <-ctx.Done():
+		return nil, fmt.Errorf("sso: discover %s: %w", h.cfg.Issuer, ctx.Err())
 	}
-	h.provider = p
-	return p, nil
 }
 
 func (h *Handler) oauth(p *oidc.Provider) *oauth2.Config {

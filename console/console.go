@@ -27,6 +27,7 @@ package console
 
 import (
 	"bytes"
+	"cmp"
 	"embed"
 	"encoding/json"
 	"errors"
@@ -74,9 +75,12 @@ type Config struct {
 	Logger *slog.Logger
 	// Now returns the current time. If nil, time.Now.
 	Now func() time.Time
-	// SSOLogin shows "Sign in with SSO" (to /auth/login?as=admin) beside
-	// the password form.
+	// SSOLogin shows "Sign in with <SSOProvider>" (to
+	// /auth/login?as=admin) beside the password form.
 	SSOLogin bool
+	// SSOProvider names the sign-in provider on that button. If empty,
+	// "SSO".
+	SSOProvider string
 }
 
 // Handler serves the console under [Prefix]. Create it with [New]; it is
@@ -88,7 +92,7 @@ type Handler struct {
 	secure   func(*http.Request) bool
 	log      *slog.Logger
 	now      func() time.Time
-	ssoLogin bool
+	ssoLogin string // the provider's name on the SSO button; "" for none
 	pages    map[string]*template.Template
 	handler  http.Handler
 }
@@ -98,7 +102,10 @@ func New(cfg Config) (*Handler, error) {
 	if cfg.API == nil || cfg.Sessions == nil {
 		return nil, errors.New("console: Config.API and Config.Sessions are required")
 	}
-	h := &Handler{api: cfg.API, sessions: cfg.Sessions, statuses: cfg.Statuses, secure: cfg.Secure, log: cfg.Logger, now: cfg.Now, ssoLogin: cfg.SSOLogin}
+	h := &Handler{api: cfg.API, sessions: cfg.Sessions, statuses: cfg.Statuses, secure: cfg.Secure, log: cfg.Logger, now: cfg.Now}
+	if cfg.SSOLogin {
+		h.ssoLogin = cmp.Or(cfg.SSOProvider, "SSO")
+	}
 	if h.secure == nil {
 		h.secure = func(r *http.Request) bool { return r.TLS != nil }
 	}

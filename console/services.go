@@ -18,8 +18,8 @@ func (h *Handler) loginPage(w http.ResponseWriter, r *http.Request) {
 // loginData is the sign-in page's data.
 func (h *Handler) loginData(next, user string) map[string]string {
 	d := map[string]string{"Next": next, "Username": user}
-	if h.ssoLogin {
-		d["SSO"] = "1"
+	if h.ssoLogin != "" {
+		d["SSO"] = h.ssoLogin
 	}
 	return d
 }

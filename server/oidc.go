@@ -39,6 +39,7 @@ const (
 	EnvOIDCAdminGroup         = "KEYPOOL_OIDC_ADMIN_GROUP"
 	EnvOIDCTokenTTL           = "KEYPOOL_OIDC_TOKEN_TTL"
 	EnvOIDCDiscoveryTimeout   = "KEYPOOL_OIDC_TIMEOUT"
+	EnvOIDCProviderName       = "KEYPOOL_OIDC_PROVIDER_NAME"
 	defaultOIDCStartupTimeout = 5 * time.Second
 )
 
@@ -81,10 +82,28 @@ type OIDCConfig struct {
 	// Timeout bounds each call to the provider. If zero, 10s; discovery
 	// at start waits at most 5s and is retried on the first sign-in.
 	Timeout Duration `json:"timeout,omitempty" yaml:"timeout,omitempty"`
+	// ProviderName names the provider on the console's button, "Sign in
+	// with <name>". If empty, "Google" when the Google variables name the
+	// client or the issuer is Google's, else "SSO".
+	ProviderName string `json:"provider_name,omitempty" yaml:"provider_name,omitempty"`
+
+	// google reports whether GOOGLE_CLIENT_ID named the client.
+	google bool
 }
 
 // Enabled reports whether sign-in is configured.
 func (c *OIDCConfig) Enabled() bool { return c.ClientID != "" }
+
+// DisplayName is the provider's name on the console's sign-in button.
+func (c *OIDCConfig) DisplayName() string {
+	switch {
+	case c.ProviderName != "":
+		return c.ProviderName
+	case c.google || c.Issuer == "" || c.Issuer == sso.GoogleIssuer:
+		return "Google"
+	}
+	return "SSO"
+}
 
 func (c *OIDCConfig) applyEnv(get func(string) (string, bool)) error {
 	list := func(v string) []string {
@@ -97,7 +116,7 @@ func (c *OIDCConfig) applyEnv(get func(string) (string, bool)) error {
 		return out
 	}
 	if v, ok := get(EnvGoogleClientID); ok {
-		c.ClientID, c.Issuer = v, sso.GoogleIssuer
+		c.ClientID, c.Issuer, c.google = v, sso.GoogleIssuer, true
 	}
 	if v, ok := get(EnvGoogleClientSecret); ok {
 		c.ClientSecret = keypool.Secret(v)
@@ -108,10 +127,14 @@ func (c *OIDCConfig) applyEnv(get func(string) (string, bool)) error {
 	for _, f := range [...]struct {
 		env string
 		dst *string
-	}{{EnvOIDCIssuer, &c.Issuer}, {EnvOIDCClientID, &c.ClientID}, {EnvAuthBaseURL, &c.BaseURL}, {EnvOIDCDefaultTeam, &c.DefaultTeam}, {EnvOIDCAdminGroup, &c.AdminGroup}} {
+	}{{EnvOIDCIssuer, &c.Issuer}, {EnvOIDCClientID, &c.ClientID}, {EnvAuthBaseURL, &c.BaseURL}, {EnvOIDCDefaultTeam, &c.DefaultTeam},
+		{EnvOIDCAdminGroup, &c.AdminGroup}, {EnvOIDCProviderName, &c.ProviderName}} {
 		if v, ok := get(f.env); ok {
 			*f.dst = v
 		}
+	}
+	if _, ok := get(EnvOIDCClientID); ok {
+		c.google = false
 	}
 	if v, ok := get(EnvOIDCClientSecret); ok {
 		c.ClientSecret = keypool.Secret(v)

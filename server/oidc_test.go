@@ -36,6 +36,10 @@ func TestOIDCEnv(t *testing.T) {
 	if err := c.Validate(); err != nil {
 		t.Errorf("validate: %v", err)
 	}
+	// Pointed at another issuer, the Google variables still say Google.
+	if err := c.ApplyEnv(env(map[string]string{"KEYPOOL_OIDC_ISSUER": "http://127.0.0.1:9"})); err != nil || c.OIDC.DisplayName() != "Google" {
+		t.Errorf("Google variables with another issuer: button says %q (%v), want Google", c.OIDC.DisplayName(), err)
+	}
 	// Any provider: the KEYPOOL_ variables win.
 	if err := c.ApplyEnv(env(map[string]string{"KEYPOOL_OIDC_ISSUER": "https://idp.example.com/realms/x", "KEYPOOL_OIDC_CLIENT_ID": "kp",
 		"KEYPOOL_OIDC_CLIENT_SECRET": "s2", "KEYPOOL_AUTH_BASE_URL": "https://kp.example.com"})); err != nil {
@@ -43,6 +47,12 @@ func TestOIDCEnv(t *testing.T) {
 	}
 	if c.OIDC.Issuer != "https://idp.example.com/realms/x" || c.OIDC.ClientID != "kp" || c.OIDC.BaseURL != "https://kp.example.com" {
 		t.Errorf("generic env: %+v", c.OIDC)
+	}
+	if n := c.OIDC.DisplayName(); n != "SSO" {
+		t.Errorf("generic provider: button says %q, want SSO", n)
+	}
+	if err := c.ApplyEnv(env(map[string]string{"KEYPOOL_OIDC_PROVIDER_NAME": "Keycloak"})); err != nil || c.OIDC.DisplayName() != "Keycloak" {
+		t.Errorf("named provider: button says %q (%v)", c.OIDC.DisplayName(), err)
 	}
 	for name, bad := range map[string]OIDCConfig{
 		"no secret":   {ClientID: "x", BaseURL: "https://a"},

@@ -428,7 +428,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if !cfg.Console.Disabled {
 		statuses, _ := s.st.(store.StatusCounter)
 		if s.console, err = console.New(console.Config{API: s.admin, Sessions: s.sess, Statuses: statuses,
-			Secure: s.cookieSecure, Logger: log, Now: s.now, SSOLogin: cfg.OIDC.Enabled() && (len(cfg.OIDC.Admins) > 0 || cfg.OIDC.AdminGroup != "")}); err != nil {
+			Secure: s.cookieSecure, Logger: log, Now: s.now, SSOLogin: cfg.OIDC.Enabled() && (len(cfg.OIDC.Admins) > 0 || cfg.OIDC.AdminGroup != ""), SSOProvider: cfg.OIDC.DisplayName()}); err != nil {
 			return nil, err
 		}
 	}

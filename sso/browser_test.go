@@ -32,10 +32,12 @@ func chromium(t *testing.T) string {
 // TestBrowserSignIn walks the whole flow in headless Chromium: sign in,
 // approve at the provider, see the token once, use it, sign in again for
 // a second token, list both on the self-service page, revoke one; then an
-// admin signs in to the console with the SSO button.
+// admin signs in to the console with the "Sign in with Google" button.
+// keypoold is configured by the three Google variables, pointed at the
+// test provider.
 func TestBrowserSignIn(t *testing.T) {
 	exe := chromium(t)
-	e := start(t, nil)
+	e := start(t, googleVars(t, map[string]string{"KEYPOOL_OIDC_ALLOWED_DOMAINS": "example.com", "KEYPOOL_OIDC_ADMINS": "root@example.com"}))
 	e.provider.SetAutoApprove(false)
 
 	opts := []chromedp.ExecAllocatorOption{
@@ -136,13 +138,17 @@ func TestBrowserSignIn(t *testing.T) {
 
 	// An admin signs in to the console with the SSO button.
 	e.provider.SetClaims(oidcClaims("root@example.com"))
-	var who string
+	var who, button string
 	run("admin SSO", chromedp.Navigate(e.base+"/console/login"),
 		chromedp.WaitVisible("#sso-login", chromedp.ByID),
+		chromedp.Text("#sso-login", &button, chromedp.ByID),
 		chromedp.Click("#sso-login", chromedp.ByID),
 		chromedp.WaitVisible("#approve", chromedp.ByID),
 		chromedp.Click("#approve", chromedp.ByID))
 	read(`(document.querySelector("#signed-in-as") || {}).textContent || ""`, &who, func() bool { return who != "" })
+	if button != "Sign in with Google" {
+		t.Errorf("the console's SSO button says %q, want Sign in with Google", button)
+	}
 	if !strings.Contains(who, "root@example.com") {
 		t.Errorf("console signed in as %q", who)
 	}

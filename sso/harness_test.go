@@ -259,3 +259,22 @@ func mustURL(t *testing.T, s string) *url.URL {
 func oidcClaims(email string) oidctest.Claims {
 	return oidctest.Claims{Email: email, EmailVerified: true}
 }
+
+// googleVars configures sign-in the way the README's Google setup does:
+// from the environment, with GOOGLE_CLIENT_ID, GOOGLE_CLIENT_SECRET and
+// AUTH_BASE_URL, and KEYPOOL_OIDC_ISSUER pointing them at the test
+// provider (Google's issuer is fixed). extra adds more variables.
+func googleVars(t *testing.T, extra map[string]string) func(*server.OIDCConfig) {
+	return func(oc *server.OIDCConfig) {
+		vars := map[string]string{"GOOGLE_CLIENT_ID": clientID, "GOOGLE_CLIENT_SECRET": clientSecret, "AUTH_BASE_URL": oc.BaseURL,
+			"KEYPOOL_OIDC_ISSUER": oc.Issuer}
+		for k, v := range extra {
+			vars[k] = v
+		}
+		var cfg server.Config
+		if err := cfg.ApplyEnv(func(k string) (string, bool) { v, ok := vars[k]; return v, ok }); err != nil {
+			t.Fatal(err)
+		}
+		*oc = cfg.OIDC
+	}
+}

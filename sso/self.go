@@ -43,6 +43,9 @@ type tokenRow struct {
 	Requests, Tokens int64
 	Cost             float64
 	Expired          bool
+	// LastDay is the last day (UTC, 2006-01-02) with usage recorded for
+	// the token, shown when the store keeps no LastUsedAt.
+	LastDay string
 }
 
 type budgetRow struct {
@@ -79,14 +82,22 @@ func (h *Handler) me(w http.ResponseWriter, r *http.Request) {
 		h.fail(w, http.StatusInternalServerError, "Unavailable", "keypool could not read your tokens.")
 		return
 	}
-	rows, err := h.cfg.Store.QueryUsage(ctx, store.UsageQuery{Team: u.TeamID, GroupBy: []string{store.GroupToken}})
+	rows, err := h.cfg.Store.QueryUsage(ctx, store.UsageQuery{Team: u.TeamID, GroupBy: []string{store.GroupToken, store.GroupDay}})
 	if err != nil {
 		h.fail(w, http.StatusInternalServerError, "Unavailable", "keypool could not read your usage.")
 		return
 	}
 	byToken := map[string]store.UsageRow{}
+	lastDay := map[string]string{}
 	for _, row := range rows {
-		byToken[row.Group[store.GroupToken]] = row
+		id := row.Group[store.GroupToken]
+		sum := byToken[id]
+		sum.Requests += row.Requests
+		sum.TokensIn += row.TokensIn
+		sum.TokensOut += row.TokensOut
+		sum.Cost += row.Cost
+		byToken[id] = sum
+		lastDay[id] = max(lastDay[id], row.Group[store.GroupDay])
 	}
 	now := h.now()
 	p := mePage{Email: u.ExternalID, Team: team.Name, BaseURL: h.cfg.BaseURL}
@@ -96,7 +107,7 @@ func (h *Handler) me(w http.ResponseWriter, r *http.Request) {
 		}
 		use := byToken[t.ID]
 		p.Tokens = append(p.Tokens, tokenRow{Token: t, Requests: use.Requests, Tokens: use.TokensIn + use.TokensOut, Cost: use.Cost,
-			Expired: t.ExpiresAt != nil && !now.Before(*t.ExpiresAt)})
+			Expired: t.ExpiresAt != nil && !now.Before(*t.ExpiresAt), LastDay: lastDay[t.ID]})
 		p.Requests += use.Requests
 		p.Used += use.TokensIn + use.TokensOut
 		p.Cost += use.Cost

@@ -20,6 +20,15 @@ func prefixes(body string) []string {
 	return out
 }
 
+// lastUsed returns the "last used" cell of the token with this prefix.
+func lastUsed(body, prefix string) string {
+	m := regexp.MustCompile(`(?s)<tr data-prefix="` + prefix + `">.*?<td class="last-used">([^<]*)</td>`).FindStringSubmatch(body)
+	if m == nil {
+		return "(no row)"
+	}
+	return m[1]
+}
+
 // tokenID finds the id of the token with this prefix (admin API).
 func (e *env) tokenID(prefix string) string {
 	e.t.Helper()
@@ -81,6 +90,12 @@ func TestSelfService(t *testing.T) {
 	}
 	if !strings.Contains(body, `<td>15</td><td>1000</td>`) {
 		t.Errorf("team budget does not show 15 of 1000 tokens today")
+	}
+	if used, today := lastUsed(body, a1[:8]), time.Now().UTC().Format("2006-01-02"); used != today {
+		t.Errorf("alice's used token was last used %q, want %s (today)", used, today)
+	}
+	if used := lastUsed(body, a2[:8]); used != "—" {
+		t.Errorf("alice's unused token was last used %q, want —", used)
 	}
 
 	// Alice cannot revoke Bob's token.

@@ -116,12 +116,19 @@ func TestOIDCFile(t *testing.T) {
   domain_teams: {corp.example.com: corp}
   token_ttl: 720h
   timeout: 3s
+  allowed_emails: [guest@other.org]
+  default_team: staff
+  state_secret: ${STATE}
+  provider_name: Okta
 `), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	c, err := LoadFile(p, func(k string) (string, bool) {
-		if k == "OIDC_SECRET" {
+		switch k {
+		case "OIDC_SECRET":
 			return "from-env", true
+		case "STATE":
+			return strings.Repeat("s", 32), true
 		}
 		return "", false
 	})
@@ -131,7 +138,8 @@ func TestOIDCFile(t *testing.T) {
 	o := c.OIDC
 	if o.Issuer != "https://idp.example.com/realms/main" || o.ClientID != "keypool" || o.ClientSecret.Reveal() != "from-env" ||
 		o.BaseURL != "https://proxy.internal" || o.DomainTeams["corp.example.com"] != "corp" || o.AdminGroup != "keypool-admins" ||
-		o.TokenTTL.String() != "720h0m0s" || o.Timeout.String() != "3s" || len(o.AllowedDomains) != 1 || len(o.Admins) != 1 {
+		o.TokenTTL.String() != "720h0m0s" || o.Timeout.String() != "3s" || len(o.AllowedDomains) != 1 || len(o.Admins) != 1 ||
+		len(o.AllowedEmails) != 1 || o.DefaultTeam != "staff" || o.StateSecret.Reveal() != strings.Repeat("s", 32) || o.DisplayName() != "Okta" {
 		t.Errorf("oidc section: %+v", o)
 	}
 	if err := c.Validate(); err != nil {

@@ -4,9 +4,10 @@ import (
 	"bytes"
 	"hash/crc32"
 	"math"
+	"math/bits"
 	"strconv"
+	"strings"
 	"time"
-	"unicode/utf8"
 )
 
 // Kinds of journal line.
@@ -16,12 +17,39 @@ const (
 	lineDelta              // a final record as a change to its provisional line
 )
 
-// appendRecordLine appends the journal line of rec to b: the CRC-32C of
-// the rest of the line in 8 hex digits, a space, "P" for a provisional
-// record or "D" for a delta, the JSON (the field names of [UsageRecord]'s
-// json tags, decoded by encoding/json on replay), and a newline. A delta
-// is the final record of a request whose provisional line is in the
-// journal (rec.pseg is set): its ID, time and numbers, and only the
+// The journal's line format (format 2): the CRC-32C of the rest of the
+// line in 8 hex digits, a space, the format digit '2', the kind ('F' a
+// whole final record, 'P' a provisional record, 'D' a delta), then the
+// fields, each after a tab, and a newline:
+//
+//	F, P: time id request_id team_id token_id service router key_id model
+//	      status tokens_in tokens_out cached_tokens cost latency_ms key_spend
+//	D:    time id changed request_id… status tokens_in tokens_out
+//	      cached_tokens cost latency_ms key_spend
+//
+// time is Unix nanoseconds (empty for the zero time); numbers are decimal,
+// a cost or spend with a fraction in Go's shortest form that reads back
+// exactly; in strings a tab, newline or backslash is escaped as \t, \n,
+// \\. A delta's changed is a bit set (decimal) of the string fields, in
+// the order above from bit 0 (request_id) to bit 6 (model), that differ
+// from its provisional line's; only those follow, in that order (an empty
+// one clears the field). Lines of format 1 (JSON, with "P" or "D" before
+// it for a provisional record or a delta) are replayed too
+// (journal_replay.go).
+const (
+	formatCompact = '2'
+	kindFinal     = 'F'
+	kindProv      = 'P'
+	kindDelta     = 'D'
+	// compactWhole is the number of fields of a whole record.
+	compactWhole = 16
+	// compactNums is the number of numeric fields that end every line.
+	compactNums = 7
+)
+
+// appendRecordLine appends the journal line of rec to b (format 2). A
+// delta is the final record of a request whose provisional line is in
+// the journal (rec.pseg is set): its ID, time and numbers, and only the
 // string fields that differ from the provisional line's, which replay
 // starts from. It is written by hand because it runs once per request.
 func appendRecordLine(b []byte, rec *UsageRecord, kind int) []byte {
@@ -36,47 +64,51 @@ func appendRecordLine(b []byte, rec *UsageRecord, kind int) []byte {
 // the group's lines, so that an appender's encoding buffer, which would
 // escape into the checksum code, can live on its stack.
 func appendUnsummedLine(b []byte, rec *UsageRecord, kind int) []byte {
-	b = append(b, "00000000 "...)
+	b = append(b, "00000000 2"...)
 	switch kind {
 	case lineProvisional:
-		b = append(b, 'P')
+		b = append(b, kindProv, '\t')
 	case lineDelta:
-		b = append(b, 'D')
+		b = append(b, kindDelta, '\t')
+	default:
+		b = append(b, kindFinal, '\t')
 	}
-	b = append(b, `{"time":"`...)
-	b = rec.Time.AppendFormat(b, time.RFC3339Nano)
-	b = append(b, '"')
-	b = appendStrField(b, "id", rec.ID)
+	if !rec.Time.IsZero() {
+		b = strconv.AppendInt(b, rec.Time.UnixNano(), 10)
+	}
+	b = appendCompactString(b, rec.ID)
 	if kind == lineDelta {
 		p := &rec.prov
-		b = appendChangedField(b, "request_id", rec.RequestID, p.requestID)
-		b = appendChangedField(b, "team_id", rec.TeamID, p.teamID)
-		b = appendChangedField(b, "token_id", rec.TokenID, p.tokenID)
-		b = appendChangedField(b, "service", rec.Service, p.service)
-		b = appendChangedField(b, "router", rec.Router, p.router)
-		b = appendChangedField(b, "key_id", rec.KeyID, p.keyID)
-		b = appendChangedField(b, "model", rec.Model, p.model)
+		var changed uint8
+		for i, c := range [...]bool{rec.RequestID != p.requestID, rec.TeamID != p.teamID, rec.TokenID != p.tokenID,
+			rec.Service != p.service, rec.Router != p.router, rec.KeyID != p.keyID, rec.Model != p.model} {
+			if c {
+				changed |= 1 << i
+			}
+		}
+		b = append(b, '\t')
+		b = strconv.AppendUint(b, uint64(changed), 10)
+		for i, v := range [...]string{rec.RequestID, rec.TeamID, rec.TokenID, rec.Service, rec.Router, rec.KeyID, rec.Model} {
+			if changed&(1<<i) != 0 {
+				b = appendCompactString(b, v)
+			}
+		}
 	} else {
-		b = appendStrField(b, "request_id", rec.RequestID)
-		b = appendStrField(b, "team_id", rec.TeamID)
-		b = appendStrField(b, "token_id", rec.TokenID)
-		b = appendStrField(b, "service", rec.Service)
-		b = appendStrField(b, "router", rec.Router)
-		b = appendStrField(b, "key_id", rec.KeyID)
-		b = appendStrField(b, "model", rec.Model)
+		b = appendCompactString(b, rec.RequestID)
+		b = appendCompactString(b, rec.TeamID)
+		b = appendCompactString(b, rec.TokenID)
+		b = appendCompactString(b, rec.Service)
+		b = appendCompactString(b, rec.Router)
+		b = appendCompactString(b, rec.KeyID)
+		b = appendCompactString(b, rec.Model)
 	}
-	// A whole record omits zero numbers (replay decodes into a zero
-	// record); a delta names every number, each replacing its provisional
-	// line's.
-	all := kind == lineDelta
-	b = appendIntField(b, "status", int64(rec.Status), all)
-	b = appendIntField(b, "tokens_in", rec.TokensIn, all)
-	b = appendIntField(b, "tokens_out", rec.TokensOut, all)
-	b = appendIntField(b, "cached_tokens", rec.CachedTokens, all)
-	b = appendFloatField(b, "cost", rec.Cost, all)
-	b = appendIntField(b, "latency_ms", rec.LatencyMS, all)
-	b = appendFloatField(b, "key_spend", rec.KeySpend, all)
-	b = append(b, '}')
+	b = appendCompactInt(b, int64(rec.Status))
+	b = appendCompactInt(b, rec.TokensIn)
+	b = appendCompactInt(b, rec.TokensOut)
+	b = appendCompactInt(b, rec.CachedTokens)
+	b = appendCompactFloat(b, rec.Cost)
+	b = appendCompactInt(b, rec.LatencyMS)
+	b = appendCompactFloat(b, rec.KeySpend)
 	return append(b, '\n')
 }
 
@@ -91,7 +123,7 @@ func sumLine(line []byte) {
 }
 
 // sumLines fills in the checksums of unsummed lines; b holds whole lines
-// (a JSON string escapes its newlines, so a line ends at the first).
+// (a string field escapes its newlines, so a line ends at the first).
 func sumLines(b []byte) {
 	for len(b) > 0 {
 		n := bytes.IndexByte(b, '\n') + 1
@@ -103,106 +135,125 @@ func sumLines(b []byte) {
 	}
 }
 
-// appendChangedField appends field name with value v when v differs from
-// was, the provisional line's value (an empty v too, so that replay
-// clears the field).
-func appendChangedField(b []byte, name, v, was string) []byte {
-	if v == was {
-		return b
+// appendCompactString appends a tab and s, its tabs, newlines and
+// backslashes escaped.
+func appendCompactString(b []byte, s string) []byte {
+	b = append(b, '\t')
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; c {
+		case '\t':
+			b = append(b, '\\', 't')
+		case '\n':
+			b = append(b, '\\', 'n')
+		case '\\':
+			b = append(b, '\\', '\\')
+		default:
+			// Copy the run of bytes that need no escaping at once: ids,
+			// names and models have none.
+			k := i + 1
+			for k < len(s) && s[k] != '\t' && s[k] != '\n' && s[k] != '\\' {
+				k++
+			}
+			b = append(b, s[i:k]...)
+			i = k - 1
+		}
 	}
-	b = append(b, ',', '"')
-	b = append(b, name...)
-	b = append(b, '"', ':')
-	return appendJSONString(b, v)
+	return b
 }
 
-func appendStrField(b []byte, name, v string) []byte {
-	if v == "" {
-		return b
-	}
-	b = append(b, ',', '"')
-	b = append(b, name...)
-	b = append(b, '"', ':')
-	return appendJSONString(b, v)
-}
-
-// appendIntField appends field name with value v, unless v is zero and
-// zero is not wanted.
-func appendIntField(b []byte, name string, v int64, zero bool) []byte {
-	if v == 0 && !zero {
-		return b
-	}
-	b = append(b, ',', '"')
-	b = append(b, name...)
-	b = append(b, '"', ':')
+// appendCompactInt appends a tab and v.
+func appendCompactInt(b []byte, v int64) []byte {
+	b = append(b, '\t')
 	return strconv.AppendInt(b, v, 10)
 }
 
-// appendFloatField appends field name with value v (0 for NaN and
-// infinities), unless that is zero and zero is not wanted.
-func appendFloatField(b []byte, name string, v float64, zero bool) []byte {
+// appendCompactFloat appends a tab and v (0 for NaN and infinities).
+func appendCompactFloat(b []byte, v float64) []byte {
+	b = append(b, '\t')
 	if math.IsNaN(v) || math.IsInf(v, 0) {
-		v = 0
+		return append(b, '0')
 	}
-	if v == 0 && !zero {
-		return b
-	}
-	b = append(b, ',', '"')
-	b = append(b, name...)
-	b = append(b, '"', ':')
 	if v == math.Trunc(v) && math.Abs(v) < 1<<53 {
 		return strconv.AppendInt(b, int64(v), 10) // exact, and cheaper than the shortest-float search
 	}
 	return strconv.AppendFloat(b, v, 'g', -1, 64)
 }
 
-// appendJSONString appends s as a JSON string; invalid UTF-8 becomes
-// U+FFFD, as encoding/json does.
-func appendJSONString(b []byte, s string) []byte {
-	const hexDigits = "0123456789abcdef"
-	b = append(b, '"')
-	for i := 0; i < len(s); {
-		// Copy the run of bytes that need no escaping at once: ids,
-		// names and models are plain ASCII.
-		k := i
-		for k < len(s) && s[k] >= 0x20 && s[k] < utf8.RuneSelf && s[k] != '"' && s[k] != '\\' {
-			k++
-		}
-		if k > i {
-			b = append(b, s[i:k]...)
-			if i = k; i == len(s) {
-				break
-			}
-		}
-		c := s[i]
-		if c < utf8.RuneSelf {
-			switch {
-			case c == '"' || c == '\\':
-				b = append(b, '\\', c)
-			case c < 0x20:
-				switch c {
-				case '\n':
-					b = append(b, '\\', 'n')
-				case '\r':
-					b = append(b, '\\', 'r')
-				case '\t':
-					b = append(b, '\\', 't')
-				default:
-					b = append(b, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xf])
-				}
-			default:
-				b = append(b, c)
-			}
-			i++
-			continue
-		}
-		r, size := utf8.DecodeRuneInString(s[i:])
-		if r == utf8.RuneError && size == 1 {
-			b = append(b, `\ufffd`...)
-		} else {
-			b = append(b, s[i:i+size]...)
-		}
-		i += size
+// decodeCompact decodes the fields of a format-2 line (each after a tab)
+// into rec: a whole record into a zero rec, a delta into its provisional
+// record. Invalid UTF-8 in a string becomes U+FFFD, as it did when lines
+// were JSON.
+func decodeCompact(body []byte, kind int, rec *UsageRecord) bool {
+	f := bytes.Split(body, []byte{'\t'})[1:] // body starts with a tab
+	if len(f) < 3+compactNums {
+		return false
 	}
-	return append(b, '"')
+	var t time.Time
+	if len(f[0]) > 0 {
+		ns, err := strconv.ParseInt(string(f[0]), 10, 64)
+		if err != nil {
+			return false
+		}
+		t = time.Unix(0, ns).UTC()
+	}
+	strs := [...]*string{&rec.RequestID, &rec.TeamID, &rec.TokenID, &rec.Service, &rec.Router, &rec.KeyID, &rec.Model}
+	var changed uint64 = 1<<len(strs) - 1
+	rest := f[2:]
+	if kind == lineDelta {
+		c, err := strconv.ParseUint(string(f[2]), 10, 8)
+		if err != nil || c >= 1<<len(strs) {
+			return false
+		}
+		changed, rest = c, f[3:]
+	}
+	if len(rest) != bits.OnesCount64(changed)+compactNums {
+		return false
+	}
+	rec.Time, rec.ID = t, unescapeCompact(f[1])
+	for i, p := range strs {
+		if changed&(1<<i) != 0 {
+			*p, rest = unescapeCompact(rest[0]), rest[1:]
+		}
+	}
+	var n [compactNums]int64
+	var x [2]float64
+	for i, v := range rest {
+		var err error
+		switch i {
+		case 4, 6: // cost, key_spend
+			x[i/5], err = strconv.ParseFloat(string(v), 64)
+		default:
+			n[i], err = strconv.ParseInt(string(v), 10, 64)
+		}
+		if err != nil {
+			return false
+		}
+	}
+	rec.Status, rec.TokensIn, rec.TokensOut, rec.CachedTokens, rec.Cost, rec.LatencyMS, rec.KeySpend =
+		int(n[0]), n[1], n[2], n[3], x[0], n[5], x[1]
+	return true
+}
+
+// unescapeCompact returns the string of a format-2 field.
+func unescapeCompact(v []byte) string {
+	if bytes.IndexByte(v, '\\') < 0 {
+		return strings.ToValidUTF8(string(v), "\uFFFD")
+	}
+	s := make([]byte, 0, len(v))
+	for i := 0; i < len(v); i++ {
+		c := v[i]
+		if c == '\\' && i+1 < len(v) {
+			i++
+			switch v[i] {
+			case 't':
+				c = '\t'
+			case 'n':
+				c = '\n'
+			default:
+				c = v[i]
+			}
+		}
+		s = append(s, c)
+	}
+	return strings.ToValidUTF8(string(s), "\uFFFD")
 }

@@ -2,6 +2,7 @@ package store
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -121,23 +122,26 @@ func replayFiles(ctx context.Context, files []string, dst UsageAppender) (n, tor
 	at := map[string]int{} // id → index in recs
 	final := map[string]bool{}
 	for _, path := range files {
-		t, err := readSegment(path, func(body []byte, kind int) bool {
+		t, err := readSegment(path, func(body []byte, kind, format int) bool {
 			var rec UsageRecord
-			if json.Unmarshal(body, &rec) != nil {
-				return false
-			}
-			i, seen := at[rec.ID]
 			if kind == lineDelta {
-				if !seen || final[rec.ID] {
+				// A delta names its ID where a whole line does.
+				id, ok := lineID(body, format)
+				if !ok {
+					return false
+				}
+				i, seen := at[id]
+				if !seen || final[id] {
 					// Its provisional line is deleted only once the
 					// store has the record: nothing to replay.
 					return true
 				}
 				rec = recs[i]
-				if json.Unmarshal(body, &rec) != nil {
-					return false
-				}
 			}
+			if !decodeLine(body, kind, format, &rec) {
+				return false
+			}
+			i, seen := at[rec.ID]
 			switch {
 			case rec.ID == "" || !seen:
 				at[rec.ID] = len(recs)
@@ -168,11 +172,11 @@ func replayFiles(ctx context.Context, files []string, dst UsageAppender) (n, tor
 	return n, torn, nil
 }
 
-// readSegment calls fn with the JSON and the kind of every line of a
-// segment file whose checksum holds; fn reports whether the line could be
-// used. readSegment returns how many lines it skipped (torn, failing
+// readSegment calls fn with the body (after the kind), the kind and the
+// format of every line of a segment file whose checksum holds; fn
+// reports whether the line could be used. readSegment returns how many lines it skipped (torn, failing
 // their checksum, or refused by fn).
-func readSegment(path string, fn func(body []byte, kind int) bool) (torn int, err error) {
+func readSegment(path string, fn func(body []byte, kind, format int) bool) (torn int, err error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return 0, err
@@ -193,39 +197,79 @@ func readSegment(path string, fn func(body []byte, kind int) bool) (torn int, er
 		if err != nil {
 			return torn, err
 		}
-		body, kind, ok := checkLine(line)
-		if !ok || !fn(body, kind) {
+		body, kind, format, ok := checkLine(line)
+		if !ok || !fn(body, kind, format) {
 			torn++
 		}
 	}
 }
 
 // checkLine verifies one journal line (with its newline) and returns its
-// JSON and kind.
-func checkLine(line []byte) (body []byte, kind int, ok bool) {
+// body after the kind (format 1: the JSON; format 2: the fields, each
+// after a tab), its kind and its format (1 or 2).
+func checkLine(line []byte) (body []byte, kind, format int, ok bool) {
 	if len(line) < 11 || line[8] != ' ' || line[len(line)-1] != '\n' {
-		return nil, 0, false
+		return nil, 0, 0, false
 	}
 	want, err := strconv.ParseUint(string(line[:8]), 16, 32)
 	body = line[9 : len(line)-1]
 	if err != nil || crc32.Checksum(body, crcTable) != uint32(want) {
-		return nil, 0, false
+		return nil, 0, 0, false
+	}
+	if body[0] == formatCompact {
+		if len(body) < 3 || body[2] != '\t' {
+			return nil, 0, 0, false
+		}
+		switch body[1] {
+		case kindFinal:
+			return body[2:], lineFinal, 2, true
+		case kindProv:
+			return body[2:], lineProvisional, 2, true
+		case kindDelta:
+			return body[2:], lineDelta, 2, true
+		}
+		return nil, 0, 0, false
 	}
 	switch body[0] {
 	case 'P':
-		return body[1:], lineProvisional, true
+		return body[1:], lineProvisional, 1, true
 	case 'D':
-		return body[1:], lineDelta, true
+		return body[1:], lineDelta, 1, true
 	}
-	return body, lineFinal, true
+	return body, lineFinal, 1, true
 }
 
 // decodeRecord parses one journal line of a whole record (with its
 // newline) and reports whether it is a provisional record.
 func decodeRecord(line []byte) (rec UsageRecord, provisional, ok bool) {
-	body, kind, ok := checkLine(line)
-	if !ok || kind == lineDelta || json.Unmarshal(body, &rec) != nil {
+	body, kind, format, ok := checkLine(line)
+	if !ok || kind == lineDelta || !decodeLine(body, kind, format, &rec) {
 		return rec, false, false
 	}
 	return rec, kind == lineProvisional, true
+}
+
+// decodeLine decodes a line's body into rec: a whole record into a zero
+// rec, a delta into its provisional record.
+func decodeLine(body []byte, kind, format int, rec *UsageRecord) bool {
+	if format == 1 {
+		return json.Unmarshal(body, rec) == nil
+	}
+	return decodeCompact(body, kind, rec)
+}
+
+// lineID returns the ID a line's body names.
+func lineID(body []byte, format int) (string, bool) {
+	if format == 1 {
+		var r struct {
+			ID string `json:"id"`
+		}
+		err := json.Unmarshal(body, &r)
+		return r.ID, err == nil
+	}
+	f := bytes.SplitN(body, []byte{'\t'}, 4) // "", time, id, rest
+	if len(f) < 4 {
+		return "", false
+	}
+	return unescapeCompact(f[2]), true
 }

@@ -2,7 +2,6 @@ package store
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"log/slog"
 	"math"
@@ -85,9 +84,15 @@ func journalFiles(t *testing.T, dir string) []string {
 // readRecords calls fn with the ID (and what else the line has) of every
 // intact line of a segment file, whatever its kind.
 func readRecords(path string, fn func(UsageRecord)) (torn int, err error) {
-	return readSegment(path, func(body []byte, _ int) bool {
+	return readSegment(path, func(body []byte, kind, format int) bool {
 		var r UsageRecord
-		if json.Unmarshal(body, &r) != nil {
+		if kind == lineDelta {
+			id, ok := lineID(body, format)
+			r.ID = id
+			if !ok {
+				return false
+			}
+		} else if !decodeLine(body, kind, format, &r) {
 			return false
 		}
 		fn(r)
@@ -489,27 +494,43 @@ func TestJournalCloseWritesAcceptedRecords(t *testing.T) {
 	}
 }
 
-// TestJournalReplaysPreviousFormat: a journal written before final
-// records became deltas (each final line whole, superseding its
-// provisional line) replays as it did: the final record of a request
-// that finished, the provisional record of one that did not.
+// TestJournalReplaysPreviousFormat: journals written in format 1 (JSON
+// lines) replay as they did: before final records became deltas (each
+// final line whole, superseding its provisional line) and after (a "D"
+// line changing its provisional line). A finished request replays as its
+// final record, one that did not finish as its provisional record; a
+// format-2 journal in the same directory replays alongside.
 func TestJournalReplaysPreviousFormat(t *testing.T) {
 	dir := t.TempDir()
 	const old = `1f364222 P{"time":"2026-12-01T10:00:00Z","id":"0123456789abcdef-1","request_id":"req1","team_id":"team_a","token_id":"tok_a","service":"svc","key_id":"key_1","model":"gpt-4o-mini","status":0,"tokens_in":1000,"tokens_out":1024,"cached_tokens":0,"cost":0.5,"latency_ms":0,"key_spend":-1}
 fefd662a {"time":"2026-12-01T10:00:01Z","id":"0123456789abcdef-1","request_id":"req1","team_id":"team_a","token_id":"tok_a","service":"svc","key_id":"key_1","model":"gpt-4o-mini","status":200,"tokens_in":12,"tokens_out":34,"cached_tokens":0,"cost":0.001,"latency_ms":900,"key_spend":0.001}
 afa8d003 P{"time":"2026-12-01T10:00:01Z","id":"0123456789abcdef-2","request_id":"req2","team_id":"team_a","token_id":"tok_a","service":"svc","key_id":"key_2","model":"gpt-4o-mini","status":0,"tokens_in":1000,"tokens_out":1024,"cached_tokens":0,"cost":0.5,"latency_ms":0,"key_spend":-1}
+06b58d65 P{"time":"2026-12-01T10:00:02Z","id":"0123456789abcdef-3","request_id":"req3","team_id":"team_a","token_id":"tok_a","service":"svc","key_id":"key_3","model":"gpt-4o","tokens_in":1000,"tokens_out":1024,"cost":0.5,"key_spend":-1}
+be48349f D{"time":"2026-12-01T10:00:03Z","id":"0123456789abcdef-3","model":"gpt-4o-2024-08-06","status":200,"tokens_in":56,"tokens_out":78,"cached_tokens":0,"cost":0.002,"latency_ms":700,"key_spend":0.002}
 `
 	if err := os.WriteFile(filepath.Join(dir, "usage-0123456789abcdef-00000001.log"), []byte(old), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	// A format-2 journal of another dead process.
+	j := openTestJournal(t, dir, 0)
+	now := UsageRecord{Time: time.Date(2026, 12, 1, 11, 0, 0, 0, time.UTC), ID: "fedcba9876543210-1", Service: "svc", KeyID: "key_4", TokensIn: 1000}
+	if err := j.AppendProvisional(&now); err != nil {
+		t.Fatal(err)
+	}
+	now.Status, now.TokensIn = 200, 9
+	if err := j.Append(&now); err != nil {
+		t.Fatal(err)
+	}
+	j.crash()
+
 	live := openTestJournal(t, dir, 0)
 	defer live.Close()
 	st := newIDStore()
 	stats, err := live.ReplayOrphans(context.Background(), st)
-	if err != nil || stats.Torn != 0 || stats.Records != 2 {
+	if err != nil || stats.Torn != 0 || stats.Records != 4 || stats.Journals != 2 {
 		t.Fatalf("replay: %+v, %v", stats, err)
 	}
-	done, cut := st.byID["0123456789abcdef-1"], st.byID["0123456789abcdef-2"]
+	done, cut, delta := st.byID["0123456789abcdef-1"], st.byID["0123456789abcdef-2"], st.byID["0123456789abcdef-3"]
 	if done.Status != 200 || done.TokensIn != 12 || done.TokensOut != 34 || done.KeySpend != 0.001 || done.LatencyMS != 900 ||
 		done.TeamID != "team_a" || done.RequestID != "req1" || done.Model != "gpt-4o-mini" {
 		t.Errorf("finished request replayed as %+v", done)
@@ -517,10 +538,52 @@ afa8d003 P{"time":"2026-12-01T10:00:01Z","id":"0123456789abcdef-2","request_id":
 	if cut.Status != 0 || cut.TokensIn != 1000 || cut.KeySpend != KeySpendByUnit || cut.KeyID != "key_2" {
 		t.Errorf("unfinished request replayed as %+v", cut)
 	}
+	if delta.Status != 200 || delta.TokensIn != 56 || delta.TokensOut != 78 || delta.Cost != 0.002 || delta.KeySpend != 0.002 ||
+		delta.LatencyMS != 700 || delta.Model != "gpt-4o-2024-08-06" || delta.KeyID != "key_3" || delta.RequestID != "req3" ||
+		!delta.Time.Equal(time.Date(2026, 12, 1, 10, 0, 3, 0, time.UTC)) {
+		t.Errorf("request with a delta replayed as %+v", delta)
+	}
+	if got := st.byID["fedcba9876543210-1"]; got.Status != 200 || got.TokensIn != 9 || got.KeyID != "key_4" || !got.Time.Equal(now.Time) {
+		t.Errorf("format-2 request replayed as %+v", got)
+	}
 	for _, name := range journalFiles(t, dir) {
-		if strings.Contains(name, "0123456789abcdef") {
+		if !strings.HasPrefix(name, "usage-"+live.Instance()) {
 			t.Errorf("%s kept after its replay", name)
 		}
+	}
+}
+
+// TestJournalLineFormat pins format 2 byte for byte: a provisional
+// line, the delta of its final record (the model changed, a token
+// cleared) and a whole final line, with escaped strings; and that each
+// decodes to its record.
+func TestJournalLineFormat(t *testing.T) {
+	rec := UsageRecord{Time: time.Unix(1764583200, 123456789), ID: "0123456789abcdef-1", RequestID: `req\1`, TeamID: "team_a",
+		TokenID: "tok_a", Service: "svc", KeyID: "key_1", Model: "gpt-4o", TokensIn: 1000, TokensOut: 1024, Cost: 0.5, KeySpend: KeySpendByUnit}
+	prov := appendRecordLine(nil, &rec, lineProvisional)
+	rec.prov = provStrings{requestID: rec.RequestID, teamID: rec.TeamID, tokenID: rec.TokenID, service: rec.Service, keyID: rec.KeyID, model: rec.Model}
+	rec.Model, rec.TokenID = "gpt-4o\tmini\n", ""
+	rec.Status, rec.TokensIn, rec.TokensOut, rec.Cost, rec.LatencyMS, rec.KeySpend = 200, 12, 34, 0.001, 900, 3
+	delta := appendRecordLine(nil, &rec, lineDelta)
+	whole := appendRecordLine(nil, &rec, lineFinal)
+	for _, c := range []struct{ got, want string }{
+		{string(prov), "f14c9ec3 2P\t1764583200123456789\t0123456789abcdef-1\treq\\\\1\tteam_a\ttok_a\tsvc\t\tkey_1\tgpt-4o\t0\t1000\t1024\t0\t0.5\t0\t-1\n"},
+		{string(delta), "3aeea559 2D\t1764583200123456789\t0123456789abcdef-1\t68\t\tgpt-4o\\tmini\\n\t200\t12\t34\t0\t0.001\t900\t3\n"},
+		{string(whole), "e814dd75 2F\t1764583200123456789\t0123456789abcdef-1\treq\\\\1\tteam_a\t\tsvc\t\tkey_1\tgpt-4o\\tmini\\n\t200\t12\t34\t0\t0.001\t900\t3\n"},
+	} {
+		if c.got != c.want {
+			t.Errorf("line\n got %q\nwant %q", c.got, c.want)
+		}
+	}
+	got, provisional, ok := decodeRecord(whole)
+	want := rec
+	want.prov = provStrings{}
+	if !ok || provisional || !got.Time.Equal(want.Time) {
+		t.Fatalf("whole line decodes to %+v (provisional %v, ok %v)", got, provisional, ok)
+	}
+	got.Time, want.Time = time.Time{}, time.Time{}
+	if got != want {
+		t.Errorf("whole line decodes to\n %+v\nwant %+v", got, want)
 	}
 }
 
@@ -541,7 +604,7 @@ func TestJournalDeltaLine(t *testing.T) {
 	rec.Model, rec.TokenID = "gpt-4o-2024-08-06", ""
 	rec.Status, rec.TokensIn, rec.TokensOut, rec.CachedTokens, rec.Cost, rec.LatencyMS, rec.KeySpend = 200, 12, 34, 0, 0, 900, 0
 	delta := appendRecordLine(nil, &rec, lineDelta)
-	for _, unchanged := range []string{"req1", "team_a", "key_1", `"service"`, "rtr"} {
+	for _, unchanged := range []string{"req1", "team_a", "key_1", "svc", "rtr"} {
 		if strings.Contains(string(delta), unchanged) {
 			t.Errorf("delta repeats %s: %s", unchanged, delta)
 		}

@@ -85,12 +85,15 @@ type Journal struct {
 	dirNew  bool      // a file was created since the directory was synced
 	retired []segFile // rotated-out files with records not yet stored: synced and closed off the lock
 	closed  bool
-	failed  bool     // a write failed; logged once until one succeeds
-	fill    *jgroup  // the group that new records join
-	writing *jgroup  // the group being written (by its leader, outside mu), or still filling while its leader yields; nil when none
-	free    [][]byte // written groups' buffers, for reuse
-	groups  int64    // groups written
-	lines   int64    // lines in them
+	failed  bool          // a write failed; logged once until one succeeds
+	fill    *jgroup       // the group that new records join, whose leader waits for its turn; nil when none
+	writing bool          // a group is being written (by its leader, outside mu) or handed over to the next
+	turn    chan struct{} // the leader of a group done writing hands over to j.fill's leader
+	idle    chan struct{} // closed when writing ends, once Close waits for it
+	spare   *jgroup       // a lone line's group, for reuse
+	free    [][]byte      // written groups' buffers, for reuse
+	groups  int64         // groups written
+	lines   int64         // lines in them
 }
 
 type segment struct {
@@ -132,8 +135,7 @@ func OpenJournal(opts JournalOptions) (*Journal, error) {
 		return nil, fmt.Errorf("store: journal directory: %w", err)
 	}
 	j := &Journal{dir: opts.Dir, segBytes: opts.SegmentBytes, log: opts.Logger, segs: map[uint64]*segment{},
-		stop: make(chan struct{}), done: make(chan struct{})}
-	j.fill = j.newGroupLocked()
+		stop: make(chan struct{}), done: make(chan struct{}), turn: make(chan struct{}, 1)}
 	if j.log == nil {
 		j.log = slog.Default()
 	}

@@ -6,13 +6,14 @@ import (
 )
 
 // jgroup is the lines of concurrent appenders, written with one write(2)
-// by the group's leader: the appender whose line opened it. A group is
-// used once: its waiters read its result after done is closed.
+// by the group's leader: the appender whose line opened it. A group that
+// another appender joined is used once: its waiters read its result
+// after done is closed. A lone line's group is reused.
 type jgroup struct {
 	buf        []byte
 	lines      int64
 	supersedes []uint64      // segments of provisional lines the group's provisional lines (retries) supersede
-	done       chan struct{} // closed once the group is written, with seg and err set
+	done       chan struct{} // made when a second line joins; closed once the group is written, with seg and err set
 	seg        uint64        // the segment the group was written to
 	err        error         // the write's failure
 }
@@ -47,7 +48,9 @@ func (j *Journal) AppendProvisional(rec *UsageRecord) error { return j.append(re
 // waits until the group is written: by this caller when it opened the
 // group (at once if no group is being written, else when the previous
 // group's leader hands it over), by the group's leader otherwise. The
-// caller returns only once its record is written, as without groups.
+// caller returns only once its record is written, as without groups. A
+// group that no other line joined is written without a wakeup or an
+// allocation.
 func (j *Journal) append(rec *UsageRecord, provisional bool) error {
 	kind := lineFinal
 	switch {
@@ -64,6 +67,13 @@ func (j *Journal) append(rec *UsageRecord, provisional bool) error {
 		return ErrJournalClosed
 	}
 	g := j.fill
+	lead := g == nil
+	if lead {
+		g = j.newGroupLocked()
+		j.fill = g
+	} else if g.done == nil {
+		g.done = make(chan struct{})
+	}
 	g.buf = append(g.buf, line...)
 	g.lines++
 	if provisional && rec.pseg != 0 {
@@ -72,28 +82,31 @@ func (j *Journal) append(rec *UsageRecord, provisional bool) error {
 	var seg uint64
 	var err error
 	switch {
-	case j.writing == nil:
+	case lead && !j.writing:
 		// Lead g. Yield once first: goroutines that are runnable now
 		// (a busy server's other requests) join g meanwhile, so one
-		// write(2) carries their records too; on an idle server the
-		// yield returns at once.
-		j.writing = g
+		// write(2) carries their records too (on the load harness,
+		// about 12 lines a write instead of 1.2); on an idle server
+		// the yield returns at once.
+		j.writing = true
 		j.mu.Unlock()
 		runtime.Gosched()
 		j.mu.Lock()
-		j.fill = j.newGroupLocked()
+		j.fill = nil
 		seg, err = j.lead(g)
-	case g.lines == 1:
+	case lead:
 		// Opened g while another group is written: lead g once that
-		// one is done (its leader makes g the group being written).
-		prev := j.writing
+		// one is done (its leader hands over through j.turn); lines
+		// join g meanwhile.
 		j.mu.Unlock()
-		<-prev.done
+		<-j.turn
 		j.mu.Lock()
+		j.fill = nil
 		seg, err = j.lead(g)
 	default:
+		done := g.done
 		j.mu.Unlock()
-		<-g.done
+		<-done
 		seg, err = g.seg, g.err
 	}
 	if err != nil {
@@ -110,9 +123,9 @@ func (j *Journal) append(rec *UsageRecord, provisional bool) error {
 	return nil
 }
 
-// lead writes g, which the caller leads (g is j.writing, no longer
-// j.fill), makes the next group, if any has formed meanwhile, the one
-// being written (its leader waits for g.done) and tells g's waiters by
+// lead writes g, which the caller leads (j.writing is set and g is no
+// longer j.fill), hands over to the next group if one has formed
+// meanwhile (its leader waits on j.turn) and tells g's waiters by
 // closing g.done. The caller holds j.mu, which lead releases while
 // writing and on return.
 func (j *Journal) lead(g *jgroup) (uint64, error) {
@@ -151,22 +164,38 @@ func (j *Journal) lead(g *jgroup) (uint64, error) {
 			j.doneLocked(p, 1)
 		}
 	}
-	g.seg, g.err = seg, err
-	j.recycleLocked(g)
-	if next := j.fill; next.lines > 0 {
-		j.writing, j.fill = next, j.newGroupLocked()
+	if j.fill != nil {
+		j.turn <- struct{}{} // the next group's leader: j.writing stays set
 	} else {
-		j.writing = nil
+		j.writing = false
+		if j.idle != nil {
+			close(j.idle)
+			j.idle = nil
+		}
 	}
-	close(g.done) // after j.writing moved on: the next leader finds it set
+	if g.done != nil {
+		g.seg, g.err = seg, err
+		close(g.done)
+		j.recycleLocked(g.buf)
+	} else {
+		// Only its leader used g: keep it for the next lone line.
+		g.buf, g.lines, g.supersedes = g.buf[:0], 0, g.supersedes[:0]
+		if cap(g.buf) <= 1<<20 {
+			j.spare = g
+		}
+	}
 	j.mu.Unlock()
 	return seg, err
 }
 
-// newGroupLocked returns an empty group, with a written group's buffer
-// when one is free; the caller holds j.mu.
+// newGroupLocked returns an empty group: the spare one, or a new one
+// with a written group's buffer when one is free; the caller holds j.mu.
 func (j *Journal) newGroupLocked() *jgroup {
-	g := &jgroup{done: make(chan struct{})}
+	if g := j.spare; g != nil {
+		j.spare = nil
+		return g
+	}
+	g := &jgroup{}
 	if n := len(j.free); n > 0 {
 		g.buf = j.free[n-1]
 		j.free = j.free[:n-1]
@@ -176,9 +205,7 @@ func (j *Journal) newGroupLocked() *jgroup {
 
 // recycleLocked keeps a written group's buffer for reuse; the caller
 // holds j.mu. The group itself is not reused: its waiters read it.
-func (j *Journal) recycleLocked(g *jgroup) {
-	b := g.buf
-	g.buf = nil
+func (j *Journal) recycleLocked(b []byte) {
 	if cap(b) <= 1<<20 && len(j.free) < 4 { // an unusual burst's buffer is not kept
 		j.free = append(j.free, b[:0])
 	}
@@ -188,14 +215,13 @@ func (j *Journal) recycleLocked(g *jgroup) {
 // so far is written, or nil when none is pending; the caller holds j.mu
 // and has set j.closed, so no record joins after.
 func (j *Journal) awaitGroupsLocked() chan struct{} {
-	g := j.fill
-	if g.lines == 0 {
-		g = j.writing
-	}
-	if g == nil {
+	if !j.writing {
 		return nil
 	}
-	return g.done
+	if j.idle == nil {
+		j.idle = make(chan struct{})
+	}
+	return j.idle
 }
 
 // Done marks n records of segment seg as stored. A segment other than
@@ -224,7 +250,7 @@ func (j *Journal) doneLocked(seg uint64, n int64) {
 	}
 	if s != j.cur {
 		j.remove(s)
-	} else if !j.closed && j.writing == nil && s.bytes >= j.segBytes/16 {
+	} else if !j.closed && !j.writing && s.bytes >= j.segBytes/16 {
 		_ = j.rotate()
 	}
 }

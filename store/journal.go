@@ -56,8 +56,10 @@ type JournalOptions struct {
 // them; replay is idempotent because records carry unique ids (see
 // [UsageRecord]). The directory must be on a local file system (flock).
 //
-// A record is one line: the CRC-32C of its JSON in 8 hex digits, a
-// space, the JSON, a newline. A request's final record follows its
+// A record is one line: the CRC-32C of the rest of the line in 8 hex
+// digits, a space, the format and kind, the fields separated by tabs, a
+// newline (format 2, described in journal_encode.go; lines of format 1,
+// JSON, are replayed too). A request's final record follows its
 // provisional line ([Journal.AppendProvisional]) as a delta that names
 // only what changed; the provisional line stays in its file until the
 // store has the final record, so replay always rebuilds it. A torn last

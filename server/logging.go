@@ -230,58 +230,6 @@ func (s *Server) observe(h http.Handler) http.Handler {
 	})
 }
 
-// access writes the access line of a request; status, when not zero,
-// overrides the status written.
-func (s *Server) access(r *http.Request, ri *reqInfo, status int, start time.Time) {
-	if !s.log.Enabled(context.Background(), slog.LevelInfo) {
-		return
-	}
-	if status == 0 {
-		status = ri.w.Status()
-	}
-	if status == 0 {
-		status = http.StatusOK
-		if r.Context().Err() != nil {
-			status = 499 // client closed the request before an answer
-		}
-	}
-	attrs := make([]slog.Attr, 0, 14)
-	attrs = append(attrs,
-		slog.String("request_id", ri.id),
-		slog.String("method", r.Method),
-		slog.String("path", safePath(redactCredential(r, r.URL.Path))),
-		slog.Int("status", status),
-		slog.Int64("bytes", ri.w.BytesWritten()),
-		slog.Float64("duration_ms", float64(time.Since(start).Microseconds())/1000),
-		slog.String("remote", s.clients.of(r)),
-	)
-	if ri.service != "" {
-		attrs = append(attrs, slog.String("service", ri.service))
-	}
-	if ri.router != "" {
-		attrs = append(attrs, slog.String("router", ri.router), slog.Int("route_attempts", ri.attempts))
-		if ri.model != "" {
-			attrs = append(attrs, slog.String("model", ri.model))
-		}
-	}
-	if ri.keyID != "" {
-		attrs = append(attrs, slog.String("key_id", ri.keyID))
-	}
-	if ri.teamID != "" {
-		attrs = append(attrs, slog.String("team_id", ri.teamID))
-	}
-	if ri.tokenID != "" {
-		attrs = append(attrs, slog.String("token_id", ri.tokenID))
-	}
-	if ri.code != "" {
-		attrs = append(attrs, slog.String("code", ri.code))
-	}
-	if ri.retries > 0 {
-		attrs = append(attrs, slog.Int("retries", ri.retries))
-	}
-	s.log.LogAttrs(context.Background(), slog.LevelInfo, "request", attrs...)
-}
-
 // redactCredential returns s with the credential r carries replaced: a
 // client that put its token in the path (refused by the proxy) must not
 // have it logged.

@@ -189,9 +189,12 @@ type Server struct {
 	leases   *leaseBook
 	events   chan keypool.Event
 	handler  http.Handler
-	logBuf   *logBuffer    // nil when Config.Logger was given
-	logStop  func()        // stops the log flusher
-	logDone  chan struct{} // closed when the log flusher has stopped
+	logBuf   *logBuffer // nil when Config.Logger was given
+	// accessJSON reports whether access lines are written by hand into
+	// logBuf: the server's own JSON logger.
+	accessJSON bool
+	logStop    func()        // stops the log flusher
+	logDone    chan struct{} // closed when the log flusher has stopped
 
 	svcMeta    atomic.Pointer[map[string]*svcMeta]
 	basePrices *meter.PriceTable // shipped table merged with Config.PricesFile
@@ -275,6 +278,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 
 	s := &Server{cfg: cfg, log: log, logBuf: logBuf, done: make(chan struct{}), events: make(chan keypool.Event, 4096), now: cfg.Now}
 	s.onHijack = s.onHijackConn
+	s.accessJSON = logBuf != nil && !strings.EqualFold(cfg.LogFormat, "text")
 	if s.now == nil {
 		s.now = time.Now
 	}

@@ -42,7 +42,7 @@ func (s *Server) access(r *http.Request, ri *reqInfo, status int, start time.Tim
 	l := accessLine{
 		ri:       ri,
 		method:   r.Method,
-		path:     safePath(redactCredential(r, r.URL.Path)),
+		path:     safePath(redactCredential(r, ri, r.URL.Path)),
 		status:   status,
 		bytes:    ri.w.BytesWritten(),
 		duration: float64(time.Since(start).Microseconds()) / 1000,

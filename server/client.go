@@ -204,6 +204,7 @@ func (s *Server) admitClient(r *http.Request, service, cred string) (*auth.Princ
 	ri := infoFrom(r.Context())
 	if ri != nil {
 		ri.service = service
+		ri.cred, ri.credKnown = cred, true
 	}
 	p, err := s.authenticate(r, cred, false)
 	if err == nil {

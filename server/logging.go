@@ -75,6 +75,11 @@ type reqInfo struct {
 	tokenID  string
 	code     string // keypool error code, if any
 	retries  int
+	// cred is the client's credential once a proxied request read it
+	// (credKnown), so that the access line redacts it without reading
+	// the headers again. It is never logged.
+	cred      string
+	credKnown bool
 
 	w    proxy.ResponseWriter
 	body httpx.BodyTimer
@@ -232,9 +237,15 @@ func (s *Server) observe(h http.Handler) http.Handler {
 
 // redactCredential returns s with the credential r carries replaced: a
 // client that put its token in the path (refused by the proxy) must not
-// have it logged.
-func redactCredential(r *http.Request, s string) string {
-	if cred, _ := proxy.Credential(r); len(cred) >= 8 && strings.Contains(s, cred) {
+// have it logged. ri, when not nil, may know the credential already.
+func redactCredential(r *http.Request, ri *reqInfo, s string) string {
+	var cred string
+	if ri != nil && ri.credKnown {
+		cred = ri.cred
+	} else {
+		cred, _ = proxy.Credential(r)
+	}
+	if len(cred) >= 8 && strings.Contains(s, cred) {
 		return strings.ReplaceAll(s, cred, proxy.Redacted)
 	}
 	return s

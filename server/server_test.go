@@ -363,6 +363,40 @@ func TestAccessLogAndRequestID(t *testing.T) {
 	k.checkLogs()
 }
 
+// TestAccessLogRedactsTokenInPath: a client that put its token in the
+// path is refused, and its access line shows the path with the token
+// redacted.
+func TestAccessLogRedactsTokenInPath(t *testing.T) {
+	up := newUpstream(t, okJSON)
+	k := startKP(t)
+	tok, _ := setup(t, k, up, nil, keyA)
+	req, _ := http.NewRequest("GET", k.url+"/v1/openai/v1/"+tok+"/models", nil)
+	req.Header.Set("Authorization", "Bearer "+tok)
+	req.Header.Set("X-Request-Id", "req-path-token")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Errorf("status %d, want 400", resp.StatusCode)
+	}
+	var line map[string]any
+	eventually(t, "access line", func() bool {
+		for _, l := range strings.Split(k.logs.String(), "\n") {
+			if strings.Contains(l, `"req-path-token"`) && strings.Contains(l, `"msg":"request"`) {
+				_ = json.Unmarshal([]byte(l), &line)
+				return true
+			}
+		}
+		return false
+	})
+	if line["path"] != "/v1/openai/v1/[redacted]/models" {
+		t.Errorf("access line path %v", line["path"])
+	}
+	k.checkLogs()
+}
+
 func TestGracefulShutdown(t *testing.T) {
 	release := make(chan struct{})
 	arrived := make(chan struct{}, 1)

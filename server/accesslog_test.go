@@ -3,6 +3,7 @@ package server
 import (
 	"bytes"
 	"context"
+	"io"
 	"log/slog"
 	"testing"
 	"time"
@@ -42,4 +43,29 @@ func TestAccessLineMatchesSlog(t *testing.T) {
 			}
 		})
 	}
+}
+
+// BenchmarkAccessLine compares one access line written through slog's
+// JSONHandler with the hand-built one, both into a discarding log buffer.
+func BenchmarkAccessLine(b *testing.B) {
+	ri := &reqInfo{id: "0123456789ab0123456789ab", service: "openai", keyID: "k1", teamID: "team-1", tokenID: "token-1"}
+	l := accessLine{ri: ri, method: "POST", path: "/v1/openai/v1/chat/completions", status: 200, bytes: 312, duration: 1.234, remote: "127.0.0.1"}
+	b.Run("slog", func(b *testing.B) {
+		log := slog.New(slog.NewJSONHandler(newLogBuffer(io.Discard), &slog.HandlerOptions{ReplaceAttr: durationText}))
+		b.ReportAllocs()
+		for b.Loop() {
+			var attrs [16]slog.Attr
+			log.LogAttrs(context.Background(), slog.LevelInfo, "request", l.attrs(attrs[:0])...)
+		}
+	})
+	b.Run("hand", func(b *testing.B) {
+		buf := newLogBuffer(io.Discard)
+		b.ReportAllocs()
+		for b.Loop() {
+			bp := lineBufs.Get().(*[]byte)
+			*bp = l.appendJSON((*bp)[:0], time.Now())
+			_, _ = buf.Write(*bp)
+			lineBufs.Put(bp)
+		}
+	})
 }

@@ -165,6 +165,11 @@ func TestChartSecretsReachKeypoold(t *testing.T) {
 	if resp.StatusCode == http.StatusNotFound {
 		t.Errorf("GET /auth/login: 404: GOOGLE_CLIENT_ID did not reach keypoold\n%s", srv.logs.String())
 	}
+	// The provider is tried once at start in the background, and
+	// keypoold's log lines reach the output through a short buffer.
+	for deadline := time.Now().Add(15 * time.Second); !strings.Contains(srv.logs.String(), "accounts.google.com") && time.Now().Before(deadline); {
+		time.Sleep(50 * time.Millisecond)
+	}
 	if logs := srv.logs.String(); !strings.Contains(logs, "accounts.google.com") {
 		t.Errorf("no sign-in with Google in the logs:\n%s", logs)
 	}

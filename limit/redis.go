@@ -167,7 +167,8 @@ const DefaultPoolSize = 256
 // or rediss://…) with ContextTimeoutEnabled set, so that a [Redis]
 // backend's Timeout bounds every call, a 1s dial timeout unless url sets
 // one (dial_timeout=) and [DefaultPoolSize] connections unless url sets
-// pool_size=, and a single dial attempt per call.
+// pool_size=, a single dial attempt per call, and retries without
+// back-off unless url sets min_retry_backoff=.
 func NewRedisClient(url string) (*redis.Client, error) {
 	o, err := redis.ParseURL(url)
 	if err != nil {
@@ -185,6 +186,14 @@ func NewRedisClient(url string) (*redis.Client, error) {
 	// try again (go-redis's 5 attempts 100 ms apart would make every call
 	// during an outage wait out its Timeout).
 	o.DialerRetries = 1
+	// Retries without back-off unless url sets min_retry_backoff: a
+	// retry is for a pooled connection a Redis restart closed, and is
+	// worth making at once; go-redis's 10–1 000 ms back-off made the one
+	// call that probes a down Redis for the breaker (and the calls waiting
+	// for it) take ~100 ms to learn what the refused dial said at once.
+	if o.MinRetryBackoff == 0 {
+		o.MinRetryBackoff = -1
+	}
 	return redis.NewClient(o), nil
 }
 

@@ -77,9 +77,9 @@ func appendUnsummedLine(b []byte, rec *UsageRecord, kind int) []byte {
 		b = strconv.AppendInt(b, rec.Time.UnixNano(), 10)
 	}
 	b = appendCompactString(b, rec.ID)
+	var changed uint8
 	if kind == lineDelta {
 		p := &rec.prov
-		var changed uint8
 		for i, c := range [...]bool{rec.RequestID != p.requestID, rec.TeamID != p.teamID, rec.TokenID != p.tokenID,
 			rec.Service != p.service, rec.Router != p.router, rec.KeyID != p.keyID, rec.Model != p.model} {
 			if c {
@@ -88,19 +88,12 @@ func appendUnsummedLine(b []byte, rec *UsageRecord, kind int) []byte {
 		}
 		b = append(b, '\t')
 		b = strconv.AppendUint(b, uint64(changed), 10)
-		for i, v := range [...]string{rec.RequestID, rec.TeamID, rec.TokenID, rec.Service, rec.Router, rec.KeyID, rec.Model} {
-			if changed&(1<<i) != 0 {
-				b = appendCompactString(b, v)
-			}
+	}
+	// A delta line carries only the names that changed; the others, all.
+	for i, v := range [...]string{rec.RequestID, rec.TeamID, rec.TokenID, rec.Service, rec.Router, rec.KeyID, rec.Model} {
+		if kind != lineDelta || changed&(1<<i) != 0 {
+			b = appendCompactString(b, v)
 		}
-	} else {
-		b = appendCompactString(b, rec.RequestID)
-		b = appendCompactString(b, rec.TeamID)
-		b = appendCompactString(b, rec.TokenID)
-		b = appendCompactString(b, rec.Service)
-		b = appendCompactString(b, rec.Router)
-		b = appendCompactString(b, rec.KeyID)
-		b = appendCompactString(b, rec.Model)
 	}
 	b = appendCompactInt(b, int64(rec.Status))
 	b = appendCompactInt(b, rec.TokensIn)

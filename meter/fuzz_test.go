@@ -62,6 +62,9 @@ func FuzzRequest(f *testing.F) {
 	f.Fuzz(func(t *testing.T, body []byte) {
 		InspectRequest(body)
 		out, added := EnsureStreamUsage(body)
+		if want, wantAdded := ensureStreamUsageScan(body); added != wantAdded || !bytes.Equal(out, want) {
+			t.Fatalf("%q: EnsureStreamUsage %q %v, the scan %q %v", body, out, added, want, wantAdded)
+		}
 		if !added {
 			if !bytes.Equal(out, body) {
 				t.Fatal("changed without adding")

@@ -36,6 +36,20 @@ type RequestInfo struct {
 	// Object reports whether the body is a JSON object at all. When it is
 	// false the other fields are zero.
 	Object bool
+
+	// Form reports whether [RequestInfo.ReadForm] found a form
+	// Content-Type: multipart/form-data or
+	// application/x-www-form-urlencoded (or a malformed Content-Type
+	// naming one).
+	Form bool
+	// FormUnreadable reports that a form body could not be read whole as
+	// such (at most 1000 parts); an allow-list must then refuse it.
+	FormUnreadable bool
+	// FormModels are the values of a form body's fields named as in
+	// [ModelParams], in order (a multipart value cut at 1 KiB).
+	FormModels []string
+
+	usage usageSpot // where WithStreamUsage edits the body
 }
 
 // ModelParams are the names under which a request may name its model:
@@ -76,9 +90,12 @@ const utf8BOM = "\xef\xbb\xbf"
 // panics.
 func InspectRequest(body []byte) RequestInfo {
 	var ri RequestInfo
-	body = bytes.TrimPrefix(body, []byte(utf8BOM))
+	sp := usageSpot{n: len(body), lastValEnd: -1, optsVS: -1, optsVE: -1, includeVS: -1, includeVE: -1}
+	trimmed := bytes.TrimPrefix(body, []byte(utf8BOM))
+	sp.bom = len(trimmed) != len(body)
 	var named, idModel string // the last "model"; the last "model_id"/"modelId"
-	ok := eachMember(body, func(key, val []byte, _, _, _ int) bool {
+	ok := eachMember(trimmed, func(key, val []byte, _, vs, ve int) bool {
+		sp.lastValEnd = ve
 		switch k := memberName(key); string(k) {
 		case "model", "model_id", "modelId":
 			m := jsonString(val)
@@ -97,9 +114,12 @@ func InspectRequest(body []byte) RequestInfo {
 			ri.Stream = string(val) == "true"
 		case "stream_options":
 			ri.IncludeUsage = false
-			eachMember(val, func(k, v []byte, _, _, _ int) bool {
+			sp.optsVS, sp.optsVE, sp.includeVS, sp.includeVE, sp.optsEmpty = vs, ve, -1, -1, true
+			sp.optsOK = eachMember(val, func(k, v []byte, _, ivs, ive int) bool {
+				sp.optsEmpty = false
 				if string(memberName(k)) == "include_usage" {
 					ri.IncludeUsage = string(v) == "true"
+					sp.includeVS, sp.includeVE = vs+ivs, vs+ive
 				}
 				return true
 			})
@@ -116,8 +136,9 @@ func InspectRequest(body []byte) RequestInfo {
 		return true
 	})
 	if !ok {
-		return RequestInfo{}
+		return RequestInfo{usage: usageSpot{n: len(body), lastValEnd: -1}}
 	}
+	ri.usage = sp
 	ri.Model = named
 	if ri.Model == "" {
 		ri.Model = idModel
@@ -161,6 +182,23 @@ func jsonString(val []byte) string {
 
 const includeUsageMember = `"include_usage":true`
 
+// usageSpot is where a body would take "stream_options.include_usage":
+// true, as [InspectRequest]'s scan found it, so that
+// [RequestInfo.WithStreamUsage] edits the body without reading it again.
+// Offsets index the body as given (a body with a byte order mark is never
+// edited).
+type usageSpot struct {
+	n          int  // len(body) scanned
+	bom        bool // the body starts with a byte order mark
+	lastValEnd int  // end of the last top-level value; -1 with no member
+	optsVS     int  // the last "stream_options" value; -1 when absent
+	optsVE     int
+	includeVS  int // its last "include_usage" value; -1 when absent
+	includeVE  int
+	optsOK     bool // the stream_options object could be read
+	optsEmpty  bool // the stream_options object has no member
+}
+
 // EnsureStreamUsage makes an OpenAI-compatible streaming request ask for a
 // final usage chunk: when body is a JSON object with "stream":true and
 // without "stream_options.include_usage":true, it returns a new body with
@@ -172,74 +210,56 @@ const includeUsageMember = `"include_usage":true`
 // Only call it for endpoints that accept stream_options (see
 // [AcceptsStreamOptions]). When added is true, wrap the response with
 // [Options.StripUsageChunk] set so the client does not receive the chunk it
-// did not ask for.
+// did not ask for. With the body's [RequestInfo] at hand, call
+// [RequestInfo.WithStreamUsage] instead: it does not read the body again.
 func EnsureStreamUsage(body []byte) (newBody []byte, added bool) {
-	var (
-		stream          bool
-		optsVS, optsVE  = -1, -1
-		lastValEnd      = -1
-		includeVS       = -1
-		includeVE       = -1
-		includeOK       bool
-		optsObjectEmpty bool
-	)
-	ok := eachMember(body, func(key, val []byte, _, vs, ve int) bool {
-		lastValEnd = ve
-		switch string(memberName(key)) {
-		case "stream":
-			stream = string(val) == "true"
-		case "stream_options":
-			optsVS, optsVE = vs, ve
-		}
-		return true
-	})
-	if !ok || !stream || lastValEnd < 0 {
+	return InspectRequest(body).WithStreamUsage(body)
+}
+
+// WithStreamUsage is [EnsureStreamUsage] from the positions ri's scan
+// recorded, without reading body again. body must be the one ri was read
+// from by [InspectRequest]; a body of another length is read again.
+func (ri RequestInfo) WithStreamUsage(body []byte) (newBody []byte, added bool) {
+	if ri.usage.n != len(body) {
+		ri = InspectRequest(body)
+	}
+	sp := &ri.usage
+	if !ri.Stream || len(body) == 0 || sp.bom || sp.lastValEnd < 0 {
 		return body, false
 	}
-	if optsVS < 0 {
+	if sp.optsVS < 0 {
 		// No stream_options: add it after the last member.
 		const add = `,"stream_options":{` + includeUsageMember + `}`
 		out := make([]byte, 0, len(body)+len(add))
-		out = append(out, body[:lastValEnd]...)
+		out = append(out, body[:sp.lastValEnd]...)
 		out = append(out, add...)
-		return append(out, body[lastValEnd:]...), true
+		return append(out, body[sp.lastValEnd:]...), true
 	}
-	opts := body[optsVS:optsVE]
+	opts := body[sp.optsVS:sp.optsVE]
 	switch {
 	case string(opts) == "null":
 		const repl = `{` + includeUsageMember + `}`
 		out := make([]byte, 0, len(body)+len(repl))
-		out = append(out, body[:optsVS]...)
+		out = append(out, body[:sp.optsVS]...)
 		out = append(out, repl...)
-		return append(out, body[optsVE:]...), true
-	case len(opts) > 0 && opts[0] == '{':
-		optsObjectEmpty = true
-		if !eachMember(opts, func(k, v []byte, _, vs, ve int) bool {
-			optsObjectEmpty = false
-			if string(memberName(k)) == "include_usage" {
-				includeVS, includeVE = optsVS+vs, optsVS+ve
-				includeOK = string(v) == "true"
-			}
-			return true
-		}) {
-			return body, false
-		}
+		return append(out, body[sp.optsVE:]...), true
+	case opts[0] == '{' && sp.optsOK:
 	default:
 		return body, false
 	}
-	if includeOK {
+	if ri.IncludeUsage {
 		return body, false
 	}
-	if includeVS >= 0 {
+	if sp.includeVS >= 0 {
 		// "include_usage":false (or null): flip the value.
 		out := make([]byte, 0, len(body)+4)
-		out = append(out, body[:includeVS]...)
+		out = append(out, body[:sp.includeVS]...)
 		out = append(out, "true"...)
-		return append(out, body[includeVE:]...), true
+		return append(out, body[sp.includeVE:]...), true
 	}
-	ins := optsVS + 1 // just past the '{'
+	ins := sp.optsVS + 1 // just past the '{'
 	add := includeUsageMember + ","
-	if optsObjectEmpty {
+	if sp.optsEmpty {
 		add = includeUsageMember
 	}
 	out := make([]byte, 0, len(body)+len(add))
@@ -347,6 +367,17 @@ func EachPathModel(path string, fn func(model string)) {
 		}
 		fn(m)
 	}
+}
+
+// ReadForm reads the model fields of a buffered form body into ri's Form,
+// FormUnreadable and FormModels, by the request's Content-Type (see
+// [EachFormModel]). It is apart from [InspectRequest] because only a
+// model allow-list needs them, and a multipart upload costs a pass over
+// all its parts.
+func (ri *RequestInfo) ReadForm(contentType string, body []byte) {
+	ri.FormModels = ri.FormModels[:0]
+	form, ok := EachFormModel(contentType, body, func(m string) { ri.FormModels = append(ri.FormModels, m) })
+	ri.Form, ri.FormUnreadable = form, form && !ok
 }
 
 // maxFormParts bounds how many parts [EachFormModel] reads.

@@ -39,7 +39,9 @@ func TestInspectRequest(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := InspectRequest([]byte(tc.body)); got != tc.want {
+			got := InspectRequest([]byte(tc.body))
+			got.usage = usageSpot{} // positions: pinned by TestWithStreamUsageMatchesScan
+			if !reflect.DeepEqual(got, tc.want) {
 				t.Fatalf("got %+v, want %+v", got, tc.want)
 			}
 		})
@@ -105,6 +107,53 @@ func TestEnsureStreamUsage(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestWithStreamUsageMatchesScan pins RequestInfo.WithStreamUsage, which
+// edits the body at the positions InspectRequest recorded, to the edits of
+// a scan of its own (ensureStreamUsageScan): same body out, same added,
+// also for a body with a byte order mark, whitespace, escaped names,
+// repeated members, and a body other than the one inspected.
+func TestWithStreamUsageMatchesScan(t *testing.T) {
+	bodies := []string{
+		`{"model":"gpt-4o","messages":[],"stream":true}`,
+		"{\n  \"model\": \"gpt-4o\",\n  \"stream\": true\n}\n",
+		`{"stream":true,"stream_options":{}}`,
+		`{"stream":true,"stream_options":{ }}`,
+		`{"stream":true,"stream_options":{"x":1}}`,
+		`{"stream":true,"stream_options":{"include_usage":false}}`,
+		`{"stream":true,"stream_options":{"include_usage":null,"x":[1]}}`,
+		`{"stream":true,"stream_options":{"include_usage":true,"include_usage":false}}`,
+		`{"stream":true,"stream_options":{"include_usage":false,"include_usage":true}}`,
+		`{"stream":true,"stream_options":{"include_usage":true},"stream_options":{}}`,
+		`{"stream":true,"stream_options":{},"stream_options":{"include_usage":true}}`,
+		`{"stream":true,"stream_options":null}`,
+		`{"stream":true,"stream_options":"yes"}`,
+		`{"stream":true,"stream_options":{"x":}}`,
+		`{"stream":true,"stream":false}`,
+		`{"stream":false,"stream":true}`,
+		`{"str\u0065am":true,"stream_\u006fptions":{"include_\u0075sage":false}}`,
+		"\xef\xbb\xbf{\"stream\":true}",
+		` {"stream":true} `,
+		`{"stream":true`,
+		`[1,2]`,
+		`{}`,
+		``,
+	}
+	for _, b := range bodies {
+		want, wantAdded := ensureStreamUsageScan([]byte(b))
+		got, added := InspectRequest([]byte(b)).WithStreamUsage([]byte(b))
+		if added != wantAdded || string(got) != string(want) {
+			t.Errorf("%q: WithStreamUsage = %q, %v; the scan gives %q, %v", b, got, added, want, wantAdded)
+		}
+	}
+	// Another body than the one inspected (a different length) is read
+	// again rather than edited at the wrong places.
+	ri := InspectRequest([]byte(`{"stream":true}`))
+	other := `{"model":"m","stream":true}`
+	if got, added := ri.WithStreamUsage([]byte(other)); !added || string(got) != `{"model":"m","stream":true,"stream_options":{"include_usage":true}}` {
+		t.Errorf("another body: %q, %v", got, added)
 	}
 }
 
@@ -271,6 +320,12 @@ func TestEachFormModel(t *testing.T) {
 		form, ok := EachFormModel(tc.ct, []byte(tc.body), func(m string) { got = append(got, m) })
 		if strings.Join(got, ",") != tc.want || form != tc.form || ok != tc.ok {
 			t.Errorf("%s: %v form=%v ok=%v, want %s %v %v", tc.name, got, form, ok, tc.want, tc.form, tc.ok)
+		}
+		// RequestInfo.ReadForm records the same.
+		ri := InspectRequest([]byte(tc.body))
+		ri.ReadForm(tc.ct, []byte(tc.body))
+		if strings.Join(ri.FormModels, ",") != tc.want || ri.Form != tc.form || ri.FormUnreadable != (tc.form && !tc.ok) {
+			t.Errorf("%s: ReadForm %+v, want %s form=%v ok=%v", tc.name, ri, tc.want, tc.form, tc.ok)
 		}
 	}
 }

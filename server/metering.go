@@ -135,6 +135,11 @@ func (s *Server) prepare(r *http.Request, svc *keypool.Service, body []byte) (*h
 	case len(body) > 0:
 		info = meter.InspectRequest(body)
 	}
+	if lists && len(body) > 0 {
+		// Only an allow-list reads a form's model fields: the rest of
+		// the request reads info, never the body again.
+		info.ReadForm(r.Header.Get("Content-Type"), body)
+	}
 	if guess && info.Model != "" {
 		// Neither llm_family nor the URL says: a JSON request naming a
 		// model is metered as OpenAI-compatible, and the answer decides
@@ -152,7 +157,7 @@ func (s *Server) prepare(r *http.Request, svc *keypool.Service, body []byte) (*h
 		stream = true
 	}
 	if lists {
-		named, err := checkModels(r, meta, p, fam, body, &info)
+		named, err := checkModels(r, meta, p, fam, len(body) > 0, &info)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -167,7 +172,7 @@ func (s *Server) prepare(r *http.Request, svc *keypool.Service, body []byte) (*h
 	var newBody []byte
 	if fam == meter.FamilyOpenAI && stream && !info.IncludeUsage && meter.AcceptsStreamOptions(r.URL.Path) &&
 		(routed || !meta.detect || acceptsStreamOptions(svc.BaseURL)) {
-		if b, added := meter.EnsureStreamUsage(body); added {
+		if b, added := info.WithStreamUsage(body); added {
 			newBody, c.strip = b, true
 		}
 	}

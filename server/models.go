@@ -29,8 +29,10 @@ func errModelRequired() error {
 // model member that is not a plain string, JSON members naming different
 // models, or a form or query that cannot be read are refused; and a
 // request that names no model is refused when [meter.RequiresModel] says
-// it must name one. It returns the first model named, for pricing.
-func checkModels(r *http.Request, meta *svcMeta, p *auth.Principal, fam meter.Family, body []byte, info *meter.RequestInfo) (string, error) {
+// it must name one. It reads the body only through info (its JSON members
+// and, read by [meter.RequestInfo.ReadForm], its form fields). It returns
+// the first model named, for pricing.
+func checkModels(r *http.Request, meta *svcMeta, p *auth.Principal, fam meter.Family, hasBody bool, info *meter.RequestInfo) (string, error) {
 	var first string
 	found := false
 	var refused error
@@ -64,16 +66,17 @@ func checkModels(r *http.Request, meta *svcMeta, p *auth.Principal, fam meter.Fa
 	if info.Model != "" {
 		check(info.Model)
 	}
-	if len(body) > 0 {
-		if form, ok := meter.EachFormModel(r.Header.Get("Content-Type"), body, check); form && !ok && refused == nil {
-			return "", httpx.Errorf(http.StatusForbidden, httpx.CodeForbidden,
-				"models_enabled is set: the request's form could not be read to check its model")
-		}
+	for _, m := range info.FormModels {
+		check(m)
+	}
+	if info.FormUnreadable && refused == nil {
+		return "", httpx.Errorf(http.StatusForbidden, httpx.CodeForbidden,
+			"models_enabled is set: the request's form could not be read to check its model")
 	}
 	if refused != nil {
 		return "", refused
 	}
-	if !found && meter.RequiresModel(r.URL.Path, len(body) > 0, fam != meter.FamilyNone) {
+	if !found && meter.RequiresModel(r.URL.Path, hasBody, fam != meter.FamilyNone) {
 		return "", errModelRequired()
 	}
 	return strings.TrimPrefix(first, "models/"), nil

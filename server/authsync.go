@@ -11,6 +11,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/keypool/keypool/auth"
+	"github.com/keypool/keypool/internal/replica"
 )
 
 // authChannel is the Redis pub/sub channel of auth invalidations, beside
@@ -52,7 +53,7 @@ type authNotifier interface {
 }
 
 func newAuthSync(st authNotifier, rdb *redis.Client, log *slog.Logger) *authSync {
-	return &authSync{st: st, rdb: rdb, log: log, id: newReplicaID(), out: make(chan authMsg, 1024),
+	return &authSync{st: st, rdb: rdb, log: log, id: replica.NewID(), out: make(chan authMsg, 1024),
 		incoming: map[authMsg]struct{}{}}
 }
 
@@ -140,5 +141,5 @@ func (a *authSync) listenPostgres(ctx context.Context) {
 
 // listenRedis applies invalidations from Redis pub/sub until ctx ends.
 func (a *authSync) listenRedis(ctx context.Context) {
-	receive(ctx, a.rdb.Subscribe(ctx, authChannel), a.apply)
+	replica.Receive(ctx, a.rdb.Subscribe(ctx, authChannel), a.apply)
 }

@@ -362,7 +362,7 @@ func (s *Server) onProxyDone(r *http.Request, res proxy.Result) {
 		m.tokensOut.Add(float64(max(u.OutputTokens, 0)))
 		m.cost.Add(cost)
 	}
-	spent := s.chargeKey(res.Service, res.KeyID, res.BalanceUnit, res.Status, tokens, cost)
+	spent := s.keys.Charge(res.Service, res.KeyID, res.BalanceUnit, res.Status, tokens, cost)
 	// Complete the provisional record (same ID) or start a new one; every
 	// field is set here.
 	rec := c.rec

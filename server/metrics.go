@@ -288,3 +288,11 @@ func (c *keyCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 }
+
+// onHold is the pool's OnHold hook: a key kept in rotation against the
+// evidence (the min_active_keys floor, the max_ejection_percent cap) is
+// logged and counted.
+func (s *Server) onHold(h keypool.Hold) {
+	s.metrics.holds.WithLabelValues(h.Service, h.Kind).Inc()
+	s.log.Warn("key kept in rotation", "service", h.Service, "key_id", h.KeyID, "kind", h.Kind, "reason", h.Reason)
+}

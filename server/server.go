@@ -141,6 +141,7 @@ import (
 	"github.com/keypool/keypool/budget"
 	"github.com/keypool/keypool/console"
 	"github.com/keypool/keypool/internal/httpx"
+	"github.com/keypool/keypool/internal/keystate"
 	"github.com/keypool/keypool/limit"
 	"github.com/keypool/keypool/meter"
 	"github.com/keypool/keypool/proxy"
@@ -180,14 +181,13 @@ type Server struct {
 	seedKick chan struct{}
 	// authSync carries auth invalidations to and from other replicas.
 	authSync *authSync
-	share    *sharer // nil without Redis
 	charges  chargeLog
 	clients  clientIPs
 	usage    *store.UsageWriter
 	journal  *store.Journal // nil when disabled
 	metrics  *metrics
 	leases   *leaseBook
-	events   chan keypool.Event
+	keys     *keystate.Keeper // key state: persisted, shared, charged
 	handler  http.Handler
 	logBuf   *logBuffer // nil when Config.Logger was given
 	// accessJSON reports whether access lines are written by hand into
@@ -276,7 +276,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		}
 	}
 
-	s := &Server{cfg: cfg, log: log, logBuf: logBuf, done: make(chan struct{}), events: make(chan keypool.Event, 4096), now: cfg.Now}
+	s := &Server{cfg: cfg, log: log, logBuf: logBuf, done: make(chan struct{}), now: cfg.Now}
 	s.onHijack = s.onHijackConn
 	s.accessJSON = logBuf != nil && !strings.EqualFold(cfg.LogFormat, "text")
 	if s.now == nil {
@@ -319,7 +319,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		}
 	}
 
-	s.pool, err = keypool.New(keypool.Config{OnEvent: s.onEvent, OnHold: s.onHold})
+	s.pool, err = keypool.New(keypool.Config{OnEvent: func(e keypool.Event) { s.keys.Observe(e) }, OnHold: s.onHold})
 	if err != nil {
 		return nil, err
 	}
@@ -329,6 +329,8 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		}
 		return float64(s.usage.Dropped())
 	})
+	s.keys = keystate.New(s.pool, keystate.Config{Store: s.st, Logger: log, OnEvent: s.metrics.onEvent,
+		OnDropped: func(keypool.Event) { s.metrics.eventsDropped.Inc() }})
 
 	opts := store.SyncerOptions{Interval: time.Duration(cfg.SyncInterval), Logger: log, Registry: cfg.registry()}
 	if l, ok := s.st.(store.Listener); ok {
@@ -389,7 +391,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 		s.budgets = s.newBudgets()
 		s.registerRedisMetrics(rl)
 		s.seedRedis(ctx, rl)
-		s.share = newSharer(s.rdb, s.pool, log)
+		s.keys.Share(s.rdb)
 	} else {
 		local, err := limit.NewLocal(limit.LocalConfig{})
 		if err != nil {
@@ -463,7 +465,6 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	bgctx, cancel := context.WithCancel(context.Background())
 	s.bgCancel = cancel
 	s.bg.Go(func() { _ = s.syncer.Run(bgctx) })
-	s.bg.Go(func() { s.persistEvents(bgctx) })
 	s.bg.Go(func() { s.leases.run(bgctx) })
 	s.bg.Go(func() { s.watchServiceLimits(bgctx) })
 	s.bg.Go(func() { s.pruneAdmin(bgctx) })
@@ -485,12 +486,7 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if s.rdb != nil {
 		s.bg.Go(func() { s.authSync.listenRedis(bgctx) })
 	}
-	if s.share != nil {
-		subscribed := make(chan struct{})
-		s.bg.Go(func() { s.share.subscribe(bgctx, subscribed) })
-		s.bg.Go(func() { s.share.publish(bgctx) })
-		<-subscribed
-	}
+	s.keys.Start(bgctx)
 	if logBuf != nil {
 		lctx, lcancel := context.WithCancel(context.Background())
 		s.logStop = lcancel
@@ -703,7 +699,7 @@ func (s *Server) shutdown(ctx context.Context) error {
 
 	s.bgCancel()
 	_ = s.syncer.Close()
-	s.bg.Wait() // persistEvents writes what is queued before it returns
+	s.bg.Wait()
 	s.leases.releaseAll()
 
 	var errs []error
@@ -719,7 +715,7 @@ func (s *Server) shutdown(ctx context.Context) error {
 			errs = append(errs, err)
 		}
 	}
-	s.drainEvents(fctx)
+	s.keys.Close(fctx) // writes the key states still queued
 	errs = append(errs, s.closeResources())
 	err := errors.Join(errs...)
 	s.log.Info("shutdown complete", "took", time.Since(start).Round(time.Millisecond).String(),

@@ -1,15 +1,15 @@
-package server
+package keystate
 
 import (
 	"context"
 	"encoding/json"
 	"log/slog"
-	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
 
 	"github.com/keypool/keypool"
+	"github.com/keypool/keypool/internal/replica"
 )
 
 // shareChannel is the Redis pub/sub channel on which replicas tell each
@@ -35,16 +35,15 @@ type sharedEvent struct {
 // secrets. A replica that starts later reads the timed states still in
 // force from a Redis hash; invalid and spent keys come from the store.
 type sharer struct {
-	rdb     *redis.Client
-	pool    *keypool.Pool
-	log     *slog.Logger
-	id      string
-	out     chan keypool.Event
-	dropped atomic.Uint64
+	rdb  *redis.Client
+	pool *keypool.Pool
+	log  *slog.Logger
+	id   string
+	out  chan keypool.Event
 }
 
 func newSharer(rdb *redis.Client, pool *keypool.Pool, log *slog.Logger) *sharer {
-	return &sharer{rdb: rdb, pool: pool, log: log, id: newReplicaID(), out: make(chan keypool.Event, 1024)}
+	return &sharer{rdb: rdb, pool: pool, log: log, id: replica.NewID(), out: make(chan keypool.Event, 1024)}
 }
 
 // offer queues an event for publishing without blocking the request path.
@@ -54,8 +53,7 @@ func (sh *sharer) offer(e keypool.Event) {
 	}
 	select {
 	case sh.out <- e:
-	default:
-		sh.dropped.Add(1)
+	default: // the other replicas find out with a request of their own
 	}
 }
 
@@ -102,7 +100,7 @@ func (sh *sharer) subscribe(ctx context.Context, ready chan<- struct{}) {
 	cancel()
 	sh.catchUp(ctx)
 	close(ready)
-	receive(ctx, ps, sh.apply)
+	replica.Receive(ctx, ps, sh.apply)
 }
 
 // apply applies one event published by another replica.

@@ -25,7 +25,7 @@ func TestCookieSecure(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			s := &Server{cfg: Config{Console: ConsoleConfig{CookieSecure: c.mode}}, clients: clientIPs{trusted: trusted}}
+			s := &Server{cfg: Config{Console: ConsoleConfig{CookieSecure: c.mode}}, gate: gate{clients: clientIPs{trusted: trusted}}}
 			r := httptest.NewRequest("GET", "/console/", nil)
 			r.RemoteAddr = c.remote
 			if c.proto != "" {

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"path/filepath"
 	"time"
 
@@ -18,31 +19,32 @@ const journalRescan = 30 * time.Second
 // it, before the pool loads keys (so balances include their spend) and
 // before the local budget counters are seeded from stored usage. A replay
 // that fails is logged and retried in the background: the files stay.
-func (s *Server) openJournal(ctx context.Context) error {
-	jc := s.cfg.UsageJournal
+func (rs *records) openJournal(ctx context.Context, cfg Config, st store.UsageAppender, log *slog.Logger) error {
+	rs.st, rs.log = st, log
+	jc := cfg.UsageJournal
 	dir := jc.Dir
 	if dir == "" {
-		dir = filepath.Join(s.cfg.DataDir, "journal")
+		dir = filepath.Join(cfg.DataDir, "journal")
 	}
 	j, err := store.OpenJournal(store.JournalOptions{Dir: dir, SyncInterval: time.Duration(jc.SyncInterval),
-		SegmentBytes: jc.SegmentBytes, Logger: s.log})
+		SegmentBytes: jc.SegmentBytes, Logger: rs.log})
 	if err != nil {
 		return fmt.Errorf("server: usage journal: %w", err)
 	}
-	s.journal = j
-	st, err := j.ReplayOrphans(ctx, s.st)
+	rs.journal = j
+	rst, err := j.ReplayOrphans(ctx, rs.st)
 	if err != nil {
-		s.log.Error("replaying usage journals failed; retrying in the background", "err", err)
+		rs.log.Error("replaying usage journals failed; retrying in the background", "err", err)
 	}
-	if st.Journals > 0 {
-		s.log.Info("usage journals replayed", "journals", st.Journals, "records", st.Records, "torn_lines", st.Torn)
+	if rst.Journals > 0 {
+		rs.log.Info("usage journals replayed", "journals", rst.Journals, "records", rst.Records, "torn_lines", rst.Torn)
 	}
 	return nil
 }
 
 // replayJournals replays, every journalRescan until ctx is done, the
 // journals of processes sharing the journal directory that died.
-func (s *Server) replayJournals(ctx context.Context) {
+func (rs *records) replayJournals(ctx context.Context) {
 	t := time.NewTicker(journalRescan)
 	defer t.Stop()
 	for {
@@ -51,8 +53,8 @@ func (s *Server) replayJournals(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		if _, err := s.journal.ReplayOrphans(ctx, s.st); err != nil && ctx.Err() == nil {
-			s.log.Warn("replaying usage journals failed; will retry", "err", err)
+		if _, err := rs.journal.ReplayOrphans(ctx, rs.st); err != nil && ctx.Err() == nil {
+			rs.log.Warn("replaying usage journals failed; will retry", "err", err)
 		}
 	}
 }

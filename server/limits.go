@@ -116,14 +116,50 @@ func (c LimitsConfig) redisConfig(requestTimeout time.Duration) limit.RedisConfi
 	return rc
 }
 
-// degraded describes a Redis limiter that is following its fail
+// build makes the limiter, on Redis when rdb is set (its counters seeded
+// from the usage records when Redis holds none) or in process (seeded
+// from the usage records now), and the budgets on it. Its log, store,
+// clock and metrics must be set.
+func (k *counters) build(ctx context.Context, cfg Config, rdb *redis.Client) error {
+	k.limitsCfg = cfg.Limits
+	if rdb == nil {
+		local, err := limit.NewLocal(limit.LocalConfig{})
+		if err != nil {
+			return err
+		}
+		k.limiter = k.timeAdmission(local)
+		k.budgets = k.newBudgets()
+		return k.seedCounters(ctx)
+	}
+	rc := cfg.Limits.redisConfig(time.Duration(cfg.UpstreamTimeout))
+	rc.Logger = k.log
+	rc.RequireSeed = true
+	k.seedKick = make(chan struct{}, 1)
+	rc.OnUnseeded = func() {
+		select {
+		case k.seedKick <- struct{}{}:
+		default:
+		}
+	}
+	rl, err := limit.NewRedis(rdb, rc)
+	if err != nil {
+		return err
+	}
+	k.limiter, k.redis = k.timeAdmission(rl), rl
+	k.budgets = k.newBudgets()
+	k.registerRedisMetrics(rl)
+	k.seedRedis(ctx, rl)
+	return nil
+}
+
+// redisDegraded describes a Redis limiter that is following its fail
 // policies, for /readyz; "" when Redis answers (or is not used).
-func (s *Server) redisDegraded() string {
-	r := s.redis
+func (k *counters) redisDegraded() string {
+	r := k.redis
 	if r == nil || !r.Down() {
 		return ""
 	}
-	rc := s.cfg.Limits.redisConfig(0)
+	rc := k.limitsCfg.redisConfig(0)
 	pol := func(closed bool) string {
 		if closed {
 			return "fail closed"
@@ -145,8 +181,8 @@ func errLimitsUnavailable(kind string) error {
 }
 
 // registerRedisMetrics exports the state of the Redis limiter r.
-func (s *Server) registerRedisMetrics(r *limit.Redis) {
-	s.metrics.reg.MustRegister(
+func (k *counters) registerRedisMetrics(r *limit.Redis) {
+	k.metrics.reg.MustRegister(
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "keypool_limit_redis_down",
 			Help: "1 while the last call to Redis for limits failed (limits follow their fail policies), else 0.",
@@ -163,7 +199,7 @@ func (s *Server) registerRedisMetrics(r *limit.Redis) {
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "keypool_budget_charge_failures_total",
 			Help: "Settlements and charges of finished requests that the budget counters (Redis) did not take at once; settlements are queued and replayed when Redis is back.",
-		}, func() float64 { return float64(s.charges.failures.Load()) }),
+		}, func() float64 { return float64(k.charges.failures.Load()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "keypool_limit_redis_replicas",
 			Help: "Live replicas counted by this one's heartbeat on Redis (limits.redis_fail: local divides the remaining budgets by it); 1 without the local policy.",
@@ -189,8 +225,8 @@ const chargeQuiet = time.Second
 
 // budgetCharged records the outcome of one settle or charge (op) on the
 // budget counters.
-func (s *Server) budgetCharged(op string, err error) {
-	s.charges.record(s.log, op, err)
+func (k *counters) budgetCharged(op string, err error) {
+	k.charges.record(k.log, op, err)
 }
 
 func (c *chargeLog) record(log *slog.Logger, op string, err error) {
@@ -225,7 +261,7 @@ func (c *chargeLog) record(log *slog.Logger, op string, err error) {
 // records when Redis holds none (new, flushed or restarted empty), once
 // across replicas (see [limit.Redis.ClaimSeed]). It reports whether Redis
 // is seeded now.
-func (s *Server) seedRedis(ctx context.Context, r *limit.Redis) bool {
+func (k *counters) seedRedis(ctx context.Context, r *limit.Redis) bool {
 	start := time.Now()
 	seed, done, err := r.ClaimSeed(ctx)
 	switch {
@@ -234,34 +270,34 @@ func (s *Server) seedRedis(ctx context.Context, r *limit.Redis) bool {
 	case !seed:
 		return true
 	}
-	if err := s.seedCounters(ctx); err != nil {
-		s.log.Warn("cannot seed budget counters on redis from the usage records; budgets fail per limits.redis_fail until it works", "err", err)
+	if err := k.seedCounters(ctx); err != nil {
+		k.log.Warn("cannot seed budget counters on redis from the usage records; budgets fail per limits.redis_fail until it works", "err", err)
 		return false
 	}
 	if err := done(ctx); err != nil {
 		return false
 	}
-	s.log.Info("budget counters on redis seeded from the usage records", "took", time.Since(start).Round(time.Millisecond).String())
+	k.log.Info("budget counters on redis seeded from the usage records", "took", time.Since(start).Round(time.Millisecond).String())
 	return true
 }
 
 // watchSeed re-seeds Redis when a request finds it unseeded (kick) or a
 // seed is still owed (retried every 100 ms: requests wait for it), until
 // ctx ends.
-func (s *Server) watchSeed(ctx context.Context, r *limit.Redis) {
+func (k *counters) watchSeed(ctx context.Context, r *limit.Redis) {
 	t := time.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
-	owed := !s.seedRedis(ctx, r)
+	owed := !k.seedRedis(ctx, r)
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-s.seedKick:
+		case <-k.seedKick:
 			owed = true
 		case <-t.C:
 		}
 		if owed {
-			owed = !s.seedRedis(ctx, r)
+			owed = !k.seedRedis(ctx, r)
 		}
 	}
 }
@@ -307,12 +343,12 @@ func (t timedBackend) ReserveAll(ctx context.Context, charges []limit.Charge, re
 }
 
 // timeAdmission wraps b so that its budget admissions are timed.
-func (s *Server) timeAdmission(b limit.Backend) limit.Backend {
+func (k *counters) timeAdmission(b limit.Backend) limit.Backend {
 	h := prometheus.NewHistogram(prometheus.HistogramOpts{
 		Name:    "keypool_budget_admission_seconds",
 		Help:    "Time to admit a metered request against its budgets (one Lua script on Redis, or the local counters), refusals included.",
 		Buckets: []float64{.0001, .00025, .0005, .001, .002, .003, .005, .0075, .01, .02, .05, .1, .25, .5, 1},
 	})
-	s.metrics.reg.MustRegister(h)
+	k.metrics.reg.MustRegister(h)
 	return timedBackend{b, h}
 }

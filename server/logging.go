@@ -152,36 +152,38 @@ type connSet struct {
 	closed bool
 }
 
-func (s *Server) trackConn(c net.Conn, add bool) {
-	s.hijacked.mu.Lock()
-	if add && s.hijacked.closed {
-		s.hijacked.mu.Unlock()
+// track adds c to the set (add) or removes it; a connection added after
+// closeAll is closed at once.
+func (cs *connSet) track(c net.Conn, add bool) {
+	cs.mu.Lock()
+	if add && cs.closed {
+		cs.mu.Unlock()
 		_ = c.Close()
 		return
 	}
-	if s.hijacked.conns == nil {
-		s.hijacked.conns = map[net.Conn]struct{}{}
+	if cs.conns == nil {
+		cs.conns = map[net.Conn]struct{}{}
 	}
 	if add {
-		s.hijacked.conns[c] = struct{}{}
+		cs.conns[c] = struct{}{}
 	} else {
-		delete(s.hijacked.conns, c)
+		delete(cs.conns, c)
 	}
-	s.hijacked.mu.Unlock()
+	cs.mu.Unlock()
 }
 
-// onHijackConn registers a connection hijacked for an upgrade, so that a
-// shutdown closes it after the drain.
-func (s *Server) onHijackConn(c net.Conn) { s.trackConn(c, true) }
+// add registers a connection hijacked for an upgrade, so that a shutdown
+// closes it after the drain.
+func (cs *connSet) add(c net.Conn) { cs.track(c, true) }
 
-// closeHijacked closes every hijacked connection (WebSockets) and returns
-// how many there were.
-func (s *Server) closeHijacked() int {
-	s.hijacked.mu.Lock()
-	s.hijacked.closed = true
-	conns := s.hijacked.conns
-	s.hijacked.conns = nil
-	s.hijacked.mu.Unlock()
+// closeAll closes every hijacked connection (WebSockets) and returns how
+// many there were.
+func (cs *connSet) closeAll() int {
+	cs.mu.Lock()
+	cs.closed = true
+	conns := cs.conns
+	cs.conns = nil
+	cs.mu.Unlock()
 	for c := range conns {
 		_ = c.Close()
 	}
@@ -213,7 +215,7 @@ func (s *Server) observe(h http.Handler) http.Handler {
 		defer func() {
 			s.inflight.Add(-1)
 			if c := sw.Hijacked(); c != nil {
-				s.trackConn(c, false)
+				s.hijacked.track(c, false)
 			}
 			if p := recover(); p != nil {
 				if p == http.ErrAbortHandler {

@@ -42,24 +42,24 @@ type svcMeta struct {
 }
 
 // buildMeta reads the per-service metering settings of svcs.
-func (s *Server) buildMeta(svcs []store.Service) map[string]*svcMeta {
+func (c *catalog) buildMeta(svcs []store.Service) map[string]*svcMeta {
 	m := make(map[string]*svcMeta, len(svcs))
 	for _, sv := range svcs {
-		meta := &svcMeta{limits: sv.Limits, prices: s.basePrices, detect: sv.LLMFamily == "",
+		meta := &svcMeta{limits: sv.Limits, prices: c.basePrices, detect: sv.LLMFamily == "",
 			disabled: sv.Disabled, description: sv.Description}
 		if !meta.detect {
 			f, err := meter.ParseFamily(sv.LLMFamily)
 			if err != nil {
-				s.log.Warn("service has an unknown llm_family; not metering it", "service", sv.Name, "llm_family", sv.LLMFamily)
+				c.log.Warn("service has an unknown llm_family; not metering it", "service", sv.Name, "llm_family", sv.LLMFamily)
 			}
 			meta.family = f
 		}
 		if sv.Prices != "" {
 			p, err := meter.ParsePrices([]byte(sv.Prices))
 			if err != nil {
-				s.log.Warn("service prices unreadable; using the default table", "service", sv.Name, "err", err)
+				c.log.Warn("service prices unreadable; using the default table", "service", sv.Name, "err", err)
 			} else {
-				meta.prices = s.basePrices.Merge(p)
+				meta.prices = c.basePrices.Merge(p)
 			}
 		}
 		meta.budget = budget.NewScope(budget.Service, sv.Name, &meta.limits)
@@ -68,13 +68,15 @@ func (s *Server) buildMeta(svcs []store.Service) map[string]*svcMeta {
 	return m
 }
 
-func (s *Server) meta(name string) *svcMeta {
-	if m := s.svcMeta.Load(); m != nil {
+// meta returns the settings of the service name (defaults for a service
+// it does not know).
+func (c *catalog) meta(name string) *svcMeta {
+	if m := c.svcMeta.Load(); m != nil {
 		if v := (*m)[name]; v != nil {
 			return v
 		}
 	}
-	return &svcMeta{prices: s.basePrices, detect: true, budget: budget.NewScope(budget.Service, name, &store.Limits{})}
+	return &svcMeta{prices: c.basePrices, detect: true, budget: budget.NewScope(budget.Service, name, &store.Limits{})}
 }
 
 // loadPrices returns the shipped price table merged with the price file.
@@ -325,36 +327,36 @@ func budgetError(err error) error {
 
 // settle charges a finished request's metered tokens and cost to every
 // budget counter it holds (0 when nothing was metered).
-func (s *Server) settle(c *call, tokens, cost float64, now time.Time) {
-	s.budgets.Settle(&c.budget, tokens, cost, now)
+func (k *counters) settle(c *call, tokens, cost float64, now time.Time) {
+	k.budgets.Settle(&c.budget, tokens, cost, now)
 }
 
 // seedCounters charges the budget counters with the stored usage of the
 // current windows (see [budget.Budgets.Seed]), so a restart does not
 // reset a budget. Only the local backend needs it at every start: Redis
 // keeps its counts across restarts.
-func (s *Server) seedCounters(ctx context.Context) error {
-	n, err := s.budgets.Seed(ctx, s.st, s.now())
+func (k *counters) seedCounters(ctx context.Context) error {
+	n, err := k.budgets.Seed(ctx, k.st, k.now())
 	if err != nil {
 		return fmt.Errorf("server: %w", err)
 	}
 	if n > 0 {
-		s.log.Info("budgets seeded from stored usage", "counters", n)
+		k.log.Info("budgets seeded from stored usage", "counters", n)
 	}
 	return nil
 }
 
 // newBudgets returns the budgets on the server's limiter, counted in its
 // metrics.
-func (s *Server) newBudgets() *budget.Budgets {
-	return budget.New(s.limiter, budget.Config{
-		Logger: s.log,
+func (k *counters) newBudgets() *budget.Budgets {
+	return budget.New(k.limiter, budget.Config{
+		Logger: k.log,
 		OnRefused: func(scope budget.Kind, window string, unit budget.Unit) {
-			s.metrics.budgetRejections.WithLabelValues(scope.String(), window, unit.String()).Inc()
+			k.metrics.budgetRejections.WithLabelValues(scope.String(), window, unit.String()).Inc()
 		},
 		OnWarned: func(scope budget.Kind, window string, unit budget.Unit) {
-			s.metrics.budgetWarnings.WithLabelValues(scope.String(), window, unit.String()).Inc()
+			k.metrics.budgetWarnings.WithLabelValues(scope.String(), window, unit.String()).Inc()
 		},
-		OnCharged: s.budgetCharged,
+		OnCharged: k.budgetCharged,
 	})
 }

@@ -22,7 +22,7 @@
 //	}
 //	strip := false
 //	if fam == meter.FamilyOpenAI && info.Stream && meter.AcceptsStreamOptions(req.URL.Path) {
-//		body, strip = meter.EnsureStreamUsage(body) // ask for the usage chunk
+//		body, strip = info.WithStreamUsage(body) // ask for the usage chunk, without reading body again
 //	}
 //	meter.NegotiateIdentity(req.Header) // no gzip on metered routes
 //

@@ -13,7 +13,7 @@ import (
 func ExampleNewReader() {
 	req := []byte(`{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hi"}],"stream":true}`)
 	info := meter.InspectRequest(req)
-	req, added := meter.EnsureStreamUsage(req) // send this body upstream
+	req, added := info.WithStreamUsage(req) // send this body upstream
 	fmt.Println(string(req))
 
 	upstream := io.NopCloser(strings.NewReader(

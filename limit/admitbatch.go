@@ -2,8 +2,10 @@ package limit
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -13,164 +15,312 @@ import (
 )
 
 // reserveBatchScript is [Redis.ReserveAll] for a batch of requests, in
-// their order: for each request, reserveScript's check on every charge,
-// then, when all admit, its reservation on every charge, so a request
-// sees the reservations of the requests before it in the batch exactly
-// as if each had run its own script. A counter's expired reservations
-// are dropped and its settled usage read once per batch; the
-// reservations admitted on a counter are written at the end with one
-// ZADD and one INCRBYFLOAT.
+// their order: each request is checked on every charge and, when all
+// admit, reserved on each, so a request sees the reservations of the
+// requests before it in the batch exactly as if each had run its own
+// script (the rule of [Limit]: admit while settled + reserved is below
+// every block). The script only decides: it returns, per request, 0
+// (admitted) or the 1-based charge that refused, and, per counter, what
+// it read (reserved before the batch, settled usage per window); the
+// client replays the batch to build each request's [Decision] from these
+// (see admitReplay), so a request costs Redis a few comparisons and a
+// reservation, not a reply of its own.
 //
-// KEYS: 7 per counter (as reserveScript), then the epoch key. ARGV: ttl
-// ms, whether the epoch key must exist, number of requests, then per
-// request: now ms, now s, number of charges, then per charge: its
-// counter (1-based), amount, member, n, then n × (window, warn, block,
-// calendar retry ms). Returns, per request, {which (0: admitted, else
-// the 1-based refusing charge), then per charge checked: check's reply
-// (see admitLua)}, concatenated; or {-1} when the epoch key must exist
-// and does not (nothing checked).
+// What requests share is sent once per batch: the counters (7 keys
+// each), the specs (a counter and its limits) and the shapes (the specs
+// and amounts of a request's charges); a request is then 3 arguments.
+// A counter's expired reservations are dropped and its settled usage read
+// once per batch; the reservations admitted on a counter are written at
+// the end with one ZADD and one INCRBYFLOAT. A reservation's member is
+// the request's id, ':' and the charge's amount as sent.
+//
+// KEYS: 7 per counter (hour, day, month, total, minute hash, reserved
+// sum, reservations), then the epoch key. ARGV: ttl ms, whether the epoch
+// key must exist, number of specs, of shapes, of requests; per spec: its
+// counter (1-based), n, then n × (window, warn, block); per shape: its
+// number of charges, then per charge: spec (1-based), amount; per
+// request: now ms, id, shape (1-based). Returns {which per request, per
+// counter {reserved, hour, day, month, total, minute hash as HGETALL}}
+// (a window not read is ""; a counter no request reached is {}), or {-1}
+// when the epoch key must exist and does not (nothing checked).
 var reserveBatchScript = redis.NewScript(`
 if ARGV[2] == '1' and redis.call('EXISTS', KEYS[#KEYS]) == 0 then return {-1} end
 local ttl = tonumber(ARGV[1])
-local nr = tonumber(ARGV[3])
-local now, sec = 0, 0
-` + admitLua + `
-local resv, adds, sums = {}, {}, {}
-local out = {}
-local ab = 4
-for r = 1, nr do
-  now, sec = tonumber(ARGV[ab]), tonumber(ARGV[ab + 1])
-  local nc = tonumber(ARGV[ab + 2])
-  ab = ab + 3
-  local offs = {}
-  for c = 1, nc do
-    offs[c] = ab
-    ab = ab + 4 + 4 * tonumber(ARGV[ab + 3])
+local nspec, nshape, nreq = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local a = 6
+local specs = {}
+for s = 1, nspec do
+  local n = tonumber(ARGV[a + 1])
+  local sp = {(tonumber(ARGV[a]) - 1) * 7, n}
+  for i = 0, n - 1 do
+    local b = a + 2 + 3 * i
+    sp[3 + 3 * i], sp[4 + 3 * i], sp[5 + 3 * i] = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
   end
-  table.insert(out, 0)
-  local at = #out
-  for c = 1, nc do
-    local o = offs[c]
-    local kb = (tonumber(ARGV[o]) - 1) * 7 + 1
-    if resv[kb] == nil then resv[kb] = expire(KEYS[kb + 5], KEYS[kb + 6]) end
-    local d = check(kb, o + 3, tonumber(ARGV[o + 1]), resv[kb])
-    for _, v in ipairs(d) do table.insert(out, v) end
-    if d[1] == 0 then
-      out[at] = c
-      break
+  specs[s] = sp
+  a = a + 2 + 3 * n
+end
+local shapes = {}
+for s = 1, nshape do
+  local n = tonumber(ARGV[a])
+  local sh = {}
+  for c = 0, n - 1 do
+    local b = a + 1 + 2 * c
+    sh[3 * c + 1], sh[3 * c + 2], sh[3 * c + 3] = specs[tonumber(ARGV[b])], tonumber(ARGV[b + 1]), ':' .. ARGV[b + 1]
+  end
+  shapes[s] = sh
+  a = a + 1 + 2 * n
+end
+local resv, rec, hash, mins = {}, {}, {}, {}
+local function touch(kb, now)
+  local k6, k7 = KEYS[kb + 6], KEYS[kb + 7]
+  local exp = redis.call('ZRANGEBYSCORE', k7, '-inf', now)
+  if #exp > 0 then
+    local sum = 0
+    for _, m in ipairs(exp) do sum = sum + tonumber(string.match(m, ':([^:]*)$')) end
+    redis.call('ZREMRANGEBYSCORE', k7, '-inf', now)
+    redis.call('INCRBYFLOAT', k6, -sum)
+  end
+  local rs = '0'
+  if redis.call('ZCARD', k7) == 0 then
+    redis.call('DEL', k6)
+  else
+    rs = redis.call('GET', k6) or '0'
+    if tonumber(rs) < 0 then rs = '0' end
+  end
+  resv[kb] = tonumber(rs)
+  rec[kb] = {rs, '', '', '', '', {}}
+  mins[kb] = {}
+end
+local function settled(kb, w)
+  local r = rec[kb]
+  if w == 1 then
+    if not hash[kb] then
+      r[6] = redis.call('HGETALL', KEYS[kb + 5])
+      hash[kb] = true
     end
+    return nil
   end
-  if out[at] == 0 then
-    for c = 1, nc do
-      local o = offs[c]
-      local kb = (tonumber(ARGV[o]) - 1) * 7 + 1
-      local amount = tonumber(ARGV[o + 1])
+  if r[w] == '' then r[w] = redis.call('GET', KEYS[kb + w - 1]) or '0' end
+  return tonumber(r[w])
+end
+local function minute(kb, sec)
+  local v = mins[kb][sec]
+  if v == nil then
+    v = 0
+    local h = rec[kb][6]
+    for i = 1, #h, 2 do
+      local s = tonumber(h[i])
+      if s >= sec - 60 and s <= sec then v = v + tonumber(h[i + 1]) end
+    end
+    mins[kb][sec] = v
+  end
+  return v
+end
+local which, adds, sums = {}, {}, {}
+for r = 1, nreq do
+  local now, id, sh = tonumber(ARGV[a]), ARGV[a + 1], shapes[tonumber(ARGV[a + 2])]
+  a = a + 3
+  local sec = math.floor(now / 1000)
+  local refused = 0
+  for c = 1, #sh / 3 do
+    local sp = sh[3 * c - 2]
+    local kb = sp[1]
+    if resv[kb] == nil then touch(kb, now) end
+    local u = sp.u
+    if u == nil then
+      u = {}
+      for i = 0, sp[2] - 1 do
+        if sp[4 + 3 * i] > 0 or sp[5 + 3 * i] > 0 then u[i + 1] = settled(kb, sp[3 + 3 * i]) end
+      end
+      sp.u = u
+    end
+    local reserved = resv[kb]
+    for i = 0, sp[2] - 1 do
+      local bl = sp[5 + 3 * i]
+      if bl > 0 then
+        local x = u[i + 1]
+        if x == nil then x = minute(kb, sec) end
+        if x + reserved >= bl then
+          refused = c
+          break
+        end
+      end
+    end
+    if refused ~= 0 then break end
+  end
+  which[r] = refused
+  if refused == 0 then
+    for c = 1, #sh / 3 do
+      local amount = sh[3 * c - 1]
       if amount > 0 then
+        local kb = sh[3 * c - 2][1]
         resv[kb] = resv[kb] + amount
-        if adds[kb] == nil then adds[kb], sums[kb] = {}, 0 end
-        table.insert(adds[kb], now + ttl)
-        table.insert(adds[kb], ARGV[o + 2])
+        local l = adds[kb]
+        if l == nil then
+          l = {}
+          adds[kb], sums[kb] = l, 0
+        end
+        l[#l + 1] = now + ttl
+        l[#l + 1] = id .. sh[3 * c]
         sums[kb] = sums[kb] + amount
       end
     end
   end
 end
-for kb, a in pairs(adds) do
-  for i = 1, #a, 500 do
-    redis.call('ZADD', KEYS[kb + 6], unpack(a, i, math.min(i + 499, #a)))
+for kb, l in pairs(adds) do
+  for i = 1, #l, 500 do
+    redis.call('ZADD', KEYS[kb + 7], unpack(l, i, math.min(i + 499, #l)))
   end
-  redis.call('INCRBYFLOAT', KEYS[kb + 5], sums[kb])
+  redis.call('INCRBYFLOAT', KEYS[kb + 6], sums[kb])
+  redis.call('PEXPIRE', KEYS[kb + 7], ttl + 60000)
   redis.call('PEXPIRE', KEYS[kb + 6], ttl + 60000)
-  redis.call('PEXPIRE', KEYS[kb + 5], ttl + 60000)
 end
-return out
+local recs = {}
+for c = 1, (#KEYS - 1) / 7 do recs[c] = rec[(c - 1) * 7] or {} end
+return {which, recs}
 `)
 
-// maxAdmitBatch is the most requests one batch admits in one script run.
-const maxAdmitBatch = 256
+// maxAdmitBatch is the most requests one batch admits in one script run:
+// a run of this many takes Redis about a millisecond, and the next batch
+// is built and sent meanwhile (see maxAdmitInFlight).
+const maxAdmitBatch = 128
+
+// maxAdmitInFlight is how many admission batches of one [Redis] may be in
+// flight at once: while Redis runs one, the next is built, sent and
+// queued behind it (pipelined), so Redis does not wait for the client
+// between batches.
+const maxAdmitInFlight = 3
 
 // admitCall is one [Redis.ReserveAll] in an admission batch. Everything
-// the batch reads is the call's own (built before it is queued), so a
+// the batch reads is the call's own (copied before it is queued), so a
 // caller that leaves does not race with the batch.
 type admitCall struct {
 	callState
-	nc      int
-	keys    []string // 7 per charge
-	args    []any    // now ms, now s, nc, then per charge: counter, amount, member, n, limits
-	at      []int    // per charge: where its counter goes in args
-	members []string // per charge: its reservation ("" when it holds nothing)
-	ckeys   []string // per charge: its key
+	charges []Charge // a copy of the caller's
 	now     time.Time
-	sent    bool // set by the batch that sends it
+	id      uint64 // the request's reservations are id:amount
+	sent    bool   // set by the batch that sends it
 
 	// Set by the batch before done is closed.
-	reply    []any // this request's part of the reply
+	which    int        // 0: admitted, else the 1-based charge that refused
+	reserved []float64  // per charge checked: reserved on its counter before the request
+	ctrs     []*ctrRead // per charge checked: what the script read of its counter
 	unseeded bool
 	err      error
 }
 
 func (r *Redis) newAdmitCall(charges []Charge, now time.Time) *admitCall {
-	c := &admitCall{callState: newCallState(), nc: len(charges), now: now,
-		keys: make([]string, 0, 7*len(charges)), args: make([]any, 0, 3+8*len(charges)),
-		at: make([]int, len(charges)), members: make([]string, len(charges)), ckeys: make([]string, len(charges))}
-	c.args = append(c.args, now.UnixMilli(), now.Unix(), len(charges))
-	for i, ch := range charges {
-		c.keys = append(c.keys, r.counterKeys(ch.Key, now)...)
-		c.ckeys[i] = ch.Key
-		if ch.Amount > 0 {
-			c.members[i] = r.id() + ":" + strconv.FormatFloat(ch.Amount, 'g', -1, 64)
-		}
-		c.at[i] = len(c.args)
-		c.args = append(c.args, 0, ch.Amount, c.members[i], len(ch.Limits))
-		for _, l := range ch.Limits {
-			c.args = append(c.args, int(l.Window), l.Warn, l.Block, calRetry(l.Window, now).Milliseconds())
-		}
+	return &admitCall{callState: newCallState(), charges: append([]Charge(nil), charges...), now: now,
+		id: r.idBase + r.nextID.Add(1)}
+}
+
+// member is the reservation the call holds on charge i ("" for none).
+func (c *admitCall) member(i int) string {
+	if c.charges[i].Amount <= 0 {
+		return ""
 	}
-	return c
+	return strconv.FormatUint(c.id, 10) + ":" + strconv.FormatFloat(c.charges[i].Amount, 'g', -1, 64)
 }
 
 // admitFull reports whether an admission batch is full.
 func admitFull(batch []*admitCall) bool { return len(batch) >= maxAdmitBatch }
 
-// admitBatch runs reserveBatchScript once for the calls of batch whose
-// callers still wait, and delivers each its part of the reply. A call
-// whose caller left is released (its reservations queued for release at
-// 0) if the script admitted it or may have; so is every call of a batch
-// whose script may have run but whose reply was lost.
-func (r *Redis) admitBatch(batch []*admitCall) {
-	sent := make([]*admitCall, 0, len(batch))
-	counters := map[string]int{} // by hour key
-	var keys []string
+// ctrKey is a counter in a batch: its key and its hour (the hour, day and
+// month keys follow from it).
+type ctrKey struct {
+	key  string
+	hour int64
+}
+
+// specKey is a spec in a batch: a counter and its limits (by identity:
+// requests of one scope share the scope's slice).
+type specKey struct {
+	ctr int
+	lim *Limit
+	n   int
+}
+
+// batchArgs builds reserveBatchScript's keys and arguments for the calls
+// of sent, and returns, per call, the counter (0-based) of each charge.
+func (r *Redis) batchArgs(sent []*admitCall) (keys []string, args []any, ctrOf [][]int) {
+	ctrs := map[ctrKey]int{}
+	specs := map[specKey]int{}
+	shapes := map[string]int{}
+	var specArgs, shapeArgs []any
+	reqArgs := make([]any, 0, 3*len(sent))
+	ctrOf = make([][]int, len(sent))
+	var buf []byte
+	var specOf []int
+	for ci, c := range sent {
+		ctrOf[ci] = make([]int, len(c.charges))
+		buf, specOf = buf[:0], specOf[:0]
+		for i, ch := range c.charges {
+			ck := ctrKey{ch.Key, calStart(Hour, c.now)}
+			ctr, ok := ctrs[ck]
+			if !ok {
+				ctr = len(ctrs)
+				ctrs[ck] = ctr
+				keys = append(keys, r.counterKeys(ch.Key, c.now)...)
+			}
+			ctrOf[ci][i] = ctr
+			sk := specKey{ctr: ctr, n: len(ch.Limits)}
+			if len(ch.Limits) > 0 {
+				sk.lim = &ch.Limits[0]
+			}
+			spec, ok := specs[sk]
+			if !ok {
+				spec = len(specs) + 1
+				specs[sk] = spec
+				specArgs = append(specArgs, ctr+1, len(ch.Limits))
+				for _, l := range ch.Limits {
+					specArgs = append(specArgs, int(l.Window), l.Warn, l.Block)
+				}
+			}
+			specOf = append(specOf, spec)
+			buf = binary.AppendUvarint(buf, uint64(spec))
+			buf = binary.LittleEndian.AppendUint64(buf, math.Float64bits(ch.Amount))
+		}
+		shape, ok := shapes[string(buf)]
+		if !ok {
+			shape = len(shapes) + 1
+			shapes[string(buf)] = shape
+			shapeArgs = append(shapeArgs, len(c.charges))
+			for i, ch := range c.charges {
+				shapeArgs = append(shapeArgs, specOf[i], strconv.FormatFloat(ch.Amount, 'g', -1, 64))
+			}
+		}
+		reqArgs = append(reqArgs, c.now.UnixMilli(), c.id, shape)
+	}
+	keys = append(keys, r.epochKey())
 	seed := 0
 	if r.cfg.RequireSeed {
 		seed = 1
 	}
-	args := []any{r.cfg.ReservationTTL.Milliseconds(), seed, 0}
+	args = make([]any, 0, 5+len(specArgs)+len(shapeArgs)+len(reqArgs))
+	args = append(args, r.cfg.ReservationTTL.Milliseconds(), seed, len(specs), len(shapes), len(sent))
+	args = append(append(append(args, specArgs...), shapeArgs...), reqArgs...)
+	return keys, args, ctrOf
+}
+
+// admitBatch runs reserveBatchScript once for the calls of batch whose
+// callers still wait, and delivers each its outcome. A call whose caller
+// left is released (its reservations queued for release at 0) if the
+// script admitted it or may have; so is every call of a batch whose
+// script may have run but whose reply was lost.
+func (r *Redis) admitBatch(batch []*admitCall) {
+	sent := make([]*admitCall, 0, len(batch))
 	for _, c := range batch {
-		if c.gone() {
-			continue
+		if !c.gone() {
+			sent = append(sent, c)
+			c.sent = true
 		}
-		sent = append(sent, c)
-		c.sent = true
-		for i, p := range c.at {
-			ck := c.keys[7*i : 7*i+7]
-			n, ok := counters[ck[0]]
-			if !ok {
-				n = len(counters) + 1
-				counters[ck[0]] = n
-				keys = append(keys, ck...)
-			}
-			c.args[p] = n
-		}
-		args = append(args, c.args...)
 	}
 	if len(sent) > 0 {
-		args[2] = len(sent)
-		keys = append(keys, r.epochKey())
+		keys, args, ctrOf := r.batchArgs(sent)
 		err := r.run(r.ctx, "reserve", func(cctx context.Context) error {
 			out, err := reserveBatchScript.Run(cctx, r.c, keys, args...).Slice()
 			if err == nil {
-				err = splitAdmitReply(out, sent)
+				err = admitReplay(out, sent, ctrOf)
 			}
 			return err
 		})
@@ -180,7 +330,7 @@ func (r *Redis) admitBatch(batch []*admitCall) {
 		}
 		if err != nil {
 			for _, c := range sent {
-				c.reply, c.unseeded, c.err = nil, false, err
+				c.which, c.unseeded, c.err = 0, false, err
 			}
 		}
 	}
@@ -192,7 +342,7 @@ func (r *Redis) admitBatch(batch []*admitCall) {
 		if c.err != nil && (errors.Is(c.err, gobreaker.ErrOpenState) || errors.Is(c.err, gobreaker.ErrTooManyRequests)) {
 			continue // nothing was sent
 		}
-		if c.err == nil && (c.unseeded || len(c.reply) == 0 || c.reply[0] != int64(0)) {
+		if c.err == nil && (c.unseeded || c.which != 0) {
 			continue // refused or unseeded: nothing held
 		}
 		c.release(r)
@@ -201,48 +351,15 @@ func (r *Redis) admitBatch(batch []*admitCall) {
 
 // release queues c's reservations for release at 0 (see orphans).
 func (c *admitCall) release(r *Redis) {
-	for i, m := range c.members {
-		if m != "" {
-			r.orph.add(c.ckeys[i], m, 0, c.now)
+	for i := range c.charges {
+		if m := c.member(i); m != "" {
+			r.orph.add(c.charges[i].Key, m, 0, c.now)
 		}
 	}
-}
-
-// splitAdmitReply gives each call of sent its part of reserveBatchScript's
-// reply out.
-func splitAdmitReply(out []any, sent []*admitCall) error {
-	if len(out) == 1 {
-		if v, _ := out[0].(int64); v == -1 {
-			for _, c := range sent {
-				c.unseeded = true
-			}
-			return nil
-		}
-	}
-	pos := 0
-	for _, c := range sent {
-		if pos >= len(out) {
-			return fmt.Errorf("unexpected reply: %d values for %d requests", len(out), len(sent))
-		}
-		which, ok := out[pos].(int64)
-		n := int(which)
-		if which == 0 {
-			n = c.nc
-		}
-		if !ok || which < 0 || n > c.nc || pos+1+7*n > len(out) {
-			return fmt.Errorf("unexpected reply at %d: %v", pos, out[pos])
-		}
-		c.reply = out[pos : pos+1+7*n]
-		pos += 1 + 7*n
-	}
-	if pos != len(out) {
-		return fmt.Errorf("unexpected reply: %d values left", len(out)-pos)
-	}
-	return nil
 }
 
 // reserveAll admits charges in the next admission batch (one script run
-// for the requests that arrive while the previous batch is in flight).
+// for the requests that arrive while earlier batches are in flight).
 // unseeded reports that Redis holds no epoch key (with RequireSeed):
 // nothing was checked.
 func (r *Redis) reserveAll(ctx context.Context, charges []Charge, res []Reservation, ds []Decision, now time.Time) (which int, unseeded bool, err error) {
@@ -270,9 +387,9 @@ func (r *Redis) reserveAll(ctx context.Context, charges []Charge, res []Reservat
 	if c.unseeded {
 		return -1, true, nil
 	}
-	which, rooms, err := parseReserveMany(c.reply, charges, ds)
+	rooms, err := c.decide(ds, r.cfg.FailLocalBudget)
 	if err != nil {
-		if c.reply[0] == int64(0) {
+		if c.which == 0 {
 			c.release(r)
 		}
 		return -1, false, fmt.Errorf("%w: reserve: %w", ErrUnavailable, err)
@@ -280,13 +397,13 @@ func (r *Redis) reserveAll(ctx context.Context, charges []Charge, res []Reservat
 	if r.cfg.FailLocalBudget {
 		r.share.seen(charges, rooms)
 	}
-	if which >= 0 {
-		return which, false, nil
+	if c.which != 0 {
+		return c.which - 1, false, nil
 	}
 	for i, ch := range charges {
 		res[i] = Reservation{key: ch.Key, amount: ch.Amount, done: new(atomic.Bool)}
 		if ch.Amount > 0 {
-			res[i].recorded, res[i].member = true, c.members[i]
+			res[i].recorded, res[i].member = true, c.member(i)
 		}
 	}
 	return -1, false, nil

@@ -6,14 +6,16 @@ import (
 )
 
 // batcher coalesces concurrent calls to Redis: a call that arrives while
-// none is in flight is sent at once (a batch of one); calls that arrive
-// while one is in flight wait and are sent together, in arrival order, as
-// the next batch, one script run for all of them. So at most one batch
-// per batcher is in flight, a lone call waits for nothing, and under a
-// burst the Redis round trips (and the per-call work of Redis itself)
-// fall from one per call to one per batch.
+// fewer than inFlight batches are in flight is sent at once (a batch of
+// one); calls that arrive while inFlight are in flight wait and are sent
+// together, in arrival order, as the next batch, one script run for all
+// of them. So a lone call waits for nothing, and under a burst the Redis
+// round trips (and the per-call work of Redis itself) fall from one per
+// call to one per batch, while the next batches are built and sent as
+// Redis runs the one before (pipelined: Redis runs them one after the
+// other, each atomically, and never waits for the client in between).
 //
-// The caller that finds the batcher idle runs the first batch in its own
+// The caller that finds a slot free runs the first batch in its own
 // goroutine; if calls queued meanwhile, a goroutine runs the following
 // batches until the queue is empty, and then returns.
 type batcher[T any] struct {
@@ -23,22 +25,24 @@ type batcher[T any] struct {
 	// full reports whether a batch of these calls is as large as one run
 	// should be.
 	full func(batch []*T) bool
+	// inFlight is the most batches in flight at once; 0 means 1.
+	inFlight int
 
 	mu      sync.Mutex // protects queue and running
 	queue   []*T
-	running bool // a batch is in flight or a goroutine is about to send one
+	running int // batches in flight or about to be sent
 }
 
-// submit queues c and, when no batch is in flight, sends the batch it
-// starts. The caller then waits for c's result, which run delivers.
+// submit queues c and, when a slot is free, sends the batch it starts.
+// The caller then waits for c's result, which run delivers.
 func (b *batcher[T]) submit(c *T) {
 	b.mu.Lock()
 	b.queue = append(b.queue, c)
-	if b.running {
+	if b.running >= max(b.inFlight, 1) {
 		b.mu.Unlock()
 		return
 	}
-	b.running = true
+	b.running++
 	batch := b.take()
 	b.mu.Unlock()
 	b.run(batch)
@@ -61,12 +65,13 @@ func (b *batcher[T]) take() []*T {
 	return batch
 }
 
-// next reports whether calls are queued; if none, the batcher is idle.
+// next reports whether calls are queued; if none, the caller's slot is
+// free.
 func (b *batcher[T]) next() bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if len(b.queue) == 0 {
-		b.running = false
+		b.running--
 		return false
 	}
 	return true
@@ -76,12 +81,14 @@ func (b *batcher[T]) next() bool {
 func (b *batcher[T]) drain() {
 	for {
 		b.mu.Lock()
+		if len(b.queue) == 0 {
+			b.running--
+			b.mu.Unlock()
+			return
+		}
 		batch := b.take()
 		b.mu.Unlock()
 		b.run(batch)
-		if !b.next() {
-			return
-		}
 	}
 }
 

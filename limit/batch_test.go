@@ -120,16 +120,19 @@ func TestRedisBatchedCallerThatLeavesHoldsNothing(t *testing.T) {
 	o, _ := redis.ParseURL(url)
 	raw := redis.NewClient(o)
 	defer raw.Close()
-	// The first call's batch is in flight behind a 300 ms stall; the
-	// second waits in the queue and leaves after 50 ms.
+	// The first calls' batches (as many as may be in flight) are in
+	// flight behind a 300 ms stall; the next waits in the queue and
+	// leaves after 50 ms.
 	go raw.Do(context.Background(), "DEBUG", "SLEEP", "0.3")
 	time.Sleep(20 * time.Millisecond)
-	first := make(chan error, 1)
-	go func() {
-		res, ds := make([]Reservation, 1), make([]Decision, 1)
-		_, err := b.ReserveAll(context.Background(), []Charge{{"k", 10, lims}}, res, ds, t0)
-		first <- err
-	}()
+	first := make(chan error, maxAdmitInFlight)
+	for range maxAdmitInFlight {
+		go func() {
+			res, ds := make([]Reservation, 1), make([]Decision, 1)
+			_, err := b.ReserveAll(context.Background(), []Charge{{"k", 10, lims}}, res, ds, t0)
+			first <- err
+		}()
+	}
 	time.Sleep(20 * time.Millisecond)
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
@@ -137,16 +140,20 @@ func TestRedisBatchedCallerThatLeavesHoldsNothing(t *testing.T) {
 	if _, err := b.ReserveAll(ctx, []Charge{{"k", 500, lims}}, res, ds, t0); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("leaving caller got %v, want its deadline", err)
 	}
-	if err := <-first; err != nil {
-		t.Fatal(err)
+	for range maxAdmitInFlight {
+		if err := <-first; err != nil {
+			t.Fatal(err)
+		}
 	}
-	// Only the first call's 10 is reserved: wait for the queue to drain.
+	// Only the first calls' 10 each are reserved: wait for the queue to
+	// drain.
+	want := float64(10 * maxAdmitInFlight)
 	if !waitFor(2*time.Second, func() bool {
 		v, _ := raw.Get(context.Background(), "keypool:limit:{k}:rs").Float64()
-		return v == 10
+		return v == want
 	}) {
 		v, _ := raw.Get(context.Background(), "keypool:limit:{k}:rs").Float64()
-		t.Errorf("reserved %v, want 10 (the leaving caller's 500 released or never sent)", v)
+		t.Errorf("reserved %v, want %v (the leaving caller's 500 released or never sent)", v, want)
 	}
 }
 

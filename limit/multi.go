@@ -136,26 +136,6 @@ func (r *Redis) failBudget(charges []Charge, res []Reservation, ds []Decision) i
 	return -1
 }
 
-func parseReserveMany(out []any, charges []Charge, ds []Decision) (int, []float64, error) {
-	if len(out) < 1 {
-		return -1, nil, fmt.Errorf("unexpected reply %v", out)
-	}
-	refused, _ := out[0].(int64)
-	n := (len(out) - 1) / 7
-	if (len(out)-1)%7 != 0 || n > len(charges) || (refused == 0 && n != len(charges)) || (refused > 0 && int(refused) != n) {
-		return -1, nil, fmt.Errorf("unexpected reply %v", out)
-	}
-	rooms := make([]float64, n)
-	for i := range n {
-		d, room, err := parseReserve(out[1+7*i:8+7*i], charges[i].Limits)
-		if err != nil {
-			return -1, nil, err
-		}
-		ds[i], rooms[i] = d, room
-	}
-	return int(refused) - 1, rooms, nil
-}
-
 var (
 	_ Admitter = (*Local)(nil)
 	_ Admitter = (*Redis)(nil)

@@ -143,7 +143,7 @@ func NewRedis(c redis.UniversalClient, cfg RedisConfig) (*Redis, error) {
 	}
 	r := &Redis{c: c, cfg: cfg, log: cfg.Logger, idBase: rand.Uint64(),
 		wake: make(chan struct{}, 1), back: make(chan struct{}, 1), done: make(chan struct{})}
-	r.admits = batcher[admitCall]{run: r.admitBatch, full: admitFull}
+	r.admits = batcher[admitCall]{run: r.admitBatch, full: admitFull, inFlight: maxAdmitInFlight}
 	r.settles = batcher[settleCall]{run: r.settleBatch, full: settleFull}
 	r.br.onOpen = r.breakerChanged
 	r.br.reset(cfg.BreakerOpen)

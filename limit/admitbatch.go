@@ -201,6 +201,9 @@ type admitCall struct {
 	id      uint64 // the request's reservations are id:amount
 	sent    bool   // set by the batch that sends it
 
+	// Set by the batch when the backend traces admissions (traceAdmit).
+	sentAt, repliedAt time.Time
+
 	// Set by the batch before done is closed.
 	which    int        // 0: admitted, else the 1-based charge that refused
 	reserved []float64  // per charge checked: reserved on its counter before the request
@@ -316,6 +319,10 @@ func (r *Redis) admitBatch(batch []*admitCall) {
 		}
 	}
 	if len(sent) > 0 {
+		var sentAt time.Time
+		if r.traceAdmit != nil {
+			sentAt = time.Now()
+		}
 		keys, args, ctrOf := r.batchArgs(sent)
 		err := r.run(r.ctx, "reserve", func(cctx context.Context) error {
 			out, err := reserveBatchScript.Run(cctx, r.c, keys, args...).Slice()
@@ -331,6 +338,12 @@ func (r *Redis) admitBatch(batch []*admitCall) {
 		if err != nil {
 			for _, c := range sent {
 				c.which, c.unseeded, c.err = 0, false, err
+			}
+		}
+		if r.traceAdmit != nil {
+			replied := time.Now()
+			for _, c := range sent {
+				c.sentAt, c.repliedAt = sentAt, replied
 			}
 		}
 	}
@@ -364,6 +377,10 @@ func (c *admitCall) release(r *Redis) {
 // nothing was checked.
 func (r *Redis) reserveAll(ctx context.Context, charges []Charge, res []Reservation, ds []Decision, now time.Time) (which int, unseeded bool, err error) {
 	c := r.newAdmitCall(charges, now)
+	var queued time.Time
+	if r.traceAdmit != nil {
+		queued = time.Now()
+	}
 	r.admits.submit(c)
 	select {
 	case <-c.done:
@@ -372,6 +389,9 @@ func (r *Redis) reserveAll(ctx context.Context, charges []Charge, res []Reservat
 			return -1, false, ctx.Err()
 		}
 		<-c.done
+	}
+	if r.traceAdmit != nil && c.sent {
+		r.traceAdmit(c.sentAt.Sub(queued), c.repliedAt.Sub(c.sentAt), time.Since(c.repliedAt))
 	}
 	if c.err != nil {
 		if !errors.Is(c.err, gobreaker.ErrOpenState) && !errors.Is(c.err, gobreaker.ErrTooManyRequests) {

@@ -112,6 +112,13 @@ func TestRedisAdmissionLatencyAt1000(t *testing.T) {
 	}
 	const n = 1000
 	b := newTestRedis(t, url, RedisConfig{})
+	var phaseMu sync.Mutex
+	var waits, scripts, wakes []time.Duration
+	b.traceAdmit = func(wait, script, wake time.Duration) {
+		phaseMu.Lock()
+		waits, scripts, wakes = append(waits, wait), append(scripts, script), append(wakes, wake)
+		phaseMu.Unlock()
+	}
 	var runs scriptRuns
 	b.c.AddHook(&runs)
 	o, _ := redis.ParseURL(url)
@@ -214,4 +221,13 @@ func TestRedisAdmissionLatencyAt1000(t *testing.T) {
 	}
 	slices.Sort(all)
 	t.Logf("all %d admissions: p50 %s p99 %s", len(all), all[len(all)/2], all[len(all)*99/100])
+	for _, p := range []struct {
+		name string
+		d    []time.Duration
+	}{{"queued behind the batches in flight", waits}, {"own batch's script round trip", scripts}, {"reply to caller running", wakes}} {
+		slices.Sort(p.d)
+		if len(p.d) > 0 {
+			t.Logf("  %s: p50 %s p99 %s", p.name, p.d[len(p.d)/2], p.d[len(p.d)*99/100])
+		}
+	}
 }

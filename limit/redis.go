@@ -111,6 +111,12 @@ type Redis struct {
 	back   chan struct{} // the breaker closed: look for a restart-empty now
 	done   chan struct{} // closed when the watcher has returned
 
+	// traceAdmit, if set (tests), gets each batched admission's time in
+	// the queue, its batch's script round trip (arguments built, sent,
+	// run, reply read and replayed) and the time from the reply to the
+	// caller running again.
+	traceAdmit func(wait, script, wake time.Duration)
+
 	failures atomic.Uint64 // calls failed or refused by the breaker
 	released atomic.Uint64 // orphan reservations released
 }

@@ -132,7 +132,7 @@ func (c *replCluster) burstCalls(ctx context.Context, rep *replReport, name stri
 	// commandstats counts the commands a script runs as well; the round
 	// trips are the scripts (EVALSHA). Concurrent admissions share one
 	// script run per batch (per replica, the requests that arrive while
-	// the previous batch is in flight), and so do settlements; each
+	// its earlier batches are in flight), and so do settlements; each
 	// admission script checks the epoch key once (EXISTS), so the EXISTS
 	// calls count the admission scripts.
 	_, per := callsDiff(calls0, calls1)

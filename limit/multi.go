@@ -85,7 +85,7 @@ func (l *Local) ReserveAll(_ context.Context, charges []Charge, res []Reservatio
 }
 
 // ReserveAll implements [Admitter] with one script run, shared with the
-// calls that arrive while the previous one is in flight (see [batcher]:
+// calls that arrive while earlier ones are in flight (see [batcher]:
 // a burst of N concurrent requests is admitted in a few script runs, each
 // request by the same rule and in the same order as if alone). All keys
 // must be served by one Redis node (a single Redis, or keys in one

@@ -221,6 +221,10 @@ func TestRedisAdmissionLatencyAt1000(t *testing.T) {
 	}
 	slices.Sort(all)
 	t.Logf("all %d admissions: p50 %s p99 %s", len(all), all[len(all)/2], all[len(all)*99/100])
+	if rc, ok := b.c.(*redis.Client); ok {
+		st := rc.PoolStats()
+		t.Logf("  go-redis pool: %d connections, %d waits for one (%s in all), %d timeouts", st.TotalConns, st.WaitCount, time.Duration(st.WaitDurationNs), st.Timeouts)
+	}
 	for _, p := range []struct {
 		name string
 		d    []time.Duration

@@ -192,6 +192,7 @@ func TestRedisAdmissionLatencyAt1000(t *testing.T) {
 
 		// Settle every admitted request, concurrently.
 		runs0 = runs.n.Load()
+		scpu0 := redisCPU(t, raw)
 		var swg sync.WaitGroup
 		for _, res := range held {
 			if res == nil {
@@ -209,14 +210,15 @@ func TestRedisAdmissionLatencyAt1000(t *testing.T) {
 		}
 		swg.Wait()
 		settles := runs.n.Load() - runs0
+		settleCPU := (redisCPU(t, raw) - scpu0) * 1e6 / float64(max(admitted.Load(), 1))
 		if settles > admitted.Load() {
 			t.Errorf("round %d: %d settle scripts for %d admitted requests, want at most one each", round, settles, admitted.Load())
 		}
 		slices.Sort(lat)
 		all = append(all, lat...)
-		t.Logf("round %d: %d admitted of %d; admission p50 %s p99 %s max %s; %d admission scripts (%.3f per request; Redis: %d script runs, %.0f µs each, %.1f ms in all); %d settle scripts for %d admitted; CPU per admission: Redis %.1f µs, Go %.1f µs",
+		t.Logf("round %d: %d admitted of %d; admission p50 %s p99 %s max %s; %d admission scripts (%.3f per request; Redis: %d script runs, %.0f µs each, %.1f ms in all); %d settle scripts for %d admitted (Redis CPU %.1f µs per settle); CPU per admission: Redis %.1f µs, Go %.1f µs",
 			round, admitted.Load(), n, lat[n/2], lat[n*99/100], lat[n-1], scripts, float64(scripts)/n,
-			evals, float64(redisUs)/float64(max(evals, 1)), float64(redisUs)/1000, settles, admitted.Load(),
+			evals, float64(redisUs)/float64(max(evals, 1)), float64(redisUs)/1000, settles, admitted.Load(), settleCPU,
 			(rcpu1-rcpu0)*1e6/n, float64((gcpu1-gcpu0).Microseconds())/n)
 	}
 	slices.Sort(all)

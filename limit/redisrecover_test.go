@@ -72,7 +72,7 @@ func waitFor(d time.Duration, cond func() bool) bool {
 
 func TestRedisSettleFailedWhileDownIsReplayedWhenRedisReturns(t *testing.T) {
 	url, kill := startRedis(t, 0)
-	b := privateRedis(t, url, RedisConfig{Timeout: 100 * time.Millisecond, BreakerOpen: 200 * time.Millisecond, FailClosedBudget: true})
+	b := privateRedis(t, url, RedisConfig{Timeout: time.Second, BreakerOpen: 200 * time.Millisecond, FailClosedBudget: true})
 	ctx := context.Background()
 	lims := []Limit{{Window: Total, Block: 1000}}
 	res, ds := make([]Reservation, 1), make([]Decision, 1)

@@ -4,7 +4,9 @@
 // keypoold (server.New on a temporary SQLite database with one service,
 // four keys, a team and a token), then drives each with the same load and
 // prints throughput, latency percentiles, CPU per request and peak RSS,
-// with keypoold/bare ratios. The streams mode opens -streams concurrent
+// with keypoold/bare ratios. The streams mode first opens 50 SSE streams
+// one at a time through each proxy and prints the time to first event
+// keypoold adds; it then opens -streams concurrent
 // SSE streams at once, -waves times, through each proxy in turn, and
 // prints the wall time of the waves, the time to first event (p50, p99),
 // peak RSS, and keypoold's wall and RSS ratios and added time to first
@@ -555,6 +557,24 @@ func harness(ctx context.Context, mode string, conns []int, d time.Duration, rou
 			float64(bare.peakRSS())/(1<<20), float64(kp.peakRSS())/(1<<20), float64(kp.peakRSS())/float64(max(bare.peakRSS(), 1)))
 	}
 	if mode == "all" || mode == "streams" {
+		// One stream at a time first: the latency a proxy adds to the
+		// first event, alternating proxies in runs of 10.
+		const seqRuns, seqPer = 5, 10
+		fmt.Printf("\n== one SSE stream at a time (%d each), keypoold and bare alternating\n", seqRuns*seqPer)
+		var sb, sk []time.Duration
+		seqErrs := 0
+		for r := range seqRuns {
+			ts, outs := []target{tBare, tKP}, []*[]time.Duration{&sb, &sk}
+			if r%2 == 1 {
+				ts[0], ts[1], outs[0], outs[1] = ts[1], ts[0], outs[1], outs[0]
+			}
+			for i, t := range ts {
+				d, e := sequentialTTFE(ctx, t, seqPer)
+				*outs[i] = append(*outs[i], d...)
+				seqErrs += e
+			}
+		}
+		fmt.Print(sequentialReport(sb, sk, seqErrs))
 		fmt.Printf("\n== %d concurrent SSE streams of %v (%d events), %d waves, keypoold and bare alternating\n", nStreams, streamEvents*streamGap, streamEvents+1, waves)
 		bare.resetPeakRSS()
 		kp.resetPeakRSS()

@@ -133,3 +133,43 @@ func streamsReport(bare, kp streamStats) string {
 		kp.wall.Seconds()/max(bare.wall.Seconds(), 1e-9), float64(kp.rss)/float64(max(bare.rss, 1)), ms(kp.ttfe50-bare.ttfe50))
 	return b.String()
 }
+
+// sequentialTTFE opens n SSE streams through t one after another on one
+// kept-alive connection and returns each stream's time to first event:
+// the latency a proxy adds to a stream's start when nothing else competes
+// for the CPU (the waves measure it under a burst).
+func sequentialTTFE(ctx context.Context, t target, n int) ([]time.Duration, int) {
+	client := newClient(1)
+	defer client.CloseIdleConnections()
+	var out []time.Duration
+	errs := 0
+	for range n {
+		d := time.Duration(-1)
+		if err := oneStream(ctx, client, t, &d); err != nil || d < 0 {
+			errs++
+			continue
+		}
+		out = append(out, d)
+	}
+	return out, errs
+}
+
+// sequentialReport prints the time to first event of one stream at a
+// time through each proxy, and what keypoold adds to the bare proxy's.
+func sequentialReport(bare, kp []time.Duration, errs int) string {
+	pct := func(xs []time.Duration, p int) time.Duration {
+		if len(xs) == 0 {
+			return 0
+		}
+		s := append([]time.Duration(nil), xs...)
+		sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+		return s[min(len(s)-1, len(s)*p/100)]
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "%-9s %10s %10s %8s\n", "", "TTFE p50", "TTFE p99", "streams")
+	fmt.Fprintf(&b, "%-9s %10s %10s %8d\n", "bare", ms(pct(bare, 50)), ms(pct(bare, 99)), len(bare))
+	fmt.Fprintf(&b, "%-9s %10s %10s %8d\n", "keypoold", ms(pct(kp, 50)), ms(pct(kp, 99)), len(kp))
+	fmt.Fprintf(&b, "keypoold adds to the first event, one stream at a time: p50 %s, p99 %s (%d errors)\n",
+		ms(pct(kp, 50)-pct(bare, 50)), ms(pct(kp, 99)-pct(bare, 99)), errs)
+	return b.String()
+}

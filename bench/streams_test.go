@@ -29,3 +29,15 @@ func TestStreamsReportComparesWallTimeFirstEventAndRSSWithTheBareProxy(t *testin
 		}
 	}
 }
+
+func TestSequentialReportNamesWhatKeypooldAddsToTheFirstEvent(t *testing.T) {
+	ms := func(n int) time.Duration { return time.Duration(n) * time.Millisecond }
+	bare := []time.Duration{ms(22), ms(20), ms(21), ms(30)}
+	kp := []time.Duration{ms(23), ms(21), ms(22), ms(34)}
+	out := sequentialReport(bare, kp, 1)
+	for _, want := range []string{"p50 1.000ms", "p99 4.000ms", "(1 errors)", "22.000ms", "34.000ms"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("report lacks %q:\n%s", want, out)
+		}
+	}
+}

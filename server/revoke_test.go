@@ -22,7 +22,10 @@ const revocationBound = time.Second
 // streamUpstream serves an SSE stream of 250 events 20 ms apart on any
 // path, and on an Upgrade a WebSocket that sends a text frame every 20 ms
 // until its connection closes.
-func streamUpstream(t *testing.T) *upstream {
+func streamUpstream(t *testing.T) *upstream { return streamUpstreamOf(t, 250) }
+
+// streamUpstreamOf is streamUpstream with SSE streams of events events.
+func streamUpstreamOf(t *testing.T, events int) *upstream {
 	return newUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		if r.Header.Get("Upgrade") != "" {
 			c, brw, err := http.NewResponseController(w).Hijack()
@@ -46,7 +49,7 @@ func streamUpstream(t *testing.T) *upstream {
 			return
 		}
 		w.Header().Set("Content-Type", "text/event-stream")
-		for i := range 250 {
+		for i := range events {
 			if _, err := fmt.Fprintf(w, "data: {\"n\":%d}\n\n", i); err != nil {
 				return
 			}
@@ -321,7 +324,10 @@ func TestKeyDisabledElsewhereEndsStreams(t *testing.T) {
 // 100 SSE streams and 100 WebSockets of one token all end within the
 // revocation bound.
 func TestRevocationEndsManyStreams(t *testing.T) {
-	up := streamUpstream(t)
+	// Streams of a minute: opening 200 streams under -race on a loaded
+	// machine can take longer than the usual 5 s stream, which would end
+	// on its own before the revocation.
+	up := streamUpstreamOf(t, 3000)
 	k := startKP(t)
 	k.addService("live", up.URL, "bearer", nil)
 	k.addKey("live", keyA, nil)

@@ -19,6 +19,8 @@
 //	go run ./bench -mode throughput -router  # also the same call through a router (kind router), vs direct
 //	go run ./bench -mode faults              # the fault suite (see faults.go), with its own flags
 //	go run ./bench -mode replicas            # the replica suite (see replicas.go), with its own flags
+//	go run ./bench -mode cost                # keypoold's CPU per request with the usage journal on and off (see cost.go)
+//	go run ./bench -mode cost -callgrind     # … and its instructions per request, counted by callgrind
 //
 // keypoold serves two services on the same upstream: "bench" with
 // llm_family none (metering off) and "bench-llm" with llm_family openai
@@ -73,6 +75,12 @@ func main() {
 		stop()
 		os.Exit(code)
 	}
+	if args, ok := modeArgs(os.Args[1:], "cost"); ok {
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		code := costMain(ctx, args, os.Stdout, os.Stderr)
+		stop()
+		os.Exit(code)
+	}
 	if args, ok := modeArgs(os.Args[1:], "replicas"); ok {
 		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 		code := replicasMain(ctx, args, os.Stdout, os.Stderr)
@@ -82,7 +90,7 @@ func main() {
 	var (
 		role      = flag.String("role", "", "internal: run as upstream, bare or keypoold")
 		target    = flag.String("upstream", "", "internal: upstream URL for the bare proxy and keypoold")
-		mode      = flag.String("mode", "all", "throughput, streams, all, faults or replicas (the fault and replica suites have their own flags: -mode faults -h)")
+		mode      = flag.String("mode", "all", "throughput, streams, all, faults, replicas or cost (the fault, replica and cost modes have their own flags: -mode faults -h)")
 		connsFlag = flag.String("conns", "1,64", "comma-separated connection counts for the throughput mode")
 		duration  = flag.Duration("duration", 4*time.Second, "load duration per measurement")
 		rounds    = flag.Int("rounds", 3, "measurements per proxy and connection count (medians are reported)")
@@ -292,11 +300,25 @@ type child struct {
 }
 
 func startChild(ctx context.Context, role, upstream, logLevel string) (*child, error) {
-	exe, err := os.Executable()
-	if err != nil {
-		return nil, err
+	return startChildWith(ctx, "", nil, nil, role, upstream, logLevel)
+}
+
+// startChildWith starts a child process of role with env added to this
+// process's environment, run by wrap (a command and its arguments, e.g.
+// valgrind's) when it is not empty. exe is the bench binary to run (""
+// for this one).
+func startChildWith(ctx context.Context, exe string, wrap, env []string, role, upstream, logLevel string) (*child, error) {
+	if exe == "" {
+		var err error
+		if exe, err = os.Executable(); err != nil {
+			return nil, err
+		}
 	}
-	cmd := exec.CommandContext(ctx, exe, "-role", role, "-upstream", upstream, "-log-level", logLevel)
+	args := append(append([]string(nil), wrap...), exe, "-role", role, "-upstream", upstream, "-log-level", logLevel)
+	cmd := exec.CommandContext(ctx, args[0], args[1:]...)
+	if len(env) > 0 {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {

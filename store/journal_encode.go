@@ -28,7 +28,8 @@ const (
 //	      cached_tokens cost latency_ms key_spend
 //
 // time is Unix nanoseconds (empty for the zero time); numbers are decimal,
-// a cost or spend with a fraction in Go's shortest form that reads back
+// a cost or spend with a fraction in plain decimal when 12 places or
+// fewer write it exactly, else in Go's shortest form that reads back
 // exactly; in strings a tab, newline or backslash is escaped as \t, \n,
 // \\. A delta's changed is a bit set (decimal) of the string fields, in
 // the order above from bit 0 (request_id) to bit 6 (model), that differ
@@ -74,7 +75,12 @@ func appendUnsummedLine(b []byte, rec *UsageRecord, kind int) []byte {
 		b = append(b, kindFinal, '\t')
 	}
 	if !rec.Time.IsZero() {
-		b = strconv.AppendInt(b, rec.Time.UnixNano(), 10)
+		if ns := rec.Time.UnixNano(); ns >= 0 {
+			b = appendDecimal(b, uint64(ns))
+		} else {
+			b = append(b, '-')
+			b = appendDecimal(b, uint64(-ns))
+		}
 	}
 	b = appendCompactString(b, rec.ID)
 	var changed uint8
@@ -86,8 +92,7 @@ func appendUnsummedLine(b []byte, rec *UsageRecord, kind int) []byte {
 				changed |= 1 << i
 			}
 		}
-		b = append(b, '\t')
-		b = strconv.AppendUint(b, uint64(changed), 10)
+		b = appendCompactInt(b, int64(changed))
 	}
 	// A delta line carries only the names that changed; the others, all.
 	for i, v := range [...]string{rec.RequestID, rec.TeamID, rec.TokenID, rec.Service, rec.Router, rec.KeyID, rec.Model} {
@@ -132,44 +137,158 @@ func sumLines(b []byte) {
 // backslashes escaped.
 func appendCompactString(b []byte, s string) []byte {
 	b = append(b, '\t')
-	for i := 0; i < len(s); i++ {
-		switch c := s[i]; c {
+	for {
+		i := plainPrefix(s)
+		b = append(b, s[:i]...)
+		if i == len(s) {
+			return b
+		}
+		switch s[i] {
 		case '\t':
 			b = append(b, '\\', 't')
 		case '\n':
 			b = append(b, '\\', 'n')
-		case '\\':
-			b = append(b, '\\', '\\')
 		default:
-			// Copy the run of bytes that need no escaping at once: ids,
-			// names and models have none.
-			k := i + 1
-			for k < len(s) && s[k] != '\t' && s[k] != '\n' && s[k] != '\\' {
-				k++
-			}
-			b = append(b, s[i:k]...)
-			i = k - 1
+			b = append(b, '\\', '\\')
+		}
+		s = s[i+1:]
+	}
+}
+
+// plainPrefix returns the length of s's prefix that needs no escaping
+// (all of it for ids, names and models), testing eight bytes at a time.
+func plainPrefix(s string) int {
+	n := len(s)
+	if n < 8 {
+		return plainBytes(s, 0)
+	}
+	for i := 0; ; i += 8 {
+		if i > n-8 {
+			i = n - 8 // the last eight bytes, overlapping the ones tested
+		}
+		if special8(s[i : i+8]) {
+			return plainBytes(s, i)
+		}
+		if i == n-8 {
+			return n
 		}
 	}
-	return b
+}
+
+// special8 reports whether w, eight bytes, may hold a tab, newline or
+// backslash: a byte below 0x20 or equal to '\\' sets its high bit in
+// (x-0x20…) &^ x or in (y-0x01…) &^ y (y is x with '\\' bytes zeroed).
+// Other control bytes pass too; plainBytes decides.
+func special8(w string) bool {
+	const ones, highs = 0x0101010101010101, 0x8080808080808080
+	x := uint64(w[0]) | uint64(w[1])<<8 | uint64(w[2])<<16 | uint64(w[3])<<24 |
+		uint64(w[4])<<32 | uint64(w[5])<<40 | uint64(w[6])<<48 | uint64(w[7])<<56
+	y := x ^ ('\\' * ones)
+	return ((x-0x20*ones)&^x|(y-ones)&^y)&highs != 0
+}
+
+// plainBytes returns the index of the first byte of s from i that needs
+// escaping, or len(s).
+func plainBytes(s string, i int) int {
+	for ; i < len(s); i++ {
+		if c := s[i]; c == '\t' || c == '\n' || c == '\\' {
+			return i
+		}
+	}
+	return i
 }
 
 // appendCompactInt appends a tab and v.
 func appendCompactInt(b []byte, v int64) []byte {
 	b = append(b, '\t')
-	return strconv.AppendInt(b, v, 10)
+	if v < 0 {
+		b = append(b, '-')
+		return appendDecimal(b, uint64(-v))
+	}
+	return appendDecimal(b, uint64(v))
 }
 
-// appendCompactFloat appends a tab and v (0 for NaN and infinities).
+// digitPairs holds "00" to "99".
+const digitPairs = "00010203040506070809101112131415161718192021222324252627282930313233343536373839" +
+	"40414243444546474849505152535455565758596061626364656667686970717273747576777879" +
+	"8081828384858687888990919293949596979899"
+
+// appendDecimal appends u in decimal. It is strconv.AppendUint without
+// its base dispatch and copy: small numbers (most of a line's) take one
+// append, larger ones are written two digits at a time.
+func appendDecimal(b []byte, u uint64) []byte {
+	if u < 10 {
+		return append(b, byte('0'+u))
+	}
+	if u < 100 {
+		return append(b, digitPairs[2*u], digitPairs[2*u+1])
+	}
+	var d [20]byte
+	i := len(d)
+	for u >= 100 {
+		q := u / 100
+		r := 2 * (u - 100*q)
+		i -= 2
+		d[i], d[i+1] = digitPairs[r], digitPairs[r+1]
+		u = q
+	}
+	if u >= 10 {
+		i -= 2
+		d[i], d[i+1] = digitPairs[2*u], digitPairs[2*u+1]
+	} else {
+		i--
+		d[i] = byte('0' + u)
+	}
+	return append(b, d[i:]...)
+}
+
+// appendCompactFloat appends a tab and v (0 for NaN and infinities): a
+// whole number as an integer; a fraction that 12 decimal places or fewer
+// write exactly, as prices make costs and spends, in plain decimal;
+// else in Go's shortest form. Each reads back as v, and the first two
+// cost a fraction of the shortest-form search.
 func appendCompactFloat(b []byte, v float64) []byte {
-	b = append(b, '\t')
 	if math.IsNaN(v) || math.IsInf(v, 0) {
-		return append(b, '0')
+		return append(b, '\t', '0')
 	}
 	if v == math.Trunc(v) && math.Abs(v) < 1<<53 {
-		return strconv.AppendInt(b, int64(v), 10) // exact, and cheaper than the shortest-float search
+		return appendCompactInt(b, int64(v))
 	}
+	// m/1e12 and the parse of m's decimal with 12 places are both the
+	// float nearest to m·10⁻¹² (m and 1e12 are exact: |m| < 2⁵³), so the
+	// decimal reads back as v when m/1e12 is v.
+	if math.Abs(v) < 1000 {
+		if m := math.Round(v * 1e12); m/1e12 == v {
+			return appendScaled(b, int64(m))
+		}
+	}
+	b = append(b, '\t')
 	return strconv.AppendFloat(b, v, 'g', -1, 64)
+}
+
+// appendScaled appends a tab and m·10⁻¹² in decimal, m not a multiple
+// of 10¹², without trailing zeros.
+func appendScaled(b []byte, m int64) []byte {
+	b = append(b, '\t')
+	u := uint64(m)
+	if m < 0 {
+		b = append(b, '-')
+		u = uint64(-m)
+	}
+	b = appendDecimal(b, u/1e12)
+	f := u % 1e12
+	var d [13]byte
+	d[0] = '.'
+	for i := 12; i > 0; i -= 2 {
+		r := 2 * (f % 100)
+		d[i-1], d[i] = digitPairs[r], digitPairs[r+1]
+		f /= 100
+	}
+	n := len(d)
+	for d[n-1] == '0' {
+		n--
+	}
+	return append(b, d[:n]...)
 }
 
 // decodeCompact decodes the fields of a format-2 line (each after a tab)

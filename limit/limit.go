@@ -108,8 +108,9 @@ func WindowBounds(w Window, now time.Time) (start, end time.Time) {
 }
 
 // calStart returns the Unix second at which the calendar window w (Hour,
-// Day or Month) containing now starts, without building a [time.Time] for
-// Hour and Day.
+// Day or Month) containing now starts, in UTC, by arithmetic on the Unix
+// second (no [time.Time] is built: every counter charge asks it for all
+// three windows).
 func calStart(w Window, now time.Time) int64 {
 	sec := now.Unix()
 	switch w {
@@ -117,10 +118,38 @@ func calStart(w Window, now time.Time) int64 {
 		return floorDiv(sec, 3600) * 3600
 	case Day:
 		return floorDiv(sec, 86400) * 86400
+	case Month:
+		days := floorDiv(sec, 86400)
+		return (days - dayOfMonth(days) + 1) * 86400
 	default:
 		s, _ := WindowBounds(w, now)
 		return s.Unix()
 	}
+}
+
+// calEnd returns the Unix second at which the calendar window w (Hour,
+// Day or Month) that starts at the Unix second start ends.
+func calEnd(w Window, start int64) int64 {
+	switch w {
+	case Hour:
+		return start + 3600
+	case Day:
+		return start + 86400
+	}
+	// 31 days after a month's first day is in the next month.
+	return calStart(Month, time.Unix(start+31*86400, 0))
+}
+
+// dayOfMonth returns the day of the month (1–31, proleptic Gregorian, as
+// package time counts) of the day days after 1970-01-01 (H. Hinnant's
+// civil_from_days).
+func dayOfMonth(days int64) int64 {
+	z := days + 719468                    // days since 0000-03-01
+	doe := z - floorDiv(z, 146097)*146097 // day of the 400-year era, [0, 146096]
+	yoe := (doe - doe/1460 + doe/36524 - doe/146096) / 365
+	doy := doe - (365*yoe + yoe/4 - yoe/100) // day of the year from March 1, [0, 365]
+	mp := (5*doy + 2) / 153                  // month from March, [0, 11]
+	return doy - (153*mp+2)/5 + 1
 }
 
 func floorDiv(a, b int64) int64 {

@@ -527,6 +527,31 @@ func TestWindowBounds(t *testing.T) {
 	}
 }
 
+// TestCalStartMonth checks the arithmetic month start (and end) against
+// package time's calendar: every day's first and last second from 1890 to 2110
+// (leap years, 1900 and 2100 not leap, 2000 leap, before 1970), and a
+// few far dates.
+func TestCalStartMonth(t *testing.T) {
+	check := func(now time.Time) {
+		t.Helper()
+		want, end := WindowBounds(Month, now)
+		if got := calStart(Month, now); got != want.Unix() {
+			t.Fatalf("calStart(Month, %v) = %v, want %v", now, time.Unix(got, 0).UTC(), want)
+		}
+		if got := calEnd(Month, want.Unix()); got != end.Unix() {
+			t.Fatalf("calEnd(Month, %v) = %v, want %v", want, time.Unix(got, 0).UTC(), end)
+		}
+	}
+	for d := time.Date(1890, 1, 1, 0, 0, 0, 0, time.UTC); d.Year() < 2110; d = d.AddDate(0, 0, 1) {
+		check(d)
+		check(d.Add(24*time.Hour - time.Nanosecond))
+	}
+	for _, d := range []time.Time{time.Date(-400, 3, 1, 0, 0, 0, 0, time.UTC), time.Date(1, 1, 1, 0, 0, 0, 0, time.UTC),
+		time.Date(1600, 2, 29, 23, 0, 0, 0, time.UTC), time.Date(9999, 12, 31, 23, 59, 59, 0, time.UTC)} {
+		check(d)
+	}
+}
+
 func TestWindowText(t *testing.T) {
 	for w := Minute; w <= Total; w++ {
 		b, err := w.MarshalText()

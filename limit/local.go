@@ -83,8 +83,12 @@ type countShard struct {
 
 type calWindow struct {
 	start int64 // Unix second the window starts
+	end   int64 // and the one the next starts (0 until set)
 	used  float64
 }
+
+// in reports whether the Unix second sec falls in the window.
+func (c *calWindow) in(sec int64) bool { return sec >= c.start && sec < c.end }
 
 type countEntry struct {
 	cal      [3]calWindow // Hour, Day, Month
@@ -393,7 +397,7 @@ func (e *countEntry) used(w Window, now time.Time) float64 {
 		return e.total
 	}
 	c := &e.cal[w-Hour]
-	if c.start != calStart(w, now) {
+	if !c.in(now.Unix()) && c.start != calStart(w, now) {
 		return 0
 	}
 	return c.used
@@ -405,11 +409,16 @@ func (e *countEntry) add(a float64, now time.Time) {
 	if a == 0 {
 		return
 	}
+	sec := now.Unix()
 	for w := Hour; w <= Month; w++ {
 		c := &e.cal[w-Hour]
+		if c.in(sec) {
+			c.used += a // the window's bounds are known: no calendar sums
+			continue
+		}
 		st := calStart(w, now)
 		if st > c.start {
-			c.start, c.used = st, 0
+			c.start, c.end, c.used = st, calEnd(w, st), 0
 		}
 		if st == c.start {
 			c.used += a

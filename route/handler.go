@@ -73,7 +73,7 @@ func (c *attemptCtx) Credential() string { return c.cred }
 
 // Value returns the Attempt for attemptKey, else the parent's value.
 func (c *attemptCtx) Value(key any) any {
-	if key == (attemptKey{}) {
+	if _, ok := key.(attemptKey); ok {
 		return &c.a
 	}
 	return c.Context.Value(key)
@@ -166,19 +166,24 @@ func (h *Handler) SetRouters(m map[string]*Table) {
 	for name, t := range m {
 		nt := *t
 		bs := h.breakerSettings(t.settings)
-		nt.breakers = make(map[string]*breaker.Breaker)
-		for _, svc := range t.Services() {
-			if ot := old[name]; ot != nil {
-				if b := ot.breakers[svc]; b != nil && b.Settings() == bs {
-					nt.breakers[svc] = b
-					continue
+		kept := map[string]*breaker.Breaker{}
+		if ot := old[name]; ot != nil {
+			for i, svc := range ot.services {
+				if b := ot.breakers[i]; b.Settings() == bs {
+					kept[svc] = b
 				}
 			}
-			b, err := breaker.New(bs)
-			if err != nil {
-				b, _ = breaker.New(DefaultBreaker)
+		}
+		nt.breakers = make([]*breaker.Breaker, len(t.services))
+		for i, svc := range t.services {
+			b := kept[svc]
+			if b == nil {
+				var err error
+				if b, err = breaker.New(bs); err != nil {
+					b, _ = breaker.New(DefaultBreaker)
+				}
 			}
-			nt.breakers[svc] = b
+			nt.breakers[i] = b
 		}
 		out[name] = &nt
 	}
@@ -250,17 +255,32 @@ func (h *Handler) clock() time.Time {
 // ServeHTTP serves a request to the router named in its path,
 // /v1/{router}/….
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	raw := r.RequestURI
-	if raw == "" {
-		raw = r.URL.RequestURI()
-	}
-	p, query, _ := strings.Cut(raw, "?")
-	router, rest, _ := strings.Cut(strings.TrimPrefix(p, "/v1/"), "/")
+	router, _, _ := splitURI(r)
 	table, ok := h.Router(router)
 	if !ok {
 		httpx.WriteError(w, httpx.Errorf(http.StatusNotFound, httpx.CodeUnknownService, "unknown service %q", router))
 		return
 	}
+	h.Serve(w, r, table)
+}
+
+// splitURI splits a request's URI, /v1/{router}/{rest}?{query}.
+func splitURI(r *http.Request) (router, rest, query string) {
+	raw := r.RequestURI
+	if raw == "" {
+		raw = r.URL.RequestURI()
+	}
+	p, query, _ := strings.Cut(raw, "?")
+	router, rest, _ = strings.Cut(strings.TrimPrefix(p, "/v1/"), "/")
+	return router, rest, query
+}
+
+// Serve serves a request to the router named in its path,
+// /v1/{router}/…, whose table the caller got from [Handler.Router] (as
+// ServeHTTP does, which a caller that has looked it up already need not
+// repeat).
+func (h *Handler) Serve(w http.ResponseWriter, r *http.Request, table *Table) {
+	router, rest, query := splitURI(r)
 	cred, err := proxy.Credential(r)
 	if err != nil {
 		httpx.WriteError(w, err)
@@ -271,7 +291,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		httpx.WriteError(w, err)
 		return
 	}
-	tail, ok := strings.CutPrefix("/"+rest, "/v1/")
+	tail, ok := strings.CutPrefix(rest, "v1/") // "/"+rest under "/v1/"
 	if !ok {
 		httpx.WriteError(w, httpx.Errorf(http.StatusNotFound, httpx.CodeNotFound,
 			"router %q serves the OpenAI API under /v1/%s/v1/ (point the SDK's base URL there)", router, router))
@@ -349,10 +369,13 @@ func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request, base *attempt
 			info = meter.InspectRequest(b)
 		}
 		inner := rt.prefixes[i] + tail
-		path, err := url.PathUnescape(inner)
-		if err != nil {
-			httpx.WriteError(w, httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "the path has malformed percent-encoding"))
-			return
+		path := inner
+		if strings.IndexByte(tail, '%') >= 0 { // prefixes have no escapes
+			var err error
+			if path, err = url.PathUnescape(inner); err != nil {
+				httpx.WriteError(w, httpx.Errorf(http.StatusBadRequest, httpx.CodeBadRequest, "the path has malformed percent-encoding"))
+				return
+			}
 		}
 		if n > 0 && h.Timeout > 0 {
 			left := h.Timeout - h.clock().Sub(start)
@@ -384,7 +407,7 @@ func (h *Handler) dispatch(w http.ResponseWriter, r *http.Request, base *attempt
 		hw.reset(w, rt.names[i], final)
 		at.rw = proxy.ResponseWriter{ResponseWriter: hw}
 		h.Next.ServeHTTP(&at.rw, ar)
-		h.learn(table.breakers[tg.Service], hw.status)
+		h.learn(table.breaker(rt, i), hw.status)
 		if hw.committed || hw.status == 0 {
 			// Served (or the client went away: nothing to answer).
 			return
@@ -472,7 +495,7 @@ func (h *Handler) order(t *Table, rt *compiled, out []int) []int {
 		if h.Available != nil && !h.Available(svc) {
 			continue
 		}
-		if b := t.breakers[svc]; b != nil && !b.Ready(now) {
+		if b := t.breaker(rt, i); b != nil && !b.Ready(now) {
 			continue
 		}
 		healthy = append(healthy, i)

@@ -31,9 +31,12 @@ type Table struct {
 	globs    []*compiled
 	names    []string // exact route models, in the order given
 	settings store.RouterSettings
-	// breakers holds the breaker of each target service, set by
+	// services holds every target service once (see [Table.Services]);
+	// a target's svc indexes it.
+	services []string
+	// breakers holds the breaker of each of services, set by
 	// [Handler.SetRouters] on its own copy of the table.
-	breakers map[string]*breaker.Breaker
+	breakers []*breaker.Breaker
 }
 
 // compiled is one route ready to serve.
@@ -46,6 +49,9 @@ type compiled struct {
 	names [][]string
 	// prefixes holds each target's proxy path, "/v1/{service}{path}/".
 	prefixes []string
+	// svc holds each target's index in the table's services (and
+	// breakers).
+	svc []int
 	// weighted counts the leading targets that carry a weight: they
 	// are ordered by weight, the rest follow in order.
 	weighted int
@@ -106,7 +112,32 @@ func Compile(routes []store.Route) (*Table, error) {
 			t.names = append(t.names, m)
 		}
 	}
+	t.indexServices()
 	return t, nil
+}
+
+// indexServices lists the target services of every route once, exact
+// routes first, and gives each target its service's index.
+func (t *Table) indexServices() {
+	at := map[string]int{}
+	index := func(c *compiled) {
+		c.svc = make([]int, len(c.targets))
+		for i, tg := range c.targets {
+			j, ok := at[tg.Service]
+			if !ok {
+				j = len(t.services)
+				at[tg.Service] = j
+				t.services = append(t.services, tg.Service)
+			}
+			c.svc[i] = j
+		}
+	}
+	for _, n := range t.names {
+		index(t.exact[n])
+	}
+	for _, c := range t.globs {
+		index(c)
+	}
 }
 
 func compileTargets(at, model string, targets []store.Target) (*compiled, error) {
@@ -240,22 +271,13 @@ func (t *Table) Routes(model string) bool { return t.lookup(model) != nil }
 func (t *Table) Models() []string { return t.names }
 
 // Services returns the target services of every route, each once.
-func (t *Table) Services() []string {
-	var out []string
-	seen := map[string]bool{}
-	add := func(c *compiled) {
-		for _, tg := range c.targets {
-			if !seen[tg.Service] {
-				seen[tg.Service] = true
-				out = append(out, tg.Service)
-			}
-		}
+func (t *Table) Services() []string { return t.services }
+
+// breaker returns the breaker of a route's i-th target, if the table has
+// breakers (a table [Handler.SetRouters] made).
+func (t *Table) breaker(c *compiled, i int) *breaker.Breaker {
+	if t.breakers == nil {
+		return nil
 	}
-	for _, n := range t.names {
-		add(t.exact[n])
-	}
-	for _, c := range t.globs {
-		add(c)
-	}
-	return out
+	return t.breakers[c.svc[i]]
 }

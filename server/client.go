@@ -28,8 +28,11 @@ type call struct {
 	service   string
 	// router is the router the request came through ("" for a direct
 	// call): the caller's allow-lists were checked on the model it named,
-	// and the router's budgets apply too.
-	router string
+	// and the router's budgets apply too. routerMeta is its metadata.
+	router     string
+	routerMeta *svcMeta
+	// meta is the service's metadata, as authorize found it.
+	meta *svcMeta
 	// attempt is the router's attempt a routed request is (nil for a
 	// direct call): its Info is what the body says.
 	attempt *route.Attempt
@@ -120,10 +123,15 @@ func (s *Server) authenticate(r *http.Request, cred string, adminOK bool) (*auth
 // rate_limited with Retry-After when the token's, the team's or the
 // service's rpm_limit is reached. The admin is not limited.
 func (s *Server) admit(ctx context.Context, p *auth.Principal, service string) error {
+	return s.admitTo(ctx, p, service, s.meta(service))
+}
+
+// admitTo is admit with the service's metadata at hand.
+func (s *Server) admitTo(ctx context.Context, p *auth.Principal, service string, meta *svcMeta) error {
 	if !p.Admin && !p.AllowsService(service) {
 		return httpx.Errorf(http.StatusForbidden, httpx.CodeForbidden, "team %q may not use service %q", p.Team.Name, service)
 	}
-	if s.meta(service).disabled {
+	if meta.disabled {
 		return httpx.Errorf(http.StatusForbidden, httpx.CodeForbidden, "service %q is disabled", service)
 	}
 	if p.Admin {
@@ -132,18 +140,18 @@ func (s *Server) admit(ctx context.Context, p *auth.Principal, service string) e
 	return s.allowRPM(ctx, []rpmCheck{
 		{"token", p.Token.ID, p.Token.RPMLimit},
 		{"team", p.Team.ID, p.Team.RPMLimit},
-		{"service", service, s.serviceLimits(service).RPMLimit},
+		{"service", service, meta.limits.RPMLimit},
 	})
 }
 
 // admitTarget checks what a target service of a router asks of an
-// attempt on it: that it is active and under its own rpm_limit (the
-// caller's were checked by the router).
-func (s *Server) admitTarget(ctx context.Context, service string) error {
-	if s.meta(service).disabled {
+// attempt on it (meta is its metadata): that it is active and under its
+// own rpm_limit (the caller's were checked by the router).
+func (s *Server) admitTarget(ctx context.Context, service string, meta *svcMeta) error {
+	if meta.disabled {
 		return httpx.Errorf(http.StatusForbidden, httpx.CodeForbidden, "service %q is disabled", service)
 	}
-	return s.allowRPM(ctx, []rpmCheck{{"service", service, s.serviceLimits(service).RPMLimit}})
+	return s.allowRPM(ctx, []rpmCheck{{"service", service, meta.limits.RPMLimit}})
 }
 
 // rpmCheck is one rpm limit a request counts against: its counter is
@@ -186,22 +194,24 @@ func (s *Server) allowRPM(ctx context.Context, checks []rpmCheck) error {
 // authorize is the proxy's Authorize hook.
 func (s *Server) authorize(r *http.Request, service, cred string) (*http.Request, error) {
 	if a := route.AttemptFrom(r.Context()); a != nil {
-		if p, ok := a.Caller.(*auth.Principal); ok {
-			return s.authorizeAttempt(r, service, p, a)
+		if rc, ok := a.Caller.(*routedCaller); ok {
+			return s.authorizeAttempt(r, service, rc, a)
 		}
 	}
-	p, err := s.admitClient(r, service, cred)
+	meta := s.meta(service)
+	ri := infoFrom(r.Context())
+	p, err := s.admitClient(r, ri, service, meta, cred)
 	if err != nil {
 		return nil, err
 	}
-	return s.openRequest(r, p, service, ""), nil
+	return s.openRequest(r, ri, p, service, meta, nil, nil), nil
 }
 
 // admitClient authenticates a client credential and admits it to a
-// service (see admit), noting who it is, or the refusal's code, for the
-// access log.
-func (s *Server) admitClient(r *http.Request, service, cred string) (*auth.Principal, error) {
-	ri := infoFrom(r.Context())
+// service (see admit; meta is the service's), noting who it is, or the
+// refusal's code, for the access log in ri (the request's reqInfo, nil
+// when it has none).
+func (s *Server) admitClient(r *http.Request, ri *reqInfo, service string, meta *svcMeta, cred string) (*auth.Principal, error) {
 	if ri != nil {
 		ri.service = service
 		ri.cred, ri.credKnown = cred, true
@@ -211,7 +221,7 @@ func (s *Server) admitClient(r *http.Request, service, cred string) (*auth.Princ
 		if ri != nil {
 			ri.teamID, ri.tokenID = p.Team.ID, p.Token.ID
 		}
-		err = s.admit(r.Context(), p, service)
+		err = s.admitTo(r.Context(), p, service, meta)
 	}
 	if err != nil {
 		var e *httpx.Error
@@ -225,16 +235,19 @@ func (s *Server) admitClient(r *http.Request, service, cred string) (*auth.Princ
 
 // openRequest registers an authorized request until OnDone, so that a
 // revocation ends it (see openCalls), and hands its call to the proxy's
-// record. The call and its openCall live in the request's reqInfo: no
-// allocation of their own. A router's attempts on one request take them
-// in turn (each attempt's OnDone has run before the next is authorized),
-// each starting afresh. It returns nil: the request goes on as it is.
-func (s *Server) openRequest(r *http.Request, p *auth.Principal, service, router string) *http.Request {
+// record; ri is the request's reqInfo (nil when it has none), meta the
+// service's, rc and a the router's caller and attempt of a routed attempt
+// (nil for a direct call). The call and its openCall live in the
+// request's reqInfo: no allocation of their own. A router's attempts on
+// one request take them in turn (each attempt's OnDone has run before
+// the next is authorized), each starting afresh. It returns nil: the
+// request goes on as it is.
+func (s *Server) openRequest(r *http.Request, ri *reqInfo, p *auth.Principal, service string, meta *svcMeta,
+	rc *routedCaller, a *route.Attempt) *http.Request {
 	rec := proxy.RecordOf(r.Context())
 	if rec == nil {
 		return nil // not served by a proxy.Handler: nothing to track
 	}
-	ri := infoFrom(r.Context())
 	if ri == nil {
 		ri = &reqInfo{} // served without observe
 	}
@@ -247,7 +260,10 @@ func (s *Server) openRequest(r *http.Request, p *auth.Principal, service, router
 	s.open.add(oc)
 	c := &ri.call
 	*c = call{}
-	c.principal, c.service, c.open, c.router = p, service, oc, router
+	c.principal, c.service, c.open, c.meta = p, service, oc, meta
+	if rc != nil {
+		c.router, c.routerMeta, c.attempt = rc.router, rc.meta, a
+	}
 	rec.Data = c
 	return nil
 }

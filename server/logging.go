@@ -81,10 +81,11 @@ type reqInfo struct {
 	cred      string
 	credKnown bool
 
-	w    proxy.ResponseWriter
-	body httpx.BodyTimer
-	call call
-	open openCall
+	w      proxy.ResponseWriter
+	body   httpx.BodyTimer
+	call   call
+	open   openCall
+	routed routedCaller // a router's caller (authorizeRouter)
 }
 
 func infoFrom(ctx context.Context) *reqInfo {

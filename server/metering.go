@@ -107,7 +107,10 @@ func (s *Server) prepare(r *http.Request, svc *keypool.Service, body []byte) (*h
 	if c == nil {
 		return nil, nil, nil
 	}
-	meta := s.meta(svc.Name)
+	meta := c.meta
+	if meta == nil || svc.Name != c.service {
+		meta = s.meta(svc.Name)
+	}
 	fam := meta.family
 	routed := c.router != ""
 	switch {
@@ -303,7 +306,11 @@ func (s *Server) reserve(ctx context.Context, c *call, service string, meta *svc
 	scopes[budget.Service] = meta.budget
 	if c.router != "" {
 		// A routed request also spends its router's budgets.
-		scopes[budget.Router] = s.meta(c.router).budget
+		rm := c.routerMeta
+		if rm == nil {
+			rm = s.meta(c.router)
+		}
+		scopes[budget.Router] = rm.budget
 	}
 	if err := s.budgets.Reserve(ctx, &c.budget, scopes, estTok, estCost, s.now()); err != nil {
 		return budgetError(err)

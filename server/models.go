@@ -116,7 +116,7 @@ func (s *Server) serveV1(w http.ResponseWriter, r *http.Request) {
 			s.serveRouterModels(w, r, name, t)
 			return
 		}
-		s.routes.ServeHTTP(w, r)
+		s.routes.Serve(w, r, t)
 		return
 	}
 	if r.Method == http.MethodGet {

@@ -53,23 +53,44 @@ func (s *Server) setRouters(svcs []store.Service) {
 	s.routes.SetRouters(m)
 }
 
+// routedCaller is the caller of a request to a router, as Authorize
+// returns it (route.Attempt.Caller): the principal the router
+// authenticated, and the router with its metadata, looked up once for
+// the request. It lives in the request's reqInfo.
+type routedCaller struct {
+	p      *auth.Principal
+	router string
+	meta   *svcMeta
+	ri     *reqInfo // the request's (nil when it has none): its attempts' too
+}
+
 // authorizeRouter is the route handler's Authorize hook: the caller's
 // token, its team's access to the router, the router's is_active, and
-// the rpm limits of the token, the team and the router.
+// the rpm limits of the token, the team and the router. It returns a
+// *routedCaller.
 func (s *Server) authorizeRouter(r *http.Request, router, cred string) (any, error) {
-	p, err := s.admitClient(r, router, cred)
+	meta := s.meta(router)
+	ri := infoFrom(r.Context())
+	p, err := s.admitClient(r, ri, router, meta, cred)
 	if err != nil {
 		return nil, err
 	}
-	return p, nil
+	var rc *routedCaller
+	if ri != nil {
+		rc = &ri.routed
+	} else {
+		rc = new(routedCaller)
+	}
+	*rc = routedCaller{p: p, router: router, meta: meta, ri: ri}
+	return rc, nil
 }
 
 // allowRouterModel is the route handler's AllowModel hook: the model the
 // client named must be on the router's models_enabled and the caller's
 // team's and token's, when they have one.
 func (s *Server) allowRouterModel(r *http.Request, router, model string, caller any) error {
-	p, _ := caller.(*auth.Principal)
-	if p == nil || modelAllowed(s.meta(router), p, model) {
+	rc, _ := caller.(*routedCaller)
+	if rc == nil || modelAllowed(rc.meta, rc.p, model) {
 		return nil
 	}
 	err := httpx.Errorf(http.StatusForbidden, httpx.CodeForbidden, "model %q is not enabled for this router, team or token", model)
@@ -82,31 +103,29 @@ func (s *Server) allowRouterModel(r *http.Request, router, model string, caller 
 // authorizeAttempt is the proxy's Authorize for an attempt a router sends
 // to a target service with the principal it authenticated: the target
 // must be active and under its own rpm_limit.
-func (s *Server) authorizeAttempt(r *http.Request, service string, p *auth.Principal, a *route.Attempt) (*http.Request, error) {
-	ri := infoFrom(r.Context())
+func (s *Server) authorizeAttempt(r *http.Request, service string, rc *routedCaller, a *route.Attempt) (*http.Request, error) {
+	ri := rc.ri // an attempt's context is the router's request's, and more
 	if ri != nil {
 		ri.service, ri.router, ri.attempts = service, a.Router, a.N
 	}
-	if err := s.admitTarget(r.Context(), service); err != nil {
+	meta := s.meta(service)
+	if err := s.admitTarget(r.Context(), service, meta); err != nil {
 		var e *httpx.Error
 		if ri != nil && errors.As(err, &e) {
 			ri.code = e.Code
 		}
 		return nil, err
 	}
-	r2 := s.openRequest(r, p, service, a.Router)
-	if c := callFrom(r.Context()); c != nil {
-		c.attempt = a
-	}
-	return r2, nil
+	return s.openRequest(r, ri, rc.p, service, meta, rc, a), nil
 }
 
 // routerModels returns the models of a router's exact routes the caller
 // may name.
 func (s *Server) routerModels(p *auth.Principal, router string, t *route.Table) []string {
 	var out []string
+	meta := s.meta(router)
 	for _, m := range t.Models() {
-		if modelAllowed(s.meta(router), p, m) {
+		if modelAllowed(meta, p, m) {
 			out = append(out, m)
 		}
 	}
@@ -127,7 +146,7 @@ func (s *Server) serveRouterModels(w http.ResponseWriter, r *http.Request, route
 		writeError(w, err)
 		return
 	}
-	writeModels(w, s.routerModels(caller.(*auth.Principal), router, t), router)
+	writeModels(w, s.routerModels(caller.(*routedCaller).p, router, t), router)
 }
 
 // routerFor returns the table of the router a /v1/… path names, if it

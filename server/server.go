@@ -454,11 +454,6 @@ func (s *Server) watchServiceLimits(ctx context.Context) {
 	}
 }
 
-// serviceLimits returns the client limits of the service name.
-func (c *catalog) serviceLimits(name string) store.Limits {
-	return c.meta(name).limits
-}
-
 var errInternal = httpx.Errorf(http.StatusInternalServerError, httpx.CodeInternal, "internal error")
 
 // writeError writes an API error in the contract's JSON shape and notes

@@ -43,7 +43,7 @@ import (
 // counter {reserved, hour, day, month, total, minute hash as HGETALL}}
 // (a window not read is ""; a counter no request reached is {}), or {-1}
 // when the epoch key must exist and does not (nothing checked).
-var reserveBatchScript = redis.NewScript(`
+var reserveBatchScript = redis.NewScript(dropExpiredLua + `
 if ARGV[2] == '1' and redis.call('EXISTS', KEYS[#KEYS]) == 0 then return {-1} end
 local ttl = tonumber(ARGV[1])
 local nspec, nshape, nreq = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -72,21 +72,7 @@ for s = 1, nshape do
 end
 local resv, rec, hash, mins = {}, {}, {}, {}
 local function touch(kb, now)
-  local k6, k7 = KEYS[kb + 6], KEYS[kb + 7]
-  local exp = redis.call('ZRANGEBYSCORE', k7, '-inf', now)
-  if #exp > 0 then
-    local sum = 0
-    for _, m in ipairs(exp) do sum = sum + tonumber(string.match(m, ':([^:]*)$')) end
-    redis.call('ZREMRANGEBYSCORE', k7, '-inf', now)
-    redis.call('INCRBYFLOAT', k6, -sum)
-  end
-  local rs = '0'
-  if redis.call('ZCARD', k7) == 0 then
-    redis.call('DEL', k6)
-  else
-    rs = redis.call('GET', k6) or '0'
-    if tonumber(rs) < 0 then rs = '0' end
-  end
+  local rs = dropExpired(KEYS[kb + 6], KEYS[kb + 7], now) or '0'
   resv[kb] = tonumber(rs)
   rec[kb] = {rs, '', '', '', '', {}}
   mins[kb] = {}

@@ -48,6 +48,30 @@ return d
 `)
 
 // admitLua defines the Lua functions the reserve scripts share:
+// dropExpiredLua defines dropExpired(k6, k7, now): it drops a counter's
+// reservations that expired by now (their amounts, the members' last
+// field, taken off k6) and returns what is still reserved as a string,
+// or nil when no reservation is left (k6 is then deleted). Both admission
+// scripts include it.
+const dropExpiredLua = `
+local function dropExpired(k6, k7, now)
+  local exp = redis.call('ZRANGEBYSCORE', k7, '-inf', now)
+  if #exp > 0 then
+    local sum = 0
+    for _, m in ipairs(exp) do sum = sum + tonumber(string.match(m, ':([^:]*)$')) end
+    redis.call('ZREMRANGEBYSCORE', k7, '-inf', now)
+    redis.call('INCRBYFLOAT', k6, -sum)
+  end
+  if redis.call('ZCARD', k7) == 0 then
+    redis.call('DEL', k6)
+    return nil
+  end
+  local rs = redis.call('GET', k6) or '0'
+  if tonumber(rs) < 0 then rs = '0' end
+  return rs
+end
+`
+
 // expire(k6, k7) drops a counter's expired reservations and returns what
 // is still reserved; check(kb, ab, amount, reserved) applies the
 // admission rule (settled + reserved below each block) to the counter
@@ -58,7 +82,7 @@ return d
 // settled usage is read from Redis once per script run (reads), so a
 // batch of requests on one counter reads it once. The including script
 // defines now and sec first (a batch sets them per request).
-const admitLua = `
+const admitLua = dropExpiredLua + `
 local reads = {}
 local function settled(kb, w)
   local g = reads[kb]
@@ -77,20 +101,7 @@ local function settled(kb, w)
 end
 
 local function expire(k6, k7)
-  local exp = redis.call('ZRANGEBYSCORE', k7, '-inf', now)
-  if #exp > 0 then
-    local sum = 0
-    for _, m in ipairs(exp) do sum = sum + tonumber(string.match(m, ':([^:]*)$')) end
-    redis.call('ZREMRANGEBYSCORE', k7, '-inf', now)
-    redis.call('INCRBYFLOAT', k6, -sum)
-  end
-  if redis.call('ZCARD', k7) == 0 then
-    redis.call('DEL', k6)
-    return 0
-  end
-  local r = tonumber(redis.call('GET', k6) or '0')
-  if r < 0 then r = 0 end
-  return r
+  return tonumber(dropExpired(k6, k7, now) or '0')
 end
 
 local function check(kb, ab, amount, reserved)

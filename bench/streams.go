@@ -173,3 +173,45 @@ func sequentialReport(bare, kp []time.Duration, errs int) string {
 		ms(pct(kp, 50)-pct(bare, 50)), ms(pct(kp, 99)-pct(bare, 99)), errs)
 	return b.String()
 }
+
+// streamsMode runs the streams mode: one stream at a time through each
+// proxy, then waves of nStreams concurrent streams, and prints both
+// reports.
+func streamsMode(ctx context.Context, tBare, tKP target, bare, kp *child, nStreams, waves int) error {
+	// One stream at a time first: the latency a proxy adds to the
+	// first event, alternating proxies in runs of 10.
+	const seqRuns, seqPer = 5, 10
+	fmt.Printf("\n== one SSE stream at a time (%d each), keypoold and bare alternating\n", seqRuns*seqPer)
+	var sb, sk []time.Duration
+	seqErrs := 0
+	for r := range seqRuns {
+		ts, outs := []target{tBare, tKP}, []*[]time.Duration{&sb, &sk}
+		if r%2 == 1 {
+			ts[0], ts[1], outs[0], outs[1] = ts[1], ts[0], outs[1], outs[0]
+		}
+		for i, t := range ts {
+			d, e := sequentialTTFE(ctx, t, seqPer)
+			*outs[i] = append(*outs[i], d...)
+			seqErrs += e
+		}
+	}
+	fmt.Print(sequentialReport(sb, sk, seqErrs))
+	fmt.Printf("\n== %d concurrent SSE streams of %v (%d events), %d waves, keypoold and bare alternating\n", nStreams, streamEvents*streamGap, streamEvents+1, waves)
+	bare.resetPeakRSS()
+	kp.resetPeakRSS()
+	var wb, wk []wave
+	for w := range waves {
+		ts, outs := []target{tBare, tKP}, []*[]wave{&wb, &wk}
+		if w%2 == 1 {
+			ts[0], ts[1], outs[0], outs[1] = ts[1], ts[0], outs[1], outs[0]
+		}
+		for i, t := range ts {
+			*outs[i] = append(*outs[i], streamsOnce(ctx, t, nStreams))
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
+	fmt.Print(streamsReport(summarize(wb, bare.peakRSS()), summarize(wk, kp.peakRSS())))
+	return nil
+}

@@ -267,10 +267,13 @@ func (t *Table) lookup(model string) *compiled {
 func (t *Table) Routes(model string) bool { return t.lookup(model) != nil }
 
 // Models returns the models of the exact routes (aliases included), in
-// the order they were given; globs are not listed.
+// the order they were given; globs are not listed. The slice is the
+// table's own: callers must not change it.
 func (t *Table) Models() []string { return t.names }
 
-// Services returns the target services of every route, each once.
+// Services returns the target services of every route, each once. The
+// slice is the table's own (its breakers are found by position in it):
+// callers must not change it.
 func (t *Table) Services() []string { return t.services }
 
 // breaker returns the breaker of a route's i-th target, if the table has

@@ -26,32 +26,36 @@ import (
 // (see admitReplay), so a request costs Redis a few comparisons and a
 // reservation, not a reply of its own.
 //
-// What requests share is sent once per batch: the counters (7 keys
+// What requests share is sent once per batch: the counters (6 keys
 // each), the specs (a counter and its limits) and the shapes (the specs
-// and amounts of a request's charges); a request is then 3 arguments.
-// A counter's expired reservations are dropped and its settled usage read
-// once per batch; the reservations admitted on a counter are written at
-// the end with one ZADD and one INCRBYFLOAT. A reservation's member is
-// the request's id, ':' and the charge's amount as sent.
+// and amounts of a request's charges, and the record its reservations
+// are kept in, see resvLua, built once per shape); a request is then 3
+// arguments. Due records are dropped and a counter's settled usage read
+// once per batch; the batch's reservations are written at the end: one
+// record and one due entry per admitted request that holds something
+// (one HSET and one ZADD for the batch), and per counter one hold of
+// what the batch reserved on it.
 //
-// KEYS: 7 per counter (hour, day, month, total, minute hash, reserved
-// sum, reservations), then the epoch key. ARGV: ttl ms, whether the epoch
-// key must exist, number of specs, of shapes, of requests; per spec: its
-// counter (1-based), n, then n × (window, warn, block); per shape: its
-// number of charges, then per charge: spec (1-based), amount; per
-// request: now ms, id, shape (1-based). Returns {which per request, per
-// counter {reserved, hour, day, month, total, minute hash as HGETALL}}
-// (a window not read is ""; a counter no request reached is {}), or {-1}
-// when the epoch key must exist and does not (nothing checked).
-var reserveBatchScript = redis.NewScript(dropExpiredLua + `
-if ARGV[2] == '1' and redis.call('EXISTS', KEYS[#KEYS]) == 0 then return {-1} end
+// KEYS: 6 per counter (counterKeys), then the due set, the records and
+// the epoch key. ARGV: ttl ms, whether the epoch key must exist, number
+// of specs, of shapes, of requests; per spec: its counter (1-based), n,
+// then n × (window, warn, block); per shape: its number of charges, then
+// per charge: spec (1-based), amount; per request: now ms, id, shape
+// (1-based). Returns {which per request, per counter {reserved, hour,
+// day, month, total, minute hash as HGETALL}} (a window not read is "";
+// a counter no request reached is {}), or {-1} when the epoch key must
+// exist and does not (nothing checked).
+var reserveBatchScript = redis.NewScript(resvLua + `
+local nk = #KEYS
+if ARGV[2] == '1' and redis.call('EXISTS', KEYS[nk]) == 0 then return {-1} end
+local rv, rh = KEYS[nk - 2], KEYS[nk - 1]
 local ttl = tonumber(ARGV[1])
 local nspec, nshape, nreq = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local a = 6
 local specs = {}
 for s = 1, nspec do
   local n = tonumber(ARGV[a + 1])
-  local sp = {(tonumber(ARGV[a]) - 1) * 7, n}
+  local sp = {(tonumber(ARGV[a]) - 1) * 6, n}
   for i = 0, n - 1 do
     local b = a + 2 + 3 * i
     sp[3 + 3 * i], sp[4 + 3 * i], sp[5 + 3 * i] = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
@@ -62,17 +66,27 @@ end
 local shapes = {}
 for s = 1, nshape do
   local n = tonumber(ARGV[a])
-  local sh = {}
-  for c = 0, n - 1 do
-    local b = a + 1 + 2 * c
-    sh[3 * c + 1], sh[3 * c + 2], sh[3 * c + 3] = specs[tonumber(ARGV[b])], tonumber(ARGV[b + 1]), ':' .. ARGV[b + 1]
+  local sh, held, mask, body = {}, {}, {}, {}
+  for c = 1, n do
+    local b = a + 2 * c - 1
+    local sp, amount = specs[tonumber(ARGV[b])], tonumber(ARGV[b + 1])
+    sh[c] = sp
+    if amount > 0 then
+      held[#held + 1] = sp[1]
+      held[#held + 1] = amount
+      mask[c], body[2 * c - 1], body[2 * c] = 'h', ARGV[b + 1], KEYS[sp[1] + 6]
+    else
+      mask[c], body[2 * c - 1], body[2 * c] = '-', '', ''
+    end
   end
+  sh.held = held
+  if #held > 0 then sh.rec = table.concat(mask) .. '\n' .. table.concat(body, '\0') .. '\0' end
   shapes[s] = sh
   a = a + 1 + 2 * n
 end
 local resv, rec, hash, mins = {}, {}, {}, {}
-local function touch(kb, now)
-  local rs = dropExpired(KEYS[kb + 6], KEYS[kb + 7], now) or '0'
+local function touch(kb)
+  local rs = reservedOf(KEYS[kb + 6])
   resv[kb] = tonumber(rs)
   rec[kb] = {rs, '', '', '', '', {}}
   mins[kb] = {}
@@ -102,16 +116,17 @@ local function minute(kb, sec)
   end
   return v
 end
-local which, adds, sums = {}, {}, {}
+dropDue(rv, rh, tonumber(ARGV[a]), ttl + 60000)
+local which, sums, ns, zadd, hset = {}, {}, {}, {}, {}
 for r = 1, nreq do
   local now, id, sh = tonumber(ARGV[a]), ARGV[a + 1], shapes[tonumber(ARGV[a + 2])]
   a = a + 3
   local sec = math.floor(now / 1000)
   local refused = 0
-  for c = 1, #sh / 3 do
-    local sp = sh[3 * c - 2]
+  for c = 1, #sh do
+    local sp = sh[c]
     local kb = sp[1]
-    if resv[kb] == nil then touch(kb, now) end
+    if resv[kb] == nil then touch(kb) end
     local u = sp.u
     if u == nil then
       u = {}
@@ -135,34 +150,25 @@ for r = 1, nreq do
     if refused ~= 0 then break end
   end
   which[r] = refused
-  if refused == 0 then
-    for c = 1, #sh / 3 do
-      local amount = sh[3 * c - 1]
-      if amount > 0 then
-        local kb = sh[3 * c - 2][1]
-        resv[kb] = resv[kb] + amount
-        local l = adds[kb]
-        if l == nil then
-          l = {}
-          adds[kb], sums[kb] = l, 0
-        end
-        l[#l + 1] = now + ttl
-        l[#l + 1] = id .. sh[3 * c]
-        sums[kb] = sums[kb] + amount
-      end
+  if refused == 0 and sh.rec then
+    local held = sh.held
+    for i = 1, #held, 2 do
+      local kb, amount = held[i], held[i + 1]
+      resv[kb] = resv[kb] + amount
+      sums[kb] = (sums[kb] or 0) + amount
+      ns[kb] = (ns[kb] or 0) + 1
     end
+    zadd[#zadd + 1] = now + ttl
+    zadd[#zadd + 1] = id
+    hset[#hset + 1] = id
+    hset[#hset + 1] = sh.rec
   end
 end
-for kb, l in pairs(adds) do
-  for i = 1, #l, 500 do
-    redis.call('ZADD', KEYS[kb + 7], unpack(l, i, math.min(i + 499, #l)))
-  end
-  redis.call('INCRBYFLOAT', KEYS[kb + 6], sums[kb])
-  redis.call('PEXPIRE', KEYS[kb + 7], ttl + 60000)
-  redis.call('PEXPIRE', KEYS[kb + 6], ttl + 60000)
-end
+for i = 1, #zadd, 1000 do redis.call('ZADD', rv, unpack(zadd, i, math.min(i + 999, #zadd))) end
+for i = 1, #hset, 1000 do redis.call('HSET', rh, unpack(hset, i, math.min(i + 999, #hset))) end
+for kb, sum in pairs(sums) do hold(KEYS[kb + 6], sum, ns[kb], ttl) end
 local recs = {}
-for c = 1, (#KEYS - 1) / 7 do recs[c] = rec[(c - 1) * 7] or {} end
+for c = 1, (nk - 3) / 6 do recs[c] = rec[(c - 1) * 6] or {} end
 return {which, recs}
 `)
 
@@ -184,7 +190,7 @@ type admitCall struct {
 	callState
 	charges []Charge // a copy of the caller's
 	now     time.Time
-	id      uint64 // the request's reservations are id:amount
+	id      string // the request's reservations record (see resvLua)
 	sent    bool   // set by the batch that sends it
 
 	// Set by the batch when the backend traces admissions (traceAdmit).
@@ -200,15 +206,16 @@ type admitCall struct {
 
 func (r *Redis) newAdmitCall(charges []Charge, now time.Time) *admitCall {
 	return &admitCall{callState: newCallState(), charges: append([]Charge(nil), charges...), now: now,
-		id: r.idBase + r.nextID.Add(1)}
+		id: strconv.FormatUint(r.newID(), 10)}
 }
 
-// member is the reservation the call holds on charge i ("" for none).
+// member is the record of the reservation the call holds on charge i
+// ("" for none).
 func (c *admitCall) member(i int) string {
 	if c.charges[i].Amount <= 0 {
 		return ""
 	}
-	return strconv.FormatUint(c.id, 10) + ":" + strconv.FormatFloat(c.charges[i].Amount, 'g', -1, 64)
+	return c.id
 }
 
 // admitFull reports whether an admission batch is full.
@@ -249,7 +256,7 @@ func (r *Redis) batchArgs(sent []*admitCall) (keys []string, args []any, ctrOf [
 			if !ok {
 				ctr = len(ctrs)
 				ctrs[ck] = ctr
-				keys = append(keys, r.counterKeys(ch.Key, c.now)...)
+				keys = r.appendCounterKeys(keys, ch.Key, c.now)
 			}
 			ctrOf[ci][i] = ctr
 			sk := specKey{ctr: ctr, n: len(ch.Limits)}
@@ -280,7 +287,7 @@ func (r *Redis) batchArgs(sent []*admitCall) (keys []string, args []any, ctrOf [
 		}
 		reqArgs = append(reqArgs, c.now.UnixMilli(), c.id, shape)
 	}
-	keys = append(keys, r.epochKey())
+	keys = append(keys, r.dueKey(), r.recordsKey(), r.epochKey())
 	seed := 0
 	if r.cfg.RequireSeed {
 		seed = 1
@@ -352,7 +359,7 @@ func (r *Redis) admitBatch(batch []*admitCall) {
 func (c *admitCall) release(r *Redis) {
 	for i := range c.charges {
 		if m := c.member(i); m != "" {
-			r.orph.add(c.charges[i].Key, m, 0, c.now)
+			r.orph.add(orphan{key: c.charges[i].Key, member: m, part: i, at: c.now})
 		}
 	}
 }
@@ -409,7 +416,7 @@ func (r *Redis) reserveAll(ctx context.Context, charges []Charge, res []Reservat
 	for i, ch := range charges {
 		res[i] = Reservation{key: ch.Key, amount: ch.Amount, done: new(atomic.Bool)}
 		if ch.Amount > 0 {
-			res[i].recorded, res[i].member = true, c.member(i)
+			res[i].recorded, res[i].member, res[i].part = true, c.id, i
 		}
 	}
 	return -1, false, nil

@@ -149,10 +149,10 @@ func TestRedisBatchedCallerThatLeavesHoldsNothing(t *testing.T) {
 	// drain.
 	want := float64(10 * maxAdmitInFlight)
 	if !waitFor(2*time.Second, func() bool {
-		v, _ := raw.Get(context.Background(), "keypool:limit:{k}:rs").Float64()
+		v, _ := raw.HGet(context.Background(), "keypool:limit:{k}:ru", "a").Float64()
 		return v == want
 	}) {
-		v, _ := raw.Get(context.Background(), "keypool:limit:{k}:rs").Float64()
+		v, _ := raw.HGet(context.Background(), "keypool:limit:{k}:ru", "a").Float64()
 		t.Errorf("reserved %v, want %v (the leaving caller's 500 released or never sent)", v, want)
 	}
 }

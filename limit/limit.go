@@ -226,7 +226,8 @@ type Reservation struct {
 	key    string
 	amount float64
 	id     uint64 // Local
-	member string // Redis: the reservation's sorted-set member
+	member string // Redis: the id of the request's reservations record
+	part   int    // Redis: the charge's index in its request
 	// recorded reports whether the backend holds the reservation (false
 	// for a zero estimate or a fail-open admission).
 	recorded bool

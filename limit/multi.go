@@ -88,8 +88,7 @@ func (l *Local) ReserveAll(_ context.Context, charges []Charge, res []Reservatio
 // calls that arrive while earlier ones are in flight (see [batcher]:
 // a burst of N concurrent requests is admitted in a few script runs, each
 // request by the same rule and in the same order as if alone). All keys
-// must be served by one Redis node (a single Redis, or keys in one
-// Cluster slot).
+// must be served by one Redis node.
 // When Redis cannot be reached, it follows the budget fail policy for the
 // whole request: refuse (FailClosedBudget), admit (the default), or, with
 // FailLocalBudget, admit against this replica's local share of each

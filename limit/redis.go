@@ -73,15 +73,19 @@ const failRetry = time.Second
 // calls share one run per batch, and so do concurrent settlements (see
 // [batcher]); now is passed to the
 // script, Redis's own clock is not read, so replicas should keep their
-// clocks in sync (NTP). Keys of one limit key share a hash tag, so Redis
-// Cluster works for the calls on one key (ReserveAll and SettleAll need
-// every key of a request on one node).
+// clocks in sync (NTP). Reservations live in two keys shared by every
+// counter, so a Redis backend needs one Redis node (not Redis Cluster).
 //
 // Data per key: Allow keeps a sorted set of the admissions of the last
 // minute (exact sliding-window log, expires a minute after the last
 // admission); a Counter keeps one float per calendar window (expiring an
 // hour after the window ends), a total, a hash of per-second amounts for
-// the sliding minute and a sorted set of reservations with their expiry.
+// the sliding minute and a hash of what its held reservations sum to and
+// how many they are. A request's reservations on all its counters are one
+// record (what each charge holds and on which counter, and which charges
+// are settled), due at their expiry, or, once settled, when the settled
+// marks may be forgotten (see resvLua): an admission writes one record
+// per request, whatever its number of counters.
 //
 // When Redis cannot be reached within Timeout, admission follows the fail
 // policy (default: admit) with Degraded set, and Settle, Add and Usage
@@ -226,27 +230,37 @@ func (r *Redis) rateKey(key string) string {
 	return r.cfg.Prefix + "{" + key + "}:rpm"
 }
 
-// counterKeys returns the keys of reserveScript and settleScript.
+// counterKeys returns a counter's keys: its hour, day, month and total
+// sums, its minute hash and its reserved hash (see resvLua).
 func (r *Redis) counterKeys(key string, now time.Time) []string {
-	base := r.cfg.Prefix + "{" + key + "}:"
-	return []string{
-		base + "h:" + strconv.FormatInt(calStart(Hour, now), 10),
-		base + "d:" + strconv.FormatInt(calStart(Day, now), 10),
-		base + "m:" + strconv.FormatInt(calStart(Month, now), 10),
-		base + "t",
-		base + "s",
-		base + "rs",
-		base + "rz",
-	}
+	return r.appendCounterKeys(nil, key, now)
 }
 
-func (r *Redis) settledKey(key string) string {
-	return r.cfg.Prefix + "{" + key + "}:sd"
+// appendCounterKeys appends counterKeys(key, now) to keys.
+func (r *Redis) appendCounterKeys(keys []string, key string, now time.Time) []string {
+	base := r.cfg.Prefix + "{" + key + "}:"
+	return append(keys,
+		base+"h:"+strconv.FormatInt(calStart(Hour, now), 10),
+		base+"d:"+strconv.FormatInt(calStart(Day, now), 10),
+		base+"m:"+strconv.FormatInt(calStart(Month, now), 10),
+		base+"t",
+		base+"s",
+		base+"ru",
+	)
 }
+
+// dueKey and recordsKey are the due set and the records hash of the
+// reservations (see resvLua).
+func (r *Redis) dueKey() string     { return r.cfg.Prefix + "resv" }
+func (r *Redis) recordsKey() string { return r.cfg.Prefix + "resh" }
 
 func (r *Redis) id() string {
-	return strconv.FormatUint(r.idBase+r.nextID.Add(1), 36)
+	return strconv.FormatUint(r.newID(), 36)
 }
+
+// newID returns an id no other call of this replica (and, but for a
+// 2^-64 chance, of another) has: a request's reservations record.
+func (r *Redis) newID() uint64 { return r.idBase + r.nextID.Add(1) }
 
 // failed sorts out an error from Redis: the caller's own cancellation is
 // returned as is; anything else is counted and returned wrapped in
@@ -336,16 +350,17 @@ func (r *Redis) Reserve(ctx context.Context, key string, amount float64, limits 
 	res := Reservation{key: key, amount: amount, done: new(atomic.Bool)}
 	member := ""
 	if amount > 0 {
-		member = r.id() + ":" + strconv.FormatFloat(amount, 'g', -1, 64)
+		member = strconv.FormatUint(r.newID(), 10)
 	}
 	args := make([]any, 0, 6+4*len(limits))
-	args = append(args, now.UnixMilli(), now.Unix(), amount, member, r.cfg.ReservationTTL.Milliseconds(), len(limits))
+	args = append(args, now.UnixMilli(), now.Unix(), strconv.FormatFloat(amount, 'g', -1, 64), member, r.cfg.ReservationTTL.Milliseconds(), len(limits))
 	for _, l := range limits {
 		args = append(args, int(l.Window), l.Warn, l.Block, calRetry(l.Window, now).Milliseconds())
 	}
 	var d Decision
 	err := r.run(ctx, "reserve", func(cctx context.Context) error {
-		out, err := reserveScript.Run(cctx, r.c, r.counterKeys(key, now), args...).Slice()
+		keys := append(r.counterKeys(key, now), r.dueKey(), r.recordsKey())
+		out, err := reserveScript.Run(cctx, r.c, keys, args...).Slice()
 		if err == nil {
 			d, _, err = parseReserve(out, limits)
 		}
@@ -353,7 +368,7 @@ func (r *Redis) Reserve(ctx context.Context, key string, amount float64, limits 
 	})
 	if err != nil {
 		if member != "" && !errors.Is(err, gobreaker.ErrOpenState) && !errors.Is(err, gobreaker.ErrTooManyRequests) {
-			r.orph.add(key, member, 0, now)
+			r.orph.add(orphan{key: key, member: member, at: now})
 		}
 		if errors.Is(err, ErrUnavailable) {
 			if r.cfg.FailClosedBudget {
@@ -416,7 +431,7 @@ func (r *Redis) Add(ctx context.Context, key string, amount float64, now time.Ti
 	if amount == 0 {
 		return nil
 	}
-	return r.charge(ctx, "add", []orphan{{key, "", amount, now}})
+	return r.charge(ctx, "add", []orphan{{key: key, actual: amount, at: now}})
 }
 
 // Usage implements [Counter].

@@ -158,8 +158,13 @@ type orphans struct {
 	list []orphan
 }
 
+// orphan is one counter's settlement of a request: Actual charged to
+// key at at and, when member is set, the reservation of charge part of
+// the request whose record is member released, once per member and part
+// (see settleScript).
 type orphan struct {
 	key, member string
+	part        int
 	actual      float64
 	at          time.Time
 }
@@ -168,10 +173,10 @@ type orphan struct {
 // they are left to their TTL.
 const maxOrphans = 10000
 
-func (o *orphans) add(key, member string, actual float64, at time.Time) {
+func (o *orphans) add(x orphan) {
 	o.mu.Lock()
 	if len(o.list) < maxOrphans {
-		o.list = append(o.list, orphan{key, member, actual, at})
+		o.list = append(o.list, x)
 	}
 	o.mu.Unlock()
 }
@@ -279,7 +284,7 @@ func (r *Redis) replayOrphans() {
 			return // unseeded: the seed will count them
 		case err != nil:
 			for _, o := range list {
-				r.orph.add(o.key, o.member, o.actual, o.at)
+				r.orph.add(o)
 			}
 			return
 		}
@@ -289,7 +294,7 @@ func (r *Redis) replayOrphans() {
 		batch := list[i:min(i+replayBatch, len(list))]
 		if err := r.settleMany(r.ctx, "release", batch); err != nil {
 			for _, rest := range list[i:] {
-				r.orph.add(rest.key, rest.member, rest.actual, rest.at)
+				r.orph.add(rest)
 			}
 			return
 		}

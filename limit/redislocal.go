@@ -100,11 +100,11 @@ func (l *localShare) reserve(r *Redis, charges []Charge, res []Reservation, ds [
 			return i
 		}
 	}
+	id := strconv.FormatUint(r.newID(), 10)
 	for i, c := range charges {
 		o := l.out[c.Key]
 		o.used += c.Amount
-		res[i] = Reservation{key: c.Key, amount: c.Amount, done: new(atomic.Bool), local: true,
-			member: r.id() + ":" + strconv.FormatFloat(c.Amount, 'g', -1, 64)}
+		res[i] = Reservation{key: c.Key, amount: c.Amount, done: new(atomic.Bool), local: true, member: id, part: i}
 		ds[i] = Decision{Allowed: true, Degraded: true, Used: o.used, Reserved: c.Amount}
 	}
 	return -1

@@ -53,78 +53,128 @@ func (l *Local) SettleAll(ctx context.Context, ss []Settlement, now time.Time) e
 }
 
 // settleScript releases reservations and charges actuals, once per
-// member: a member already settled (a retried settle, a settle after the
-// reservation was released as an orphan) changes nothing. A settlement
-// without a member (a charge without reservation) always charges. Per
-// settlement only the settled mark (ZADD NX) and the release (ZREM) are
-// written; what a run's settlements charge or release on one key is
+// request record and charge: a charge already settled (a retried settle,
+// a settle after the reservation was released as an orphan) changes
+// nothing. A settlement without a record id (a charge without
+// reservation) always charges. The records of a run's settlements are
+// read at once (HMGET) and each written once (its mask, see resvLua; a
+// record that holds nothing more is kept as settled marks until keep ms
+// from now); what a run's settlements charge or release on one key is
 // summed and written once (one INCRBYFLOAT and PEXPIRE per key, one
 // HINCRBYFLOAT per second of a minute hash, whose seconds older than a
-// minute before the run's latest are then dropped), so a batch of
-// settlements on a few counters costs Redis a few calls per counter, not
-// 15 per settlement.
-// KEYS: 8 per settlement: reserveScript's 7, then the sorted set of
-// settled members (score: when the mark may be forgotten). ARGV: now ms,
-// how long in ms a settled mark is kept, then per settlement: actual,
-// member, its time in s, the TTL in ms of its hour, day and month keys.
+// minute before the run's latest are then dropped, one release per
+// reserved key), so a batch of settlements on a few counters costs Redis
+// a few calls per counter, not per settlement.
+// KEYS: the due set, the records, then 6 per counter (counterKeys).
+// ARGV: now ms, keep ms, number of counters, per counter the TTL in ms of
+// its hour, day and month keys, then per settlement: counter (1-based),
+// record id ("" for none), charge (0-based), actual, its time in s.
 // Returns how many settlements charged or released something.
-var settleScript = redis.NewScript(`
-local nowms = tonumber(ARGV[1])
-local keep = tonumber(ARGV[2])
+var settleScript = redis.NewScript(resvLua + `
+local nowms, keep, nctr = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local rv, rh = KEYS[1], KEYS[2]
+local a0 = 4 + 3 * nctr
+local ids, recs = {}, {}
+for b = a0, #ARGV, 5 do
+  local id = ARGV[b + 1]
+  if id ~= '' and recs[id] == nil then
+    ids[#ids + 1] = id
+    recs[id] = true
+  end
+end
+for i = 1, #ids, 500 do
+  local j = math.min(i + 499, #ids)
+  local vals = redis.call('HMGET', rh, unpack(ids, i, j))
+  for k = i, j do
+    local v = vals[k - i + 1] or ''
+    local nl = string.find(v, '\n', 1, true) or #v + 1
+    local m = {}
+    for p = 1, nl - 1 do m[p] = string.byte(v, p) end
+    recs[ids[k]] = {m = m, n = nl - 1, body = string.sub(v, nl + 1)}
+  end
+end
 local n = 0
-local marks, rel, relz, add, ttl, hash, top = {}, {}, {}, {}, {}, {}, {}
-for c = 0, #KEYS / 8 - 1 do
-  local kb, ab = c * 8, 3 + c * 6
-  local actual, member = tonumber(ARGV[ab]), ARGV[ab + 1]
+local sums, ns, adds, ttls, hashes, tops = {}, {}, {}, {}, {}, {}
+for b = a0, #ARGV, 5 do
+  local c, id, p, actual = tonumber(ARGV[b]), ARGV[b + 1], tonumber(ARGV[b + 2]) + 1, tonumber(ARGV[b + 3])
   local counts = true
-  if member ~= '' then
-    local sd = KEYS[kb + 8]
-    if marks[sd] == nil then
-      redis.call('ZREMRANGEBYSCORE', sd, '-inf', nowms)
-      marks[sd] = false
-    end
-    if redis.call('ZADD', sd, 'NX', nowms + keep, member) == 0 then
+  if id ~= '' then
+    local r = recs[id]
+    local st = r.m[p]
+    if st == 115 then
       counts = false
     else
-      marks[sd] = true
-      local rs = KEYS[kb + 6]
-      relz[rs] = KEYS[kb + 7]
-      if rel[rs] == nil then rel[rs] = 0 end
-      if redis.call('ZREM', KEYS[kb + 7], member) == 1 then
-        rel[rs] = rel[rs] + tonumber(string.match(member, ':([^:]*)$'))
+      if st == 104 then
+        if r.amt == nil then
+          r.amt, r.ru = {}, {}
+          local q = 0
+          for a, ru in string.gmatch(r.body, '([^%z]*)%z([^%z]*)%z') do
+            q = q + 1
+            r.amt[q], r.ru[q] = a, ru
+          end
+        end
+        local ru = r.ru[p]
+        sums[ru] = (sums[ru] or 0) + tonumber(r.amt[p])
+        ns[ru] = (ns[ru] or 0) + 1
       end
+      for q = r.n + 1, p - 1 do r.m[q] = 45 end
+      r.m[p] = 115
+      if p > r.n then r.n = p end
+      r.changed = true
     end
   end
   if counts then
     n = n + 1
     if actual > 0 then
+      local kb, tb = 2 + 6 * (c - 1), 3 + 3 * (c - 1)
       for i = 1, 4 do
         local k = KEYS[kb + i]
-        add[k] = (add[k] or 0) + actual
-        if i < 4 then ttl[k] = ARGV[ab + 2 + i] end
+        adds[k] = (adds[k] or 0) + actual
+        if i < 4 then ttls[k] = ARGV[tb + i] end
       end
-      local h, sec = KEYS[kb + 5], ARGV[ab + 2]
-      if hash[h] == nil then hash[h], top[h] = {}, tonumber(sec) end
-      hash[h][sec] = (hash[h][sec] or 0) + actual
-      if tonumber(sec) > top[h] then top[h] = tonumber(sec) end
+      local h, sec = KEYS[kb + 5], ARGV[b + 4]
+      local hs = hashes[h]
+      if hs == nil then
+        hs = {}
+        hashes[h], tops[h] = hs, tonumber(sec)
+      end
+      hs[sec] = (hs[sec] or 0) + actual
+      if tonumber(sec) > tops[h] then tops[h] = tonumber(sec) end
     end
   end
 end
-for sd, added in pairs(marks) do
-  if added then redis.call('PEXPIRE', sd, keep + 60000) end
+local hset, zadd = {}, {}
+for id, r in pairs(recs) do
+  if r.changed then
+    local held = false
+    for q = 1, r.n do
+      if r.m[q] == 104 then
+        held = true
+        break
+      end
+    end
+    local v = string.char(unpack(r.m, 1, r.n)) .. '\n'
+    if held then
+      v = v .. r.body
+    else
+      zadd[#zadd + 1] = nowms + keep
+      zadd[#zadd + 1] = id
+    end
+    hset[#hset + 1] = id
+    hset[#hset + 1] = v
+  end
 end
-for rs, sum in pairs(rel) do
-  if sum > 0 then redis.call('INCRBYFLOAT', rs, -sum) end
-  if redis.call('ZCARD', relz[rs]) == 0 then redis.call('DEL', rs) end
-end
-for k, v in pairs(add) do
+for i = 1, #hset, 1000 do redis.call('HSET', rh, unpack(hset, i, math.min(i + 999, #hset))) end
+for i = 1, #zadd, 1000 do redis.call('ZADD', rv, unpack(zadd, i, math.min(i + 999, #zadd))) end
+for ru, sum in pairs(sums) do release(ru, sum, ns[ru]) end
+for k, v in pairs(adds) do
   redis.call('INCRBYFLOAT', k, v)
-  if ttl[k] then redis.call('PEXPIRE', k, ttl[k]) end
+  if ttls[k] then redis.call('PEXPIRE', k, ttls[k]) end
 end
-for h, secs in pairs(hash) do
+for h, secs in pairs(hashes) do
   for sec, v in pairs(secs) do redis.call('HINCRBYFLOAT', h, sec, v) end
   for _, f in ipairs(redis.call('HKEYS', h)) do
-    if tonumber(f) < top[h] - 60 then redis.call('HDEL', h, f) end
+    if tonumber(f) < tops[h] - 60 then redis.call('HDEL', h, f) end
   end
   redis.call('PEXPIRE', h, 62000)
 end
@@ -132,8 +182,8 @@ return n
 `)
 
 // SettleAll implements [Settler] with one script run for every
-// settlement of ss. All keys must be served by one Redis node (a single
-// Redis, or keys in one Cluster slot). When Redis cannot be reached, the
+// settlement of ss (shared with the settlements of concurrent calls). All
+// keys must be served by one Redis node. When Redis cannot be reached, the
 // settlements of reservations are queued and replayed once it answers
 // again (see [Redis.Settle]); charges without a reservation are lost.
 func (r *Redis) SettleAll(ctx context.Context, ss []Settlement, now time.Time) error {
@@ -145,7 +195,11 @@ func (r *Redis) SettleAll(ctx context.Context, ss []Settlement, now time.Time) e
 			if s.Actual < 0 || s.Actual != s.Actual {
 				errs = append(errs, fmt.Errorf("%w: amount %v", ErrInvalidLimit, s.Actual))
 			} else if s.Actual > 0 {
-				list = append(list, orphan{s.Key, s.ID, s.Actual, now})
+				o := orphan{key: s.Key, actual: s.Actual, at: now}
+				if s.ID != "" {
+					o.member = s.ID + "@" + s.Key // never a request's id (digits)
+				}
+				list = append(list, o)
 			}
 			continue
 		}
@@ -179,7 +233,7 @@ func (r *Redis) settling(res Reservation, actual float64, now time.Time) (o orph
 	if member == "" && actual == 0 || res.local && actual == 0 {
 		return orphan{}, false
 	}
-	return orphan{res.key, member, actual, now}, true
+	return orphan{key: res.key, member: member, part: res.part, actual: actual, at: now}, true
 }
 
 // calendarGrace keeps a calendar window's key an hour past its end, for
@@ -245,7 +299,7 @@ func (r *Redis) settleBatch(batch []*settleCall) {
 	if err != nil {
 		for _, o := range list {
 			if o.member != "" {
-				r.orph.add(o.key, o.member, o.actual, o.at)
+				r.orph.add(o)
 			}
 		}
 	}
@@ -256,19 +310,29 @@ func (r *Redis) settleBatch(batch []*settleCall) {
 }
 
 // settleMany runs settleScript once for list, each settlement at its own
-// time.
+// time; the keys of a counter (a key in one hour) are sent once.
 func (r *Redis) settleMany(ctx context.Context, op string, list []orphan) error {
-	keys := make([]string, 0, 8*len(list))
-	args := make([]any, 0, 2+6*len(list))
-	args = append(args, time.Now().UnixMilli(), (r.cfg.ReservationTTL + time.Minute).Milliseconds())
+	ctrs := make(map[ctrKey]int, 16)
+	keys := make([]string, 2, 2+6*16)
+	keys[0], keys[1] = r.dueKey(), r.recordsKey()
+	ctrArgs := make([]any, 0, 3*16)
+	setArgs := make([]any, 0, 5*len(list))
 	for _, o := range list {
-		keys = append(keys, r.counterKeys(o.key, o.at)...)
-		keys = append(keys, r.settledKey(o.key))
-		args = append(args, o.actual, o.member, o.at.Unix())
-		for w := Hour; w <= Month; w++ {
-			args = append(args, (calRetry(w, o.at) + calendarGrace).Milliseconds())
+		ck := ctrKey{o.key, calStart(Hour, o.at)}
+		c, ok := ctrs[ck]
+		if !ok {
+			c = len(ctrs) + 1
+			ctrs[ck] = c
+			keys = r.appendCounterKeys(keys, o.key, o.at)
+			for w := Hour; w <= Month; w++ {
+				ctrArgs = append(ctrArgs, (calRetry(w, o.at) + calendarGrace).Milliseconds())
+			}
 		}
+		setArgs = append(setArgs, c, o.member, o.part, o.actual, o.at.Unix())
 	}
+	args := make([]any, 0, 3+len(ctrArgs)+len(setArgs))
+	args = append(args, time.Now().UnixMilli(), (r.cfg.ReservationTTL + time.Minute).Milliseconds(), len(ctrs))
+	args = append(append(args, ctrArgs...), setArgs...)
 	return r.run(ctx, op, func(cctx context.Context) error {
 		return settleScript.Run(cctx, r.c, keys, args...).Err()
 	})

@@ -30,81 +30,104 @@ import (
 // each), the specs (a counter and its limits) and the shapes (the specs
 // and amounts of a request's charges, and the record its reservations
 // are kept in, see resvLua, built once per shape); a request is then 3
-// arguments. Due records are dropped and a counter's settled usage read
-// once per batch; the batch's reservations are written at the end: one
-// record and one due entry per admitted request that holds something
-// (one HSET and one ZADD for the batch), and per counter one hold of
-// what the batch reserved on it.
+// arguments, its id, its shape and its second, used as strings (a shape
+// and a second are looked up, not parsed). The due lists are taken and
+// every counter's settled usage read once per batch.
+//
+// The check: for a spec, the reserved amounts that refuse a request are
+// those at or above one bar (see bar: the least amount that the rule's
+// sum refuses; the rule's sum is monotone in what is reserved), so a
+// request's check is one comparison per charge. While the reserved sums
+// cannot have reached any bar (by a bound on the sum of the batch's n
+// reservations so far, rounding included: the guard), a request is
+// admitted without even that; past the guard the sums are computed in
+// the request order, as the client's replay computes them.
+//
+// The batch's reservations are written at the end: one record per
+// admitted request that holds something (one HSET for the batch), the
+// batch's list of them (one field and one due-set member, due at the
+// batch's latest expiry) and per counter its new sum and count.
 //
 // KEYS: 6 per counter (counterKeys), then the due set, the records and
 // the epoch key. ARGV: ttl ms, whether the epoch key must exist, number
-// of specs, of shapes, of requests; per spec: its counter (1-based), n,
-// then n × (window, warn, block); per shape: its number of charges, then
-// per charge: spec (1-based), amount; per request: now ms, id, shape
-// (1-based). Returns {which per request, per counter {reserved, hour,
-// day, month, total, minute hash as HGETALL}} (a window not read is "";
-// a counter no request reached is {}), or {-1} when the epoch key must
-// exist and does not (nothing checked).
+// of specs, of shapes, of requests, the batch's latest time in ms, the
+// name of its list (unique); per spec: its counter (1-based), n, then n
+// × (window, warn, block); per shape: its number of charges, then per
+// charge: spec (1-based), amount; per request: id, shape (1-based),
+// time in s. Returns {which per request, per counter {reserved, hour,
+// day, month, total, minute hash as HGETALL}} (a window not read is ""),
+// or {-1} when the epoch key must exist and does not (nothing checked).
 var reserveBatchScript = redis.NewScript(resvLua + `
-local nk = #KEYS
-if ARGV[2] == '1' and redis.call('EXISTS', KEYS[nk]) == 0 then return {-1} end
-local rv, rh = KEYS[nk - 2], KEYS[nk - 1]
-local ttl = tonumber(ARGV[1])
-local nspec, nshape, nreq = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local a = 6
-local specs = {}
+local argv, keys = ARGV, KEYS
+local nk = #keys
+if argv[2] == '1' and redis.call('EXISTS', keys[nk]) == 0 then return {-1} end
+local rv, rh = keys[nk - 2], keys[nk - 1]
+local ttl, latest = tonumber(argv[1]), tonumber(argv[6])
+local nspec, nshape, nreq = tonumber(argv[3]), tonumber(argv[4]), tonumber(argv[5])
+dropDue(rv, rh, latest, ttl + 60000)
+local a = 8
+local specs, ctrs = {}, {}
 for s = 1, nspec do
-  local n = tonumber(ARGV[a + 1])
-  local sp = {(tonumber(ARGV[a]) - 1) * 6, n}
+  local n = tonumber(argv[a + 1])
+  local kb = (tonumber(argv[a]) - 1) * 6
+  local sp = {kb, n}
   for i = 0, n - 1 do
     local b = a + 2 + 3 * i
-    sp[3 + 3 * i], sp[4 + 3 * i], sp[5 + 3 * i] = tonumber(ARGV[b]), tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
+    sp[3 + 3 * i], sp[4 + 3 * i], sp[5 + 3 * i] = tonumber(argv[b]), tonumber(argv[b + 1]), tonumber(argv[b + 2])
   end
   specs[s] = sp
+  if not ctrs[kb] then ctrs[kb] = {amax = 0, mins = {}} end
   a = a + 2 + 3 * n
 end
-local shapes = {}
+local shapes, recOf = {}, {}
 for s = 1, nshape do
-  local n = tonumber(ARGV[a])
+  local n = tonumber(argv[a])
   local sh, held, mask, body = {}, {}, {}, {}
   for c = 1, n do
     local b = a + 2 * c - 1
-    local sp, amount = specs[tonumber(ARGV[b])], tonumber(ARGV[b + 1])
+    local sp, amount = specs[tonumber(argv[b])], tonumber(argv[b + 1])
     sh[c] = sp
     if amount > 0 then
       held[#held + 1] = sp[1]
       held[#held + 1] = amount
-      mask[c], body[2 * c - 1], body[2 * c] = 'h', ARGV[b + 1], KEYS[sp[1] + 6]
+      mask[c], body[2 * c - 1], body[2 * c] = 'h', argv[b + 1], keys[sp[1] + 6]
+      if amount > ctrs[sp[1]].amax then ctrs[sp[1]].amax = amount end
     else
       mask[c], body[2 * c - 1], body[2 * c] = '-', '', ''
     end
   end
-  sh.held = held
-  if #held > 0 then sh.rec = table.concat(mask) .. '\n' .. table.concat(body, '\0') .. '\0' end
-  shapes[s] = sh
+  sh.held, sh.k = held, 0
+  if #held > 0 then
+    sh.rec = table.concat(mask) .. '\n' .. table.concat(body, '\0') .. '\0'
+    recOf[sh.rec] = held
+  end
+  shapes[tostring(s)] = sh
   a = a + 1 + 2 * n
 end
-local resv, rec, hash, mins = {}, {}, {}, {}
-local function touch(kb)
-  local rs = reservedOf(KEYS[kb + 6])
-  resv[kb] = tonumber(rs)
-  rec[kb] = {rs, '', '', '', '', {}}
-  mins[kb] = {}
+-- Every counter's sums and reserved key, in one MGET.
+local kbs, mk = {}, {}
+for kb in pairs(ctrs) do
+  kbs[#kbs + 1] = kb
+  for i = 1, 4 do mk[#mk + 1] = keys[kb + i] end
+  mk[#mk + 1] = keys[kb + 6]
 end
-local function settled(kb, w)
-  local r = rec[kb]
-  if w == 1 then
-    if not hash[kb] then
-      r[6] = redis.call('HGETALL', KEYS[kb + 5])
-      hash[kb] = true
-    end
-    return nil
-  end
-  if r[w] == '' then r[w] = redis.call('GET', KEYS[kb + w - 1]) or '0' end
-  return tonumber(r[w])
+local got = redis.call('MGET', unpack(mk))
+local resv, rec = {}, {}
+for i, kb in ipairs(kbs) do
+  local b, ct = 5 * (i - 1), ctrs[kb]
+  ct.n0, ct.rs = parseResv(got[b + 5])
+  if tonumber(ct.rs) < 0 then ct.rs = '0' end
+  ct.r0 = tonumber(ct.rs)
+  resv[kb] = ct.r0
+  rec[kb] = {ct.rs, got[b + 1] or '0', got[b + 2] or '0', got[b + 3] or '0', got[b + 4] or '0', {}}
 end
 local function minute(kb, sec)
-  local v = mins[kb][sec]
+  local ct = ctrs[kb]
+  if not ct.hash then
+    rec[kb][6] = redis.call('HGETALL', keys[kb + 5])
+    ct.hash = true
+  end
+  local v = ct.mins[sec]
   if v == nil then
     v = 0
     local h = rec[kb][6]
@@ -112,64 +135,127 @@ local function minute(kb, sec)
       local s = tonumber(h[i])
       if s >= sec - 60 and s <= sec then v = v + tonumber(h[i + 1]) end
     end
-    mins[kb][sec] = v
+    ct.mins[sec] = v
   end
   return v
 end
-dropDue(rv, rh, tonumber(ARGV[a]), ttl + 60000)
-local which, sums, ns, zadd, hset = {}, {}, {}, {}, {}
-for r = 1, nreq do
-  local now, id, sh = tonumber(ARGV[a]), ARGV[a + 1], shapes[tonumber(ARGV[a + 2])]
-  a = a + 3
-  local sec = math.floor(now / 1000)
-  local refused = 0
-  for c = 1, #sh do
-    local sp = sh[c]
-    local kb = sp[1]
-    if resv[kb] == nil then touch(kb) end
-    local u = sp.u
-    if u == nil then
-      u = {}
-      for i = 0, sp[2] - 1 do
-        if sp[4 + 3 * i] > 0 or sp[5 + 3 * i] > 0 then u[i + 1] = settled(kb, sp[3 + 3 * i]) end
-      end
-      sp.u = u
-    end
-    local reserved = resv[kb]
-    for i = 0, sp[2] - 1 do
-      local bl = sp[5 + 3 * i]
-      if bl > 0 then
-        local x = u[i + 1]
-        if x == nil then x = minute(kb, sec) end
-        if x + reserved >= bl then
-          refused = c
-          break
-        end
-      end
-    end
-    if refused ~= 0 then break end
-  end
-  which[r] = refused
-  if refused == 0 and sh.rec then
-    local held = sh.held
-    for i = 1, #held, 2 do
-      local kb, amount = held[i], held[i + 1]
-      resv[kb] = resv[kb] + amount
-      sums[kb] = (sums[kb] or 0) + amount
-      ns[kb] = (ns[kb] or 0) + 1
-    end
-    zadd[#zadd + 1] = now + ttl
-    zadd[#zadd + 1] = id
-    hset[#hset + 1] = id
-    hset[#hset + 1] = sh.rec
+local function down(t)
+  local m, e = math.frexp(t)
+  if m == 0.5 then e = e - 1 end
+  return t - math.max(2 ^ (e - 53), 2 ^ -1074)
+end
+-- bar(x, bl) is the least reserved r >= 0 that the rule refuses with
+-- settled usage x under block bl (x + r >= bl, summed as the rule sums):
+-- the sum is monotone in r, so r refuses if and only if r >= bar.
+local function bar(x, bl)
+  if x >= bl then return 0 end
+  local hi = bl - x
+  while x + hi < bl do hi = hi + hi end
+  local lo = down(hi)
+  if lo < 0 or x + lo < bl then return hi end
+  lo, hi = 0, lo
+  while true do
+    local mid = lo + (hi - lo) / 2
+    if mid <= lo or mid >= hi then return hi end
+    if x + mid >= bl then hi = mid else lo = mid end
   end
 end
-for i = 1, #zadd, 1000 do redis.call('ZADD', rv, unpack(zadd, i, math.min(i + 999, #zadd))) end
-for i = 1, #hset, 1000 do redis.call('HSET', rh, unpack(hset, i, math.min(i + 999, #hset))) end
-for kb, sum in pairs(sums) do hold(KEYS[kb + 6], sum, ns[kb], ttl) end
+-- bars(sec) sets each spec's bar for requests at sec (sp.t, math.huge
+-- without a block) and returns the guard: how many reservations the
+-- batch may hold in all before a counter's sum may reach the lowest bar
+-- on it (-1: one is there already).
+local function bars(sec)
+  local low = {}
+  for _, sp in ipairs(specs) do
+    local kb, t = sp[1], math.huge
+    for i = 0, sp[2] - 1 do
+      local w, bl = sp[3 + 3 * i], sp[5 + 3 * i]
+      if w == 1 and (bl > 0 or sp[4 + 3 * i] > 0) then minute(kb, sec) end
+      if bl > 0 then
+        local x
+        if w == 1 then x = minute(kb, sec) else x = tonumber(rec[kb][w]) end
+        t = math.min(t, bar(x, bl))
+      end
+    end
+    sp.t = t
+    low[kb] = math.min(low[kb] or math.huge, t)
+  end
+  local g = math.huge
+  for kb, t in pairs(low) do
+    local ct = ctrs[kb]
+    if ct.r0 >= t then return -1 end
+    if t < math.huge and ct.amax > 0 then
+      local m = math.floor((t / (1 + 1e-12) - ct.r0) / ct.amax)
+      while m >= 0 and (ct.r0 + m * ct.amax) * (1 + 1e-12) >= t do m = m - 1 end
+      if m < g then g = m end
+    end
+  end
+  return g
+end
+local which, hset = {}, {}
+local n, nh, guard, csec, first = 0, 0, 0, nil, nreq + 1
+for r = 1, nreq do
+  local sh, s = shapes[argv[a + 1]], argv[a + 2]
+  if s ~= csec then
+    csec = s
+    guard = bars(tonumber(s))
+  end
+  local refused = 0
+  if first <= nreq or n > guard then
+    if first > nreq then
+      first = r
+      for i = 2, nh, 2 do
+        local held = recOf[hset[i]]
+        for j = 1, #held, 2 do resv[held[j]] = resv[held[j]] + held[j + 1] end
+      end
+    end
+    for c = 1, #sh do
+      local sp = sh[c]
+      if resv[sp[1]] >= sp.t then
+        refused = c
+        break
+      end
+    end
+    if refused == 0 then
+      local held = sh.held
+      for j = 1, #held, 2 do resv[held[j]] = resv[held[j]] + held[j + 1] end
+    end
+    which[r - first + 1] = refused
+  end
+  if refused == 0 then
+    local rc = sh.rec
+    if rc then
+      n, nh = n + 1, nh + 2
+      hset[nh - 1], hset[nh] = argv[a], rc
+      sh.k = sh.k + 1
+    end
+  end
+  a = a + 3
+end
+if n > 0 then
+  setAll(rh, 'HSET', hset)
+  local list = {}
+  for i = 1, n do list[i] = hset[2 * i - 1] end
+  redis.call('HSET', rh, argv[7], table.concat(list, ','))
+  redis.call('ZADD', rv, latest + ttl, argv[7])
+  local cnt = {}
+  for _, sh in pairs(shapes) do
+    if sh.k > 0 then
+      local held = sh.held
+      for j = 1, #held, 2 do
+        local kb = held[j]
+        cnt[kb] = (cnt[kb] or 0) + sh.k
+        if first > nreq then resv[kb] = resv[kb] + sh.k * held[j + 1] end
+      end
+    end
+  end
+  for kb, k in pairs(cnt) do
+    redis.call('SET', keys[kb + 6], (ctrs[kb].n0 + k) .. ' ' .. string.format('%.17g', resv[kb]), 'PX', ttl + 60000)
+  end
+end
 local recs = {}
 for c = 1, (nk - 3) / 6 do recs[c] = rec[(c - 1) * 6] or {} end
-return {which, recs}
+return {first, which, recs}
 `)
 
 // maxAdmitBatch is the most requests one batch admits in one script run:
@@ -247,6 +333,7 @@ func (r *Redis) batchArgs(sent []*admitCall) (keys []string, args []any, ctrOf [
 	ctrOf = make([][]int, len(sent))
 	var buf []byte
 	var specOf []int
+	latest := int64(math.MinInt64)
 	for ci, c := range sent {
 		ctrOf[ci] = make([]int, len(c.charges))
 		buf, specOf = buf[:0], specOf[:0]
@@ -285,15 +372,17 @@ func (r *Redis) batchArgs(sent []*admitCall) (keys []string, args []any, ctrOf [
 				shapeArgs = append(shapeArgs, specOf[i], strconv.FormatFloat(ch.Amount, 'g', -1, 64))
 			}
 		}
-		reqArgs = append(reqArgs, c.now.UnixMilli(), c.id, shape)
+		reqArgs = append(reqArgs, c.id, shape, c.now.Unix())
+		latest = max(latest, c.now.UnixMilli())
 	}
 	keys = append(keys, r.dueKey(), r.recordsKey(), r.epochKey())
 	seed := 0
 	if r.cfg.RequireSeed {
 		seed = 1
 	}
-	args = make([]any, 0, 5+len(specArgs)+len(shapeArgs)+len(reqArgs))
-	args = append(args, r.cfg.ReservationTTL.Milliseconds(), seed, len(specs), len(shapes), len(sent))
+	args = make([]any, 0, 7+len(specArgs)+len(shapeArgs)+len(reqArgs))
+	args = append(args, r.cfg.ReservationTTL.Milliseconds(), seed, len(specs), len(shapes), len(sent), latest,
+		"#b"+sent[0].id)
 	args = append(append(append(args, specArgs...), shapeArgs...), reqArgs...)
 	return keys, args, ctrOf
 }

@@ -124,13 +124,14 @@ func admitReplay(out []any, sent []*admitCall, ctrOf [][]int) error {
 			return nil
 		}
 	}
-	if len(out) != 2 {
+	if len(out) != 3 {
 		return fmt.Errorf("%w: %d values", errReply, len(out))
 	}
-	whichs, ok1 := out[0].([]any)
-	recs, ok2 := out[1].([]any)
-	if !ok1 || !ok2 || len(whichs) != len(sent) {
-		return fmt.Errorf("%w: %d decisions for %d requests", errReply, len(whichs), len(sent))
+	first, ok0 := out[0].(int64)
+	whichs, ok1 := out[1].([]any)
+	recs, ok2 := out[2].([]any)
+	if !ok0 || !ok1 || !ok2 || first < 1 || int(first)-1+len(whichs) != len(sent) {
+		return fmt.Errorf("%w: %d decisions from %d for %d requests", errReply, len(whichs), first, len(sent))
 	}
 	ctrs := make([]*ctrRead, len(recs))
 	running := make([]float64, len(recs))
@@ -144,9 +145,12 @@ func admitReplay(out []any, sent []*admitCall, ctrOf [][]int) error {
 		}
 	}
 	for ci, c := range sent {
-		w, ok := whichs[ci].(int64)
-		if !ok || w < 0 || int(w) > len(c.charges) {
-			return fmt.Errorf("%w: decision %v", errReply, whichs[ci])
+		var w int64 // admitted under the guard (see reserveBatchScript)
+		if ci >= int(first)-1 {
+			var ok bool
+			if w, ok = whichs[ci-int(first)+1].(int64); !ok || w < 0 || int(w) > len(c.charges) {
+				return fmt.Errorf("%w: decision %v", errReply, whichs[ci-int(first)+1])
+			}
 		}
 		c.which = int(w)
 		n := len(c.charges)

@@ -24,11 +24,12 @@ local old = redis.call('ZRANGE', key, n - limit, n - limit, 'WITHSCORES')
 return {0, n, tonumber(old[2]) + win - now}
 `)
 
-// reserveScript checks limits and records a reservation.
-// KEYS: hour, day, month, total, minute hash, reserved (see resvLua),
-// then the due set and the records. ARGV: now ms, now s, amount,
-// reservation id, ttl ms, n, then n × (window, warn, block, calendar
-// retry ms). Returns check's reply (see admitLua).
+// reserveScript checks limits and records a reservation (its own
+// record, listed alone; see resvLua).
+// KEYS: hour, day, month, total, minute hash, reserved, then the due set
+// and the records. ARGV: now ms, now s, amount, reservation id, ttl ms,
+// n, then n × (window, warn, block, calendar retry ms). Returns check's
+// reply (see admitLua).
 var reserveScript = redis.NewScript(resvLua + `
 local now = tonumber(ARGV[1])
 local sec = tonumber(ARGV[2])
@@ -39,94 +40,13 @@ dropDue(KEYS[7], KEYS[8], now, ttl + 60000)
 local d = check(1, 6, amount, tonumber(reservedOf(KEYS[6])))
 if d[1] == 0 then return d end
 if amount > 0 then
-  redis.call('ZADD', KEYS[7], now + ttl, ARGV[4])
-  redis.call('HSET', KEYS[8], ARGV[4], 'h\n' .. ARGV[3] .. '\0' .. KEYS[6] .. '\0')
+  local id = ARGV[4]
+  redis.call('HSET', KEYS[8], id, 'h\n' .. ARGV[3] .. '\0' .. KEYS[6] .. '\0', '#b' .. id, id)
+  redis.call('ZADD', KEYS[7], now + ttl, '#b' .. id)
   hold(KEYS[6], amount, 1, ttl)
 end
 return d
 `)
-
-// resvLua defines the Lua functions the scripts that hold or release
-// reservations share. A request's reservations are one record (by the
-// request's id): a field of the records hash whose value is a mask, one
-// character per charge of the request ('h' held, 's' settled, '-'
-// neither: a charge that holds nothing, or one the record does not
-// know), a newline, then per charge its amount and its counter's
-// reserved key, each ended by a NUL (both empty for a charge that holds
-// nothing, and dropped once nothing is held); and one member of the due
-// set, scored by when the record is due (ms): its reservations' expiry
-// while it holds something, else when its settled marks may be
-// forgotten. A counter's reserved key is a hash of what its held
-// reservations sum to (a) and how many they are (n); it is deleted when n
-// reaches 0, so a counter with nothing held reads exactly 0.
-//
-// dropDue(rv, rh, now, keep) releases what the records due by now (due
-// set rv, records rh) still hold and deletes them, at most dueBatch per
-// run (the rest on the next run: a reservation dropped late only makes
-// admission stricter meanwhile); a record that holds some charges and has
-// settled others keeps its settled marks for keep ms more. release(ru, sum, n) takes n held reservations
-// summing to sum off a counter's reserved key ru; hold(ru, sum, n, ttl)
-// adds them. reservedOf(ru) is what a counter's reservations sum to, as a
-// string ("0" for none, never negative).
-const resvLua = `
-local function release(ru, sum, n)
-  if redis.call('HINCRBY', ru, 'n', -n) <= 0 then
-    redis.call('DEL', ru)
-  else
-    redis.call('HINCRBYFLOAT', ru, 'a', -sum)
-  end
-end
-
-local function hold(ru, sum, n, ttl)
-  redis.call('HINCRBYFLOAT', ru, 'a', sum)
-  redis.call('HINCRBY', ru, 'n', n)
-  redis.call('PEXPIRE', ru, ttl + 60000)
-end
-
-local function reservedOf(ru)
-  local a = redis.call('HGET', ru, 'a')
-  if not a or tonumber(a) < 0 then return '0' end
-  return a
-end
-
-local function dropDue(rv, rh, now, keep)
-  local due = redis.call('ZRANGEBYSCORE', rv, '-inf', now, 'LIMIT', 0, ` + dueBatch + `)
-  if #due == 0 then return end
-  local vals = redis.call('HMGET', rh, unpack(due))
-  local sums, ns, marks, del = {}, {}, {}, {}
-  for i, v in ipairs(vals) do
-    local nl = v and string.find(v, '\n', 1, true)
-    local mask = nl and string.sub(v, 1, nl - 1)
-    if mask and string.find(mask, 'h', 1, true) then
-      local p = 0
-      for a, ru in string.gmatch(string.sub(v, nl + 1), '([^%z]*)%z([^%z]*)%z') do
-        p = p + 1
-        if string.byte(mask, p) == 104 then
-          sums[ru] = (sums[ru] or 0) + tonumber(a)
-          ns[ru] = (ns[ru] or 0) + 1
-        end
-      end
-    end
-    if mask and string.find(mask, 's', 1, true) and string.find(mask, 'h', 1, true) then
-      marks[#marks + 1] = due[i]
-      marks[#marks + 1] = string.gsub(mask, 'h', '-') .. '\n'
-    else
-      del[#del + 1] = due[i]
-    end
-  end
-  redis.call('ZREMRANGEBYRANK', rv, 0, #due - 1)
-  if #del > 0 then redis.call('HDEL', rh, unpack(del)) end
-  for i = 1, #marks, 2 do
-    redis.call('HSET', rh, marks[i], marks[i + 1])
-    redis.call('ZADD', rv, now + keep, marks[i])
-  end
-  for ru, sum in pairs(sums) do release(ru, sum, ns[ru]) end
-end
-`
-
-// dueBatch is the most due records one script run drops (as a Lua
-// literal).
-const dueBatch = "256"
 
 // admitLua defines check(kb, ab, amount, reserved) for reserveScript:
 // it applies the admission rule (settled + reserved below each block) to

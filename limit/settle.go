@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -64,16 +65,19 @@ func (l *Local) SettleAll(ctx context.Context, ss []Settlement, now time.Time) e
 // HINCRBYFLOAT per second of a minute hash, whose seconds older than a
 // minute before the run's latest are then dropped, one release per
 // reserved key), so a batch of settlements on a few counters costs Redis
-// a few calls per counter, not per settlement.
+// a few calls per counter, not per settlement. The records it settles
+// completely are listed once, due when their marks may be forgotten (the
+// due lists are taken by the admission scripts, on the requests' clock).
 // KEYS: the due set, the records, then 6 per counter (counterKeys).
-// ARGV: now ms, keep ms, number of counters, per counter the TTL in ms of
-// its hour, day and month keys, then per settlement: counter (1-based),
-// record id ("" for none), charge (0-based), actual, its time in s.
+// ARGV: now ms, keep ms, number of counters, the name of the run's list
+// (unique), per counter the TTL in ms of its hour, day and month keys,
+// then per settlement: counter (1-based), record id ("" for none),
+// charge (0-based), actual, its time in s.
 // Returns how many settlements charged or released something.
 var settleScript = redis.NewScript(resvLua + `
 local nowms, keep, nctr = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local rv, rh = KEYS[1], KEYS[2]
-local a0 = 4 + 3 * nctr
+local a0 = 5 + 3 * nctr
 local ids, recs = {}, {}
 for b = a0, #ARGV, 5 do
   local id = ARGV[b + 1]
@@ -126,7 +130,7 @@ for b = a0, #ARGV, 5 do
   if counts then
     n = n + 1
     if actual > 0 then
-      local kb, tb = 2 + 6 * (c - 1), 3 + 3 * (c - 1)
+      local kb, tb = 2 + 6 * (c - 1), 4 + 3 * (c - 1)
       for i = 1, 4 do
         local k = KEYS[kb + i]
         adds[k] = (adds[k] or 0) + actual
@@ -143,7 +147,7 @@ for b = a0, #ARGV, 5 do
     end
   end
 end
-local hset, zadd = {}, {}
+local hset, done = {}, {}
 for id, r in pairs(recs) do
   if r.changed then
     local held = false
@@ -157,15 +161,18 @@ for id, r in pairs(recs) do
     if held then
       v = v .. r.body
     else
-      zadd[#zadd + 1] = nowms + keep
-      zadd[#zadd + 1] = id
+      v = v .. (nowms + keep)
+      done[#done + 1] = id
     end
     hset[#hset + 1] = id
     hset[#hset + 1] = v
   end
 end
-for i = 1, #hset, 1000 do redis.call('HSET', rh, unpack(hset, i, math.min(i + 999, #hset))) end
-for i = 1, #zadd, 1000 do redis.call('ZADD', rv, unpack(zadd, i, math.min(i + 999, #zadd))) end
+setAll(rh, 'HSET', hset)
+if #done > 0 then
+  redis.call('HSET', rh, ARGV[4], table.concat(done, ','))
+  redis.call('ZADD', rv, nowms + keep, ARGV[4])
+end
 for ru, sum in pairs(sums) do release(ru, sum, ns[ru]) end
 for k, v in pairs(adds) do
   redis.call('INCRBYFLOAT', k, v)
@@ -330,8 +337,9 @@ func (r *Redis) settleMany(ctx context.Context, op string, list []orphan) error 
 		}
 		setArgs = append(setArgs, c, o.member, o.part, o.actual, o.at.Unix())
 	}
-	args := make([]any, 0, 3+len(ctrArgs)+len(setArgs))
-	args = append(args, time.Now().UnixMilli(), (r.cfg.ReservationTTL + time.Minute).Milliseconds(), len(ctrs))
+	args := make([]any, 0, 4+len(ctrArgs)+len(setArgs))
+	args = append(args, time.Now().UnixMilli(), (r.cfg.ReservationTTL + time.Minute).Milliseconds(), len(ctrs),
+		"#m"+strconv.FormatUint(r.newID(), 10))
 	args = append(append(args, ctrArgs...), setArgs...)
 	return r.run(ctx, op, func(cctx context.Context) error {
 		return settleScript.Run(cctx, r.c, keys, args...).Err()

@@ -334,11 +334,28 @@ func (r *Redis) batchArgs(sent []*admitCall) (keys []string, args []any, ctrOf [
 	var buf []byte
 	var specOf []int
 	latest := int64(math.MinInt64)
+	// A call whose charges are the previous call's (a burst of one
+	// token's requests) shares its shape and counters.
+	var prev *admitCall
+	var prevHour int64
+	var prevShape int
+	sec, secArg := int64(math.MinInt64), any(nil)
 	for ci, c := range sent {
+		latest = max(latest, c.now.UnixMilli())
+		if s := c.now.Unix(); s != sec {
+			sec, secArg = s, s // boxed once per second
+		}
+		hour := calStart(Hour, c.now)
+		if prev != nil && hour == prevHour && sameCharges(prev.charges, c.charges) {
+			ctrOf[ci] = ctrOf[ci-1]
+			reqArgs = append(reqArgs, c.id, prevShape, secArg)
+			continue
+		}
+		prev, prevHour = c, hour
 		ctrOf[ci] = make([]int, len(c.charges))
 		buf, specOf = buf[:0], specOf[:0]
 		for i, ch := range c.charges {
-			ck := ctrKey{ch.Key, calStart(Hour, c.now)}
+			ck := ctrKey{ch.Key, hour}
 			ctr, ok := ctrs[ck]
 			if !ok {
 				ctr = len(ctrs)
@@ -372,8 +389,8 @@ func (r *Redis) batchArgs(sent []*admitCall) (keys []string, args []any, ctrOf [
 				shapeArgs = append(shapeArgs, specOf[i], strconv.FormatFloat(ch.Amount, 'g', -1, 64))
 			}
 		}
-		reqArgs = append(reqArgs, c.id, shape, c.now.Unix())
-		latest = max(latest, c.now.UnixMilli())
+		prevShape = shape
+		reqArgs = append(reqArgs, c.id, shape, secArg)
 	}
 	keys = append(keys, r.dueKey(), r.recordsKey(), r.epochKey())
 	seed := 0
@@ -385,6 +402,22 @@ func (r *Redis) batchArgs(sent []*admitCall) (keys []string, args []any, ctrOf [
 		"#b"+sent[0].id)
 	args = append(append(append(args, specArgs...), shapeArgs...), reqArgs...)
 	return keys, args, ctrOf
+}
+
+// sameCharges reports whether a and b charge the same counters the same
+// amounts under the same limits (by identity, as specKey).
+func sameCharges(a, b []Charge) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		x, y := &a[i], &b[i]
+		if x.Key != y.Key || x.Amount != y.Amount || len(x.Limits) != len(y.Limits) ||
+			len(x.Limits) > 0 && &x.Limits[0] != &y.Limits[0] {
+			return false
+		}
+	}
+	return true
 }
 
 // admitBatch runs reserveBatchScript once for the calls of batch whose
@@ -448,7 +481,7 @@ func (r *Redis) admitBatch(batch []*admitCall) {
 func (c *admitCall) release(r *Redis) {
 	for i := range c.charges {
 		if m := c.member(i); m != "" {
-			r.orph.add(orphan{key: c.charges[i].Key, member: m, part: i, at: c.now})
+			r.orph.add(orphan{key: c.charges[i].Key, member: m, part: i, held: c.charges[i].Amount, at: c.now})
 		}
 	}
 }
@@ -502,11 +535,18 @@ func (r *Redis) reserveAll(ctx context.Context, charges []Charge, res []Reservat
 	if c.which != 0 {
 		return c.which - 1, false, nil
 	}
-	for i, ch := range charges {
-		res[i] = Reservation{key: ch.Key, amount: ch.Amount, done: new(atomic.Bool)}
+	c.reservations(res)
+	return -1, false, nil
+}
+
+// reservations fills res with the admitted call's reservations (their
+// settled flags in one allocation).
+func (c *admitCall) reservations(res []Reservation) {
+	done := make([]atomic.Bool, len(c.charges))
+	for i, ch := range c.charges {
+		res[i] = Reservation{key: ch.Key, amount: ch.Amount, done: &done[i]}
 		if ch.Amount > 0 {
 			res[i].recorded, res[i].member, res[i].part = true, c.id, i
 		}
 	}
-	return -1, false, nil
 }

@@ -144,6 +144,9 @@ func admitReplay(out []any, sent []*admitCall, ctrOf [][]int) error {
 			ctrs[i], running[i] = c, c.reserved
 		}
 	}
+	// Each call's decision and how many charges it was checked on; their
+	// reads in two allocations for the batch.
+	total := 0
 	for ci, c := range sent {
 		var w int64 // admitted under the guard (see reserveBatchScript)
 		if ci >= int(first)-1 {
@@ -153,11 +156,13 @@ func admitReplay(out []any, sent []*admitCall, ctrOf [][]int) error {
 			}
 		}
 		c.which = int(w)
-		n := len(c.charges)
-		if w > 0 {
-			n = int(w)
-		}
-		c.reserved, c.ctrs = make([]float64, n), make([]*ctrRead, n)
+		total += c.checked()
+	}
+	reserved, reads := make([]float64, total), make([]*ctrRead, total)
+	for ci, c := range sent {
+		w, n := c.which, c.checked()
+		c.reserved, c.ctrs = reserved[:n:n], reads[:n:n]
+		reserved, reads = reserved[n:], reads[n:]
 		for i := range n {
 			k := ctrOf[ci][i]
 			if k >= len(ctrs) || ctrs[k] == nil {
@@ -174,6 +179,15 @@ func admitReplay(out []any, sent []*admitCall, ctrOf [][]int) error {
 		}
 	}
 	return nil
+}
+
+// checked is how many of the call's charges the script checked: all when
+// it was admitted, else up to the one that refused.
+func (c *admitCall) checked() int {
+	if c.which > 0 {
+		return c.which
+	}
+	return len(c.charges)
 }
 
 // decide fills ds with the call's decisions on the charges it was checked

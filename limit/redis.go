@@ -368,7 +368,7 @@ func (r *Redis) Reserve(ctx context.Context, key string, amount float64, limits 
 	})
 	if err != nil {
 		if member != "" && !errors.Is(err, gobreaker.ErrOpenState) && !errors.Is(err, gobreaker.ErrTooManyRequests) {
-			r.orph.add(orphan{key: key, member: member, at: now})
+			r.orph.add(orphan{key: key, member: member, held: amount, at: now})
 		}
 		if errors.Is(err, ErrUnavailable) {
 			if r.cfg.FailClosedBudget {

@@ -158,15 +158,15 @@ type orphans struct {
 	list []orphan
 }
 
-// orphan is one counter's settlement of a request: Actual charged to
+// orphan is one counter's settlement of a request: actual charged to
 // key at at and, when member is set, the reservation of charge part of
-// the request whose record is member released, once per member and part
-// (see settleScript).
+// the request whose record is member (held: its amount) released, once
+// per member and part (see settleScript).
 type orphan struct {
-	key, member string
-	part        int
-	actual      float64
-	at          time.Time
+	key, member  string
+	part         int
+	held, actual float64
+	at           time.Time
 }
 
 // maxOrphans caps the reservations remembered for release; beyond it

@@ -95,7 +95,7 @@ func TestRedisSettleIdempotentAndLostReplyReleased(t *testing.T) {
 		t.Fatalf("Reserve: %+v %v", d, err)
 	}
 	for range 3 {
-		if err := b.settleMany(ctx, "settle", []orphan{{key: "k", member: res.member, part: res.part, actual: 7, at: t0}}); err != nil {
+		if err := b.settleMany(ctx, "settle", []orphan{{key: "k", member: res.member, part: res.part, held: res.amount, actual: 7, at: t0}}); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -107,3 +107,72 @@ func TestRedisBatchDecisionsEqualLocal(t *testing.T) {
 	}
 	t.Log(fmt.Sprint("admitted, and refusals by window: ", refusals))
 }
+
+// TestRedisBatchAtTheFloatEdgeEqualsLocal pins the batch script's bar
+// and guard (see reserveBatchScript) where the rule's float sum rounds: a
+// batch of requests whose reservations sum up to a block with rounding
+// (0.1s on 0.3 under 1, a total in the 1e16s where a unit is below half
+// an ulp) admits exactly the requests [Local] admits, in the same order.
+func TestRedisBatchAtTheFloatEdgeEqualsLocal(t *testing.T) {
+	url := os.Getenv("KEYPOOL_TEST_REDIS")
+	if url == "" {
+		t.Skip("KEYPOOL_TEST_REDIS not set")
+	}
+	for _, tc := range []struct {
+		name                   string
+		settled, amount, block float64
+	}{
+		{"tenths", 0.3, 0.1, 1},
+		{"tenths from 0.7", 0.7, 0.1, 1},
+		{"cents", 0.07, 0.01, 0.3},
+		{"units at 1e16", 1e16, 1, 1e16 + 6},
+		{"thirds", 0, 1.0 / 3, 5},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newTestRedis(t, url, RedisConfig{})
+			l, err := NewLocal(LocalConfig{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx := context.Background()
+			now := t0.Add(time.Minute)
+			for _, b := range []Counter{l, r} {
+				if err := b.Add(ctx, "f", tc.settled, now); err != nil {
+					t.Fatal(err)
+				}
+			}
+			lims := []Limit{{Window: Total, Block: tc.block}, {Window: Day, Block: 1e18}}
+			batch := make([]*admitCall, 40)
+			for i := range batch {
+				batch[i] = r.newAdmitCall([]Charge{{"f", tc.amount, lims}}, now)
+			}
+			r.admitBatch(batch)
+			admitted := 0
+			for i, c := range batch {
+				<-c.done
+				if c.err != nil {
+					t.Fatal(c.err)
+				}
+				ds := make([]Decision, 1)
+				if _, err := c.decide(ds, false); err != nil {
+					t.Fatalf("request %d: %v", i, err)
+				}
+				res, lds := make([]Reservation, 1), make([]Decision, 1)
+				which, err := l.ReserveAll(ctx, []Charge{{"f", tc.amount, lims}}, res, lds, now)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got := c.which - 1; got != which {
+					t.Fatalf("request %d: Redis which %d, Local %d", i, got, which)
+				}
+				if which < 0 {
+					admitted++
+				}
+			}
+			if admitted == 0 || admitted == len(batch) {
+				t.Errorf("%d of %d admitted: the case does not reach the block", admitted, len(batch))
+			}
+			t.Logf("%d admitted", admitted)
+		})
+	}
+}
